@@ -1,0 +1,32 @@
+# The two set-up commands of the README are `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VENV
+
+.PHONY: setup test test-fast demo train bench lint install-service
+
+setup:
+	scripts/setup.sh
+
+test:  ## install everything (Mosquitto, Prometheus, the venv) and run the whole test suite
+	EXTRA_APT_PACKAGES="prometheus" scripts/setup.sh
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast:  ## the suite without the end-to-end tests against real processes
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+
+demo:  ## run the daemon with the bundled model on a replayed ECG5000 stream, on a real Mosquitto
+	scripts/setup.sh
+	scripts/demo.sh
+
+train:  ## retrain the default model (about 4 minutes on 2 cores)
+	$(VENV)/bin/monitor train --config configs/train-ecg5000.yaml
+
+bench:  ## the benchmark suite; writes bench/RESULTS.md and bench/results.json
+	$(PY) -m bench.run
+
+lint:
+	$(VENV)/bin/ruff check monitor tests bench
+
+install-service:  ## install as a systemd service (see README, "Running it as a service")
+	systemd/install.sh

@@ -1,0 +1,94 @@
+"""Threshold calibration: turn the errors of held-out normal windows into a decision threshold.
+
+Methods:
+- `quantile`: the `q` quantile of the normal errors (false-alarm rate about 1 - q).
+- `mean_std`: mean + k * std of the normal errors.
+- `pot`: peaks over threshold: a generalised Pareto distribution fitted to the excesses over the
+  `tail_quantile` quantile, solved for the error exceeded with probability `false_alarm_rate`
+  (Siffer et al., "Anomaly detection in streams with extreme value theory", KDD 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import ConfigError
+
+METHODS = ("quantile", "mean_std", "pot")
+DEFAULT_PARAMS: dict[str, dict[str, float]] = {
+    "quantile": {"q": 0.99},
+    "mean_std": {"k": 3.0},
+    "pot": {"tail_quantile": 0.9, "false_alarm_rate": 0.01},
+}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A calibrated threshold and how it was obtained."""
+
+    method: str
+    params: dict[str, float]
+    n_windows: int
+    threshold: float
+    fit: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _params(method: str, params: dict[str, float] | None) -> dict[str, float]:
+    if method not in METHODS:
+        raise ConfigError(f"threshold.method: {method!r} is not one of {', '.join(METHODS)}")
+    merged = dict(DEFAULT_PARAMS[method])
+    for key, value in (params or {}).items():
+        if key not in merged:
+            raise ConfigError(f"threshold.{key}: not a parameter of method {method!r} (has {', '.join(merged)})")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"threshold.{key}: must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"threshold.{key}: must be a finite number, got {value!r}")
+        merged[key] = number
+    return merged
+
+
+def calibrate(errors: np.ndarray, method: str = "quantile", params: dict[str, float] | None = None) -> Calibration:
+    """Calibrate a threshold on the errors of normal windows the model never trained on."""
+    errors = np.asarray(errors, dtype=np.float64)
+    if errors.ndim != 1 or errors.size < 10 or not np.isfinite(errors).all():
+        raise ConfigError(f"calibration needs at least 10 finite errors, got {errors.size}")
+    chosen = _params(method, params)
+    fit: dict[str, float] = {}
+    if method == "quantile":
+        if not 0.0 < chosen["q"] < 1.0:
+            raise ConfigError(f"threshold.q: must be in (0, 1), got {chosen['q']}")
+        threshold = float(np.quantile(errors, chosen["q"]))
+    elif method == "mean_std":
+        threshold = float(errors.mean() + chosen["k"] * errors.std(ddof=1))
+    else:
+        threshold, fit = _peaks_over_threshold(errors, chosen["tail_quantile"], chosen["false_alarm_rate"])
+    return Calibration(method, chosen, int(errors.size), threshold, fit)
+
+
+def _peaks_over_threshold(errors: np.ndarray, tail_quantile: float, false_alarm_rate: float) -> tuple[float, dict[str, float]]:
+    from scipy.stats import genpareto
+
+    if not 0.0 < tail_quantile < 1.0 or not 0.0 < false_alarm_rate < 1.0 - tail_quantile:
+        raise ConfigError(f"threshold: pot needs 0 < tail_quantile < 1 and 0 < false_alarm_rate < 1 - tail_quantile (got {tail_quantile}, {false_alarm_rate})")
+    initial = float(np.quantile(errors, tail_quantile))
+    excesses = errors[errors > initial] - initial
+    if excesses.size < 5:
+        raise ConfigError(f"threshold: pot found only {excesses.size} peaks over the {tail_quantile} quantile; need 5")
+    shape, _, scale = genpareto.fit(excesses, floc=0.0)
+    ratio = false_alarm_rate * errors.size / excesses.size
+    if abs(shape) < 1e-9:
+        threshold = initial - scale * math.log(ratio)
+    else:
+        threshold = initial + scale / shape * (ratio ** (-shape) - 1.0)
+    fit = {"initial_threshold": initial, "n_peaks": float(excesses.size), "shape": float(shape), "scale": float(scale)}
+    return float(threshold), fit

@@ -1,0 +1,222 @@
+"""The `monitor` command line (contract section 1). A `MonitorError` is one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monitor import __version__
+from monitor.errors import MonitorError
+
+EXIT_USER_ERROR = 2
+
+
+def _speed(text: str) -> float:
+    if text in ("max", "fast"):
+        return 0.0
+    if text == "realtime":
+        return 1.0
+    try:
+        value = float(text.lstrip("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use realtime, a factor such as 10 or x10, or max") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("speed cannot be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="monitor", description="Streaming anomaly monitor for ECG and other sensor signals.")
+    parser.add_argument("--version", action="version", version=f"monitor {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="run the daemon in the foreground", description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model."
+    )
+    run.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/monitor.yaml)")
+
+    train = commands.add_parser(
+        "train",
+        help="train a model, calibrate its threshold, write an artifact",
+        description="Train on normal windows; flags override the YAML config key by key.",
+    )
+    train.add_argument("--config", type=Path, help="YAML training config (see configs/train-ecg5000.yaml)")
+    train.add_argument("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording)")
+    train.add_argument("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold")
+    train.add_argument("--evaluate-data", type=Path, help="labelled data to evaluate on after training (never trained on)")
+    train.add_argument("--output", type=Path, help="artifact directory to write")
+    train.add_argument("--name", help="model name recorded in the artifact")
+    train.add_argument("--version", dest="model_version", help="model version recorded in the artifact")
+    train.add_argument("--normal-label", type=int, help="class label of normal windows in UCR files (default 1)")
+    train.add_argument("--window", type=int, help="window length for continuous recordings")
+    train.add_argument("--stride", type=int, help="stride for continuous recordings (default: the window)")
+    train.add_argument("--embedding-dim", type=int, help="embedding size E (the LSTMs have E and 2E units)")
+    train.add_argument("--epochs", type=int, help="maximum number of epochs")
+    train.add_argument("--batch-size", type=int, help="mini-batch size")
+    train.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
+    train.add_argument("--noise-std", type=float, help="std of the Gaussian input noise during training (normalised units)")
+    train.add_argument("--seed", type=int, help="random seed (training is deterministic given the seed)")
+    train.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
+    train.add_argument("--threshold-method", choices=["quantile", "mean_std", "pot"], help="threshold calibration method")
+    train.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNG training report")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score labelled data offline and print quality figures",
+        description="Score labelled (UCR) data with a model artifact at its calibrated threshold.",
+    )
+    evaluate.add_argument("--model", required=True, type=Path, help="model artifact directory")
+    evaluate.add_argument("--data", required=True, type=Path, help="labelled data in UCR text format")
+    evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+
+    replay = commands.add_parser(
+        "replay",
+        help="publish a recorded stream to the broker as sensors would",
+        description="Publish a UCR file (beats dealt to N sensors) or a continuous recording.",
+    )
+    replay.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and topics)")
+    replay.add_argument("--data", required=True, type=Path, help="UCR text file, or .npy/.csv continuous recording")
+    replay.add_argument("--sensors", type=int, default=20, help="number of simulated sensors (default 20)")
+    replay.add_argument("--chunk", type=int, default=35, help="samples per message (default 35)")
+    replay.add_argument("--sample-rate-hz", type=float, default=250.0, help="each sensor's sample rate (default 250)")
+    replay.add_argument("--speed", type=_speed, default=1.0, help="realtime (default), a factor such as 10, or max")
+    replay.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="publish QoS (default 1)")
+    replay.add_argument("--labels-out", type=Path, help="write the label of every replayed window here (JSON lines)")
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file; one line per problem",
+        description="Validate a daemon config exactly as `monitor run` does, model included.",
+    )
+    check.add_argument("file", type=Path, help="YAML config file")
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from monitor.daemon import run
+
+    return run(args.config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from monitor.log import configure_logging
+    from monitor.settings import read_yaml, validate
+    from monitor.training import TrainSettings, train
+
+    configure_logging("info", "auto")
+    data: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    flags = {
+        "train_data": args.train_data,
+        "calibration_data": args.calibration_data,
+        "evaluate_data": args.evaluate_data,
+        "output": args.output,
+        "name": args.name,
+        "version": args.model_version,
+        "normal_label": args.normal_label,
+        "window": args.window,
+        "stride": args.stride,
+        "embedding_dim": args.embedding_dim,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "patience": args.patience,
+        "noise_std": args.noise_std,
+        "seed": args.seed,
+        "threads": args.threads,
+        "report": args.report,
+    }
+    data.update({key: value for key, value in flags.items() if value is not None})
+    if args.threshold_method:
+        data["threshold"] = {"method": args.threshold_method}
+    settings = validate(TrainSettings, data, str(args.config or "train flags"))
+    result = train(settings)
+    if settings.report:
+        from monitor.report import write_report
+
+        written = write_report(result, settings.output / "report")
+        if written:
+            print(f"report: {', '.join(str(path) for path in written)}")
+    print(
+        f"model written to {settings.output} (threshold {result.calibration.threshold:.6g}, "
+        f"{result.calibration.method}, best epoch {result.best_epoch}, {result.seconds:.0f} s)"
+    )
+    if result.evaluation is not None:
+        from monitor.evaluation import format_evaluation
+
+        print(format_evaluation(result.evaluation))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from monitor.artifact import load_artifact
+    from monitor.datasets import read_ucr, require_window
+    from monitor.evaluation import evaluate_scores, format_evaluation
+    from monitor.scoring import Scorer, resolve_device
+
+    device = resolve_device(args.device)
+    artifact = load_artifact(args.model, device)
+    data = read_ucr(args.data)
+    require_window(data, artifact.window, artifact.channels)
+    scores = Scorer(artifact, device).score_all(data.windows).errors
+    result = evaluate_scores(scores, data.is_anomaly(args.normal_label), artifact.threshold)
+    if args.json:
+        print(json.dumps({"model": {"name": artifact.name, "version": artifact.version}, "data": str(args.data), **result.to_dict()}))
+    else:
+        print(f"model {artifact.name} {artifact.version} on {args.data}")
+        print(format_evaluation(result))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+    from monitor.log import configure_logging
+    from monitor.replay import Replayer, load_plan, write_labels
+
+    config = load_config(args.config)
+    configure_logging(config.logging.level, config.logging.format)
+    if args.chunk < 1 or args.sample_rate_hz <= 0:
+        raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
+    plan = load_plan(args.data, args.sensors)
+    if args.labels_out:
+        write_labels(plan, args.labels_out)
+    replayer = Replayer(config.mqtt, config.mqtt.subscribe[0], config.mqtt.sensor_id_level, args.qos)
+    replayer.connect()
+    try:
+        count = replayer.publish(plan, args.chunk, args.sample_rate_hz, args.speed)
+    finally:
+        replayer.close()
+    print(f"published {count} messages from {len(plan.sensor_ids)} sensors")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+    from monitor.daemon import build_engine
+
+    config = load_config(args.file)
+    build_engine(config.model)
+    config.mqtt.resolve_password()
+    print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "replay": cmd_replay, "check-config": cmd_check_config}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MonitorError as error:
+        for line in str(error).splitlines() or ["error"]:
+            print(f"monitor: error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130

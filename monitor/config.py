@@ -1,0 +1,189 @@
+"""The daemon's configuration: a typed schema, loaded from YAML plus `MONITOR_` environment overrides.
+
+`monitor check-config` and `monitor run` both call `load_config`, so a file that passes the check
+is exactly a file the daemon accepts. Secrets never need to be in the file: the broker password
+comes from `MONITOR_MQTT__PASSWORD`, from `mqtt.password_file`, or from systemd's
+`$CREDENTIALS_DIRECTORY/mqtt_password`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from monitor.errors import ConfigError
+from monitor.settings import Strict, deep_merge, environment_overrides, read_yaml, validate
+
+CREDENTIAL_PASSWORD = "mqtt_password"
+
+
+class TlsSettings(Strict):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_hostname_check: bool = False
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> TlsSettings:
+        if not self.enabled:
+            return self
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {str(path)!r} does not exist")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate)")
+        return self
+
+
+class MqttSettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str = Field(default_factory=lambda: f"monitor-{socket.gethostname()}", min_length=1, max_length=128)
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsSettings = Field(default_factory=TlsSettings)
+    persistent_session: bool = True
+    session_expiry_seconds: int = Field(default=3600, ge=0)
+    subscribe: list[str] = Field(default_factory=lambda: ["sensors/+/ecg"], min_length=1)
+    subscribe_qos: Literal[0, 1, 2] = 1
+    sensor_id_level: int = Field(default=1, ge=0)
+    alert_topic: str = "alerts/{sensor_id}"
+    alert_qos: Literal[0, 1, 2] = 1
+    status_topic: str = "monitor/{client_id}/status"
+    reconnect_min_seconds: float = Field(default=1.0, gt=0)
+    reconnect_max_seconds: float = Field(default=30.0, gt=0)
+    max_queued_alerts: int = Field(default=10000, ge=1)
+    max_inflight: int = Field(default=100, ge=1)
+    drain_timeout_seconds: float = Field(default=3.0, ge=0)
+
+    @field_validator("subscribe")
+    @classmethod
+    def _filters_valid(cls, filters: list[str]) -> list[str]:
+        for topic_filter in filters:
+            levels = topic_filter.split("/")
+            if not topic_filter or any(("#" in level and level != "#") or ("+" in level and level != "+") for level in levels):
+                raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter")
+            if "#" in levels[:-1]:
+                raise ValueError(f"{topic_filter!r}: '#' must be the last level")
+        return filters
+
+    @field_validator("alert_topic")
+    @classmethod
+    def _alert_topic_valid(cls, template: str) -> str:
+        try:
+            topic = template.format(sensor_id="x")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"only the field {{sensor_id}} may be used ({error})") from None
+        if "+" in topic or "#" in topic:
+            raise ValueError("an alert topic cannot contain the wildcards + or #")
+        return template
+
+    @model_validator(mode="after")
+    def _reconnect_order(self) -> MqttSettings:
+        if self.reconnect_max_seconds < self.reconnect_min_seconds:
+            raise ValueError("reconnect_max_seconds must be >= reconnect_min_seconds")
+        return self
+
+    def resolve_password(self) -> str | None:
+        """The broker password from the environment/YAML, `password_file`, or `$CREDENTIALS_DIRECTORY`."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        candidates = [self.password_file]
+        if os.environ.get("CREDENTIALS_DIRECTORY"):
+            candidates.append(Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_PASSWORD)
+        for path in candidates:
+            if path is not None and Path(path).is_file():
+                return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+        if self.password_file is not None:
+            raise ConfigError(f"mqtt.password_file: {str(self.password_file)!r} does not exist")
+        return None
+
+
+class ModelSettings(Strict):
+    path: Path = Path("models/ecg5000")
+    device: str = "auto"
+    backend: Literal["torch", "onnx"] = "torch"
+    threads: int = Field(default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, device: str) -> str:
+        if device not in ("auto", "cpu") and not (device == "cuda" or device.startswith("cuda:")):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return device
+
+
+class WindowingSettings(Strict):
+    stride: int | None = Field(default=None, ge=1, description="samples between window starts; default = window")
+    max_samples_per_message: int = Field(default=4096, ge=1, le=65536)
+    max_payload_bytes: int = Field(default=262144, ge=64)
+    max_sensors: int = Field(default=10000, ge=1)
+    idle_eviction_seconds: float = Field(default=300.0, gt=0)
+
+
+class BatchingSettings(Strict):
+    max_batch: int = Field(default=64, ge=1, le=4096)
+    max_wait_seconds: float = Field(default=0.05, ge=0, le=10)
+    queue_capacity: int = Field(default=4096, ge=1)
+
+
+class AlertSettings(Strict):
+    top_timesteps: int = Field(default=5, ge=0, description="how many highest-error timesteps an alert lists")
+    include_profile: bool = Field(default=False, description="add the whole per-timestep error profile")
+
+
+class MetricsSettings(Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class LoggingSettings(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+    warning_interval_seconds: float = Field(default=60.0, ge=0, description="per-sensor warnings at most this often")
+
+
+class ShardSettings(Strict):
+    """Static sharding for several instances on a broker without sticky shared subscriptions."""
+
+    index: int = Field(default=0, ge=0)
+    count: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> ShardSettings:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be < count {self.count}")
+        return self
+
+
+class Config(Strict):
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    windowing: WindowingSettings = Field(default_factory=WindowingSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    shard: ShardSettings = Field(default_factory=ShardSettings)
+
+
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
+    """Read YAML (or none), apply `MONITOR_` overrides, validate; relative model paths resolve from the file."""
+    data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    data = deep_merge(data, environment_overrides(environ))
+    config = validate(Config, data, str(path or "config"))
+    if path is not None and not config.model.path.is_absolute() and not config.model.path.exists():
+        beside = Path(path).resolve().parent / config.model.path
+        if beside.exists():
+            config.model.path = beside
+    return config

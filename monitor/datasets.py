@@ -1,0 +1,193 @@
+"""Readers for the data files the trainer, evaluator and replayer take (contract section 2).
+
+- UCR text (`.txt`, `.tsv`): one window a line, the class label first, then W values.
+- Unlabelled windows (`.npy` of shape `[N, W]` or `[N, W, C]`), all taken as normal.
+- Continuous recordings (`.npy` or `.csv` of shape `[T]` or `[T, C]`), cut with a window and stride.
+
+Every reader returns float32 windows shaped `[N, W, C]` and refuses bad files with a `DataError`
+that says what is wrong and where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from monitor.errors import DataError
+
+UCR_SUFFIXES = {".txt", ".tsv", ".ucr"}
+
+
+@dataclass(frozen=True)
+class WindowSet:
+    """Windows `[N, W, C]` with their labels (None for unlabelled data) and the file's fingerprint."""
+
+    windows: np.ndarray
+    labels: np.ndarray | None
+    source: str
+    sha256: str
+
+    @property
+    def window(self) -> int:
+        return int(self.windows.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.windows.shape[2])
+
+    def is_anomaly(self, normal_label: int) -> np.ndarray:
+        """Boolean `[N]`: True where the label is not the normal class."""
+        if self.labels is None:
+            raise DataError(f"{self.source}: has no labels; evaluation needs labelled (UCR format) data")
+        return self.labels != normal_label
+
+    def normal(self, normal_label: int) -> WindowSet:
+        """Only the windows of the normal class (all windows when unlabelled)."""
+        if self.labels is None:
+            return self
+        keep = self.labels == normal_label
+        if not keep.any():
+            found = sorted(set(self.labels.tolist()))
+            raise DataError(f"{self.source}: no rows of the normal class {normal_label} (labels found: {found})")
+        return WindowSet(self.windows[keep], self.labels[keep], self.source, self.sha256)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return path
+
+
+def _check_finite(values: np.ndarray, source: str) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DataError(f"{source}: NaN or infinite value at row {row + 1}")
+
+
+def read_ucr(path: str | Path) -> WindowSet:
+    """Read a UCR text file: a label then W values per line, whitespace (or comma) separated."""
+    path = _existing(path)
+    rows: list[list[float]] = []
+    width = None
+    with path.open("r", encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            fields = line.replace(",", " ").split()
+            if not fields:
+                continue
+            try:
+                values = [float(field) for field in fields]
+            except ValueError as error:
+                raise DataError(f"{path}: line {number}: not a number ({error})") from None
+            if width is None:
+                width = len(values)
+            elif len(values) != width:
+                raise DataError(f"{path}: line {number} has {len(values) - 1} values, the first line has {width - 1}")
+            rows.append(values)
+    if not rows or width is None or width < 3:
+        raise DataError(f"{path}: no windows (a UCR line is a label and at least 2 values)")
+    table = np.asarray(rows, dtype=np.float64)
+    _check_finite(table, str(path))
+    labels = table[:, 0]
+    if not np.all(labels == np.round(labels)):
+        raise DataError(f"{path}: the first column must hold integer class labels")
+    windows = table[:, 1:, np.newaxis].astype(np.float32)
+    return WindowSet(windows, labels.astype(np.int64), str(path), file_sha256(path))
+
+
+def cut_windows(recording: np.ndarray, window: int, stride: int, source: str) -> np.ndarray:
+    """Cut a `[T, C]` recording into `[N, window, C]` windows starting every `stride` samples."""
+    if window < 2 or stride < 1:
+        raise DataError(f"{source}: window must be >= 2 and stride >= 1 (got {window}, {stride})")
+    length = recording.shape[0]
+    if length < window:
+        raise DataError(f"{source}: recording has {length} samples, shorter than one window of {window}")
+    starts = np.arange(0, length - window + 1, stride)
+    return np.stack([recording[start : start + window] for start in starts]).astype(np.float32)
+
+
+def _as_recording(values: np.ndarray, source: str) -> np.ndarray:
+    if values.ndim == 1:
+        values = values[:, np.newaxis]
+    if values.ndim != 2 or values.shape[1] < 1:
+        raise DataError(f"{source}: a recording must have shape [T] or [T, C], got {list(values.shape)}")
+    return values
+
+
+def read_samples(path: str | Path) -> np.ndarray:
+    """Read a continuous `.npy` or `.csv` recording as float32 `[T, C]`."""
+    path = _existing(path)
+    if path.suffix == ".npy":
+        values = _load_npy(path)
+    else:
+        try:
+            values = np.loadtxt(path, delimiter=",", ndmin=1, dtype=np.float64)
+        except ValueError as error:
+            raise DataError(f"{path}: not a numeric CSV recording ({error})") from None
+    values = _as_recording(values, str(path))
+    _check_finite(values, str(path))
+    return values.astype(np.float32)
+
+
+def read_recording(path: str | Path, window: int, stride: int) -> WindowSet:
+    """Read a continuous `.npy` or `.csv` recording and cut it into windows."""
+    samples = read_samples(path)
+    return WindowSet(cut_windows(samples, window, stride, str(path)), None, str(path), file_sha256(Path(path)))
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{path}: not a readable numeric .npy file ({error})") from None
+    if not np.issubdtype(values.dtype, np.number):
+        raise DataError(f"{path}: holds {values.dtype}, not numbers")
+    return values.astype(np.float64)
+
+
+def read_npy_windows(path: str | Path) -> WindowSet:
+    """Read unlabelled windows `[N, W]` or `[N, W, C]` from a `.npy` file."""
+    path = _existing(path)
+    values = _load_npy(path)
+    if values.ndim == 2:
+        values = values[:, :, np.newaxis]
+    if values.ndim != 3 or values.shape[0] < 1 or values.shape[1] < 2:
+        raise DataError(f"{path}: windows must have shape [N, W] or [N, W, C], got {list(values.shape)}")
+    _check_finite(values, str(path))
+    return WindowSet(values.astype(np.float32), None, str(path), file_sha256(path))
+
+
+def read_windows(path: str | Path, window: int | None = None, stride: int | None = None) -> WindowSet:
+    """Read any supported file; with `window` set, `.npy`/`.csv` files are continuous recordings."""
+    path = Path(path)
+    if path.suffix.lower() in UCR_SUFFIXES:
+        return read_ucr(path)
+    if path.suffix == ".csv" or (path.suffix == ".npy" and window is not None):
+        if window is None:
+            raise DataError(f"{path}: a continuous recording needs --window (and --stride)")
+        return read_recording(path, window, stride or window)
+    if path.suffix == ".npy":
+        return read_npy_windows(path)
+    raise DataError(f"{path}: unknown data format (expected .txt/.tsv UCR text, .npy or .csv)")
+
+
+def require_window(data: WindowSet, window: int, channels: int) -> None:
+    """Refuse data whose windows do not fit a model of `window` samples and `channels` channels."""
+    if data.window < window:
+        raise DataError(f"{data.source}: windows have {data.window} samples, shorter than the model's {window}")
+    if data.window != window:
+        raise DataError(f"{data.source}: windows have {data.window} samples, the model takes {window}")
+    if data.channels != channels:
+        raise DataError(f"{data.source}: windows have {data.channels} channels, the model takes {channels}")

@@ -1,0 +1,159 @@
+"""Sensor payloads: bytes -> validated samples, or a `PayloadError` whose reason is one of `REJECT_REASONS`.
+
+The payload is a UTF-8 JSON object (contract section 3):
+`{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
+Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
+invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,
+bad_samples (content), wrong_channels, non_finite, bad_seq, bad_ts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from monitor.errors import PayloadError
+
+# Closed set: these are Prometheus label values of the drop metric, so never add one casually.
+REJECT_REASONS: tuple[str, ...] = (
+    "too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "not_object",
+    "missing_samples",
+    "bad_samples",
+    "wrong_channels",
+    "non_finite",
+    "too_many_samples",
+    "bad_seq",
+    "bad_ts",
+    "bad_topic",
+)
+
+MAX_SEQ = 2**53  # exclusive: above this a float64 (JSON consumers, alerts) no longer holds every integer
+MAX_SENSOR_ID_CHARS = 128
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_NUMERIC_KINDS = frozenset("iuf")  # bool ("b"), strings ("U") and mixed objects ("O") are not samples
+_DECODE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Message:
+    """One accepted sensor message; compared by identity because arrays have no single truth value."""
+
+    samples: np.ndarray  # [n, C] float32, finite, read-only, 1 <= n <= max_samples
+    seq: int | None  # index of samples[0] in the sensor's stream, 0 <= seq < 2**53
+    ts: float | None  # Unix seconds of samples[0], finite, >= 0
+
+
+class PayloadDecoder:
+    """Decodes and validates payloads of one channel count; stateless, so safe to share between threads."""
+
+    def __init__(self, channels: int, max_samples: int = 4096, max_bytes: int = 262144) -> None:
+        """Args: channels C per sample; max_samples per message; max_bytes of a payload, checked before decoding."""
+        if channels < 1 or max_samples < 1 or max_bytes < 1:
+            raise ValueError(f"channels, max_samples and max_bytes must be >= 1, got {channels}, {max_samples}, {max_bytes}")
+        self.channels = channels
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> Message:
+        """Returns the validated message; raises only `PayloadError`, for any input bytes."""
+        if len(payload) > self.max_bytes:
+            raise PayloadError("too_large", f"{len(payload)} bytes > {self.max_bytes}")
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # the byte searches below need bytes, not a memoryview
+        try:
+            document = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            # orjson reports bad UTF-8 as a JSON error; telling them apart costs a decode on the error path only.
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise PayloadError("invalid_utf8") from None
+            raise PayloadError("invalid_json", str(exc)) from None
+        if type(document) is not dict:
+            raise PayloadError("not_object", type(document).__name__)
+        if "samples" not in document:
+            raise PayloadError("missing_samples")
+        samples = self._samples(document["samples"], payload)
+        return Message(samples=samples, seq=_seq(document.get("seq")), ts=_ts(document.get("ts")))
+
+    def _samples(self, raw: object, payload: bytes) -> np.ndarray:
+        if type(raw) is not list or not raw:
+            raise PayloadError("bad_samples", "not a non-empty list")
+        if len(raw) > self.max_samples:
+            raise PayloadError("too_many_samples", f"{len(raw)} > {self.max_samples}")
+        try:
+            # One C-level conversion of the whole list; without a dtype numpy keeps strings as strings.
+            array = np.array(raw)
+        except _DECODE_ERRORS:
+            raise PayloadError("bad_samples", "ragged or not numbers") from None
+        if array.dtype.kind not in _NUMERIC_KINDS or array.ndim > 2:
+            raise PayloadError("bad_samples", "elements are not numbers")
+        # numpy silently turns True into 1 next to numbers; a byte search keeps the exact scan off the hot path.
+        if (b"true" in payload or b"false" in payload) and _has_bool(raw):
+            raise PayloadError("bad_samples", "booleans are not numbers")
+        if array.ndim == 1:
+            if self.channels != 1:
+                raise PayloadError("wrong_channels", f"flat list but {self.channels} channels expected")
+            array = array.reshape(-1, 1)
+        elif array.shape[1] != self.channels:
+            raise PayloadError("wrong_channels", f"{array.shape[1]} != {self.channels}")
+        # Comparing |x| <= max also rejects NaN; integers from JSON (< 2**64) always fit in float32.
+        if array.dtype.kind == "f" and not np.abs(array).max() <= _FLOAT32_MAX:
+            raise PayloadError("non_finite")
+        samples = array.astype(np.float32)
+        samples.flags.writeable = False
+        return samples
+
+
+def _has_bool(raw: list) -> bool:
+    """Exact scan for JSON booleans among the samples (rows already known to be numbers or lists of numbers)."""
+    for item in raw:
+        if item is True or item is False:
+            return True
+        if type(item) is list and any(value is True or value is False for value in item):
+            return True
+    return False
+
+
+def _seq(raw: object) -> int | None:
+    """`null` counts as absent: encoders often write optional fields that way."""
+    if raw is None:
+        return None
+    if type(raw) is not int or not 0 <= raw < MAX_SEQ:  # type() rather than isinstance() rejects bools
+        raise PayloadError("bad_seq", repr(raw)[:40])
+    return raw
+
+
+def _ts(raw: object) -> float | None:
+    """`null` counts as absent, as for seq."""
+    if raw is None:
+        return None
+    if type(raw) is not float and type(raw) is not int:
+        raise PayloadError("bad_ts", type(raw).__name__)
+    ts = float(raw)
+    if not math.isfinite(ts) or ts < 0:
+        raise PayloadError("bad_ts", repr(raw)[:40])
+    return ts
+
+
+def sensor_id_from_topic(topic: str, level: int) -> str:
+    """Returns topic level `level` (the `+` of the subscription) as the sensor id, or raises PayloadError("bad_topic")."""
+    levels = topic.split("/")
+    if not 0 <= level < len(levels):
+        raise PayloadError("bad_topic", f"no level {level}")
+    sensor_id = levels[level]
+    if (
+        not sensor_id
+        or len(sensor_id) > MAX_SENSOR_ID_CHARS
+        or "+" in sensor_id
+        or "#" in sensor_id
+        or not sensor_id.isprintable()
+    ):
+        raise PayloadError("bad_topic", repr(sensor_id)[:40])
+    return sensor_id

@@ -1,0 +1,87 @@
+"""The training report: PNG plots beside the artifact, as the tutorials draw them in notebooks.
+
+Needs matplotlib (the `report` extra); without it training still succeeds and says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+
+from monitor.scoring import Scorer
+from monitor.training import TrainingResult
+
+log = structlog.get_logger("monitor.report")
+
+
+def write_report(result: TrainingResult, directory: Path, normal_label: int = 1, examples: int = 3) -> list[Path]:
+    """Write loss.png, errors.png and reconstructions.png; returns the files written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("report_skipped", reason="matplotlib is not installed (pip install 'monitor[report]')")
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    scorer = Scorer(result.artifact)
+    threshold = result.calibration.threshold
+    written = []
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    epochs = np.arange(1, len(result.train_losses) + 1)
+    axes.plot(epochs, result.train_losses, label="training loss (noisy input)")
+    axes.plot(epochs, result.validation_losses, label="validation error")
+    axes.axvline(result.best_epoch, color="grey", linestyle=":", label=f"best epoch {result.best_epoch}")
+    axes.set(xlabel="epoch", ylabel="mean absolute error", title="Training", yscale="log")
+    axes.legend()
+    written.append(_save(figure, directory / "loss.png"))
+
+    figure, axes = plt.subplots(figsize=(7, 4))
+    calibration_errors = scorer.score_all(result.calibration_windows).errors
+    groups = [("calibration (normal)", calibration_errors)]
+    data = result.evaluation_data
+    if data is not None and data.labels is not None:
+        errors = scorer.score_all(data.windows).errors
+        anomalous = data.is_anomaly(normal_label)
+        groups += [("evaluation normal", errors[~anomalous]), ("evaluation anomalous", errors[anomalous])]
+    bins = np.linspace(0, np.quantile(np.concatenate([g[1] for g in groups]), 0.995), 80)
+    for label, values in groups:
+        axes.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} ({len(values)})")
+    axes.axvline(threshold, color="red", label=f"threshold {threshold:.4f} ({result.calibration.method})")
+    axes.set(xlabel="window score (mean absolute error)", ylabel="density", title="Reconstruction error")
+    axes.legend()
+    written.append(_save(figure, directory / "errors.png"))
+
+    if data is not None and data.labels is not None:
+        anomalous = data.is_anomaly(normal_label)
+        chosen = [("normal", i) for i in np.flatnonzero(~anomalous)[:examples]]
+        chosen += [("anomalous", i) for i in np.flatnonzero(anomalous)[:examples]]
+        figure, grid = plt.subplots(2, examples, figsize=(4 * examples, 6), sharey=True, squeeze=False)
+        artifact = result.artifact
+        with torch.inference_mode():
+            batch = artifact.normalisation.apply(data.windows[[i for _, i in chosen]])
+            reconstructed = artifact.model(torch.from_numpy(batch)).numpy()
+        scores = scorer.score(data.windows[[i for _, i in chosen]]).errors
+        for slot, ((kind, index), axes) in enumerate(zip(chosen, grid.flat, strict=False)):
+            axes.plot(batch[slot, :, 0], label="input")
+            axes.plot(reconstructed[slot, :, 0], label="reconstruction")
+            verdict = "flagged" if scores[slot] > threshold else "passed"
+            axes.set_title(f"{kind} #{index}: score {scores[slot]:.3f} ({verdict})", fontsize=9)
+        grid.flat[0].legend()
+        figure.suptitle("Windows and their reconstructions (normalised units)")
+        written.append(_save(figure, directory / "reconstructions.png"))
+    return written
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path

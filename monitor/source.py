@@ -1,0 +1,205 @@
+"""The MQTT side of the daemon (paho-mqtt 2.x): input subscriptions, alert publishing, status topic.
+
+paho runs its own network thread. Subscriptions are made in `on_connect`, so every reconnect
+resubscribes; a persistent session (MQTT v5 session expiry, or clean_session=False on 3.1.1)
+lets the broker keep QoS 1 input while the daemon is away. Alerts are published at QoS 1 whether
+or not the connection is up: paho keeps them (bounded by `max_queued_alerts`) and sends them on
+reconnect, so no home-made "connected" flag ever gates publishing.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+from collections.abc import Callable
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from monitor.config import MqttSettings
+from monitor.errors import ConfigError
+from monitor.metrics import Metrics
+
+log = structlog.get_logger("monitor.mqtt")
+
+MessageHandler = Callable[[str, bytes, float], None]
+
+
+class PublishRefused(Exception):
+    """paho refused to queue a publish; `reason` is a closed label (queue_full, publish_error)."""
+
+    def __init__(self, reason: str, code: MQTTErrorCode) -> None:
+        super().__init__(f"{reason} ({mqtt.error_string(code)})")
+        self.reason = reason
+
+
+class MqttConnection:
+    """One paho client: subscribes to sensor topics, publishes alerts and the retained status."""
+
+    def __init__(self, settings: MqttSettings, handler: MessageHandler, metrics: Metrics) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.metrics = metrics
+        self.status_topic = settings.status_topic.format(client_id=settings.client_id)
+        self.subscribed = threading.Event()
+        self._accepting = True
+        self._count_lock = threading.Lock()
+        self._published = 0
+        self._acknowledged = 0
+        self._status_mids: set[int] = set()
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        settings = self.settings
+        v5 = settings.protocol == "5"
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else not settings.persistent_session,
+            manual_ack=True,
+        )
+        client.enable_logger()
+        client.reconnect_delay_set(max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds)))
+        client.max_queued_messages_set(settings.max_queued_alerts)
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        if settings.username is not None:
+            client.username_pw_set(settings.username, settings.resolve_password())
+        if settings.tls.enabled:
+            try:
+                client.tls_set(
+                    ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
+                    certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
+                    keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError) as error:
+                raise ConfigError(f"mqtt.tls: cannot load the certificates ({error})") from None
+            client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        settings = self.settings
+        properties = None
+        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if settings.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = settings.session_expiry_seconds if settings.persistent_session else 0
+            clean_start = not settings.persistent_session
+        self.client.connect_async(settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties)
+        self.client.loop_start()
+        self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
+        log.info(
+            "broker_connecting",
+            host=settings.host,
+            port=settings.port,
+            client_id=settings.client_id,
+            tls=settings.tls.enabled,
+            persistent_session=settings.persistent_session,
+        )
+
+    # paho callbacks: they run on paho's network thread, so they are short and never raise.
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker_refused_connection", reason=str(reason_code), host=self.settings.host)
+            return
+        self.metrics.broker_connected.set(1)
+        self.metrics.broker_connects.inc()
+        log.info("broker_connected", host=self.settings.host, port=self.settings.port, session_present=bool(getattr(flags, "session_present", False)))
+        # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
+        self._status_mids.add(client.publish(self.status_topic, b"online", qos=1, retain=True).mid)
+        if self._accepting:
+            client.subscribe([(topic, self.settings.subscribe_qos) for topic in self.settings.subscribe])
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        log.warning("broker_connect_failed", host=self.settings.host, port=self.settings.port, retry_within_seconds=self.settings.reconnect_max_seconds)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.metrics.broker_connected.set(0)
+        self.metrics.broker_disconnects.inc()
+        self.subscribed.clear()
+        level = log.warning if reason_code.is_failure else log.info
+        level("broker_disconnected", reason=str(reason_code), pending_alerts=self.pending_alerts())
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(code) for code in reason_codes if code.is_failure]
+        if failed:
+            log.error("subscription_refused", topics=self.settings.subscribe, reasons=failed)
+            return
+        log.info("subscribed", topics=self.settings.subscribe, qos=self.settings.subscribe_qos)
+        self.subscribed.set()
+
+    def _on_message(self, client, userdata, message) -> None:
+        if not self._accepting:
+            return  # left unacknowledged: the broker redelivers it to the next session
+        self.handler(message.topic, message.payload, time.monotonic())
+        client.ack(message.mid, message.qos)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if mid in self._status_mids:
+            self._status_mids.discard(mid)
+            return
+        # paho holds its own message lock here: take ours only briefly and call nothing of paho's.
+        with self._count_lock:
+            self._acknowledged += 1
+            self.metrics.alerts_pending.set(self._published - self._acknowledged)
+        self.metrics.alerts_delivered.inc()
+
+    # used by the scoring thread and the lifecycle
+
+    def publish_alert(self, topic: str, payload: bytes, qos: int) -> None:
+        """Queue an alert; paho sends it now or after reconnecting. Raises PublishRefused when it cannot.
+
+        Counted as pending before the call (its acknowledgement may be handled before `publish`
+        returns), and never under our lock while inside paho (paho's lock is held in `_on_publish`).
+        """
+        self._add_published(1)
+        info = self.client.publish(topic, payload, qos=qos)
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return
+        self._add_published(-1)
+        raise PublishRefused("queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error", info.rc)
+
+    def _add_published(self, count: int) -> None:
+        with self._count_lock:
+            self._published += count
+            self.metrics.alerts_pending.set(self._published - self._acknowledged)
+
+    def pending_alerts(self) -> int:
+        with self._count_lock:
+            return self._published - self._acknowledged
+
+    def stop_input(self) -> None:
+        """Take no more input. With a persistent session the subscription stays (unsubscribing would
+        end it) and messages that still arrive are left unacknowledged, so the broker redelivers them
+        to the next start; without one, unsubscribe."""
+        self._accepting = False
+        if not self.settings.persistent_session:
+            self.client.unsubscribe(self.settings.subscribe)
+
+    def wait_for_acknowledgements(self, timeout_seconds: float, stop_polling: float = 0.02) -> bool:
+        """Wait (bounded) until the broker acknowledged every alert; False if some are still pending."""
+        deadline = time.monotonic() + timeout_seconds
+        while self.pending_alerts() > 0 and time.monotonic() < deadline:
+            time.sleep(stop_polling)
+        return self.pending_alerts() == 0
+
+    def close(self) -> None:
+        """Say offline on the status topic, disconnect and stop paho's thread."""
+        self.client.publish(self.status_topic, b"offline", qos=1, retain=True).wait_for_publish(timeout=1.0)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.metrics.broker_connected.set(0)

@@ -1,0 +1,241 @@
+"""Offline training: fit the autoencoder on normal windows, calibrate its threshold, write the artifact."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from monitor import __version__
+from monitor.artifact import ERROR_MEASURE, ModelArtifact, Normalisation, save_artifact
+from monitor.autoencoder import LSTMAutoencoder
+from monitor.calibration import Calibration, calibrate
+from monitor.datasets import WindowSet, read_windows, require_window
+from monitor.errors import DataError
+from monitor.evaluation import Evaluation, evaluate_scores
+from monitor.scoring import Scorer
+from monitor.settings import Strict
+
+log = structlog.get_logger("monitor.training")
+
+
+class ThresholdSettings(Strict):
+    method: Literal["quantile", "mean_std", "pot"] = "quantile"
+    params: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainSettings(Strict):
+    """Everything `monitor train` takes; flags override the YAML file key by key."""
+
+    train_data: Path
+    calibration_data: Path | None = None
+    evaluate_data: Path | None = None
+    normal_label: int = 1
+    window: int | None = Field(default=None, ge=2)
+    stride: int | None = Field(default=None, ge=1)
+    output: Path = Path("models/model")
+    name: str = "model"
+    version: str | None = None
+    embedding_dim: int = Field(default=64, ge=1, le=1024)
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    noise_std: float = Field(default=0.15, ge=0)
+    patience: int = Field(default=15, ge=1)
+    lr_patience: int = Field(default=5, ge=1)
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    calibration_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    seed: int = 0
+    threads: int = Field(default=0, ge=0)
+    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+    report: bool = True
+
+
+@dataclass
+class TrainingResult:
+    artifact: ModelArtifact
+    calibration: Calibration
+    train_losses: list[float]
+    validation_losses: list[float]
+    best_epoch: int
+    seconds: float
+    evaluation: Evaluation | None = None
+    evaluation_data: WindowSet | None = None
+    calibration_windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def _read(path: Path, settings: TrainSettings) -> WindowSet:
+    return read_windows(path, settings.window, settings.stride)
+
+
+def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return (train data, validation windows, calibration windows, a description of the split).
+
+    With a separate calibration file, it serves both early stopping and calibration (the model
+    never trains on it). Without one, the normal training windows are split with the seed.
+    """
+    train = _read(settings.train_data, settings).normal(settings.normal_label)
+    if settings.calibration_data is not None:
+        held_out = _read(settings.calibration_data, settings).normal(settings.normal_label)
+        require_window(held_out, train.window, train.channels)
+        split = {"validation": "calibration file", "calibration_file": str(held_out.source), "calibration_sha256": held_out.sha256}
+        return train, held_out.windows, held_out.windows, split
+    order = np.random.default_rng(settings.seed).permutation(len(train.windows))
+    n_val = int(round(len(order) * settings.validation_fraction))
+    n_cal = int(round(len(order) * settings.calibration_fraction))
+    if len(order) - n_val - n_cal < 2 or n_val < 1 or n_cal < 10:
+        raise DataError(f"{train.source}: {len(order)} normal windows are too few to split train/validation/calibration")
+    val_idx, cal_idx, fit_idx = order[:n_val], order[n_val : n_val + n_cal], order[n_val + n_cal :]
+    fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256)
+    split = {"validation": f"{n_val} windows split off the training data", "calibration": f"{n_cal} windows split off (seed {settings.seed})"}
+    return fit, train.windows[val_idx], train.windows[cal_idx], split
+
+
+def _mean_error(model: LSTMAutoencoder, windows: torch.Tensor, batch_size: int = 512) -> float:
+    model.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            total += float((model(batch) - batch).abs().mean(dim=(1, 2)).sum())
+    return total / len(windows)
+
+
+def fit_model(settings: TrainSettings, train: np.ndarray, validation: np.ndarray) -> tuple[LSTMAutoencoder, list[float], list[float], int]:
+    """Mini-batch Adam on L1 loss with input noise; early stopping restores the best weights."""
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = LSTMAutoencoder(train.shape[2], settings.embedding_dim)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=settings.lr_factor, patience=settings.lr_patience)
+    train_t = torch.from_numpy(train)
+    val_t = torch.from_numpy(validation)
+    best_state, best_loss, best_epoch = copy.deepcopy(model.state_dict()), float("inf"), 0
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    progress = tqdm(range(1, settings.epochs + 1), desc="training", unit="epoch", dynamic_ncols=True)
+    for epoch in progress:
+        model.train()
+        order = torch.randperm(len(train_t), generator=generator)
+        running = 0.0
+        for start in range(0, len(order), settings.batch_size):
+            clean = train_t[order[start : start + settings.batch_size]]
+            noisy = clean + settings.noise_std * torch.randn(clean.shape, generator=generator) if settings.noise_std else clean
+            loss = (model(noisy) - clean).abs().mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimiser.step()
+            running += float(loss) * len(clean)
+        train_losses.append(running / len(train_t))
+        val_losses.append(_mean_error(model, val_t))
+        scheduler.step(val_losses[-1])
+        if val_losses[-1] < best_loss:
+            best_state, best_loss, best_epoch = copy.deepcopy(model.state_dict()), val_losses[-1], epoch
+        progress.set_postfix(train=f"{train_losses[-1]:.4f}", val=f"{val_losses[-1]:.4f}", best=f"{best_loss:.4f}@{best_epoch}")
+        if epoch - best_epoch >= settings.patience:
+            break
+    progress.close()
+    model.load_state_dict(best_state)
+    return model.eval(), train_losses, val_losses, best_epoch
+
+
+def train(settings: TrainSettings) -> TrainingResult:
+    """Train, calibrate, evaluate (when labelled data is given) and write the artifact directory."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    fit, validation, calibration_windows, split = split_normal(settings)
+    normalisation = Normalisation.fit(fit.windows)
+    log.info(
+        "training_started",
+        windows=len(fit.windows),
+        validation=len(validation),
+        calibration=len(calibration_windows),
+        window=fit.window,
+        channels=fit.channels,
+        embedding_dim=settings.embedding_dim,
+    )
+    model, train_losses, val_losses, best_epoch = fit_model(settings, normalisation.apply(fit.windows), normalisation.apply(validation))
+    seconds = time.perf_counter() - started
+    provisional = ModelArtifact(model, normalisation, float("inf"), fit.window, fit.channels, settings.name, "", {})
+    scorer = Scorer(provisional)
+    calibration = calibrate(scorer.score_all(calibration_windows).errors, settings.threshold.method, settings.threshold.params)
+    evaluation, evaluation_data = None, None
+    if settings.evaluate_data is not None:
+        evaluation_data = read_windows(settings.evaluate_data, settings.window, settings.stride)
+        require_window(evaluation_data, fit.window, fit.channels)
+        scores = scorer.score_all(evaluation_data.windows).errors
+        evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
+    metadata = _metadata(settings, fit, normalisation, calibration, split, evaluation, evaluation_data, train_losses, val_losses, best_epoch, seconds)
+    save_artifact(settings.output, model, metadata)
+    artifact = ModelArtifact(
+        model, normalisation, calibration.threshold, fit.window, fit.channels, settings.name, metadata["version"], metadata, settings.output
+    )
+    log.info(
+        "model_written",
+        path=str(settings.output),
+        threshold=calibration.threshold,
+        best_epoch=best_epoch,
+        seconds=round(seconds, 1),
+        **({"auc": round(evaluation.auc, 4)} if evaluation else {}),
+    )
+    return TrainingResult(artifact, calibration, train_losses, val_losses, best_epoch, seconds, evaluation, evaluation_data, calibration_windows)
+
+
+def _metadata(
+    settings: TrainSettings,
+    fit: WindowSet,
+    normalisation: Normalisation,
+    calibration: Calibration,
+    split: dict[str, Any],
+    evaluation: Evaluation | None,
+    evaluation_data: WindowSet | None,
+    train_losses: list[float],
+    val_losses: list[float],
+    best_epoch: int,
+    seconds: float,
+) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    hyper = settings.model_dump(mode="json", exclude={"train_data", "calibration_data", "evaluate_data", "output", "name", "version", "report"})
+    return {
+        "name": settings.name,
+        "version": settings.version or now.strftime("%Y.%m.%d"),
+        "created_at": now.isoformat(timespec="seconds"),
+        "created_by": f"monitor {__version__}, torch {torch.__version__}",
+        "architecture": {"type": "lstm_autoencoder", "window": fit.window, "channels": fit.channels, "embedding_dim": settings.embedding_dim},
+        "normalisation": normalisation.to_dict(),
+        "error_measure": ERROR_MEASURE,
+        "error_measure_note": "mean over the window of |x - reconstruction|, in normalised units, channels averaged",
+        "threshold": {"value": calibration.threshold, "decision": "anomaly when score > value", **calibration.to_dict()},
+        "training": {
+            "data": str(settings.train_data),
+            "data_sha256": fit.sha256,
+            "normal_label": settings.normal_label,
+            "windows": int(len(fit.windows)),
+            **split,
+            "hyperparameters": hyper,
+            "epochs_run": len(train_losses),
+            "best_epoch": best_epoch,
+            "best_validation_loss": min(val_losses),
+            "seconds": round(seconds, 1),
+        },
+        "evaluation": None
+        if evaluation is None
+        else {
+            "data": str(settings.evaluate_data),
+            "data_sha256": evaluation_data.sha256 if evaluation_data else None,
+            **evaluation.to_dict(),
+        },
+    }

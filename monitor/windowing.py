@@ -1,0 +1,252 @@
+"""Per-sensor window assembly: absolute seq alignment, stride, gaps, duplicates, idle eviction.
+
+Window k of a sensor covers the absolute samples [k*S, k*S + W) of its stream (contract section 3), so a
+replay always yields the same windows. The rules, per message with n samples starting at q (its `seq`, or the
+sensor's next expected index E when it has none; a new sensor without seq starts at 0):
+
+- First message of a sensor: the stream starts at q; the first window is the first k with k*S >= q.
+- q + n <= E: a duplicate (or older) message, ignored whole: `duplicate=True`, `duplicate_samples = n`.
+- q < E < q + n: the old prefix of E - q samples is trimmed (`duplicate_samples`), the rest is appended.
+- q > E: a gap (`gaps=1`). The missing samples [E, q) break every window k not yet emitted with k*S < q; all
+  such windows also end after E (the next window is never complete, or it would have been emitted), so the
+  dropped count is exactly max(0, ceil(q/S) - next_k), where next_k is the first window not yet emitted. This
+  includes windows that would only have started inside the gap; windows starting before the stream's first
+  seq were never candidates. The buffer restarts at q and the next window is the first with k*S >= q.
+
+Only samples from the next window's start onwards are buffered (fewer than W per sensor); samples that no
+future window covers (S > W) are skipped without copying.
+
+`start_ts`: a message carrying `ts` anchors (its seq, ts). A window's start time is the ts of the message that
+delivered its first sample plus (offset of that sample in the message) * sample period, where the period is
+(ts2 - ts1) / (seq2 - seq1) of the last two ts-carrying messages (unknown while that is not positive). Offset 0
+needs no period; otherwise an unknown period, or a first sample delivered by a message without ts, gives None.
+
+A new sensor arriving while `max_sensors` are active first evicts idle sensors; if none is idle it raises
+`PayloadError("sensor_limit")`. That reason is deliberately not in `payload.REJECT_REASONS` (it is not a
+property of the payload); callers label it with `SENSOR_LIMIT_REASON`.
+
+Not thread-safe by design: one caller (the MQTT network thread) serialises access.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from monitor.errors import PayloadError
+from monitor.payload import Message
+
+SENSOR_LIMIT_REASON = "sensor_limit"
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Window:
+    """One complete window; compared by identity because arrays have no single truth value."""
+
+    sensor_id: str
+    start_seq: int  # absolute index of the first sample; the window ends (exclusive) at start_seq + W
+    samples: np.ndarray  # [W, C] float32, a copy owned by this window
+    start_ts: float | None  # Unix seconds of the first sample, when the input carried ts
+    completed_at: float  # the monotonic `now` given to feed() when the last sample arrived
+
+
+@dataclass(slots=True)
+class FeedResult:
+    """What one message did to its sensor's stream; the counters feed the metrics."""
+
+    windows: list[Window] = field(default_factory=list)
+    gap_windows_dropped: int = 0  # windows that can never be completed because of a seq gap
+    duplicate_samples: int = 0  # samples ignored because their seq was already seen
+    duplicate: bool = False  # the whole message was old/duplicate and ignored
+    gaps: int = 0  # seq gaps seen in this message (0 or 1)
+
+
+class _Anchor:
+    """Samples [start, end) delivered by a message whose first sample (at seq) was taken at ts."""
+
+    __slots__ = ("start", "end", "seq", "ts")
+
+    def __init__(self, start: int, end: int, seq: int, ts: float) -> None:
+        self.start = start
+        self.end = end
+        self.seq = seq
+        self.ts = ts
+
+
+class _Stream:
+    """State of one sensor. Invariant: buffer[:fill] holds samples [next_k*S, next_seq), fill < W."""
+
+    __slots__ = ("buffer", "fill", "next_seq", "next_k", "last_seen", "anchors", "last_anchor", "period_seconds")
+
+    def __init__(self, first_seq: int, stride: int, buffer: np.ndarray, now: float) -> None:
+        self.buffer = buffer
+        self.fill = 0
+        self.next_seq = first_seq
+        self.next_k = -(-first_seq // stride)  # ceil: the first window starting at or after the stream's start
+        self.last_seen = now
+        self.anchors: deque[_Anchor] = deque()  # ts anchors of messages that delivered still-needed samples
+        self.last_anchor: tuple[int, float] | None = None  # (seq, ts) of the last message carrying ts
+        self.period_seconds: float | None = None
+
+
+class WindowAssembler:
+    """Cuts each sensor's stream into windows of W samples every S samples (see the module docstring)."""
+
+    def __init__(self, window: int, stride: int, channels: int, max_sensors: int, idle_seconds: float) -> None:
+        """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction."""
+        if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
+            raise ValueError(f"window, stride, channels and max_sensors must be >= 1, got {window}, {stride}, {channels}, {max_sensors}")
+        if not idle_seconds > 0:
+            raise ValueError(f"idle_seconds must be > 0, got {idle_seconds}")
+        self.window = window
+        self.stride = stride
+        self.channels = channels
+        self.max_sensors = max_sensors
+        self.idle_seconds = idle_seconds
+        # Room for a partial window plus a typical message, so most messages append in place.
+        self._buffer_rows = 2 * window
+        self._streams: OrderedDict[str, _Stream] = OrderedDict()  # least recently seen first
+
+    @property
+    def active_sensors(self) -> int:
+        """Number of sensors with state held."""
+        return len(self._streams)
+
+    def buffered_samples(self) -> int:
+        """Total samples held across sensors (each sensor holds fewer than W)."""
+        return sum(stream.fill for stream in self._streams.values())
+
+    def evict_idle(self, now: float) -> int:
+        """Drops sensors with now - last_seen >= idle_seconds; returns how many. O(evicted)."""
+        evicted = 0
+        while self._streams:
+            sensor_id, stream = next(iter(self._streams.items()))
+            if now - stream.last_seen < self.idle_seconds:
+                break
+            del self._streams[sensor_id]
+            evicted += 1
+        return evicted
+
+    def feed(self, sensor_id: str, message: Message, now: float) -> FeedResult:
+        """Adds a message to its sensor's stream; returns the windows it completed and what it dropped.
+
+        Raises PayloadError("sensor_limit") for a new sensor when max_sensors are active and none is idle.
+        """
+        samples = message.samples
+        if samples.ndim != 2 or samples.shape[1] != self.channels:
+            raise ValueError(f"samples must be [n, {self.channels}], got {samples.shape}")
+        stream = self._streams.get(sensor_id)
+        if stream is None:
+            stream = self._new_stream(sensor_id, 0 if message.seq is None else message.seq, now)
+        else:
+            stream.last_seen = now
+            self._streams.move_to_end(sensor_id)
+        result = FeedResult()
+        n = len(samples)
+        seq = stream.next_seq if message.seq is None else message.seq
+        if seq + n <= stream.next_seq:
+            result.duplicate = True
+            result.duplicate_samples = n
+            return result
+        if seq > stream.next_seq:
+            result.gaps = 1
+            result.gap_windows_dropped = self._restart_after_gap(stream, seq)
+        if message.ts is not None:
+            self._anchor(stream, seq, message.ts, seq + n)
+        trim = stream.next_seq - seq
+        if trim > 0:
+            result.duplicate_samples = trim
+            samples = samples[trim:]
+        self._append(sensor_id, stream, samples, now, result.windows)
+        return result
+
+    def _new_stream(self, sensor_id: str, first_seq: int, now: float) -> _Stream:
+        if len(self._streams) >= self.max_sensors:
+            self.evict_idle(now)
+            if len(self._streams) >= self.max_sensors:
+                raise PayloadError(SENSOR_LIMIT_REASON, f"{self.max_sensors} sensors active")
+        buffer = np.empty((self._buffer_rows, self.channels), dtype=np.float32)
+        stream = self._streams[sensor_id] = _Stream(first_seq, self.stride, buffer, now)
+        return stream
+
+    def _restart_after_gap(self, stream: _Stream, seq: int) -> int:
+        """Restarts the buffer at seq; returns the windows the gap broke (rule in the module docstring)."""
+        first_k_after = -(-seq // self.stride)
+        dropped = max(0, first_k_after - stream.next_k)
+        stream.next_k = max(stream.next_k, first_k_after)
+        stream.next_seq = seq
+        stream.fill = 0
+        stream.anchors.clear()
+        return dropped
+
+    def _anchor(self, stream: _Stream, seq: int, ts: float, end: int) -> None:
+        """Records the message's (seq, ts): it updates the period and timestamps the samples it delivers."""
+        if stream.last_anchor is not None and seq > stream.last_anchor[0]:
+            last_seq, last_ts = stream.last_anchor
+            stream.period_seconds = (ts - last_ts) / (seq - last_seq) if ts > last_ts else None
+        stream.last_anchor = (seq, ts)
+        if end > stream.next_k * self.stride:  # only samples a future window still needs get timestamps
+            stream.anchors.append(_Anchor(max(seq, stream.next_seq), end, seq, ts))
+
+    def _append(self, sensor_id: str, stream: _Stream, samples: np.ndarray, now: float, out: list[Window]) -> None:
+        """Appends samples starting at stream.next_seq and emits every window they complete."""
+        n = len(samples)
+        window, stride = self.window, self.stride
+        base = stream.next_k * stride  # absolute index of data[0] below: the next window's start
+        skip = base - stream.next_seq  # > 0 only with an empty buffer: samples no window covers
+        stream.next_seq += n
+        if skip >= n:
+            return
+        if skip > 0:
+            samples = samples[skip:]
+        fill = stream.fill
+        total = fill + len(samples)
+        buffer = stream.buffer
+        if total < window:
+            buffer[fill:total] = samples
+            stream.fill = total
+            return
+        if fill == 0:
+            data = samples
+        elif total <= len(buffer):
+            buffer[fill:total] = samples
+            data = buffer
+        else:
+            data = np.concatenate((buffer[:fill], samples))
+        k = stream.next_k
+        offset = k * stride - base
+        while offset + window <= total:
+            start = base + offset
+            out.append(Window(sensor_id, start, data[offset : offset + window].copy(), self._start_ts(stream, start), now))
+            k += 1
+            offset += stride
+        stream.next_k = k
+        keep = total - offset
+        if keep > 0:
+            buffer[:keep] = data[offset:total]  # numpy copes with the overlap when data is the buffer itself
+            stream.fill = keep
+        else:
+            stream.fill = 0
+        self._drop_anchors_before(stream, base + offset)
+
+    def _start_ts(self, stream: _Stream, start: int) -> float | None:
+        self._drop_anchors_before(stream, start)
+        anchors = stream.anchors
+        if not anchors or anchors[0].start > start:
+            return None
+        anchor = anchors[0]
+        if start == anchor.seq:
+            return anchor.ts
+        if stream.period_seconds is None:
+            return None
+        start_ts = anchor.ts + (start - anchor.seq) * stream.period_seconds
+        return start_ts if math.isfinite(start_ts) else None
+
+    @staticmethod
+    def _drop_anchors_before(stream: _Stream, index: int) -> None:
+        anchors = stream.anchors
+        while anchors and anchors[0].end <= index:
+            anchors.popleft()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Install the monitor as a systemd service: a venv in /opt/monitor, config in /etc/monitor, the unit.
+#
+# Usage (as root, from anywhere): systemd/install.sh
+# Environment: PYTHON (default python3, >= 3.11); TORCH_PIP_ARGS, extra pip arguments for the torch
+# install, e.g. "--index-url <PyTorch's CPU-only wheel index>" to avoid pulling the CUDA build.
+# Re-running upgrades the package and models and keeps an existing /etc/monitor/monitor.yaml.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PREFIX=/opt/monitor
+CONFDIR=/etc/monitor
+UNITDIR=/etc/systemd/system
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+
+step() { printf '==> %s\n' "$*"; }
+# The service runs as a dynamic user: everything installed here must be world-readable.
+umask 022
+
+if [[ $(id -u) -ne 0 ]]; then
+    echo "install.sh: run as root (it writes $PREFIX, $CONFDIR and $UNITDIR)" >&2
+    exit 1
+fi
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+    echo "install.sh: $PYTHON is older than Python 3.11" >&2
+    exit 1
+}
+
+step "venv in $PREFIX/.venv"
+install -d -m 0755 "$PREFIX"
+[[ -x $PREFIX/.venv/bin/python ]] || "$PYTHON" -m venv "$PREFIX/.venv"
+# torch first and pinned, so the package's looser torch requirement cannot pick another build.
+# shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of arguments
+"$PREFIX/.venv/bin/pip" install --no-input "torch==$TORCH_VERSION" ${TORCH_PIP_ARGS:-}
+"$PREFIX/.venv/bin/pip" install --no-input --upgrade "$REPO"
+
+step "models in $PREFIX/models"
+rm -rf "$PREFIX/models.new"
+cp -r "$REPO/models" "$PREFIX/models.new"
+# Swap whole directories so a running daemon never sees a half-copied artifact on reload.
+rm -rf "$PREFIX/models.old"
+[[ -d $PREFIX/models ]] && mv "$PREFIX/models" "$PREFIX/models.old"
+mv "$PREFIX/models.new" "$PREFIX/models"
+rm -rf "$PREFIX/models.old"
+
+step "config in $CONFDIR"
+install -d -m 0755 "$CONFDIR"
+install -d -m 0700 "$CONFDIR/credentials"
+if [[ -e $CONFDIR/monitor.yaml ]]; then
+    echo "    keeping existing $CONFDIR/monitor.yaml"
+else
+    # World-readable for the dynamic user; it holds no secret (the password is a credential).
+    install -m 0644 "$REPO/configs/monitor.yaml" "$CONFDIR/monitor.yaml"
+fi
+install -m 0644 "$REPO/systemd/monitor.env.example" "$CONFDIR/monitor.env.example"
+# From the service's WorkingDirectory, so relative model paths resolve as they will at run time.
+(cd "$PREFIX" && "$PREFIX/.venv/bin/monitor" check-config "$CONFDIR/monitor.yaml")
+
+step "unit in $UNITDIR"
+install -m 0644 "$REPO/systemd/monitor.service" "$UNITDIR/monitor.service"
+
+next_steps=(
+    "install -m 0600 /dev/stdin $CONFDIR/credentials/mqtt_password   # the broker password, if any"
+    "systemctl enable --now monitor.service"
+    "journalctl -u monitor.service -f"
+)
+# /run/systemd/system exists only when systemd is the running init (what sd_booted() checks).
+if [[ -d /run/systemd/system && $(cat /proc/1/comm) == systemd ]]; then
+    systemctl daemon-reload
+    step "installed; next:"
+else
+    step "systemd is not PID 1 here: not reloading it; on a systemd host, next:"
+    echo "    systemctl daemon-reload"
+fi
+printf '    %s\n' "${next_steps[@]}"

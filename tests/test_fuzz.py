@@ -1,0 +1,327 @@
+"""Property-based fuzzing of PayloadDecoder.decode + WindowAssembler.feed (and sensor_id_from_topic).
+
+Each hypothesis example builds one decoder/assembler configuration and pushes PAYLOADS_PER_EXAMPLE payloads
+through decode -> sensor id -> feed, checking every result against a small independent model of the stream.
+Hypothesis draws the shape of each payload (kind, sensor, seq, size, values); bulk content (long arrays,
+random junk) comes from a `random.Random` seeded by a drawn integer, which keeps generation fast enough for
+100,000+ payloads in well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from monitor.errors import PayloadError
+from monitor.payload import MAX_SENSOR_ID_CHARS, MAX_SEQ, REJECT_REASONS, Message, PayloadDecoder, sensor_id_from_topic
+from monitor.windowing import SENSOR_LIMIT_REASON, FeedResult, Window, WindowAssembler
+
+PAYLOADS_PER_EXAMPLE = 100
+EXAMPLES = 1050
+MIN_PAYLOADS = 100_000
+IDLE_SECONDS = 5.0
+TOPICS = ("sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/ecg", "sensors/+/ecg", "sensors//ecg", "sensors/\x01/ecg", "x")
+
+# Values that stress the number checks: float32 overflow, denormals, huge and negative integers.
+EDGE_VALUES = (0, -0.0, 1e-45, 3.4028234663852886e38, 3.5e38, -1e39, 1e308, 2**53, 2**63 - 1, -(2**63), 2**64 - 1, 2**70)
+JUNK_VALUES = (None, True, False, "1.5", "", [], {}, [1, [2]], {"samples": [1]}, float("nan"), float("inf"))
+SEQ_EDGES = (-1, 0, MAX_SEQ - 1, MAX_SEQ, 2**63, -(2**63), 2**64, 1.0, 7.5, "12", True, None, [3])
+TS_EDGES = (0, 0.0, -1e-9, 1.7e9, 1e308, 2**64, "1700000000", True, None, float("inf"), float("nan"), {})
+
+
+@dataclass(frozen=True)
+class Config:
+    window: int
+    stride: int
+    channels: int
+    max_samples: int
+    max_bytes: int
+    max_sensors: int
+
+
+configs = st.builds(
+    Config,
+    window=st.sampled_from([1, 2, 3, 5, 8, 13]),
+    stride=st.sampled_from([1, 2, 3, 5, 8, 13, 21]),
+    channels=st.sampled_from([1, 1, 2, 3]),
+    max_samples=st.sampled_from([16, 64, 4096]),
+    max_bytes=st.sampled_from([512, 4096, 262144]),
+    max_sensors=st.sampled_from([1, 2, 3, 8]),
+)
+
+# One payload recipe: (kind, topic index, seq choice, sample count, seed, seconds to advance the clock).
+KINDS = ("stream", "stream", "stream", "stream", "bytes", "json", "mutated", "oversize", "too_many", "values", "rows", "fields")
+recipes = st.tuples(
+    st.integers(0, len(KINDS) - 1),
+    st.integers(0, len(TOPICS) - 1),
+    st.one_of(st.none(), st.integers(-40, 40), st.integers(0, len(SEQ_EDGES) - 1).map(lambda i: ("edge", i))),
+    st.integers(1, 40),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0.0, 0.01, 0.5, 2.0, 6.0]),
+)
+
+json_junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["samples", "seq", "ts", "x"]), children, max_size=3),
+    max_leaves=12,
+)
+
+
+class StreamModel:
+    """Independent model of one sensor's stream (contract section 3), kept short rather than fast."""
+
+    def __init__(self, first_seq: int, config: Config, now: float) -> None:
+        self.config = config
+        self.first_k = self.restart_k = -(-first_seq // config.stride)
+        self.end = first_seq  # next expected absolute index
+        self.base = first_seq  # absolute index of kept[0]
+        self.kept = np.empty((0, config.channels), dtype=np.float32)
+        self.emitted = 0
+        self.dropped = 0
+        self.last_start = -1
+        self.last_seen = now
+
+    def check(self, message: Message, result: FeedResult, now: float) -> None:
+        config, n = self.config, len(message.samples)
+        seq = self.end if message.seq is None else message.seq
+        if seq + n <= self.end:
+            assert (result.duplicate, result.duplicate_samples, result.gaps, result.gap_windows_dropped) == (True, n, 0, 0)
+            assert result.windows == []
+            return
+        assert not result.duplicate
+        if seq > self.end:
+            assert result.gaps == 1
+            self.restart_k = -(-seq // config.stride)
+            self.kept = self.kept[:0]
+            self.base = self.end = seq
+        else:
+            assert (result.gaps, result.gap_windows_dropped) == (0, 0)
+        trim = self.end - seq
+        assert result.duplicate_samples == trim
+        self.kept = np.concatenate((self.kept, message.samples[trim:]))
+        self.end = seq + n
+        self.emitted += len(result.windows)
+        self.dropped += result.gap_windows_dropped
+        # Every window from the first aligned one up to the next incomplete one was emitted or dropped, once.
+        next_k = max(self.restart_k, (self.end - config.window) // config.stride + 1)
+        assert self.emitted + self.dropped == next_k - self.first_k
+        for window in result.windows:
+            check_window(window, config, now)
+            assert window.start_seq > self.last_start
+            self.last_start = window.start_seq
+            offset = window.start_seq - self.base
+            assert offset >= 0
+            np.testing.assert_array_equal(window.samples, self.kept[offset : offset + config.window])
+        cut = min(next_k * config.stride, self.end) - self.base
+        self.kept = self.kept[cut:]
+        self.base += cut
+
+
+def check_window(window: Window, config: Config, now: float) -> None:
+    assert window.samples.shape == (config.window, config.channels)
+    assert window.samples.dtype == np.float32
+    assert np.isfinite(window.samples).all()
+    assert window.start_seq % config.stride == 0
+    assert window.completed_at == now
+    assert window.start_ts is None or (type(window.start_ts) is float and math.isfinite(window.start_ts))
+
+
+def check_message(message: Message, config: Config) -> None:
+    samples = message.samples
+    assert isinstance(samples, np.ndarray) and samples.dtype == np.float32 and samples.ndim == 2
+    assert samples.shape[1] == config.channels and 1 <= samples.shape[0] <= config.max_samples
+    assert np.isfinite(samples).all()
+    assert message.seq is None or (type(message.seq) is int and 0 <= message.seq < MAX_SEQ)
+    assert message.ts is None or (type(message.ts) is float and math.isfinite(message.ts) and message.ts >= 0)
+
+
+def sample_rows(rng: random.Random, n: int, channels: int, flat: bool) -> list:
+    """n plausible sample rows: a flat list for one channel when flat, else lists of `channels` numbers."""
+    if flat and channels == 1:
+        return [rng.gauss(0.0, 1.0) for _ in range(n)]
+    return [[rng.gauss(0.0, 1.0) if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)]
+
+
+def build_payload(recipe: tuple, junk: object, config: Config, expected_seq: dict[str, int]) -> bytes:
+    """Turns a recipe into payload bytes; `expected_seq` (the model's next index per topic) makes seq plausible."""
+    kind, topic, seq_choice, n, seed, _ = recipe
+    rng = random.Random(seed)
+    kind = KINDS[kind]
+    channels = config.channels
+    flat = rng.random() < 0.5
+    if seq_choice is None:
+        seq = None
+    elif isinstance(seq_choice, tuple):
+        seq = SEQ_EDGES[seq_choice[1]]
+    else:
+        seq = max(0, expected_seq.get(TOPICS[topic], 0) + seq_choice)  # continue, overlap or leave a gap
+    document: dict = {"samples": sample_rows(rng, n, channels, flat)}
+    if seq is not None:
+        document["seq"] = seq
+    if rng.random() < 0.5:
+        document["ts"] = 1.7e9 + (seq if type(seq) is int and seq < MAX_SEQ else 0) * 0.004
+    if kind == "stream":
+        return orjson.dumps(document)
+    if kind == "bytes":
+        return rng.randbytes(rng.randint(0, 48))
+    if kind == "json":
+        # json.dumps writes NaN/Infinity and ints beyond 64 bits, which orjson must refuse or handle.
+        return json.dumps(junk if rng.random() < 0.5 else {"samples": junk, "seq": seq}).encode()
+    if kind == "mutated":
+        raw = bytearray(orjson.dumps(document))
+        for _ in range(rng.randint(1, 3)):
+            position = rng.randrange(len(raw))
+            operation = rng.randrange(4)
+            if operation == 0:
+                raw[position] = rng.randrange(256)
+            elif operation == 1:
+                del raw[position:]
+            elif operation == 2:
+                raw.insert(position, rng.choice(b'\xff\xc3\x80[]{},:"-.e0'))
+            else:
+                raw[position:position] = rng.choice([b"true", b"null", b'"x"', b"1e39", b"[[", b"]]", b"\xed\xa0\x80"])
+            if not raw:
+                break
+        return bytes(raw)
+    if kind == "oversize":
+        # Beyond max_bytes, sometimes valid JSON and sometimes junk, exactly at or just past the limit.
+        body = orjson.dumps(document)
+        filler = b" " if rng.random() < 0.5 else b"\xff"
+        return body + filler * max(0, config.max_bytes + rng.choice([0, 1, 2, 1000]) - len(body))
+    if kind == "too_many":
+        # Exactly max_samples is still valid; repeated rows keep building a 4096-sample list cheap.
+        extra = 0 if rng.random() < 0.1 else rng.choice([1, 5, 1000])
+        document["samples"] = sample_rows(rng, 1, channels, flat) * (config.max_samples + extra)
+        return orjson.dumps(document)
+    if kind == "values":
+        samples = document["samples"]
+        row = rng.randrange(len(samples))
+        bad = rng.choice(EDGE_VALUES + JUNK_VALUES)
+        if isinstance(samples[row], list):
+            samples[row][rng.randrange(channels)] = bad
+        else:
+            samples[row] = bad
+        return json.dumps(document).encode()
+    if kind == "rows":
+        samples = document["samples"]
+        row = rng.randrange(len(samples))
+        width = max(0, channels + rng.choice([-1, 1, 2]))
+        samples[row] = [rng.random() for _ in range(width)] if rng.random() < 0.8 else [[1.0] * channels]
+        return orjson.dumps(document)
+    # "fields": bad seq/ts types and values, missing or renamed keys, non-object documents.
+    choice = rng.randrange(5)
+    if choice == 0:
+        document["ts"] = rng.choice(TS_EDGES)
+    elif choice == 1:
+        document["seq"] = rng.choice(SEQ_EDGES)
+    elif choice == 2:
+        document["sample"] = document.pop("samples")
+    elif choice == 3:
+        document["samples"] = rng.choice(JUNK_VALUES)
+    else:
+        return json.dumps([document]).encode()
+    return json.dumps(document).encode()
+
+
+def run_batch(config: Config, batch: list[tuple[tuple, object]]) -> int:
+    """Decodes and feeds one batch; returns how many payloads went through decode()."""
+    decoder = PayloadDecoder(config.channels, max_samples=config.max_samples, max_bytes=config.max_bytes)
+    target = WindowAssembler(config.window, config.stride, config.channels, config.max_sensors, IDLE_SECONDS)
+    models: OrderedDict[str, StreamModel] = OrderedDict()  # least recently seen first, like the assembler
+    now = 0.0
+    decoded = 0
+    for recipe, junk in batch:
+        now += recipe[5]
+        payload = build_payload(recipe, junk, config, {f"sensors/{sensor}/ecg": model.end for sensor, model in models.items()})
+        decoded += 1
+        try:
+            message = decoder.decode(payload)
+        except PayloadError as error:
+            assert error.reason in REJECT_REASONS
+            assert error.reason != "bad_topic"
+            if len(payload) > config.max_bytes:
+                assert error.reason == "too_large"
+            continue
+        assert len(payload) <= config.max_bytes
+        check_message(message, config)
+        try:
+            sensor_id = sensor_id_from_topic(TOPICS[recipe[1]], 1)
+        except PayloadError as error:
+            assert error.reason == "bad_topic"
+            continue
+        feed_and_check(target, models, sensor_id, message, now, config)
+        if recipe[4] % 16 == 0:  # now and then the daemon's periodic sweep
+            expected_evictions = evict(models, now)
+            assert target.evict_idle(now) == expected_evictions
+        assert target.active_sensors == len(models)
+        assert target.buffered_samples() <= target.active_sensors * (config.window - 1)
+    return decoded
+
+
+def evict(models: OrderedDict[str, StreamModel], now: float) -> int:
+    idle = [sensor for sensor, model in models.items() if now - model.last_seen >= IDLE_SECONDS]
+    for sensor in idle:
+        del models[sensor]
+    return len(idle)
+
+
+def feed_and_check(
+    target: WindowAssembler, models: OrderedDict[str, StreamModel], sensor_id: str, message: Message, now: float, config: Config
+) -> None:
+    model = models.get(sensor_id)
+    if model is None and len(models) >= config.max_sensors:
+        evict(models, now)
+        if len(models) >= config.max_sensors:
+            try:
+                target.feed(sensor_id, message, now)
+            except PayloadError as error:
+                assert error.reason == SENSOR_LIMIT_REASON
+            else:
+                raise AssertionError("a new sensor beyond max_sensors was accepted")
+            return
+    result = target.feed(sensor_id, message, now)
+    if model is None:
+        model = models[sensor_id] = StreamModel(0 if message.seq is None else message.seq, config, now)
+    model.last_seen = now
+    models.move_to_end(sensor_id)
+    model.check(message, result, now)
+
+
+def test_fuzz_decode_and_feed() -> None:
+    payloads = 0
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(config=configs, batch=st.lists(st.tuples(recipes, json_junk), min_size=PAYLOADS_PER_EXAMPLE, max_size=PAYLOADS_PER_EXAMPLE))
+    def fuzz(config: Config, batch: list[tuple[tuple, object]]) -> None:
+        nonlocal payloads
+        payloads += run_batch(config, batch)
+
+    fuzz()
+    assert payloads >= MIN_PAYLOADS
+
+
+@settings(max_examples=3000, deadline=None, derandomize=True, database=None)
+@given(topic=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("/+#\x00 "), max_size=300), level=st.integers(-2, 6))
+def test_fuzz_sensor_id_from_topic(topic: str, level: int) -> None:
+    try:
+        sensor_id = sensor_id_from_topic(topic, level)
+    except PayloadError as error:
+        assert error.reason == "bad_topic"
+        return
+    assert sensor_id == topic.split("/")[level] and level >= 0
+    assert 1 <= len(sensor_id) <= MAX_SENSOR_ID_CHARS and sensor_id.isprintable()
+    assert "+" not in sensor_id and "#" not in sensor_id and "/" not in sensor_id

@@ -1,0 +1,368 @@
+"""Operating the monitor: the unit's sandbox, the alert rules, and every PromQL expression against a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from monitor.config import Config
+from monitor.metrics import MESSAGE_OUTCOMES, WINDOW_DROP_REASONS, Metrics, serve_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = ROOT / "systemd" / "monitor.service"
+ENV_EXAMPLE = ROOT / "systemd" / "monitor.env.example"
+INSTALL = ROOT / "systemd" / "install.sh"
+DASHBOARD = ROOT / "dashboards" / "monitor.json"
+ALERTS = ROOT / "dashboards" / "alerts.yml"
+PROMETHEUS_CONFIG = ROOT / "dashboards" / "prometheus.yml"
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+MAX_EXPOSURE = 2.0
+# What Grafana would put in place of its variables; `.*` is the instance variable's "All".
+GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h", "instance": ".*"}
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        package = "systemd" if tool == "systemd-analyze" else "prometheus"
+        pytest.skip(f"{tool} is not installed (Debian package {package})")
+    return path
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll until predicate() is truthy; fail naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.2)
+
+
+# --- the systemd unit and its companions ---
+
+
+def unit_settings() -> set[str]:
+    return {line.strip() for line in UNIT.read_text().splitlines() if line.strip() and not line.startswith(("#", "["))}
+
+
+def test_unit_exposure():
+    analyze = require("systemd-analyze")
+    command = [analyze, "security", "--offline=true", "--no-pager", str(UNIT)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_keeps_its_contract():
+    """The settings other parts rely on: sd_notify and watchdog, the config check, the credential, reload by SIGHUP."""
+    expected = {
+        "Type=notify", "NotifyAccess=main", "WatchdogSec=30", "DynamicUser=yes", "Restart=on-failure", "KillSignal=SIGTERM",
+        "ExecStartPre=/opt/monitor/.venv/bin/monitor check-config /etc/monitor/monitor.yaml",
+        "ExecStart=/opt/monitor/.venv/bin/monitor run --config /etc/monitor/monitor.yaml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "LoadCredential=mqtt_password:/etc/monitor/credentials/mqtt_password",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+    }
+    assert expected <= unit_settings()
+    # See the unit's comments: oneDNN's JIT needs W+X pages, MKL/OpenBLAS need @resources.
+    assert "MemoryDenyWriteExecute=yes" not in unit_settings()
+    assert "SystemCallFilter=~@resources" not in unit_settings()
+
+
+def test_env_example_names_real_keys():
+    names = re.findall(r"^#?(MONITOR_\w+)=", ENV_EXAMPLE.read_text(), flags=re.MULTILINE)
+    assert names
+    for name in names:
+        model: type = Config
+        *sections, key = name.removeprefix("MONITOR_").lower().split("__")
+        for section in sections:
+            model = model.model_fields[section].annotation
+        assert key in model.model_fields, name
+
+
+def test_install_script_parses():
+    subprocess.run(["bash", "-n", str(INSTALL)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", str(INSTALL)], check=True)
+
+
+# --- Prometheus rules and configuration ---
+
+
+def test_promtool_checks_rules_and_config():
+    promtool = require("promtool")
+    for command in (["check", "rules", str(ALERTS)], ["check", "config", str(PROMETHEUS_CONFIG)]):
+        result = subprocess.run([promtool, *command], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+RULE_TEST_SERIES = """
+- {series: 'up{job="monitor", instance="a"}', values: '1 1 0x10'}
+- {series: 'monitor_broker_connected{job="monitor", instance="a"}', values: '1 0x10'}
+- {series: 'monitor_samples_received_total{job="monitor", instance="a"}', values: '0+100x10 1000x30'}
+- {series: 'monitor_alerts_pending{job="monitor", instance="a"}', values: '0+20x30'}
+- {series: 'monitor_messages_received_total{job="monitor", instance="a", outcome="accepted"}', values: '0+90x30'}
+- {series: 'monitor_messages_received_total{job="monitor", instance="a", outcome="invalid_json"}', values: '0+10x30'}
+- {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="accepted"}', values: '0+90x30'}
+- {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="other_shard"}', values: '0+1000x30'}
+- {series: 'monitor_alerts_dropped_total{job="monitor", instance="a", reason="queue_full"}', values: '0 0 0 5 5 5'}
+"""
+A = {"job": "monitor", "instance": "a"}
+# (evaluation time, alert, the labels of every alert of that name expected to be firing then)
+RULE_TEST_EXPECTATIONS = [
+    ("4m", "MonitorDown", [{"severity": "critical", **A}]),
+    ("1m", "MonitorBrokerDisconnected", []),
+    ("3m", "MonitorBrokerDisconnected", [{"severity": "critical", **A}]),
+    ("20m", "MonitorNoData", []),
+    ("30m", "MonitorNoData", [{"severity": "warning", "instance": "a"}]),
+    ("5m", "MonitorAlertsPending", []),
+    ("15m", "MonitorAlertsPending", [{"severity": "warning", **A}]),
+    # Instance b only discards other shards' messages: not a rejection.
+    ("20m", "MonitorRejectedMessages", [{"severity": "warning", "instance": "a"}]),
+    ("4m", "MonitorAlertsDropped", [{"severity": "critical", "instance": "a", "reason": "queue_full"}]),
+    ("20m", "MonitorAlertsDropped", []),
+]
+
+
+def test_alert_rules_fire_when_they_should(tmp_path):
+    """promtool unit tests of the rules' logic (annotations stripped: promtool would compare their full text)."""
+    promtool = require("promtool")
+    rules = yaml.safe_load(ALERTS.read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    expectations = [
+        {"eval_time": at, "alertname": alert, "exp_alerts": [{"exp_labels": labels} for labels in firing]}
+        for at, alert, firing in RULE_TEST_EXPECTATIONS
+    ]
+    test = {"interval": "1m", "input_series": yaml.safe_load(RULE_TEST_SERIES), "alert_rule_test": expectations}
+    tests = tmp_path / "tests.yml"
+    tests.write_text(yaml.safe_dump({"rule_files": ["rules.yml"], "evaluation_interval": "1m", "tests": [test]}))
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the dashboard ---
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def test_dashboard_is_importable_anywhere():
+    """Every query goes through the `${datasource}` variable, so the JSON imports into any Grafana."""
+    board = dashboard()
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert board["schemaVersion"] >= 39
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in board["panels"]:
+        assert panel["datasource"] == DATASOURCE, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == DATASOURCE, panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def grafana_expr(expr: str) -> str:
+    """An expression as Grafana sends it; a variable without a test value is an error, not silently left in."""
+
+    def value(match: re.Match) -> str:
+        if match.group(1) not in GRAFANA_VARIABLES:
+            raise ValueError(f"{expr}: add a value for ${match.group(1)} to GRAFANA_VARIABLES")
+        return GRAFANA_VARIABLES[match.group(1)]
+
+    return re.sub(r"\$\{?(\w+)\}?", value, expr)
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    board = dashboard()
+    found = [
+        (f"{panel['title']} {target['refId']}", grafana_expr(target["expr"]))
+        for panel in board["panels"]
+        for target in panel["targets"]
+    ]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            # label_values(selector, label) is Grafana's; this PromQL asks Prometheus the same question.
+            selector, label = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", variable["definition"]).groups()
+            found.append((f"variable {variable['name']}", f"count by ({label}) ({selector})"))
+    return found
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    rules = yaml.safe_load(ALERTS.read_text())
+    return [(rule["alert"], rule["expr"]) for group in rules["groups"] for rule in group["rules"]]
+
+
+# --- a real Prometheus scraping a real /metrics endpoint ---
+
+
+def feed(metrics: Metrics, stop: threading.Event) -> None:
+    """Move every monitor_ family as a busy daemon would, so rates and quantiles have data."""
+    rng = random.Random(0)
+    rejected = [outcome for outcome in MESSAGE_OUTCOMES if outcome != "accepted"]
+    while not stop.wait(0.05):
+        metrics.messages.labels("accepted").inc(8)
+        metrics.messages.labels(rng.choice(rejected)).inc()
+        metrics.samples.inc(8 * 35)
+        metrics.duplicate_samples.inc(rng.randint(0, 3))
+        batch = rng.randint(1, 64)
+        metrics.batch_size.observe(batch)
+        metrics.inference_seconds.observe(rng.uniform(0.001, 0.03))
+        metrics.windows_scored.inc(batch)
+        for _ in range(batch):
+            metrics.latency_seconds.observe(rng.uniform(0.005, 0.2))
+            metrics.reconstruction_error.observe(rng.lognormvariate(math.log(0.2), 0.4))
+        metrics.windows_dropped.labels(rng.choice(WINDOW_DROP_REASONS)).inc()
+        metrics.anomalies.inc(2)
+        metrics.alerts_published.inc(2)
+        metrics.alerts_delivered.inc(2)
+        metrics.alerts_pending.set(rng.randint(0, 5))
+        metrics.queue_depth.set(rng.randint(0, 200))
+        metrics.active_sensors.set(rng.randint(90, 100))
+        metrics.buffered_samples.set(rng.randint(5000, 14000))
+        metrics.sensors_evicted.inc(rng.random() < 0.1)
+
+
+@pytest.fixture(scope="module")
+def metrics_target() -> Iterator[str]:
+    """`host:port` of a /metrics endpoint whose monitor_ series keep moving.
+
+    A stand-in for the daemon: the real `Metrics` families, served by prometheus_client from this
+    process and fed by a thread. To test against the daemon instead, replace only this fixture with one
+    that runs `monitor run` (metrics on a free port) fed by `monitor replay`, and yields its address.
+    """
+    metrics = Metrics(CollectorRegistry(), max_batch=64, threshold=0.3)
+    metrics.set_model("ecg5000", "test", "torch", "cpu", 0.3)
+    metrics.queue_capacity.set(4096)
+    metrics.broker_connected.set(1)
+    server, _thread = serve_metrics(metrics.registry, "127.0.0.1", 0)
+    stop = threading.Event()
+    feeder = threading.Thread(target=feed, args=(metrics, stop), name="metrics-feeder", daemon=True)
+    feeder.start()
+    yield f"127.0.0.1:{server.server_port}"
+    stop.set()
+    feeder.join()
+    server.shutdown()
+    server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http_json(url: str) -> dict:
+    """GET a Prometheus API URL; its error answers (HTTP 400/422) carry JSON too."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        return json.load(error)
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, metrics_target) -> Iterator[str]:
+    """Base URL of a Prometheus scraping `metrics_target` as job `monitor` every second, with the alert rules loaded."""
+    binary = require("prometheus")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(ALERTS)],
+        "scrape_configs": [{"job_name": "monitor", "static_configs": [{"targets": [metrics_target]}]}],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    url = f"http://127.0.0.1:{free_port()}"
+    with open(workdir / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: process.poll() is not None or http_ok(f"{url}/-/ready"), 30, "Prometheus to be ready")
+        assert process.poll() is None, (workdir / "prometheus.log").read_text()
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def query(prometheus: str, expr: str) -> dict:
+    return http_json(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus) -> str:
+    """Prometheus once it holds enough scrapes for rates and quantiles over the stand-in's moving series."""
+    moving = "rate(monitor_windows_scored_total[1m]) > 0"
+    wait_for(lambda: query(prometheus, moving)["data"]["result"], 30, "two scrapes of moving series")
+    return prometheus
+
+
+def has_data(answer: dict) -> bool:
+    """A non-empty result with at least one number: a panel of NaN (e.g. a quantile of nothing) draws nothing."""
+    return any(not math.isnan(float(series["value"][1])) for series in answer["data"]["result"])
+
+
+@pytest.mark.parametrize(("where", "expr"), dashboard_expressions(), ids=[where for where, _ in dashboard_expressions()])
+def test_dashboard_expression_returns_data(scraped, where, expr):
+    answer = query(scraped, expr)
+    assert answer["status"] == "success", answer
+    assert has_data(answer), f"{where}: {expr} returned {answer['data']}"
+
+
+@pytest.mark.parametrize(("alert", "expr"), rule_expressions(), ids=[alert for alert, _ in rule_expressions()])
+def test_rule_expression_is_valid(scraped, alert, expr):
+    answer = query(scraped, expr)
+    assert answer["status"] == "success", answer
+
+
+def test_rules_evaluate_cleanly(scraped):
+    """Prometheus loaded every rule of alerts.yml and evaluates them without runtime errors (e.g. vector matching)."""
+
+    def evaluated() -> list[dict]:
+        rules = [rule for group in http_json(f"{scraped}/api/v1/rules")["data"]["groups"] for rule in group["rules"]]
+        return rules if rules and all(rule["health"] != "unknown" for rule in rules) else []
+
+    rules = wait_for(evaluated, 15, "one evaluation of every rule")
+    assert {rule["name"] for rule in rules} == {alert for alert, _ in rule_expressions()}
+    assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []
