@@ -1,4 +1,4 @@
-# The two set-up commands of the README are `make demo` and `make test`.
+# Shortcuts; the README's two set-up commands are scripts/demo.sh and scripts/test.sh (no make needed).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
@@ -9,14 +9,12 @@ setup:
 	scripts/setup.sh
 
 test:  ## install everything (Mosquitto, Prometheus, the venv) and run the whole test suite
-	EXTRA_APT_PACKAGES="prometheus" scripts/setup.sh
-	$(PY) -m pytest -q -p no:cacheprovider
+	scripts/test.sh
 
 test-fast:  ## the suite without the end-to-end tests against real processes
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 demo:  ## run the daemon with the bundled model on a replayed ECG5000 stream, on a real Mosquitto
-	scripts/setup.sh
 	scripts/demo.sh
 
 train:  ## retrain the default model (about 4 minutes on 2 cores)

@@ -90,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="publish QoS (default 1)")
     replay.add_argument("--labels-out", type=Path, help="write the label of every replayed window here (JSON lines)")
 
+    watch = commands.add_parser(
+        "watch",
+        help="print alerts as they arrive; with --labels, precision and recall at the end",
+        description="Subscribe to the alert topic and print each alert. With --labels (from `monitor replay --labels-out`) "
+        "it stops once every labelled window is scored and alerts went quiet, and prints a summary.",
+    )
+    watch.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and alert topic)")
+    watch.add_argument("--labels", type=Path, help="labels of the replayed windows (JSON lines)")
+    watch.add_argument("--metrics-url", help="the daemon's /metrics URL, for its counts and latency in the summary")
+    watch.add_argument("--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored")
+    watch.add_argument("--quiet", action="store_true", help="print only the summary")
+
     check = commands.add_parser(
         "check-config",
         help="validate a config file; one line per problem",
@@ -133,8 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "report": args.report,
     }
     data.update({key: value for key, value in flags.items() if value is not None})
-    if args.threshold_method:
-        data["threshold"] = {"method": args.threshold_method}
+    if args.threshold_method and data.get("threshold", {}).get("method") != args.threshold_method:
+        data["threshold"] = {"method": args.threshold_method}  # the YAML's params belong to its own method
     settings = validate(TrainSettings, data, str(args.config or "train flags"))
     result = train(settings)
     if settings.report:
@@ -196,6 +208,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from monitor.config import load_config
+    from monitor.watch import watch
+
+    config = load_config(args.config)
+    print(watch(config.mqtt, config.mqtt.alert_topic, args.labels, args.metrics_url, args.idle_seconds, quiet=args.quiet))
+    return 0
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.daemon import build_engine
@@ -207,7 +228,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "replay": cmd_replay, "check-config": cmd_check_config}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "replay": cmd_replay, "watch": cmd_watch, "check-config": cmd_check_config}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

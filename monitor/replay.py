@@ -146,7 +146,10 @@ class Replayer:
 
 
 def write_labels(plan: ReplayPlan, path: str | Path) -> None:
-    """Ground truth for the replayed windows, one JSON object a line."""
-    with Path(path).open("wb") as handle:
+    """Ground truth for the replayed windows, one JSON object a line (written whole, then renamed)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb") as handle:
         for (sensor_id, start_seq), label in sorted(plan.labels.items()):
             handle.write(orjson.dumps({"sensor_id": sensor_id, "window_start_seq": start_seq, "label": label}) + b"\n")
+    temporary.replace(path)

@@ -137,7 +137,7 @@ def fit_model(settings: TrainSettings, train: np.ndarray, validation: np.ndarray
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimiser.step()
-            running += float(loss) * len(clean)
+            running += loss.item() * len(clean)
         train_losses.append(running / len(train_t))
         val_losses.append(_mean_error(model, val_t))
         scheduler.step(val_losses[-1])

@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PACKAGES=(mosquitto mosquitto-clients ${EXTRA_APT_PACKAGES:-})
 # Debian's python3 needs python3-venv for `python3 -m venv`; another Python may bring it along.
+command -v python3 >/dev/null || PACKAGES+=(python3)
 python3 -c "import venv, ensurepip" 2>/dev/null || PACKAGES+=(python3-venv)
 
 missing=()

@@ -4,7 +4,8 @@
 # Usage (as root, from anywhere): systemd/install.sh
 # Environment: PYTHON (default python3, >= 3.11); TORCH_PIP_ARGS, extra pip arguments for the torch
 # install, e.g. "--index-url <PyTorch's CPU-only wheel index>" to avoid pulling the CUDA build.
-# Re-running upgrades the package and models and keeps an existing /etc/monitor/monitor.yaml.
+# Re-running upgrades the package and models (then: systemctl restart monitor) and keeps an existing
+# /etc/monitor/monitor.yaml and credential.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,6 +39,8 @@ install -d -m 0755 "$PREFIX"
 step "models in $PREFIX/models"
 rm -rf "$PREFIX/models.new"
 cp -r "$REPO/models" "$PREFIX/models.new"
+# cp keeps source modes, and an artifact written with mode 0600 would be unreadable to the service.
+chmod -R u=rwX,go=rX "$PREFIX/models.new"
 # Swap whole directories so a running daemon never sees a half-copied artifact on reload.
 rm -rf "$PREFIX/models.old"
 [[ -d $PREFIX/models ]] && mv "$PREFIX/models" "$PREFIX/models.old"
@@ -47,6 +50,9 @@ rm -rf "$PREFIX/models.old"
 step "config in $CONFDIR"
 install -d -m 0755 "$CONFDIR"
 install -d -m 0700 "$CONFDIR/credentials"
+# LoadCredential= with a path fails the unit (243/CREDENTIALS) when the file is missing, and the
+# daemon reads the password only when mqtt.username is set: an empty one suits an anonymous broker.
+[[ -e $CONFDIR/credentials/mqtt_password ]] || install -m 0600 /dev/null "$CONFDIR/credentials/mqtt_password"
 if [[ -e $CONFDIR/monitor.yaml ]]; then
     echo "    keeping existing $CONFDIR/monitor.yaml"
 else
@@ -54,14 +60,15 @@ else
     install -m 0644 "$REPO/configs/monitor.yaml" "$CONFDIR/monitor.yaml"
 fi
 install -m 0644 "$REPO/systemd/monitor.env.example" "$CONFDIR/monitor.env.example"
-# From the service's WorkingDirectory, so relative model paths resolve as they will at run time.
-(cd "$PREFIX" && "$PREFIX/.venv/bin/monitor" check-config "$CONFDIR/monitor.yaml")
+# As the service will run it: from its WorkingDirectory (relative model paths) and as an unprivileged
+# user like its dynamic one, so a file it cannot read fails here rather than at start.
+(cd "$PREFIX" && setpriv --reuid=65534 --regid=65534 --clear-groups -- "$PREFIX/.venv/bin/monitor" check-config "$CONFDIR/monitor.yaml")
 
 step "unit in $UNITDIR"
 install -m 0644 "$REPO/systemd/monitor.service" "$UNITDIR/monitor.service"
 
 next_steps=(
-    "install -m 0600 /dev/stdin $CONFDIR/credentials/mqtt_password   # the broker password, if any"
+    "install -m 0600 /dev/stdin $CONFDIR/credentials/mqtt_password   # if the broker wants a password (with mqtt.username)"
     "systemctl enable --now monitor.service"
     "journalctl -u monitor.service -f"
 )

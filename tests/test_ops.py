@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 import shutil
-import socket
 import subprocess
-import threading
-import time
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
 from monitor.config import Config
-from monitor.metrics import MESSAGE_OUTCOMES, WINDOW_DROP_REASONS, Metrics, serve_metrics
+from tests.conftest import SPLITS, DaemonProcess, daemon_config, free_port, metric, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "monitor.service"
@@ -43,18 +39,6 @@ def require(tool: str) -> str:
         package = "systemd" if tool == "systemd-analyze" else "prometheus"
         pytest.skip(f"{tool} is not installed (Debian package {package})")
     return path
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll until predicate() is truthy; fail naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 # --- the systemd unit and its companions ---
@@ -222,60 +206,22 @@ def rule_expressions() -> list[tuple[str, str]]:
 # --- a real Prometheus scraping a real /metrics endpoint ---
 
 
-def feed(metrics: Metrics, stop: threading.Event) -> None:
-    """Move every monitor_ family as a busy daemon would, so rates and quantiles have data."""
-    rng = random.Random(0)
-    rejected = [outcome for outcome in MESSAGE_OUTCOMES if outcome != "accepted"]
-    while not stop.wait(0.05):
-        metrics.messages.labels("accepted").inc(8)
-        metrics.messages.labels(rng.choice(rejected)).inc()
-        metrics.samples.inc(8 * 35)
-        metrics.duplicate_samples.inc(rng.randint(0, 3))
-        batch = rng.randint(1, 64)
-        metrics.batch_size.observe(batch)
-        metrics.inference_seconds.observe(rng.uniform(0.001, 0.03))
-        metrics.windows_scored.inc(batch)
-        for _ in range(batch):
-            metrics.latency_seconds.observe(rng.uniform(0.005, 0.2))
-            metrics.reconstruction_error.observe(rng.lognormvariate(math.log(0.2), 0.4))
-        metrics.windows_dropped.labels(rng.choice(WINDOW_DROP_REASONS)).inc()
-        metrics.anomalies.inc(2)
-        metrics.alerts_published.inc(2)
-        metrics.alerts_delivered.inc(2)
-        metrics.alerts_pending.set(rng.randint(0, 5))
-        metrics.queue_depth.set(rng.randint(0, 200))
-        metrics.active_sensors.set(rng.randint(90, 100))
-        metrics.buffered_samples.set(rng.randint(5000, 14000))
-        metrics.sensors_evicted.inc(rng.random() < 0.1)
-
-
 @pytest.fixture(scope="module")
-def metrics_target() -> Iterator[str]:
-    """`host:port` of a /metrics endpoint whose monitor_ series keep moving.
-
-    A stand-in for the daemon: the real `Metrics` families, served by prometheus_client from this
-    process and fed by a thread. To test against the daemon instead, replace only this fixture with one
-    that runs `monitor run` (metrics on a free port) fed by `monitor replay`, and yields its address.
-    """
-    metrics = Metrics(CollectorRegistry(), max_batch=64, threshold=0.3)
-    metrics.set_model("ecg5000", "test", "torch", "cpu", 0.3)
-    metrics.queue_capacity.set(4096)
-    metrics.broker_connected.set(1)
-    server, _thread = serve_metrics(metrics.registry, "127.0.0.1", 0)
-    stop = threading.Event()
-    feeder = threading.Thread(target=feed, args=(metrics, stop), name="metrics-feeder", daemon=True)
-    feeder.start()
-    yield f"127.0.0.1:{server.server_port}"
-    stop.set()
-    feeder.join()
-    server.shutdown()
-    server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
+    """`host:port` of a running daemon's /metrics while the test split is replayed through it in real time."""
+    directory = tmp_path_factory.mktemp("ops-daemon")
+    config = daemon_config(directory / "monitor.yaml", broker.port)
+    daemon = DaemonProcess(config)
+    daemon.wait_for_event("ready", timeout=60)
+    replay = subprocess.Popen(
+        [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", "20", "--speed", "1"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: metric(daemon.scrape(), "monitor_alerts_published_total") > 0, 60, what="the first alerts")
+    yield f"127.0.0.1:{daemon.metrics_port}"
+    replay.kill()
+    replay.wait()
+    assert daemon.stop() == 0
 
 
 def http_json(url: str) -> dict:
@@ -314,7 +260,7 @@ def prometheus(tmp_path_factory, metrics_target) -> Iterator[str]:
             stdout=log, stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(lambda: process.poll() is not None or http_ok(f"{url}/-/ready"), 30, "Prometheus to be ready")
+        wait_until(lambda: process.poll() is not None or http_ok(f"{url}/-/ready"), 30, what="Prometheus to be ready")
         assert process.poll() is None, (workdir / "prometheus.log").read_text()
         yield url
     finally:
@@ -334,7 +280,7 @@ def query(prometheus: str, expr: str) -> dict:
 def scraped(prometheus) -> str:
     """Prometheus once it holds enough scrapes for rates and quantiles over the stand-in's moving series."""
     moving = "rate(monitor_windows_scored_total[1m]) > 0"
-    wait_for(lambda: query(prometheus, moving)["data"]["result"], 30, "two scrapes of moving series")
+    wait_until(lambda: query(prometheus, moving)["data"]["result"], 30, what="two scrapes of moving series")
     return prometheus
 
 
@@ -363,6 +309,6 @@ def test_rules_evaluate_cleanly(scraped):
         rules = [rule for group in http_json(f"{scraped}/api/v1/rules")["data"]["groups"] for rule in group["rules"]]
         return rules if rules and all(rule["health"] != "unknown" for rule in rules) else []
 
-    rules = wait_for(evaluated, 15, "one evaluation of every rule")
+    rules = wait_until(evaluated, 15, what="one evaluation of every rule")
     assert {rule["name"] for rule in rules} == {alert for alert, _ in rule_expressions()}
     assert [(rule["name"], rule.get("lastError")) for rule in rules if rule["health"] != "ok"] == []

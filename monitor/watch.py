@@ -1,0 +1,182 @@
+"""`monitor watch`: follow the alerts on the broker as an operator would, and score them against labels.
+
+Prints one line per alert as it arrives. With `--labels` (as written by `monitor replay --labels-out`)
+it ends with a summary: alerts received, precision, recall and F1 against the labels, and, with
+`--metrics-url`, the daemon's own counts and decision latency.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.config import MqttSettings
+from monitor.errors import MonitorError
+from monitor.evaluation import evaluate_scores
+
+
+@dataclass
+class AlertLog:
+    """Alerts received so far, keyed by (sensor id, window start seq)."""
+
+    alerts: dict[tuple[str, int], dict] = field(default_factory=dict)
+    duplicates: int = 0
+    last_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, alert: dict) -> bool:
+        key = (str(alert.get("sensor_id")), int(alert.get("window_start_seq", -1)))
+        with self.lock:
+            self.last_at = time.monotonic()
+            if key in self.alerts:
+                self.duplicates += 1
+                return False
+            self.alerts[key] = alert
+            return True
+
+
+def alert_topic_filter(template: str) -> str:
+    return template.replace("{sensor_id}", "+")
+
+
+def read_labels(path: str | Path) -> dict[tuple[str, int], int]:
+    labels = {}
+    for line in Path(path).read_bytes().splitlines():
+        if line.strip():
+            record = orjson.loads(line)
+            labels[(record["sensor_id"], int(record["window_start_seq"]))] = int(record["label"])
+    return labels
+
+
+def scrape_metrics(url: str) -> dict[str, list]:
+    """{sample name: [(labels, value), ...]} from a Prometheus endpoint."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def histogram_quantile(quantile: float, buckets: list[tuple[dict, float]]) -> float:
+    """Prometheus-style quantile from cumulative `_bucket` samples (linear within a bucket)."""
+    points = sorted((float(labels["le"]), value) for labels, value in buckets)
+    total = points[-1][1] if points else 0.0
+    if total == 0:
+        return float("nan")
+    rank = quantile * total
+    lower_bound, lower_count = 0.0, 0.0
+    for upper_bound, count in points:
+        if count >= rank:
+            if upper_bound == float("inf"):
+                return lower_bound
+            return lower_bound + (upper_bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+        lower_bound, lower_count = upper_bound, count
+    return lower_bound
+
+
+def summary(log: AlertLog, labels: dict[tuple[str, int], int], normal_label: int, metrics_url: str | None) -> str:
+    keys = list(labels)
+    flagged = [1.0 if key in log.alerts else 0.0 for key in keys]
+    anomalous = [labels[key] != normal_label for key in keys]
+    result = evaluate_scores(flagged, anomalous, 0.5)  # type: ignore[arg-type]
+    unlabelled = len(set(log.alerts) - set(labels))
+    lines = [
+        "",
+        "summary",
+        f"  windows replayed   {len(keys)}  ({sum(anomalous)} anomalous by label)",
+        f"  alerts received    {len(log.alerts)}  (duplicates {log.duplicates}, outside the labelled windows {unlabelled})",
+        f"  precision {result.precision:.4f}  recall {result.recall:.4f}  F1 {result.f1:.4f}  false-positive rate {result.fpr:.4f}",
+        f"  confusion: tp {result.tp}  fp {result.fp}  fn {result.fn}  tn {result.tn}",
+    ]
+    if metrics_url:
+        samples = scrape_metrics(metrics_url)
+        value = lambda name: sum(v for _, v in samples.get(name, []))  # noqa: E731
+        latency = samples.get("monitor_decision_latency_seconds_bucket", [])
+        lines += [
+            f"  daemon: windows scored {value('monitor_windows_scored_total'):.0f}, alerts published {value('monitor_alerts_published_total'):.0f}, "
+            f"windows dropped {value('monitor_windows_dropped_total'):.0f}",
+            f"  decision latency p50 {histogram_quantile(0.5, latency) * 1000:.1f} ms, p99 {histogram_quantile(0.99, latency) * 1000:.1f} ms",
+        ]
+    return "\n".join(lines)
+
+
+def watch(
+    settings: MqttSettings,
+    alert_topic: str,
+    labels_path: Path | None,
+    metrics_url: str | None,
+    idle_seconds: float,
+    normal_label: int = 1,
+    quiet: bool = False,
+) -> str:
+    """Print alerts until nothing has arrived for `idle_seconds` after the labelled windows were all scored."""
+    log = AlertLog()
+    connected = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{settings.client_id}-watch-{time.time_ns() % 10**9}")
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.resolve_password())
+    if settings.tls.enabled:
+        client.tls_set(ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None)
+
+    def on_connect(client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            client.subscribe(alert_topic_filter(alert_topic), qos=1)
+            connected.set()
+
+    def on_message(client, userdata, message):
+        try:
+            alert = orjson.loads(message.payload)
+        except orjson.JSONDecodeError:
+            return
+        if log.add(alert) and not quiet:
+            print(
+                f"ALERT {alert.get('sensor_id')}  window {alert.get('window_start_seq')}-{alert.get('window_end_seq')}  "
+                f"score {alert.get('score', 0):.3f} > {alert.get('threshold', 0):.3f}",
+                flush=True,
+            )
+
+    client.on_connect = on_connect
+    client.on_message = on_message
+    try:
+        client.connect(settings.host, settings.port)
+    except OSError as error:
+        raise MonitorError(f"cannot reach the broker at {settings.host}:{settings.port} ({error})") from None
+    client.loop_start()
+    if not connected.wait(10):
+        raise MonitorError(f"the broker at {settings.host}:{settings.port} did not accept the connection")
+    labels = read_labels(labels_path) if labels_path else None
+    log.last_at = time.monotonic()
+    try:
+        while True:
+            time.sleep(0.5)
+            if labels is None and labels_path and labels_path.exists():
+                labels = read_labels(labels_path)
+            if time.monotonic() - log.last_at < idle_seconds:
+                continue
+            if labels is not None and metrics_url and _scored(metrics_url) < len(labels):
+                continue
+            if labels is not None:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return summary(log, labels, normal_label, metrics_url) if labels else f"alerts received: {len(log.alerts)}"
+
+
+def _scored(metrics_url: str) -> float:
+    try:
+        return sum(value for _, value in scrape_metrics(metrics_url).get("monitor_windows_scored_total", []))
+    except OSError:
+        return 0.0

@@ -1,0 +1,196 @@
+"""`monitor train` and `monitor evaluate` end to end on real ECG5000 subsets, and the default model's quality bar."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from monitor.training import TrainSettings, train
+from tests.conftest import DEFAULT_MODEL, REPO, SPLITS, run_cli
+
+pytestmark = pytest.mark.slow
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+TRAIN_ROWS, TEST_ROWS = 200, 300
+# The flags every small training shares; seed and threads make it repeatable.
+SMALL = ["--embedding-dim", "8", "--epochs", "3", "--seed", "0", "--threads", "1"]
+# One OpenMP thread in every child: on a busy 2-core machine spinning worker threads cost 4x the CPU.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def head(source: Path, target: Path, rows: int) -> Path:
+    with source.open() as handle:
+        target.write_text("".join(next(handle) for _ in range(rows)))
+    return target
+
+
+def one_error_line(stderr: str) -> str:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("monitor: error: ")
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """All the trainings at once, each on one thread: `monitor train` from a YAML config whose keys
+    flags override (then `monitor evaluate --json` on its artifact), the same training from flags
+    alone with the report, a config with a misspelt key, and in this process seeds 0 and 1."""
+    root = tmp_path_factory.mktemp("training")
+    train_data = head(SPLITS / "train_normal.txt", root / "train.txt", TRAIN_ROWS)
+    test_data = head(SPLITS / "test.txt", root / "test.txt", TEST_ROWS)
+    config = root / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_data": str(train_data), "evaluate_data": str(test_data), "output": str(root / "from-yaml"),
+        "name": "yaml-name", "version": "0.1.0", "embedding_dim": 32, "epochs": 100, "seed": 7, "threads": 2,
+        "threshold": {"method": "quantile", "params": {"q": 0.95}},
+    }))
+    typo = root / "typo.yaml"
+    typo.write_text(yaml.safe_dump({"train_data": str(train_data), "epochz": 3}))
+
+    def first_then_evaluate() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess | None]:
+        trained = run_cli("train", "--config", str(config), *SMALL, "--output", str(root / "first"), "--no-report", env=ONE_THREAD)
+        if trained.returncode:
+            return trained, None
+        return trained, run_cli("evaluate", "--model", str(root / "first"), "--data", str(test_data), "--json", env=ONE_THREAD)
+
+    def in_process() -> None:
+        # In this process (its torch is already imported): the same training with seed 0 and seed 1.
+        previous = torch.get_num_threads()
+        try:
+            for seed in (0, 1):
+                train(TrainSettings(train_data=train_data, output=root / f"seed{seed}", embedding_dim=8, epochs=3, seed=seed,
+                                    threads=1, report=False))
+        finally:
+            torch.set_num_threads(previous)
+
+    # Everything at once: the machine has 2 cores and each training uses one thread.
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(first_then_evaluate)
+        second = pool.submit(run_cli, "train", "--train-data", str(train_data), "--evaluate-data", str(test_data), *SMALL,
+                             "--output", str(root / "second"), *([] if HAVE_MATPLOTLIB else ["--no-report"]), env=ONE_THREAD)
+        typo_run = pool.submit(run_cli, "train", "--config", str(typo), "--output", str(root / "typo"), env=ONE_THREAD)
+        seeds = pool.submit(in_process)
+        (first_run, evaluate_run), second_run, typo_run, _ = first.result(), second.result(), typo_run.result(), seeds.result()
+    return {"root": root, "train": train_data, "test": test_data, "typo_file": typo, "first": first_run, "second": second_run,
+            "typo": typo_run, "evaluate": evaluate_run}
+
+
+def metadata(directory: Path) -> dict:
+    return json.loads((directory / "model.json").read_text())
+
+
+def test_train_writes_an_artifact_without_report(runs):
+    process, out = runs["first"], runs["root"] / "first"
+    assert process.returncode == 0, process.stderr
+    assert f"model written to {out}" in process.stdout
+    assert "Traceback" not in process.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]  # --no-report: no report/
+    meta = metadata(out)
+    assert meta["architecture"] == {"type": "lstm_autoencoder", "window": 140, "channels": 1, "embedding_dim": 8}
+    training = meta["training"]
+    # No calibration file: validation and calibration windows are split off the 200 training beats.
+    assert "calibration_file" not in training
+    assert training["windows"] == TRAIN_ROWS - 30 - 30
+    assert meta["threshold"]["n_windows"] == 30
+    assert 1 <= training["epochs_run"] <= 3
+    # The training-time evaluation on the 300-line subset is recorded and printed.
+    evaluation = meta["evaluation"]
+    assert evaluation["n_windows"] == TEST_ROWS
+    assert evaluation["tp"] + evaluation["fp"] + evaluation["fn"] + evaluation["tn"] == TEST_ROWS
+    assert "ROC AUC" in process.stdout and "confusion matrix" in process.stdout
+
+
+def test_flags_override_yaml_keys(runs):
+    meta = metadata(runs["root"] / "first")
+    hyper = meta["training"]["hyperparameters"]
+    # Overridden by flags ...
+    assert (hyper["embedding_dim"], hyper["epochs"], hyper["seed"], hyper["threads"]) == (8, 3, 0, 1)
+    assert meta["architecture"]["embedding_dim"] == 8
+    assert meta["training"]["epochs_run"] <= 3
+    assert not (runs["root"] / "from-yaml").exists()  # --output beat the YAML output
+    # ... while the keys no flag touched keep their YAML values.
+    assert (meta["name"], meta["version"]) == ("yaml-name", "0.1.0")
+    assert meta["threshold"]["method"] == "quantile" and meta["threshold"]["params"] == {"q": 0.95}
+    assert meta["evaluation"]["data"] == str(runs["test"])
+
+
+@pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed: the report is skipped")
+def test_train_with_report_writes_pngs(runs):
+    process, out = runs["second"], runs["root"] / "second"
+    assert process.returncode == 0, process.stderr
+    pngs = sorted((out / "report").glob("*.png"))
+    assert [p.name for p in pngs] == ["errors.png", "loss.png", "reconstructions.png"]
+    for png in pngs:
+        data = png.read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000, png
+    assert "report: " in process.stdout
+
+
+def test_same_seed_gives_identical_weights(runs):
+    # Two separate processes, same data and seed, one thread each (and different YAML/flag routes).
+    first, second = runs["root"] / "first" / "model.safetensors", runs["root"] / "second" / "model.safetensors"
+    assert runs["second"].returncode == 0, runs["second"].stderr
+    assert first.read_bytes() == second.read_bytes()
+    assert metadata(first.parent)["weights"]["sha256"] == metadata(second.parent)["weights"]["sha256"]
+
+
+def test_different_seed_gives_different_weights(runs):
+    first = runs["root"] / "first" / "model.safetensors"
+    # In-process training with seed 0 reproduces the CLI's bytes, so only the seed differs below.
+    assert (runs["root"] / "seed0" / "model.safetensors").read_bytes() == first.read_bytes()
+    reference = load_file(str(first))
+    other = load_file(str(runs["root"] / "seed1" / "model.safetensors"))
+    assert reference.keys() == other.keys()
+    assert all(reference[key].shape == other[key].shape for key in reference)
+    differing = [key for key in reference if not torch.equal(reference[key], other[key])]
+    assert len(differing) == len(reference)  # every tensor differs, not just one
+
+
+def test_yaml_typo_is_one_clear_line(runs):
+    process = runs["typo"]
+    assert process.returncode == 2
+    line = one_error_line(process.stderr)
+    assert line == f"monitor: error: {runs['typo_file']}: epochz: unknown key (misspelt?)"
+    assert not (runs["root"] / "typo").exists()
+
+
+def test_evaluate_json(runs):
+    out, process = runs["root"] / "first", runs["evaluate"]
+    assert runs["first"].returncode == 0, runs["first"].stderr
+    assert process.returncode == 0, process.stderr
+    result = json.loads(process.stdout)
+    for key in ("auc", "f1", "precision", "recall", "fpr", "tp", "fp", "fn", "tn"):
+        assert key in result, key
+    assert result["tp"] + result["fp"] + result["fn"] + result["tn"] == TEST_ROWS
+    assert result["model"] == {"name": "yaml-name", "version": "0.1.0"}
+    assert 0.0 <= result["auc"] <= 1.0
+    # Offline evaluation scores exactly as training's evaluation did (same scorer, same threshold).
+    recorded = metadata(out)["evaluation"]
+    for key in ("tp", "fp", "fn", "tn"):
+        assert result[key] == recorded[key], key
+    assert result["auc"] == pytest.approx(recorded["auc"], abs=1e-9)
+    labels = [line.split()[0] for line in runs["test"].read_text().splitlines()]
+    assert result["tp"] + result["fn"] == sum(label != "1.0000000e+00" for label in labels)
+
+
+def test_default_model_meets_the_quality_bar():
+    if not (DEFAULT_MODEL / "model.json").is_file():
+        pytest.skip(f"{DEFAULT_MODEL.relative_to(REPO)} is not there yet (train it with `make train`)")
+    process = run_cli("evaluate", "--model", "models/ecg5000", "--data", "../shared/data/ecg5000/splits/test.txt", "--json",
+                      timeout=180, env=ONE_THREAD)
+    assert process.returncode == 0, process.stderr
+    result = json.loads(process.stdout)
+    assert result["tp"] + result["fp"] + result["fn"] + result["tn"] == 3103
+    assert result["auc"] >= 0.99, result
+    assert result["recall"] >= 0.95, result
+    assert result["fpr"] <= 0.02, result
