@@ -131,7 +131,9 @@ def watch(
     def on_connect(client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
             client.subscribe(alert_topic_filter(alert_topic), qos=1)
-            connected.set()
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties):
+        connected.set()
 
     def on_message(client, userdata, message):
         try:
@@ -146,6 +148,7 @@ def watch(
             )
 
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     client.on_message = on_message
     try:
         client.connect(settings.host, settings.port)
@@ -154,7 +157,8 @@ def watch(
     client.loop_start()
     if not connected.wait(10):
         raise MonitorError(f"the broker at {settings.host}:{settings.port} did not accept the connection")
-    labels = read_labels(labels_path) if labels_path else None
+    print(f"watching {alert_topic_filter(alert_topic)} on {settings.host}:{settings.port}", flush=True)
+    labels = read_labels(labels_path) if labels_path and labels_path.exists() else None
     log.last_at = time.monotonic()
     try:
         while True:

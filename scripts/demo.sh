@@ -57,9 +57,12 @@ PIDS+=($DAEMON)
 wait_for 120 "b'monitor_broker_connected 1.0' in urllib.request.urlopen('http://127.0.0.1:$METRICS_PORT/metrics').read()"
 echo "== ready: metrics at http://127.0.0.1:$METRICS_PORT/metrics"
 
-"$MONITOR" watch --config "$CONFIG" --labels "$WORK/labels.jsonl" --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" &
+# The watcher prints each alert as it arrives; the replay starts once it is subscribed.
+"$MONITOR" watch --config "$CONFIG" --labels "$WORK/labels.jsonl" --metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" \
+  | tee "$WORK/watch.log" &
 WATCH=$!
 PIDS+=($WATCH)
+wait_for 60 "b'watching' in open('$WORK/watch.log', 'rb').read()"
 
 echo "== replaying $DATA as $SENSORS sensors at 250 Hz x $SPEED"
 "$MONITOR" replay --config "$CONFIG" --data "$DATA" --sensors "$SENSORS" --chunk 35 --speed "$SPEED" --labels-out "$WORK/labels.jsonl"
