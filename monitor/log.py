@@ -44,6 +44,7 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    logging.captureWarnings(True)  # torch's and numpy's warnings become log lines too
 
 
 class RateLimiter:

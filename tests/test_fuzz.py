@@ -1,10 +1,10 @@
 """Property-based fuzzing of PayloadDecoder.decode + WindowAssembler.feed (and sensor_id_from_topic).
 
-Each hypothesis example builds one decoder/assembler configuration and pushes PAYLOADS_PER_EXAMPLE payloads
-through decode -> sensor id -> feed, checking every result against a small independent model of the stream.
-Hypothesis draws the shape of each payload (kind, sensor, seq, size, values); bulk content (long arrays,
-random junk) comes from a `random.Random` seeded by a drawn integer, which keeps generation fast enough for
-100,000+ payloads in well under a minute.
+Each hypothesis example draws a decoder/assembler configuration, a few JSON junk trees and a batch of
+PAYLOADS_PER_EXAMPLE payload recipes (a kind and a seed). A recipe becomes payload bytes through a
+`random.Random(seed)`: drawing every number of every payload through hypothesis would take minutes. Each
+payload goes through decode -> sensor id -> feed, and every result is checked against a small independent
+model of the stream.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from monitor.errors import PayloadError
@@ -28,13 +28,17 @@ PAYLOADS_PER_EXAMPLE = 100
 EXAMPLES = 1050
 MIN_PAYLOADS = 100_000
 IDLE_SECONDS = 5.0
-TOPICS = ("sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/ecg", "sensors/+/ecg", "sensors//ecg", "sensors/\x01/ecg", "x")
+CLOCK_STEPS_SECONDS = (0.0, 0.01, 0.01, 0.5, 2.0, 6.0)  # 6 s > IDLE_SECONDS: sensors do get evicted
+SENSOR_TOPICS = ("sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/ecg")
+ODD_TOPICS = ("sensors/+/ecg", "sensors//ecg", "sensors/\x01/ecg", "sensors/#", "x", "sensors/" + "x" * 129 + "/ecg")
 
 # Values that stress the number checks: float32 overflow, denormals, huge and negative integers.
 EDGE_VALUES = (0, -0.0, 1e-45, 3.4028234663852886e38, 3.5e38, -1e39, 1e308, 2**53, 2**63 - 1, -(2**63), 2**64 - 1, 2**70)
 JUNK_VALUES = (None, True, False, "1.5", "", [], {}, [1, [2]], {"samples": [1]}, float("nan"), float("inf"))
 SEQ_EDGES = (-1, 0, MAX_SEQ - 1, MAX_SEQ, 2**63, -(2**63), 2**64, 1.0, 7.5, "12", True, None, [3])
 TS_EDGES = (0, 0.0, -1e-9, 1.7e9, 1e308, 2**64, "1700000000", True, None, float("inf"), float("nan"), {})
+# Half the payloads are valid stream messages, so the windowing sees long streams with gaps and repeats.
+KINDS = ("stream",) * 8 + ("bytes", "json", "mutated", "oversize", "too_many", "values", "rows", "fields")
 
 
 @dataclass(frozen=True)
@@ -52,27 +56,22 @@ configs = st.builds(
     window=st.sampled_from([1, 2, 3, 5, 8, 13]),
     stride=st.sampled_from([1, 2, 3, 5, 8, 13, 21]),
     channels=st.sampled_from([1, 1, 2, 3]),
-    max_samples=st.sampled_from([16, 64, 4096]),
-    max_bytes=st.sampled_from([512, 4096, 262144]),
+    max_samples=st.sampled_from([64, 512, 4096]),
+    max_bytes=st.sampled_from([4096, 65536, 262144]),
     max_sensors=st.sampled_from([1, 2, 3, 8]),
 )
 
-# One payload recipe: (kind, topic index, seq choice, sample count, seed, seconds to advance the clock).
-KINDS = ("stream", "stream", "stream", "stream", "bytes", "json", "mutated", "oversize", "too_many", "values", "rows", "fields")
-recipes = st.tuples(
-    st.integers(0, len(KINDS) - 1),
-    st.integers(0, len(TOPICS) - 1),
-    st.one_of(st.none(), st.integers(-40, 40), st.integers(0, len(SEQ_EDGES) - 1).map(lambda i: ("edge", i))),
-    st.integers(1, 40),
-    st.integers(0, 2**32 - 1),
-    st.sampled_from([0.0, 0.01, 0.5, 2.0, 6.0]),
-)
-
+JUNK_KEYS = ("samples", "seq", "ts", "x")
 json_junk = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(["samples", "seq", "ts", "x"]), children, max_size=3),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.sampled_from(JUNK_KEYS), children, max_size=3),
     max_leaves=12,
 )
+
+recipes = st.tuples(st.integers(0, len(KINDS) - 1), st.integers(0, 2**32 - 1))  # (kind, seed)
+batches = st.lists(recipes, min_size=PAYLOADS_PER_EXAMPLE, max_size=PAYLOADS_PER_EXAMPLE)
+# A JSON tree per payload would triple the run time; a few per batch, picked by seed, are enough.
+junk_lists = st.lists(json_junk, min_size=1, max_size=4)
 
 
 class StreamModel:
@@ -146,37 +145,45 @@ def check_message(message: Message, config: Config) -> None:
 def sample_rows(rng: random.Random, n: int, channels: int, flat: bool) -> list:
     """n plausible sample rows: a flat list for one channel when flat, else lists of `channels` numbers."""
     if flat and channels == 1:
-        return [rng.gauss(0.0, 1.0) for _ in range(n)]
-    return [[rng.gauss(0.0, 1.0) if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)]
+        return [rng.random() - 0.5 for _ in range(n)]
+    return [[rng.random() - 0.5 if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)]
 
 
-def build_payload(recipe: tuple, junk: object, config: Config, expected_seq: dict[str, int]) -> bytes:
-    """Turns a recipe into payload bytes; `expected_seq` (the model's next index per topic) makes seq plausible."""
-    kind, topic, seq_choice, n, seed, _ = recipe
-    rng = random.Random(seed)
-    kind = KINDS[kind]
+def dump(document: object) -> bytes:
+    """orjson when it can; json for integers beyond 64 bits, which orjson refuses to write."""
+    try:
+        return orjson.dumps(document)
+    except TypeError:
+        return json.dumps(document).encode()
+
+
+def build_payload(kind: str, rng: random.Random, junk: object, config: Config, expected_seq: int) -> bytes:
+    """Payload bytes of one kind; expected_seq (the model's next index for the topic) makes seq plausible."""
     channels = config.channels
     flat = rng.random() < 0.5
-    if seq_choice is None:
+    choice = rng.random()
+    if choice < 0.25:
         seq = None
-    elif isinstance(seq_choice, tuple):
-        seq = SEQ_EDGES[seq_choice[1]]
+    elif choice < 0.95:
+        # Mostly continue the stream; sometimes overlap or repeat it, sometimes leave a gap.
+        seq = max(0, expected_seq + rng.choice((0, 0, 0, 0, -rng.randint(1, 40), rng.randint(1, 40))))
     else:
-        seq = max(0, expected_seq.get(TOPICS[topic], 0) + seq_choice)  # continue, overlap or leave a gap
+        seq = rng.choice(SEQ_EDGES)
+    n = rng.randint(1, 40) if rng.random() < 0.9 else rng.randint(1, min(config.max_samples, 300))
     document: dict = {"samples": sample_rows(rng, n, channels, flat)}
     if seq is not None:
         document["seq"] = seq
     if rng.random() < 0.5:
-        document["ts"] = 1.7e9 + (seq if type(seq) is int and seq < MAX_SEQ else 0) * 0.004
+        document["ts"] = 1.7e9 + (seq if type(seq) is int and 0 <= seq < MAX_SEQ else 0) * 0.004
     if kind == "stream":
-        return orjson.dumps(document)
+        return dump(document)
     if kind == "bytes":
         return rng.randbytes(rng.randint(0, 48))
     if kind == "json":
         # json.dumps writes NaN/Infinity and ints beyond 64 bits, which orjson must refuse or handle.
         return json.dumps(junk if rng.random() < 0.5 else {"samples": junk, "seq": seq}).encode()
     if kind == "mutated":
-        raw = bytearray(orjson.dumps(document))
+        raw = bytearray(dump(document))
         for _ in range(rng.randint(1, 3)):
             position = rng.randrange(len(raw))
             operation = rng.randrange(4)
@@ -193,14 +200,14 @@ def build_payload(recipe: tuple, junk: object, config: Config, expected_seq: dic
         return bytes(raw)
     if kind == "oversize":
         # Beyond max_bytes, sometimes valid JSON and sometimes junk, exactly at or just past the limit.
-        body = orjson.dumps(document)
+        body = dump(document)
         filler = b" " if rng.random() < 0.5 else b"\xff"
         return body + filler * max(0, config.max_bytes + rng.choice([0, 1, 2, 1000]) - len(body))
     if kind == "too_many":
         # Exactly max_samples is still valid; repeated rows keep building a 4096-sample list cheap.
         extra = 0 if rng.random() < 0.1 else rng.choice([1, 5, 1000])
         document["samples"] = sample_rows(rng, 1, channels, flat) * (config.max_samples + extra)
-        return orjson.dumps(document)
+        return dump(document)
     if kind == "values":
         samples = document["samples"]
         row = rng.randrange(len(samples))
@@ -211,11 +218,14 @@ def build_payload(recipe: tuple, junk: object, config: Config, expected_seq: dic
             samples[row] = bad
         return json.dumps(document).encode()
     if kind == "rows":
+        # Every row of another width (wrong_channels), or one odd row (ragged: bad_samples).
         samples = document["samples"]
-        row = rng.randrange(len(samples))
         width = max(0, channels + rng.choice([-1, 1, 2]))
-        samples[row] = [rng.random() for _ in range(width)] if rng.random() < 0.8 else [[1.0] * channels]
-        return orjson.dumps(document)
+        rows = range(len(samples)) if rng.random() < 0.5 else [rng.randrange(len(samples))]
+        nested = rng.random() < 0.1
+        for row in rows:
+            samples[row] = [[1.0] * channels] if nested else [rng.random() for _ in range(width)]
+        return dump(document)
     # "fields": bad seq/ts types and values, missing or renamed keys, non-object documents.
     choice = rng.randrange(5)
     if choice == 0:
@@ -231,17 +241,19 @@ def build_payload(recipe: tuple, junk: object, config: Config, expected_seq: dic
     return json.dumps(document).encode()
 
 
-def run_batch(config: Config, batch: list[tuple[tuple, object]]) -> int:
-    """Decodes and feeds one batch; returns how many payloads went through decode()."""
+def run_batch(config: Config, batch: list[tuple[int, int]], junk: list[object], outcomes: Counter[str]) -> None:
+    """Decodes and feeds one batch, counting payloads and what became of them in outcomes."""
     decoder = PayloadDecoder(config.channels, max_samples=config.max_samples, max_bytes=config.max_bytes)
     target = WindowAssembler(config.window, config.stride, config.channels, config.max_sensors, IDLE_SECONDS)
     models: OrderedDict[str, StreamModel] = OrderedDict()  # least recently seen first, like the assembler
     now = 0.0
-    decoded = 0
-    for recipe, junk in batch:
-        now += recipe[5]
-        payload = build_payload(recipe, junk, config, {f"sensors/{sensor}/ecg": model.end for sensor, model in models.items()})
-        decoded += 1
+    for kind, seed in batch:
+        rng = random.Random(seed)
+        now += rng.choice(CLOCK_STEPS_SECONDS)
+        topic = rng.choice(SENSOR_TOPICS) if rng.random() < 0.9 else rng.choice(ODD_TOPICS)
+        model = models.get(topic.split("/")[1]) if "/" in topic else None
+        payload = build_payload(KINDS[kind], rng, junk[seed % len(junk)], config, 0 if model is None else model.end)
+        outcomes["payloads"] += 1
         try:
             message = decoder.decode(payload)
         except PayloadError as error:
@@ -249,21 +261,33 @@ def run_batch(config: Config, batch: list[tuple[tuple, object]]) -> int:
             assert error.reason != "bad_topic"
             if len(payload) > config.max_bytes:
                 assert error.reason == "too_large"
+            outcomes[error.reason] += 1
             continue
+        outcomes["accepted"] += 1
         assert len(payload) <= config.max_bytes
         check_message(message, config)
         try:
-            sensor_id = sensor_id_from_topic(TOPICS[recipe[1]], 1)
+            sensor_id = sensor_id_from_topic(topic, 1)
         except PayloadError as error:
             assert error.reason == "bad_topic"
+            outcomes[error.reason] += 1
             continue
-        feed_and_check(target, models, sensor_id, message, now, config)
-        if recipe[4] % 16 == 0:  # now and then the daemon's periodic sweep
+        result = feed_and_check(target, models, sensor_id, message, now, config)
+        if result is None:
+            outcomes[SENSOR_LIMIT_REASON] += 1
+        else:
+            outcomes["windows"] += len(result.windows)
+            outcomes["windows_with_start_ts"] += sum(window.start_ts is not None for window in result.windows)
+            outcomes["gaps"] += result.gaps
+            outcomes["gap_windows_dropped"] += result.gap_windows_dropped
+            outcomes["duplicates"] += result.duplicate
+            outcomes["trimmed"] += result.duplicate_samples > 0 and not result.duplicate
+        if seed % 16 == 0:  # now and then the daemon's periodic sweep
             expected_evictions = evict(models, now)
             assert target.evict_idle(now) == expected_evictions
+            outcomes["evicted"] += expected_evictions
         assert target.active_sensors == len(models)
         assert target.buffered_samples() <= target.active_sensors * (config.window - 1)
-    return decoded
 
 
 def evict(models: OrderedDict[str, StreamModel], now: float) -> int:
@@ -275,7 +299,8 @@ def evict(models: OrderedDict[str, StreamModel], now: float) -> int:
 
 def feed_and_check(
     target: WindowAssembler, models: OrderedDict[str, StreamModel], sensor_id: str, message: Message, now: float, config: Config
-) -> None:
+) -> FeedResult | None:
+    """Feeds and checks the result against the model; None when the assembler refused a sensor beyond max_sensors."""
     model = models.get(sensor_id)
     if model is None and len(models) >= config.max_sensors:
         evict(models, now)
@@ -286,32 +311,39 @@ def feed_and_check(
                 assert error.reason == SENSOR_LIMIT_REASON
             else:
                 raise AssertionError("a new sensor beyond max_sensors was accepted")
-            return
+            return None
     result = target.feed(sensor_id, message, now)
     if model is None:
         model = models[sensor_id] = StreamModel(0 if message.seq is None else message.seq, config, now)
     model.last_seen = now
     models.move_to_end(sensor_id)
     model.check(message, result, now)
+    return result
 
 
 def test_fuzz_decode_and_feed() -> None:
-    payloads = 0
+    outcomes: Counter[str] = Counter()
 
+    # No shrink phase: shrinking 100-payload batches takes minutes; derandomize=True already replays a failure.
     @settings(
         max_examples=EXAMPLES,
         deadline=None,
         derandomize=True,
         database=None,
+        phases=[Phase.explicit, Phase.generate],
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
-    @given(config=configs, batch=st.lists(st.tuples(recipes, json_junk), min_size=PAYLOADS_PER_EXAMPLE, max_size=PAYLOADS_PER_EXAMPLE))
-    def fuzz(config: Config, batch: list[tuple[tuple, object]]) -> None:
-        nonlocal payloads
-        payloads += run_batch(config, batch)
+    @given(config=configs, batch=batches, junk=junk_lists)
+    def fuzz(config: Config, batch: list[tuple[int, int]], junk: list[object]) -> None:
+        run_batch(config, batch, junk, outcomes)
 
     fuzz()
-    assert payloads >= MIN_PAYLOADS
+    assert outcomes["payloads"] >= MIN_PAYLOADS
+    # The generator really reaches every reject reason and every windowing path.
+    assert set(REJECT_REASONS) <= set(outcomes), set(REJECT_REASONS) - set(outcomes)
+    for outcome in ("accepted", "windows", "windows_with_start_ts", "gaps", "gap_windows_dropped", "duplicates", "trimmed"):
+        assert outcomes[outcome] > 0, outcome
+    assert outcomes["evicted"] > 0 and outcomes[SENSOR_LIMIT_REASON] > 0
 
 
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None)
