@@ -1,0 +1,142 @@
+"""Load generator: N sensors streaming ECG at a sample rate through MQTT, in a process of its own.
+
+`python -m bench.loadgen --port P --sensors N --seconds S` publishes, for every sensor, a message
+of `--chunk` samples every chunk/rate seconds (35 samples at 250 Hz: one message per 140 ms, about
+7 a second), with `seq` and `ts` as sensors do. The sensors are spread evenly over the message
+period so the load is smooth. The samples are normal ECG5000 beats (the training split), so about
+1 % of windows raise an alert, as in a healthy deployment. Payloads are pre-encoded JSON fragments,
+so the generator spends its time in paho, not in encoding. It runs in its own process so that it
+does not share the daemon's GIL; the bench measures its CPU use, since on a 2-core machine it
+competes with the daemon and the broker. On exit it prints one JSON line: what it published and
+how late it was against the schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from monitor.datasets import read_ucr
+
+SLOTS_PER_PERIOD = 28
+STREAMS = 16
+BEATS_PER_STREAM = 20
+WINDOW = 140  # samples per ECG5000 beat, the default model's window
+
+
+def fragments(data_path: str, chunk: int, seed: int = 0) -> list[list[bytes]]:
+    """`STREAMS` looped streams of normal beats, each as its chunks' JSON arrays of samples."""
+    data = read_ucr(data_path).normal(1)
+    beats = data.windows[:, :, 0]
+    window = beats.shape[1]
+    if window != WINDOW or window % chunk:
+        raise SystemExit(f"--chunk {chunk} must divide the beat length {window} (= {WINDOW}, the model's window) so windows stay beats")
+    rng = np.random.default_rng(seed)
+    streams = []
+    for _ in range(STREAMS):
+        stream = beats[rng.choice(len(beats), BEATS_PER_STREAM, replace=False)].reshape(-1)
+        streams.append([orjson.dumps(np.round(stream[i : i + chunk], 5).tolist()) for i in range(0, len(stream), chunk)])
+    return streams
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--sensors", type=int, required=True)
+    parser.add_argument("--seconds", type=float, required=True, help="how long to publish")
+    parser.add_argument("--rate", type=float, default=250.0, help="samples per second per sensor")
+    parser.add_argument("--chunk", type=int, default=35, help="samples per message")
+    parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
+    parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")
+    parser.add_argument("--topic", default="sensors/{sensor_id}/ecg")
+    parser.add_argument("--data", required=True, help="UCR file whose normal (label 1) beats are streamed")
+    args = parser.parse_args(argv)
+
+    streams = fragments(args.data, args.chunk)
+    topics = [args.topic.format(sensor_id=f"{args.prefix}{index:05d}").encode() for index in range(args.sensors)]
+    topics_str = [topic.decode() for topic in topics]
+    period = args.chunk / args.rate
+    slots = [list(range(slot, args.sensors, SLOTS_PER_PERIOD)) for slot in range(SLOTS_PER_PERIOD)]
+    # Sensor s starts `offset[s]` chunks into the window grid, so window completions are spread over
+    # the W/chunk message rounds instead of all sensors completing a window in the same round.
+    chunks_per_window = WINDOW // args.chunk
+    offset = [(sensor // SLOTS_PER_PERIOD) % chunks_per_window for sensor in range(args.sensors)]
+
+    connected = threading.Event()
+    acknowledged = [0]  # on_publish: sent (QoS 0) or acknowledged by the broker (QoS 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-loadgen-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(0)
+    client.max_queued_messages_set(0)
+    client.on_connect = lambda c, u, f, rc, p: connected.set()
+    client.on_publish = lambda c, u, mid, rc, p: acknowledged.__setitem__(0, acknowledged[0] + 1)
+    client.connect(args.host, args.port, keepalive=60)
+    client.loop_start()
+    if not connected.wait(10):
+        print(orjson.dumps({"error": "could not connect"}).decode(), flush=True)
+        return 1
+
+    published = 0
+    lags = []
+    start_wall = time.time()
+    start = time.monotonic() + 0.05
+    end = start + args.seconds
+    round_index = 0
+    errors = 0
+    while True:
+        round_start = start + round_index * period
+        if round_start >= end:
+            break
+        for slot_index, members in enumerate(slots):
+            due = round_start + slot_index * period / SLOTS_PER_PERIOD
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                lags.append(-delay)
+            for sensor in members:
+                position = round_index + offset[sensor]
+                seq = position * args.chunk
+                stream = streams[sensor % STREAMS]
+                fragment = stream[(position + chunks_per_window * sensor) % len(stream)]
+                payload = b'{"seq":%d,"ts":%.4f,"samples":%b}' % (seq, start_wall + round_index * period, fragment)
+                info = client.publish(topics_str[sensor], payload, qos=args.qos)
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    errors += 1
+                published += 1
+        round_index += 1
+    finished = time.monotonic()
+    drain_deadline = finished + 15
+    while acknowledged[0] < published - errors and time.monotonic() < drain_deadline:
+        time.sleep(0.02)
+    unacknowledged = published - errors - acknowledged[0]
+    client.disconnect()
+    client.loop_stop()
+    elapsed = finished - start
+    summary = {
+        "sensors": args.sensors,
+        "messages": published,
+        "messages_per_second": published / elapsed if elapsed > 0 else 0.0,
+        "target_messages_per_second": args.sensors / period,
+        "samples_per_second": published * args.chunk / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+        "late_slots": len(lags),
+        "slots": round_index * SLOTS_PER_PERIOD,
+        "max_lag_seconds": max(lags) if lags else 0.0,
+        "p99_lag_seconds": float(np.quantile(lags, 0.99)) if lags else 0.0,
+        "publish_errors": errors,
+        "unacknowledged": unacknowledged,
+    }
+    print(orjson.dumps(summary).decode(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

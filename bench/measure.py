@@ -1,0 +1,365 @@
+"""In-process measurements: the matmul limit, model FLOPs, the tutorial loop, the scoring engine,
+training time per epoch, ONNX-vs-torch agreement and the model-size table."""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monitor.artifact import ModelArtifact, Normalisation, load_artifact
+from monitor.autoencoder import LSTMAutoencoder
+from monitor.datasets import read_ucr
+from monitor.evaluation import evaluate_scores
+from monitor.scoring import Scorer
+from monitor.settings import read_yaml, validate
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = REPO.parent / "shared" / "data" / "ecg5000" / "splits"
+TEST_DATA = SPLITS / "test.txt"
+NORMAL_DATA = SPLITS / "train_normal.txt"
+DEFAULT_MODEL = REPO / "models" / "ecg5000"
+TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
+BATCHES = (1, 8, 32, 64, 128, 256, 512)
+MIN_SHARD = 16  # torch-shards splits a batch only into slices of at least this many windows
+SLOW_CALL_SECONDS = 5.0  # a configuration whose batch takes longer is not tried at larger batches
+FLOPS_FORMULA = (
+    "FLOPs/window = W * (sum over the 4 LSTM layers of 8*H*(I+H) + 2*(2E)*C), layers (I->H) = (C->2E), (2E->E), (E->E), (E->2E): "
+    "each step of an LSTM layer multiplies [I] by the 4H x I input weights and [H] by the 4H x H recurrent weights "
+    "(2 FLOPs per multiply-add), the output Linear is 2E -> C; biases, gate nonlinearities and the cell update are not counted"
+)
+
+
+def lstm_layers(embedding_dim: int, channels: int) -> list[tuple[int, int]]:
+    """(input size, hidden size) of the autoencoder's four LSTM layers, in order."""
+    hidden = 2 * embedding_dim
+    return [(channels, hidden), (hidden, embedding_dim), (embedding_dim, embedding_dim), (embedding_dim, hidden)]
+
+
+def flops_per_window(embedding_dim: int, window: int, channels: int) -> int:
+    """Matmul FLOPs of one forward pass over one window (see FLOPS_FORMULA)."""
+    per_step = sum(8 * hidden * (inputs + hidden) for inputs, hidden in lstm_layers(embedding_dim, channels))
+    per_step += 2 * (2 * embedding_dim) * channels
+    return window * per_step
+
+
+def measure_rate(call: Callable[[], object], items_per_call: int, seconds: float, repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Items per second of `call`: `repeats` runs of at least `seconds` each (and one call at least).
+
+    A call slower than 3 x `seconds` (a configuration that collapsed under load) is timed once only."""
+    started = time.perf_counter()
+    for _ in range(warmup):
+        call()
+    call_seconds = (time.perf_counter() - started) / max(warmup, 1)
+    if warmup and call_seconds > 3 * seconds:
+        repeats = 1
+    runs = []
+    for _ in range(repeats):
+        calls, started = 0, time.perf_counter()
+        while True:
+            call()
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                break
+        runs.append(calls * items_per_call / elapsed)
+    return {"median": statistics.median(runs), "best": max(runs), "runs": [round(run, 2) for run in runs], "call_seconds": call_seconds}
+
+
+class threads_set:
+    """Context manager: torch intra-op threads for the block, restored afterwards."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> threads_set:
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.set_num_threads(self.previous)
+
+
+def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...] = (1024, 2048, 4096)) -> dict[str, Any]:
+    """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size.
+
+    The limit is what the machine can do, and other processes only ever lower a run's rate, so the
+    best of `max(repeats, 5)` runs is taken (the engine's figures are medians: the fractions err low)."""
+    per_size = {}
+    with threads_set(threads), torch.inference_mode():
+        for size in sizes:
+            a, b = torch.randn(size, size), torch.randn(size, size)
+            out = torch.empty(size, size)
+            rate = measure_rate(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * size**3, seconds, max(repeats, 5), warmup=2)
+            per_size[size] = rate["best"] / 1e9
+    best = max(per_size, key=per_size.get)
+    return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": {str(k): round(v, 1) for k, v in per_size.items()}}
+
+
+def load_test() -> tuple[np.ndarray, np.ndarray]:
+    """Windows `[N, W, 1]` of the test split and whether each is an anomaly (label != 1)."""
+    data = read_ucr(TEST_DATA)
+    return data.windows, data.is_anomaly(1)
+
+
+def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0) -> ModelArtifact:
+    """An untrained model of another size with the reference's window, channels and normalisation.
+
+    Speed does not depend on the weights' values, so the engine's windows/s at E=64 and E=128 can be
+    measured without training them (the model-size table trains them for the quality columns)."""
+    if embedding_dim == reference.model.embedding_dim:
+        return reference
+    torch.manual_seed(seed)
+    model = LSTMAutoencoder(reference.channels, embedding_dim).eval().requires_grad_(False)
+    return ModelArtifact(model, reference.normalisation, reference.threshold, reference.window, reference.channels, f"random-e{embedding_dim}", "0", {})
+
+
+def tutorial_loop(artifact: ModelArtifact, windows: np.ndarray) -> Callable[[], list[float]]:
+    """The tutorial's predict loop: one window at a time, a fresh tensor each, batch of 1, L1 error."""
+    model = artifact.model
+    mean, std = artifact.normalisation.mean, artifact.normalisation.std
+
+    def run() -> list[float]:
+        losses = []
+        with torch.no_grad():
+            for window in windows:
+                seq_true = torch.tensor((window - mean) / std, dtype=torch.float32).unsqueeze(0)
+                seq_pred = model(seq_true)
+                losses.append(torch.nn.functional.l1_loss(seq_pred, seq_true).item())
+        return losses
+
+    return run
+
+
+def tutorial_rates(artifact: ModelArtifact, windows: np.ndarray, threads_list: tuple[int, ...], seconds: float, repeats: int) -> dict[str, Any]:
+    chunk = windows[:32]
+    out = {}
+    for threads in threads_list:
+        with threads_set(threads):
+            out[str(threads)] = measure_rate(tutorial_loop(artifact, chunk), len(chunk), seconds, repeats)
+    return out
+
+
+def sharded(score: Callable[[np.ndarray], object], workers: int) -> Callable[[np.ndarray], object]:
+    """`score` over `workers` slices of each batch at once, in Python threads (the backends release the GIL).
+
+    With torch on one intra-op thread, each slice runs on its own core without the per-time-step
+    barrier that torch's own 2-thread LSTM has; that barrier is what collapses when another process
+    takes one of the cores. The scores are the same as scoring the slices one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="bench-shard")
+
+    def run(windows: np.ndarray) -> list[object]:
+        if len(windows) < workers * MIN_SHARD:
+            return [score(windows)]  # small batches: splitting costs more than it gains (the workers contend)
+        bounds = np.linspace(0, len(windows), workers + 1).astype(int)
+        futures = [pool.submit(score, windows[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+        return [future.result() for future in futures]
+
+    return run
+
+
+def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable[[np.ndarray], object]:
+    """The engine's `score` for a backend: torch, onnx (fp32), onnx-int8 (dynamic quantisation), or
+    torch-shards (`threads` single-thread torch workers, each scoring a slice of the batch)."""
+    if backend == "torch":
+        return Scorer(artifact).score
+    if backend == "torch-shards":
+        return sharded(Scorer(artifact).score, threads)
+    from monitor.onnx_backend import OnnxScorer
+
+    return OnnxScorer(artifact, threads=threads, quantize=backend == "onnx-int8").score
+
+
+def engine_sweep(
+    artifact: ModelArtifact,
+    windows: np.ndarray,
+    backends: tuple[str, ...],
+    threads_list: tuple[int, ...],
+    batches: tuple[int, ...],
+    seconds: float,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """windows/s of the scoring engine for every backend x threads x batch size."""
+    rows = []
+    for backend in backends:
+        for threads in threads_list:
+            if backend == "torch-shards" and threads < 2:
+                continue  # one shard is plain torch on one thread
+            with threads_set(1 if backend == "torch-shards" else threads):
+                score = make_scorer(artifact, backend, threads)
+                for batch_size in batches:
+                    if rows and rows[-1]["backend"] == backend and rows[-1]["threads"] == threads and rows[-1]["call_seconds"] > SLOW_CALL_SECONDS:
+                        print(f"    engine E={artifact.model.embedding_dim} {backend} threads={threads}: batch {batch_size} and larger skipped (too slow now)")
+                        break
+                    batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
+                    rate = measure_rate(lambda batch=batch, score=score: score(batch), batch_size, seconds, repeats)
+                    rows.append({"embedding_dim": artifact.model.embedding_dim, "backend": backend, "threads": threads, "batch": batch_size, **rate})
+                    print(
+                        f"    engine E={artifact.model.embedding_dim} {backend:9s} threads={threads} batch={batch_size:4d}: {rate['median']:9.1f} windows/s",
+                        flush=True,
+                    )
+            del score
+    return rows
+
+
+def train_settings(**overrides: Any):
+    """The default model's training recipe (configs/train-ecg5000.yaml), paths from the repository root."""
+    from monitor.training import TrainSettings
+
+    data = read_yaml(TRAIN_CONFIG)
+    for key in ("train_data", "calibration_data", "evaluate_data", "output"):
+        if data.get(key) is not None and not Path(data[key]).is_absolute():
+            data[key] = str(REPO / data[key])
+    data.update(overrides)
+    return validate(TrainSettings, data, str(TRAIN_CONFIG))
+
+
+def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
+    """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
+    from monitor.training import fit_model, split_normal
+
+    fit, validation, _, _ = split_normal(settings)
+    normalisation = Normalisation.fit(fit.windows)
+    train_x, val_x = normalisation.apply(fit.windows), normalisation.apply(validation)
+    threads = settings.threads or torch.get_num_threads()
+    short = settings.model_copy(update={"epochs": epochs, "patience": 10**6})
+    with threads_set(threads):
+        started = time.perf_counter()
+        fit_model(short, train_x, val_x)
+        elapsed = time.perf_counter() - started
+    return {
+        "embedding_dim": settings.embedding_dim,
+        "threads": threads,
+        "epochs": epochs,
+        "seconds_per_epoch": elapsed / epochs,
+        "windows": int(len(train_x)),
+        "batch_size": settings.batch_size,
+    }
+
+
+def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> dict[str, Any]:
+    """How far `other` scores are from `reference` and whether the same windows are flagged."""
+    diff = np.abs(other.errors.astype(np.float64) - reference.errors)
+    profile_diff = np.abs(other.profiles.astype(np.float64) - reference.profiles)
+    flagged_ref, flagged = reference.errors > threshold, other.errors > threshold
+    evaluation = evaluate_scores(other.errors, anomalous, threshold)
+    return {
+        "windows": int(len(diff)),
+        "error_max_abs_diff": float(diff.max()),
+        "error_max_rel_diff": float((diff / np.abs(reference.errors)).max()),
+        "error_mean_abs_diff": float(diff.mean()),
+        "error_median_rel_diff_normal": float(np.median((diff / np.abs(reference.errors))[~anomalous])),
+        "profile_max_abs_diff": float(profile_diff.max()),
+        "profile_p9999_abs_diff": float(np.quantile(profile_diff, 0.9999)),
+        "flagged_reference": int(flagged_ref.sum()),
+        "flagged": int(flagged.sum()),
+        "decisions_differ": int((flagged_ref != flagged).sum()),
+        "auc": evaluation.auc,
+        "recall": evaluation.recall,
+        "fpr": evaluation.fpr,
+    }
+
+
+def accuracy(artifact: ModelArtifact, windows: np.ndarray, anomalous: np.ndarray, int8: bool = True) -> dict[str, Any]:
+    """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
+    from monitor.onnx_backend import OnnxScorer
+
+    reference = Scorer(artifact).score_all(windows)
+    ref_eval = evaluate_scores(reference.errors, anomalous, artifact.threshold)
+    out: dict[str, Any] = {
+        "data": str(TEST_DATA.relative_to(REPO.parent)),
+        "threshold": artifact.threshold,
+        "closest_score_to_threshold": float(np.abs(reference.errors - artifact.threshold).min()),
+        "torch": {"flagged": int((reference.errors > artifact.threshold).sum()), "auc": ref_eval.auc, "recall": ref_eval.recall, "fpr": ref_eval.fpr},
+    }
+    out["onnx"] = compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), artifact.threshold, anomalous)
+    if int8:
+        out["onnx-int8"] = compare_scores(reference, OnnxScorer(artifact, threads=1, quantize=True).score_all(windows), artifact.threshold, anomalous)
+    return out
+
+
+def model_table(
+    embedding_dims: tuple[int, ...],
+    budget_seconds: float,
+    windows: np.ndarray,
+    anomalous: np.ndarray,
+    seconds: float,
+    repeats: int,
+    backends: tuple[str, ...] = ("torch", "onnx"),
+) -> dict[str, Any]:
+    """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
+    from monitor.training import train
+
+    rows = []
+    recipe = train_settings()
+    for embedding_dim in embedding_dims:
+        with tempfile.TemporaryDirectory(prefix=f"bench-e{embedding_dim}-") as directory:
+            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1)["seconds_per_epoch"]
+            epochs = max(1, min(recipe.epochs, math.floor(budget_seconds / probe)))
+            print(f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in the {budget_seconds:.0f} s budget", flush=True)
+            settings = train_settings(embedding_dim=embedding_dim, epochs=epochs, output=directory, report=False, name=f"bench-e{embedding_dim}")
+            result = train(settings)
+            artifact = load_artifact(directory)
+            evaluation = result.evaluation
+            speed = {}
+            with threads_set(1):
+                speed["tutorial_t1"] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats)["median"]
+            for backend in backends:
+                for threads in (1, 2):
+                    with threads_set(threads):
+                        score = make_scorer(artifact, backend, threads)
+                        batch = np.ascontiguousarray(windows[:64])
+                        speed[f"{backend}_b64_t{threads}"] = measure_rate(lambda score=score, batch=batch: score(batch), 64, seconds, repeats)["median"]
+            rows.append(
+                {
+                    "embedding_dim": embedding_dim,
+                    "flops_per_window": flops_per_window(embedding_dim, artifact.window, artifact.channels),
+                    "parameters": sum(p.numel() for p in artifact.model.parameters()),
+                    "seconds_per_epoch_probe": probe,
+                    "epochs_cap": epochs,
+                    "epochs_run": len(result.train_losses),
+                    "best_epoch": result.best_epoch,
+                    "train_seconds": result.seconds,
+                    "threshold": artifact.threshold,
+                    "auc": evaluation.auc,
+                    "pr_auc": evaluation.pr_auc,
+                    "recall": evaluation.recall,
+                    "fpr": evaluation.fpr,
+                    "precision": evaluation.precision,
+                    "windows_per_second": speed,
+                }
+            )
+    return {"budget_seconds": budget_seconds, "recipe": str(TRAIN_CONFIG.relative_to(REPO)), "rows": rows}
+
+
+def default_model_summary(path: Path = DEFAULT_MODEL) -> dict[str, Any]:
+    """What the shipped default model's own metadata says about its training and quality."""
+    artifact = load_artifact(path)
+    meta = copy.deepcopy(artifact.metadata)
+    training = meta.get("training", {})
+    evaluation = meta.get("evaluation") or {}
+    return {
+        "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+        "embedding_dim": artifact.model.embedding_dim,
+        "window": artifact.window,
+        "channels": artifact.channels,
+        "threshold": artifact.threshold,
+        "epochs_run": training.get("epochs_run"),
+        "best_epoch": training.get("best_epoch"),
+        "train_seconds_recorded": training.get("seconds"),
+        "auc": evaluation.get("auc"),
+        "recall": evaluation.get("recall"),
+        "fpr": evaluation.get("fpr"),
+        "precision": evaluation.get("precision"),
+    }
