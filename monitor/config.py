@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from monitor.errors import ConfigError
 from monitor.settings import Strict, deep_merge, environment_overrides, read_yaml, validate
@@ -87,11 +87,14 @@ class MqttSettings(Strict):
             raise ValueError("an alert topic cannot contain the wildcards + or #")
         return template
 
-    @model_validator(mode="after")
-    def _reconnect_order(self) -> MqttSettings:
-        if self.reconnect_max_seconds < self.reconnect_min_seconds:
-            raise ValueError("reconnect_max_seconds must be >= reconnect_min_seconds")
-        return self
+    @field_validator("reconnect_max_seconds")
+    @classmethod
+    def _reconnect_order(cls, maximum: float, info: ValidationInfo) -> float:
+        # A field check, not a model check: a failing model check quotes the whole section, password included.
+        minimum = info.data.get("reconnect_min_seconds")
+        if minimum is not None and maximum < minimum:
+            raise ValueError(f"must be >= reconnect_min_seconds ({minimum})")
+        return maximum
 
     def resolve_password(self) -> str | None:
         """The broker password from the environment/YAML, `password_file`, or `$CREDENTIALS_DIRECTORY`."""
@@ -128,6 +131,9 @@ class WindowingSettings(Strict):
     max_payload_bytes: int = Field(default=262144, ge=64)
     max_sensors: int = Field(default=10000, ge=1)
     idle_eviction_seconds: float = Field(default=300.0, gt=0)
+    state_file: Path | None = Field(
+        default=None, description="where the partial windows are kept across a restart (SIGTERM drain); None = not kept"
+    )
 
 
 class BatchingSettings(Strict):

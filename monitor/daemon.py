@@ -4,15 +4,18 @@ Start: config -> logging -> model -> metrics -> pipeline -> scoring thread -> MQ
 Stop (SIGTERM/SIGINT): stop taking input -> score what is queued -> wait (bounded) for the broker to
 acknowledge queued alerts -> disconnect -> stop the metrics server -> exit 0.
 Reload (SIGHUP): re-read the config and the model; a broken one is logged and the old one kept.
+With `windowing.state_file`, the drain saves the sensors' partial windows and the next start takes them back.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
 from pathlib import Path
 
+import orjson
 import structlog
 import torch
 from prometheus_client import CollectorRegistry
@@ -116,6 +119,37 @@ class Daemon:
             config.shard,
             config.logging.warning_interval_seconds,
         )
+        self.restore_windows()
+
+    def restore_windows(self) -> None:
+        """Take back the partial windows the last drain saved; a file that does not fit is logged and ignored."""
+        path = self.config.windowing.state_file
+        if path is None or not path.exists():
+            return
+        try:
+            sensors = self.ingest.assembler.restore(orjson.loads(path.read_bytes()), time.monotonic())
+            log.info("window_state_restored", path=str(path), sensors=sensors, samples=self.ingest.assembler.buffered_samples())
+        except (OSError, ValueError) as error:
+            log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
+        try:
+            path.unlink()  # taken once: after a crash the sensors' positions in it would be stale
+        except OSError as error:
+            log.warning("window_state_not_removed", path=str(path), error=str(error))
+
+    def save_windows(self) -> None:
+        """Write the partial windows for the next start (atomically); called once no message can arrive."""
+        path = self.config.windowing.state_file
+        if path is None:
+            return
+        state = self.ingest.assembler.snapshot()
+        temp = path.with_name(f".{path.name}.tmp")
+        try:
+            temp.write_bytes(orjson.dumps(state))
+            os.replace(temp, path)
+        except OSError as error:
+            log.error("window_state_not_saved", path=str(path), error=str(error))
+            return
+        log.info("window_state_saved", path=str(path), sensors=len(state["sensors"]), samples=self.ingest.assembler.buffered_samples())
 
     def start_scoring(self) -> None:
         batcher = MicroBatcher(self.queue, self.config.batching.max_batch, self.config.batching.max_wait_seconds)
@@ -202,6 +236,7 @@ class Daemon:
         if not acknowledged:
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
         self.connection.close()
+        self.save_windows()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         log.info("stopped", drain_seconds=round(time.monotonic() - started, 3))

@@ -56,6 +56,7 @@ class Ingest:
         self.shard = shard
         self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
         self._warnings = RateLimiter(warning_interval_seconds)
+        self._evicted_counted = 0
 
     def handle(self, topic: str, payload: bytes, now: float) -> None:
         """Process one message; any failure is counted and logged, never raised into paho."""
@@ -97,10 +98,12 @@ class Ingest:
     def housekeeping(self, now: float) -> None:
         """Evict idle sensors and refresh the gauges (called about once a second)."""
         with self.lock:
-            evicted = self.assembler.evict_idle(now)
+            self.assembler.evict_idle(now)
+            evicted = self.assembler.evicted_total - self._evicted_counted
             active = self.assembler.active_sensors
             buffered = self.assembler.buffered_samples()
         if evicted:
+            self._evicted_counted += evicted
             self.metrics.sensors_evicted.inc(evicted)
             log.info("sensors_evicted", count=evicted, active=active)
         self.metrics.active_sensors.set(active)

@@ -9,7 +9,9 @@ reconnect, so no home-made "connected" flag ever gates publishing.
 
 from __future__ import annotations
 
+import logging
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +29,14 @@ from monitor.metrics import Metrics
 log = structlog.get_logger("monitor.mqtt")
 
 MessageHandler = Callable[[str, bytes, float], None]
+
+
+class _QuietReconnectLoop(logging.Filter):
+    """Drops paho's "Client is not connected" error, which it logs on every reconnect cycle:
+    `broker_connect_failed` already reports each attempt once, with its reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
 
 
 class PublishRefused(Exception):
@@ -47,6 +57,8 @@ class MqttConnection:
         self.status_topic = settings.status_topic.format(client_id=settings.client_id)
         self.subscribed = threading.Event()
         self._accepting = True
+        self._closing = False
+        self._input_lock = threading.Lock()  # a message is handled and acknowledged whole, or left to the broker
         self._count_lock = threading.Lock()
         self._published = 0
         self._acknowledged = 0
@@ -63,7 +75,10 @@ class MqttConnection:
             clean_session=None if v5 else not settings.persistent_session,
             manual_ack=True,
         )
-        client.enable_logger()
+        paho_log = logging.getLogger("paho.mqtt.client")
+        if not any(isinstance(existing, _QuietReconnectLoop) for existing in paho_log.filters):
+            paho_log.addFilter(_QuietReconnectLoop())
+        client.enable_logger(paho_log)
         client.reconnect_delay_set(max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds)))
         client.max_queued_messages_set(settings.max_queued_alerts)
         client.max_inflight_messages_set(settings.max_inflight)
@@ -120,12 +135,22 @@ class MqttConnection:
         self.metrics.broker_connects.inc()
         log.info("broker_connected", host=self.settings.host, port=self.settings.port, session_present=bool(getattr(flags, "session_present", False)))
         # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
-        self._status_mids.add(client.publish(self.status_topic, b"online", qos=1, retain=True).mid)
+        status = client.publish(self.status_topic, b"online", qos=1, retain=True)
+        if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # a refused one (queue full of alerts) never gets a PUBACK
+            self._status_mids.add(status.mid)
         if self._accepting:
             client.subscribe([(topic, self.settings.subscribe_qos) for topic in self.settings.subscribe])
 
     def _on_connect_fail(self, client, userdata) -> None:
-        log.warning("broker_connect_failed", host=self.settings.host, port=self.settings.port, retry_within_seconds=self.settings.reconnect_max_seconds)
+        # paho calls this inside its `except OSError` (refused, unreachable, TLS handshake/verification failed).
+        error = sys.exc_info()[1]
+        log.warning(
+            "broker_connect_failed",
+            host=self.settings.host,
+            port=self.settings.port,
+            error=f"{type(error).__name__}: {error}" if error is not None else "unknown",
+            retry_within_seconds=self.settings.reconnect_max_seconds,
+        )
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.metrics.broker_connected.set(0)
@@ -143,13 +168,14 @@ class MqttConnection:
         self.subscribed.set()
 
     def _on_message(self, client, userdata, message) -> None:
-        if not self._accepting:
-            return  # left unacknowledged: the broker redelivers it to the next session
-        self.handler(message.topic, message.payload, time.monotonic())
-        client.ack(message.mid, message.qos)
+        with self._input_lock:
+            if not self._accepting:
+                return  # left unacknowledged: the broker redelivers it to the next session
+            self.handler(message.topic, message.payload, time.monotonic())
+            client.ack(message.mid, message.qos)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if mid in self._status_mids:
+        if mid in self._status_mids or self._closing:  # status messages are not alerts
             self._status_mids.discard(mid)
             return
         # paho holds its own message lock here: take ours only briefly and call nothing of paho's.
@@ -186,7 +212,8 @@ class MqttConnection:
         """Take no more input. With a persistent session the subscription stays (unsubscribing would
         end it) and messages that still arrive are left unacknowledged, so the broker redelivers them
         to the next start; without one, unsubscribe."""
-        self._accepting = False
+        with self._input_lock:  # returns once a message being handled is done: no window arrives after this
+            self._accepting = False
         if not self.settings.persistent_session:
             self.client.unsubscribe(self.settings.subscribe)
 
@@ -198,8 +225,14 @@ class MqttConnection:
         return self.pending_alerts() == 0
 
     def close(self) -> None:
-        """Say offline on the status topic, disconnect and stop paho's thread."""
-        self.client.publish(self.status_topic, b"offline", qos=1, retain=True).wait_for_publish(timeout=1.0)
+        """Say offline on the status topic (when connected), disconnect and stop paho's thread; never raises
+        for a broker that is down or a full alert queue."""
+        self._closing = True  # the offline status' PUBACK may come before its mid could be recorded
+        status = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+        if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            status.wait_for_publish(timeout=1.0)
+        else:
+            log.warning("status_not_published", status="offline", reason=mqtt.error_string(status.rc))
         self.client.disconnect()
         self.client.loop_stop()
         self.metrics.broker_connected.set(0)

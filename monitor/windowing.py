@@ -25,14 +25,20 @@ A new sensor arriving while `max_sensors` are active first evicts idle sensors; 
 `PayloadError("sensor_limit")`. That reason is deliberately not in `payload.REJECT_REASONS` (it is not a
 property of the payload); callers label it with `SENSOR_LIMIT_REASON`.
 
+`snapshot()`/`restore()` carry every sensor's partial window (and its seq and ts positions) across a restart
+of the daemon as plain JSON data; a snapshot only fits an assembler with the same window, stride and channels.
+
 Not thread-safe by design: one caller (the MQTT network thread) serialises access.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +46,8 @@ from monitor.errors import PayloadError
 from monitor.payload import Message
 
 SENSOR_LIMIT_REASON = "sensor_limit"
+STATE_FORMAT = "monitor-window-state"
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -98,7 +106,7 @@ class WindowAssembler:
     def __init__(self, window: int, stride: int, channels: int, max_sensors: int, idle_seconds: float) -> None:
         """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction."""
         if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
-            raise ValueError(f"window, stride, channels and max_sensors must be >= 1, got {window}, {stride}, {channels}, {max_sensors}")
+            raise ValueError(f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}")
         if not idle_seconds > 0:
             raise ValueError(f"idle_seconds must be > 0, got {idle_seconds}")
         self.window = window
@@ -109,6 +117,7 @@ class WindowAssembler:
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
         self._streams: OrderedDict[str, _Stream] = OrderedDict()  # least recently seen first
+        self.evicted_total = 0  # every eviction, including those a new sensor triggers inside feed()
 
     @property
     def active_sensors(self) -> int:
@@ -128,7 +137,58 @@ class WindowAssembler:
                 break
             del self._streams[sensor_id]
             evicted += 1
+        self.evicted_total += evicted
         return evicted
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every sensor's position and partial window, JSON-ready (samples as base64 of little-endian float32)."""
+        sensors = [
+            {
+                "id": sensor_id,
+                "next_seq": stream.next_seq,
+                "next_k": stream.next_k,
+                "samples": base64.b64encode(stream.buffer[: stream.fill].astype("<f4").tobytes()).decode("ascii"),
+                "anchors": [[anchor.start, anchor.end, anchor.seq, anchor.ts] for anchor in stream.anchors],
+                "last_anchor": list(stream.last_anchor) if stream.last_anchor is not None else None,
+                "period_seconds": stream.period_seconds,
+            }
+            for sensor_id, stream in self._streams.items()
+        ]
+        shape = {"window": self.window, "stride": self.stride, "channels": self.channels}
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, **shape, "sensors": sensors}
+
+    def restore(self, state: Any, now: float) -> int:
+        """Replaces all sensors' state with a `snapshot()`; returns how many sensors it holds.
+
+        Raises ValueError, and changes nothing, for a snapshot of another shape or one that is not consistent.
+        At most `max_sensors` are taken (the most recently seen); all count as seen at `now`.
+        """
+        shape = (self.window, self.stride, self.channels)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a {STATE_FORMAT} of version {STATE_VERSION}")
+        if (state.get("window"), state.get("stride"), state.get("channels")) != shape:
+            raise ValueError(f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, {state.get('channels')}, not {shape}")
+        streams: OrderedDict[str, _Stream] = OrderedDict()
+        try:
+            for item in state["sensors"][-self.max_sensors :]:
+                streams[str(item["id"])] = self._restored_stream(item, now)
+        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as error:
+            raise ValueError(f"inconsistent sensor state ({type(error).__name__}: {error})") from None
+        self._streams = streams
+        return len(streams)
+
+    def _restored_stream(self, item: dict[str, Any], now: float) -> _Stream:
+        samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(-1, self.channels)
+        stream = _Stream(0, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
+        stream.next_seq, stream.next_k, stream.fill = int(item["next_seq"]), int(item["next_k"]), len(samples)
+        if stream.fill != max(0, stream.next_seq - stream.next_k * self.stride) or stream.fill >= self.window or not np.isfinite(samples).all():
+            raise ValueError(f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, next_k {stream.next_k}")
+        stream.buffer[: stream.fill] = samples
+        stream.anchors.extend(_Anchor(int(start), int(end), int(seq), float(ts)) for start, end, seq, ts in item["anchors"])
+        if item["last_anchor"] is not None:
+            stream.last_anchor = (int(item["last_anchor"][0]), float(item["last_anchor"][1]))
+        stream.period_seconds = None if item["period_seconds"] is None else float(item["period_seconds"])
+        return stream
 
     def feed(self, sensor_id: str, message: Message, now: float) -> FeedResult:
         """Adds a message to its sensor's stream; returns the windows it completed and what it dropped.

@@ -70,6 +70,9 @@ class Broker:
         lines = [
             f"listener {self.port} 127.0.0.1" if "listener" not in self.extra else "",
             "allow_anonymous true" if "allow_anonymous" not in self.extra else "",
+            # As root, Mosquitto would switch to the user `mosquitto`, which cannot write the persistence file and
+            # log in this private temporary directory: persistence would silently not happen.
+            "user root" if os.geteuid() == 0 and "user " not in self.extra else "",
             "max_queued_messages 0",
             "max_inflight_messages 0",
             "persistent_client_expiration 1h",
