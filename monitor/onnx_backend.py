@@ -36,7 +36,7 @@ from torch import nn
 from monitor.artifact import ModelArtifact
 from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors
 from monitor.errors import ConfigError
-from monitor.scoring import Scores
+from monitor.scoring import Scores, ScoringEngine
 
 try:
     import onnxruntime as ort
@@ -120,7 +120,7 @@ def session_options(threads: int = 0, spinning: bool | None = None) -> ort.Sessi
     return options
 
 
-class OnnxScorer:
+class OnnxScorer(ScoringEngine):
     """Scores `[B, W, C]` float windows with ONNX Runtime on the CPU; a drop-in for `Scorer.score`."""
 
     def __init__(self, artifact: ModelArtifact, threads: int = 0, quantize: bool = False, spinning: bool | None = None, run_batch: int = RUN_BATCH) -> None:
@@ -137,14 +137,6 @@ class OnnxScorer:
         self._outputs = list(OUTPUTS)
         self.run_batch = max(int(run_batch), 1)
 
-    @property
-    def window(self) -> int:
-        return self.artifact.window
-
-    @property
-    def channels(self) -> int:
-        return self.artifact.channels
-
     def score(self, windows: np.ndarray) -> Scores:
         """Score one batch: one session run, or one per `run_batch` windows for a larger batch.
 
@@ -156,10 +148,3 @@ class OnnxScorer:
             return Scores(errors, profiles)
         parts = [self.session.run(self._outputs, {INPUT: batch[start : start + self.run_batch]}) for start in range(0, len(batch), self.run_batch)]
         return Scores(np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts]))
-
-    def score_all(self, windows: np.ndarray, batch_size: int = 256) -> Scores:
-        """Score any number of windows in batches of `batch_size`."""
-        parts = [self.score(windows[start : start + batch_size]) for start in range(0, len(windows), batch_size)]
-        if not parts:
-            return Scores(np.zeros(0, np.float32), np.zeros((0, self.window), np.float32))
-        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))

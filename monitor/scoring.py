@@ -6,6 +6,7 @@ get the same scores everywhere. The threshold decision is not made here (see `al
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,15 +36,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Scorer:
-    """Scores `[B, W, C]` float windows with a loaded artifact on one device."""
+class ScoringEngine(ABC):
+    """What every backend shares: an artifact's shape, and scoring any number of windows in batches.
 
-    def __init__(self, artifact: ModelArtifact, device: torch.device | str = "cpu") -> None:
-        self.artifact = artifact
-        self.device = torch.device(device)
-        self.model = artifact.model.to(self.device)
-        self._mean = torch.as_tensor(artifact.normalisation.mean, device=self.device)
-        self._std = torch.as_tensor(artifact.normalisation.std, device=self.device)
+    Subclasses implement `score`, one batch in one pass.
+    """
+
+    artifact: ModelArtifact
 
     @property
     def window(self) -> int:
@@ -53,6 +52,28 @@ class Scorer:
     def channels(self) -> int:
         return self.artifact.channels
 
+    @abstractmethod
+    def score(self, windows: np.ndarray) -> Scores:
+        """Score one `[B, W, C]` batch."""
+
+    def score_all(self, windows: np.ndarray, batch_size: int = 256) -> Scores:
+        """Score any number of windows in batches of `batch_size`."""
+        parts = [self.score(windows[start : start + batch_size]) for start in range(0, len(windows), batch_size)]
+        if not parts:
+            return Scores(np.zeros(0, np.float32), np.zeros((0, self.window), np.float32))
+        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))
+
+
+class Scorer(ScoringEngine):
+    """Scores `[B, W, C]` float windows with a loaded artifact on one device."""
+
+    def __init__(self, artifact: ModelArtifact, device: torch.device | str = "cpu") -> None:
+        self.artifact = artifact
+        self.device = torch.device(device)
+        self.model = artifact.model.to(self.device)
+        self._mean = torch.as_tensor(artifact.normalisation.mean, device=self.device)
+        self._std = torch.as_tensor(artifact.normalisation.std, device=self.device)
+
     def score(self, windows: np.ndarray) -> Scores:
         """Score one batch in a single forward pass."""
         with torch.inference_mode():
@@ -61,10 +82,3 @@ class Scorer:
             profiles = reconstruction_errors(batch, self.model(batch))
             errors = profiles.mean(dim=1)
             return Scores(errors.cpu().numpy(), profiles.cpu().numpy())
-
-    def score_all(self, windows: np.ndarray, batch_size: int = 256) -> Scores:
-        """Score any number of windows in batches of `batch_size`."""
-        parts = [self.score(windows[start : start + batch_size]) for start in range(0, len(windows), batch_size)]
-        if not parts:
-            return Scores(np.zeros(0, np.float32), np.zeros((0, self.window), np.float32))
-        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))
