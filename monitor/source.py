@@ -194,7 +194,8 @@ class MqttConnection:
         """
         self._add_published(1)
         info = self.client.publish(topic, payload, qos=qos)
-        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+        # While disconnected paho keeps a QoS 1/2 message for the reconnect, but discards a QoS 0 one.
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return
         self._add_published(-1)
         raise PublishRefused("queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error", info.rc)
