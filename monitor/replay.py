@@ -23,6 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from monitor.config import MqttSettings
 from monitor.datasets import WindowSet, read_samples, read_ucr
 from monitor.errors import DataError, MonitorError
+from monitor.source import apply_credentials
 
 log = structlog.get_logger("monitor.replay")
 
@@ -98,15 +99,7 @@ class Replayer:
         )
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        if settings.username is not None:
-            self.client.username_pw_set(settings.username, settings.resolve_password())
-        if settings.tls.enabled:
-            self.client.tls_set(
-                ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
-                certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
-                keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
-            )
-            self.client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)
+        apply_credentials(self.client, settings)
         self.client.on_connect = lambda client, userdata, flags, code, props: None if code.is_failure else self.connected.set()
 
     def connect(self, timeout_seconds: float = 10.0) -> None:

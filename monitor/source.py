@@ -47,6 +47,26 @@ class PublishRefused(Exception):
         self.reason = reason
 
 
+def apply_credentials(client: mqtt.Client, settings: MqttSettings) -> None:
+    """Username/password and TLS (server verification, optional client certificate) from the config.
+
+    Every client of the monitor (daemon, replay, watch) connects through this, so they authenticate alike.
+    """
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.resolve_password())
+    if settings.tls.enabled:
+        try:
+            client.tls_set(
+                ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
+                certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
+                keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(f"mqtt.tls: cannot load the certificates ({error})") from None
+        client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)
+
+
 class MqttConnection:
     """One paho client: subscribes to sensor topics, publishes alerts and the retained status."""
 
@@ -83,19 +103,7 @@ class MqttConnection:
         client.max_queued_messages_set(settings.max_queued_alerts)
         client.max_inflight_messages_set(settings.max_inflight)
         client.will_set(self.status_topic, b"offline", qos=1, retain=True)
-        if settings.username is not None:
-            client.username_pw_set(settings.username, settings.resolve_password())
-        if settings.tls.enabled:
-            try:
-                client.tls_set(
-                    ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
-                    certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
-                    keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
-                    cert_reqs=ssl.CERT_REQUIRED,
-                )
-            except (ssl.SSLError, OSError) as error:
-                raise ConfigError(f"mqtt.tls: cannot load the certificates ({error})") from None
-            client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)
+        apply_credentials(client, settings)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitor.config import MqttSettings
 from monitor.errors import MonitorError
 from monitor.evaluation import evaluate_scores
+from monitor.source import apply_credentials
 
 
 @dataclass
@@ -123,10 +124,7 @@ def watch(
     log = AlertLog()
     connected = threading.Event()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{settings.client_id}-watch-{time.time_ns() % 10**9}")
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.resolve_password())
-    if settings.tls.enabled:
-        client.tls_set(ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None)
+    apply_credentials(client, settings)
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
