@@ -21,6 +21,7 @@ import psutil
 import yaml
 
 from bench.measure import NORMAL_DATA, REPO
+from monitor.watch import histogram_quantile
 from tests.conftest import Broker, DaemonProcess, daemon_config
 
 LATENCY = "monitor_decision_latency_seconds"
@@ -87,26 +88,6 @@ def histogram_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
         "count": after["count"] - before["count"],
         "sum": after["sum"] - before["sum"],
     }
-
-
-def histogram_quantile(q: float, hist: dict[str, Any]) -> float | None:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q*count."""
-    bounds = list(hist["buckets"])
-    total = hist["buckets"][bounds[-1]] if bounds else 0.0
-    if total <= 0:
-        return None
-    rank = q * total
-    previous_bound, previous_count = 0.0, 0.0
-    for bound in bounds:
-        count = hist["buckets"][bound]
-        if count >= rank:
-            if bound == float("inf"):
-                return previous_bound  # beyond the last finite bucket: its bound, as Prometheus does
-            if count == previous_count:
-                return bound
-            return previous_bound + (bound - previous_bound) * (rank - previous_count) / (count - previous_count)
-        previous_bound, previous_count = bound, count
-    return previous_bound
 
 
 def counter_sum(samples: dict, name: str) -> float:
@@ -244,7 +225,7 @@ class EndToEnd:
         offered = sensors * rate / window
         scored = rate_of("monitor_windows_scored_total")
         dropped = counter_sum(after, "monitor_windows_dropped_total") - counter_sum(before, "monitor_windows_dropped_total")
-        p50, p99 = histogram_quantile(0.5, latency), histogram_quantile(0.99, latency)
+        p50, p99 = histogram_quantile(0.5, latency["buckets"]), histogram_quantile(0.99, latency["buckets"])
         cpu = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in pids}
         cpu["whole_machine"] = (busy_after - busy_before) / elapsed
         cpu["others"] = max(cpu["whole_machine"] - cpu["daemon"] - cpu["generator"] - cpu["broker"], 0.0)

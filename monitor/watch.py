@@ -68,21 +68,28 @@ def scrape_metrics(url: str) -> dict[str, list]:
     return samples
 
 
-def histogram_quantile(quantile: float, buckets: list[tuple[dict, float]]) -> float:
-    """Prometheus-style quantile from cumulative `_bucket` samples (linear within a bucket)."""
-    points = sorted((float(labels["le"]), value) for labels, value in buckets)
+def histogram_quantile(quantile: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile over cumulative counts by upper bound (`le`): linear inside the bucket
+    holding rank quantile*count; None for an empty histogram."""
+    points = sorted(buckets.items())
     total = points[-1][1] if points else 0.0
-    if total == 0:
-        return float("nan")
+    if total <= 0:
+        return None
     rank = quantile * total
     lower_bound, lower_count = 0.0, 0.0
     for upper_bound, count in points:
         if count >= rank:
             if upper_bound == float("inf"):
-                return lower_bound
-            return lower_bound + (upper_bound - lower_bound) * (rank - lower_count) / max(count - lower_count, 1e-12)
+                return lower_bound  # beyond the last finite bucket: its bound, as Prometheus does
+            if count == lower_count:
+                return upper_bound
+            return lower_bound + (upper_bound - lower_bound) * (rank - lower_count) / (count - lower_count)
         lower_bound, lower_count = upper_bound, count
     return lower_bound
+
+
+def _milliseconds(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
 def summary(log: AlertLog, labels: dict[tuple[str, int], int], normal_label: int, metrics_url: str | None) -> str:
@@ -102,11 +109,11 @@ def summary(log: AlertLog, labels: dict[tuple[str, int], int], normal_label: int
     if metrics_url:
         samples = scrape_metrics(metrics_url)
         value = lambda name: sum(v for _, v in samples.get(name, []))  # noqa: E731
-        latency = samples.get("monitor_decision_latency_seconds_bucket", [])
+        latency = {float(labels["le"]): count for labels, count in samples.get("monitor_decision_latency_seconds_bucket", [])}
         lines += [
             f"  daemon: windows scored {value('monitor_windows_scored_total'):.0f}, alerts published {value('monitor_alerts_published_total'):.0f}, "
             f"windows dropped {value('monitor_windows_dropped_total'):.0f}",
-            f"  decision latency p50 {histogram_quantile(0.5, latency) * 1000:.1f} ms, p99 {histogram_quantile(0.99, latency) * 1000:.1f} ms",
+            f"  decision latency p50 {_milliseconds(histogram_quantile(0.5, latency))}, p99 {_milliseconds(histogram_quantile(0.99, latency))}",
         ]
     return "\n".join(lines)
 
