@@ -105,6 +105,32 @@ def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ..
     return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": {str(k): round(v, 1) for k, v in per_size.items()}}
 
 
+def model_matmul_rate(embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int) -> dict[str, Any]:
+    """windows/s of the model's matmuls alone, at the shapes a batch of `batch` windows gives them.
+
+    Per LSTM layer: the input projection of all W steps as one [B*W, I] x [I, 4H] matmul (as oneDNN
+    does it), then W recurrent [B, H] x [H, 4H] matmuls, one per step (each needs the previous step's
+    output, so they cannot be merged); then the output Linear. No gate nonlinearities, no cell update:
+    a ceiling for any fp32 implementation that follows the recurrence with this matmul library."""
+    layers = lstm_layers(embedding_dim, channels)
+    with threads_set(threads), torch.inference_mode():
+        inputs = [(torch.randn(batch * window, i), torch.randn(i, 4 * h), torch.randn(batch, h), torch.randn(h, 4 * h)) for i, h in layers]
+        projected = [torch.empty(batch * window, 4 * h) for _, h in layers]
+        gates = [torch.empty(batch, 4 * h) for _, h in layers]
+        hidden, output_weights = torch.randn(batch * window, 2 * embedding_dim), torch.randn(2 * embedding_dim, channels)
+
+        def run() -> None:
+            for (x, w_in, h, w_rec), out_in, out_rec in zip(inputs, projected, gates, strict=True):
+                torch.mm(x, w_in, out=out_in)
+                for _ in range(window):
+                    torch.mm(h, w_rec, out=out_rec)
+            torch.mm(hidden, output_weights)
+
+        rate = measure_rate(run, batch, seconds, max(repeats, 5), warmup=2)
+    flops = flops_per_window(embedding_dim, window, channels)
+    return {"embedding_dim": embedding_dim, "batch": batch, "threads": threads, "windows_per_second": rate["best"], "gflops": rate["best"] * flops / 1e9}
+
+
 def load_test() -> tuple[np.ndarray, np.ndarray]:
     """Windows `[N, W, 1]` of the test split and whether each is an anomaly (label != 1)."""
     data = read_ucr(TEST_DATA)
@@ -245,6 +271,30 @@ def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
         "seconds_per_epoch": elapsed / epochs,
         "windows": int(len(train_x)),
         "batch_size": settings.batch_size,
+    }
+
+
+def recipe_training(model: Path = DEFAULT_MODEL) -> dict[str, Any]:
+    """Train the default model from scratch with its recipe, as `monitor train` does, and time it.
+
+    Training is deterministic given the seed and thread count, so the weights should be byte-identical
+    to the shipped model's: that is checked and reported."""
+    from monitor.training import train
+
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as directory:
+        settings = train_settings(output=directory, report=False)
+        started = time.perf_counter()
+        result = train(settings)
+        wall = time.perf_counter() - started
+        same = (Path(directory) / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    return {
+        "threads": settings.threads,
+        "epochs_run": len(result.train_losses),
+        "best_epoch": result.best_epoch,
+        "fit_seconds": result.seconds,
+        "seconds": wall,
+        "auc": result.evaluation.auc if result.evaluation else None,
+        "same_weights_as_shipped": same,
     }
 
 

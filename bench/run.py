@@ -2,13 +2,17 @@
 
 Parts (`--parts`, comma separated; default all of them):
   limit     dense fp32 matmul GFLOP/s with torch on 1 thread and on all threads (the limit is the
-            best of them), and the model's analytic FLOPs per window: limit windows/s = rate / FLOPs
+            best of them), and the model's analytic FLOPs per window: limit windows/s = rate / FLOPs;
+            also the model's own matmuls alone at their small shapes (a ceiling below the limit)
   tutorial  the tutorial-style loop: one window at a time, batch 1, torch, on 1 and 2 threads
   engine    the scoring engine alone (Scorer torch, OnnxScorer fp32 and dynamic int8, and the
             bench-only torch-shards variant) at batch sizes 1..512 with 1 and 2 threads, for the
             default model and untrained models of the other sizes (speed does not depend on weights)
   accuracy  ONNX Runtime's scores against torch's on every window of splits/test.txt
-  training  seconds per epoch of the default recipe (configs/train-ecg5000.yaml), 1 and 2 threads
+  training  seconds per epoch of the default recipe (configs/train-ecg5000.yaml), 1 and 2 threads,
+            and (not with --quick) the whole recipe run from scratch, checked against the shipped weights
+  transport MQTT ingest alone, on one core: a backlog of QoS 1 messages drained from Mosquitto by
+            bare paho and by the daemon's own MqttConnection + Ingest (no scoring): CPU per message
   e2e       the daemon end to end: Mosquitto, `monitor run`, a load generator process stepping the
             number of 250 Hz sensors up until the daemon no longer keeps up, for several daemon
             configurations (--e2e-configs)
@@ -44,13 +48,14 @@ import torch  # noqa: E402
 from bench import measure  # noqa: E402
 from bench.report import render  # noqa: E402
 
-PARTS = ("limit", "tutorial", "engine", "accuracy", "training", "e2e")
+PARTS = ("limit", "tutorial", "engine", "accuracy", "training", "transport", "e2e")
 BENCH_DIR = Path(__file__).resolve().parent
 FULL_STEPS = (100, 200, 400, 600, 800, 1000, 1200, 1600, 2000, 2400, 3200)
 # The daemon's defaults; smaller batches (latency); ONNX Runtime; two threads; then what lightens paho's per-message work:
 # MQTT 3.1.1 instead of 5, sensors at QoS 0, and 140-sample messages (a quarter of the messages).
 FULL_E2E = ("torch:1", "torch:1:b32", "onnx:1:b32", "torch:2", "torch:1:b32:p311", "torch:1:b32:qos0", "torch:1:b32:c140")
 QUICK_STEPS = (100, 400)
+CEILING_BATCHES = (64, 128, 256)  # batch sizes at which the model's own matmuls are timed (the best counts)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -189,12 +194,20 @@ def main(argv: list[str] | None = None) -> int:
             rates[str(threads)] = measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm)
             print(f"    {threads} thread(s): {rates[str(threads)]['gflops']:.1f} GFLOP/s (n={rates[str(threads)]['size']})", flush=True)
         best = max(rates, key=lambda t: rates[t]["gflops"])
+        print("    the model's own matmuls at its shapes (no gate work)", flush=True)
+        ceilings = []
+        for e in sizes:
+            for threads in args.thread_list:
+                for batch in CEILING_BATCHES:
+                    ceilings.append(measure.model_matmul_rate(e, artifact.window, artifact.channels, batch, threads, args.seconds, args.repeats))
+                    print(f"    E={e} {threads} thread(s) batch {batch}: {ceilings[-1]['gflops']:.1f} GFLOP/s", flush=True)
         results["limit"] = {
             **stamp(args),
             "all_threads": torch.get_num_threads(),
             "matmul": rates,
             "limit_threads": int(best),
             "limit_gflops": rates[best]["gflops"],
+            "model_matmuls": ceilings,
         }
 
     if "tutorial" in args.part_list:
@@ -234,14 +247,29 @@ def main(argv: list[str] | None = None) -> int:
                 other = measure.epoch_seconds(measure.train_settings(threads=threads), args.training_epochs)
                 other_threads[str(threads)] = other["seconds_per_epoch"]
                 print(f"    {other['seconds_per_epoch']:.2f} s/epoch ({threads} thread(s))", flush=True)
+        full = None
+        if not args.quick:
+            print("    training the default model from scratch with its recipe", flush=True)
+            full = measure.recipe_training(args.model)
+            same = full["same_weights_as_shipped"]
+            print(f"    {full['seconds']:.0f} s, {full['epochs_run']} epochs, weights identical to the shipped model: {same}", flush=True)
         results["training"] = {
             **stamp(args),
             **timing,
+            "full_run": full,
             "recipe": str(measure.TRAIN_CONFIG.relative_to(measure.REPO)),
             "max_epochs": recipe.epochs,
             "patience": recipe.patience,
             "seconds_per_epoch_other_threads": other_threads,
         }
+
+    if "transport" in args.part_list:
+        print("  (d) MQTT ingest alone: a backlog drained on one core", flush=True)
+        from bench import transport
+
+        chunks = tuple(sorted({config.chunk for config in args.e2e_config_list}))
+        count = 5000 if args.quick else 20000
+        results["transport"] = {**stamp(args), "messages": count, "rows": transport.transport_rates(chunks, count, args.repeats)}
 
     if "e2e" in args.part_list:
         print("  (d) end to end through Mosquitto", flush=True)

@@ -1,0 +1,157 @@
+"""The MQTT ingest alone: how many messages a second one process takes from Mosquitto, on one core.
+
+A backlog of QoS 1 messages is queued by the broker for a persistent session while its client is
+away; then the client connects and drains it as fast as it can. Two clients are timed:
+- `paho`: bare paho-mqtt as the daemon configures it (MQTT 5, manual acknowledgements), doing nothing
+  with a message but acknowledge it;
+- `daemon`: the daemon's own ingest, `MqttConnection` + `Ingest` (decode, validate, window, queue the
+  windows; nothing scores them).
+CPU seconds of the process per message is the floor of what one message costs the daemon's MQTT
+thread: in the running daemon it only goes up (the scoring thread's share of the GIL, cold caches
+after every wake-up).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from prometheus_client import CollectorRegistry
+
+from bench.measure import NORMAL_DATA
+from monitor.batching import WindowQueue
+from monitor.config import MqttSettings, ShardSettings
+from monitor.datasets import read_ucr
+from monitor.log import configure_logging
+from monitor.metrics import Metrics
+from monitor.payload import PayloadDecoder
+from monitor.pipeline import Ingest
+from monitor.source import MqttConnection
+from monitor.windowing import WindowAssembler
+from tests.conftest import Broker
+
+TOPIC = "sensors/{sensor_id}/ecg"
+SENSORS = 500
+WINDOW = 140
+
+
+def payloads(count: int, chunk: int) -> list[tuple[str, bytes]]:
+    """`count` messages of `chunk` samples, round-robin over SENSORS sensors, each sensor's seq contiguous."""
+    beats = read_ucr(NORMAL_DATA).windows[:, :, 0].reshape(-1)
+    out = []
+    for index in range(count):
+        sensor, round_index = index % SENSORS, index // SENSORS
+        start = (round_index * chunk + sensor * 997) % (len(beats) - chunk)
+        samples = orjson.dumps([round(float(value), 4) for value in beats[start : start + chunk]])
+        out.append((TOPIC.format(sensor_id=f"s{sensor:04d}"), b'{"seq":%d,"ts":%.3f,"samples":%b}' % (round_index * chunk, 1.7e9 + round_index, samples)))
+    return out
+
+
+def queue_backlog(port: int, messages: list[tuple[str, bytes]]) -> None:
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-transport-pub", protocol=mqtt.MQTTv311)
+    publisher.max_inflight_messages_set(0)
+    publisher.max_queued_messages_set(0)
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    infos = [publisher.publish(topic, payload, qos=1) for topic, payload in messages]
+    infos[-1].wait_for_publish(120)
+    publisher.disconnect()
+    publisher.loop_stop()
+
+
+class PahoClient:
+    """Bare paho as the daemon configures it: MQTT 5, persistent session, manual acknowledgements."""
+
+    def __init__(self, port: int, client_id: str, on_message: Callable[[], None]) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True)
+        self.client.on_connect = lambda client, userdata, flags, reason, properties: client.subscribe("sensors/+/ecg", qos=1)
+        self.client.on_message = lambda client, userdata, message: (on_message(), client.ack(message.mid, message.qos))
+        self.port = port
+
+    def start(self) -> None:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+        self.client.connect_async("127.0.0.1", self.port, clean_start=False, properties=properties)
+        self.client.loop_start()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> MqttConnection:
+    """The daemon's MQTT connection feeding its `Ingest` (windows are queued, nothing scores them)."""
+    metrics = Metrics(CollectorRegistry(), 64, 1.0)
+    assembler = WindowAssembler(WINDOW, WINDOW, 1, 10 * SENSORS, 3600.0)
+    ingest = Ingest(PayloadDecoder(1), assembler, WindowQueue(10**7), metrics, 1, ShardSettings())
+
+    def handle(topic: str, payload: bytes, now: float) -> None:
+        ingest.handle(topic, payload, now)
+        on_message()
+
+    return MqttConnection(MqttSettings(port=port, client_id=client_id), handle, metrics)
+
+
+CLIENTS = {"paho": PahoClient, "daemon": daemon_ingest}
+
+
+def drain(kind: str, chunk: int, count: int, work: Path, timeout: float = 120.0) -> dict[str, Any]:
+    """Wall and CPU seconds for one client to take `count` queued messages of `chunk` samples."""
+    broker = Broker(work / f"mosquitto-{kind}-{chunk}").start()
+    client_id = f"bench-transport-{kind}-{chunk}"
+    received, done = [0], threading.Event()
+
+    def counted() -> None:
+        received[0] += 1
+        if received[0] == count:
+            done.set()
+
+    try:
+        first = CLIENTS[kind](broker.port, client_id, counted)  # creates the persistent session and its subscription
+        first.start()
+        time.sleep(1.0)
+        first.close()
+        queue_backlog(broker.port, payloads(count, chunk))
+        received[0] = 0
+        client = CLIENTS[kind](broker.port, client_id, counted)
+        cpu, wall = time.process_time(), time.perf_counter()
+        client.start()
+        finished = done.wait(timeout)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        client.close()
+    finally:
+        broker.stop()
+    return {
+        "client": kind,
+        "chunk_samples": chunk,
+        "messages": received[0],
+        "complete": finished,
+        "messages_per_second": received[0] / wall,
+        "cpu_us_per_message": cpu * 1e6 / max(received[0], 1),
+    }
+
+
+def transport_rates(chunks: tuple[int, ...], count: int, repeats: int) -> list[dict[str, Any]]:
+    """`drain` for both clients and every message size; the best (lowest-CPU) of `repeats` runs each."""
+    configure_logging("error")  # the daemon's ingest logs its connections; the bench prints its own lines
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-transport-") as directory:
+        for chunk in chunks:
+            for kind in CLIENTS:
+                runs = [drain(kind, chunk, count, Path(directory) / f"run{index}") for index in range(repeats)]
+                rows.append(min(runs, key=lambda run: run["cpu_us_per_message"]))
+                print(
+                    f"    {kind:6s} {chunk:3d} samples/message: {rows[-1]['messages_per_second']:8.0f} messages/s, "
+                    f"{rows[-1]['cpu_us_per_message']:.0f} µs CPU/message",
+                    flush=True,
+                )
+    return rows
