@@ -7,6 +7,7 @@ import copy
 import math
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from monitor.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.autoencoder import LSTMAutoencoder
 from monitor.datasets import read_ucr
 from monitor.evaluation import evaluate_scores
-from monitor.scoring import Scorer
+from monitor.scoring import Scorer, ScoringGraph
 from monitor.settings import read_yaml, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,6 +238,41 @@ def engine_sweep(
                     )
             del score
     return rows
+
+
+def busy_python_thread(stop: threading.Event, iterations: list[int]) -> None:
+    """Pure Python work that never waits, as paho's thread does while it decodes a burst of messages."""
+    while not stop.is_set():
+        total = 0
+        for value in range(200):
+            total += value
+        iterations[0] += 1
+
+
+def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int) -> dict[str, Any]:
+    """windows/s of the scoring pass op by op from Python (eager) and as the Scorer's TorchScript trace, on one
+    thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation."""
+    graph = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
+    traced = Scorer(artifact).score
+    batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
+
+    def eager(batch: np.ndarray = batch) -> None:
+        with torch.inference_mode():
+            graph(torch.from_numpy(batch))
+
+    out: dict[str, Any] = {"batch": batch_size}
+    with threads_set(1):
+        for name, call in (("eager", eager), ("traced", lambda: traced(batch))):
+            out[f"{name}_alone"] = measure_rate(call, batch_size, seconds, repeats)["median"]
+            stop, iterations = threading.Event(), [0]
+            worker = threading.Thread(target=busy_python_thread, args=(stop, iterations), daemon=True)
+            worker.start()
+            try:
+                out[f"{name}_busy_thread"] = measure_rate(call, batch_size, seconds, repeats)["median"]
+            finally:
+                stop.set()
+                worker.join()
+    return out
 
 
 def train_settings(**overrides: Any):

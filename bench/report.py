@@ -29,6 +29,7 @@ def render(results: dict[str, Any]) -> str:
     out += summary_section(results)
     out += limit_section(results)
     out += engine_section(results)
+    out += gil_section(results)
     out += accuracy_section(results)
     out += e2e_section(results)
     out += training_section(results)
@@ -422,6 +423,25 @@ def engine_section(results: dict[str, Any]) -> list[str]:
                 "",
             ]
     return lines
+
+
+def gil_section(results: dict[str, Any]) -> list[str]:
+    gil = results.get("engine", {}).get("gil")
+    if not gil:
+        return []
+    rows = [
+        [name, num(gil[f"{key}_alone"]), num(gil[f"{key}_busy_thread"]), pct(ratio(gil[f"{key}_busy_thread"], gil[f"{key}_alone"]))]
+        for name, key in (("op by op from Python (eager)", "eager"), ("TorchScript trace (what `Scorer` runs)", "traced"))
+    ]
+    return [
+        "### GIL: the engine next to a busy Python thread",
+        "",
+        f"In the daemon, paho's thread runs Python while the scoring thread scores. The default model at batch {gil['batch']}, one torch",
+        "thread, alone and next to a thread that runs pure Python without pause: run op by op, the pass takes the GIL back after each",
+        "of its operations and waits up to the switch interval (5 ms) each time; the trace is one call that releases the GIL once.",
+        "",
+        *table(["scoring pass", "windows/s alone", "windows/s next to a busy Python thread", "kept"], rows),
+    ]
 
 
 def accuracy_section(results: dict[str, Any]) -> list[str]:

@@ -226,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure.engine_sweep(
                 measure.random_artifact(artifact, e), windows, args.backend_list, args.thread_list, args.batch_list, args.seconds, args.repeats
             )
-        results["engine"] = {**stamp(args), "rows": rows}
+        contention = measure.gil_contention(artifact, 64, windows, args.seconds, args.repeats)
+        print(
+            f"    next to a busy Python thread, batch 64, 1 thread: eager {contention['eager_busy_thread']:.0f} windows/s "
+            f"(alone {contention['eager_alone']:.0f}), traced {contention['traced_busy_thread']:.0f} (alone {contention['traced_alone']:.0f})",
+            flush=True,
+        )
+        results["engine"] = {**stamp(args), "rows": rows, "gil": contention}
 
     if "accuracy" in args.part_list:
         print("  ONNX Runtime vs torch scores on splits/test.txt", flush=True)

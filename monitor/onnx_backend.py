@@ -31,12 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from monitor.artifact import ModelArtifact
-from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors
 from monitor.errors import ConfigError
-from monitor.scoring import Scores, ScoringEngine
+from monitor.scoring import Scores, ScoringEngine, ScoringGraph
 
 try:
     import onnxruntime as ort
@@ -47,21 +45,6 @@ OPSET = 17
 RUN_BATCH = 64  # larger batches are run in slices of this size: ORT's LSTM slows beyond it (~15 % at 512), same scores
 INPUT = "windows"
 OUTPUTS = ("errors", "profiles")
-
-
-class ScoringGraph(nn.Module):
-    """`Scorer.score` as one module: raw windows in, (mean error, per-timestep error profile) out."""
-
-    def __init__(self, model: LSTMAutoencoder, mean: np.ndarray, std: np.ndarray) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
-        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
-
-    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = (windows - self.mean) / self.std
-        profiles = reconstruction_errors(batch, self.model(batch))
-        return profiles.mean(dim=1), profiles
 
 
 def export_onnx(artifact: ModelArtifact) -> bytes:

@@ -2,18 +2,28 @@
 
 Training, `monitor evaluate` and the daemon all score through this class, so the same windows
 get the same scores everywhere. The threshold decision is not made here (see `alerts`).
+
+`Scorer` runs the whole pass (`ScoringGraph`) as a TorchScript trace: one call from Python per
+batch, during which the GIL is released. Run op by op from Python, the pass takes the GIL back
+after each of its ~20 operations, and in the daemon, where paho's thread is busy with Python, each
+of those waits can last the interpreter's switch interval (5 ms): a batch of 64 took 94 ms instead
+of 13 ms next to a busy Python thread, against 19 ms for the trace (bench/RESULTS.md, "GIL").
+The trace runs the same kernels on the same inputs, so its scores are the eager model's, bit for bit
+(tests/test_autoencoder.py checks it).
 """
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from monitor.artifact import ModelArtifact
-from monitor.autoencoder import reconstruction_errors
+from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors
 from monitor.errors import ConfigError
 
 
@@ -64,21 +74,39 @@ class ScoringEngine(ABC):
         return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))
 
 
+class ScoringGraph(nn.Module):
+    """The whole scoring pass as one module: raw windows in, (mean error, per-timestep error profile) out."""
+
+    def __init__(self, model: LSTMAutoencoder, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
+
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = (windows - self.mean) / self.std
+        profiles = reconstruction_errors(batch, self.model(batch))
+        return profiles.mean(dim=1), profiles
+
+
 class Scorer(ScoringEngine):
-    """Scores `[B, W, C]` float windows with a loaded artifact on one device."""
+    """Scores `[B, W, C]` float windows with a loaded artifact on one device, any batch size."""
 
     def __init__(self, artifact: ModelArtifact, device: torch.device | str = "cpu") -> None:
         self.artifact = artifact
         self.device = torch.device(device)
         self.model = artifact.model.to(self.device)
-        self._mean = torch.as_tensor(artifact.normalisation.mean, device=self.device)
-        self._std = torch.as_tensor(artifact.normalisation.std, device=self.device)
+        graph = ScoringGraph(self.model, artifact.normalisation.mean, artifact.normalisation.std).to(self.device).eval()
+        with torch.inference_mode(), warnings.catch_warnings():
+            # nn.LSTM's input and state shape checks warn when traced; they are checks, not computation, and the
+            # batch size is read from the input at run time (nn.LSTM sizes its state from it): any batch works.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            example = torch.zeros(2, artifact.window, artifact.channels, device=self.device)
+            self._graph = torch.jit.trace(graph, example, check_trace=False)
 
     def score(self, windows: np.ndarray) -> Scores:
         """Score one batch in a single forward pass."""
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
-            batch = (batch - self._mean) / self._std
-            profiles = reconstruction_errors(batch, self.model(batch))
-            errors = profiles.mean(dim=1)
+            errors, profiles = self._graph(batch)
             return Scores(errors.cpu().numpy(), profiles.cpu().numpy())

@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from monitor.artifact import ModelArtifact, Normalisation
+from monitor.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors
-from monitor.scoring import Scorer, resolve_device
+from monitor.datasets import read_ucr
+from monitor.scoring import Scorer, ScoringGraph, resolve_device
+from tests.conftest import DEFAULT_MODEL, SPLITS
 
 
 @pytest.fixture(autouse=True)
@@ -139,6 +141,25 @@ def test_a_window_scores_the_same_alone_and_in_any_batch():
     np.testing.assert_allclose(batched[::9], singles, atol=1e-5)
     # And the score is not constant: different windows get different scores.
     assert np.ptp(batched) > 1e-3
+
+
+def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
+    """Scorer runs a TorchScript trace of ScoringGraph (one GIL release per batch); its scores must be the
+    eager module's exactly, at every batch size (the trace was made with a batch of 2), on real data."""
+    artifact = load_artifact(DEFAULT_MODEL)
+    scorer = Scorer(artifact)
+    eager = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
+    windows = read_ucr(SPLITS / "test.txt").windows
+    flagged = 0
+    for size in (1, 2, 13, 64, 256, len(windows)):
+        batch = windows[:size]
+        with torch.inference_mode():
+            errors, profiles = eager(torch.from_numpy(batch))
+        traced = scorer.score(batch)
+        np.testing.assert_array_equal(traced.errors, errors.numpy())
+        np.testing.assert_array_equal(traced.profiles, profiles.numpy())
+        flagged = int((traced.errors > artifact.threshold).sum())
+    assert flagged == 2021  # the shipped model's decisions on the whole test split (model.json: tp 2007 + fp 14)
 
 
 def test_score_all_matches_score_across_batch_boundaries():
