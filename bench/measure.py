@@ -103,7 +103,14 @@ def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ..
             rate = measure_rate(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * size**3, seconds, max(repeats, 5), warmup=2)
             per_size[size] = rate["best"] / 1e9
     best = max(per_size, key=per_size.get)
-    return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": {str(k): round(v, 1) for k, v in per_size.items()}}
+    return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": {str(k): v for k, v in per_size.items()}}
+
+
+def best_rate(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two `matmul_rate` measurements merged: the better rate of each size, and the best size overall."""
+    by_size = {size: max(rate, second["by_size"].get(size, 0.0)) for size, rate in first["by_size"].items()}
+    best = max(by_size, key=by_size.get)
+    return {"threads": first["threads"], "gflops": by_size[best], "size": int(best), "by_size": by_size}
 
 
 def model_matmul_rate(embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int) -> dict[str, Any]:
@@ -251,7 +258,10 @@ def busy_python_thread(stop: threading.Event, iterations: list[int]) -> None:
 
 def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int) -> dict[str, Any]:
     """windows/s of the scoring pass op by op from Python (eager) and as the Scorer's TorchScript trace, on one
-    thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation."""
+    thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation.
+
+    The four cases are timed in turn, `repeats` rounds, medians reported: a drift of the machine's speed
+    during the measurement hits all four alike."""
     graph = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
     traced = Scorer(artifact).score
     batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
@@ -260,18 +270,26 @@ def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray
         with torch.inference_mode():
             graph(torch.from_numpy(batch))
 
-    out: dict[str, Any] = {"batch": batch_size}
+    def timed(call: Callable[[], object], busy: bool) -> float:
+        if not busy:
+            return measure_rate(call, batch_size, seconds, 1)["median"]
+        stop, iterations = threading.Event(), [0]
+        worker = threading.Thread(target=busy_python_thread, args=(stop, iterations), daemon=True)
+        worker.start()
+        try:
+            return measure_rate(call, batch_size, seconds, 1)["median"]
+        finally:
+            stop.set()
+            worker.join()
+
+    cases = {(name, busy): [] for name in ("eager", "traced") for busy in (False, True)}
     with threads_set(1):
-        for name, call in (("eager", eager), ("traced", lambda: traced(batch))):
-            out[f"{name}_alone"] = measure_rate(call, batch_size, seconds, repeats)["median"]
-            stop, iterations = threading.Event(), [0]
-            worker = threading.Thread(target=busy_python_thread, args=(stop, iterations), daemon=True)
-            worker.start()
-            try:
-                out[f"{name}_busy_thread"] = measure_rate(call, batch_size, seconds, repeats)["median"]
-            finally:
-                stop.set()
-                worker.join()
+        for _ in range(max(repeats, 3)):
+            for name, busy in cases:
+                cases[name, busy].append(timed(eager if name == "eager" else lambda: traced(batch), busy))
+    out: dict[str, Any] = {"batch": batch_size}
+    for (name, busy), rates in cases.items():
+        out[f"{name}_{'busy_thread' if busy else 'alone'}"] = statistics.median(rates)
     return out
 
 

@@ -332,8 +332,8 @@ def limit_section(results: dict[str, Any]) -> list[str]:
         "",
     ]
     lines += table(
-        ["threads", "GFLOP/s (torch.mm, best run of the best square size)", "by size"],
-        [[t, num(r["gflops"], 1), ", ".join(f"{k}: {v}" for k, v in r["by_size"].items())] for t, r in rates.items()],
+        ["threads", "GFLOP/s (torch.mm, best run of the best square size, measured before and after the model-shaped matmuls)", "by size"],
+        [[t, num(r["gflops"], 1), ", ".join(f"{k}: {v:.1f}" for k, v in r["by_size"].items())] for t, r in rates.items()],
     )
     lines += [f"FLOPs per window (analytic): {fl.get('formula', '')}.", ""]
     rows = []
@@ -426,7 +426,7 @@ def engine_section(results: dict[str, Any]) -> list[str]:
 
 
 def gil_section(results: dict[str, Any]) -> list[str]:
-    gil = results.get("engine", {}).get("gil")
+    gil = results.get("gil")
     if not gil:
         return []
     rows = [
@@ -436,9 +436,12 @@ def gil_section(results: dict[str, Any]) -> list[str]:
     return [
         "### GIL: the engine next to a busy Python thread",
         "",
+        when(gil),
+        "",
         f"In the daemon, paho's thread runs Python while the scoring thread scores. The default model at batch {gil['batch']}, one torch",
         "thread, alone and next to a thread that runs pure Python without pause: run op by op, the pass takes the GIL back after each",
         "of its operations and waits up to the switch interval (5 ms) each time; the trace is one call that releases the GIL once.",
+        "The four cases are timed in turn, rounds of each, medians.",
         "",
         *table(["scoring pass", "windows/s alone", "windows/s next to a busy Python thread", "kept"], rows),
     ]
@@ -777,13 +780,17 @@ def notes_section(results: dict[str, Any]) -> list[str]:
         if best_1 and limit_wps(results, size, 1):
             efficiency.append(f"E={size}: {pct(ratio(best_1['median'], limit_wps(results, size, 1)))} ({config_name(best_1)})")
     if efficiency:
+        ceiling = model_ceiling(results, e, 1)
         lines += [
             "- Why the default model stays further from the limit than the larger ones (one thread against the 1-thread matmul rate: "
             + "; ".join(efficiency)
-            + "): an LSTM step is a [B, H] x [H, 4H] matmul plus 5H sigmoid/tanh and the cell update per window. With",
-            "  H = 64 and 32 (E=32) the matmuls are small and the element-wise gate work, which the FLOP count leaves out, is a",
-            "  large share (it grows as 1/H relative to the matmul); at E=128 (H = 256 and 128) the same kernels run close to the",
-            "  matmul rate. None of the fast paths tried here changes that without changing the scores (int8 does, see above).",
+            + "): the recurrence of an LSTM layer is W matmuls of [B, H] x [H, 4H], one per step, plus 5H sigmoid/tanh and the cell",
+            "  update per window and step. With H = 64 and 32 (E=32) those matmuls are small: timed alone, with nothing else,"
+            + (f" they reach {pct(ratio(ceiling['gflops'], gflops(results, 1)))} of the dense 1-thread rate (table in (a))" if ceiling else "")
+            + ", so no fp32 implementation",
+            "  that follows the recurrence with this matmul library reaches 85 % of the limit at E=32; the element-wise gate work, which the",
+            "  FLOP count leaves out, comes on top. At E=128 (H = 256 and 128) the same matmuls run close to the dense rate. None of",
+            "  the fast paths tried here changes that without changing the scores (int8 does, see above).",
         ]
     training = results.get("training")
     if training and training.get("seconds_per_epoch_other_threads"):

@@ -8,6 +8,8 @@ Parts (`--parts`, comma separated; default all of them):
   engine    the scoring engine alone (Scorer torch, OnnxScorer fp32 and dynamic int8, and the
             bench-only torch-shards variant) at batch sizes 1..512 with 1 and 2 threads, for the
             default model and untrained models of the other sizes (speed does not depend on weights)
+  gil       the scoring pass, eager and as the Scorer's TorchScript trace, alone and next to a busy
+            Python thread (as paho's thread is in the daemon)
   accuracy  ONNX Runtime's scores against torch's on every window of splits/test.txt
   training  seconds per epoch of the default recipe (configs/train-ecg5000.yaml), 1 and 2 threads,
             and (not with --quick) the whole recipe run from scratch, checked against the shipped weights
@@ -48,7 +50,7 @@ import torch  # noqa: E402
 from bench import measure  # noqa: E402
 from bench.report import render  # noqa: E402
 
-PARTS = ("limit", "tutorial", "engine", "accuracy", "training", "transport", "e2e")
+PARTS = ("limit", "tutorial", "engine", "gil", "accuracy", "training", "transport", "e2e")
 BENCH_DIR = Path(__file__).resolve().parent
 FULL_STEPS = (100, 200, 400, 600, 800, 1000, 1200, 1600, 2000, 2400, 3200)
 # The daemon's defaults; smaller batches (latency); ONNX Runtime; two threads; then what lightens paho's per-message work:
@@ -188,12 +190,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if "limit" in args.part_list:
         print("  (a) dense fp32 matmul rate", flush=True)
-        rates = {}
         sizes_mm = (1024, 2048) if args.quick else (1024, 2048, 4096)
-        for threads in sorted({1, torch.get_num_threads(), *args.thread_list}):
-            rates[str(threads)] = measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm)
-            print(f"    {threads} thread(s): {rates[str(threads)]['gflops']:.1f} GFLOP/s (n={rates[str(threads)]['size']})", flush=True)
-        best = max(rates, key=lambda t: rates[t]["gflops"])
+        thread_counts = sorted({1, torch.get_num_threads(), *args.thread_list})
+        rates = {str(threads): measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm) for threads in thread_counts}
         print("    the model's own matmuls at its shapes (no gate work)", flush=True)
         ceilings = []
         for e in sizes:
@@ -201,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                 for batch in CEILING_BATCHES:
                     ceilings.append(measure.model_matmul_rate(e, artifact.window, artifact.channels, batch, threads, args.seconds, args.repeats))
                     print(f"    E={e} {threads} thread(s) batch {batch}: {ceilings[-1]['gflops']:.1f} GFLOP/s", flush=True)
+        # The dense rate again: a VM's neighbours can slow one measurement for a while, and the limit is what the machine can do.
+        for threads in thread_counts:
+            rates[str(threads)] = measure.best_rate(rates[str(threads)], measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm))
+            print(f"    dense, {threads} thread(s): {rates[str(threads)]['gflops']:.1f} GFLOP/s (n={rates[str(threads)]['size']})", flush=True)
+        best = max(rates, key=lambda t: rates[t]["gflops"])
         results["limit"] = {
             **stamp(args),
             "all_threads": torch.get_num_threads(),
@@ -226,13 +230,17 @@ def main(argv: list[str] | None = None) -> int:
             rows += measure.engine_sweep(
                 measure.random_artifact(artifact, e), windows, args.backend_list, args.thread_list, args.batch_list, args.seconds, args.repeats
             )
+        results["engine"] = {**stamp(args), "rows": rows}
+
+    if "gil" in args.part_list:
+        print("  (c) the engine next to a busy Python thread", flush=True)
         contention = measure.gil_contention(artifact, 64, windows, args.seconds, args.repeats)
         print(
-            f"    next to a busy Python thread, batch 64, 1 thread: eager {contention['eager_busy_thread']:.0f} windows/s "
-            f"(alone {contention['eager_alone']:.0f}), traced {contention['traced_busy_thread']:.0f} (alone {contention['traced_alone']:.0f})",
+            f"    batch 64, 1 thread: eager {contention['eager_busy_thread']:.0f} windows/s (alone {contention['eager_alone']:.0f}), "
+            f"traced {contention['traced_busy_thread']:.0f} (alone {contention['traced_alone']:.0f})",
             flush=True,
         )
-        results["engine"] = {**stamp(args), "rows": rows, "gil": contention}
+        results["gil"] = {**stamp(args), **contention}
 
     if "accuracy" in args.part_list:
         print("  ONNX Runtime vs torch scores on splits/test.txt", flush=True)
