@@ -6,8 +6,8 @@ get the same scores everywhere. The threshold decision is not made here (see `al
 `Scorer` runs the whole pass (`ScoringGraph`) as a TorchScript trace: one call from Python per
 batch, during which the GIL is released. Run op by op from Python, the pass takes the GIL back
 after each of its ~20 operations, and in the daemon, where paho's thread is busy with Python, each
-of those waits can last the interpreter's switch interval (5 ms): a batch of 64 took 94 ms instead
-of 13 ms next to a busy Python thread, against 19 ms for the trace (bench/RESULTS.md, "GIL").
+of those waits can last the interpreter's switch interval (5 ms). Next to a busy Python thread, at
+batch 64 on one thread: 632 windows/s op by op, 2,568 for the trace (bench/RESULTS.md, "GIL").
 The trace runs the same kernels on the same inputs, so its scores are the eager model's, bit for bit
 (tests/test_autoencoder.py checks it).
 """
