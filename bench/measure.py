@@ -247,13 +247,12 @@ def engine_sweep(
     return rows
 
 
-def busy_python_thread(stop: threading.Event, iterations: list[int]) -> None:
+def busy_python_thread(stop: threading.Event) -> None:
     """Pure Python work that never waits, as paho's thread does while it decodes a burst of messages."""
     while not stop.is_set():
         total = 0
         for value in range(200):
             total += value
-        iterations[0] += 1
 
 
 def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int) -> dict[str, Any]:
@@ -271,16 +270,16 @@ def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray
             graph(torch.from_numpy(batch))
 
     def timed(call: Callable[[], object], busy: bool) -> float:
-        if not busy:
-            return measure_rate(call, batch_size, seconds, 1)["median"]
-        stop, iterations = threading.Event(), [0]
-        worker = threading.Thread(target=busy_python_thread, args=(stop, iterations), daemon=True)
-        worker.start()
+        stop = threading.Event()
+        worker = threading.Thread(target=busy_python_thread, args=(stop,), daemon=True)
+        if busy:
+            worker.start()
         try:
             return measure_rate(call, batch_size, seconds, 1)["median"]
         finally:
             stop.set()
-            worker.join()
+            if busy:
+                worker.join()
 
     cases = {(name, busy): [] for name in ("eager", "traced") for busy in (False, True)}
     with threads_set(1):
