@@ -34,10 +34,10 @@ from monitor.datasets import read_ucr
 from monitor.log import configure_logging
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder
-from monitor.pipeline import Ingest
+from monitor.ingest import Ingest
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
-from tests.conftest import Broker
+from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"
 SENSORS = 500
