@@ -105,7 +105,7 @@ class AlertSink:
         decision = ThresholdDecision(engine.threshold)
         published = 0
         for index in np.flatnonzero(decision.anomalous(scores.errors)):
-            published += self._alert(batch[index], float(scores.errors[index]), scores.profiles[index], engine)
+            published += self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
         return published
 
     def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> bool:

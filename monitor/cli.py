@@ -169,8 +169,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.artifact import load_artifact
     from monitor.datasets import read_ucr, require_window
-    from monitor.evaluation import evaluate_scores, format_evaluation
     from monitor.engine import resolve_device
+    from monitor.evaluation import evaluate_scores, format_evaluation
     from monitor.scoring import Scorer
 
     device = resolve_device(args.device)

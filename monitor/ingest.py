@@ -87,9 +87,7 @@ class Ingest:
             if result.gap_windows_dropped:
                 self.metrics.windows_dropped.labels("seq_gap").inc(result.gap_windows_dropped)
             if self._warnings.allow((sensor_id, "seq_gap"), now):
-                log.warning(
-                    "seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped
-                )
+                log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
         for window in result.windows:
             if not self.windows.offer(window):
                 self.metrics.windows_dropped.labels("queue_full").inc()

@@ -52,7 +52,7 @@ def export_onnx(artifact: ModelArtifact) -> bytes:
         torch.onnx.export(
             graph,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # torch's stub names paths only; a binary buffer is documented
             dynamo=False,
             opset_version=OPSET,
             input_names=[INPUT],
@@ -102,5 +102,8 @@ class OnnxScorer(ScoringEngine):
         if len(batch) <= self.run_batch:
             errors, profiles = self.session.run(self._outputs, {INPUT: batch})
             return Scores(errors, profiles)
-        parts = [self.session.run(self._outputs, {INPUT: batch[start : start + self.run_batch]}) for start in range(0, len(batch), self.run_batch)]
+        parts = [
+            self.session.run(self._outputs, {INPUT: batch[start : start + self.run_batch]})
+            for start in range(0, len(batch), self.run_batch)
+        ]
         return Scores(np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts]))

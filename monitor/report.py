@@ -50,7 +50,7 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
         groups += [("evaluation normal", errors[~anomalous]), ("evaluation anomalous", errors[anomalous])]
     bins = np.linspace(0, np.quantile(np.concatenate([g[1] for g in groups]), 0.995), 80)
     for label, values in groups:
-        axes.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} ({len(values)})")
+        axes.hist(values, bins=list(bins), alpha=0.5, density=True, label=f"{label} ({len(values)})")
     axes.axvline(threshold, color="red", label=f"threshold {threshold:.4f} ({result.calibration.method})")
     axes.set(xlabel="window score (mean absolute error)", ylabel="density", title="Reconstruction error")
     axes.legend()

@@ -51,6 +51,9 @@ class ScoringEngine(ABC):
 class ScoringGraph(nn.Module):
     """The whole scoring pass as one module: raw windows in, (mean error, per-timestep error profile) out."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, model: LSTMAutoencoder, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
         self.model = model
@@ -69,7 +72,9 @@ class ScoringGraph(nn.Module):
 class Scorer(ScoringEngine):
     """Scores `[B, W, C]` float windows with a model and its normalisation on one device, any batch size."""
 
-    def __init__(self, model: LSTMAutoencoder, normalisation: Normalisation, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, model: LSTMAutoencoder, normalisation: Normalisation, device: torch.device | str = "cpu"
+    ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.normalisation = normalisation

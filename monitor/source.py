@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import paho.mqtt.client as mqtt
 import structlog
@@ -52,7 +53,9 @@ class MqttConnection:
     def _make_client(self) -> mqtt.Client:
         settings = self.settings
         client = make_client(settings, persistent_session=settings.persistent_session, manual_ack=True)
-        client.reconnect_delay_set(max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds)))
+        client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds))
+        )
         client.max_queued_messages_set(settings.max_queued_alerts)
         client.max_inflight_messages_set(settings.max_inflight)
         client.will_set(self.status_topic, b"offline", qos=1, retain=True)
@@ -68,14 +71,17 @@ class MqttConnection:
         """Connect in the background; paho retries with backoff until the broker answers."""
         settings = self.settings
         properties = None
-        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if settings.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = settings.session_expiry_seconds if settings.persistent_session else 0
             clean_start = not settings.persistent_session
-        self.client.connect_async(settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties)
+        self.client.connect_async(
+            settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties
+        )
         self.client.loop_start()
-        self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
+        if self.client._thread is not None:
+            self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
         log.info(
             "broker_connecting",
             host=settings.host,
@@ -93,7 +99,12 @@ class MqttConnection:
             return
         self.metrics.broker_connected.set(1)
         self.metrics.broker_connects.inc()
-        log.info("broker_connected", host=self.settings.host, port=self.settings.port, session_present=bool(getattr(flags, "session_present", False)))
+        log.info(
+            "broker_connected",
+            host=self.settings.host,
+            port=self.settings.port,
+            session_present=bool(getattr(flags, "session_present", False)),
+        )
         # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
         status = client.publish(self.status_topic, b"online", qos=1, retain=True)
         if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # a refused one (queue full of alerts) never gets a PUBACK

@@ -68,18 +68,24 @@ def summary(log: AlertLog, labels: dict[tuple[str, int], int], normal_label: int
         "",
         "summary",
         f"  windows replayed   {len(keys)}  ({sum(anomalous)} anomalous by label)",
-        f"  alerts received    {len(log.alerts)}  (duplicates {log.duplicates}, outside the labelled windows {unlabelled})",
-        f"  precision {result.precision:.4f}  recall {result.recall:.4f}  F1 {result.f1:.4f}  false-positive rate {result.fpr:.4f}",
+        f"  alerts received    {len(log.alerts)}  "
+        f"(duplicates {log.duplicates}, outside the labelled windows {unlabelled})",
+        f"  precision {result.precision:.4f}  recall {result.recall:.4f}  F1 {result.f1:.4f}  "
+        f"false-positive rate {result.fpr:.4f}",
         f"  confusion: tp {result.tp}  fp {result.fp}  fn {result.fn}  tn {result.tn}",
     ]
     if metrics_url:
         samples = scrape_metrics(metrics_url)
         value = lambda name: sum(v for _, v in samples.get(name, []))  # noqa: E731
-        latency = {float(labels["le"]): count for labels, count in samples.get("monitor_decision_latency_seconds_bucket", [])}
+        latency = {
+            float(labels["le"]): count for labels, count in samples.get("monitor_decision_latency_seconds_bucket", [])
+        }
         lines += [
-            f"  daemon: windows scored {value('monitor_windows_scored_total'):.0f}, alerts published {value('monitor_alerts_published_total'):.0f}, "
+            f"  daemon: windows scored {value('monitor_windows_scored_total'):.0f}, "
+            f"alerts published {value('monitor_alerts_published_total'):.0f}, "
             f"windows dropped {value('monitor_windows_dropped_total'):.0f}",
-            f"  decision latency p50 {_milliseconds(histogram_quantile(0.5, latency))}, p99 {_milliseconds(histogram_quantile(0.99, latency))}",
+            f"  decision latency p50 {_milliseconds(histogram_quantile(0.5, latency))}, "
+            f"p99 {_milliseconds(histogram_quantile(0.99, latency))}",
         ]
     return "\n".join(lines)
 
@@ -112,7 +118,8 @@ def watch(
             return
         if log.add(alert) and not quiet:
             print(
-                f"ALERT {alert.get('sensor_id')}  window {alert.get('window_start_seq')}-{alert.get('window_end_seq')}  "
+                f"ALERT {alert.get('sensor_id')}  "
+                f"window {alert.get('window_start_seq')}-{alert.get('window_end_seq')}  "
                 f"score {alert.get('score', 0):.3f} > {alert.get('threshold', 0):.3f}",
                 flush=True,
             )

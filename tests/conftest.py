@@ -64,5 +64,3 @@ def daemon_factory() -> Iterator[Callable[..., DaemonProcess]]:
         yield make
     finally:
         stop_all(item.shutdown for item in made)
-
-

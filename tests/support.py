@@ -69,7 +69,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition") -> object:
+def wait_until(
+    predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"
+) -> object:
     """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -122,7 +124,9 @@ class Broker:
 
     def start(self) -> Broker:
         config = self.write_config()
-        self.process = subprocess.Popen([MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 10, what="mosquitto to listen")
         if self.process.poll() is not None:
             raise RuntimeError(f"mosquitto failed: {self.process.stderr.read().decode()}")
@@ -137,7 +141,9 @@ class Broker:
 class Capture:
     """A QoS 1 subscriber that records every message; `wait_for` polls with a timeout."""
 
-    def __init__(self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False, **client_options) -> None:
+    def __init__(
+        self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False, **client_options
+    ) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
         self.subscribed = threading.Event()
@@ -158,7 +164,11 @@ class Capture:
 
     def payloads(self, prefix: str = "") -> list[dict]:
         with self.lock:
-            return [json.loads(payload) for topic, payload, retain in self.messages if topic.startswith(prefix) and not retain]
+            return [
+                json.loads(payload)
+                for topic, payload, retain in self.messages
+                if topic.startswith(prefix) and not retain
+            ]
 
     def wait_for(self, predicate: Callable[[Capture], object], timeout: float = 30.0, what: str = "messages") -> object:
         return wait_until(lambda: predicate(self), timeout, what=what)
@@ -186,8 +196,13 @@ def metric(samples: dict, name: str, **labels: str) -> float:
 def daemon_config(path: Path, broker_port: int, model: Path = DEFAULT_MODEL, **sections) -> Path:
     """Write a daemon config for tests: the given broker, a free metrics port, JSON logs."""
     config = {
-        "mqtt": {"host": "127.0.0.1", "port": broker_port, "client_id": f"monitor-test-{time.time_ns() % 10**9}",
-                 "reconnect_min_seconds": 1, "reconnect_max_seconds": 2},
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker_port,
+            "client_id": f"monitor-test-{time.time_ns() % 10**9}",
+            "reconnect_min_seconds": 1,
+            "reconnect_max_seconds": 2,
+        },
         "model": {"path": str(model), "device": "cpu"},
         "metrics": {"host": "127.0.0.1", "port": free_port()},
         "logging": {"level": "info", "format": "json"},
@@ -208,7 +223,10 @@ class DaemonProcess:
         self.lock = threading.Lock()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monitor", "run", "--config", str(config)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.reader = threading.Thread(target=self._read, name="daemon-log-reader", daemon=True)
@@ -237,6 +255,7 @@ class DaemonProcess:
             if self.process.poll() is not None and len(self.events(name)) < count:
                 raise AssertionError(f"daemon exited with {self.process.returncode}:\n" + "\n".join(self.lines[-30:]))
             return len(self.events(name)) >= count
+
         wait_until(seen, timeout, what=f"log event {name}")
         return self.events(name)
 
@@ -266,5 +285,11 @@ class DaemonProcess:
 
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m monitor ARGS` from the repository root and capture its output."""
-    return subprocess.run([sys.executable, "-m", "monitor", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -77,7 +77,9 @@ def test_the_watchdog_is_fed_only_while_the_scorer_makes_progress(broker, notify
     real = load_engine(ModelSettings(path=DEFAULT_MODEL, device="cpu", threads=1))
     blocking = BlockingScorer(real)
     path = daemon_config(tmp_path / "monitor.yaml", broker.port, metrics={"enabled": False})
-    daemon = Daemon(load_config(path), path, CollectorRegistry(), lambda settings: dataclasses.replace(real, scorer=blocking))
+    daemon = Daemon(
+        load_config(path), path, CollectorRegistry(), lambda settings: dataclasses.replace(real, scorer=blocking)
+    )
     daemon.stall_seconds = 0.5
     try:
         started(daemon, mqtt=True)
@@ -135,8 +137,12 @@ def daemon(tmp_path, model_copy, notify):
 
 
 def error_bucket_bounds(registry: CollectorRegistry) -> list[float]:
-    return [float(sample.labels["le"]) for family in registry.collect() for sample in family.samples
-            if sample.name == "monitor_reconstruction_error_bucket" and sample.labels["le"] != "+Inf"]
+    return [
+        float(sample.labels["le"])
+        for family in registry.collect()
+        for sample in family.samples
+        if sample.name == "monitor_reconstruction_error_bucket" and sample.labels["le"] != "+Inf"
+    ]
 
 
 def test_reload_swaps_the_model_and_rebuilds_the_error_buckets_around_its_threshold(daemon, model_copy):
@@ -156,8 +162,12 @@ def test_reload_swaps_the_model_and_rebuilds_the_error_buckets_around_its_thresh
 
 
 def test_reload_applies_alert_settings_and_topic_live(daemon):
-    logs = reload_with(daemon, daemon.config_path, alerts={"top_timesteps": 2, "include_profile": True},
-                       mqtt={"alert_topic": "anomalies/{sensor_id}", "alert_qos": 0})
+    logs = reload_with(
+        daemon,
+        daemon.config_path,
+        alerts={"top_timesteps": 2, "include_profile": True},
+        mqtt={"alert_topic": "anomalies/{sensor_id}", "alert_qos": 0},
+    )
     sink = daemon.worker.sink
     assert sink.settings.top_timesteps == 2 and sink.settings.include_profile
     assert sink.topic_template == "anomalies/{sensor_id}" and sink.qos == 0
@@ -184,8 +194,10 @@ def test_reload_applies_the_batching_wait_and_the_log_level_live(daemon):
         ({"windowing": {"stride": 70}}, ["windowing.stride"]),
         ({"metrics": {"port": 9999}}, ["metrics.port"]),
         ({"shard": {"count": 2, "index": 1}}, ["shard.count", "shard.index"]),
-        ({"logging": {"format": "console", "warning_interval_seconds": 5}},
-         ["logging.format", "logging.warning_interval_seconds"]),
+        (
+            {"logging": {"format": "console", "warning_interval_seconds": 5}},
+            ["logging.format", "logging.warning_interval_seconds"],
+        ),
     ],
 )
 def test_reload_names_each_setting_that_needs_a_restart(daemon, sections, keys):

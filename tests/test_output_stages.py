@@ -112,8 +112,12 @@ def test_a_refused_alert_is_counted_under_a_closed_reason(engine, beats, error, 
     assert sink.handle(batch, engine.score(np.stack([w.samples for w in batch])), engine) == 0
     assert value(registry, "monitor_alerts_dropped_total", reason=reason) == 2
     assert value(registry, "monitor_alerts_published_total") == 0
-    labels = {sample.labels["reason"] for sample in registry.collect() for sample in sample.samples
-              if sample.name == "monitor_alerts_dropped_total"}
+    labels = {
+        sample.labels["reason"]
+        for sample in registry.collect()
+        for sample in sample.samples
+        if sample.name == "monitor_alerts_dropped_total"
+    }
     assert labels == set(DROP_REASONS)
 
 
@@ -188,7 +192,9 @@ def test_a_scoring_error_drops_the_batch_and_the_worker_goes_on(engine, beats):
 
 def test_the_heartbeat_stops_while_a_forward_pass_hangs(engine, beats):
     blocking = BlockingScorer(engine)
-    worker, queue, stop, _ = make_worker(dataclasses.replace(engine, scorer=blocking), FakePublisher(), CollectorRegistry())
+    worker, queue, stop, _ = make_worker(
+        dataclasses.replace(engine, scorer=blocking), FakePublisher(), CollectorRegistry()
+    )
     worker.start()
     try:
         wait_until(lambda: worker.progressing(time.monotonic(), 0.3), 10, what="an idle worker to beat")
@@ -214,8 +220,9 @@ def test_ingest_takes_only_its_own_shard(engine, beats):
     registry = CollectorRegistry()
     metrics = Metrics(registry, 64, engine.threshold)
     queue: WindowQueue[Window] = WindowQueue(100)
-    ingest = Ingest(PayloadDecoder(1), WindowAssembler(140, 140, 1, 100, 60.0), queue, metrics, 1,
-                    ShardSettings(index=1, count=3))
+    ingest = Ingest(
+        PayloadDecoder(1), WindowAssembler(140, 140, 1, 100, 60.0), queue, metrics, 1, ShardSettings(index=1, count=3)
+    )
     body = orjson.dumps({"seq": 0, "samples": beats[0][0, :, 0].tolist()})
     sensors = [f"sensor-{i}" for i in range(30)]
     for sensor in sensors:
