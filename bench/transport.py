@@ -31,10 +31,10 @@ from bench.measure import NORMAL_DATA
 from monitor.batching import WindowQueue
 from monitor.config import MqttSettings, ShardSettings
 from monitor.datasets import read_ucr
+from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder
-from monitor.ingest import Ingest
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
 from tests.support import Broker

@@ -33,9 +33,9 @@ from monitor.artifact import ERROR_MEASURE, load_artifact, save_artifact
 from monitor.autoencoder import LSTMAutoencoder
 from monitor.batching import WindowQueue
 from monitor.config import ShardSettings
+from monitor.ingest import Ingest
 from monitor.metrics import Metrics
 from monitor.payload import Message, PayloadDecoder
-from monitor.ingest import Ingest
 from monitor.scoring import Scorer
 from monitor.windowing import Window, WindowAssembler
 from tests.support import SPLITS, Broker, daemon_config, metric, wait_until
