@@ -26,7 +26,7 @@ import torch
 
 from monitor.artifact import ModelArtifact
 from monitor.errors import ConfigError
-from monitor.scoring import Scores, ScoringEngine, ScoringGraph
+from monitor.scoring import BatchScorer, Scores, ScoringGraph
 
 try:
     import onnxruntime as ort
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
     ort = None
 
 OPSET = 17
-RUN_BATCH = 64  # larger batches are run in slices of this size: ORT's LSTM slows beyond it (~15 % at 512), same scores
+RUN_BATCH = 64  # larger batches run in slices of this size: ORT's LSTM slows beyond it (bench/RESULTS.md), same scores
 INPUT = "windows"
 OUTPUTS = ("errors", "profiles")
 
@@ -73,7 +73,7 @@ def session_options(threads: int = 0) -> ort.SessionOptions:
     return options
 
 
-class OnnxScorer(ScoringEngine):
+class OnnxScorer(BatchScorer):
     """Scores `[B, W, C]` float windows with ONNX Runtime on the CPU; a drop-in for `Scorer.score`."""
 
     def __init__(

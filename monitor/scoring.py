@@ -33,7 +33,7 @@ class Scores:
     profiles: np.ndarray
 
 
-class ScoringEngine(ABC):
+class BatchScorer(ABC):
     """What every backend shares: scoring any number of windows in batches. Subclasses implement `score`."""
 
     @abstractmethod
@@ -69,7 +69,7 @@ class ScoringGraph(nn.Module):
         return window_scores(profiles), profiles
 
 
-class Scorer(ScoringEngine):
+class Scorer(BatchScorer):
     """Scores `[B, W, C]` float windows with a model and its normalisation on one device, any batch size."""
 
     def __init__(
