@@ -3,12 +3,17 @@ daemons as real processes. Every fixture stops what it started in a `finally`, e
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from tests.support import Broker, Capture, DaemonProcess, stop_all
+
+T = TypeVar("T")
 
 
 @pytest.fixture(scope="session")
@@ -21,46 +26,49 @@ def broker(tmp_path_factory) -> Iterator[Broker]:
         running.stop()
 
 
-@pytest.fixture
-def broker_factory(tmp_path) -> Iterator[Callable[..., Broker]]:
-    """Brokers of a test's own (to kill, restart, or configure with TLS and passwords)."""
-    made: list[Broker] = []
+def factory(
+    build: Callable[..., T], stop: Callable[[T], object], check: Callable[[T], object] | None = None
+) -> Iterator[Callable[..., T]]:
+    """A fixture body: `make(...)` builds (and optionally checks) one more; teardown stops every one built,
+    including one whose check failed."""
+    made: list[T] = []
 
-    def make(**kwargs) -> Broker:
-        made.append(Broker(tmp_path / f"broker{len(made)}", **kwargs))
+    def make(*args, **kwargs) -> T:
+        made.append(build(*args, **kwargs))
+        if check is not None:
+            check(made[-1])
         return made[-1]
 
     try:
         yield make
     finally:
-        stop_all(item.stop for item in made)
+        stop_all(functools.partial(stop, item) for item in made)
+
+
+@pytest.fixture
+def broker_factory(tmp_path) -> Iterator[Callable[..., Broker]]:
+    """Brokers of a test's own (to kill, restart, or configure with TLS and passwords)."""
+    numbers = itertools.count()
+    yield from factory(lambda **kwargs: Broker(tmp_path / f"broker{next(numbers)}", **kwargs), Broker.stop)
 
 
 @pytest.fixture
 def capture_factory() -> Iterator[Callable[..., Capture]]:
-    made: list[Capture] = []
-
-    def make(port: int, topics: list[str] | None = None, **options) -> Capture:
-        made.append(Capture(port, topics or ["#"], **options))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        stop_all(item.close for item in made)
+    """`make(port, topics=["#"], ...)`: QoS 1 subscribers recording what they receive."""
+    yield from factory(lambda port, topics=None, **options: Capture(port, topics or ["#"], **options), Capture.close)
 
 
 @pytest.fixture
 def daemon_factory() -> Iterator[Callable[..., DaemonProcess]]:
-    made: list[DaemonProcess] = []
+    """`make(config, env=None, ready=True)`: the daemon as a real process; waits for `ready` unless told not to."""
 
-    def make(config: Path, env: dict[str, str] | None = None, ready: bool = True) -> DaemonProcess:
-        made.append(DaemonProcess(config, env))
-        if ready:
-            made[-1].wait_for_event("ready", timeout=60)
-        return made[-1]
+    def build(config: Path, env: dict[str, str] | None = None, ready: bool = True) -> DaemonProcess:
+        daemon = DaemonProcess(config, env)
+        daemon.wait_ready = ready
+        return daemon
 
-    try:
-        yield make
-    finally:
-        stop_all(item.shutdown for item in made)
+    def check(daemon: DaemonProcess) -> None:
+        if daemon.wait_ready:
+            daemon.wait_for_event("ready", timeout=60)
+
+    yield from factory(build, DaemonProcess.shutdown, check)

@@ -16,6 +16,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -61,6 +62,20 @@ def stop_all(stops: Iterable[Callable[[], object]]) -> None:
 def mqtt_settings(port: int, host: str = "127.0.0.1", **options) -> MqttSettings:
     """Settings for a side client of the tests or the bench (MQTT 3.1.1 unless `protocol` says otherwise)."""
     return MqttSettings(host=host, port=port, **{"protocol": "3.1.1", **options})
+
+
+class BlockingScorer:
+    """Scores like `inner` once `release` is set; until then a forward pass hangs (a stalled scorer)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def score(self, windows: Any) -> Any:
+        self.entered.set()
+        self.release.wait(60)
+        return self.inner.score(windows)
 
 
 def free_port() -> int:
@@ -220,6 +235,7 @@ class DaemonProcess:
         self.config = config
         self.metrics_port = yaml.safe_load(config.read_text())["metrics"]["port"]
         self.lines: list[str] = []
+        self.wait_ready = True  # daemon_factory: wait for the `ready` event after starting
         self.lock = threading.Lock()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "monitor", "run", "--config", str(config)],

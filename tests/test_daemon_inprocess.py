@@ -9,11 +9,9 @@ import json
 import logging
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
@@ -22,24 +20,9 @@ from structlog.testing import capture_logs
 from monitor.config import ModelSettings, load_config
 from monitor.daemon import Daemon
 from monitor.datasets import read_ucr
-from monitor.engine import Engine, load_engine
+from monitor.engine import load_engine
 from monitor.metrics import ERROR_BUCKET_FACTORS
-from monitor.scoring import Scores
-from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, wait_until
-
-
-class BlockingScorer:
-    """Scores like the real engine once `release` is set; until then a forward pass hangs."""
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def score(self, windows: np.ndarray) -> Scores:
-        self.entered.set()
-        self.release.wait(60)
-        return self.inner.score(windows)
+from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, daemon_config, wait_until
 
 
 @pytest.fixture

@@ -26,11 +26,10 @@ from monitor.ingest import Ingest, shard_of
 from monitor.log import RateLimiter
 from monitor.metrics import ALERT_DROP_REASONS, Metrics
 from monitor.payload import PayloadDecoder
-from monitor.scoring import Scores
 from monitor.scrape import histogram_quantile
 from monitor.windowing import Window, WindowAssembler
 from monitor.worker import ScoringWorker
-from tests.support import DEFAULT_MODEL, SPLITS, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, wait_until
 
 
 class FakePublisher:
@@ -123,20 +122,6 @@ def test_a_refused_alert_is_counted_under_a_closed_reason(engine, beats, error, 
 
 def test_the_drop_reasons_are_the_metric_labels():
     assert DROP_REASONS == get_args(DropReason) == ALERT_DROP_REASONS
-
-
-class BlockingScorer:
-    """Scores like `inner`, but the first call waits until `release` is set (a hung forward pass)."""
-
-    def __init__(self, inner: Engine) -> None:
-        self.inner = inner
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def score(self, windows: np.ndarray) -> Scores:
-        self.entered.set()
-        self.release.wait(30)
-        return self.inner.score(windows)
 
 
 def make_worker(engine: Engine, publisher: FakePublisher, registry: CollectorRegistry):
