@@ -76,7 +76,9 @@ class Scorer(BatchScorer):
         self, model: LSTMAutoencoder, normalisation: Normalisation, device: torch.device | str = "cpu"
     ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # Frozen as `load_artifact` leaves a model: with parameters that require grad, the traced pass can pick
+        # other kernels and differ in the last bit, so a freshly trained model would not score as its saved copy.
+        self.model = model.to(self.device).eval().requires_grad_(False)
         self.normalisation = normalisation
         self._graph = ScoringGraph(self.model, normalisation.mean, normalisation.std).to(self.device).eval()
         self._traced: dict[int, torch.jit.ScriptModule] = {}
