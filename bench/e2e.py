@@ -21,8 +21,8 @@ import psutil
 import yaml
 
 from bench.measure import NORMAL_DATA, REPO
-from monitor.watch import histogram_quantile
-from tests.conftest import Broker, DaemonProcess, daemon_config
+from monitor.scrape import histogram_quantile
+from tests.support import Broker, DaemonProcess, daemon_config
 
 LATENCY = "monitor_decision_latency_seconds"
 

@@ -207,12 +207,16 @@ def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable
     """The engine's `score` for a backend: torch, onnx (fp32), onnx-int8 (dynamic quantisation), or
     torch-shards (`threads` single-thread torch workers, each scoring a slice of the batch)."""
     if backend == "torch":
-        return Scorer(artifact).score
+        return Scorer.from_artifact(artifact).score
     if backend == "torch-shards":
-        return sharded(Scorer(artifact).score, threads)
+        return sharded(Scorer.from_artifact(artifact).score, threads)
     from monitor.onnx_backend import OnnxScorer
 
-    return OnnxScorer(artifact, threads=threads, quantize=backend == "onnx-int8").score
+    if backend == "onnx-int8":
+        from bench.onnx_int8 import int8_scorer
+
+        return int8_scorer(artifact, threads).score
+    return OnnxScorer(artifact, threads=threads).score
 
 
 def engine_sweep(
@@ -262,7 +266,7 @@ def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray
     The four cases are timed in turn, `repeats` rounds, medians reported: a drift of the machine's speed
     during the measurement hits all four alike."""
     graph = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
-    traced = Scorer(artifact).score
+    traced = Scorer.from_artifact(artifact).score
     batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
 
     def eager(batch: np.ndarray = batch) -> None:
@@ -376,9 +380,10 @@ def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.n
 
 def accuracy(artifact: ModelArtifact, windows: np.ndarray, anomalous: np.ndarray, int8: bool = True) -> dict[str, Any]:
     """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
+    from bench.onnx_int8 import int8_scorer
     from monitor.onnx_backend import OnnxScorer
 
-    reference = Scorer(artifact).score_all(windows)
+    reference = Scorer.from_artifact(artifact).score_all(windows)
     ref_eval = evaluate_scores(reference.errors, anomalous, artifact.threshold)
     out: dict[str, Any] = {
         "data": str(TEST_DATA.relative_to(REPO.parent)),
@@ -388,7 +393,7 @@ def accuracy(artifact: ModelArtifact, windows: np.ndarray, anomalous: np.ndarray
     }
     out["onnx"] = compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), artifact.threshold, anomalous)
     if int8:
-        out["onnx-int8"] = compare_scores(reference, OnnxScorer(artifact, threads=1, quantize=True).score_all(windows), artifact.threshold, anomalous)
+        out["onnx-int8"] = compare_scores(reference, int8_scorer(artifact, threads=1).score_all(windows), artifact.threshold, anomalous)
     return out
 
 

@@ -31,13 +31,13 @@ from bench.measure import NORMAL_DATA
 from monitor.batching import WindowQueue
 from monitor.config import MqttSettings, ShardSettings
 from monitor.datasets import read_ucr
+from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder
-from monitor.pipeline import Ingest
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
-from tests.conftest import Broker
+from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"
 SENSORS = 500

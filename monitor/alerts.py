@@ -1,11 +1,44 @@
-"""The decision (score above the calibrated threshold) and the alert payload (contract section 4)."""
+"""The alert stage: decide (score above the threshold), build the payload (contract section 4), publish, count, log.
+
+`AlertSink.handle` takes one scored window. It publishes through a `Publisher`, which either queues the
+message or raises `PublishRefused` with one of `DROP_REASONS`; any other exception counts as
+`publish_error`, so the `reason` label set stays closed whatever the transport raises.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
+import orjson
+import structlog
+
+from monitor.config import AlertSettings
+from monitor.engine import Engine, ModelIdentity
+from monitor.metrics import Metrics
+from monitor.scoring import Scores
+from monitor.windowing import Window
+
+log = structlog.get_logger("monitor.alerts")
+
+DropReason = Literal["queue_full", "publish_error"]
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)  # the `reason` labels of monitor_alerts_dropped_total
+
+
+class PublishRefused(Exception):
+    """The transport would not take the message; `reason` is one of `DROP_REASONS`."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason: DropReason = reason
+
+
+class Publisher(Protocol):
+    """Queues one message for the broker, or raises `PublishRefused`."""
+
+    def publish(self, topic: str, payload: bytes, qos: int) -> None: ...
 
 
 class ThresholdDecision:
@@ -25,7 +58,7 @@ def build_alert(
     score: float,
     profile: np.ndarray,
     threshold: float,
-    model: dict[str, str],
+    model: ModelIdentity,
     start_ts: float | None = None,
     top_timesteps: int = 5,
     include_profile: bool = False,
@@ -42,7 +75,7 @@ def build_alert(
         "window_end_seq": int(start_seq + window),
         "score": float(score),
         "threshold": float(threshold),
-        "model": model,
+        "model": model.to_dict(),
         "detected_at": time.time() if detected_at is None else detected_at,
     }
     if start_ts is not None:
@@ -53,3 +86,67 @@ def build_alert(
     if include_profile:
         alert["error_profile"] = [round(float(value), 6) for value in profile]
     return alert
+
+
+class AlertSink:
+    """Decides, builds, publishes, counts and logs the alert for each anomalous window of a scored batch."""
+
+    def __init__(
+        self, publisher: Publisher, topic_template: str, qos: int, settings: AlertSettings, metrics: Metrics
+    ) -> None:
+        self.publisher = publisher
+        self.topic_template = topic_template
+        self.qos = qos
+        self.settings = settings
+        self.metrics = metrics
+
+    def handle(self, batch: Sequence[Window], scores: Scores, engine: Engine) -> int:
+        """Publish an alert for each anomalous window; returns how many were queued. Never raises."""
+        decision = ThresholdDecision(engine.threshold)
+        published = 0
+        for index in np.flatnonzero(decision.anomalous(scores.errors)):
+            published += self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+        return published
+
+    def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> bool:
+        alert = build_alert(
+            window.sensor_id,
+            window.start_seq,
+            engine.window,
+            score,
+            profile,
+            engine.threshold,
+            engine.model,
+            window.start_ts,
+            self.settings.top_timesteps,
+            self.settings.include_profile,
+        )
+        self.metrics.anomalies.inc()
+        topic = self.topic_template.format(sensor_id=window.sensor_id)
+        reason: DropReason
+        try:
+            self.publisher.publish(topic, orjson.dumps(alert), self.qos)
+        except PublishRefused as error:
+            reason, detail = error.reason, str(error)
+        except Exception as error:  # noqa: BLE001 - whatever the transport raises, the label set stays closed
+            reason, detail = "publish_error", f"{type(error).__name__}: {error}"
+        else:
+            self.metrics.alerts_published.inc()
+            log.info(
+                "alert_published",
+                sensor_id=window.sensor_id,
+                window_start_seq=window.start_seq,
+                score=round(score, 5),
+                threshold=round(engine.threshold, 5),
+            )
+            return True
+        self.metrics.alerts_dropped.labels(reason).inc()
+        log.error(
+            "alert_dropped",
+            reason=reason,
+            sensor_id=window.sensor_id,
+            window_start_seq=window.start_seq,
+            score=score,
+            error=detail[:300],
+        )
+        return False

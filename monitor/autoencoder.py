@@ -47,3 +47,8 @@ def reconstruction_errors(windows: torch.Tensor, reconstructions: torch.Tensor) 
     The window score is the mean of this profile over time: the mean absolute error of the window.
     """
     return (windows - reconstructions).abs().mean(dim=2)
+
+
+def window_scores(profiles: torch.Tensor) -> torch.Tensor:
+    """A window's score `[B]`: the mean of its error profile over time, i.e. its mean absolute error."""
+    return profiles.mean(dim=1)

@@ -17,7 +17,8 @@ from typing import Generic, Protocol, TypeVar
 
 
 class Timed(Protocol):
-    completed_at: float
+    @property
+    def completed_at(self) -> float: ...
 
 
 ItemT = TypeVar("ItemT", bound=Timed)

@@ -16,7 +16,7 @@ EXIT_USER_ERROR = 2
 
 
 def _speed(text: str) -> float:
-    if text in ("max", "fast"):
+    if text == "max":
         return 0.0
     if text == "realtime":
         return 1.0
@@ -169,14 +169,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.artifact import load_artifact
     from monitor.datasets import read_ucr, require_window
+    from monitor.engine import resolve_device
     from monitor.evaluation import evaluate_scores, format_evaluation
-    from monitor.scoring import Scorer, resolve_device
+    from monitor.scoring import Scorer
 
     device = resolve_device(args.device)
     artifact = load_artifact(args.model, device)
     data = read_ucr(args.data)
     require_window(data, artifact.window, artifact.channels)
-    scores = Scorer(artifact, device).score_all(data.windows).errors
+    scores = Scorer.from_artifact(artifact, device).score_all(data.windows).errors
     result = evaluate_scores(scores, data.is_anomaly(args.normal_label), artifact.threshold)
     if args.json:
         print(json.dumps({"model": {"name": artifact.name, "version": artifact.version}, "data": str(args.data), **result.to_dict()}))
@@ -219,10 +220,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config import load_config
-    from monitor.daemon import build_engine
+    from monitor.engine import load_engine
 
     config = load_config(args.file)
-    build_engine(config.model)
+    load_engine(config.model)
     config.mqtt.resolve_password()
     print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
     return 0

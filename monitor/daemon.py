@@ -1,84 +1,107 @@
 """`monitor run`: wires the stages together and runs the daemon's lifecycle.
 
-Start: config -> logging -> model -> metrics -> pipeline -> scoring thread -> MQTT -> signals.
+Start: config -> logging -> engine -> metrics -> ingest -> scoring thread -> MQTT -> signals.
 Stop (SIGTERM/SIGINT): stop taking input -> score what is queued -> wait (bounded) for the broker to
 acknowledge queued alerts -> disconnect -> stop the metrics server -> exit 0.
-Reload (SIGHUP): re-read the config and the model; a broken one is logged and the old one kept.
+Reload (SIGHUP): re-read the config and the model and apply what can change live (`LIVE_SETTINGS`); every other
+changed setting is logged by key as needing a restart. A broken config or model is logged and the running one kept.
 With `windowing.state_file`, the drain saves the sensors' partial windows and the next start takes them back.
+The systemd watchdog is fed only while the scoring thread makes progress (see `ScoringWorker.progress_at`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import structlog
-import torch
 from prometheus_client import CollectorRegistry
 
 from monitor import systemd
-from monitor.artifact import load_artifact
+from monitor.alerts import AlertSink
 from monitor.batching import MicroBatcher, WindowQueue
 from monitor.config import Config, ModelSettings, load_config
+from monitor.engine import Engine, load_engine
 from monitor.errors import ConfigError, MonitorError
+from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
-from monitor.pipeline import AlertRoute, Engine, Ingest, ScoringWorker
-from monitor.scoring import Scorer, resolve_device
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
+from monitor.worker import ScoringWorker
 
 log = structlog.get_logger("monitor.daemon")
 
 HOUSEKEEPING_SECONDS = 1.0
 SIGNAL_POLL_SECONDS = 0.05
+STALL_SECONDS = 10.0  # no batch and no idle poll for this long: the scorer hangs, the watchdog is no longer fed
 LIFECYCLE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# Settings a SIGHUP applies to the running daemon (a key, or a whole section ending in "."); any other changed
+# setting is logged as `reload_needs_restart` with its key.
+LIVE_SETTINGS = (
+    "model.",
+    "alerts.",
+    "mqtt.alert_topic",
+    "mqtt.alert_qos",
+    "batching.max_wait_seconds",
+    "logging.level",
+)
+
+EngineLoader = Callable[[ModelSettings], Engine]
 
 
-def build_engine(settings: ModelSettings) -> tuple[Engine, dict[str, str]]:
-    """Load the artifact and make the scoring engine; raises a MonitorError for a broken model."""
-    device = resolve_device(settings.device)
-    if settings.threads and settings.threads != torch.get_num_threads():
-        torch.set_num_threads(settings.threads)
-    artifact = load_artifact(settings.path, device)
-    if settings.backend == "onnx":
-        from monitor.onnx_backend import OnnxScorer
+def flatten(section: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """`{"mqtt": {"host": h}}` as `("mqtt.host", h)`."""
+    for key, value in section.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
-        score = OnnxScorer(artifact, threads=settings.threads).score
-    else:
-        score = Scorer(artifact, device).score
-    engine = Engine(score, artifact.threshold, artifact.window, artifact.name, artifact.version)
-    info = {
-        "name": artifact.name,
-        "version": artifact.version,
-        "backend": settings.backend,
-        "device": str(device),
-        "window": str(artifact.window),
-        "channels": str(artifact.channels),
-    }
-    return engine, info
+
+def changed_settings(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    before, after = dict(flatten(old.model_dump())), dict(flatten(new.model_dump()))
+    return sorted(key for key in before.keys() | after.keys() if before.get(key) != after.get(key))
+
+
+def applies_live(key: str) -> bool:
+    return any(key.startswith(live) if live.endswith(".") else key == live for live in LIVE_SETTINGS)
 
 
 class Daemon:
     """The running monitor: one instance per process."""
 
-    def __init__(self, config: Config, config_path: str | Path | None, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | Path | None,
+        registry: CollectorRegistry | None = None,
+        engine_loader: EngineLoader = load_engine,
+    ) -> None:
         self.config = config
+        self.started_config = config  # what the settings that need a restart still have
         self.config_path = config_path
         self.registry = registry or CollectorRegistry()
+        self.load_engine = engine_loader
         self.stop = threading.Event()
         self.signals: list[int] = []
+        self.stall_seconds = STALL_SECONDS
+        self.stalled = False
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT, then drain; returns the exit code."""
         self.init_model()
         self.init_metrics()
-        self.init_pipeline()
+        self.init_ingest()
         self.start_scoring()
         self.start_mqtt()
         self.install_signal_handlers()
@@ -86,33 +109,36 @@ class Daemon:
         return self.drain()
 
     def init_model(self) -> None:
-        self.engine, self.model_info = build_engine(self.config.model)
-        log.info("model_loaded", path=str(self.config.model.path), threshold=self.engine.decision.threshold, **self.model_info)
+        self.engine = self.load_engine(self.config.model)
+        log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
 
     def init_metrics(self) -> None:
-        self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.decision.threshold)
+        self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
         self.metrics_server = None
-        if self.config.metrics.enabled:
+        settings = self.config.metrics
+        if settings.enabled:
             try:
-                self.metrics_server, _ = serve_metrics(self.registry, self.config.metrics.host, self.config.metrics.port)
+                self.metrics_server, _ = serve_metrics(self.registry, settings.host, settings.port)
             except OSError as error:
-                raise ConfigError(f"metrics: cannot listen on {self.config.metrics.host}:{self.config.metrics.port} ({error})") from None
-            log.info("metrics_serving", host=self.config.metrics.host, port=self.metrics_server.server_port, path="/metrics")
+                raise ConfigError(f"metrics: cannot listen on {settings.host}:{settings.port} ({error})") from None
+            log.info("metrics_serving", host=settings.host, port=self.metrics_server.server_port, path="/metrics")
 
     def _set_model_metrics(self) -> None:
-        info = self.model_info
-        self.metrics.set_model(info["name"], info["version"], info["backend"], info["device"], self.engine.decision.threshold)
+        engine = self.engine
+        self.metrics.set_model(engine.model.name, engine.model.version, engine.backend, engine.device, engine.threshold)
 
-    def init_pipeline(self) -> None:
+    def init_ingest(self) -> None:
         config = self.config
-        window = self.engine.window
-        channels = int(self.model_info["channels"])
+        window, channels = self.engine.window, self.engine.channels
+        windowing = config.windowing
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
         self.ingest = Ingest(
-            PayloadDecoder(channels, config.windowing.max_samples_per_message, config.windowing.max_payload_bytes),
-            WindowAssembler(window, config.windowing.stride or window, channels, config.windowing.max_sensors, config.windowing.idle_eviction_seconds),
+            PayloadDecoder(channels, windowing.max_samples_per_message, windowing.max_payload_bytes),
+            WindowAssembler(
+                window, windowing.stride or window, channels, windowing.max_sensors, windowing.idle_eviction_seconds
+            ),
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
@@ -126,9 +152,10 @@ class Daemon:
         path = self.config.windowing.state_file
         if path is None or not path.exists():
             return
+        assembler = self.ingest.assembler
         try:
-            sensors = self.ingest.assembler.restore(orjson.loads(path.read_bytes()), time.monotonic())
-            log.info("window_state_restored", path=str(path), sensors=sensors, samples=self.ingest.assembler.buffered_samples())
+            sensors = assembler.restore(orjson.loads(path.read_bytes()), time.monotonic())
+            log.info("window_state_restored", path=str(path), sensors=sensors, samples=assembler.buffered_samples())
         except (OSError, ValueError) as error:
             log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
         try:
@@ -138,7 +165,7 @@ class Daemon:
 
     def save_windows(self) -> None:
         """Write the partial windows for the next start (atomically); called once no message can arrive."""
-        path = self.config.windowing.state_file
+        path = self.started_config.windowing.state_file
         if path is None:
             return
         state = self.ingest.assembler.snapshot()
@@ -149,13 +176,18 @@ class Daemon:
         except OSError as error:
             log.error("window_state_not_saved", path=str(path), error=str(error))
             return
-        log.info("window_state_saved", path=str(path), sensors=len(state["sensors"]), samples=self.ingest.assembler.buffered_samples())
+        samples = self.ingest.assembler.buffered_samples()
+        log.info("window_state_saved", path=str(path), sensors=len(state["sensors"]), samples=samples)
+
+    def make_sink(self, config: Config) -> AlertSink:
+        mqtt = config.mqtt
+        return AlertSink(self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics)
 
     def start_scoring(self) -> None:
-        batcher = MicroBatcher(self.queue, self.config.batching.max_batch, self.config.batching.max_wait_seconds)
+        batching = self.config.batching
+        self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
         self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics)
-        route = AlertRoute(self.connection.publish_alert, self.config.mqtt.alert_topic, self.config.mqtt.alert_qos, self.config.alerts)
-        self.worker = ScoringWorker(batcher, self.engine, route, self.metrics, self.stop)
+        self.worker = ScoringWorker(self.batcher, self.engine, self.make_sink(self.config), self.metrics, self.stop)
         self.worker.start()
 
     def start_mqtt(self) -> None:
@@ -180,7 +212,7 @@ class Daemon:
                 self.stop.set()
 
     def main_loop(self) -> None:
-        """Signals, systemd readiness and watchdog, housekeeping; returns when asked to stop."""
+        """Signals, systemd readiness, housekeeping and the watchdog; returns when asked to stop."""
         ready_sent = False
         next_housekeeping = 0.0
         while not self.stop.wait(SIGNAL_POLL_SECONDS):
@@ -188,41 +220,60 @@ class Daemon:
             if not ready_sent and self.connection.subscribed.is_set():
                 ready_sent = True
                 systemd.ready()
-                log.info("ready", subscriptions=self.config.mqtt.subscribe)
+                log.info("ready", subscriptions=self.started_config.mqtt.subscribe)
             now = time.monotonic()
-            if now < next_housekeeping:
-                continue
-            next_housekeeping = now + HOUSEKEEPING_SECONDS
-            self.ingest.housekeeping(now)
-            if self.worker.is_alive():
-                systemd.watchdog_ping()
-            else:
-                log.error("scoring_thread_died")
-                self.stop.set()
+            if now >= next_housekeeping:
+                next_housekeeping = now + HOUSEKEEPING_SECONDS
+                self.housekeeping(now)
+
+    def housekeeping(self, now: float) -> None:
+        """Evict idle sensors, refresh gauges, and feed the watchdog only while the scorer makes progress."""
+        self.ingest.housekeeping(now)
+        if not self.worker.is_alive():
+            log.error("scoring_thread_died")
+            self.stop.set()
+        elif self.worker.progressing(now, self.stall_seconds):
+            if self.stalled:
+                self.stalled = False
+                log.info("scoring_resumed")
+            systemd.watchdog_ping()
+        elif not self.stalled:
+            self.stalled = True
+            log.error("scoring_stalled", seconds=round(now - self.worker.progress_at, 1), queued=self.queue.depth())
 
     def reload(self) -> None:
-        """Re-read config and model; keep the running ones if either is broken."""
+        """Re-read config and model; apply the live settings, log the others by key; keep the old ones if broken."""
         systemd.reloading()
         try:
-            new_config = load_config(self.config_path) if self.config_path else self.config
-            engine, info = build_engine(new_config.model)
-            if engine.window != self.engine.window or info["channels"] != self.model_info["channels"]:
+            config = load_config(self.config_path) if self.config_path else self.config
+            engine = self.load_engine(config.model)
+            if (engine.window, engine.channels) != (self.engine.window, self.engine.channels):
                 raise ConfigError(
-                    f"the new model takes windows of {engine.window}x{info['channels']}, the running one "
-                    f"{self.engine.window}x{self.model_info['channels']}: restart the daemon to change shape"
+                    f"the new model takes windows of {engine.window}x{engine.channels}, the running one "
+                    f"{self.engine.window}x{self.engine.channels}: restart the daemon to change shape"
                 )
         except MonitorError as error:
             self.metrics.model_reloads.labels("failure").inc()
-            log.error("reload_failed", error=str(error), keeping_model=self.model_info["version"])
+            log.error("reload_failed", error=str(error), keeping_model=self.engine.model.version)
         else:
-            self.worker.engine = self.engine = engine
-            self.model_info = info
-            self.worker.route.settings = new_config.alerts
-            self.config = new_config
-            self._set_model_metrics()
+            self.apply(config, engine)
             self.metrics.model_reloads.labels("success").inc()
-            log.info("reloaded", threshold=engine.decision.threshold, **info)
+            log.info("reloaded", **engine.describe())
         systemd.ready()
+
+    def apply(self, config: Config, engine: Engine) -> None:
+        """Put a reloaded config and engine into effect, as far as a running daemon can."""
+        previous = self.engine
+        self.engine, self.config = engine, config
+        self.worker.swap(engine, self.make_sink(config))
+        self.batcher.max_wait_seconds = config.batching.max_wait_seconds
+        logging.getLogger().setLevel(config.logging.level.upper())
+        if engine.threshold != previous.threshold:
+            self.metrics.rebuild_error_buckets(engine.threshold)
+        self._set_model_metrics()
+        for key in changed_settings(self.started_config, config):
+            if not applies_live(key):
+                log.warning("reload_needs_restart", key=key)
 
     def drain(self) -> int:
         """Stop input, score the backlog, wait for alert acknowledgements, disconnect; exit code 0."""
@@ -232,7 +283,7 @@ class Daemon:
         self.connection.stop_input()
         self.stop.set()
         self.worker.join()
-        acknowledged = self.connection.wait_for_acknowledgements(self.config.mqtt.drain_timeout_seconds)
+        acknowledged = self.connection.wait_for_acknowledgements(self.started_config.mqtt.drain_timeout_seconds)
         if not acknowledged:
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
         self.connection.close()

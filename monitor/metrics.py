@@ -56,12 +56,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=registry,
         )
-        self.reconstruction_error = Histogram(
-            "monitor_reconstruction_error",
-            "Window scores (mean absolute reconstruction error, normalised units)",
-            buckets=tuple(round(threshold * factor, 6) for factor in ERROR_BUCKET_FACTORS),
-            registry=registry,
-        )
+        self.reconstruction_error = self._error_histogram(threshold)
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
@@ -82,6 +77,19 @@ class Metrics:
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.threshold.set(threshold)
+
+    def _error_histogram(self, threshold: float) -> Histogram:
+        return Histogram(
+            "monitor_reconstruction_error",
+            "Window scores (mean absolute reconstruction error, normalised units)",
+            buckets=tuple(round(threshold * factor, 6) for factor in ERROR_BUCKET_FACTORS),
+            registry=self.registry,
+        )
+
+    def rebuild_error_buckets(self, threshold: float) -> None:
+        """Buckets around a new threshold; the histogram's counts start again from zero, as after a restart."""
+        self.registry.unregister(self.reconstruction_error)
+        self.reconstruction_error = self._error_histogram(threshold)
 
     def set_model(self, name: str, version: str, backend: str, device: str, threshold: float) -> None:
         self.model_info.info({"name": name, "version": version, "backend": backend, "device": device})

@@ -18,12 +18,12 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 
+from monitor.broker import client_id_for, make_client
 from monitor.config import MqttSettings
 from monitor.datasets import WindowSet, read_samples, read_ucr
 from monitor.errors import DataError, MonitorError
-from monitor.source import apply_credentials
 
 log = structlog.get_logger("monitor.replay")
 
@@ -92,14 +92,9 @@ class Replayer:
         self.sensor_id_level = sensor_id_level
         self.qos = qos
         self.connected = threading.Event()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"{settings.client_id}-replay-{time.time_ns() % 10**9}",
-            protocol=mqtt.MQTTv5 if settings.protocol == "5" else mqtt.MQTTv311,
-        )
+        self.client = make_client(settings, client_id_for(settings, "replay"))
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        apply_credentials(self.client, settings)
         self.client.on_connect = lambda client, userdata, flags, code, props: None if code.is_failure else self.connected.set()
 
     def connect(self, timeout_seconds: float = 10.0) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import structlog
-import torch
 
 from monitor.scoring import Scorer
 from monitor.training import TrainingResult
@@ -28,7 +27,7 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
         log.warning("report_skipped", reason="matplotlib is not installed (pip install 'monitor[report]')")
         return []
     directory.mkdir(parents=True, exist_ok=True)
-    scorer = Scorer(result.artifact)
+    scorer = Scorer.from_artifact(result.artifact)
     threshold = result.calibration.threshold
     written = []
 
@@ -51,7 +50,7 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
         groups += [("evaluation normal", errors[~anomalous]), ("evaluation anomalous", errors[anomalous])]
     bins = np.linspace(0, np.quantile(np.concatenate([g[1] for g in groups]), 0.995), 80)
     for label, values in groups:
-        axes.hist(values, bins=bins, alpha=0.5, density=True, label=f"{label} ({len(values)})")
+        axes.hist(values, bins=list(bins), alpha=0.5, density=True, label=f"{label} ({len(values)})")
     axes.axvline(threshold, color="red", label=f"threshold {threshold:.4f} ({result.calibration.method})")
     axes.set(xlabel="window score (mean absolute error)", ylabel="density", title="Reconstruction error")
     axes.legend()
@@ -62,10 +61,7 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
         chosen = [("normal", i) for i in np.flatnonzero(~anomalous)[:examples]]
         chosen += [("anomalous", i) for i in np.flatnonzero(anomalous)[:examples]]
         figure, grid = plt.subplots(2, examples, figsize=(4 * examples, 6), sharey=True, squeeze=False)
-        artifact = result.artifact
-        with torch.inference_mode():
-            batch = artifact.normalisation.apply(data.windows[[i for _, i in chosen]])
-            reconstructed = artifact.model(torch.from_numpy(batch)).numpy()
+        batch, reconstructed = scorer.reconstruct(data.windows[[i for _, i in chosen]])
         scores = scorer.score(data.windows[[i for _, i in chosen]]).errors
         for slot, ((kind, index), axes) in enumerate(zip(chosen, grid.flat, strict=False)):
             axes.plot(batch[slot, :, 0], label="input")

@@ -1,14 +1,13 @@
-"""The scoring engine: normalise a batch of windows, one forward pass, the error of every window.
+"""The scoring pass: normalise a batch of windows, reconstruct it, the error of every window; one forward pass.
 
-Training, `monitor evaluate` and the daemon all score through this class, so the same windows
-get the same scores everywhere. The threshold decision is not made here (see `alerts`).
+Training (calibration and evaluation), `monitor evaluate`, the report, the benchmarks and the daemon all score
+through `Scorer`, so the same windows get the same scores everywhere. The threshold decision is not made here
+(see `alerts`); the device is resolved and checked in `engine`.
 
-`Scorer` runs the whole pass (`ScoringGraph`) as a TorchScript trace: one call from Python per
-batch, during which the GIL is released. Run op by op from Python, the pass takes the GIL back
-after each of its ~20 operations, and in the daemon, where paho's thread is busy with Python, each
-of those waits can last the interpreter's switch interval (5 ms). Next to a busy Python thread, at
-batch 64 on one thread: 632 windows/s op by op, 2,568 for the trace (bench/RESULTS.md, "GIL").
-The trace runs the same kernels on the same inputs, so its scores are the eager model's, bit for bit
+`Scorer` runs the whole pass (`ScoringGraph`) as a TorchScript trace: one call from Python per batch, during
+which the GIL is released, where the pass run op by op from Python would take the GIL back after each of its
+~20 operations (bench/RESULTS.md, "GIL", has the measured difference next to a busy Python thread). The trace
+runs the same kernels on the same inputs, so its scores are the eager model's, bit for bit
 (tests/test_autoencoder.py checks it).
 """
 
@@ -22,9 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from monitor.artifact import ModelArtifact
-from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors
-from monitor.errors import ConfigError
+from monitor.artifact import ModelArtifact, Normalisation
+from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
 
 
 @dataclass(frozen=True)
@@ -35,32 +33,8 @@ class Scores:
     profiles: np.ndarray
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when a GPU is present, else the CPU; `cuda` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device: {name!r} was asked for, but no CUDA device is available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ConfigError(f"model.device: {name!r} is not one of auto, cpu, cuda")
-    return torch.device(name)
-
-
-class ScoringEngine(ABC):
-    """What every backend shares: an artifact's shape, and scoring any number of windows in batches.
-
-    Subclasses implement `score`, one batch in one pass.
-    """
-
-    artifact: ModelArtifact
-
-    @property
-    def window(self) -> int:
-        return self.artifact.window
-
-    @property
-    def channels(self) -> int:
-        return self.artifact.channels
+class BatchScorer(ABC):
+    """What every backend shares: scoring any number of windows in batches. Subclasses implement `score`."""
 
     @abstractmethod
     def score(self, windows: np.ndarray) -> Scores:
@@ -70,12 +44,15 @@ class ScoringEngine(ABC):
         """Score any number of windows in batches of `batch_size`."""
         parts = [self.score(windows[start : start + batch_size]) for start in range(0, len(windows), batch_size)]
         if not parts:
-            return Scores(np.zeros(0, np.float32), np.zeros((0, self.window), np.float32))
+            return Scores(np.zeros(0, np.float32), np.zeros((0, windows.shape[1]), np.float32))
         return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))
 
 
 class ScoringGraph(nn.Module):
     """The whole scoring pass as one module: raw windows in, (mean error, per-timestep error profile) out."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, model: LSTMAutoencoder, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
@@ -83,30 +60,58 @@ class ScoringGraph(nn.Module):
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
         self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
 
+    def normalise(self, windows: torch.Tensor) -> torch.Tensor:
+        return (windows - self.mean) / self.std
+
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = (windows - self.mean) / self.std
+        batch = self.normalise(windows)
         profiles = reconstruction_errors(batch, self.model(batch))
-        return profiles.mean(dim=1), profiles
+        return window_scores(profiles), profiles
 
 
-class Scorer(ScoringEngine):
-    """Scores `[B, W, C]` float windows with a loaded artifact on one device, any batch size."""
+class Scorer(BatchScorer):
+    """Scores `[B, W, C]` float windows with a model and its normalisation on one device, any batch size."""
 
-    def __init__(self, artifact: ModelArtifact, device: torch.device | str = "cpu") -> None:
-        self.artifact = artifact
+    def __init__(
+        self, model: LSTMAutoencoder, normalisation: Normalisation, device: torch.device | str = "cpu"
+    ) -> None:
         self.device = torch.device(device)
-        self.model = artifact.model.to(self.device)
-        graph = ScoringGraph(self.model, artifact.normalisation.mean, artifact.normalisation.std).to(self.device).eval()
-        with torch.inference_mode(), warnings.catch_warnings():
-            # nn.LSTM's input and state shape checks warn when traced; they are checks, not computation, and the
-            # batch size is read from the input at run time (nn.LSTM sizes its state from it): any batch works.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            example = torch.zeros(2, artifact.window, artifact.channels, device=self.device)
-            self._graph = torch.jit.trace(graph, example, check_trace=False)
+        # Frozen as `load_artifact` leaves a model: with parameters that require grad, the traced pass can pick
+        # other kernels and differ in the last bit, so a freshly trained model would not score as its saved copy.
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.normalisation = normalisation
+        self._graph = ScoringGraph(self.model, normalisation.mean, normalisation.std).to(self.device).eval()
+        self._traced: dict[int, torch.jit.ScriptModule] = {}
+
+    @classmethod
+    def from_artifact(cls, artifact: ModelArtifact, device: torch.device | str = "cpu") -> Scorer:
+        """A scorer for a loaded artifact, traced for its window length up front."""
+        scorer = cls(artifact.model, artifact.normalisation, device)
+        scorer._traced_for(artifact.window)
+        return scorer
+
+    def _traced_for(self, window: int) -> torch.jit.ScriptModule:
+        """The pass traced for one window length (the decoder repeats the embedding `window` times)."""
+        traced = self._traced.get(window)
+        if traced is None:
+            with torch.inference_mode(), warnings.catch_warnings():
+                # nn.LSTM's input and state shape checks warn when traced; they are checks, not computation, and the
+                # batch size is read from the input at run time (nn.LSTM sizes its state from it): any batch works.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                example = torch.zeros(2, window, self.model.channels, device=self.device)
+                traced = self._traced[window] = torch.jit.trace(self._graph, example, check_trace=False)
+        return traced
 
     def score(self, windows: np.ndarray) -> Scores:
         """Score one batch in a single forward pass."""
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
-            errors, profiles = self._graph(batch)
+            errors, profiles = self._traced_for(batch.shape[1])(batch)
             return Scores(errors.cpu().numpy(), profiles.cpu().numpy())
+
+    def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised windows and their reconstructions (the report's plots), by the scoring pass' own steps."""
+        with torch.inference_mode():
+            batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
+            normalised = self._graph.normalise(batch)
+            return normalised.cpu().numpy(), self.model(normalised).cpu().numpy()

@@ -46,9 +46,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """`MONITOR_MQTT__PASSWORD=x` becomes `{"mqtt": {"password": "x"}}`; values are parsed as YAML scalars."""
-    environ = os.environ if environ is None else environ
+    variables = os.environ if environ is None else environ
     overrides: dict[str, Any] = {}
-    for name, raw in environ.items():
+    for name, raw in variables.items():
         if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
             continue
         keys = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]

@@ -1,4 +1,5 @@
-"""The MQTT side of the daemon (paho-mqtt 2.x): input subscriptions, alert publishing, status topic.
+"""The daemon's broker connection (paho-mqtt 2.x): input subscriptions, alert publishing
+(the alert sink's `Publisher`), status topic.
 
 paho runs its own network thread. Subscriptions are made in `on_connect`, so every reconnect
 resubscribes; a persistent session (MQTT v5 session expiry, or clean_session=False on 3.1.1)
@@ -9,62 +10,26 @@ reconnect, so no home-made "connected" flag ever gates publishing.
 
 from __future__ import annotations
 
-import logging
-import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from monitor.alerts import DropReason, PublishRefused
+from monitor.broker import make_client
 from monitor.config import MqttSettings
-from monitor.errors import ConfigError
 from monitor.metrics import Metrics
 
 log = structlog.get_logger("monitor.mqtt")
 
 MessageHandler = Callable[[str, bytes, float], None]
-
-
-class _QuietReconnectLoop(logging.Filter):
-    """Drops paho's "Client is not connected" error, which it logs on every reconnect cycle:
-    `broker_connect_failed` already reports each attempt once, with its reason."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Client is not connected")
-
-
-class PublishRefused(Exception):
-    """paho refused to queue a publish; `reason` is a closed label (queue_full, publish_error)."""
-
-    def __init__(self, reason: str, code: MQTTErrorCode) -> None:
-        super().__init__(f"{reason} ({mqtt.error_string(code)})")
-        self.reason = reason
-
-
-def apply_credentials(client: mqtt.Client, settings: MqttSettings) -> None:
-    """Username/password and TLS (server verification, optional client certificate) from the config.
-
-    Every client of the monitor (daemon, replay, watch) connects through this, so they authenticate alike.
-    """
-    if settings.username is not None:
-        client.username_pw_set(settings.username, settings.resolve_password())
-    if settings.tls.enabled:
-        try:
-            client.tls_set(
-                ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
-                certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
-                keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
-                cert_reqs=ssl.CERT_REQUIRED,
-            )
-        except (ssl.SSLError, OSError) as error:
-            raise ConfigError(f"mqtt.tls: cannot load the certificates ({error})") from None
-        client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)
 
 
 class MqttConnection:
@@ -87,23 +52,13 @@ class MqttConnection:
 
     def _make_client(self) -> mqtt.Client:
         settings = self.settings
-        v5 = settings.protocol == "5"
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=settings.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else not settings.persistent_session,
-            manual_ack=True,
+        client = make_client(settings, persistent_session=settings.persistent_session, manual_ack=True)
+        client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds))
         )
-        paho_log = logging.getLogger("paho.mqtt.client")
-        if not any(isinstance(existing, _QuietReconnectLoop) for existing in paho_log.filters):
-            paho_log.addFilter(_QuietReconnectLoop())
-        client.enable_logger(paho_log)
-        client.reconnect_delay_set(max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds)))
         client.max_queued_messages_set(settings.max_queued_alerts)
         client.max_inflight_messages_set(settings.max_inflight)
         client.will_set(self.status_topic, b"offline", qos=1, retain=True)
-        apply_credentials(client, settings)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -116,14 +71,17 @@ class MqttConnection:
         """Connect in the background; paho retries with backoff until the broker answers."""
         settings = self.settings
         properties = None
-        clean_start: bool | int = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
         if settings.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = settings.session_expiry_seconds if settings.persistent_session else 0
             clean_start = not settings.persistent_session
-        self.client.connect_async(settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties)
+        self.client.connect_async(
+            settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties
+        )
         self.client.loop_start()
-        self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
+        if self.client._thread is not None:
+            self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
         log.info(
             "broker_connecting",
             host=settings.host,
@@ -141,7 +99,12 @@ class MqttConnection:
             return
         self.metrics.broker_connected.set(1)
         self.metrics.broker_connects.inc()
-        log.info("broker_connected", host=self.settings.host, port=self.settings.port, session_present=bool(getattr(flags, "session_present", False)))
+        log.info(
+            "broker_connected",
+            host=self.settings.host,
+            port=self.settings.port,
+            session_present=bool(getattr(flags, "session_present", False)),
+        )
         # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
         status = client.publish(self.status_topic, b"online", qos=1, retain=True)
         if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # a refused one (queue full of alerts) never gets a PUBACK
@@ -194,7 +157,7 @@ class MqttConnection:
 
     # used by the scoring thread and the lifecycle
 
-    def publish_alert(self, topic: str, payload: bytes, qos: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int) -> None:
         """Queue an alert; paho sends it now or after reconnecting. Raises PublishRefused when it cannot.
 
         Counted as pending before the call (its acknowledgement may be handled before `publish`
@@ -206,7 +169,8 @@ class MqttConnection:
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return
         self._add_published(-1)
-        raise PublishRefused("queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error", info.rc)
+        reason: DropReason = "queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error"
+        raise PublishRefused(reason, mqtt.error_string(info.rc))
 
     def _add_published(self, count: int) -> None:
         with self._count_lock:

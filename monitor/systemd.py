@@ -45,20 +45,3 @@ def reloading() -> bool:
 
 def watchdog_ping() -> bool:
     return notify("WATCHDOG=1")
-
-
-def status(text: str) -> bool:
-    """A one-line status shown by `systemctl status`."""
-    return notify(f"STATUS={text.replace(chr(10), ' ')}")
-
-
-def watchdog_interval_seconds() -> float | None:
-    """How often to ping the watchdog (half of `$WATCHDOG_USEC`), or None when no watchdog is aimed at this process."""
-    pid = os.environ.get("WATCHDOG_PID")
-    if pid and pid != str(os.getpid()):
-        return None
-    try:
-        usec = int(os.environ.get("WATCHDOG_USEC", ""))
-    except ValueError:
-        return None
-    return usec / 2_000_000 if usec > 0 else None

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from monitor import __version__
 from monitor.artifact import ERROR_MEASURE, ModelArtifact, Normalisation, save_artifact
-from monitor.autoencoder import LSTMAutoencoder
+from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
 from monitor.calibration import Calibration, calibrate
 from monitor.datasets import WindowSet, read_windows, require_window
 from monitor.errors import DataError
@@ -108,7 +108,7 @@ def _mean_error(model: LSTMAutoencoder, windows: torch.Tensor, batch_size: int =
     with torch.inference_mode():
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
-            total += float((model(batch) - batch).abs().mean(dim=(1, 2)).sum())
+            total += float(window_scores(reconstruction_errors(batch, model(batch))).sum())
     return total / len(windows)
 
 
@@ -169,8 +169,7 @@ def train(settings: TrainSettings) -> TrainingResult:
     )
     model, train_losses, val_losses, best_epoch = fit_model(settings, normalisation.apply(fit.windows), normalisation.apply(validation))
     seconds = time.perf_counter() - started
-    provisional = ModelArtifact(model, normalisation, float("inf"), fit.window, fit.channels, settings.name, "", {})
-    scorer = Scorer(provisional)
+    scorer = Scorer(model, normalisation)
     calibration = calibrate(scorer.score_all(calibration_windows).errors, settings.threshold.method, settings.threshold.params)
     evaluation, evaluation_data = None, None
     if settings.evaluate_data is not None:

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from prometheus_client.parser import text_string_to_metric_families
 
+from monitor.broker import client_id_for, make_client
 from monitor.config import MqttSettings
 from monitor.errors import MonitorError
 from monitor.evaluation import evaluate_scores
-from monitor.source import apply_credentials
+from monitor.scrape import histogram_quantile, scrape_metrics
 
 
 @dataclass
@@ -57,37 +54,6 @@ def read_labels(path: str | Path) -> dict[tuple[str, int], int]:
     return labels
 
 
-def scrape_metrics(url: str) -> dict[str, list]:
-    """{sample name: [(labels, value), ...]} from a Prometheus endpoint."""
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
-
-
-def histogram_quantile(quantile: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus' histogram_quantile over cumulative counts by upper bound (`le`): linear inside the bucket
-    holding rank quantile*count; None for an empty histogram."""
-    points = sorted(buckets.items())
-    total = points[-1][1] if points else 0.0
-    if total <= 0:
-        return None
-    rank = quantile * total
-    lower_bound, lower_count = 0.0, 0.0
-    for upper_bound, count in points:
-        if count >= rank:
-            if upper_bound == float("inf"):
-                return lower_bound  # beyond the last finite bucket: its bound, as Prometheus does
-            if count == lower_count:
-                return upper_bound
-            return lower_bound + (upper_bound - lower_bound) * (rank - lower_count) / (count - lower_count)
-        lower_bound, lower_count = upper_bound, count
-    return lower_bound
-
-
 def _milliseconds(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
 
@@ -102,18 +68,24 @@ def summary(log: AlertLog, labels: dict[tuple[str, int], int], normal_label: int
         "",
         "summary",
         f"  windows replayed   {len(keys)}  ({sum(anomalous)} anomalous by label)",
-        f"  alerts received    {len(log.alerts)}  (duplicates {log.duplicates}, outside the labelled windows {unlabelled})",
-        f"  precision {result.precision:.4f}  recall {result.recall:.4f}  F1 {result.f1:.4f}  false-positive rate {result.fpr:.4f}",
+        f"  alerts received    {len(log.alerts)}  "
+        f"(duplicates {log.duplicates}, outside the labelled windows {unlabelled})",
+        f"  precision {result.precision:.4f}  recall {result.recall:.4f}  F1 {result.f1:.4f}  "
+        f"false-positive rate {result.fpr:.4f}",
         f"  confusion: tp {result.tp}  fp {result.fp}  fn {result.fn}  tn {result.tn}",
     ]
     if metrics_url:
         samples = scrape_metrics(metrics_url)
         value = lambda name: sum(v for _, v in samples.get(name, []))  # noqa: E731
-        latency = {float(labels["le"]): count for labels, count in samples.get("monitor_decision_latency_seconds_bucket", [])}
+        latency = {
+            float(labels["le"]): count for labels, count in samples.get("monitor_decision_latency_seconds_bucket", [])
+        }
         lines += [
-            f"  daemon: windows scored {value('monitor_windows_scored_total'):.0f}, alerts published {value('monitor_alerts_published_total'):.0f}, "
+            f"  daemon: windows scored {value('monitor_windows_scored_total'):.0f}, "
+            f"alerts published {value('monitor_alerts_published_total'):.0f}, "
             f"windows dropped {value('monitor_windows_dropped_total'):.0f}",
-            f"  decision latency p50 {_milliseconds(histogram_quantile(0.5, latency))}, p99 {_milliseconds(histogram_quantile(0.99, latency))}",
+            f"  decision latency p50 {_milliseconds(histogram_quantile(0.5, latency))}, "
+            f"p99 {_milliseconds(histogram_quantile(0.99, latency))}",
         ]
     return "\n".join(lines)
 
@@ -130,8 +102,7 @@ def watch(
     """Print alerts until nothing has arrived for `idle_seconds` after the labelled windows were all scored."""
     log = AlertLog()
     connected = threading.Event()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{settings.client_id}-watch-{time.time_ns() % 10**9}")
-    apply_credentials(client, settings)
+    client = make_client(settings, client_id_for(settings, "watch"))
 
     def on_connect(client, userdata, flags, reason_code, properties):
         if not reason_code.is_failure:
@@ -147,7 +118,8 @@ def watch(
             return
         if log.add(alert) and not quiet:
             print(
-                f"ALERT {alert.get('sensor_id')}  window {alert.get('window_start_seq')}-{alert.get('window_end_seq')}  "
+                f"ALERT {alert.get('sensor_id')}  "
+                f"window {alert.get('window_start_seq')}-{alert.get('window_end_seq')}  "
                 f"score {alert.get('score', 0):.3f} > {alert.get('threshold', 0):.3f}",
                 flush=True,
             )

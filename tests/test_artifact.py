@@ -19,7 +19,7 @@ from monitor.datasets import read_ucr
 from monitor.errors import ArtifactError
 from monitor.scoring import Scorer
 from monitor.training import TrainSettings, train
-from tests.conftest import SPLITS, run_cli
+from tests.support import SPLITS, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_round_trip_scores_and_metadata(trained, beats):
     np.testing.assert_array_equal(loaded.normalisation.std, result.artifact.normalisation.std)
     for key, value in result.artifact.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
-    before = Scorer(result.artifact).score(beats).errors
-    after = Scorer(loaded).score(beats).errors
+    before = Scorer.from_artifact(result.artifact).score(beats).errors
+    after = Scorer.from_artifact(loaded).score(beats).errors
     np.testing.assert_array_equal(after, before)
     assert not loaded.model.training
     assert not any(p.requires_grad for p in loaded.model.parameters())

@@ -7,11 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from monitor.artifact import ModelArtifact, Normalisation, load_artifact
+from monitor.artifact import Normalisation, load_artifact
 from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors
 from monitor.datasets import read_ucr
-from monitor.scoring import Scorer, ScoringGraph, resolve_device
-from tests.conftest import DEFAULT_MODEL, SPLITS
+from monitor.engine import resolve_device
+from monitor.scoring import Scorer, ScoringGraph
+from tests.support import DEFAULT_MODEL, SPLITS
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +28,7 @@ def make_scorer(window: int = 140, channels: int = 1, embedding_dim: int = 16, s
     torch.manual_seed(seed)
     model = LSTMAutoencoder(channels, embedding_dim).eval()
     normalisation = Normalisation(np.full(channels, mean, np.float32), np.full(channels, std, np.float32))
-    artifact = ModelArtifact(model, normalisation, 1.0, window, channels, "test", "0", {})
-    return Scorer(artifact, "cpu")
+    return Scorer(model, normalisation, "cpu")
 
 
 @pytest.mark.parametrize(("batch", "window", "channels", "embedding_dim"), [
@@ -147,7 +147,7 @@ def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
     """Scorer runs a TorchScript trace of ScoringGraph (one GIL release per batch); its scores must be the
     eager module's exactly, at every batch size (the trace was made with a batch of 2), on real data."""
     artifact = load_artifact(DEFAULT_MODEL)
-    scorer = Scorer(artifact)
+    scorer = Scorer.from_artifact(artifact)
     eager = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
     windows = read_ucr(SPLITS / "test.txt").windows
     flagged = 0

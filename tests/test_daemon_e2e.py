@@ -8,7 +8,7 @@ import pytest
 from monitor.artifact import load_artifact
 from monitor.datasets import read_ucr
 from monitor.scoring import Scorer
-from tests.conftest import DEFAULT_MODEL, SPLITS, daemon_config, metric, run_cli, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +26,7 @@ def expected_alerts(path, sensors: int) -> tuple[set[tuple[str, int]], float, in
     """What `monitor evaluate` flags on the same beats, as (sensor id, window start seq) pairs."""
     artifact = load_artifact(DEFAULT_MODEL)
     data = read_ucr(path)
-    errors = Scorer(artifact).score_all(data.windows).errors
+    errors = Scorer.from_artifact(artifact).score_all(data.windows).errors
     flagged = np.flatnonzero(errors > artifact.threshold)
     pairs = {(f"sensor-{index % sensors:04d}", (index // sensors) * artifact.window) for index in flagged}
     return pairs, artifact.threshold, artifact.window

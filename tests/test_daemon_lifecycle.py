@@ -12,7 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.conftest import DEFAULT_MODEL, SPLITS, daemon_config, metric, run_cli, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 WINDOW = 140

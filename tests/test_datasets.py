@@ -20,7 +20,7 @@ from monitor.datasets import (
     require_window,
 )
 from monitor.errors import DataError
-from tests.conftest import SPLITS
+from tests.support import SPLITS
 
 
 def ucr_line(label: float, values) -> str:

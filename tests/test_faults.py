@@ -33,12 +33,12 @@ from monitor.artifact import ERROR_MEASURE, load_artifact, save_artifact
 from monitor.autoencoder import LSTMAutoencoder
 from monitor.batching import WindowQueue
 from monitor.config import ShardSettings
+from monitor.ingest import Ingest
 from monitor.metrics import Metrics
 from monitor.payload import Message, PayloadDecoder
-from monitor.pipeline import Ingest
 from monitor.scoring import Scorer
 from monitor.windowing import Window, WindowAssembler
-from tests.conftest import SPLITS, Broker, daemon_config, metric, wait_until
+from tests.support import SPLITS, Broker, daemon_config, metric, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def beats(count: int) -> np.ndarray:
 def models(tmp_path_factory) -> Models:
     root = tmp_path_factory.mktemp("models")
     median = make_model(root / "median", 4, 0.0, seed=1)
-    errors = np.sort(Scorer(load_artifact(median)).score_all(beats(400)[:, :, None]).errors)
+    errors = np.sort(Scorer.from_artifact(load_artifact(median)).score_all(beats(400)[:, :, None]).errors)
     middle = len(errors) // 2
     set_threshold(median, float((errors[middle - 1] + errors[middle]) / 2))  # as far from both neighbours as possible
     return Models(make_model(root / "alert_all", 4, 0.0), median, make_model(root / "slow", 128, 1e9))
@@ -108,7 +108,7 @@ def expected_alerts(model: Path, streams: dict[str, np.ndarray]) -> set[tuple[st
         for k in range(len(stream) // WINDOW):
             keys.append((sensor_id, k * WINDOW))
             windows.append(stream[k * WINDOW : (k + 1) * WINDOW])
-    errors = Scorer(artifact).score_all(np.stack(windows)[:, :, None]).errors
+    errors = Scorer.from_artifact(artifact).score_all(np.stack(windows)[:, :, None]).errors
     return {key for key, error in zip(keys, errors, strict=True) if error > artifact.threshold}
 
 

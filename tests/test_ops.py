@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from monitor.config import Config
-from tests.conftest import SPLITS, DaemonProcess, daemon_config, free_port, metric, wait_until
+from tests.support import SPLITS, DaemonProcess, daemon_config, free_port, metric, terminate, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "monitor.service"
@@ -212,16 +213,21 @@ def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     directory = tmp_path_factory.mktemp("ops-daemon")
     config = daemon_config(directory / "monitor.yaml", broker.port)
     daemon = DaemonProcess(config)
-    daemon.wait_for_event("ready", timeout=60)
-    replay = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", "20", "--speed", "1"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    wait_until(lambda: metric(daemon.scrape(), "monitor_alerts_published_total") > 0, 60, what="the first alerts")
-    yield f"127.0.0.1:{daemon.metrics_port}"
-    replay.kill()
-    replay.wait()
-    assert daemon.stop() == 0
+    replay = None
+    try:
+        daemon.wait_for_event("ready", timeout=60)
+        replay = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt"),
+             "--sensors", "20", "--speed", "1"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: metric(daemon.scrape(), "monitor_alerts_published_total") > 0, 60, what="the first alerts")
+        yield f"127.0.0.1:{daemon.metrics_port}"
+        assert daemon.stop() == 0
+    finally:
+        if replay is not None:
+            terminate(replay, first=signal.SIGKILL)
+        daemon.shutdown()
 
 
 def http_json(url: str) -> dict:
@@ -264,12 +270,7 @@ def prometheus(tmp_path_factory, metrics_target) -> Iterator[str]:
         assert process.poll() is None, (workdir / "prometheus.log").read_text()
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process)
 
 
 def query(prometheus: str, expr: str) -> dict:

@@ -24,7 +24,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from monitor.config import Config, MetricsSettings
-from tests.conftest import DEFAULT_MODEL, SPLITS, daemon_config, free_port, run_cli, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, free_port, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import time
@@ -30,18 +29,12 @@ def notify_socket(tmp_path, monkeypatch):
         (systemd.ready, "READY=1"),
         (systemd.stopping, "STOPPING=1"),
         (systemd.watchdog_ping, "WATCHDOG=1"),
-        (lambda: systemd.status("scoring 12 sensors"), "STATUS=scoring 12 sensors"),
         (lambda: systemd.notify("READY=1\nSTATUS=up"), "READY=1\nSTATUS=up"),
     ],
 )
 def test_datagrams(notify_socket, send, expected):
     assert send() is True
     assert notify_socket() == expected
-
-
-def test_status_stays_one_line(notify_socket):
-    assert systemd.status("broker\ndown")
-    assert notify_socket() == "STATUS=broker down"
 
 
 def test_reloading_carries_monotonic_usec(notify_socket):
@@ -72,23 +65,3 @@ def test_unset_socket_is_a_no_op(monkeypatch):
 def test_unreachable_socket_returns_false(tmp_path, monkeypatch):
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "nobody-listens"))
     assert systemd.ready() is False
-
-
-@pytest.mark.parametrize(
-    ("usec", "pid", "expected"),
-    [
-        ("30000000", None, 15.0),
-        ("30000000", "self", 15.0),
-        ("30000000", "other", None),
-        (None, None, None),
-        ("0", None, None),
-        ("garbage", None, None),
-    ],
-)
-def test_watchdog_interval(monkeypatch, usec, pid, expected):
-    for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", {"self": str(os.getpid()), "other": "1"}.get(pid))):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, value)
-    assert systemd.watchdog_interval_seconds() == expected

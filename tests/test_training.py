@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from monitor.training import TrainSettings, train
-from tests.conftest import DEFAULT_MODEL, REPO, SPLITS, run_cli
+from tests.support import DEFAULT_MODEL, REPO, SPLITS, run_cli
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,106 @@
+"""What the daemon scores with: `load_engine(settings)` resolves and places the device, loads and checks the
+artifact and builds the configured backend, into one typed, immutable `Engine`.
+
+`monitor run`, `monitor check-config` and the tests all load through here, so a model that passes the
+check is the model the daemon runs. A broken artifact or device raises a `MonitorError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from monitor.artifact import load_artifact
+from monitor.config import ModelSettings
+from monitor.errors import ConfigError
+from monitor.scoring import Scorer, Scores
+
+Backend = Literal["torch", "onnx"]
+
+
+class WindowScorer(Protocol):
+    """A backend: scores one `[B, W, C]` batch in one pass."""
+
+    def score(self, windows: np.ndarray) -> Scores: ...
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model named in every alert and in the `monitor_model` info metric."""
+
+    name: str
+    version: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A loaded model ready to score: swapped as a whole on reload, never changed in place."""
+
+    scorer: WindowScorer
+    threshold: float
+    window: int
+    channels: int
+    model: ModelIdentity
+    backend: Backend
+    device: str
+
+    def score(self, windows: np.ndarray) -> Scores:
+        return self.scorer.score(windows)
+
+    def describe(self) -> dict[str, str | int | float]:
+        """The engine as log fields."""
+        return {
+            "name": self.model.name,
+            "version": self.model.version,
+            "backend": self.backend,
+            "device": self.device,
+            "window": self.window,
+            "channels": self.channels,
+            "threshold": self.threshold,
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when a GPU is present, else the CPU; `cuda` without a GPU is an error (`model.device`)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and name != "cuda" and not name.startswith("cuda:"):
+        raise ConfigError(f"model.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} was asked for, but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"model.device: {name!r} is not a device ({error})") from None
+
+
+def load_engine(settings: ModelSettings) -> Engine:
+    """Load the artifact onto the resolved device and build the configured backend; raises a MonitorError."""
+    device = resolve_device(settings.device)
+    if settings.threads and settings.threads != torch.get_num_threads():
+        torch.set_num_threads(settings.threads)
+    artifact = load_artifact(settings.path, device)
+    scorer: WindowScorer
+    if settings.backend == "onnx":
+        if device.type != "cpu":
+            raise ConfigError(f"model.backend: onnx runs on the CPU, but model.device resolved to {device}")
+        from monitor.onnx_backend import OnnxScorer
+
+        scorer = OnnxScorer(artifact, threads=settings.threads)
+    else:
+        scorer = Scorer.from_artifact(artifact, device)
+    return Engine(
+        scorer=scorer,
+        threshold=artifact.threshold,
+        window=artifact.window,
+        channels=artifact.channels,
+        model=ModelIdentity(artifact.name, artifact.version),
+        backend=settings.backend,
+        device=str(device),
+    )

@@ -1,0 +1,110 @@
+"""The input stage, on paho's network thread: message -> sensor id -> payload -> windowing -> bounded queue.
+
+`Ingest.handle` runs for every message: decode, window, enqueue; it never blocks and never raises, and
+every outcome is counted. `housekeeping` evicts idle sensors and refreshes the gauges.
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+
+import structlog
+
+from monitor.batching import WindowQueue
+from monitor.config import ShardSettings
+from monitor.errors import PayloadError
+from monitor.log import RateLimiter
+from monitor.metrics import Metrics
+from monitor.payload import PayloadDecoder, sensor_id_from_topic
+from monitor.windowing import Window, WindowAssembler
+
+log = structlog.get_logger("monitor.ingest")
+
+
+def shard_of(sensor_id: str, count: int) -> int:
+    """A stable shard number for a sensor (CRC-32, the same on every host and run)."""
+    return zlib.crc32(sensor_id.encode("utf-8")) % count
+
+
+class Ingest:
+    """Message -> sensor id -> samples -> windows -> scoring queue, with every outcome counted."""
+
+    def __init__(
+        self,
+        decoder: PayloadDecoder,
+        assembler: WindowAssembler,
+        windows: WindowQueue[Window],
+        metrics: Metrics,
+        sensor_id_level: int,
+        shard: ShardSettings,
+        warning_interval_seconds: float = 60.0,
+    ) -> None:
+        self.decoder = decoder
+        self.assembler = assembler
+        self.windows = windows
+        self.metrics = metrics
+        self.sensor_id_level = sensor_id_level
+        self.shard = shard
+        self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
+        self._warnings = RateLimiter(warning_interval_seconds)
+        self._evicted_counted = 0
+
+    def handle(self, topic: str, payload: bytes, now: float) -> None:
+        """Process one message; any failure is counted and logged, never raised into paho."""
+        sensor_id = None
+        try:
+            sensor_id = sensor_id_from_topic(topic, self.sensor_id_level)
+            if self.shard.count > 1 and shard_of(sensor_id, self.shard.count) != self.shard.index:
+                self.metrics.messages.labels("other_shard").inc()
+                return
+            message = self.decoder.decode(payload)
+            with self.lock:
+                result = self.assembler.feed(sensor_id, message, now)
+        except PayloadError as error:
+            self.metrics.messages.labels(error.reason).inc()
+            if self._warnings.allow((sensor_id or topic, error.reason), now):
+                log.warning(
+                    "message_dropped",
+                    sensor_id=sensor_id,
+                    topic=topic[:200],
+                    reason=error.reason,
+                    detail=error.detail[:200],
+                    bytes=len(payload),
+                )
+            return
+        except Exception:
+            self.metrics.messages.labels("internal_error").inc()
+            if self._warnings.allow(("internal_error", sensor_id), now):
+                log.exception("message_failed", sensor_id=sensor_id, topic=topic[:200])
+            return
+        self.metrics.messages.labels("duplicate" if result.duplicate else "accepted").inc()
+        self.metrics.samples.inc(len(message.samples) - result.duplicate_samples if not result.duplicate else 0)
+        if result.duplicate_samples:
+            self.metrics.duplicate_samples.inc(result.duplicate_samples)
+        if result.gaps:
+            self.metrics.seq_gaps.inc(result.gaps)
+            if result.gap_windows_dropped:
+                self.metrics.windows_dropped.labels("seq_gap").inc(result.gap_windows_dropped)
+            if self._warnings.allow((sensor_id, "seq_gap"), now):
+                log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
+        for window in result.windows:
+            if not self.windows.offer(window):
+                self.metrics.windows_dropped.labels("queue_full").inc()
+                if self._warnings.allow(("queue_full",), now):
+                    log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+
+    def housekeeping(self, now: float) -> None:
+        """Evict idle sensors and refresh the gauges (called about once a second)."""
+        with self.lock:
+            self.assembler.evict_idle(now)
+            evicted = self.assembler.evicted_total - self._evicted_counted
+            active = self.assembler.active_sensors
+            buffered = self.assembler.buffered_samples()
+        if evicted:
+            self._evicted_counted += evicted
+            self.metrics.sensors_evicted.inc(evicted)
+            log.info("sensors_evicted", count=evicted, active=active)
+        self.metrics.active_sensors.set(active)
+        self.metrics.buffered_samples.set(buffered)
+        self.metrics.queue_depth.set(self.windows.depth())

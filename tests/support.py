@@ -1,0 +1,311 @@
+"""Test helpers that tests and bench/ share: a real Mosquitto on a free loopback port, an MQTT capture,
+the daemon as a real process, metrics scraped over HTTP, the committed default model, and process teardown
+that escalates TERM -> wait -> KILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.broker import make_client
+from monitor.config import MqttSettings
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "ecg5000"
+SPLITS = DATA / "splits"
+DEFAULT_MODEL = REPO / "models" / "ecg5000"
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def terminate(process: subprocess.Popen, timeout: float = 10.0, first: int = signal.SIGTERM) -> int | None:
+    """Stop a child process: `first` (TERM), wait up to `timeout` s, then KILL; returns its exit code."""
+    try:
+        if process.poll() is None:
+            process.send_signal(first)
+            try:
+                return process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+    return process.returncode
+
+
+def stop_all(stops: Iterable[Callable[[], object]]) -> None:
+    """Call every stop even when one fails; the first failure is raised after the rest ran."""
+    failure: BaseException | None = None
+    for stop in stops:
+        try:
+            stop()
+        except BaseException as error:  # noqa: BLE001 - re-raised below, once everything is stopped
+            failure = failure or error
+    if failure is not None:
+        raise failure
+
+
+def mqtt_settings(port: int, host: str = "127.0.0.1", **options) -> MqttSettings:
+    """Settings for a side client of the tests or the bench (MQTT 3.1.1 unless `protocol` says otherwise)."""
+    return MqttSettings(host=host, port=port, **{"protocol": "3.1.1", **options})
+
+
+class BlockingScorer:
+    """Scores like `inner` once `release` is set; until then a forward pass hangs (a stalled scorer)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def score(self, windows: Any) -> Any:
+        self.entered.set()
+        self.release.wait(60)
+        return self.inner.score(windows)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float, interval: float = 0.02, what: str = "condition"
+) -> object:
+    """Poll `predicate` until it returns something truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Broker:
+    """A real Mosquitto process with its own config, optionally persistent, on a free port."""
+
+    def __init__(self, directory: Path, persistence: bool = False, extra: str = "", port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.persistence = persistence
+        self.extra = extra
+        self.process: subprocess.Popen | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self) -> Path:
+        lines = [
+            f"listener {self.port} 127.0.0.1" if "listener" not in self.extra else "",
+            "allow_anonymous true" if "allow_anonymous" not in self.extra else "",
+            # As root, Mosquitto would switch to the user `mosquitto`, which cannot write the persistence file and
+            # log in this private temporary directory: persistence would silently not happen.
+            "user root" if os.geteuid() == 0 and "user " not in self.extra else "",
+            "max_queued_messages 0",
+            "max_inflight_messages 0",
+            "persistent_client_expiration 1h",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.directory}/",
+            "autosave_interval 1",
+            f"log_dest file {self.directory}/mosquitto.log",
+            self.extra,
+        ]
+        path = self.directory / "mosquitto.conf"
+        path.write_text("\n".join(line for line in lines if line) + "\n")
+        return path
+
+    def start(self) -> Broker:
+        config = self.write_config()
+        self.process = subprocess.Popen(
+            [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 10, what="mosquitto to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"mosquitto failed: {self.process.stderr.read().decode()}")
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None:
+            terminate(self.process, first=signal.SIGKILL if kill else signal.SIGTERM)
+        self.process = None
+
+
+class Capture:
+    """A QoS 1 subscriber that records every message; `wait_for` polls with a timeout."""
+
+    def __init__(
+        self, port: int, topics: list[str], client_id: str | None = None, persistent: bool = False, **client_options
+    ) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.subscribed = threading.Event()
+        settings = mqtt_settings(port, client_options.get("host", "127.0.0.1"))
+        self.client = make_client(settings, client_id or f"capture-{time.time_ns()}", persistent_session=persistent)
+        self.topics = topics
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(topic, 1) for topic in topics])
+        self.client.on_subscribe = lambda *args: self.subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 2)
+        self.client.connect(settings.host, port)
+        self.client.loop_start()
+        assert self.subscribed.wait(10), "capture could not subscribe"
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self.lock:
+            self.messages.append((message.topic, message.payload, bool(message.retain)))
+
+    def payloads(self, prefix: str = "") -> list[dict]:
+        with self.lock:
+            return [
+                json.loads(payload)
+                for topic, payload, retain in self.messages
+                if topic.startswith(prefix) and not retain
+            ]
+
+    def wait_for(self, predicate: Callable[[Capture], object], timeout: float = 30.0, what: str = "messages") -> object:
+        return wait_until(lambda: predicate(self), timeout, what=what)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Scrape /metrics over HTTP: {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def daemon_config(path: Path, broker_port: int, model: Path = DEFAULT_MODEL, **sections) -> Path:
+    """Write a daemon config for tests: the given broker, a free metrics port, JSON logs."""
+    config = {
+        "mqtt": {
+            "host": "127.0.0.1",
+            "port": broker_port,
+            "client_id": f"monitor-test-{time.time_ns() % 10**9}",
+            "reconnect_min_seconds": 1,
+            "reconnect_max_seconds": 2,
+        },
+        "model": {"path": str(model), "device": "cpu"},
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "logging": {"level": "info", "format": "json"},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class DaemonProcess:
+    """`monitor run` as a real child process; its JSON log lines are collected as they come."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.metrics_port = yaml.safe_load(config.read_text())["metrics"]["port"]
+        self.lines: list[str] = []
+        self.wait_ready = True  # daemon_factory: wait for the `ready` event after starting
+        self.lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "monitor", "run", "--config", str(config)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+        self.reader = threading.Thread(target=self._read, name="daemon-log-reader", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self.lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def events(self, name: str | None = None) -> list[dict]:
+        with self.lock:
+            lines = list(self.lines)
+        parsed = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and (name is None or record.get("event") == name):
+                parsed.append(record)
+        return parsed
+
+    def wait_for_event(self, name: str, timeout: float = 30.0, count: int = 1) -> list[dict]:
+        def seen():
+            if self.process.poll() is not None and len(self.events(name)) < count:
+                raise AssertionError(f"daemon exited with {self.process.returncode}:\n" + "\n".join(self.lines[-30:]))
+            return len(self.events(name)) >= count
+
+        wait_until(seen, timeout, what=f"log event {name}")
+        return self.events(name)
+
+    def scrape(self) -> dict:
+        return scrape(self.metrics_port)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.reader.join(5)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def shutdown(self, timeout: float = 30.0) -> int | None:
+        """TERM, wait for the drain, KILL if it does not end: for teardown, never leaves a daemon behind."""
+        try:
+            return terminate(self.process, timeout)
+        finally:
+            self.reader.join(5)
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m monitor ARGS` from the repository root and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
