@@ -17,13 +17,14 @@ import argparse
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from monitor.datasets import read_ucr
+from bench.data import read_split
 
 SLOTS_PER_PERIOD = 28
 STREAMS = 16
@@ -31,9 +32,9 @@ BEATS_PER_STREAM = 20
 WINDOW = 140  # samples per ECG5000 beat, the default model's window
 
 
-def fragments(data_path: str, chunk: int, seed: int = 0) -> list[list[bytes]]:
+def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
     """`STREAMS` looped streams of normal beats, each as its chunks' JSON arrays of samples."""
-    data = read_ucr(data_path).normal(1)
+    data = read_split(data_path).normal(1)
     beats = data.windows[:, :, 0]
     window = beats.shape[1]
     if window != WINDOW or window % chunk:
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")
     parser.add_argument("--topic", default="sensors/{sensor_id}/ecg")
-    parser.add_argument("--data", required=True, help="UCR file whose normal (label 1) beats are streamed")
+    parser.add_argument("--data", type=Path, required=True, help="UCR file (.txt or .txt.gz) whose normal beats are streamed")
     args = parser.parse_args(argv)
 
     streams = fragments(args.data, args.chunk)
