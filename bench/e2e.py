@@ -35,7 +35,11 @@ def histogram(samples: dict, name: str) -> dict[str, Any]:
     for (sample, labels), value in samples.items():
         if sample == f"{name}_bucket":
             buckets[float(dict(labels)["le"])] = value
-    return {"buckets": dict(sorted(buckets.items())), "count": samples.get((f"{name}_count", ()), 0.0), "sum": samples.get((f"{name}_sum", ()), 0.0)}
+    return {
+        "buckets": dict(sorted(buckets.items())),
+        "count": samples.get((f"{name}_count", ()), 0.0),
+        "sum": samples.get((f"{name}_sum", ()), 0.0),
+    }
 
 
 def histogram_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +65,7 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def thread_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of a process (to see whether one thread, e.g. MQTT under the GIL, is the bottleneck)."""
+    """CPU seconds of each thread of a process (is one thread, e.g. MQTT under the GIL, the bottleneck?)."""
     try:
         return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
     except psutil.Error:
@@ -152,9 +156,19 @@ class EndToEnd:
         try:
             time.sleep(warmup)
             threads_before = thread_seconds(pids["daemon"])
-            before, cpu_before, busy_before, t0 = self.daemon.scrape(), {k: cpu_seconds(p) for k, p in pids.items()}, system_busy_seconds(), time.monotonic()
+            before, cpu_before, busy_before, t0 = (
+                self.daemon.scrape(),
+                {k: cpu_seconds(p) for k, p in pids.items()},
+                system_busy_seconds(),
+                time.monotonic(),
+            )
             time.sleep(measure)
-            after, cpu_after, busy_after, t1 = self.daemon.scrape(), {k: cpu_seconds(p) for k, p in pids.items()}, system_busy_seconds(), time.monotonic()
+            after, cpu_after, busy_after, t1 = (
+                self.daemon.scrape(),
+                {k: cpu_seconds(p) for k, p in pids.items()},
+                system_busy_seconds(),
+                time.monotonic(),
+            )
             threads_after = thread_seconds(pids["daemon"])
             out, err = generator.communicate(timeout=warmup + measure + 60)
         except BaseException:
@@ -162,7 +176,9 @@ class EndToEnd:
             generator.communicate()
             raise
         summaries = [line for line in out.splitlines() if line.startswith("{")]
-        load = LoadSummary(**orjson.loads(summaries[-1])) if summaries else LoadSummary(error=(err or "no summary")[-500:])
+        load = (
+            LoadSummary(**orjson.loads(summaries[-1])) if summaries else LoadSummary(error=(err or "no summary")[-500:])
+        )
         self.drain()
         elapsed = t1 - t0
 
@@ -170,11 +186,17 @@ class EndToEnd:
             return (counter_sum(after, name) - counter_sum(before, name)) / elapsed
 
         latency = histogram_delta(histogram(before, LATENCY), histogram(after, LATENCY))
-        batch = histogram_delta(histogram(before, "monitor_inference_batch_size"), histogram(after, "monitor_inference_batch_size"))
-        inference = histogram_delta(histogram(before, "monitor_inference_seconds"), histogram(after, "monitor_inference_seconds"))
+        batch = histogram_delta(
+            histogram(before, "monitor_inference_batch_size"), histogram(after, "monitor_inference_batch_size")
+        )
+        inference = histogram_delta(
+            histogram(before, "monitor_inference_seconds"), histogram(after, "monitor_inference_seconds")
+        )
         offered = sensors * rate / window
         scored = rate_of("monitor_windows_scored_total")
-        dropped = counter_sum(after, "monitor_windows_dropped_total") - counter_sum(before, "monitor_windows_dropped_total")
+        dropped = counter_sum(after, "monitor_windows_dropped_total") - counter_sum(
+            before, "monitor_windows_dropped_total"
+        )
         p50, p99 = histogram_quantile(0.5, latency["buckets"]), histogram_quantile(0.99, latency["buckets"])
         process = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in pids}
         whole = (busy_after - busy_before) / elapsed
@@ -189,7 +211,10 @@ class EndToEnd:
             others=max(whole - sum(process.values()), 0.0),
             daemon_busiest_threads=[round(value, 3) for value in per_thread[:3]],
         )
-        on_time = load.error is None and load.messages_per_second >= targets.GENERATOR_ON_TIME_FRACTION * load.target_messages_per_second
+        on_time = (
+            load.error is None
+            and load.messages_per_second >= targets.GENERATOR_ON_TIME_FRACTION * load.target_messages_per_second
+        )
         throughput_ok = scored >= targets.SCORED_FRACTION_OF_OFFERED * offered and dropped == 0
         latency_ok = p99 is not None and p99 <= latency_limit(self.run)
         return Step(

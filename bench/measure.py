@@ -66,7 +66,9 @@ def flops_per_window(embedding_dim: int, window: int, channels: int) -> int:
     return window * per_step
 
 
-def measure_rate(call: Callable[[], object], items_per_call: int, seconds: float, repeats: int, warmup: int = 1) -> Rate:
+def measure_rate(
+    call: Callable[[], object], items_per_call: int, seconds: float, repeats: int, warmup: int = 1
+) -> Rate:
     """Items per second of `call`: `repeats` runs of at least `seconds` each (and one call at least).
 
     A call slower than 3 x `seconds` (a configuration that collapsed under load) is timed once only."""
@@ -126,7 +128,9 @@ def best_by_size(threads: int, per_size: dict[int, float]) -> MatmulRate:
 
 def best_rate(first: MatmulRate, second: MatmulRate) -> MatmulRate:
     """Two `matmul_rate` measurements merged: the better rate of each size, and the best size overall."""
-    return best_by_size(first.threads, {size: max(rate, second.by_size.get(size, 0.0)) for size, rate in first.by_size.items()})
+    return best_by_size(
+        first.threads, {size: max(rate, second.by_size.get(size, 0.0)) for size, rate in first.by_size.items()}
+    )
 
 
 def model_matmul_rate(
@@ -146,7 +150,10 @@ def model_matmul_rate(
         ]
         projected = [torch.empty(batch * window, 4 * h) for _, h in layers]
         gates = [torch.empty(batch, 4 * h) for _, h in layers]
-        hidden, output_weights = torch.randn(batch * window, 2 * embedding_dim), torch.randn(2 * embedding_dim, channels)
+        hidden, output_weights = (
+            torch.randn(batch * window, 2 * embedding_dim),
+            torch.randn(2 * embedding_dim, channels),
+        )
 
         def run() -> None:
             for (x, w_in, h, w_rec), out_in, out_rec in zip(inputs, projected, gates, strict=True):
@@ -176,8 +183,14 @@ def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0)
     torch.manual_seed(seed)
     model = LSTMAutoencoder(reference.channels, embedding_dim).eval().requires_grad_(False)
     return ModelArtifact(
-        model, reference.normalisation, reference.threshold, reference.window, reference.channels,
-        f"random-e{embedding_dim}", "0", {},
+        model,
+        reference.normalisation,
+        reference.threshold,
+        reference.window,
+        reference.channels,
+        f"random-e{embedding_dim}",
+        "0",
+        {},
     )
 
 
@@ -262,18 +275,20 @@ def engine_sweep(
                 continue  # one shard is plain torch on one thread
             with threads_set(1 if backend == "torch-shards" else threads):
                 score = make_scorer(artifact, backend, threads)
+                label = f"    engine E={e} {backend:9s} threads={threads}"
                 for batch_size in batches:
                     last = rows[-1] if rows else None
-                    if last and (last.backend, last.threads) == (backend, threads) and last.rate.call_seconds > SLOW_CALL_SECONDS:
-                        print(f"    engine E={e} {backend} threads={threads}: batch {batch_size} and larger skipped (too slow)")
+                    if (
+                        last
+                        and (last.backend, last.threads) == (backend, threads)
+                        and last.rate.call_seconds > SLOW_CALL_SECONDS
+                    ):
+                        print(f"{label}: batch {batch_size} and up skipped (too slow now)")
                         break
                     batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
                     rate = measure_rate(lambda batch=batch, score=score: score(batch), batch_size, seconds, repeats)
                     rows.append(EngineRow(e, backend, threads, batch_size, rate))
-                    print(
-                        f"    engine E={e} {backend:9s} threads={threads} batch={batch_size:4d}: {rate.median:9.1f} windows/s",
-                        flush=True,
-                    )
+                    print(f"{label} batch={batch_size:4d}: {rate.median:9.1f} windows/s", flush=True)
             del score
     return rows
 
@@ -314,7 +329,9 @@ def gil_contention(
             if busy:
                 worker.join()
 
-    cases: dict[tuple[str, bool], list[float]] = {(name, busy): [] for name in ("eager", "traced") for busy in (False, True)}
+    cases: dict[tuple[str, bool], list[float]] = {
+        (name, busy): [] for name in ("eager", "traced") for busy in (False, True)
+    }
     with threads_set(1):
         for _ in range(max(repeats, 3)):
             for name, busy in cases:
@@ -355,7 +372,9 @@ def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
         started = time.perf_counter()
         fit_model(short, train_x, val_x)
         elapsed = time.perf_counter() - started
-    return EpochTiming(settings.embedding_dim, threads, epochs, elapsed / epochs, int(len(train_x)), settings.batch_size)
+    return EpochTiming(
+        settings.embedding_dim, threads, epochs, elapsed / epochs, int(len(train_x)), settings.batch_size
+    )
 
 
 def recipe_training(model: Path) -> FullTraining:
@@ -447,9 +466,16 @@ def model_table(
         with tempfile.TemporaryDirectory(prefix=f"bench-e{embedding_dim}-") as directory:
             probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1).seconds_per_epoch
             epochs = max(1, min(recipe.epochs, math.floor(budget_seconds / probe)))
-            print(f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in {budget_seconds:.0f} s", flush=True)
+            print(
+                f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in {budget_seconds:.0f} s",
+                flush=True,
+            )
             settings = train_settings(
-                embedding_dim=embedding_dim, epochs=epochs, output=directory, report=False, name=f"bench-e{embedding_dim}"
+                embedding_dim=embedding_dim,
+                epochs=epochs,
+                output=directory,
+                report=False,
+                name=f"bench-e{embedding_dim}",
             )
             result = train(settings)
             artifact = load_artifact(directory)

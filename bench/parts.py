@@ -65,7 +65,9 @@ class Part:
 PARTS: dict[str, Part] = {}
 
 
-def part(name: str, summary: str, default: bool = True) -> Callable[[Callable[[Context], object]], Callable[[Context], object]]:
+def part(
+    name: str, summary: str, default: bool = True
+) -> Callable[[Callable[[Context], object]], Callable[[Context], object]]:
     """Registers a part; `default=False` parts run only when `--parts` names them."""
 
     def register(function: Callable[[Context], object]) -> Callable[[Context], object]:
@@ -91,10 +93,14 @@ def limit(ctx: Context) -> Limit:
                 )
                 ceilings.append(ceiling)
                 print(f"    E={e} {threads} thread(s) batch {batch}: {ceiling.gflops:.1f} GFLOP/s", flush=True)
-    # The dense rate again: a VM's neighbours can slow one measurement for a while; the limit is what the machine can do.
+    # The dense rate again: a VM's neighbours can slow one measurement for a while; the limit is what it can do.
     for threads in thread_counts:
-        rates[threads] = measure.best_rate(rates[threads], measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm))
-        print(f"    dense, {threads} thread(s): {rates[threads].gflops:.1f} GFLOP/s (n={rates[threads].size})", flush=True)
+        rates[threads] = measure.best_rate(
+            rates[threads], measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm)
+        )
+        print(
+            f"    dense, {threads} thread(s): {rates[threads].gflops:.1f} GFLOP/s (n={rates[threads].size})", flush=True
+        )
     best = max(rates, key=lambda threads: rates[threads].gflops)
     return Limit(stamp, torch.get_num_threads(), rates, best, rates[best].gflops, ceilings)
 
@@ -107,7 +113,9 @@ def tutorial(ctx: Context) -> Tutorial:
         model = measure.random_artifact(ctx.artifact, e)
         rates = measure.tutorial_rates(model, ctx.windows, args.thread_list, args.seconds, args.repeats)
         by_embedding[e] = rates
-        print(f"    E={e}: " + ", ".join(f"{t} thread(s) {r.median:.1f} windows/s" for t, r in rates.items()), flush=True)
+        print(
+            f"    E={e}: " + ", ".join(f"{t} thread(s) {r.median:.1f} windows/s" for t, r in rates.items()), flush=True
+        )
     return Tutorial(stamp, by_embedding)
 
 
@@ -191,7 +199,9 @@ def e2e(ctx: Context) -> EndToEnd:
     runs = []
     for config in args.e2e_config_list:
         print(f"   daemon: {config.label}", flush=True)
-        runs.append(e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, args.e2e_warmup, args.e2e_measure))
+        runs.append(
+            e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, args.e2e_warmup, args.e2e_measure)
+        )
     window = ctx.artifact.window
     return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, window, args.e2e_warmup, args.e2e_measure, runs)
 

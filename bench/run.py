@@ -54,13 +54,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--list", action="store_true", help="list the parts and exit")
     add("--quick", action="store_true", help="smoke mode: short timings, E=32 only, two e2e steps (about 2 minutes)")
-    add("--parts", default=",".join(DEFAULT_PARTS), help=f"comma-separated parts, or 'none' (default: {','.join(DEFAULT_PARTS)})")
-    add("--data-dir", type=Path, default=data.DATA_DIR, help="the ECG5000 data, splits/*.txt[.gz] (default data/ecg5000)")
-    add("--table-budget", type=float, default=300.0, help="model-table training budget per model, seconds (default 300)")
+    add(
+        "--parts",
+        default=",".join(DEFAULT_PARTS),
+        help=f"comma-separated parts, or 'none' (default: {','.join(DEFAULT_PARTS)})",
+    )
+    add(
+        "--data-dir",
+        type=Path,
+        default=data.DATA_DIR,
+        help="the ECG5000 data, splits/*.txt[.gz] (default data/ecg5000)",
+    )
+    add(
+        "--table-budget", type=float, default=300.0, help="model-table training budget per model, seconds (default 300)"
+    )
     add("--table-sizes", default="32,64,128", help="embedding sizes of the model table")
     add("--model", type=Path, default=measure.DEFAULT_MODEL, help="the default model artifact (default models/ecg5000)")
-    add("--sizes", default=None, help="embedding sizes for the tutorial/engine parts (default 32,64,128; quick: the model's)")
-    add("--backends", default="torch,torch-shards,onnx,onnx-int8", help="engine backends: torch, torch-shards, onnx, onnx-int8")
+    add(
+        "--sizes",
+        default=None,
+        help="embedding sizes for the tutorial/engine parts (default 32,64,128; quick: the model's)",
+    )
+    add(
+        "--backends",
+        default="torch,torch-shards,onnx,onnx-int8",
+        help="engine backends: torch, torch-shards, onnx, onnx-int8",
+    )
     add("--batches", default=None, help="engine batch sizes (default 1,8,32,64,128,256,512; quick: 1,64,256)")
     add("--threads", default="1,2", help="thread counts for the tutorial and engine parts")
     add("--seconds", type=float, default=None, help="seconds per timing run (default 0.6; quick 0.15)")
@@ -71,15 +90,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="daemon runs as backend:threads[:qosN][:bMAX_BATCH][:wMAX_WAIT_MS][:cSAMPLES_PER_MESSAGE][:p311] "
         f"(default {','.join(FULL_E2E)}; quick torch:1)",
     )
-    add("--e2e-steps", default=None, help=f"sensor counts to step through (default {','.join(map(str, FULL_STEPS))}; quick 100,400)")
-    add("--e2e-warmup", type=float, default=None, help="seconds of load before measuring each step (default 4; quick 3)")
+    add(
+        "--e2e-steps",
+        default=None,
+        help=f"sensor counts to step through (default {','.join(map(str, FULL_STEPS))}; quick 100,400)",
+    )
+    add(
+        "--e2e-warmup", type=float, default=None, help="seconds of load before measuring each step (default 4; quick 3)"
+    )
     add("--e2e-measure", type=float, default=None, help="seconds measured per step (default 10; quick 5)")
     add("--e2e-qos", type=int, default=1, choices=(0, 1), help="load generator's QoS unless a config says (default 1)")
     add("--training-epochs", type=int, default=None, help="epochs timed for the training part (default 3; quick 1)")
     add("--output-dir", type=Path, default=BENCH_DIR, help="where results.json and RESULTS.md go (default bench/)")
     args = parser.parse_args(argv)
     quick = args.quick
-    args.part_list = [] if args.parts.strip() == "none" else [part.strip() for part in args.parts.split(",") if part.strip()]
+    args.part_list = (
+        [] if args.parts.strip() == "none" else [part.strip() for part in args.parts.split(",") if part.strip()]
+    )
     unknown = set(args.part_list) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
@@ -160,11 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     test_data = data.split_path(args.data_dir, data.TEST)
     windows, anomalous = measure.load_test(test_data)
     results.default_model = measure.default_model_summary(args.model)
-    flops = {e: measure.flops_per_window(e, artifact.window, artifact.channels) for e in sorted({*sizes, *args.table_size_list, default_e})}
+    flops = {
+        e: measure.flops_per_window(e, artifact.window, artifact.channels)
+        for e in sorted({*sizes, *args.table_size_list, default_e})
+    }
     results.flops = Flops(measure.FLOPS_FORMULA, flops, artifact.window, artifact.channels)
     normal_data = data.split_path(args.data_dir, data.TRAIN_NORMAL)
     context = Context(args, artifact, sizes, windows, anomalous, test_data, normal_data)
-    print(f"bench: model {args.model} (E={default_e}), parts {args.part_list or 'none'}{' (quick)' if args.quick else ''}")
+    print(
+        f"bench: model {args.model} (E={default_e}), parts {args.part_list or 'none'}{' (quick)' if args.quick else ''}"
+    )
     for name in args.part_list:
         part = PARTS[name]
         print(f"  {name}: {part.summary}", flush=True)
