@@ -182,21 +182,17 @@ class EndToEnd:
         self.drain()
         elapsed = t1 - t0
 
-        def rate_of(name: str) -> float:
-            return (counter_sum(after, name) - counter_sum(before, name)) / elapsed
+        def increase(name: str) -> float:
+            return counter_sum(after, name) - counter_sum(before, name)
 
-        latency = histogram_delta(histogram(before, LATENCY), histogram(after, LATENCY))
-        batch = histogram_delta(
-            histogram(before, "monitor_inference_batch_size"), histogram(after, "monitor_inference_batch_size")
-        )
-        inference = histogram_delta(
-            histogram(before, "monitor_inference_seconds"), histogram(after, "monitor_inference_seconds")
-        )
+        def delta(name: str) -> dict[str, Any]:
+            return histogram_delta(histogram(before, name), histogram(after, name))
+
+        latency, batch = delta(LATENCY), delta("monitor_inference_batch_size")
+        inference = delta("monitor_inference_seconds")
         offered = sensors * rate / window
-        scored = rate_of("monitor_windows_scored_total")
-        dropped = counter_sum(after, "monitor_windows_dropped_total") - counter_sum(
-            before, "monitor_windows_dropped_total"
-        )
+        scored = increase("monitor_windows_scored_total") / elapsed
+        dropped = increase("monitor_windows_dropped_total")
         p50, p99 = histogram_quantile(0.5, latency["buckets"]), histogram_quantile(0.99, latency["buckets"])
         process = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in pids}
         whole = (busy_after - busy_before) / elapsed
@@ -220,9 +216,9 @@ class EndToEnd:
         return Step(
             sensors=sensors,
             offered_windows_per_second=offered,
-            received_windows_per_second=rate_of("monitor_samples_received_total") / window,
+            received_windows_per_second=increase("monitor_samples_received_total") / elapsed / window,
             scored_windows_per_second=scored,
-            messages_per_second=rate_of("monitor_messages_received_total"),
+            messages_per_second=increase("monitor_messages_received_total") / elapsed,
             dropped_windows=dropped,
             latency_p50_seconds=p50,
             latency_p99_seconds=p99,
