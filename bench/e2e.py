@@ -3,16 +3,16 @@ generator process stepping up the number of 250 Hz sensors until the daemon no l
 
 Everything is read from outside, as an operator would: the daemon's own Prometheus metrics
 (windows scored, drops, the decision-latency histogram), and CPU time of each process (psutil).
-The broker, daemon process and metrics scrape come from the test suite's fixtures (tests/conftest.py).
+The broker, daemon process and metrics scrape come from the test suite's fixtures (tests/support.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,57 +20,13 @@ import orjson
 import psutil
 import yaml
 
-from bench.measure import NORMAL_DATA, REPO
+from bench import targets
+from bench.data import REPO
+from bench.records import CpuCores, LoadSummary, Run, RunConfig, Step
 from monitor.scrape import histogram_quantile
 from tests.support import Broker, DaemonProcess, daemon_config
 
 LATENCY = "monitor_decision_latency_seconds"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """One daemon configuration to step through; written `backend:threads[:qosN][:bN][:wN][:cN][:p311]`.
-
-    e.g. `torch:1` (the daemon's defaults), `torch:1:qos0` (sensors publish at QoS 0),
-    `torch:1:b32` (max_batch 32), `onnx:1:w25` (max_wait 25 ms), `torch:1:c140` (140 samples a message),
-    `torch:1:p311` (the daemon speaks MQTT 3.1.1 instead of its default 5).
-    """
-
-    backend: str = "torch"
-    threads: int = 1
-    qos: int = 1
-    max_batch: int = 64
-    max_wait: float = 0.05
-    chunk: int = 35
-    protocol: str = "5"
-
-    @classmethod
-    def parse(cls, text: str, qos: int = 1) -> RunConfig:
-        fields = text.strip().split(":")
-        if len(fields) < 2 or fields[0] not in ("torch", "onnx"):
-            raise ValueError(f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:p311] with backend torch or onnx")
-        values: dict = {"backend": fields[0], "threads": int(fields[1]), "qos": qos}
-        for token in fields[2:]:
-            if token.startswith("qos"):
-                values["qos"] = int(token[3:])
-            elif token.startswith("b"):
-                values["max_batch"] = int(token[1:])
-            elif token.startswith("w"):
-                values["max_wait"] = int(token[1:]) / 1000
-            elif token == "p311":
-                values["protocol"] = "3.1.1"
-            elif token.startswith("c"):
-                values["chunk"] = int(token[1:])
-            else:
-                raise ValueError(f"{text!r}: unknown option {token!r}")
-        return cls(**values)
-
-    @property
-    def label(self) -> str:
-        return (
-            f"{self.backend}, {self.threads} thread(s), max_batch {self.max_batch}, max_wait {self.max_wait * 1000:.0f} ms, "
-            f"input QoS {self.qos}, {self.chunk} samples/message, MQTT {self.protocol}"
-        )
 
 
 def histogram(samples: dict, name: str) -> dict[str, Any]:
@@ -79,7 +35,11 @@ def histogram(samples: dict, name: str) -> dict[str, Any]:
     for (sample, labels), value in samples.items():
         if sample == f"{name}_bucket":
             buckets[float(dict(labels)["le"])] = value
-    return {"buckets": dict(sorted(buckets.items())), "count": samples.get((f"{name}_count", ()), 0.0), "sum": samples.get((f"{name}_sum", ()), 0.0)}
+    return {
+        "buckets": dict(sorted(buckets.items())),
+        "count": samples.get((f"{name}_count", ()), 0.0),
+        "sum": samples.get((f"{name}_sum", ()), 0.0),
+    }
 
 
 def histogram_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +65,7 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def thread_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds of each thread of a process (to see whether one thread, e.g. MQTT under the GIL, is the bottleneck)."""
+    """CPU seconds of each thread of a process (is one thread, e.g. MQTT under the GIL, the bottleneck?)."""
     try:
         return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
     except psutil.Error:
@@ -120,10 +80,9 @@ def system_busy_seconds() -> float:
 class EndToEnd:
     """One broker and one daemon (backend, threads); `step(n)` offers n sensors and measures."""
 
-    def __init__(self, model: Path, run: RunConfig, work: Path) -> None:
-        self.model, self.run = model, run
+    def __init__(self, model: Path, run: RunConfig, work: Path, normal_data: Path) -> None:
+        self.model, self.run, self.normal_data = model, run, normal_data
         backend, threads, max_batch, max_wait = run.backend, run.threads, run.max_batch, run.max_wait
-        self.max_wait = max_wait
         self.work = work
         self.broker = Broker(work / "mosquitto").start()
         config_path = daemon_config(work / "monitor.yaml", self.broker.port, model=model)
@@ -164,8 +123,8 @@ class EndToEnd:
             last = scored
             time.sleep(1.0)
 
-    def step(self, sensors: int, warmup: float, measure: float, rate: float = 250.0, window: int = 140) -> dict[str, Any]:
-        chunk = self.run.chunk
+    def step(self, sensors: int, warmup: float, measure: float) -> Step:
+        chunk, rate, window = self.run.chunk, targets.SAMPLE_RATE_HZ, targets.WINDOW_SAMPLES
         generator = subprocess.Popen(
             [
                 sys.executable,
@@ -186,7 +145,7 @@ class EndToEnd:
                 "--prefix",
                 f"n{sensors}-{time.time_ns() % 10**6}-",
                 "--data",
-                str(NORMAL_DATA),
+                str(self.normal_data),
             ],
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -197,134 +156,148 @@ class EndToEnd:
         try:
             time.sleep(warmup)
             threads_before = thread_seconds(pids["daemon"])
-            before, cpu_before, busy_before, t0 = self.daemon.scrape(), {k: cpu_seconds(p) for k, p in pids.items()}, system_busy_seconds(), time.monotonic()
+            before, cpu_before, busy_before, t0 = (
+                self.daemon.scrape(),
+                {k: cpu_seconds(p) for k, p in pids.items()},
+                system_busy_seconds(),
+                time.monotonic(),
+            )
             time.sleep(measure)
-            after, cpu_after, busy_after, t1 = self.daemon.scrape(), {k: cpu_seconds(p) for k, p in pids.items()}, system_busy_seconds(), time.monotonic()
+            after, cpu_after, busy_after, t1 = (
+                self.daemon.scrape(),
+                {k: cpu_seconds(p) for k, p in pids.items()},
+                system_busy_seconds(),
+                time.monotonic(),
+            )
             threads_after = thread_seconds(pids["daemon"])
             out, err = generator.communicate(timeout=warmup + measure + 60)
         except BaseException:
             generator.kill()  # interrupted, or the generator hangs: never leave it publishing
             generator.communicate()
             raise
-        load = {}
-        for line in out.splitlines()[::-1]:
-            if line.startswith("{"):
-                load = orjson.loads(line)
-                break
-        if not load:
-            load = {"error": (err or "no summary")[-500:]}
+        summaries = [line for line in out.splitlines() if line.startswith("{")]
+        load = (
+            LoadSummary(**orjson.loads(summaries[-1])) if summaries else LoadSummary(error=(err or "no summary")[-500:])
+        )
         self.drain()
         elapsed = t1 - t0
 
-        def rate_of(name: str) -> float:
-            return (counter_sum(after, name) - counter_sum(before, name)) / elapsed
+        def increase(name: str) -> float:
+            return counter_sum(after, name) - counter_sum(before, name)
 
-        latency = histogram_delta(histogram(before, LATENCY), histogram(after, LATENCY))
-        batch = histogram_delta(histogram(before, "monitor_inference_batch_size"), histogram(after, "monitor_inference_batch_size"))
-        inference = histogram_delta(histogram(before, "monitor_inference_seconds"), histogram(after, "monitor_inference_seconds"))
+        def delta(name: str) -> dict[str, Any]:
+            return histogram_delta(histogram(before, name), histogram(after, name))
+
+        latency, batch = delta(LATENCY), delta("monitor_inference_batch_size")
+        inference = delta("monitor_inference_seconds")
         offered = sensors * rate / window
-        scored = rate_of("monitor_windows_scored_total")
-        dropped = counter_sum(after, "monitor_windows_dropped_total") - counter_sum(before, "monitor_windows_dropped_total")
+        scored = increase("monitor_windows_scored_total") / elapsed
+        dropped = increase("monitor_windows_dropped_total")
         p50, p99 = histogram_quantile(0.5, latency["buckets"]), histogram_quantile(0.99, latency["buckets"])
-        cpu = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in pids}
-        cpu["whole_machine"] = (busy_after - busy_before) / elapsed
-        cpu["others"] = max(cpu["whole_machine"] - cpu["daemon"] - cpu["generator"] - cpu["broker"], 0.0)
-        per_thread = sorted(((threads_after[tid] - threads_before.get(tid, 0.0)) / elapsed for tid in threads_after), reverse=True)
-        cpu["daemon_busiest_threads"] = [round(value, 3) for value in per_thread[:3]]
-        generator_on_time = bool(load.get("messages_per_second", 0) >= 0.97 * load.get("target_messages_per_second", float("inf")))
-        throughput_ok = scored >= 0.95 * offered and dropped == 0
-        latency_ok = p99 is not None and p99 <= self.max_wait + 0.05
-        result = {
-            "sensors": sensors,
-            "offered_windows_per_second": offered,
-            "received_windows_per_second": rate_of("monitor_samples_received_total") / window,
-            "scored_windows_per_second": scored,
-            "messages_per_second": rate_of("monitor_messages_received_total"),
-            "dropped_windows": dropped,
-            "latency_p50_seconds": p50,
-            "latency_p99_seconds": p99,
-            "latency_mean_seconds": latency["sum"] / latency["count"] if latency["count"] else None,
-            "mean_batch": batch["sum"] / batch["count"] if batch["count"] else None,
-            "mean_inference_seconds": inference["sum"] / inference["count"] if inference["count"] else None,
-            "queue_depth_at_end": after.get(("monitor_queue_depth", ()), 0.0),
-            "cpu_cores": cpu,
-            "generator": load,
-            "generator_on_time": generator_on_time,
-            "throughput_ok": throughput_ok,
-            "latency_ok": latency_ok,
-            "keeps_up": throughput_ok and latency_ok and generator_on_time,
-            "measured_seconds": elapsed,
-        }
-        return result
+        process = {name: (cpu_after[name] - cpu_before[name]) / elapsed for name in pids}
+        whole = (busy_after - busy_before) / elapsed
+        per_thread = sorted(
+            ((threads_after[tid] - threads_before.get(tid, 0.0)) / elapsed for tid in threads_after), reverse=True
+        )
+        cpu = CpuCores(
+            daemon=process["daemon"],
+            generator=process["generator"],
+            broker=process["broker"],
+            whole_machine=whole,
+            others=max(whole - sum(process.values()), 0.0),
+            daemon_busiest_threads=[round(value, 3) for value in per_thread[:3]],
+        )
+        on_time = (
+            load.error is None
+            and load.messages_per_second >= targets.GENERATOR_ON_TIME_FRACTION * load.target_messages_per_second
+        )
+        throughput_ok = scored >= targets.SCORED_FRACTION_OF_OFFERED * offered and dropped == 0
+        latency_ok = p99 is not None and p99 <= latency_limit(self.run)
+        return Step(
+            sensors=sensors,
+            offered_windows_per_second=offered,
+            received_windows_per_second=increase("monitor_samples_received_total") / elapsed / window,
+            scored_windows_per_second=scored,
+            messages_per_second=increase("monitor_messages_received_total") / elapsed,
+            dropped_windows=dropped,
+            latency_p50_seconds=p50,
+            latency_p99_seconds=p99,
+            latency_mean_seconds=mean(latency),
+            mean_batch=mean(batch),
+            mean_inference_seconds=mean(inference),
+            queue_depth_at_end=after.get(("monitor_queue_depth", ()), 0.0),
+            cpu_cores=cpu,
+            generator=load,
+            generator_on_time=on_time,
+            throughput_ok=throughput_ok,
+            latency_ok=latency_ok,
+            keeps_up=throughput_ok and latency_ok and on_time,
+            measured_seconds=elapsed,
+        )
 
 
-ATTEMPT_SUMMARY = ("scored_windows_per_second", "latency_p50_seconds", "latency_p99_seconds", "dropped_windows", "cpu_cores", "keeps_up")
+def latency_limit(run: RunConfig) -> float:
+    """The p99 decision latency a step may have: the configuration's max_wait plus the target's margin."""
+    return run.max_wait + targets.LATENCY_MARGIN_SECONDS
 
 
-def attempt_rank(row: dict[str, Any]) -> tuple[bool, bool, float]:
-    return row["keeps_up"], row["throughput_ok"], row["scored_windows_per_second"]
+def mean(histogram: dict[str, Any]) -> float | None:
+    return histogram["sum"] / histogram["count"] if histogram["count"] else None
 
 
-def print_step(row: dict[str, Any], note: str = "") -> None:
+def attempt_rank(row: Step) -> tuple[bool, bool, float]:
+    return row.keeps_up, row.throughput_ok, row.scored_windows_per_second
+
+
+def print_step(row: Step, note: str = "") -> None:
+    cpu = row.cpu_cores
     print(
-        f"    sensors={row['sensors']:5d}{note}: offered {row['offered_windows_per_second']:7.1f} "
-        f"scored {row['scored_windows_per_second']:7.1f} windows/s, p50 {fmt_ms(row['latency_p50_seconds'])} "
-        f"p99 {fmt_ms(row['latency_p99_seconds'])}, dropped {row['dropped_windows']:.0f}, "
-        f"cpu daemon {row['cpu_cores']['daemon']:.2f} gen {row['cpu_cores']['generator']:.2f} "
-        f"broker {row['cpu_cores']['broker']:.2f} others {row['cpu_cores']['others']:.2f} "
-        f"{'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
+        f"    sensors={row.sensors:5d}{note}: offered {row.offered_windows_per_second:7.1f} "
+        f"scored {row.scored_windows_per_second:7.1f} windows/s, p50 {fmt_ms(row.latency_p50_seconds)} "
+        f"p99 {fmt_ms(row.latency_p99_seconds)}, dropped {row.dropped_windows:.0f}, "
+        f"cpu daemon {cpu.daemon:.2f} gen {cpu.generator:.2f} broker {cpu.broker:.2f} others {cpu.others:.2f} "
+        f"{'ok' if row.keeps_up else 'NOT KEEPING UP'}",
         flush=True,
     )
 
 
-def sweep(
-    model: Path, config: RunConfig, steps: list[int], warmup: float, measure: float, continue_past_latency: bool = True, retry: bool = True
-) -> dict[str, Any]:
+def sweep(model: Path, normal_data: Path, config: RunConfig, steps: list[int], warmup: float, measure: float) -> Run:
     """Step the sensors up until throughput fails (or the generator cannot keep its schedule).
 
     A step whose only failure is the p99 latency is recorded and stepping goes on, so the table
     shows both where latency breaks and where throughput does; `sensors_carried` needs all criteria.
     """
-    rows: list[dict[str, Any]] = []
+    rows: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as directory:
-        run = EndToEnd(model, config, Path(directory))
+        run = EndToEnd(model, config, Path(directory), normal_data)
         try:
             for sensors in steps:
                 row = run.step(sensors, warmup, measure)
                 print_step(row)
-                if retry and not row["keeps_up"]:
+                if not row.keeps_up:
                     # Other processes on the machine only ever slow the daemon down: a step that fails is run
                     # once more, and the better attempt counts (both are kept in the results).
                     again = run.step(sensors, warmup, measure)
                     print_step(again, "(again)")
-                    first, row = (row, again) if attempt_rank(again) >= attempt_rank(row) else (again, row)
-                    row["other_attempt"] = {key: first[key] for key in ATTEMPT_SUMMARY}
+                    worse, better = (row, again) if attempt_rank(again) >= attempt_rank(row) else (again, row)
+                    row = dataclasses.replace(better, other_attempt=worse.attempt())
                 rows.append(row)
-                if not row["generator_on_time"] or not row["throughput_ok"]:
-                    break
-                if not row["latency_ok"] and not continue_past_latency:
+                if not row.generator_on_time or not row.throughput_ok:
                     break
         finally:
             run.close()
-    carried = [row["sensors"] for row in rows if row["keeps_up"]]
-    throughput_carried = [row["sensors"] for row in rows if row["throughput_ok"] and row["generator_on_time"]]
-    return {
-        "config": asdict(config),
-        "label": config.label,
-        "backend": config.backend,
-        "threads": config.threads,
-        "qos": config.qos,
-        "max_batch": config.max_batch,
-        "max_wait_seconds": config.max_wait,
-        "chunk_samples": config.chunk,
-        "latency_limit_seconds": config.max_wait + 0.05,
-        "steps": rows,
-        "sensors_carried": max(carried) if carried else 0,
-        "sensors_carried_throughput_only": max(throughput_carried) if throughput_carried else 0,
-        "max_scored_windows_per_second": max((row["scored_windows_per_second"] for row in rows), default=0.0),
-        "saturated": bool(rows) and not rows[-1]["throughput_ok"] and rows[-1]["generator_on_time"],
-        "generator_limited": bool(rows) and not rows[-1]["generator_on_time"],
-    }
+    carried = [row.sensors for row in rows if row.keeps_up]
+    throughput_carried = [row.sensors for row in rows if row.throughput_ok and row.generator_on_time]
+    return Run(
+        config=config,
+        latency_limit_seconds=latency_limit(config),
+        steps=rows,
+        sensors_carried=max(carried, default=0),
+        sensors_carried_throughput_only=max(throughput_carried, default=0),
+        max_scored_windows_per_second=max((row.scored_windows_per_second for row in rows), default=0.0),
+        saturated=bool(rows) and not rows[-1].throughput_ok and rows[-1].generator_on_time,
+        generator_limited=bool(rows) and not rows[-1].generator_on_time,
+    )
 
 
 def fmt_ms(seconds: float | None) -> str:

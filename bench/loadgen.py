@@ -17,32 +17,38 @@ import argparse
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from monitor.datasets import read_ucr
+from bench import targets
+from bench.data import read_split
 
 SLOTS_PER_PERIOD = 28
 STREAMS = 16
 BEATS_PER_STREAM = 20
-WINDOW = 140  # samples per ECG5000 beat, the default model's window
+WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
 
 
-def fragments(data_path: str, chunk: int, seed: int = 0) -> list[list[bytes]]:
+def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
     """`STREAMS` looped streams of normal beats, each as its chunks' JSON arrays of samples."""
-    data = read_ucr(data_path).normal(1)
+    data = read_split(data_path).normal(1)
     beats = data.windows[:, :, 0]
     window = beats.shape[1]
     if window != WINDOW or window % chunk:
-        raise SystemExit(f"--chunk {chunk} must divide the beat length {window} (= {WINDOW}, the model's window) so windows stay beats")
+        raise SystemExit(
+            f"--chunk {chunk} must divide the beat length {window} (= {WINDOW}, the model's window): windows stay beats"
+        )
     rng = np.random.default_rng(seed)
     streams = []
     for _ in range(STREAMS):
         stream = beats[rng.choice(len(beats), BEATS_PER_STREAM, replace=False)].reshape(-1)
-        streams.append([orjson.dumps(np.round(stream[i : i + chunk], 5).tolist()) for i in range(0, len(stream), chunk)])
+        streams.append(
+            [orjson.dumps(np.round(stream[i : i + chunk], 5).tolist()) for i in range(0, len(stream), chunk)]
+        )
     return streams
 
 
@@ -52,12 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sensors", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="how long to publish")
-    parser.add_argument("--rate", type=float, default=250.0, help="samples per second per sensor")
+    parser.add_argument("--rate", type=float, default=targets.SAMPLE_RATE_HZ, help="samples per second per sensor")
     parser.add_argument("--chunk", type=int, default=35, help="samples per message")
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")
     parser.add_argument("--topic", default="sensors/{sensor_id}/ecg")
-    parser.add_argument("--data", required=True, help="UCR file whose normal (label 1) beats are streamed")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="UCR file (.txt or .txt.gz) whose normal beats are streamed"
+    )
     args = parser.parse_args(argv)
 
     streams = fragments(args.data, args.chunk)
@@ -72,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     connected = threading.Event()
     acknowledged = [0]  # on_publish: sent (QoS 0) or acknowledged by the broker (QoS 1)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-loadgen-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"bench-loadgen-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311
+    )
     client.max_inflight_messages_set(0)
     client.max_queued_messages_set(0)
     client.on_connect = lambda c, u, f, rc, p: connected.set()

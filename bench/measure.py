@@ -16,26 +16,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench.data import REPO, read_split
+from bench.onnx_int8 import int8_scorer
+from bench.records import (
+    Accuracy,
+    Agreement,
+    DefaultModel,
+    EngineRow,
+    EpochTiming,
+    FullTraining,
+    Gil,
+    MatmulRate,
+    ModelMatmul,
+    ModelTable,
+    Rate,
+    SizeRow,
+    Stamp,
+    TorchDecisions,
+)
 from monitor.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.autoencoder import LSTMAutoencoder
-from monitor.datasets import read_ucr
 from monitor.evaluation import evaluate_scores
 from monitor.scoring import Scorer, ScoringGraph
 from monitor.settings import read_yaml, validate
 
-REPO = Path(__file__).resolve().parents[1]
-SPLITS = REPO.parent / "shared" / "data" / "ecg5000" / "splits"
-TEST_DATA = SPLITS / "test.txt"
-NORMAL_DATA = SPLITS / "train_normal.txt"
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
 MIN_SHARD = 16  # torch-shards splits a batch only into slices of at least this many windows
 SLOW_CALL_SECONDS = 5.0  # a configuration whose batch takes longer is not tried at larger batches
 FLOPS_FORMULA = (
-    "FLOPs/window = W * (sum over the 4 LSTM layers of 8*H*(I+H) + 2*(2E)*C), layers (I->H) = (C->2E), (2E->E), (E->E), (E->2E): "
-    "each step of an LSTM layer multiplies [I] by the 4H x I input weights and [H] by the 4H x H recurrent weights "
-    "(2 FLOPs per multiply-add), the output Linear is 2E -> C; biases, gate nonlinearities and the cell update are not counted"
+    "FLOPs/window = W * (sum over the 4 LSTM layers of 8*H*(I+H) + 2*(2E)*C), layers (I->H) = (C->2E), (2E->E), "
+    "(E->E), (E->2E): each step of an LSTM layer multiplies [I] by the 4H x I input weights and [H] by the 4H x H "
+    "recurrent weights (2 FLOPs per multiply-add), the output Linear is 2E -> C; biases, gate nonlinearities and the "
+    "cell update are not counted"
 )
 
 
@@ -52,7 +66,9 @@ def flops_per_window(embedding_dim: int, window: int, channels: int) -> int:
     return window * per_step
 
 
-def measure_rate(call: Callable[[], object], items_per_call: int, seconds: float, repeats: int, warmup: int = 1) -> dict[str, Any]:
+def measure_rate(
+    call: Callable[[], object], items_per_call: int, seconds: float, repeats: int, warmup: int = 1
+) -> Rate:
     """Items per second of `call`: `repeats` runs of at least `seconds` each (and one call at least).
 
     A call slower than 3 x `seconds` (a configuration that collapsed under load) is timed once only."""
@@ -72,7 +88,7 @@ def measure_rate(call: Callable[[], object], items_per_call: int, seconds: float
             if elapsed >= seconds:
                 break
         runs.append(calls * items_per_call / elapsed)
-    return {"median": statistics.median(runs), "best": max(runs), "runs": [round(run, 2) for run in runs], "call_seconds": call_seconds}
+    return Rate(statistics.median(runs), max(runs), [round(run, 2) for run in runs], call_seconds)
 
 
 class threads_set:
@@ -90,7 +106,7 @@ class threads_set:
         torch.set_num_threads(self.previous)
 
 
-def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...] = (1024, 2048, 4096)) -> dict[str, Any]:
+def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...]) -> MatmulRate:
     """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size.
 
     The limit is what the machine can do, and other processes only ever lower a run's rate, so the
@@ -100,20 +116,26 @@ def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ..
         for size in sizes:
             a, b = torch.randn(size, size), torch.randn(size, size)
             out = torch.empty(size, size)
-            rate = measure_rate(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), 2 * size**3, seconds, max(repeats, 5), warmup=2)
-            per_size[size] = rate["best"] / 1e9
-    best = max(per_size, key=per_size.get)
-    return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": {str(k): v for k, v in per_size.items()}}
+            call = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)  # noqa: E731
+            per_size[size] = measure_rate(call, 2 * size**3, seconds, max(repeats, 5), warmup=2).best / 1e9
+    return best_by_size(threads, per_size)
 
 
-def best_rate(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+def best_by_size(threads: int, per_size: dict[int, float]) -> MatmulRate:
+    best = max(per_size, key=lambda size: per_size[size])
+    return MatmulRate(threads, per_size[best], best, per_size)
+
+
+def best_rate(first: MatmulRate, second: MatmulRate) -> MatmulRate:
     """Two `matmul_rate` measurements merged: the better rate of each size, and the best size overall."""
-    by_size = {size: max(rate, second["by_size"].get(size, 0.0)) for size, rate in first["by_size"].items()}
-    best = max(by_size, key=by_size.get)
-    return {"threads": first["threads"], "gflops": by_size[best], "size": int(best), "by_size": by_size}
+    return best_by_size(
+        first.threads, {size: max(rate, second.by_size.get(size, 0.0)) for size, rate in first.by_size.items()}
+    )
 
 
-def model_matmul_rate(embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int) -> dict[str, Any]:
+def model_matmul_rate(
+    embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int
+) -> ModelMatmul:
     """windows/s of the model's matmuls alone, at the shapes a batch of `batch` windows gives them.
 
     Per LSTM layer: the input projection of all W steps as one [B*W, I] x [I, 4H] matmul (as oneDNN
@@ -122,10 +144,16 @@ def model_matmul_rate(embedding_dim: int, window: int, channels: int, batch: int
     a ceiling for any fp32 implementation that follows the recurrence with this matmul library."""
     layers = lstm_layers(embedding_dim, channels)
     with threads_set(threads), torch.inference_mode():
-        inputs = [(torch.randn(batch * window, i), torch.randn(i, 4 * h), torch.randn(batch, h), torch.randn(h, 4 * h)) for i, h in layers]
+        inputs = [
+            (torch.randn(batch * window, i), torch.randn(i, 4 * h), torch.randn(batch, h), torch.randn(h, 4 * h))
+            for i, h in layers
+        ]
         projected = [torch.empty(batch * window, 4 * h) for _, h in layers]
         gates = [torch.empty(batch, 4 * h) for _, h in layers]
-        hidden, output_weights = torch.randn(batch * window, 2 * embedding_dim), torch.randn(2 * embedding_dim, channels)
+        hidden, output_weights = (
+            torch.randn(batch * window, 2 * embedding_dim),
+            torch.randn(2 * embedding_dim, channels),
+        )
 
         def run() -> None:
             for (x, w_in, h, w_rec), out_in, out_rec in zip(inputs, projected, gates, strict=True):
@@ -136,12 +164,12 @@ def model_matmul_rate(embedding_dim: int, window: int, channels: int, batch: int
 
         rate = measure_rate(run, batch, seconds, max(repeats, 5), warmup=2)
     flops = flops_per_window(embedding_dim, window, channels)
-    return {"embedding_dim": embedding_dim, "batch": batch, "threads": threads, "windows_per_second": rate["best"], "gflops": rate["best"] * flops / 1e9}
+    return ModelMatmul(embedding_dim, batch, threads, rate.best, rate.best * flops / 1e9)
 
 
-def load_test() -> tuple[np.ndarray, np.ndarray]:
+def load_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Windows `[N, W, 1]` of the test split and whether each is an anomaly (label != 1)."""
-    data = read_ucr(TEST_DATA)
+    data = read_split(path)
     return data.windows, data.is_anomaly(1)
 
 
@@ -154,7 +182,16 @@ def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0)
         return reference
     torch.manual_seed(seed)
     model = LSTMAutoencoder(reference.channels, embedding_dim).eval().requires_grad_(False)
-    return ModelArtifact(model, reference.normalisation, reference.threshold, reference.window, reference.channels, f"random-e{embedding_dim}", "0", {})
+    return ModelArtifact(
+        model,
+        reference.normalisation,
+        reference.threshold,
+        reference.window,
+        reference.channels,
+        f"random-e{embedding_dim}",
+        "0",
+        {},
+    )
 
 
 def tutorial_loop(artifact: ModelArtifact, windows: np.ndarray) -> Callable[[], list[float]]:
@@ -174,12 +211,15 @@ def tutorial_loop(artifact: ModelArtifact, windows: np.ndarray) -> Callable[[], 
     return run
 
 
-def tutorial_rates(artifact: ModelArtifact, windows: np.ndarray, threads_list: tuple[int, ...], seconds: float, repeats: int) -> dict[str, Any]:
+def tutorial_rates(
+    artifact: ModelArtifact, windows: np.ndarray, threads_list: tuple[int, ...], seconds: float, repeats: int
+) -> dict[int, Rate]:
+    """windows/s of the tutorial loop over 32 windows, by thread count."""
     chunk = windows[:32]
     out = {}
     for threads in threads_list:
         with threads_set(threads):
-            out[str(threads)] = measure_rate(tutorial_loop(artifact, chunk), len(chunk), seconds, repeats)
+            out[threads] = measure_rate(tutorial_loop(artifact, chunk), len(chunk), seconds, repeats)
     return out
 
 
@@ -210,12 +250,10 @@ def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable
         return Scorer.from_artifact(artifact).score
     if backend == "torch-shards":
         return sharded(Scorer.from_artifact(artifact).score, threads)
+    if backend == "onnx-int8":
+        return int8_scorer(artifact, threads).score
     from monitor.onnx_backend import OnnxScorer
 
-    if backend == "onnx-int8":
-        from bench.onnx_int8 import int8_scorer
-
-        return int8_scorer(artifact, threads).score
     return OnnxScorer(artifact, threads=threads).score
 
 
@@ -227,26 +265,30 @@ def engine_sweep(
     batches: tuple[int, ...],
     seconds: float,
     repeats: int,
-) -> list[dict[str, Any]]:
+) -> list[EngineRow]:
     """windows/s of the scoring engine for every backend x threads x batch size."""
-    rows = []
+    rows: list[EngineRow] = []
+    e = artifact.model.embedding_dim
     for backend in backends:
         for threads in threads_list:
             if backend == "torch-shards" and threads < 2:
                 continue  # one shard is plain torch on one thread
             with threads_set(1 if backend == "torch-shards" else threads):
                 score = make_scorer(artifact, backend, threads)
+                label = f"    engine E={e} {backend:9s} threads={threads}"
                 for batch_size in batches:
-                    if rows and rows[-1]["backend"] == backend and rows[-1]["threads"] == threads and rows[-1]["call_seconds"] > SLOW_CALL_SECONDS:
-                        print(f"    engine E={artifact.model.embedding_dim} {backend} threads={threads}: batch {batch_size} and larger skipped (too slow now)")
+                    last = rows[-1] if rows else None
+                    if (
+                        last
+                        and (last.backend, last.threads) == (backend, threads)
+                        and last.rate.call_seconds > SLOW_CALL_SECONDS
+                    ):
+                        print(f"{label}: batch {batch_size} and up skipped (too slow now)")
                         break
                     batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
                     rate = measure_rate(lambda batch=batch, score=score: score(batch), batch_size, seconds, repeats)
-                    rows.append({"embedding_dim": artifact.model.embedding_dim, "backend": backend, "threads": threads, "batch": batch_size, **rate})
-                    print(
-                        f"    engine E={artifact.model.embedding_dim} {backend:9s} threads={threads} batch={batch_size:4d}: {rate['median']:9.1f} windows/s",
-                        flush=True,
-                    )
+                    rows.append(EngineRow(e, backend, threads, batch_size, rate))
+                    print(f"{label} batch={batch_size:4d}: {rate.median:9.1f} windows/s", flush=True)
             del score
     return rows
 
@@ -259,7 +301,9 @@ def busy_python_thread(stop: threading.Event) -> None:
             total += value
 
 
-def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int) -> dict[str, Any]:
+def gil_contention(
+    stamp: Stamp, artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int
+) -> Gil:
     """windows/s of the scoring pass op by op from Python (eager) and as the Scorer's TorchScript trace, on one
     thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation.
 
@@ -279,21 +323,28 @@ def gil_contention(artifact: ModelArtifact, batch_size: int, windows: np.ndarray
         if busy:
             worker.start()
         try:
-            return measure_rate(call, batch_size, seconds, 1)["median"]
+            return measure_rate(call, batch_size, seconds, 1).median
         finally:
             stop.set()
             if busy:
                 worker.join()
 
-    cases = {(name, busy): [] for name in ("eager", "traced") for busy in (False, True)}
+    cases: dict[tuple[str, bool], list[float]] = {
+        (name, busy): [] for name in ("eager", "traced") for busy in (False, True)
+    }
     with threads_set(1):
         for _ in range(max(repeats, 3)):
             for name, busy in cases:
                 cases[name, busy].append(timed(eager if name == "eager" else lambda: traced(batch), busy))
-    out: dict[str, Any] = {"batch": batch_size}
-    for (name, busy), rates in cases.items():
-        out[f"{name}_{'busy_thread' if busy else 'alone'}"] = statistics.median(rates)
-    return out
+    median = {case: statistics.median(rates) for case, rates in cases.items()}
+    return Gil(
+        stamp,
+        batch_size,
+        median["eager", False],
+        median["eager", True],
+        median["traced", False],
+        median["traced", True],
+    )
 
 
 def train_settings(**overrides: Any):
@@ -308,7 +359,7 @@ def train_settings(**overrides: Any):
     return validate(TrainSettings, data, str(TRAIN_CONFIG))
 
 
-def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
+def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
     """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
     from monitor.training import fit_model, split_normal
 
@@ -321,17 +372,12 @@ def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
         started = time.perf_counter()
         fit_model(short, train_x, val_x)
         elapsed = time.perf_counter() - started
-    return {
-        "embedding_dim": settings.embedding_dim,
-        "threads": threads,
-        "epochs": epochs,
-        "seconds_per_epoch": elapsed / epochs,
-        "windows": int(len(train_x)),
-        "batch_size": settings.batch_size,
-    }
+    return EpochTiming(
+        settings.embedding_dim, threads, epochs, elapsed / epochs, int(len(train_x)), settings.batch_size
+    )
 
 
-def recipe_training(model: Path = DEFAULT_MODEL) -> dict[str, Any]:
+def recipe_training(model: Path) -> FullTraining:
     """Train the default model from scratch with its recipe, as `monitor train` does, and time it.
 
     Training is deterministic given the seed and thread count, so the weights should be byte-identical
@@ -344,60 +390,65 @@ def recipe_training(model: Path = DEFAULT_MODEL) -> dict[str, Any]:
         result = train(settings)
         wall = time.perf_counter() - started
         same = (Path(directory) / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-    return {
-        "threads": settings.threads,
-        "epochs_run": len(result.train_losses),
-        "best_epoch": result.best_epoch,
-        "fit_seconds": result.seconds,
-        "seconds": wall,
-        "auc": result.evaluation.auc if result.evaluation else None,
-        "same_weights_as_shipped": same,
-    }
+    auc = result.evaluation.auc if result.evaluation else None
+    return FullTraining(settings.threads, len(result.train_losses), result.best_epoch, result.seconds, wall, auc, same)
 
 
-def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> dict[str, Any]:
+def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> Agreement:
     """How far `other` scores are from `reference` and whether the same windows are flagged."""
     diff = np.abs(other.errors.astype(np.float64) - reference.errors)
     profile_diff = np.abs(other.profiles.astype(np.float64) - reference.profiles)
     flagged_ref, flagged = reference.errors > threshold, other.errors > threshold
     evaluation = evaluate_scores(other.errors, anomalous, threshold)
-    return {
-        "windows": int(len(diff)),
-        "error_max_abs_diff": float(diff.max()),
-        "error_max_rel_diff": float((diff / np.abs(reference.errors)).max()),
-        "error_mean_abs_diff": float(diff.mean()),
-        "error_median_rel_diff_normal": float(np.median((diff / np.abs(reference.errors))[~anomalous])),
-        "profile_max_abs_diff": float(profile_diff.max()),
-        "profile_p9999_abs_diff": float(np.quantile(profile_diff, 0.9999)),
-        "flagged_reference": int(flagged_ref.sum()),
-        "flagged": int(flagged.sum()),
-        "decisions_differ": int((flagged_ref != flagged).sum()),
-        "auc": evaluation.auc,
-        "recall": evaluation.recall,
-        "fpr": evaluation.fpr,
-    }
+    relative = diff / np.abs(reference.errors)
+    return Agreement(
+        windows=int(len(diff)),
+        error_max_abs_diff=float(diff.max()),
+        error_max_rel_diff=float(relative.max()),
+        error_mean_abs_diff=float(diff.mean()),
+        error_median_rel_diff_normal=float(np.median(relative[~anomalous])),
+        profile_max_abs_diff=float(profile_diff.max()),
+        profile_p9999_abs_diff=float(np.quantile(profile_diff, 0.9999)),
+        flagged_reference=int(flagged_ref.sum()),
+        flagged=int(flagged.sum()),
+        decisions_differ=int((flagged_ref != flagged).sum()),
+        auc=evaluation.auc,
+        recall=evaluation.recall,
+        fpr=evaluation.fpr,
+    )
 
 
-def accuracy(artifact: ModelArtifact, windows: np.ndarray, anomalous: np.ndarray, int8: bool = True) -> dict[str, Any]:
+def accuracy(
+    stamp: Stamp, artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool
+) -> Accuracy:
     """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
-    from bench.onnx_int8 import int8_scorer
     from monitor.onnx_backend import OnnxScorer
 
+    threshold = artifact.threshold
     reference = Scorer.from_artifact(artifact).score_all(windows)
-    ref_eval = evaluate_scores(reference.errors, anomalous, artifact.threshold)
-    out: dict[str, Any] = {
-        "data": str(TEST_DATA.relative_to(REPO.parent)),
-        "threshold": artifact.threshold,
-        "closest_score_to_threshold": float(np.abs(reference.errors - artifact.threshold).min()),
-        "torch": {"flagged": int((reference.errors > artifact.threshold).sum()), "auc": ref_eval.auc, "recall": ref_eval.recall, "fpr": ref_eval.fpr},
-    }
-    out["onnx"] = compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), artifact.threshold, anomalous)
-    if int8:
-        out["onnx-int8"] = compare_scores(reference, int8_scorer(artifact, threads=1).score_all(windows), artifact.threshold, anomalous)
-    return out
+    ref_eval = evaluate_scores(reference.errors, anomalous, threshold)
+    flagged = int((reference.errors > threshold).sum())
+    return Accuracy(
+        stamp,
+        data=repo_relative(data),
+        threshold=threshold,
+        closest_score_to_threshold=float(np.abs(reference.errors - threshold).min()),
+        torch=TorchDecisions(flagged, ref_eval.auc, ref_eval.recall, ref_eval.fpr),
+        onnx=compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), threshold, anomalous),
+        onnx_int8=compare_scores(reference, int8_scorer(artifact, 1).score_all(windows), threshold, anomalous)
+        if int8
+        else None,
+    )
+
+
+def repo_relative(path: Path) -> str:
+    """`path` as written from the repository root when it is inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def model_table(
+    stamp: Stamp,
     embedding_dims: tuple[int, ...],
     budget_seconds: float,
     windows: np.ndarray,
@@ -405,7 +456,7 @@ def model_table(
     seconds: float,
     repeats: int,
     backends: tuple[str, ...] = ("torch", "onnx"),
-) -> dict[str, Any]:
+) -> ModelTable:
     """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
     from monitor.training import train
 
@@ -413,61 +464,71 @@ def model_table(
     recipe = train_settings()
     for embedding_dim in embedding_dims:
         with tempfile.TemporaryDirectory(prefix=f"bench-e{embedding_dim}-") as directory:
-            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1)["seconds_per_epoch"]
+            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1).seconds_per_epoch
             epochs = max(1, min(recipe.epochs, math.floor(budget_seconds / probe)))
-            print(f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in the {budget_seconds:.0f} s budget", flush=True)
-            settings = train_settings(embedding_dim=embedding_dim, epochs=epochs, output=directory, report=False, name=f"bench-e{embedding_dim}")
+            print(
+                f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in {budget_seconds:.0f} s",
+                flush=True,
+            )
+            settings = train_settings(
+                embedding_dim=embedding_dim,
+                epochs=epochs,
+                output=directory,
+                report=False,
+                name=f"bench-e{embedding_dim}",
+            )
             result = train(settings)
             artifact = load_artifact(directory)
             evaluation = result.evaluation
             speed = {}
             with threads_set(1):
-                speed["tutorial_t1"] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats)["median"]
+                speed["tutorial_t1"] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats).median
             for backend in backends:
                 for threads in (1, 2):
                     with threads_set(threads):
                         score = make_scorer(artifact, backend, threads)
                         batch = np.ascontiguousarray(windows[:64])
-                        speed[f"{backend}_b64_t{threads}"] = measure_rate(lambda score=score, batch=batch: score(batch), 64, seconds, repeats)["median"]
+                        call = lambda score=score, batch=batch: score(batch)  # noqa: E731
+                        speed[f"{backend}_b64_t{threads}"] = measure_rate(call, 64, seconds, repeats).median
             rows.append(
-                {
-                    "embedding_dim": embedding_dim,
-                    "flops_per_window": flops_per_window(embedding_dim, artifact.window, artifact.channels),
-                    "parameters": sum(p.numel() for p in artifact.model.parameters()),
-                    "seconds_per_epoch_probe": probe,
-                    "epochs_cap": epochs,
-                    "epochs_run": len(result.train_losses),
-                    "best_epoch": result.best_epoch,
-                    "train_seconds": result.seconds,
-                    "threshold": artifact.threshold,
-                    "auc": evaluation.auc,
-                    "pr_auc": evaluation.pr_auc,
-                    "recall": evaluation.recall,
-                    "fpr": evaluation.fpr,
-                    "precision": evaluation.precision,
-                    "windows_per_second": speed,
-                }
+                SizeRow(
+                    embedding_dim=embedding_dim,
+                    flops_per_window=flops_per_window(embedding_dim, artifact.window, artifact.channels),
+                    parameters=sum(p.numel() for p in artifact.model.parameters()),
+                    seconds_per_epoch_probe=probe,
+                    epochs_cap=epochs,
+                    epochs_run=len(result.train_losses),
+                    best_epoch=result.best_epoch,
+                    train_seconds=result.seconds,
+                    threshold=artifact.threshold,
+                    auc=evaluation.auc,
+                    pr_auc=evaluation.pr_auc,
+                    recall=evaluation.recall,
+                    fpr=evaluation.fpr,
+                    precision=evaluation.precision,
+                    windows_per_second=speed,
+                )
             )
-    return {"budget_seconds": budget_seconds, "recipe": str(TRAIN_CONFIG.relative_to(REPO)), "rows": rows}
+    return ModelTable(stamp, budget_seconds, repo_relative(TRAIN_CONFIG), rows)
 
 
-def default_model_summary(path: Path = DEFAULT_MODEL) -> dict[str, Any]:
+def default_model_summary(path: Path) -> DefaultModel:
     """What the shipped default model's own metadata says about its training and quality."""
     artifact = load_artifact(path)
     meta = copy.deepcopy(artifact.metadata)
     training = meta.get("training", {})
     evaluation = meta.get("evaluation") or {}
-    return {
-        "path": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
-        "embedding_dim": artifact.model.embedding_dim,
-        "window": artifact.window,
-        "channels": artifact.channels,
-        "threshold": artifact.threshold,
-        "epochs_run": training.get("epochs_run"),
-        "best_epoch": training.get("best_epoch"),
-        "train_seconds_recorded": training.get("seconds"),
-        "auc": evaluation.get("auc"),
-        "recall": evaluation.get("recall"),
-        "fpr": evaluation.get("fpr"),
-        "precision": evaluation.get("precision"),
-    }
+    return DefaultModel(
+        path=repo_relative(path),
+        embedding_dim=artifact.model.embedding_dim,
+        window=artifact.window,
+        channels=artifact.channels,
+        threshold=artifact.threshold,
+        epochs_run=training.get("epochs_run"),
+        best_epoch=training.get("best_epoch"),
+        train_seconds_recorded=training.get("seconds"),
+        auc=evaluation.get("auc"),
+        recall=evaluation.get("recall"),
+        fpr=evaluation.get("fpr"),
+        precision=evaluation.get("precision"),
+    )

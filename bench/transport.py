@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
@@ -27,32 +26,34 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry
 
-from bench.measure import NORMAL_DATA
+from bench import targets
+from bench.data import read_split
+from bench.records import TransportRow
 from monitor.batching import WindowQueue
 from monitor.config import MqttSettings, ShardSettings
-from monitor.datasets import read_ucr
-from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder
+from monitor.ingest import Ingest
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
 from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"
 SENSORS = 500
-WINDOW = 140
+WINDOW = targets.WINDOW_SAMPLES
 
 
-def payloads(count: int, chunk: int) -> list[tuple[str, bytes]]:
+def payloads(normal_data: Path, count: int, chunk: int) -> list[tuple[str, bytes]]:
     """`count` messages of `chunk` samples, round-robin over SENSORS sensors, each sensor's seq contiguous."""
-    beats = read_ucr(NORMAL_DATA).windows[:, :, 0].reshape(-1)
+    beats = read_split(normal_data).windows[:, :, 0].reshape(-1)
     out = []
     for index in range(count):
         sensor, round_index = index % SENSORS, index // SENSORS
         start = (round_index * chunk + sensor * 997) % (len(beats) - chunk)
         samples = orjson.dumps([round(float(value), 4) for value in beats[start : start + chunk]])
-        out.append((TOPIC.format(sensor_id=f"s{sensor:04d}"), b'{"seq":%d,"ts":%.3f,"samples":%b}' % (round_index * chunk, 1.7e9 + round_index, samples)))
+        payload = b'{"seq":%d,"ts":%.3f,"samples":%b}' % (round_index * chunk, 1.7e9 + round_index, samples)
+        out.append((TOPIC.format(sensor_id=f"s{sensor:04d}"), payload))
     return out
 
 
@@ -72,8 +73,10 @@ class PahoClient:
     """Bare paho as the daemon configures it: MQTT 5, persistent session, manual acknowledgements."""
 
     def __init__(self, port: int, client_id: str, on_message: Callable[[], None]) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True)
-        self.client.on_connect = lambda client, userdata, flags, reason, properties: client.subscribe("sensors/+/ecg", qos=1)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
+        )
+        self.client.on_connect = lambda client, userdata, flags, reason, props: client.subscribe("sensors/+/ecg", qos=1)
         self.client.on_message = lambda client, userdata, message: (on_message(), client.ack(message.mid, message.qos))
         self.port = port
 
@@ -104,8 +107,9 @@ def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> 
 CLIENTS = {"paho": PahoClient, "daemon": daemon_ingest}
 
 
-def drain(kind: str, chunk: int, count: int, work: Path, timeout: float = 120.0) -> dict[str, Any]:
-    """Wall and CPU seconds for one client to take `count` queued messages of `chunk` samples."""
+def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> TransportRow:
+    """Wall and CPU seconds for one client to take the queued `messages` (of `chunk` samples each)."""
+    count = len(messages)
     broker = Broker(work / f"mosquitto-{kind}-{chunk}").start()
     client_id = f"bench-transport-{kind}-{chunk}"
     received, done = [0], threading.Event()
@@ -120,7 +124,7 @@ def drain(kind: str, chunk: int, count: int, work: Path, timeout: float = 120.0)
         first.start()
         time.sleep(1.0)
         first.close()
-        queue_backlog(broker.port, payloads(count, chunk))
+        queue_backlog(broker.port, messages)
         received[0] = 0
         client = CLIENTS[kind](broker.port, client_id, counted)
         cpu, wall = time.process_time(), time.perf_counter()
@@ -130,28 +134,22 @@ def drain(kind: str, chunk: int, count: int, work: Path, timeout: float = 120.0)
         client.close()
     finally:
         broker.stop()
-    return {
-        "client": kind,
-        "chunk_samples": chunk,
-        "messages": received[0],
-        "complete": finished,
-        "messages_per_second": received[0] / wall,
-        "cpu_us_per_message": cpu * 1e6 / max(received[0], 1),
-    }
+    return TransportRow(kind, chunk, received[0], finished, received[0] / wall, cpu * 1e6 / max(received[0], 1))
 
 
-def transport_rates(chunks: tuple[int, ...], count: int, repeats: int) -> list[dict[str, Any]]:
+def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int) -> list[TransportRow]:
     """`drain` for both clients and every message size; the best (lowest-CPU) of `repeats` runs each."""
     configure_logging("error")  # the daemon's ingest logs its connections; the bench prints its own lines
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as directory:
         for chunk in chunks:
+            messages = payloads(normal_data, count, chunk)
             for kind in CLIENTS:
-                runs = [drain(kind, chunk, count, Path(directory) / f"run{index}") for index in range(repeats)]
-                rows.append(min(runs, key=lambda run: run["cpu_us_per_message"]))
+                runs = [drain(kind, messages, chunk, Path(directory) / f"run{index}") for index in range(repeats)]
+                rows.append(min(runs, key=lambda run: run.cpu_us_per_message))
                 print(
-                    f"    {kind:6s} {chunk:3d} samples/message: {rows[-1]['messages_per_second']:8.0f} messages/s, "
-                    f"{rows[-1]['cpu_us_per_message']:.0f} µs CPU/message",
+                    f"    {kind:6s} {chunk:3d} samples/message: {rows[-1].messages_per_second:8.0f} messages/s, "
+                    f"{rows[-1].cpu_us_per_message:.0f} µs CPU/message",
                     flush=True,
                 )
     return rows
