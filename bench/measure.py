@@ -24,9 +24,9 @@ from monitor.scoring import Scorer, ScoringGraph
 from monitor.settings import read_yaml, validate
 
 REPO = Path(__file__).resolve().parents[1]
-SPLITS = REPO.parent / "shared" / "data" / "ecg5000" / "splits"
-TEST_DATA = SPLITS / "test.txt"
-NORMAL_DATA = SPLITS / "train_normal.txt"
+SPLITS = REPO / "data" / "ecg5000" / "splits"
+TEST_DATA = SPLITS / "test.txt.xz"
+NORMAL_DATA = SPLITS / "train_normal.txt.xz"
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
 BATCHES = (1, 8, 32, 64, 128, 256, 512)
@@ -381,7 +381,7 @@ def accuracy(artifact: ModelArtifact, windows: np.ndarray, anomalous: np.ndarray
     reference = Scorer(artifact).score_all(windows)
     ref_eval = evaluate_scores(reference.errors, anomalous, artifact.threshold)
     out: dict[str, Any] = {
-        "data": str(TEST_DATA.relative_to(REPO.parent)),
+        "data": str(TEST_DATA.relative_to(REPO)),
         "threshold": artifact.threshold,
         "closest_score_to_threshold": float(np.abs(reference.errors - artifact.threshold).min()),
         "torch": {"flagged": int((reference.errors > artifact.threshold).sum()), "auc": ref_eval.auc, "recall": ref_eval.recall, "fpr": ref_eval.fpr},

@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "ecg5000"
+DATA = REPO / "data" / "ecg5000"
 SPLITS = DATA / "splits"
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

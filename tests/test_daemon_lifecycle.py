@@ -31,7 +31,7 @@ def publish(client: mqtt.Client, topic: str, payload: bytes | str) -> None:
 
 def beats(count: int) -> np.ndarray:
     """The first `count` normal beats of the calibration split, back to back."""
-    rows = np.loadtxt(SPLITS / "calibration_normal.txt", max_rows=count, dtype=np.float32, ndmin=2)
+    rows = np.loadtxt(SPLITS / "calibration_normal.txt.xz", max_rows=count, dtype=np.float32, ndmin=2)
     return rows[:, 1:].reshape(-1)
 
 

@@ -214,7 +214,7 @@ def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     daemon = DaemonProcess(config)
     daemon.wait_for_event("ready", timeout=60)
     replay = subprocess.Popen(
-        [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", "20", "--speed", "1"],
+        [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"), "--sensors", "20", "--speed", "1"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wait_until(lambda: metric(daemon.scrape(), "monitor_alerts_published_total") > 0, 60, what="the first alerts")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import lzma
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +28,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def head(source: Path, target: Path, rows: int) -> Path:
-    with source.open() as handle:
+    with lzma.open(source, "rt") as handle:
         target.write_text("".join(next(handle) for _ in range(rows)))
     return target
 
@@ -46,8 +47,8 @@ def runs(tmp_path_factory):
     flags override (then `monitor evaluate --json` on its artifact), the same training from flags
     alone with the report, a config with a misspelt key, and in this process seeds 0 and 1."""
     root = tmp_path_factory.mktemp("training")
-    train_data = head(SPLITS / "train_normal.txt", root / "train.txt", TRAIN_ROWS)
-    test_data = head(SPLITS / "test.txt", root / "test.txt", TEST_ROWS)
+    train_data = head(SPLITS / "train_normal.txt.xz", root / "train.txt", TRAIN_ROWS)
+    test_data = head(SPLITS / "test.txt.xz", root / "test.txt", TEST_ROWS)
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump({
         "train_data": str(train_data), "evaluate_data": str(test_data), "output": str(root / "from-yaml"),
@@ -186,7 +187,7 @@ def test_evaluate_json(runs):
 def test_default_model_meets_the_quality_bar():
     if not (DEFAULT_MODEL / "model.json").is_file():
         pytest.skip(f"{DEFAULT_MODEL.relative_to(REPO)} is not there yet (train it with `make train`)")
-    process = run_cli("evaluate", "--model", "models/ecg5000", "--data", "../shared/data/ecg5000/splits/test.txt", "--json",
+    process = run_cli("evaluate", "--model", "models/ecg5000", "--data", "data/ecg5000/splits/test.txt.xz", "--json",
                       timeout=180, env=ONE_THREAD)
     assert process.returncode == 0, process.stderr
     result = json.loads(process.stdout)
