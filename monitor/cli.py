@@ -50,7 +50,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "model's recipe (configs/train-ecg5000.yaml) except --threads, which the recipe sets to 1.",
         epilog=f"Keys of the YAML config without a flag, and their defaults: {yaml_only}.",
     )
-    train.add_argument("--config", type=Path, help="YAML training config (see configs/train-ecg5000.yaml; default: none)")
+    train.add_argument("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
     train.add_argument("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording with --window); "
                        ".gz/.xz read as they are (required: here or in --config)")
     train.add_argument("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold (default: "
