@@ -220,7 +220,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.log import configure_logging
     from monitor.replay import Replayer, load_plan, write_labels
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_model=False)
     configure_logging(config.logging.level, config.logging.format)
     if args.chunk < 1 or args.sample_rate_hz <= 0:
         raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
@@ -241,7 +241,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.watch import watch
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_model=False)
     print(watch(config.mqtt, config.mqtt.alert_topic, args.labels, args.metrics_url, args.idle_seconds, quiet=args.quiet))
     return 0
 
@@ -249,9 +249,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.daemon import build_engine
+    from monitor.errors import ArtifactError
 
     config = load_config(args.file)
-    build_engine(config.model)
+    try:
+        build_engine(config.model)
+    except ArtifactError as error:
+        raise ArtifactError(f"{args.file}: model.path: {error}") from None
     config.mqtt.resolve_password()
     print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
     return 0
