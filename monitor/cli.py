@@ -34,50 +34,48 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     from monitor.calibration import DEFAULT_PARAMS
     from monitor.training_settings import TrainSettings
 
-    defaults = {name: field.get_default(call_default_factory=True) for name, field in TrainSettings.model_fields.items()}
+    fields = TrainSettings.model_fields
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
 
     def default(key: str, note: str = "") -> str:
         return f" (default: {defaults[key]}{note})"
 
-    flags = {"train_data", "calibration_data", "evaluate_data", "output", "name", "version", "normal_label", "window", "stride",
-             "embedding_dim", "epochs", "batch_size", "learning_rate", "patience", "noise_std", "seed", "threads", "threshold",
-             "report"}
-    yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
     train = commands.add_parser(
         "train",
         help="train a model, calibrate its threshold, write an artifact",
-        description="Train on normal windows; flags override the YAML config key by key. The defaults are the bundled "
-        "model's recipe (configs/train-ecg5000.yaml) except --threads, which the recipe sets to 1.",
-        epilog=f"Keys of the YAML config without a flag, and their defaults: {yaml_only}.",
+        description="Train on normal windows; flags override the YAML config key by key. The defaults are the "
+        "bundled model's recipe (configs/train-ecg5000.yaml) except --threads, which the recipe sets to 1.",
     )
-    train.add_argument("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
-    train.add_argument("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording with --window); "
-                       ".gz/.xz read as they are (required: here or in --config)")
-    train.add_argument("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold (default: "
-                       "none; validation and calibration windows are split off the training data with --seed)")
-    train.add_argument("--evaluate-data", type=Path, help="labelled data to evaluate on after training, never trained on "
-                       "(default: none)")
-    train.add_argument("--output", type=Path, help="artifact directory to write" + default("output"))
-    train.add_argument("--force", action="store_true", help="replace a model already in --output (default: refuse)")
-    train.add_argument("--name", help="model name recorded in the artifact" + default("name"))
-    train.add_argument("--version", dest="model_version", help="model version recorded in the artifact (default: today's date)")
-    train.add_argument("--normal-label", type=int, help="class label of normal windows in UCR files" + default("normal_label"))
-    train.add_argument("--window", type=int, help="cut a continuous recording ([T] or [T, C] .npy/.csv) into windows of this "
-                       "many samples (default: none; needed for recordings)")
-    train.add_argument("--stride", type=int, help="samples between window starts in a recording (default: the window)")
-    train.add_argument("--embedding-dim", type=int, help="embedding size E (the LSTMs have E and 2E units)" + default("embedding_dim"))
-    train.add_argument("--epochs", type=int, help="maximum number of epochs" + default("epochs"))
-    train.add_argument("--batch-size", type=int, help="mini-batch size" + default("batch_size"))
-    train.add_argument("--learning-rate", type=float, help="Adam learning rate" + default("learning_rate"))
-    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping" + default("patience"))
-    train.add_argument("--noise-std", type=float, help="std of the Gaussian input noise during training (normalised units)"
-                       + default("noise_std"))
-    train.add_argument("--seed", type=int, help="random seed (training is deterministic given the seed)" + default("seed"))
-    train.add_argument("--threads", type=int, help="torch threads, 0 = torch's default" + default("threads", "; the recipe: 1"))
-    train.add_argument("--threshold-method", choices=["quantile", "mean_std", "pot"], help="threshold calibration method "
-                       f"(default: quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)")
-    train.add_argument("--no-report", dest="report", action="store_const", const=False,
-                       help="skip the PNG training report (default: written to OUTPUT/report)")
+    add = train.add_argument
+    add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
+    add("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording with "
+        "--window); .gz/.xz read as they are (required: here or in --config)")
+    add("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold "
+        "(default: none; validation and calibration windows are split off the training data with --seed)")
+    add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
+    add("--output", type=Path, help="artifact directory to write" + default("output"))
+    add("--force", action="store_true", help="replace a model already in --output (default: refuse)")
+    add("--name", help="model name recorded in the artifact" + default("name"))
+    add("--version", dest="model_version", help="model version recorded in the artifact (default: today's date)")
+    add("--normal-label", type=int, help="class label of normal windows in UCR files" + default("normal_label"))
+    add("--window", type=int, help="cut a continuous recording ([T] or [T, C] .npy/.csv) into windows of this many "
+        "samples (default: none; needed for recordings)")
+    add("--stride", type=int, help="samples between window starts in a recording (default: the window)")
+    add("--embedding-dim", type=int, help="embedding size E (LSTMs of E and 2E units)" + default("embedding_dim"))
+    add("--epochs", type=int, help="maximum number of epochs" + default("epochs"))
+    add("--batch-size", type=int, help="mini-batch size" + default("batch_size"))
+    add("--learning-rate", type=float, help="Adam learning rate" + default("learning_rate"))
+    add("--patience", type=int, help="epochs without validation improvement before stopping" + default("patience"))
+    add("--noise-std", type=float, help="std of the Gaussian training noise, normalised units" + default("noise_std"))
+    add("--seed", type=int, help="random seed (training is deterministic given the seed)" + default("seed"))
+    add("--threads", type=int, help="torch threads, 0 = torch's default" + default("threads", "; the recipe: 1"))
+    add("--threshold-method", choices=["quantile", "mean_std", "pot"], help="threshold calibration method (default: "
+        f"quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)")
+    add("--no-report", dest="report", action="store_const", const=False,
+        help="skip the PNG training report (default: written to OUTPUT/report)")
+    flags = {action.dest for action in train._actions} | {"version", "threshold"}
+    yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
+    train.epilog = f"Keys of the YAML config without a flag, and their defaults: {yaml_only}."
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,15 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from monitor.errors import ConfigError
-from monitor.settings import Strict, deep_merge, environment_names, environment_overrides, read_yaml, source_of, validate
+from monitor.settings import (
+    Strict,
+    deep_merge,
+    environment_names,
+    environment_overrides,
+    read_yaml,
+    source_of,
+    validate,
+)
 
 CREDENTIAL_PASSWORD = "mqtt_password"
 

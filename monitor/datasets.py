@@ -205,7 +205,9 @@ def read_npy_windows(path: str | Path) -> WindowSet:
     path = _existing(path)
     values = _load_npy(path)
     if values.ndim == 1:
-        raise DataError(f"{path}: holds one recording of {len(values)} samples, not windows: give --window (and --stride)")
+        raise DataError(
+            f"{path}: holds one recording of {len(values)} samples, not windows: give --window (and --stride)"
+        )
     if values.ndim == 2 and values.shape[1] < MIN_NPY_WINDOW:
         raise DataError(
             f"{path}: shape {list(values.shape)} reads as {values.shape[1]}-sample windows; if it is a recording "

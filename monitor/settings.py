@@ -91,7 +91,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def format_validation_error(error: ValidationError, source: str, names: dict[tuple[str, ...], str] | None = None) -> str:
+def format_validation_error(
+    error: ValidationError, source: str, names: dict[tuple[str, ...], str] | None = None
+) -> str:
     """One line per problem: `source: key.path: message (got value)`; with `names` (from `environment_names`)
     a value set by a `MONITOR_` variable is blamed on the variable rather than on `source`."""
     lines = []

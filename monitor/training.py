@@ -153,7 +153,7 @@ def train(settings: TrainSettings) -> TrainingResult:
             "calibration_set_small",
             windows=calibration.n_windows,
             below=SMALL_CALIBRATION,
-            message=uncertainty.describe(calibration.threshold) + "; give more held-out normal data (--calibration-data)",
+            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
         )
     evaluation, evaluation_data = None, None
     if settings.evaluate_data is not None:
@@ -162,7 +162,8 @@ def train(settings: TrainSettings) -> TrainingResult:
         scores = scorer.score_all(evaluation_data.windows).errors
         evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
     metadata = _metadata(
-        settings, fit, normalisation, calibration, uncertainty, split, evaluation, evaluation_data, train_losses, val_losses, best_epoch, seconds
+        settings, fit, normalisation, calibration, uncertainty, split, evaluation, evaluation_data,
+        train_losses, val_losses, best_epoch, seconds,
     )
     # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
     shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)

@@ -47,8 +47,8 @@ def test_field_errors_and_a_missing_model_are_reported_in_one_run(config_file, t
     path = config_file(f"model:\n  path: {missing}\nmqtt:\n  prot: 1883\n")
     assert problems(path, {"MONITOR_LOGGING__LEVEL": "loud"}) == [
         f"{path}: mqtt.prot: unknown key (misspelt?)",
-        "environment variable MONITOR_LOGGING__LEVEL: logging.level: Input should be 'debug', 'info', 'warning' or 'error'"
-        " (got 'loud')",
+        "environment variable MONITOR_LOGGING__LEVEL: logging.level: "
+        "Input should be 'debug', 'info', 'warning' or 'error' (got 'loud')",
         f"{path}: model.path: '{missing}': no such model directory",
     ]
 

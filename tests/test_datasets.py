@@ -45,7 +45,7 @@ def test_ucr_real_split():
     np.testing.assert_array_equal(data.labels, reference[:, 0].astype(np.int64))
     assert set(data.labels.tolist()) == {1}
     # The fingerprint is the uncompressed content's: the published split's SHA-256 (data/ecg5000/PROVENANCE.md).
-    assert data.sha256 == hashlib.sha256(lzma.open(path).read()).hexdigest()
+    assert data.sha256 == hashlib.sha256(lzma.decompress(path.read_bytes())).hexdigest()
     assert data.sha256 == "20034157460317c703afdfddd8645c3f132a101db0d7a836c40331bbe3283fc3"
     assert data.source == str(path)
     assert not data.is_anomaly(1).any()

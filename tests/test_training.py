@@ -247,8 +247,8 @@ def test_force_replaces_the_model_and_clears_the_stale_report(runs, tmp_path):
         shutil.copytree(runs["root"] / "first", out)
         (out / "report").mkdir()
         (out / "report" / "loss.png").write_bytes(b"an old plot")
-        jobs[name] = ["train", "--train-data", str(runs["train"]), "--output", str(out), *SMALL, "--seed", "5", "--force",
-                      *extra]
+        jobs[name] = ["train", "--train-data", str(runs["train"]), "--output", str(out), *SMALL, "--seed", "5",
+                      "--force", *extra]
     if not HAVE_MATPLOTLIB:
         jobs.pop("plotted")
     with ThreadPoolExecutor(2) as pool:

@@ -72,8 +72,8 @@ def _line(source: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed splits instead of writing them")
-    parser.add_argument("--directory", type=Path, default=HERE, help="where the UCR files and splits/ are (default: here)")
+    parser.add_argument("--check", action="store_true", help="compare with the committed splits, write nothing")
+    parser.add_argument("--directory", type=Path, default=HERE, help="the UCR files' folder (default: this script's)")
     args = parser.parse_args(argv)
     splits = make_splits(read_lines(args.directory))
     failed = False
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: sha256 {digest}, expected {EXPECTED_SHA256[name]}", file=sys.stderr)
             failed = True
         elif args.check:
-            same = path.is_file() and lzma.open(path).read() == content
+            same = path.is_file() and lzma.decompress(path.read_bytes()) == content
             print(f"{path}: {'identical' if same else 'DIFFERENT'} ({rows} rows, sha256 {digest})")
             failed |= not same
         else:
