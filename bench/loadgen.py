@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")
     parser.add_argument("--topic", default="sensors/{sensor_id}/ecg")
     parser.add_argument(
-        "--data", type=Path, required=True, help="UCR file (.txt or .txt.gz) whose normal beats are streamed"
+        "--data", type=Path, required=True, help="UCR file (.txt, .txt.xz or .txt.gz) whose normal beats are streamed"
     )
     args = parser.parse_args(argv)
 

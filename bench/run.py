@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-dir",
         type=Path,
         default=data.DATA_DIR,
-        help="the ECG5000 data, splits/*.txt[.gz] (default data/ecg5000)",
+        help="the ECG5000 data, splits/*.txt[.xz|.gz] (default data/ecg5000)",
     )
     add(
         "--table-budget", type=float, default=300.0, help="model-table training budget per model, seconds (default 300)"

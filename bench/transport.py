@@ -31,10 +31,10 @@ from bench.data import read_split
 from bench.records import TransportRow
 from monitor.batching import WindowQueue
 from monitor.config import MqttSettings, ShardSettings
+from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder
-from monitor.ingest import Ingest
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
 from tests.support import Broker

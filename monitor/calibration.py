@@ -19,6 +19,8 @@ import numpy as np
 from monitor.errors import ConfigError
 
 METHODS = ("quantile", "mean_std", "pot")
+# Below this many calibration windows the trainer warns with the threshold's uncertainty.
+SMALL_CALIBRATION = 200
 DEFAULT_PARAMS: dict[str, dict[str, float]] = {
     "quantile": {"q": 0.99},
     "mean_std": {"k": 3.0},
@@ -92,3 +94,53 @@ def _peaks_over_threshold(errors: np.ndarray, tail_quantile: float, false_alarm_
         threshold = initial + scale / shape * (ratio ** (-shape) - 1.0)
     fit = {"initial_threshold": initial, "n_peaks": float(excesses.size), "shape": float(shape), "scale": float(scale)}
     return float(threshold), fit
+
+
+@dataclass(frozen=True)
+class ThresholdUncertainty:
+    """How well `n` calibration errors pin a threshold down, without assuming their distribution.
+
+    With `k` of the `n` errors at or below the threshold, the share of normal windows it passes is
+    distributed as Beta(k, n + 1 - k) (order statistics), which bounds the false-alarm rate; the
+    quantile at the threshold's level k / n lies between two order statistics chosen by the binomial.
+    """
+
+    n_windows: int
+    level: float
+    false_alarm_rate: tuple[float, float]
+    threshold_range: tuple[float, float]
+    confidence: float
+
+    def describe(self, threshold: float) -> str:
+        low, high = self.threshold_range
+        shown_high = f"{high:.4g}" if math.isfinite(high) else "above the largest calibration error"
+        return (
+            f"the threshold {threshold:.4g} rests on {self.n_windows} calibration windows: with "
+            f"{self.confidence:.0%} confidence the {self.level:.3g} quantile it estimates lies between {low:.4g} and "
+            f"{shown_high}, and it flags between {self.false_alarm_rate[0]:.2%} and {self.false_alarm_rate[1]:.2%} "
+            f"of normal windows"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"confidence": self.confidence, "false_alarm_rate": list(self.false_alarm_rate),
+                "threshold_range": [x if math.isfinite(x) else None for x in self.threshold_range]}
+
+
+def threshold_uncertainty(
+    errors: np.ndarray, threshold: float, level: float | None = None, confidence: float = 0.95
+) -> ThresholdUncertainty:
+    """Distribution-free intervals for the false-alarm rate and the quantile a threshold stands for
+    (`level`, by default the share of calibration errors at or below the threshold)."""
+    from scipy.stats import beta, binom
+
+    ordered = np.sort(np.asarray(errors, dtype=np.float64))
+    n = ordered.size
+    k = max(int(np.searchsorted(ordered, threshold, side="right")), 1)
+    tail = (1.0 - confidence) / 2.0
+    passed = beta(k, n + 1 - k)
+    false_alarms = (float(1.0 - passed.ppf(1.0 - tail)), float(1.0 - passed.ppf(tail)))
+    level = min(k / n if level is None else level, 1.0 - 1.0 / (n + 1))
+    low_rank, high_rank = int(binom.ppf(tail, n, level)), int(binom.ppf(1.0 - tail, n, level)) + 1
+    low = float(ordered[low_rank - 1]) if low_rank >= 1 else -math.inf
+    high = float(ordered[high_rank - 1]) if high_rank <= n else math.inf
+    return ThresholdUncertainty(n, level, false_alarms, (low, high), confidence)

@@ -29,6 +29,55 @@ def _speed(text: str) -> float:
     return value
 
 
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """`monitor train`: every flag's help ends with its default, taken from the settings themselves."""
+    from monitor.calibration import DEFAULT_PARAMS
+    from monitor.training_settings import TrainSettings
+
+    fields = TrainSettings.model_fields
+    defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
+
+    def default(key: str, note: str = "") -> str:
+        return f" (default: {defaults[key]}{note})"
+
+    train = commands.add_parser(
+        "train",
+        help="train a model, calibrate its threshold, write an artifact",
+        description="Train on normal windows; flags override the YAML config key by key. The defaults are the "
+        "bundled model's recipe (configs/train-ecg5000.yaml) except --threads, which the recipe sets to 1.",
+    )
+    add = train.add_argument
+    add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
+    add("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording with "
+        "--window); .gz/.xz read as they are (required: here or in --config)")
+    add("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold "
+        "(default: none; validation and calibration windows are split off the training data with --seed)")
+    add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
+    add("--output", type=Path, help="artifact directory to write" + default("output"))
+    add("--force", action="store_true", help="replace a model already in --output (default: refuse)")
+    add("--name", help="model name recorded in the artifact" + default("name"))
+    add("--version", dest="model_version", help="model version recorded in the artifact (default: today's date)")
+    add("--normal-label", type=int, help="class label of normal windows in UCR files" + default("normal_label"))
+    add("--window", type=int, help="cut a continuous recording ([T] or [T, C] .npy/.csv) into windows of this many "
+        "samples (default: none; needed for recordings)")
+    add("--stride", type=int, help="samples between window starts in a recording (default: the window)")
+    add("--embedding-dim", type=int, help="embedding size E (LSTMs of E and 2E units)" + default("embedding_dim"))
+    add("--epochs", type=int, help="maximum number of epochs" + default("epochs"))
+    add("--batch-size", type=int, help="mini-batch size" + default("batch_size"))
+    add("--learning-rate", type=float, help="Adam learning rate" + default("learning_rate"))
+    add("--patience", type=int, help="epochs without validation improvement before stopping" + default("patience"))
+    add("--noise-std", type=float, help="std of the Gaussian training noise, normalised units" + default("noise_std"))
+    add("--seed", type=int, help="random seed (training is deterministic given the seed)" + default("seed"))
+    add("--threads", type=int, help="torch threads, 0 = torch's default" + default("threads", "; the recipe: 1"))
+    add("--threshold-method", choices=["quantile", "mean_std", "pot"], help="threshold calibration method (default: "
+        f"quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)")
+    add("--no-report", dest="report", action="store_const", const=False,
+        help="skip the PNG training report (default: written to OUTPUT/report)")
+    flags = {action.dest for action in train._actions} | {"version", "threshold"}
+    yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
+    train.epilog = f"Keys of the YAML config without a flag, and their defaults: {yaml_only}."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="monitor", description="Streaming anomaly monitor for ECG and other sensor signals.")
     parser.add_argument("--version", action="version", version=f"monitor {__version__}")
@@ -39,31 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/monitor.yaml)")
 
-    train = commands.add_parser(
-        "train",
-        help="train a model, calibrate its threshold, write an artifact",
-        description="Train on normal windows; flags override the YAML config key by key.",
-    )
-    train.add_argument("--config", type=Path, help="YAML training config (see configs/train-ecg5000.yaml)")
-    train.add_argument("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording)")
-    train.add_argument("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold")
-    train.add_argument("--evaluate-data", type=Path, help="labelled data to evaluate on after training (never trained on)")
-    train.add_argument("--output", type=Path, help="artifact directory to write")
-    train.add_argument("--name", help="model name recorded in the artifact")
-    train.add_argument("--version", dest="model_version", help="model version recorded in the artifact")
-    train.add_argument("--normal-label", type=int, help="class label of normal windows in UCR files (default 1)")
-    train.add_argument("--window", type=int, help="window length for continuous recordings")
-    train.add_argument("--stride", type=int, help="stride for continuous recordings (default: the window)")
-    train.add_argument("--embedding-dim", type=int, help="embedding size E (the LSTMs have E and 2E units)")
-    train.add_argument("--epochs", type=int, help="maximum number of epochs")
-    train.add_argument("--batch-size", type=int, help="mini-batch size")
-    train.add_argument("--learning-rate", type=float, help="Adam learning rate")
-    train.add_argument("--patience", type=int, help="epochs without validation improvement before stopping")
-    train.add_argument("--noise-std", type=float, help="std of the Gaussian input noise during training (normalised units)")
-    train.add_argument("--seed", type=int, help="random seed (training is deterministic given the seed)")
-    train.add_argument("--threads", type=int, help="torch threads (0 = torch's default)")
-    train.add_argument("--threshold-method", choices=["quantile", "mean_std", "pot"], help="threshold calibration method")
-    train.add_argument("--no-report", dest="report", action="store_const", const=False, help="skip the PNG training report")
+    _add_train_parser(commands)
 
     evaluate = commands.add_parser(
         "evaluate",
@@ -120,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from monitor.log import configure_logging
     from monitor.settings import read_yaml, validate
-    from monitor.training import TrainSettings, train
+    from monitor.training import TrainSettings, refuse_overwrite, train
 
     configure_logging("info", "auto")
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
@@ -148,6 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threshold_method and data.get("threshold", {}).get("method") != args.threshold_method:
         data["threshold"] = {"method": args.threshold_method}  # the YAML's params belong to its own method
     settings = validate(TrainSettings, data, str(args.config or "train flags"))
+    if not args.force:
+        refuse_overwrite(settings.output)
     result = train(settings)
     if settings.report:
         from monitor.report import write_report
@@ -192,7 +219,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.log import configure_logging
     from monitor.replay import Replayer, load_plan, write_labels
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_model=False)
     configure_logging(config.logging.level, config.logging.format)
     if args.chunk < 1 or args.sample_rate_hz <= 0:
         raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
@@ -213,7 +240,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.watch import watch
 
-    config = load_config(args.config)
+    config = load_config(args.config, check_model=False)
     print(watch(config.mqtt, config.mqtt.alert_topic, args.labels, args.metrics_url, args.idle_seconds, quiet=args.quiet))
     return 0
 
@@ -221,9 +248,13 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.engine import load_engine
+    from monitor.errors import ArtifactError
 
     config = load_config(args.file)
-    load_engine(config.model)
+    try:
+        load_engine(config.model)
+    except ArtifactError as error:
+        raise ArtifactError(f"{args.file}: model.path: {error}") from None
     config.mqtt.resolve_password()
     print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
     return 0

@@ -16,7 +16,15 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from monitor.errors import ConfigError
-from monitor.settings import Strict, deep_merge, environment_overrides, read_yaml, validate
+from monitor.settings import (
+    Strict,
+    deep_merge,
+    environment_names,
+    environment_overrides,
+    read_yaml,
+    source_of,
+    validate,
+)
 
 CREDENTIAL_PASSWORD = "mqtt_password"
 
@@ -176,13 +184,52 @@ class Config(Strict):
     shard: ShardSettings = Field(default_factory=ShardSettings)
 
 
-def load_config(path: str | Path | None, environ: dict[str, str] | None = None) -> Config:
-    """Read YAML (or none), apply `MONITOR_` overrides, validate; relative model paths resolve from the file."""
+def load_config(path: str | Path | None, environ: dict[str, str] | None = None, check_model: bool = True) -> Config:
+    """Read YAML (or none), apply `MONITOR_` overrides, validate; relative model paths resolve from the file.
+
+    Every problem is one line naming its key and its source (the file or the `MONITOR_` variable); with
+    `check_model`, a `model.path` that holds no model is one of them, reported with the others.
+    """
+    source = str(path or "config")
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
+    names = environment_names(environ)
     data = deep_merge(data, environment_overrides(environ))
-    config = validate(Config, data, str(path or "config"))
-    if path is not None and not config.model.path.is_absolute() and not config.model.path.exists():
-        beside = Path(path).resolve().parent / config.model.path
+    problems: list[str] = []
+    config = None
+    try:
+        config = validate(Config, data, source, names)
+    except ConfigError as error:
+        problems.append(str(error))
+    model_path = config.model.path if config else _raw_model_path(data)
+    if path is not None and model_path is not None and not model_path.is_absolute() and not model_path.exists():
+        beside = Path(path).resolve().parent / model_path
         if beside.exists():
-            config.model.path = beside
+            model_path = beside
+    if check_model and model_path is not None:
+        problem = _model_problem(model_path)
+        if problem:
+            problems.append(f"{source_of(('model', 'path'), source, names)}: model.path: {problem}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    assert config is not None and model_path is not None  # a valid config always has a model path
+    config.model.path = model_path
     return config
+
+
+def _raw_model_path(data: dict[str, Any]) -> Path | None:
+    """`model.path` of a config that failed validation, when it is usable, so its problem is reported too."""
+    section = data.get("model", {})
+    value = section.get("path", ModelSettings.model_fields["path"].default) if isinstance(section, dict) else None
+    return Path(value) if isinstance(value, (str, Path)) and value else None
+
+
+def _model_problem(directory: Path) -> str | None:
+    """Why `directory` is not a model artifact (the cheap part of the check), or None."""
+    from monitor.artifact import METADATA_FILE, WEIGHTS_FILE
+
+    if not directory.is_dir():
+        return f"{str(directory)!r}: no such model directory"
+    missing = [name for name in (METADATA_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
+    if missing:
+        return f"{str(directory)!r}: not a model artifact ({' and '.join(missing)} missing)"
+    return None

@@ -4,21 +4,34 @@
 - Unlabelled windows (`.npy` of shape `[N, W]` or `[N, W, C]`), all taken as normal.
 - Continuous recordings (`.npy` or `.csv` of shape `[T]` or `[T, C]`), cut with a window and stride.
 
+Any of them may be compressed (`.gz` or `.xz` after the format's suffix, e.g. `test.txt.xz`); the
+file is read as it is, and its fingerprint is the SHA-256 of the uncompressed content.
+
 Every reader returns float32 windows shaped `[N, W, C]` and refuses bad files with a `DataError`
 that says what is wrong and where.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import lzma
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 from monitor.errors import DataError
 
 UCR_SUFFIXES = {".txt", ".tsv", ".ucr"}
+DECOMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".xz": lzma.open}
+# A `.npy` of shape [N, W] with W below this is a [T, C] recording (no model has 3-sample windows):
+# refused without --window rather than trained on as windows.
+MIN_NPY_WINDOW = 4
+# What a damaged or mislabelled compressed file raises while it is read.
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
 
 
 @dataclass(frozen=True)
@@ -55,11 +68,31 @@ class WindowSet:
         return WindowSet(self.windows[keep], self.labels[keep], self.source, self.sha256)
 
 
+def data_suffix(path: str | Path) -> str:
+    """The format's suffix, past a compression suffix: `.txt` for `test.txt.xz`."""
+    path = Path(path)
+    if path.suffix.lower() in DECOMPRESSORS:
+        path = path.with_suffix("")
+    return path.suffix.lower()
+
+
+def open_data(path: Path, mode: str = "rb", encoding: str | None = None, errors: str | None = None) -> IO[Any]:
+    """Open a data file, decompressing `.gz` and `.xz` on the fly."""
+    opener = DECOMPRESSORS.get(path.suffix.lower())
+    if opener:
+        return opener(path, mode, encoding=encoding, errors=errors)
+    return open(path, mode, encoding=encoding, errors=errors)
+
+
 def file_sha256(path: Path) -> str:
+    """SHA-256 of the file's content (uncompressed), so recompressing a data file keeps its fingerprint."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with open_data(path) as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except READ_ERRORS as error:
+        raise DataError(f"{path}: cannot be read ({error})") from None
     return digest.hexdigest()
 
 
@@ -80,31 +113,39 @@ def _check_finite(values: np.ndarray, source: str) -> None:
 def read_ucr(path: str | Path) -> WindowSet:
     """Read a UCR text file: a label then W values per line, whitespace (or comma) separated."""
     path = _existing(path)
-    rows: list[list[float]] = []
-    width = None
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            fields = line.replace(",", " ").split()
-            if not fields:
-                continue
-            try:
-                values = [float(field) for field in fields]
-            except ValueError as error:
-                raise DataError(f"{path}: line {number}: not a number ({error})") from None
-            if width is None:
-                width = len(values)
-            elif len(values) != width:
-                raise DataError(f"{path}: line {number} has {len(values) - 1} values, the first line has {width - 1}")
-            rows.append(values)
-    if not rows or width is None or width < 3:
+    try:
+        with open_data(path, "rt", encoding="utf-8", errors="replace") as handle:
+            table, width = _parse_ucr(handle, path)
+    except READ_ERRORS as error:
+        raise DataError(f"{path}: cannot be read ({error})") from None
+    if table is None or width < 3:
         raise DataError(f"{path}: no windows (a UCR line is a label and at least 2 values)")
-    table = np.asarray(rows, dtype=np.float64)
     _check_finite(table, str(path))
     labels = table[:, 0]
     if not np.all(labels == np.round(labels)):
         raise DataError(f"{path}: the first column must hold integer class labels")
     windows = table[:, 1:, np.newaxis].astype(np.float32)
     return WindowSet(windows, labels.astype(np.int64), str(path), file_sha256(path))
+
+
+def _parse_ucr(handle: IO[str], path: Path) -> tuple[np.ndarray | None, int]:
+    """The rows of a UCR text file as one float64 table (None when empty), and their width."""
+    rows: list[list[float]] = []
+    width = 0
+    for number, line in enumerate(handle, start=1):
+        fields = line.replace(",", " ").split()
+        if not fields:
+            continue
+        try:
+            values = [float(field) for field in fields]
+        except ValueError as error:
+            raise DataError(f"{path}: line {number}: not a number ({error})") from None
+        if not width:
+            width = len(values)
+        elif len(values) != width:
+            raise DataError(f"{path}: line {number} has {len(values) - 1} values, the first line has {width - 1}")
+        rows.append(values)
+    return (np.asarray(rows, dtype=np.float64) if rows else None), width
 
 
 def cut_windows(recording: np.ndarray, window: int, stride: int, source: str) -> np.ndarray:
@@ -129,13 +170,16 @@ def _as_recording(values: np.ndarray, source: str) -> np.ndarray:
 def read_samples(path: str | Path) -> np.ndarray:
     """Read a continuous `.npy` or `.csv` recording as float32 `[T, C]`."""
     path = _existing(path)
-    if path.suffix == ".npy":
+    if data_suffix(path) == ".npy":
         values = _load_npy(path)
     else:
         try:
-            values = np.loadtxt(path, delimiter=",", ndmin=1, dtype=np.float64)
-        except ValueError as error:
+            with open_data(path, "rt", encoding="utf-8") as handle:
+                values = np.loadtxt(handle, delimiter=",", ndmin=1, dtype=np.float64)
+        except (ValueError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: not a numeric CSV recording ({error})") from None
+        except READ_ERRORS as error:
+            raise DataError(f"{path}: cannot be read ({error})") from None
     values = _as_recording(values, str(path))
     _check_finite(values, str(path))
     return values.astype(np.float32)
@@ -149,8 +193,9 @@ def read_recording(path: str | Path, window: int, stride: int) -> WindowSet:
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        values = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        with open_data(path) as handle:
+            values = np.load(handle, allow_pickle=False)
+    except (ValueError, *READ_ERRORS) as error:
         raise DataError(f"{path}: not a readable numeric .npy file ({error})") from None
     if not np.issubdtype(values.dtype, np.number):
         raise DataError(f"{path}: holds {values.dtype}, not numbers")
@@ -161,6 +206,15 @@ def read_npy_windows(path: str | Path) -> WindowSet:
     """Read unlabelled windows `[N, W]` or `[N, W, C]` from a `.npy` file."""
     path = _existing(path)
     values = _load_npy(path)
+    if values.ndim == 1:
+        raise DataError(
+            f"{path}: holds one recording of {len(values)} samples, not windows: give --window (and --stride)"
+        )
+    if values.ndim == 2 and values.shape[1] < MIN_NPY_WINDOW:
+        raise DataError(
+            f"{path}: shape {list(values.shape)} reads as {values.shape[1]}-sample windows; if it is a recording "
+            f"of {values.shape[1]} channels, give --window (and --stride)"
+        )
     if values.ndim == 2:
         values = values[:, :, np.newaxis]
     if values.ndim != 3 or values.shape[0] < 1 or values.shape[1] < 2:
@@ -172,15 +226,16 @@ def read_npy_windows(path: str | Path) -> WindowSet:
 def read_windows(path: str | Path, window: int | None = None, stride: int | None = None) -> WindowSet:
     """Read any supported file; with `window` set, `.npy`/`.csv` files are continuous recordings."""
     path = Path(path)
-    if path.suffix.lower() in UCR_SUFFIXES:
+    suffix = data_suffix(path)
+    if suffix in UCR_SUFFIXES:
         return read_ucr(path)
-    if path.suffix == ".csv" or (path.suffix == ".npy" and window is not None):
+    if suffix == ".csv" or (suffix == ".npy" and window is not None):
         if window is None:
             raise DataError(f"{path}: a continuous recording needs --window (and --stride)")
         return read_recording(path, window, stride or window)
-    if path.suffix == ".npy":
+    if suffix == ".npy":
         return read_npy_windows(path)
-    raise DataError(f"{path}: unknown data format (expected .txt/.tsv UCR text, .npy or .csv)")
+    raise DataError(f"{path}: unknown data format (expected .txt/.tsv UCR text, .npy or .csv, optionally .gz or .xz)")
 
 
 def require_window(data: WindowSet, window: int, channels: int) -> None:

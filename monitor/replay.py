@@ -22,7 +22,7 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from monitor.broker import client_id_for, make_client
 from monitor.config import MqttSettings
-from monitor.datasets import WindowSet, read_samples, read_ucr
+from monitor.datasets import UCR_SUFFIXES, WindowSet, data_suffix, read_samples, read_ucr
 from monitor.errors import DataError, MonitorError
 
 log = structlog.get_logger("monitor.replay")
@@ -69,7 +69,7 @@ def load_plan(path: str | Path, sensors: int) -> ReplayPlan:
     path = Path(path)
     if sensors < 1:
         raise DataError("--sensors must be at least 1")
-    if path.suffix.lower() in (".txt", ".tsv", ".ucr"):
+    if data_suffix(path) in UCR_SUFFIXES:
         return plan_ucr(read_ucr(path), sensors)
     return plan_recording(read_samples(path), sensors)
 

@@ -17,7 +17,8 @@ log = structlog.get_logger("monitor.report")
 
 
 def write_report(result: TrainingResult, directory: Path, normal_label: int = 1, examples: int = 3) -> list[Path]:
-    """Write loss.png, errors.png and reconstructions.png; returns the files written."""
+    """Write loss.png, errors.png and reconstructions.png (examples from the labelled evaluation data, else
+    from the calibration windows); returns the files written."""
     try:
         import matplotlib
 
@@ -58,20 +59,34 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
 
     if data is not None and data.labels is not None:
         anomalous = data.is_anomaly(normal_label)
-        chosen = [("normal", i) for i in np.flatnonzero(~anomalous)[:examples]]
-        chosen += [("anomalous", i) for i in np.flatnonzero(anomalous)[:examples]]
-        figure, grid = plt.subplots(2, examples, figsize=(4 * examples, 6), sharey=True, squeeze=False)
-        batch, reconstructed = scorer.reconstruct(data.windows[[i for _, i in chosen]])
-        scores = scorer.score(data.windows[[i for _, i in chosen]]).errors
-        for slot, ((kind, index), axes) in enumerate(zip(chosen, grid.flat, strict=False)):
+        rows = [("normal", data.windows, np.flatnonzero(~anomalous)[:examples]),
+                ("anomalous", data.windows, np.flatnonzero(anomalous)[:examples])]
+    else:  # no labelled data: typical and worst-reconstructed held-out normal windows
+        worst = np.argsort(calibration_errors)[::-1][:examples]
+        rows = [("calibration", result.calibration_windows, np.arange(min(examples, len(calibration_errors)))),
+                ("calibration, highest score", result.calibration_windows, worst)]
+    written.append(_reconstructions(result, scorer, rows, examples, directory / "reconstructions.png"))
+    return written
+
+
+def _reconstructions(result: TrainingResult, scorer: Scorer, rows: list, examples: int, path: Path) -> Path:
+    """A grid of windows and their reconstructions: one row per (kind, windows, indices) in `rows`."""
+    import matplotlib.pyplot as plt
+
+    threshold = result.calibration.threshold
+    figure, grid = plt.subplots(len(rows), examples, figsize=(4 * examples, 3 * len(rows)), sharey=True, squeeze=False)
+    for (kind, windows, indices), axes_row in zip(rows, grid, strict=True):
+        chosen = windows[indices]
+        batch, reconstructed = scorer.reconstruct(chosen)
+        scores = scorer.score(chosen).errors
+        for slot, (index, axes) in enumerate(zip(indices, axes_row, strict=False)):
             axes.plot(batch[slot, :, 0], label="input")
             axes.plot(reconstructed[slot, :, 0], label="reconstruction")
             verdict = "flagged" if scores[slot] > threshold else "passed"
             axes.set_title(f"{kind} #{index}: score {scores[slot]:.3f} ({verdict})", fontsize=9)
-        grid.flat[0].legend()
-        figure.suptitle("Windows and their reconstructions (normalised units)")
-        written.append(_save(figure, directory / "reconstructions.png"))
-    return written
+    grid.flat[0].legend()
+    figure.suptitle("Windows and their reconstructions (normalised units)")
+    return _save(figure, path)
 
 
 def _save(figure, path: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,14 +45,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def environment_names(environ: Mapping[str, str] | None = None) -> dict[tuple[str, ...], str]:
+    """The `MONITOR_` variables by the key path they set: `MONITOR_MQTT__PORT` is `("mqtt", "port")`."""
+    variables = os.environ if environ is None else environ
+    return {
+        tuple(part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)): name
+        for name in variables
+        if name.startswith(ENV_PREFIX) and ENV_SEPARATOR in name
+    }
+
+
 def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """`MONITOR_MQTT__PASSWORD=x` becomes `{"mqtt": {"password": "x"}}`; values are parsed as YAML scalars."""
     variables = os.environ if environ is None else environ
     overrides: dict[str, Any] = {}
-    for name, raw in variables.items():
-        if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR not in name:
-            continue
-        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_SEPARATOR)]
+    for keys, name in environment_names(variables).items():
+        raw = variables[name]
         try:
             value = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
@@ -65,6 +74,14 @@ def environment_overrides(environ: dict[str, str] | None = None) -> dict[str, An
     return overrides
 
 
+def source_of(keys: tuple[str, ...], file: str, names: dict[tuple[str, ...], str]) -> str:
+    """Where the value at `keys` came from: the `MONITOR_` variable(s) that set it or a key below it, else the file."""
+    variables = sorted(name for path, name in names.items() if path[: len(keys)] == keys)
+    if not variables:
+        return file
+    return f"environment variable{'s' if len(variables) > 1 else ''} {', '.join(variables)}"
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -75,22 +92,29 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: `source: key.path: message (got value)`."""
+def format_validation_error(
+    error: ValidationError, source: str, names: dict[tuple[str, ...], str] | None = None
+) -> str:
+    """One line per problem: `source: key.path: message (got value)`; with `names` (from `environment_names`)
+    a value set by a `MONITOR_` variable is blamed on the variable rather than on `source`."""
     lines = []
     for problem in error.errors():
-        path = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        keys = tuple(str(part) for part in problem["loc"])
+        path = ".".join(keys) or "(top level)"
+        where = source_of(keys, source, names) if names and keys else source
         message = problem["msg"]
         if problem["type"] == "extra_forbidden":
             message = "unknown key (misspelt?)"
         shown = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {problem.get('input')!r})"
-        lines.append(f"{source}: {path}: {message}{shown}")
+        lines.append(f"{where}: {path}: {message}{shown}")
     return "\n".join(lines)
 
 
-def validate(model: type[SettingsT], data: dict[str, Any], source: str) -> SettingsT:
+def validate(
+    model: type[SettingsT], data: dict[str, Any], source: str, names: dict[tuple[str, ...], str] | None = None
+) -> SettingsT:
     """Validate `data` against `model`; every violation goes into one `ConfigError`, a line each."""
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, source)) from None
+        raise ConfigError(format_validation_error(error, source, names)) from None

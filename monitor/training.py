@@ -4,62 +4,36 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import structlog
 import torch
-from pydantic import Field
 from tqdm import tqdm
 
 from monitor import __version__
-from monitor.artifact import ERROR_MEASURE, ModelArtifact, Normalisation, save_artifact
+from monitor.artifact import ERROR_MEASURE, METADATA_FILE, WEIGHTS_FILE, ModelArtifact, Normalisation, save_artifact
 from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
-from monitor.calibration import Calibration, calibrate
+from monitor.calibration import SMALL_CALIBRATION, Calibration, ThresholdUncertainty, calibrate, threshold_uncertainty
 from monitor.datasets import WindowSet, read_windows, require_window
-from monitor.errors import DataError
+from monitor.errors import ArtifactError, DataError
 from monitor.evaluation import Evaluation, evaluate_scores
 from monitor.scoring import Scorer
-from monitor.settings import Strict
+from monitor.training_settings import TrainSettings
 
 log = structlog.get_logger("monitor.training")
+REPORT_DIRECTORY = "report"
 
 
-class ThresholdSettings(Strict):
-    method: Literal["quantile", "mean_std", "pot"] = "quantile"
-    params: dict[str, float] = Field(default_factory=dict)
-
-
-class TrainSettings(Strict):
-    """Everything `monitor train` takes; flags override the YAML file key by key."""
-
-    train_data: Path
-    calibration_data: Path | None = None
-    evaluate_data: Path | None = None
-    normal_label: int = 1
-    window: int | None = Field(default=None, ge=2)
-    stride: int | None = Field(default=None, ge=1)
-    output: Path = Path("models/model")
-    name: str = "model"
-    version: str | None = None
-    embedding_dim: int = Field(default=64, ge=1, le=1024)
-    epochs: int = Field(default=100, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    noise_std: float = Field(default=0.15, ge=0)
-    patience: int = Field(default=15, ge=1)
-    lr_patience: int = Field(default=5, ge=1)
-    lr_factor: float = Field(default=0.5, gt=0, le=1)
-    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
-    calibration_fraction: float = Field(default=0.15, gt=0, lt=0.5)
-    seed: int = 0
-    threads: int = Field(default=0, ge=0)
-    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
-    report: bool = True
+def refuse_overwrite(directory: Path) -> None:
+    """Refuse to train into a directory that already holds an artifact (`monitor train --force` skips this)."""
+    existing = [name for name in (METADATA_FILE, WEIGHTS_FILE) if (directory / name).exists()]
+    if existing:
+        raise ArtifactError(f"{directory}: holds a model already ({', '.join(existing)}); use --force to replace it")
 
 
 @dataclass
@@ -170,14 +144,28 @@ def train(settings: TrainSettings) -> TrainingResult:
     model, train_losses, val_losses, best_epoch = fit_model(settings, normalisation.apply(fit.windows), normalisation.apply(validation))
     seconds = time.perf_counter() - started
     scorer = Scorer(model, normalisation)
-    calibration = calibrate(scorer.score_all(calibration_windows).errors, settings.threshold.method, settings.threshold.params)
+    calibration_errors = scorer.score_all(calibration_windows).errors
+    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
+    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    if calibration.n_windows < SMALL_CALIBRATION:
+        log.warning(
+            "calibration_set_small",
+            windows=calibration.n_windows,
+            below=SMALL_CALIBRATION,
+            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
+        )
     evaluation, evaluation_data = None, None
     if settings.evaluate_data is not None:
         evaluation_data = read_windows(settings.evaluate_data, settings.window, settings.stride)
         require_window(evaluation_data, fit.window, fit.channels)
         scores = scorer.score_all(evaluation_data.windows).errors
         evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
-    metadata = _metadata(settings, fit, normalisation, calibration, split, evaluation, evaluation_data, train_losses, val_losses, best_epoch, seconds)
+    metadata = _metadata(
+        settings, fit, normalisation, calibration, uncertainty, split, evaluation, evaluation_data,
+        train_losses, val_losses, best_epoch, seconds,
+    )
+    # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
+    shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)
     save_artifact(settings.output, model, metadata)
     artifact = ModelArtifact(
         model, normalisation, calibration.threshold, fit.window, fit.channels, settings.name, metadata["version"], metadata, settings.output
@@ -198,6 +186,7 @@ def _metadata(
     fit: WindowSet,
     normalisation: Normalisation,
     calibration: Calibration,
+    uncertainty: ThresholdUncertainty,
     split: dict[str, Any],
     evaluation: Evaluation | None,
     evaluation_data: WindowSet | None,
@@ -217,7 +206,12 @@ def _metadata(
         "normalisation": normalisation.to_dict(),
         "error_measure": ERROR_MEASURE,
         "error_measure_note": "mean over the window of |x - reconstruction|, in normalised units, channels averaged",
-        "threshold": {"value": calibration.threshold, "decision": "anomaly when score > value", **calibration.to_dict()},
+        "threshold": {
+            "value": calibration.threshold,
+            "decision": "anomaly when score > value",
+            **calibration.to_dict(),
+            "uncertainty": uncertainty.to_dict(),
+        },
         "training": {
             "data": str(settings.train_data),
             "data_sha256": fit.sha256,

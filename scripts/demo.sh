@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The live demo: a real Mosquitto, the daemon with the bundled model, and the 3103 ECG5000 test
-# beats (splits/test.txt) replayed through it as 20 live sensors. Alerts print as they arrive;
+# beats (data/ecg5000/splits/test.txt.xz, in the repository) replayed through it as 20 live sensors. Alerts print as they arrive;
 # the end is a summary with precision and recall against the beats' labels.
 # Run as root on a fresh Debian machine: it installs what it needs first (scripts/setup.sh).
 set -euo pipefail
@@ -8,11 +8,11 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 VENV=${VENV:-.venv}
 MONITOR="$VENV/bin/monitor"
-DATA=${DATA:-../shared/data/ecg5000/splits/test.txt}
+DATA=${DATA:-data/ecg5000/splits/test.txt.xz}
 SPEED=${DEMO_SPEED:-10}
 SENSORS=${DEMO_SENSORS:-20}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/monitor-demo.XXXXXX")
-[[ -f $DATA ]] || { echo "demo: $DATA not found (set DATA=path/to/test.txt)" >&2; exit 1; }
+[[ -f $DATA ]] || { echo "demo: $DATA not found (set DATA=path/to/labelled-ucr-file)" >&2; exit 1; }
 
 free_port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 wait_for() {  # wait_for SECONDS PYTHON-EXPRESSION

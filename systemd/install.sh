@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Install the monitor as a systemd service: a venv in /opt/monitor, config in /etc/monitor, the unit.
 #
+# The installer owns /opt/monitor (venv, bundled models, README) and replaces it on every run. Your own
+# models belong in /etc/monitor/models (point model.path at /etc/monitor/models/NAME): the installer
+# creates that directory and never changes what is in it, nor an existing /etc/monitor/monitor.yaml.
+#
 # Usage (as root, from anywhere): systemd/install.sh
 # Environment: PYTHON (default python3, >= 3.11); TORCH_PIP_ARGS, extra pip arguments for the torch
 # install, e.g. "--index-url <PyTorch's CPU-only wheel index>" to avoid pulling the CUDA build.
-# Re-running upgrades the package and models (then: systemctl restart monitor) and keeps an existing
-# /etc/monitor/monitor.yaml and credential.
+# Re-running upgrades the package and the bundled models (then: systemctl restart monitor) and keeps
+# /etc/monitor/monitor.yaml, the credential and /etc/monitor/models. A model found in /opt/monitor/models
+# that the repository does not ship (put there before this layout) is moved to /etc/monitor/models.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PREFIX=/opt/monitor
 CONFDIR=/etc/monitor
+USER_MODELS=$CONFDIR/models
 UNITDIR=/etc/systemd/system
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
@@ -34,9 +40,25 @@ install -d -m 0755 "$PREFIX"
 # torch first and pinned, so the package's looser torch requirement cannot pick another build.
 # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of arguments
 "$PREFIX/.venv/bin/pip" install --no-input "torch==$TORCH_VERSION" ${TORCH_PIP_ARGS:-}
-"$PREFIX/.venv/bin/pip" install --no-input --upgrade "$REPO"
+# The onnx extra: the README documents model.backend: onnx for the service.
+"$PREFIX/.venv/bin/pip" install --no-input --upgrade "$REPO[onnx]"
+install -m 0644 "$REPO/README.md" "$PREFIX/README.md"   # the unit's Documentation=
 
-step "models in $PREFIX/models"
+step "models: bundled in $PREFIX/models, yours in $USER_MODELS"
+install -d -m 0755 "$CONFDIR" "$USER_MODELS"
+# Never delete a model the user put among the bundled ones: move it to the user directory instead.
+if [[ -d $PREFIX/models ]]; then
+    for model in "$PREFIX"/models/*/; do
+        name=$(basename "$model")
+        [[ -e $REPO/models/$name ]] && continue
+        if [[ -e $USER_MODELS/$name ]]; then
+            echo "install.sh: $model is not a bundled model and $USER_MODELS/$name exists; move one of them first" >&2
+            exit 1
+        fi
+        mv "$model" "$USER_MODELS/$name"
+        echo "    moved your model $name to $USER_MODELS/$name (point model.path there)"
+    done
+fi
 rm -rf "$PREFIX/models.new"
 cp -r "$REPO/models" "$PREFIX/models.new"
 # cp keeps source modes, and an artifact written with mode 0600 would be unreadable to the service.
@@ -48,7 +70,6 @@ mv "$PREFIX/models.new" "$PREFIX/models"
 rm -rf "$PREFIX/models.old"
 
 step "config in $CONFDIR"
-install -d -m 0755 "$CONFDIR"
 install -d -m 0700 "$CONFDIR/credentials"
 # LoadCredential= with a path fails the unit (243/CREDENTIALS) when the file is missing, and the
 # daemon reads the password only when mqtt.username is set: an empty one suits an anonymous broker.

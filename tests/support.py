@@ -25,7 +25,7 @@ from monitor.broker import make_client
 from monitor.config import MqttSettings
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "ecg5000"
+DATA = REPO / "data" / "ecg5000"
 SPLITS = DATA / "splits"
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import stat
@@ -29,7 +30,8 @@ def trained(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("artifact")
     train_file = root / "train.txt"
-    train_file.write_text("".join((SPLITS / "train_normal.txt").read_text().splitlines(keepends=True)[:80]))
+    with lzma.open(SPLITS / "train_normal.txt.xz", "rt") as handle:
+        train_file.write_text("".join(handle.readlines()[:80]))
     settings = TrainSettings(train_data=train_file, output=root / "model", name="tiny", version="0.0.1",
                              embedding_dim=4, epochs=1, threads=1, seed=3, report=False)
     result = train(settings)
@@ -39,7 +41,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def beats():
-    return read_ucr(SPLITS / "test.txt").windows[:40]
+    return read_ucr(SPLITS / "test.txt.xz").windows[:40]
 
 
 @pytest.fixture
@@ -248,7 +250,7 @@ def test_malicious_pickle_is_refused_and_never_executed(artifact_copy, tmp_path,
     assert not marker.exists()
     # The CLI refuses it the same way, without running it either.
     if style == "torch.save":
-        process = run_cli("evaluate", "--model", str(artifact_copy), "--data", str(SPLITS / "test.txt"),
+        process = run_cli("evaluate", "--model", str(artifact_copy), "--data", str(SPLITS / "test.txt.xz"),
                           env={"OMP_NUM_THREADS": "1"})
         assert process.returncode == 2, process.stderr
         assert_one_error_line(process.stderr, "unreadable weights")

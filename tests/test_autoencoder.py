@@ -149,7 +149,7 @@ def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
     artifact = load_artifact(DEFAULT_MODEL)
     scorer = Scorer.from_artifact(artifact)
     eager = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
-    windows = read_ucr(SPLITS / "test.txt").windows
+    windows = read_ucr(SPLITS / "test.txt.xz").windows
     flagged = 0
     for size in (1, 2, 13, 64, 256, len(windows)):
         batch = windows[:size]

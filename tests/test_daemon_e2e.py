@@ -36,10 +36,10 @@ def test_replayed_test_split_alerts_exactly_what_evaluate_flags(broker, capture_
     config = daemon_config(tmp_path / "monitor.yaml", broker.port, batching={"max_batch": 64, "max_wait_seconds": 0.05})
     daemon = daemon_factory(config)
     alerts = capture_factory(broker.port, ["alerts/#"])
-    expected, threshold, window = expected_alerts(SPLITS / "test.txt", SENSORS)
+    expected, threshold, window = expected_alerts(SPLITS / "test.txt.xz", SENSORS)
     total_windows = 3103
 
-    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", str(SENSORS),
+    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"), "--sensors", str(SENSORS),
                      "--chunk", str(CHUNK), "--speed", "max", "--labels-out", str(tmp_path / "labels.jsonl"))
     assert result.returncode == 0, result.stderr
     assert f"from {SENSORS} sensors" in result.stdout

@@ -70,7 +70,7 @@ def test_the_watchdog_is_fed_only_while_the_scorer_makes_progress(broker, notify
         wait_until(lambda: daemon.worker.progressing(time.monotonic(), 0.5), 10, what="the idle scorer's beat")
         daemon.housekeeping(time.monotonic())
         assert "WATCHDOG=1" in notify()  # idle, queue empty: alive
-        beat = read_ucr(SPLITS / "test.txt").windows[0, :, 0]
+        beat = read_ucr(SPLITS / "test.txt.xz").windows[0, :, 0]
         body = orjson.dumps({"seq": 0, "samples": beat.tolist()})
         daemon.connection.client.publish("sensors/stalled/ecg", body, qos=1)
         assert blocking.entered.wait(20), "the window never reached the scorer"

@@ -31,7 +31,7 @@ def publish(client: mqtt.Client, topic: str, payload: bytes | str) -> None:
 
 def beats(count: int) -> np.ndarray:
     """The first `count` normal beats of the calibration split, back to back."""
-    rows = np.loadtxt(SPLITS / "calibration_normal.txt", max_rows=count, dtype=np.float32, ndmin=2)
+    rows = np.loadtxt(SPLITS / "calibration_normal.txt.xz", max_rows=count, dtype=np.float32, ndmin=2)
     return rows[:, 1:].reshape(-1)
 
 
@@ -136,7 +136,7 @@ def test_sighup_reloads_a_good_model_and_keeps_the_old_one_when_broken(broker, d
         ("batching:\n  max_batch: zero\n", "batching.max_batch: Input should be a valid integer"),
         ("mqtt:\n  subscribe: ['sensors/#/ecg']\n", "mqtt.subscribe"),
         ("mqtt:\n  alert_topic: 'alerts/{sensor}'\n", "mqtt.alert_topic"),
-        ("model:\n  path: /nonexistent/model\n", "/nonexistent/model: model artifact directory not found"),
+        ("model:\n  path: /nonexistent/model\n", "bad.yaml: model.path: '/nonexistent/model': no such model directory"),
         ("model:\n  device: tpu\n", "model.device"),
         ("mqtt: [1, 2\n", "invalid YAML at line"),
     ],

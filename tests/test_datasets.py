@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import lzma
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +24,7 @@ from monitor.datasets import (
     require_window,
 )
 from monitor.errors import DataError
-from tests.support import SPLITS
+from tests.support import DATA, SPLITS
 
 
 def ucr_line(label: float, values) -> str:
@@ -31,7 +35,7 @@ def ucr_line(label: float, values) -> str:
 
 
 def test_ucr_real_split():
-    path = SPLITS / "train_normal.txt"
+    path = SPLITS / "train_normal.txt.xz"
     data = read_ucr(path)
     reference = np.loadtxt(path)
     assert data.windows.shape == (len(reference), 140, 1)
@@ -40,10 +44,49 @@ def test_ucr_real_split():
     np.testing.assert_array_equal(data.windows[:, :, 0], reference[:, 1:].astype(np.float32))
     np.testing.assert_array_equal(data.labels, reference[:, 0].astype(np.int64))
     assert set(data.labels.tolist()) == {1}
-    assert data.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The fingerprint is the uncompressed content's: the published split's SHA-256 (data/ecg5000/PROVENANCE.md).
+    assert data.sha256 == hashlib.sha256(lzma.decompress(path.read_bytes())).hexdigest()
+    assert data.sha256 == "20034157460317c703afdfddd8645c3f132a101db0d7a836c40331bbe3283fc3"
     assert data.source == str(path)
     assert not data.is_anomaly(1).any()
     assert read_windows(path).windows.shape == data.windows.shape
+
+
+def test_the_split_script_reproduces_the_committed_splits():
+    """data/ecg5000/make_splits.py rebuilds the three split files from the UCR files, byte for byte."""
+    script = DATA / "make_splits.py"
+    process = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120)
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert process.stdout.count("identical") == 3, process.stdout
+    assert "1459 rows" in process.stdout and "438 rows" in process.stdout and "3103 rows" in process.stdout
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, lzma.compress], ids=["gz", "xz"])
+def test_compressed_files_read_as_the_plain_ones(tmp_path, compress):
+    suffix = ".gz" if compress is gzip.compress else ".xz"
+    ucr = tmp_path / "beats.txt"
+    ucr.write_text("\n".join(ucr_line(label, [label, 2.5, -1]) for label in (1, 2, 1)) + "\n")
+    recording = tmp_path / "rec.csv"
+    recording.write_text("\n".join(f"{i},{-i}" for i in range(12)) + "\n")
+    np.save(tmp_path / "windows.npy", np.arange(40, dtype=np.float32).reshape(4, 10))
+    for plain, window in ((ucr, None), (recording, 4), (tmp_path / "windows.npy", None)):
+        packed = plain.with_name(plain.name + suffix)
+        packed.write_bytes(compress(plain.read_bytes()))
+        expected, got = read_windows(plain, window), read_windows(packed, window)
+        np.testing.assert_array_equal(got.windows, expected.windows)
+        assert got.sha256 == expected.sha256 == hashlib.sha256(plain.read_bytes()).hexdigest()
+    assert read_ucr(ucr.with_name("beats.txt" + suffix)).labels.tolist() == [1, 2, 1]
+
+
+def test_damaged_compressed_file_is_one_line(tmp_path):
+    packed = tmp_path / "beats.txt.xz"
+    packed.write_bytes(lzma.compress(b"1 2 3\n" * 100)[:-20])
+    with pytest.raises(DataError, match="beats.txt.xz: cannot be read") as error:
+        read_windows(packed)
+    assert_one_line(error)
+    (tmp_path / "not.txt.gz").write_bytes(b"plain text, not gzip")
+    with pytest.raises(DataError, match="not.txt.gz: cannot be read"):
+        read_windows(tmp_path / "not.txt.gz")
 
 
 def test_ucr_labels_and_normal_class(tmp_path):
@@ -238,8 +281,11 @@ def test_non_numeric_and_wrong_shape_npy(tmp_path):
     with pytest.raises(DataError, match="not numbers"):
         read_npy_windows(tmp_path / "strings.npy")
     np.save(tmp_path / "flat.npy", np.zeros(10))
-    with pytest.raises(DataError, match=r"shape \[N, W\] or \[N, W, C\], got \[10\]"):
+    with pytest.raises(DataError, match=r"one recording of 10 samples, not windows: give --window"):
         read_npy_windows(tmp_path / "flat.npy")
+    np.save(tmp_path / "two_leads.npy", np.zeros((1000, 2)))
+    with pytest.raises(DataError, match=r"shape \[1000, 2\] reads as 2-sample windows; .* 2 channels, give --window"):
+        read_npy_windows(tmp_path / "two_leads.npy")
     np.save(tmp_path / "cube.npy", np.zeros((2, 3, 4)))
     with pytest.raises(DataError, match=r"\[T\] or \[T, C\], got \[2, 3, 4\]"):
         read_recording(tmp_path / "cube.npy", 2, 1)

@@ -81,7 +81,7 @@ def set_threshold(directory: Path, threshold: float) -> None:
 
 @functools.cache
 def load_test_split(rows: int = 500) -> np.ndarray:
-    return np.loadtxt(SPLITS / "test.txt", max_rows=rows, dtype=np.float32, ndmin=2)[:, 1:]
+    return np.loadtxt(SPLITS / "test.txt.xz", max_rows=rows, dtype=np.float32, ndmin=2)[:, 1:]
 
 
 def beats(count: int) -> np.ndarray:

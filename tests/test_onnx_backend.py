@@ -28,7 +28,7 @@ PROFILE_ATOL = 1e-2
 
 @pytest.fixture(scope="module")
 def test_split():
-    return read_ucr(SPLITS / "test.txt")
+    return read_ucr(SPLITS / "test.txt.xz")
 
 
 @pytest.fixture(scope="module")

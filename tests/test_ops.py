@@ -217,7 +217,7 @@ def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     try:
         daemon.wait_for_event("ready", timeout=60)
         replay = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt"),
+            [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"),
              "--sensors", "20", "--speed", "1"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

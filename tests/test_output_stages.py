@@ -57,7 +57,7 @@ def engine() -> Engine:
 @pytest.fixture(scope="module")
 def beats(engine) -> tuple[np.ndarray, np.ndarray]:
     """Test-split windows the shipped model passes and flags: (normal [8], anomalous [8])."""
-    windows = read_ucr(SPLITS / "test.txt").windows[:400]
+    windows = read_ucr(SPLITS / "test.txt.xz").windows[:400]
     errors = engine.score(windows).errors
     return windows[errors <= engine.threshold][:8], windows[errors > engine.threshold][:8]
 

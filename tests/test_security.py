@@ -146,7 +146,7 @@ def test_tls_client_certificate_and_password_from_env_or_credentials_directory(s
     sensor = tls_client(secure_broker.port, pki, SENSOR_USER, SENSOR_PASSWORD)
     sensor.connect("127.0.0.1", secure_broker.port)
     sensor.loop_start()
-    beat = np.loadtxt(SPLITS / "test.txt", max_rows=1, dtype=np.float32, ndmin=2)[0, 1:]
+    beat = np.loadtxt(SPLITS / "test.txt.xz", max_rows=1, dtype=np.float32, ndmin=2)[0, 1:]
     flat = np.full_like(beat, 5.0)  # far from any ECG beat: an alert with the default model
     sensor.publish("sensors/tls-1/ecg", orjson.dumps({"seq": 0, "samples": flat.tolist()}), qos=1).wait_for_publish(10)
     wait_until(lambda: len(alerts) >= 2, 60, what="an alert from each daemon over TLS")  # both daemons subscribe to the sensors

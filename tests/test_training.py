@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import lzma
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -27,7 +30,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def head(source: Path, target: Path, rows: int) -> Path:
-    with source.open() as handle:
+    with lzma.open(source, "rt") as handle:
         target.write_text("".join(next(handle) for _ in range(rows)))
     return target
 
@@ -46,8 +49,8 @@ def runs(tmp_path_factory):
     flags override (then `monitor evaluate --json` on its artifact), the same training from flags
     alone with the report, a config with a misspelt key, and in this process seeds 0 and 1."""
     root = tmp_path_factory.mktemp("training")
-    train_data = head(SPLITS / "train_normal.txt", root / "train.txt", TRAIN_ROWS)
-    test_data = head(SPLITS / "test.txt", root / "test.txt", TEST_ROWS)
+    train_data = head(SPLITS / "train_normal.txt.xz", root / "train.txt", TRAIN_ROWS)
+    test_data = head(SPLITS / "test.txt.xz", root / "test.txt", TEST_ROWS)
     config = root / "train.yaml"
     config.write_text(yaml.safe_dump({
         "train_data": str(train_data), "evaluate_data": str(test_data), "output": str(root / "from-yaml"),
@@ -186,7 +189,7 @@ def test_evaluate_json(runs):
 def test_default_model_meets_the_quality_bar():
     if not (DEFAULT_MODEL / "model.json").is_file():
         pytest.skip(f"{DEFAULT_MODEL.relative_to(REPO)} is not there yet (train it with `make train`)")
-    process = run_cli("evaluate", "--model", "models/ecg5000", "--data", "../shared/data/ecg5000/splits/test.txt", "--json",
+    process = run_cli("evaluate", "--model", "models/ecg5000", "--data", "data/ecg5000/splits/test.txt.xz", "--json",
                       timeout=180, env=ONE_THREAD)
     assert process.returncode == 0, process.stderr
     result = json.loads(process.stdout)
@@ -194,3 +197,90 @@ def test_default_model_meets_the_quality_bar():
     assert result["auc"] >= 0.99, result
     assert result["recall"] >= 0.95, result
     assert result["fpr"] <= 0.02, result
+
+
+# --- refusals and the small-calibration warning ---------------------------------------------------
+
+
+def test_small_calibration_set_warns_with_the_threshold_uncertainty(runs):
+    process, out = runs["first"], runs["root"] / "first"
+    assert process.returncode == 0, process.stderr
+    # 30 calibration windows (below 200): the warning gives the false-alarm interval the threshold implies.
+    assert "calibration_set_small" in process.stderr
+    assert "rests on 30 calibration windows" in process.stderr and "of normal windows" in process.stderr
+    uncertainty = metadata(out)["threshold"]["uncertainty"]
+    low, high = uncertainty["false_alarm_rate"]
+    assert uncertainty["confidence"] == 0.95
+    assert 0.0 <= low < 1 - 0.95 < high <= 1.0  # the intended 5 % lies inside, and 30 windows leave it wide
+    assert high - low > 0.1
+
+
+def test_one_dimensional_npy_without_window_is_refused(tmp_path):
+    recording = tmp_path / "lead.npy"
+    np.save(recording, np.zeros(5000, dtype=np.float32))
+    process = run_cli("train", "--train-data", str(recording), "--output", str(tmp_path / "model"), env=ONE_THREAD)
+    assert process.returncode == 2
+    assert one_error_line(process.stderr) == (
+        f"monitor: error: {recording}: holds one recording of 5000 samples, not windows: give --window (and --stride)"
+    )
+    assert not (tmp_path / "model").exists()
+
+
+def test_existing_artifact_is_kept_without_force(tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "model.json").write_text("{}")
+    train_data = head(SPLITS / "train_normal.txt.xz", tmp_path / "train.txt", 100)
+    process = run_cli("train", "--train-data", str(train_data), "--output", str(out), *SMALL, env=ONE_THREAD)
+    assert process.returncode == 2
+    assert one_error_line(process.stderr) == (
+        f"monitor: error: {out}: holds a model already (model.json); use --force to replace it"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["model.json"] and (out / "model.json").read_text() == "{}"
+
+
+def test_force_replaces_the_model_and_clears_the_stale_report(runs, tmp_path):
+    """--force with --no-report leaves no old plot; without evaluation data the report still has reconstructions."""
+    jobs = {}
+    for name, extra in (("quiet", ["--no-report"]), ("plotted", [])):
+        out = tmp_path / name
+        shutil.copytree(runs["root"] / "first", out)
+        (out / "report").mkdir()
+        (out / "report" / "loss.png").write_bytes(b"an old plot")
+        jobs[name] = ["train", "--train-data", str(runs["train"]), "--output", str(out), *SMALL, "--seed", "5",
+                      "--force", *extra]
+    if not HAVE_MATPLOTLIB:
+        jobs.pop("plotted")
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(jobs, pool.map(lambda args: run_cli(*args, env=ONE_THREAD), jobs.values()), strict=True))
+    for name, process in done.items():
+        assert process.returncode == 0, process.stderr
+        assert metadata(tmp_path / name)["training"]["hyperparameters"]["seed"] == 5
+    assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == ["model.json", "model.safetensors"]
+    if "plotted" in done:
+        report = tmp_path / "plotted" / "report"
+        assert sorted(p.name for p in report.iterdir()) == ["errors.png", "loss.png", "reconstructions.png"]
+        assert (report / "loss.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_train_help_shows_every_default():
+    from monitor.calibration import DEFAULT_PARAMS
+    from monitor.cli import build_parser
+    from monitor.training_settings import TrainSettings
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    for action in train_parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "(default" in action.help or "(required" in action.help, action.option_strings
+    text = " ".join(train_parser.format_help().split())
+    assert "(default: 32)" in text and "(default: 150)" in text and "(default: 0.002)" in text
+    assert "grad_clip 1.0" in text  # keys without a flag are listed with their defaults
+    # The defaults are the bundled recipe's (configs/train-ecg5000.yaml) but for threads, and --help says that one.
+    recipe = yaml.safe_load((REPO / "configs" / "train-ecg5000.yaml").read_text())
+    defaults = TrainSettings(train_data="x")
+    paths_and_names = {"train_data", "calibration_data", "evaluate_data", "output", "name", "version"}
+    for key in recipe.keys() - paths_and_names - {"threads", "threshold"}:
+        assert getattr(defaults, key) == recipe[key], key
+    assert recipe["threads"] == 1 and defaults.threads == 0 and "(default: 0; the recipe: 1)" in text
+    assert defaults.threshold.method == recipe["threshold"]["method"]
+    assert DEFAULT_PARAMS[defaults.threshold.method] == recipe["threshold"]["params"]
