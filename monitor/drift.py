@@ -22,14 +22,27 @@ probability below `alpha`.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import structlog
 from scipy.stats import binom
 
+from monitor.config import DriftSettings
+from monitor.metrics import DRIFT_SHARE_LEVELS, Metrics
 from monitor.sensortable import SensorTable
+
+if TYPE_CHECKING:  # the engine records its calibration scores as a CalibrationScores: a run-time import would cycle
+    from monitor.engine import Engine
+    from monitor.scoring import Scores
+    from monitor.windowing import Window
+
+log = structlog.get_logger("monitor.drift")
 
 CALIBRATION_KEY = "calibration_scores"
 QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
@@ -200,3 +213,50 @@ class AnomalyRates:
         """Forget sensors without a decision for `idle_seconds`."""
         for sensor_id, _ in self._sensors.expire(now, idle_seconds):
             self._high.discard(sensor_id)
+
+
+class DriftWatch:
+    """The drift stage: every decided batch into the PSI and the sensors' anomaly rates; metrics, and a log event
+    when the PSI crosses `drift.psi_bound` either way. Housekeeping (another thread) may run alongside."""
+
+    def __init__(self, reference: CalibrationScores, settings: DriftSettings, metrics: Metrics, max_sensors: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.monitor = DriftMonitor(reference, settings.window_count, settings.min_windows)
+        # A calibration set with no window above the threshold still has some false-alarm rate: at most ~1/(n+1).
+        expected = max(reference.above_threshold, 0.5 / reference.n_windows)
+        self.rates = AnomalyRates(expected, settings.sensor_window, settings.sensor_min_windows, settings.sensor_alpha,
+                                  max_sensors)
+        self.lock = threading.Lock()
+        metrics.drift_psi_bound.set(settings.psi_bound)
+        metrics.expected_anomaly_rate.set(reference.above_threshold)
+        self._levels = [level for level in DRIFT_SHARE_LEVELS if level in reference.levels]
+
+    def observe(self, batch: Sequence[Window], scores: Scores, anomalous: np.ndarray, engine: Engine) -> None:
+        now = self.clock()
+        with self.lock:
+            self.monitor.observe(scores.errors)
+            for window, flag in zip(batch, anomalous, strict=True):
+                self.rates.observe(window.sensor_id, bool(flag), now)
+            high = self.rates.high
+        psi = self.monitor.psi()
+        self.metrics.drift_psi.set(psi)
+        self.metrics.drift_windows.set(self.monitor.windows)
+        self.metrics.sensors_rate_high.set(high)
+        for level in self._levels:
+            self.metrics.drift_share_above.labels(str(level)).set(self.monitor.share_above(level))
+        change = self.monitor.crossing(self.settings.psi_bound)
+        fields = {"psi": round(psi, 4), "bound": self.settings.psi_bound, "windows": self.monitor.windows,
+                  "sensors_far_above_expected": high, "model": engine.model.to_dict()}
+        if change == "crossed":
+            log.warning("drift_bound_crossed", **fields)
+        elif change == "recovered":
+            log.info("drift_within_bound", **fields)
+
+    def housekeeping(self, idle_seconds: float) -> None:
+        """Forget the anomaly rates of sensors silent for `idle_seconds`."""
+        with self.lock:
+            self.rates.expire(self.clock(), idle_seconds)
+            self.metrics.sensors_rate_high.set(self.rates.high)

@@ -13,7 +13,7 @@ from monitor.artifact import load_artifact
 from monitor.datasets import read_ucr
 from monitor.drift import AnomalyRates, CalibrationScores, DriftMonitor, critical_counts
 from monitor.scoring import Scorer
-from tests.conftest import DEFAULT_MODEL, SPLITS
+from tests.support import DEFAULT_MODEL, SPLITS
 
 PSI_BOUND = 0.25
 GAIN = 1.5
@@ -23,7 +23,7 @@ GAIN = 1.5
 def shipped():
     torch.set_num_threads(1)
     artifact = load_artifact(DEFAULT_MODEL)
-    return artifact, Scorer(artifact), CalibrationScores.from_metadata(artifact.metadata)
+    return artifact, Scorer.from_artifact(artifact), CalibrationScores.from_metadata(artifact.metadata)
 
 
 def test_the_shipped_model_records_its_calibration_scores_reproducibly(shipped):
