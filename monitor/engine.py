@@ -17,7 +17,7 @@ import torch
 from monitor.artifact import load_artifact
 from monitor.config import ModelSettings
 from monitor.drift import CalibrationScores
-from monitor.errors import ArtifactError, ConfigError
+from monitor.errors import ArtifactError, ConfigError, MonitorError
 from monitor.scoring import Scorer, Scores
 
 Backend = Literal["torch", "onnx"]
@@ -118,7 +118,10 @@ def load_shadow_engine(settings: ModelSettings, live: Engine, loader: Callable[[
     """The engine of `model.shadow_path` (same device, backend and threads as the live one), or None without one."""
     if settings.shadow_path is None:
         return None
-    shadow = loader(settings.model_copy(update={"path": settings.shadow_path, "shadow_path": None}))
+    try:
+        shadow = loader(settings.model_copy(update={"path": settings.shadow_path, "shadow_path": None}))
+    except MonitorError as error:
+        raise type(error)(f"model.shadow_path: {error}") from None
     if (shadow.window, shadow.channels) != (live.window, live.channels):
         raise ConfigError(
             f"model.shadow_path: the shadow model takes windows of {shadow.window}x{shadow.channels}, "
