@@ -76,21 +76,34 @@ def main() -> None:
     data = read_ucr(args.splits / "test.txt")
     errors = live.score(data.windows).errors
     flagged = errors > live.threshold
-    lines = [f"# Alert lifecycle on the ECG5000 test split ({len(errors)} beats, {SENSORS} sensors)", "",
-             f"Live model {live.model.name} {live.model.version}, threshold {live.threshold:.4f}.", "",
-             "| k of n opens, m resolves | per-window alerts | opened | flapping | resolved | episode events |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Alert lifecycle on the ECG5000 test split ({len(errors)} beats, {SENSORS} sensors)",
+        "",
+        f"Live model {live.model.name} {live.model.version}, threshold {live.threshold:.4f}.",
+        "",
+        "| k of n opens, m resolves | per-window alerts | opened | flapping | resolved | episode events |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for policy in POLICIES:
         counts = episode_events(errors, live.threshold, live.window, policy)
         label = f"{policy['open_anomalous']} of {policy['open_window']}, m={policy['resolve_normal']}"
-        lines.append(f"| {label} | {int(flagged.sum())} | {counts['opened']} | {counts['flapping']} | "
-                     f"{counts['resolved']} | {sum(counts.values())} |")
+        lines.append(
+            f"| {label} | {int(flagged.sum())} | {counts['opened']} | {counts['flapping']} | "
+            f"{counts['resolved']} | {sum(counts.values())} |"
+        )
     normal = data.windows[~data.is_anomaly(1)]
     shifted = normal.copy()
     shifted[len(normal) // 2 :] *= GAIN
-    lines += ["", "| drift (PSI, last 1000 scores, from 200 on) | first | min | max | last |", "| --- | --- | --- | --- | --- |"]
-    for name, windows in (("whole test split", data.windows), ("normal beats", normal),
-                          (f"normal beats, gain x{GAIN} from half-way", shifted)):
+    lines += [
+        "",
+        "| drift (PSI, last 1000 scores, from 200 on) | first | min | max | last |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, windows in (
+        ("whole test split", data.windows),
+        ("normal beats", normal),
+        (f"normal beats, gain x{GAIN} from half-way", shifted),
+    ):
         trace = psi_trace(live, windows)
         lines.append(f"| {name} | {trace[0]:.3f} | {min(trace):.3f} | {max(trace):.3f} | {trace[-1]:.3f} |")
     if args.shadow is not None:
@@ -98,12 +111,15 @@ def main() -> None:
         shadow_flagged = shadow.score(data.windows).errors > shadow.threshold
         live_only, shadow_only = int(np.sum(flagged & ~shadow_flagged)), int(np.sum(~flagged & shadow_flagged))
         anomalous = data.is_anomaly(1)
-        lines += ["", f"Shadow {shadow.model.name} {shadow.model.version} (threshold {shadow.threshold:.4f}): "
-                  f"disagrees on {live_only + shadow_only} of {len(errors)} beats "
-                  f"({(live_only + shadow_only) / len(errors):.1%}): live only {live_only}, shadow only {shadow_only}. "
-                  f"Recall live {np.mean(flagged[anomalous]):.3f}, shadow {np.mean(shadow_flagged[anomalous]):.3f}; "
-                  f"false-positive rate live {np.mean(flagged[~anomalous]):.4f}, "
-                  f"shadow {np.mean(shadow_flagged[~anomalous]):.4f}."]
+        lines += [
+            "",
+            f"Shadow {shadow.model.name} {shadow.model.version} (threshold {shadow.threshold:.4f}): "
+            f"disagrees on {live_only + shadow_only} of {len(errors)} beats "
+            f"({(live_only + shadow_only) / len(errors):.1%}): live only {live_only}, shadow only {shadow_only}. "
+            f"Recall live {np.mean(flagged[anomalous]):.3f}, shadow {np.mean(shadow_flagged[anomalous]):.3f}; "
+            f"false-positive rate live {np.mean(flagged[~anomalous]):.4f}, "
+            f"shadow {np.mean(shadow_flagged[~anomalous]):.4f}.",
+        ]
     lines += ["", f"Made by `python -m bench.lifecycle {' '.join(sys.argv[1:])}`."]
     report = "\n".join(lines) + "\n"
     print(report)

@@ -324,7 +324,8 @@ class Daemon:
         """Put a reloaded config and engine into effect, as far as a running daemon can."""
         previous, previous_config = self.engine, self.config
         self.engine, self.config = engine, config
-        if (engine.model, engine.calibration, config.drift) != (previous.model, previous.calibration, previous_config.drift):
+        drift_inputs = (engine.model, engine.calibration, config.drift)
+        if drift_inputs != (previous.model, previous.calibration, previous_config.drift):
             self.drift = self.make_drift(config, engine)
         self.worker.swap(engine, self.make_sink(config))
         self.batcher.max_wait_seconds = config.batching.max_wait_seconds

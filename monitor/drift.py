@@ -59,7 +59,9 @@ class CalibrationScores:
     n_windows: int
 
     @classmethod
-    def from_errors(cls, errors: np.ndarray, threshold: float, levels: tuple[float, ...] = QUANTILE_LEVELS) -> CalibrationScores:
+    def from_errors(
+        cls, errors: np.ndarray, threshold: float, levels: tuple[float, ...] = QUANTILE_LEVELS
+    ) -> CalibrationScores:
         errors = np.asarray(errors, dtype=np.float64)
         quantiles = tuple(float(value) for value in np.quantile(errors, levels))
         return cls(tuple(levels), quantiles, float(np.mean(errors > threshold)), int(errors.size))
@@ -95,7 +97,9 @@ class CalibrationScores:
             or not 0 <= scores.above_threshold <= 1
             or scores.n_windows < 1
         ):
-            raise ValueError(f"{CALIBRATION_KEY}: levels must rise within (0, 1), quantiles must not fall, one per level")
+            raise ValueError(
+                f"{CALIBRATION_KEY}: levels must rise within (0, 1), quantiles must not fall, one per level"
+            )
         return scores
 
     def bin_shares(self) -> np.ndarray:
@@ -182,8 +186,14 @@ class _Recent:
 class AnomalyRates:
     """How many sensors have, over their last `window` decisions, an anomaly rate far above `expected_rate`."""
 
-    def __init__(self, expected_rate: float, window: int = 100, min_windows: int = 20, alpha: float = 1e-4,
-                 max_sensors: int = 10000) -> None:
+    def __init__(
+        self,
+        expected_rate: float,
+        window: int = 100,
+        min_windows: int = 20,
+        alpha: float = 1e-4,
+        max_sensors: int = 10000,
+    ) -> None:
         if not 1 <= min_windows <= window:
             raise ValueError("min_windows must be between 1 and window")
         self.expected_rate = expected_rate
@@ -219,16 +229,23 @@ class DriftWatch:
     """The drift stage: every decided batch into the PSI and the sensors' anomaly rates; metrics, and a log event
     when the PSI crosses `drift.psi_bound` either way. Housekeeping (another thread) may run alongside."""
 
-    def __init__(self, reference: CalibrationScores, settings: DriftSettings, metrics: Metrics, max_sensors: int,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        reference: CalibrationScores,
+        settings: DriftSettings,
+        metrics: Metrics,
+        max_sensors: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.clock = clock
         self.monitor = DriftMonitor(reference, settings.window_count, settings.min_windows)
         # A calibration set with no window above the threshold still has some false-alarm rate: at most ~1/(n+1).
         expected = max(reference.above_threshold, 0.5 / reference.n_windows)
-        self.rates = AnomalyRates(expected, settings.sensor_window, settings.sensor_min_windows, settings.sensor_alpha,
-                                  max_sensors)
+        self.rates = AnomalyRates(
+            expected, settings.sensor_window, settings.sensor_min_windows, settings.sensor_alpha, max_sensors
+        )
         self.lock = threading.Lock()
         metrics.drift_psi_bound.set(settings.psi_bound)
         metrics.expected_anomaly_rate.set(reference.above_threshold)
@@ -248,8 +265,13 @@ class DriftWatch:
         for level in self._levels:
             self.metrics.drift_share_above.labels(str(level)).set(self.monitor.share_above(level))
         change = self.monitor.crossing(self.settings.psi_bound)
-        fields = {"psi": round(psi, 4), "bound": self.settings.psi_bound, "windows": self.monitor.windows,
-                  "sensors_far_above_expected": high, "model": engine.model.to_dict()}
+        fields = {
+            "psi": round(psi, 4),
+            "bound": self.settings.psi_bound,
+            "windows": self.monitor.windows,
+            "sensors_far_above_expected": high,
+            "model": engine.model.to_dict(),
+        }
         if change == "crossed":
             log.warning("drift_bound_crossed", **fields)
         elif change == "recovered":

@@ -114,7 +114,9 @@ def load_engine(settings: ModelSettings) -> Engine:
     )
 
 
-def load_shadow_engine(settings: ModelSettings, live: Engine, loader: Callable[[ModelSettings], Engine]) -> Engine | None:
+def load_shadow_engine(
+    settings: ModelSettings, live: Engine, loader: Callable[[ModelSettings], Engine]
+) -> Engine | None:
     """The engine of `model.shadow_path` (same device, backend and threads as the live one), or None without one."""
     if settings.shadow_path is None:
         return None

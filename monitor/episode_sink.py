@@ -56,8 +56,9 @@ class EpisodeSink:
             self.engine = engine
             for index, window in enumerate(batch):
                 start = window.start_seq
-                decision = Decision(start, start + engine.window, window.start_ts, float(scores.errors[index]),
-                                    bool(anomalous[index]))
+                decision = Decision(
+                    start, start + engine.window, window.start_ts, float(scores.errors[index]), bool(anomalous[index])
+                )
                 self._emit(self.tracker.decide(window.sensor_id, decision, now), now)
             self._count_open()
 
@@ -104,9 +105,14 @@ class EpisodeSink:
             topic = self.settings.event_topic.format(sensor_id=event.sensor_id)
             if self._publish(topic, body, self.settings.event_qos, retain=False, what=event.kind):
                 self.metrics.episode_events.labels(event.kind).inc()
-                log.info(f"episode_{event.kind}", sensor_id=event.sensor_id, episode_id=body["episode_id"],
-                         anomalous_windows=body["anomalous_windows"], peak_score=round(body["peak_score"], 5),
-                         **({"reason": event.reason} if event.reason else {}))
+                log.info(
+                    f"episode_{event.kind}",
+                    sensor_id=event.sensor_id,
+                    episode_id=body["episode_id"],
+                    anomalous_windows=body["anomalous_windows"],
+                    peak_score=round(body["peak_score"], 5),
+                    **({"reason": event.reason} if event.reason else {}),
+                )
             self._publish_state(event.sensor_id, now)
 
     def _publish_state(self, sensor_id: str, now: float) -> None:
@@ -139,7 +145,9 @@ def state_filter(state_topic: str) -> str:
     return state_topic.replace("{sensor_id}", "+")
 
 
-def read_retained(settings: MqttSettings, topic_filter: str, timeout_seconds: float, quiet_seconds: float = 0.5) -> list[bytes] | None:
+def read_retained(
+    settings: MqttSettings, topic_filter: str, timeout_seconds: float, quiet_seconds: float = 0.5
+) -> list[bytes] | None:
     """The retained messages under `topic_filter`, read once with a client of its own; None if the broker could not
     be asked within `timeout_seconds`. A broker sends the retained messages right after the subscription, so the
     reading ends once `quiet_seconds` pass without one (or at the timeout)."""

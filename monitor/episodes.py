@@ -147,7 +147,9 @@ _RECORD = TypeAdapter(SensorEpisodes)
 class EpisodeTracker:
     """Turns every sensor's decisions into episode events; bounded to `max_sensors` sensors."""
 
-    def __init__(self, policy: EpisodePolicy, max_sensors: int = 10000, new_id: Callable[[], str] | None = None) -> None:
+    def __init__(
+        self, policy: EpisodePolicy, max_sensors: int = 10000, new_id: Callable[[], str] | None = None
+    ) -> None:
         self.policy = policy
         self.new_id = new_id or (lambda: uuid.uuid4().hex)
         self.sensors: SensorTable[SensorEpisodes] = SensorTable(max_sensors, self._new_record)
@@ -187,7 +189,10 @@ class EpisodeTracker:
                 events.append(self._event("updated", sensor_id, episode, now))
             else:
                 events.append(self._resolve(sensor_id, record, now, "flapping_ended"))
-        elif episode.anomalous_windows > episode.reported_windows and now - episode.last_event_at >= policy.update_interval_seconds:
+        elif (
+            episode.anomalous_windows > episode.reported_windows
+            and now - episode.last_event_at >= policy.update_interval_seconds
+        ):
             events.append(self._event("updated", sensor_id, episode, now))
         return events
 
@@ -213,14 +218,29 @@ class EpisodeTracker:
         run = list(record.recent)
         first = next(index for index, item in enumerate(run) if item.anomalous)
         start = run[first]
-        episode = Episode(self.new_id(), state, start.start_seq, start.end_seq, start.start_ts, start.start_ts, 0, 0,
-                          start.score, start.start_seq, now, now, 0)
+        episode = Episode(
+            self.new_id(),
+            state,
+            start.start_seq,
+            start.end_seq,
+            start.start_ts,
+            start.start_ts,
+            0,
+            0,
+            start.score,
+            start.start_seq,
+            now,
+            now,
+            0,
+        )
         for item in run[first:]:
             episode.add(item)
         episode.reported_windows = episode.anomalous_windows
         return episode
 
-    def _event(self, kind: str, sensor_id: str, episode: Episode, now: float, reason: str | None = None) -> EpisodeEvent:
+    def _event(
+        self, kind: str, sensor_id: str, episode: Episode, now: float, reason: str | None = None
+    ) -> EpisodeEvent:
         episode.last_event_at = now
         episode.reported_windows = episode.anomalous_windows
         return EpisodeEvent(kind, sensor_id, now, episode.public(), reason)
@@ -234,7 +254,9 @@ class EpisodeTracker:
         return event
 
     def _close_all(self, records: list[tuple[str, SensorEpisodes]], now: float, reason: str) -> list[EpisodeEvent]:
-        return [self._resolve(sensor_id, record, now, reason) for sensor_id, record in records if record.episode is not None]
+        return [
+            self._resolve(sensor_id, record, now, reason) for sensor_id, record in records if record.episode is not None
+        ]
 
     def expire(self, now: float, idle_seconds: float) -> tuple[list[EpisodeEvent], list[str]]:
         """Forget sensors without a decision for `idle_seconds`, resolving their episodes (reason `sensor_idle`).

@@ -95,7 +95,9 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
-        self.episodes_open = Gauge("monitor_episodes_open", "Sensors with an episode, by state", ["state"], registry=registry)
+        self.episodes_open = Gauge(
+            "monitor_episodes_open", "Sensors with an episode, by state", ["state"], registry=registry
+        )
         for event in EVENT_KINDS:
             self.episode_events.labels(event)
         for reason in ALERT_DROP_REASONS:
@@ -109,8 +111,12 @@ class Metrics:
             "Population stability index of the recent scores against the calibration scores (NaN: too few yet)",
             registry=registry,
         )
-        self.drift_psi_bound = Gauge("monitor_drift_psi_bound", "drift.psi_bound: above it the model drifts", registry=registry)
-        self.drift_windows = Gauge("monitor_drift_windows", "Recent scores the drift statistic covers", registry=registry)
+        self.drift_psi_bound = Gauge(
+            "monitor_drift_psi_bound", "drift.psi_bound: above it the model drifts", registry=registry
+        )
+        self.drift_windows = Gauge(
+            "monitor_drift_windows", "Recent scores the drift statistic covers", registry=registry
+        )
         self.drift_share_above = Gauge(
             "monitor_drift_share_above",
             "Share of the recent scores above the calibration scores' quantile",
@@ -134,7 +140,9 @@ class Metrics:
 
     def _shadow_metrics(self, registry: CollectorRegistry) -> None:
         self.shadow_windows = Counter(
-            "monitor_shadow_windows_scored_total", "Windows scored by both the live and the shadow model", registry=registry
+            "monitor_shadow_windows_scored_total",
+            "Windows scored by both the live and the shadow model",
+            registry=registry,
         )
         self.shadow_disagreements = Counter(
             "monitor_shadow_disagreements_total",

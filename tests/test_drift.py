@@ -45,8 +45,12 @@ def test_calibration_scores_round_trip_and_old_artifacts_have_none():
     assert CalibrationScores.from_metadata({"calibration_scores": scores.to_dict()}) == scores
     assert CalibrationScores.from_metadata({}) is None
     assert scores.bin_shares() == pytest.approx([0.1] * 9 + [0.09, 0.01])
-    for broken in [{"levels": [0.5]}, {**scores.to_dict(), "quantiles": [1.0] * 9},
-                   {**scores.to_dict(), "levels": [0.9, *scores.levels[1:]]}, {**scores.to_dict(), "above_threshold": 2}]:
+    for broken in [
+        {"levels": [0.5]},
+        {**scores.to_dict(), "quantiles": [1.0] * 9},
+        {**scores.to_dict(), "levels": [0.9, *scores.levels[1:]]},
+        {**scores.to_dict(), "above_threshold": 2},
+    ]:
         with pytest.raises(ValueError):
             CalibrationScores.from_metadata({"calibration_scores": broken})
 

@@ -21,7 +21,9 @@ from monitor.scoring import Scores
 from monitor.windowing import Window
 from tests.support import DEFAULT_MODEL, REPO
 
-LIFECYCLE = LifecycleSettings(enabled=True, open_anomalous=2, open_window=3, resolve_normal=2, update_interval_seconds=0)
+LIFECYCLE = LifecycleSettings(
+    enabled=True, open_anomalous=2, open_window=3, resolve_normal=2, update_interval_seconds=0
+)
 
 
 class RetainingPublisher:
@@ -62,7 +64,9 @@ def make_stage(engine: Engine, settings: LifecycleSettings = LIFECYCLE):
 
 def feed(stage: EpisodeSink, engine: Engine, sensor_id: str, marks: str, first: int = 0) -> None:
     """One batch: `A` a window scored above the threshold, `N` one below."""
-    windows = [Window(sensor_id, (first + i) * 140, np.zeros((140, 1), np.float32), 50.0 + i, 0.0) for i in range(len(marks))]
+    windows = [
+        Window(sensor_id, (first + i) * 140, np.zeros((140, 1), np.float32), 50.0 + i, 0.0) for i in range(len(marks))
+    ]
     errors = np.array([engine.threshold * (2.0 if mark == "A" else 0.5) for mark in marks], dtype=np.float32)
     stage.observe(windows, Scores(errors, np.zeros((len(marks), 140), np.float32)), errors > engine.threshold, engine)
 
@@ -70,10 +74,15 @@ def feed(stage: EpisodeSink, engine: Engine, sensor_id: str, marks: str, first: 
 def test_events_go_to_the_event_topic_and_each_is_followed_by_the_retained_state(engine):
     stage, publisher, registry, _ = make_stage(engine)
     feed(stage, engine, "s1", "NAANN")
-    assert [(topic, payload["event"] if "event" in payload else payload["status"], qos, retain)
-            for topic, payload, qos, retain in publisher.sent] == [
-        ("alerts/s1/events", "opened", 1, False), ("alerts/s1/state", "open", 1, True),
-        ("alerts/s1/events", "resolved", 1, False), ("alerts/s1/state", "idle", 1, True)]
+    assert [
+        (topic, payload["event"] if "event" in payload else payload["status"], qos, retain)
+        for topic, payload, qos, retain in publisher.sent
+    ] == [
+        ("alerts/s1/events", "opened", 1, False),
+        ("alerts/s1/state", "open", 1, True),
+        ("alerts/s1/events", "resolved", 1, False),
+        ("alerts/s1/state", "idle", 1, True),
+    ]
     opened = publisher.on("/events")[0]
     assert opened["model"] == {"name": "ecg5000", "version": "1.0.0"} and opened["threshold"] == engine.threshold
     assert registry.get_sample_value("monitor_episode_events_total", {"event": "opened"}) == 1
@@ -110,7 +119,8 @@ def test_drain_publishes_the_states_of_sensors_with_an_episode_only(engine):
     publisher.sent.clear()
     assert stage.publish_open_states() == 1
     assert [(topic, payload["status"], retain) for topic, payload, _, retain in publisher.sent] == [
-        ("alerts/open-1/state", "open", True)]
+        ("alerts/open-1/state", "open", True)
+    ]
 
 
 def test_resume_takes_back_its_own_shards_states_and_counts_the_unreadable(engine):
@@ -151,7 +161,7 @@ def test_state_filter_matches_every_sensor():
 def readme_examples() -> tuple[dict, dict]:
     """The JSON blocks of the README's "Alert episodes" section: (event, state)."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Alert episodes"):]
+    section = text[text.index("## Alert episodes") :]
     section = section[: section.index("\n## ", 1)]
     event, state = (orjson.loads(block) for block in re.findall(r"```json\n(.*?)```", section, flags=re.S))
     return event, state

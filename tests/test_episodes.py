@@ -15,7 +15,9 @@ WINDOW = 140
 class Script:
     """Feeds a sensor's decisions written as a string: `A` anomalous, `N` normal, one per `step_seconds`."""
 
-    def __init__(self, tracker: EpisodeTracker, sensor_id: str = "s1", now: float = 1000.0, step_seconds: float = 1.0) -> None:
+    def __init__(
+        self, tracker: EpisodeTracker, sensor_id: str = "s1", now: float = 1000.0, step_seconds: float = 1.0
+    ) -> None:
         self.tracker = tracker
         self.sensor_id = sensor_id
         self.now = now
@@ -114,7 +116,9 @@ def test_cooldown_holds_back_a_new_episode_then_lets_it_open():
 
 
 def test_flapping_replaces_open_resolve_churn_with_one_state():
-    script = Script(tracker(open_anomalous=1, open_window=1, resolve_normal=1, flapping_transitions=4, flapping_window=20))
+    script = Script(
+        tracker(open_anomalous=1, open_window=1, resolve_normal=1, flapping_transitions=4, flapping_window=20)
+    )
     events = script.feed("AN AN")
     assert kinds(events) == [("opened", 0), ("resolved", 1), ("opened", 2), ("flapping", 3)]
     flapping_id = events[3]["episode_id"]
@@ -128,7 +132,9 @@ def test_flapping_replaces_open_resolve_churn_with_one_state():
 
 
 def test_flapping_that_settles_into_a_steady_run_becomes_open_again():
-    script = Script(tracker(open_anomalous=1, open_window=1, resolve_normal=1, flapping_transitions=3, flapping_window=10))
+    script = Script(
+        tracker(open_anomalous=1, open_window=1, resolve_normal=1, flapping_transitions=3, flapping_window=10)
+    )
     assert kinds(script.feed("ANA")) == [("opened", 0), ("resolved", 1), ("flapping", 2)]
     events = script.feed("A" * 10)  # 10 decisions (3..12) without a change of state
     assert kinds(events) == [("updated", 12)]
@@ -151,8 +157,15 @@ def test_sensors_are_independent():
 
 def resume_after(script_text: str, cut: int) -> tuple[list[dict], list[dict]]:
     """Events of one uninterrupted run, and of a run that restarts from the retained state after `cut` decisions."""
-    policy = {"open_anomalous": 2, "open_window": 4, "resolve_normal": 3, "update_interval_seconds": 5.0,
-              "flapping_transitions": 6, "flapping_window": 30, "cooldown_seconds": 4.0}
+    policy = {
+        "open_anomalous": 2,
+        "open_window": 4,
+        "resolve_normal": 3,
+        "update_interval_seconds": 5.0,
+        "flapping_transitions": 6,
+        "flapping_window": 30,
+        "cooldown_seconds": 4.0,
+    }
     whole = Script(tracker(**policy)).feed(script_text)
     first = Script(tracker(**policy))
     events = first.feed(script_text[:cut])
@@ -171,11 +184,20 @@ def test_a_restarted_tracker_resumes_from_the_retained_state(cut):
     """Cut inside an open episode, between pacing updates, inside the resolving run, and in the cooldown."""
     text = "NAANAAAAAAAANNAAANNNNAAAANNN"
     whole, resumed = resume_after(text, cut)
-    assert kinds(whole) == [("opened", 2), ("updated", 7), ("updated", 12), ("updated", 17), ("resolved", 19),
-                            ("opened", 23), ("resolved", 27)]
+    assert kinds(whole) == [
+        ("opened", 2),
+        ("updated", 7),
+        ("updated", 12),
+        ("updated", 17),
+        ("resolved", 19),
+        ("opened", 23),
+        ("resolved", 27),
+    ]
     # the episode under way at the restart keeps its id and counts; one opened after it has the new instance's id
     assert {event["episode_id"] for event in resumed if event["index"] <= 19} == {"ep-1"}
-    assert [{**event, "episode_id": "ep-2"} if event["episode_id"] == "a-second-id" else event for event in resumed] == whole
+    assert [
+        {**event, "episode_id": "ep-2"} if event["episode_id"] == "a-second-id" else event for event in resumed
+    ] == whole
 
 
 def test_restore_refuses_what_is_not_a_state():
@@ -183,9 +205,15 @@ def test_restore_refuses_what_is_not_a_state():
     good = Script(tracker(open_anomalous=1, open_window=1))
     good.feed("A")
     payload = good.tracker.state_payload("s1", good.now)
-    for bad in [None, [], {"format": "other"}, {**payload, "version": 99}, {**payload, "sensor_id": 7},
-                {**payload, "tracker": {**payload["tracker"], "normal_run": "x"}},
-                {**payload, "episode": {**payload["episode"], "state": "weird"}}]:
+    for bad in [
+        None,
+        [],
+        {"format": "other"},
+        {**payload, "version": 99},
+        {**payload, "sensor_id": 7},
+        {**payload, "tracker": {**payload["tracker"], "normal_run": "x"}},
+        {**payload, "episode": {**payload["episode"], "state": "weird"}},
+    ]:
         with pytest.raises(ValueError):
             restored.restore(bad, 0.0)
     assert len(restored.sensors) == 0
@@ -207,14 +235,23 @@ def test_the_sensor_bound_resolves_the_least_recent_sensors_episode():
     Script(bounded, "b").feed("A")
     events = Script(bounded, "c").feed("A")
     assert [(event["sensor_id"], event["event"], event.get("reason")) for event in events] == [
-        ("a", "resolved", "sensor_limit"), ("c", "opened", None)]
+        ("a", "resolved", "sensor_limit"),
+        ("c", "opened", None),
+    ]
     assert bounded.open_episodes() == ["b", "c"]
 
 
-@pytest.mark.parametrize("bad", [
-    {"open_anomalous": 0}, {"open_anomalous": 6, "open_window": 5}, {"resolve_normal": 0}, {"cooldown_seconds": -1},
-    {"flapping_transitions": 1}, {"flapping_transitions": 11, "flapping_window": 10},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"open_anomalous": 0},
+        {"open_anomalous": 6, "open_window": 5},
+        {"resolve_normal": 0},
+        {"cooldown_seconds": -1},
+        {"flapping_transitions": 1},
+        {"flapping_transitions": 11, "flapping_window": 10},
+    ],
+)
 def test_policy_refuses_impossible_settings(bad):
     with pytest.raises(ValueError):
         EpisodePolicy(**bad)

@@ -24,7 +24,13 @@ pytestmark = pytest.mark.slow
 
 SENSORS = 20
 WINDOW = 140
-LIFECYCLE = {"enabled": True, "open_anomalous": 3, "open_window": 5, "resolve_normal": 3, "update_interval_seconds": 3600}
+LIFECYCLE = {
+    "enabled": True,
+    "open_anomalous": 3,
+    "open_window": 5,
+    "resolve_normal": 3,
+    "update_interval_seconds": 3600,
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +77,12 @@ def beats_factory():
         item.close()
 
 
+def replay_test_split(config) -> None:
+    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", str(SENSORS),
+                     "--speed", "max")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
 def messages(capture, suffix: str) -> list[tuple[str, dict]]:
     with capture.lock:
         return [(topic, json.loads(payload)) for topic, payload, _ in capture.messages if topic.endswith(suffix)]
@@ -88,21 +100,27 @@ def expected_events(errors: np.ndarray, threshold: float) -> list[tuple]:
 
 
 def event_key(event: dict) -> tuple:
-    return (event["sensor_id"], event["event"], event["start_seq"], event["end_seq"], event["anomalous_windows"],
-            event["windows"], event["peak_seq"])
+    return (
+        event["sensor_id"],
+        event["event"],
+        event["start_seq"],
+        event["end_seq"],
+        event["anomalous_windows"],
+        event["windows"],
+        event["peak_seq"],
+    )
 
 
-def test_ecg5000_replay_gives_episode_events_instead_of_an_alert_per_window(broker_factory, capture_factory,
-                                                                            daemon_factory, tmp_path, engine, test_split):
+def test_ecg5000_replay_gives_episode_events_instead_of_an_alert_per_window(
+    broker_factory, capture_factory, daemon_factory, tmp_path, engine, test_split
+):
     """On a broker of its own: the retained states it leaves would be resumed by the next daemon on the broker."""
     data, errors = test_split
     broker = broker_factory().start()
     config = daemon_config(tmp_path / "monitor.yaml", broker.port, alerts={"lifecycle": LIFECYCLE})
     daemon = daemon_factory(config)
     capture = capture_factory(broker.port, ["alerts/#"])
-    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", str(SENSORS),
-                     "--speed", "max")
-    assert result.returncode == 0, result.stderr
+    replay_test_split(config)
     wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= len(errors), 120, what="all scored")
     expected = expected_events(errors, engine.threshold)
     per_window = int(np.sum(errors > engine.threshold))
@@ -130,9 +148,9 @@ def test_ecg5000_replay_gives_episode_events_instead_of_an_alert_per_window(brok
     assert daemon.stop() == 0
 
 
-def test_a_restarted_daemon_resumes_the_open_episode_from_the_retained_state(broker_factory, capture_factory,
-                                                                             daemon_factory, beats_factory, tmp_path,
-                                                                             test_split, engine):
+def test_a_restarted_daemon_resumes_the_open_episode_from_the_retained_state(
+    broker_factory, capture_factory, daemon_factory, beats_factory, tmp_path, test_split, engine
+):
     data, errors = test_split
     broker = broker_factory().start()
     anomalous, normal = data.windows[errors > 1.5 * engine.threshold], data.windows[errors < 0.5 * engine.threshold]
@@ -151,8 +169,9 @@ def test_a_restarted_daemon_resumes_the_open_episode_from_the_retained_state(bro
     restored = second.events("episode_states_restored")[0]
     assert restored["states"] >= 1 and restored["open_episodes"] >= 1
     beats.send("resume-1", np.concatenate([anomalous[4:6], normal[2:5]]))
-    capture.wait_for(lambda c: any(p["event"] == "resolved" for _, p in messages(c, "resume-1/events")), 30,
-                     what="the resolve")
+    capture.wait_for(
+        lambda c: any(p["event"] == "resolved" for _, p in messages(c, "resume-1/events")), 30, what="the resolve"
+    )
     events = [payload for _, payload in messages(capture, "resume-1/events")]
     # opened at the 3rd anomalous beat of 5; every later anomalous beat is news (update_interval_seconds 0)
     assert [event["event"] for event in events] == ["opened", "updated", "updated", "updated", "resolved"]
@@ -170,8 +189,9 @@ def write_ucr(path, windows: np.ndarray) -> None:
     np.savetxt(path, np.column_stack([np.ones(len(windows)), windows.reshape(len(windows), -1)]), fmt="%.7e")
 
 
-def test_drift_is_flat_on_normal_beats_and_moves_when_the_gain_changes(broker, daemon_factory, beats_factory, tmp_path,
-                                                                       test_split):
+def test_drift_is_flat_on_normal_beats_and_moves_when_the_gain_changes(
+    broker, daemon_factory, beats_factory, tmp_path, test_split
+):
     data, _ = test_split
     normal = data.windows[~data.is_anomaly(1)]
     half = len(normal) // 2
@@ -199,7 +219,9 @@ def test_drift_is_flat_on_normal_beats_and_moves_when_the_gain_changes(broker, d
     assert daemon.stop() == 0
 
 
-def test_shadow_model_counts_disagreements_and_a_sighup_promotes_it(broker, daemon_factory, tmp_path, engine, test_split):
+def test_shadow_model_counts_disagreements_and_a_sighup_promotes_it(
+    broker, daemon_factory, tmp_path, engine, test_split
+):
     """The shadow is the shipped model with a threshold of 0.5: it disagrees exactly on the scores in between."""
     data, errors = test_split
     shadow = tmp_path / "shadow"
@@ -213,11 +235,12 @@ def test_shadow_model_counts_disagreements_and_a_sighup_promotes_it(broker, daem
     config.write_text(yaml.safe_dump(settings))
     daemon = daemon_factory(config)
     assert daemon.events("shadow_model_loaded")[0]["version"] == "1.0.0-strict"
-    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", str(SENSORS),
-                     "--speed", "max")
-    assert result.returncode == 0, result.stderr
-    wait_until(lambda: metric(daemon.scrape(), "monitor_shadow_windows_scored_total") >= len(errors), 120,
-               what="the shadow to score every window")
+    replay_test_split(config)
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_shadow_windows_scored_total") >= len(errors),
+        120,
+        what="the shadow to score every window",
+    )
     samples = daemon.scrape()
     between = int(np.sum((errors > engine.threshold) & (errors <= 0.5)))
     assert between > 0
@@ -235,4 +258,3 @@ def test_shadow_model_counts_disagreements_and_a_sighup_promotes_it(broker, daem
     assert math.isnan(metric(samples, "monitor_shadow_threshold"))
     assert not [labels for name, labels in samples if name == "monitor_shadow_model_info"]
     assert daemon.stop() == 0
-
