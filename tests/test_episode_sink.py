@@ -12,14 +12,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from monitor.alerts import AlertSink, PublishRefused
+from monitor.broker import make_client
 from monitor.config import AlertSettings, LifecycleSettings, ModelSettings
 from monitor.engine import Engine, load_engine
-from monitor.episode_sink import EpisodeSink, state_filter
+from monitor.episode_sink import EpisodeSink, read_retained, state_filter
 from monitor.episodes import EpisodeTracker
 from monitor.metrics import Metrics
 from monitor.scoring import Scores
 from monitor.windowing import Window
-from tests.support import DEFAULT_MODEL, REPO
+from tests.support import DEFAULT_MODEL, REPO, free_port, mqtt_settings
 
 LIFECYCLE = LifecycleSettings(
     enabled=True, open_anomalous=2, open_window=3, resolve_normal=2, update_interval_seconds=0
@@ -198,3 +199,28 @@ def test_the_readme_state_is_what_the_daemon_retains_and_resumes_from(engine):
     tracker = EpisodeTracker(LIFECYCLE.policy())
     assert tracker.restore(documented, time.time()) == "sensor-0007"
     assert tracker.status("sensor-0007", time.time()) == "open"
+
+
+def test_the_retained_states_are_read_once_from_a_real_broker(broker_factory):
+    broker = broker_factory().start()
+    settings = mqtt_settings(broker.port)
+    writer = make_client(settings, "state-writer")
+    writer.connect("127.0.0.1", broker.port)
+    writer.loop_start()
+    try:
+        for sensor in ("a", "b"):
+            writer.publish(
+                f"alerts/{sensor}/state", b'{"sensor_id": "%s"}' % sensor.encode(), qos=1, retain=True
+            ).wait_for_publish(10)
+        writer.publish("alerts/c/events", b"{}", qos=1).wait_for_publish(10)  # neither retained nor a state
+    finally:
+        writer.disconnect()
+        writer.loop_stop()
+    payloads = read_retained(settings, "alerts/+/state", timeout_seconds=10, quiet_seconds=0.3)
+    assert sorted(orjson.loads(payload)["sensor_id"] for payload in payloads) == ["a", "b"]
+
+
+def test_an_unreachable_broker_leaves_nothing_to_resume_and_does_not_block():
+    started = time.monotonic()
+    assert read_retained(mqtt_settings(free_port()), "alerts/+/state", timeout_seconds=5) is None
+    assert time.monotonic() - started < 5
