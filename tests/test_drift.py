@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -10,8 +12,11 @@ import torch
 from scipy.stats import binom
 
 from monitor.artifact import load_artifact
+from monitor.config import ModelSettings
 from monitor.datasets import read_ucr
 from monitor.drift import AnomalyRates, CalibrationScores, DriftMonitor, critical_counts
+from monitor.engine import load_engine
+from monitor.errors import ArtifactError
 from monitor.scoring import Scorer
 from tests.support import DEFAULT_MODEL, SPLITS
 
@@ -146,3 +151,16 @@ def test_too_few_decisions_are_not_judged():
     assert rates.high == 0
     rates.observe("new", True, now=19.0)
     assert rates.high == 1
+
+
+def test_an_artifact_from_before_calibration_scores_still_loads_without_them(tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(DEFAULT_MODEL, old)
+    metadata = json.loads((old / "model.json").read_text())
+    del metadata["calibration_scores"]
+    (old / "model.json").write_text(json.dumps(metadata))
+    assert load_engine(ModelSettings(path=old, device="cpu")).calibration is None
+    metadata["calibration_scores"] = {"levels": [0.5], "quantiles": []}
+    (old / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(ArtifactError, match="calibration_scores"):
+        load_engine(ModelSettings(path=old, device="cpu"))
