@@ -204,7 +204,7 @@ class Daemon:
         """The drift stage for this engine, or None when off or when the artifact records no calibration scores."""
         watch = None
         if config.drift.enabled and engine.calibration is None:
-            log.warning("drift_unavailable", reason="the model records no calibration_scores", **engine.describe())
+            log.info("drift_unavailable", reason="the model records no calibration_scores", **engine.describe())
         elif config.drift.enabled and engine.calibration is not None:
             watch = DriftWatch(engine.calibration, config.drift, self.metrics, config.windowing.max_sensors)
         if watch is None:
