@@ -8,7 +8,7 @@ same episode events and counts the same shadow disagreements through Mosquitto):
   half-way;
 - with `--shadow DIR`, how often that model decides otherwise than the live one on every beat.
 
-    python -m bench.lifecycle --splits ../shared/data/ecg5000/splits --shadow /tmp/shadow --out bench/LIFECYCLE.md
+    python -m bench.lifecycle --splits data/ecg5000/splits --shadow /tmp/shadow --out bench/LIFECYCLE.md
 
 The shadow of bench/LIFECYCLE.md, a smaller model of the same recipe (about 5 minutes on one thread):
 
@@ -66,14 +66,14 @@ def psi_trace(engine: Engine, windows: np.ndarray, batch: int = 64) -> list[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", type=Path, required=True, help="the ECG5000 splits directory (test.txt)")
+    parser.add_argument("--splits", type=Path, default=Path("data/ecg5000/splits"), help="holds test.txt.xz")
     parser.add_argument("--model", type=Path, default=Path("models/ecg5000"), help="the live model")
     parser.add_argument("--shadow", type=Path, help="a second artifact to compare with the live one")
     parser.add_argument("--out", type=Path, help="also write the report here (Markdown)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     live = load_engine(ModelSettings(path=args.model, device="cpu", threads=1))
-    data = read_ucr(args.splits / "test.txt")
+    data = read_ucr(args.splits / "test.txt.xz")
     errors = live.score(data.windows).errors
     flagged = errors > live.threshold
     lines = [

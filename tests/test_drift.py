@@ -33,7 +33,7 @@ def shipped():
 
 def test_the_shipped_model_records_its_calibration_scores_reproducibly(shipped):
     artifact, scorer, recorded = shipped
-    calibration = read_ucr(SPLITS / "calibration_normal.txt")
+    calibration = read_ucr(SPLITS / "calibration_normal.txt.xz")
     assert calibration.sha256 == artifact.metadata["training"]["calibration_sha256"]
     recomputed = CalibrationScores.from_errors(scorer.score_all(calibration.windows).errors, artifact.threshold)
     assert recorded.n_windows == recomputed.n_windows == 438
@@ -97,7 +97,7 @@ def psi_trace(scorer: Scorer, reference: CalibrationScores, windows: np.ndarray,
 def test_psi_stays_flat_on_normal_beats_and_moves_when_the_gain_changes_half_way(shipped):
     """The test split's normal beats (never trained on) in their order; then the same with gain x1.5 from half-way."""
     _, scorer, reference = shipped
-    test = read_ucr(SPLITS / "test.txt")
+    test = read_ucr(SPLITS / "test.txt.xz")
     normal = test.windows[~test.is_anomaly(1)]
     half = len(normal) // 2
     flat, crossings = psi_trace(scorer, reference, normal)
@@ -114,7 +114,7 @@ def test_psi_stays_flat_on_normal_beats_and_moves_when_the_gain_changes_half_way
 def test_psi_of_the_whole_test_split_is_high_but_flat(shipped):
     """Two thirds of the test split's beats are anomalous: its PSI is high from the start and stays where it is."""
     _, scorer, reference = shipped
-    windows = read_ucr(SPLITS / "test.txt").windows
+    windows = read_ucr(SPLITS / "test.txt.xz").windows
     trace, _ = psi_trace(scorer, reference, windows)
     values = np.array([value for _, value in trace])
     assert values.min() > PSI_BOUND

@@ -41,7 +41,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def test_split(engine):
-    data = read_ucr(SPLITS / "test.txt")
+    data = read_ucr(SPLITS / "test.txt.xz")
     return data, engine.score(data.windows).errors
 
 
@@ -78,7 +78,7 @@ def beats_factory():
 
 
 def replay_test_split(config) -> None:
-    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt"), "--sensors", str(SENSORS),
+    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"), "--sensors", str(SENSORS),
                      "--speed", "max")  # fmt: skip
     assert result.returncode == 0, result.stderr
 
