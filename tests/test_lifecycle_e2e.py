@@ -78,8 +78,8 @@ def beats_factory():
 
 
 def replay_test_split(config) -> None:
-    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"), "--sensors", str(SENSORS),
-                     "--speed", "max")  # fmt: skip
+    data = str(SPLITS / "test.txt.xz")
+    result = run_cli("replay", "--config", str(config), "--data", data, "--sensors", str(SENSORS), "--speed", "max")
     assert result.returncode == 0, result.stderr
 
 
