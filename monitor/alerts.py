@@ -38,7 +38,13 @@ class PublishRefused(Exception):
 class Publisher(Protocol):
     """Queues one message for the broker, or raises `PublishRefused`."""
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None: ...
+
+
+class DecisionObserver(Protocol):
+    """A stage that sees every decided batch after its alerts went out (episodes, drift, the shadow model)."""
+
+    def observe(self, batch: Sequence[Window], scores: Scores, anomalous: np.ndarray, engine: Engine) -> None: ...
 
 
 class ThresholdDecision:
@@ -89,23 +95,40 @@ def build_alert(
 
 
 class AlertSink:
-    """Decides, builds, publishes, counts and logs the alert for each anomalous window of a scored batch."""
+    """Decides, builds, publishes, counts and logs the alert for each anomalous window of a scored batch, then
+    hands the decisions to the observers. With `alerts.lifecycle` on and `per_window_alerts` off, the per-window
+    alerts are only counted (`monitor_anomalies_total`), not published."""
 
     def __init__(
-        self, publisher: Publisher, topic_template: str, qos: int, settings: AlertSettings, metrics: Metrics
+        self,
+        publisher: Publisher,
+        topic_template: str,
+        qos: int,
+        settings: AlertSettings,
+        metrics: Metrics,
+        observers: Sequence[DecisionObserver] = (),
     ) -> None:
         self.publisher = publisher
         self.topic_template = topic_template
         self.qos = qos
         self.settings = settings
         self.metrics = metrics
+        self.observers = tuple(observers)
 
     def handle(self, batch: Sequence[Window], scores: Scores, engine: Engine) -> int:
         """Publish an alert for each anomalous window; returns how many were queued. Never raises."""
-        decision = ThresholdDecision(engine.threshold)
+        anomalous = ThresholdDecision(engine.threshold).anomalous(scores.errors)
+        flagged = np.flatnonzero(anomalous)
+        self.metrics.anomalies.inc(len(flagged))
         published = 0
-        for index in np.flatnonzero(decision.anomalous(scores.errors)):
-            published += self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+        if self.settings.per_window:
+            for index in flagged:
+                published += self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+        for observer in self.observers:
+            try:
+                observer.observe(batch, scores, anomalous, engine)
+            except Exception:
+                log.exception("decision_observer_failed", stage=type(observer).__name__, batch=len(batch))
         return published
 
     def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> bool:
@@ -121,7 +144,6 @@ class AlertSink:
             self.settings.top_timesteps,
             self.settings.include_profile,
         )
-        self.metrics.anomalies.inc()
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason
         try:

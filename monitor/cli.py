@@ -247,14 +247,18 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config import load_config
-    from monitor.engine import load_engine
-    from monitor.errors import ArtifactError
+    from monitor.engine import load_engine, load_shadow_engine
+    from monitor.errors import ArtifactError, MonitorError
 
     config = load_config(args.file)
     try:
-        load_engine(config.model)
+        live = load_engine(config.model)
     except ArtifactError as error:
         raise ArtifactError(f"{args.file}: model.path: {error}") from None
+    try:
+        load_shadow_engine(config.model, live, load_engine)
+    except MonitorError as error:  # already named: model.shadow_path
+        raise type(error)(f"{args.file}: {error}") from None
     config.mqtt.resolve_password()
     print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
     return 0

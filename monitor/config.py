@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
+from monitor.episodes import EpisodePolicy
 from monitor.errors import ConfigError
 from monitor.settings import (
     Strict,
@@ -27,6 +28,19 @@ from monitor.settings import (
 )
 
 CREDENTIAL_PASSWORD = "mqtt_password"
+
+
+def topic_template(template: str, need_sensor_id: bool = False) -> str:
+    """Check a per-sensor topic template: only `{sensor_id}` may be used, and no wildcard."""
+    try:
+        topic = template.format(sensor_id="x")
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"only the field {{sensor_id}} may be used ({error})") from None
+    if "+" in topic or "#" in topic:
+        raise ValueError("a topic cannot contain the wildcards + or #")
+    if need_sensor_id and template.count("{sensor_id}") != 1:
+        raise ValueError("must contain {sensor_id} once")
+    return template
 
 
 class TlsSettings(Strict):
@@ -87,13 +101,7 @@ class MqttSettings(Strict):
     @field_validator("alert_topic")
     @classmethod
     def _alert_topic_valid(cls, template: str) -> str:
-        try:
-            topic = template.format(sensor_id="x")
-        except (KeyError, IndexError, ValueError) as error:
-            raise ValueError(f"only the field {{sensor_id}} may be used ({error})") from None
-        if "+" in topic or "#" in topic:
-            raise ValueError("an alert topic cannot contain the wildcards + or #")
-        return template
+        return topic_template(template)
 
     @field_validator("reconnect_max_seconds")
     @classmethod
@@ -124,6 +132,9 @@ class ModelSettings(Strict):
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N; resolved and checked by monitor.engine")
     backend: Literal["torch", "onnx"] = "torch"
     threads: int = Field(default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)")
+    shadow_path: Path | None = Field(
+        default=None, description="a second artifact that scores the same batches, never alerts, and is compared"
+    )
 
 
 class WindowingSettings(Strict):
@@ -143,9 +154,78 @@ class BatchingSettings(Strict):
     queue_capacity: int = Field(default=4096, ge=1)
 
 
+class LifecycleSettings(Strict):
+    """Episodes per sensor on top of the per-window alerts (see monitor.episodes); off by default."""
+
+    enabled: bool = False
+    open_anomalous: int = Field(default=3, ge=1, description="k: an episode opens when k of the last n are anomalous")
+    open_window: int = Field(default=5, ge=1, description="n")
+    resolve_normal: int = Field(default=10, ge=1, description="m: consecutive normal decisions that resolve it")
+    cooldown_seconds: float = Field(default=0.0, ge=0, description="after a resolve, no new episode before this")
+    update_interval_seconds: float = Field(default=30.0, ge=0, description="`updated` events at most this often")
+    flapping_transitions: int = Field(default=6, ge=0, description="opens+resolves within flapping_window; 0 = off")
+    flapping_window: int = Field(default=100, ge=2, description="decisions over which changes of state count")
+    per_window_alerts: bool = Field(default=True, description="keep the per-window alerts while episodes are on")
+    event_topic: str = "alerts/{sensor_id}/events"
+    event_qos: Literal[0, 1, 2] = 1
+    state_topic: str = "alerts/{sensor_id}/state"
+    resume_timeout_seconds: float = Field(
+        default=3.0, ge=0, description="at start, how long to wait for the retained states of open episodes"
+    )
+
+    @field_validator("event_topic", "state_topic")
+    @classmethod
+    def _topic_valid(cls, template: str) -> str:
+        return topic_template(template, need_sensor_id=True)
+
+    @model_validator(mode="after")
+    def _policy_valid(self) -> LifecycleSettings:
+        self.policy()
+        if self.event_topic == self.state_topic:
+            raise ValueError("event_topic and state_topic must differ")
+        return self
+
+    def policy(self) -> EpisodePolicy:
+        return EpisodePolicy(
+            self.open_anomalous,
+            self.open_window,
+            self.resolve_normal,
+            self.cooldown_seconds,
+            self.update_interval_seconds,
+            self.flapping_transitions,
+            self.flapping_window,
+        )
+
+
 class AlertSettings(Strict):
     top_timesteps: int = Field(default=5, ge=0, description="how many highest-error timesteps an alert lists")
     include_profile: bool = Field(default=False, description="add the whole per-timestep error profile")
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
+
+    @property
+    def per_window(self) -> bool:
+        """Whether an alert goes out for every anomalous window."""
+        return self.lifecycle.per_window_alerts or not self.lifecycle.enabled
+
+
+class DriftSettings(Strict):
+    """The drift statistic (see monitor.drift); needs an artifact that records `calibration_scores`."""
+
+    enabled: bool = True
+    window_count: int = Field(default=1000, ge=10, description="recent scores the PSI is computed over")
+    min_windows: int = Field(default=200, ge=1, description="no PSI (NaN) before this many scores")
+    psi_bound: float = Field(default=0.25, gt=0, description="above it: log drift_bound_crossed, alert rule fires")
+    sensor_window: int = Field(default=100, ge=1, description="each sensor's recent decisions for its anomaly rate")
+    sensor_min_windows: int = Field(default=20, ge=1, description="sensors with fewer decisions are not judged")
+    sensor_alpha: float = Field(default=1e-4, gt=0, lt=1, description="binomial tail below which a rate is far above")
+
+    @model_validator(mode="after")
+    def _minimums_fit(self) -> DriftSettings:
+        if self.min_windows > self.window_count:
+            raise ValueError(f"min_windows ({self.min_windows}) must be <= window_count ({self.window_count})")
+        if self.sensor_min_windows > self.sensor_window:
+            raise ValueError(f"sensor_min_windows ({self.sensor_min_windows}) must be <= sensor_window")
+        return self
 
 
 class MetricsSettings(Strict):
@@ -179,6 +259,7 @@ class Config(Strict):
     windowing: WindowingSettings = Field(default_factory=WindowingSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
@@ -201,10 +282,8 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None, 
     except ConfigError as error:
         problems.append(str(error))
     model_path = config.model.path if config else _raw_model_path(data)
-    if path is not None and model_path is not None and not model_path.is_absolute() and not model_path.exists():
-        beside = Path(path).resolve().parent / model_path
-        if beside.exists():
-            model_path = beside
+    if path is not None and model_path is not None:
+        model_path = _beside(model_path, path)
     if check_model and model_path is not None:
         problem = _model_problem(model_path)
         if problem:
@@ -213,7 +292,17 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None, 
         raise ConfigError("\n".join(problems))
     assert config is not None and model_path is not None  # a valid config always has a model path
     config.model.path = model_path
+    if path is not None and config.model.shadow_path is not None:
+        config.model.shadow_path = _beside(config.model.shadow_path, path)
     return config
+
+
+def _beside(model: Path, config_path: str | Path) -> Path:
+    """A relative model path that does not exist from here, but does from the config file's directory."""
+    if model.is_absolute() or model.exists():
+        return model
+    beside = Path(config_path).resolve().parent / model
+    return beside if beside.exists() else model
 
 
 def _raw_model_path(data: dict[str, Any]) -> Path | None:

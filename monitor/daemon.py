@@ -28,12 +28,16 @@ from monitor import systemd
 from monitor.alerts import AlertSink
 from monitor.batching import MicroBatcher, WindowQueue
 from monitor.config import Config, ModelSettings, load_config
-from monitor.engine import Engine, load_engine
+from monitor.drift import DriftWatch
+from monitor.engine import Engine, load_engine, load_shadow_engine
+from monitor.episode_sink import EpisodeSink, read_retained, state_filter
+from monitor.episodes import EpisodeTracker
 from monitor.errors import ConfigError, MonitorError
-from monitor.ingest import Ingest
+from monitor.ingest import Ingest, shard_of
 from monitor.log import configure_logging
 from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
+from monitor.shadow import ShadowComparison
 from monitor.source import MqttConnection
 from monitor.windowing import WindowAssembler
 from monitor.worker import ScoringWorker
@@ -49,11 +53,13 @@ LIFECYCLE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 LIVE_SETTINGS = (
     "model.",
     "alerts.",
+    "drift.",
     "mqtt.alert_topic",
     "mqtt.alert_qos",
     "batching.max_wait_seconds",
     "logging.level",
 )
+RESTART_SETTINGS = ("alerts.lifecycle.",)  # within the live sections: the episode tracker keeps its start settings
 
 EngineLoader = Callable[[ModelSettings], Engine]
 
@@ -74,6 +80,8 @@ def changed_settings(old: Config, new: Config) -> list[str]:
 
 
 def applies_live(key: str) -> bool:
+    if key.startswith(RESTART_SETTINGS):
+        return False
     return any(key.startswith(live) if live.endswith(".") else key == live for live in LIVE_SETTINGS)
 
 
@@ -111,6 +119,9 @@ class Daemon:
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
         log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
+        self.shadow = load_shadow_engine(self.config.model, self.engine, self.load_engine)
+        if self.shadow is not None:
+            log.info("shadow_model_loaded", path=str(self.config.model.shadow_path), **self.shadow.describe())
 
     def init_metrics(self) -> None:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
@@ -126,8 +137,12 @@ class Daemon:
             log.info("metrics_serving", host=settings.host, port=self.metrics_server.server_port, path="/metrics")
 
     def _set_model_metrics(self) -> None:
-        engine = self.engine
+        engine, shadow = self.engine, self.shadow
         self.metrics.set_model(engine.model.name, engine.model.version, engine.backend, engine.device, engine.threshold)
+        if shadow is None:
+            self.metrics.set_shadow(None, None, None)
+        else:
+            self.metrics.set_shadow(shadow.model.name, shadow.model.version, shadow.threshold)
 
     def init_ingest(self) -> None:
         config = self.config
@@ -181,12 +196,50 @@ class Daemon:
 
     def make_sink(self, config: Config) -> AlertSink:
         mqtt = config.mqtt
-        return AlertSink(self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics)
+        shadow = None if self.shadow is None else ShadowComparison(self.shadow, self.metrics)
+        observers = [stage for stage in (self.episodes, self.drift, shadow) if stage is not None]
+        return AlertSink(self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers)
+
+    def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
+        """The drift stage for this engine, or None when off or when the artifact records no calibration scores."""
+        watch = None
+        if config.drift.enabled and engine.calibration is None:
+            log.info("drift_unavailable", reason="the model records no calibration_scores", **engine.describe())
+        elif config.drift.enabled and engine.calibration is not None:
+            watch = DriftWatch(engine.calibration, config.drift, self.metrics, config.windowing.max_sensors)
+        if watch is None:
+            self.metrics.drift_psi.set(float("nan"))
+            self.metrics.drift_psi_bound.set(float("nan"))
+        return watch
+
+    def init_episodes(self) -> None:
+        """The episode stage, resumed from the retained states, before any input can arrive."""
+        self.episodes: EpisodeSink | None = None
+        config = self.config
+        lifecycle = config.alerts.lifecycle
+        if not lifecycle.enabled:
+            return
+        tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors)
+        self.episodes = EpisodeSink(tracker, self.connection, lifecycle, self.metrics, self.engine)
+        if lifecycle.resume_timeout_seconds <= 0:
+            return
+        topic_filter = state_filter(lifecycle.state_topic)
+        payloads = read_retained(config.mqtt, topic_filter, lifecycle.resume_timeout_seconds)
+        if payloads is None:
+            return
+        shard = config.shard
+        restored, unreadable = self.episodes.restore(
+            payloads, lambda sensor_id: shard.count == 1 or shard_of(sensor_id, shard.count) == shard.index
+        )
+        log.info("episode_states_restored", topics=topic_filter, states=restored, unreadable=unreadable,
+                 open_episodes=len(tracker.open_episodes()))
 
     def start_scoring(self) -> None:
         batching = self.config.batching
         self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
         self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics)
+        self.init_episodes()
+        self.drift = self.make_drift(self.config, self.engine)
         self.worker = ScoringWorker(self.batcher, self.engine, self.make_sink(self.config), self.metrics, self.stop)
         self.worker.start()
 
@@ -229,6 +282,10 @@ class Daemon:
     def housekeeping(self, now: float) -> None:
         """Evict idle sensors, refresh gauges, and feed the watchdog only while the scorer makes progress."""
         self.ingest.housekeeping(now)
+        idle_seconds = self.started_config.windowing.idle_eviction_seconds
+        for stage in (self.episodes, self.drift):
+            if stage is not None:
+                stage.housekeeping(idle_seconds)
         if not self.worker.is_alive():
             log.error("scoring_thread_died")
             self.stop.set()
@@ -252,10 +309,12 @@ class Daemon:
                     f"the new model takes windows of {engine.window}x{engine.channels}, the running one "
                     f"{self.engine.window}x{self.engine.channels}: restart the daemon to change shape"
                 )
+            shadow = load_shadow_engine(config.model, engine, self.load_engine)
         except MonitorError as error:
             self.metrics.model_reloads.labels("failure").inc()
             log.error("reload_failed", error=str(error), keeping_model=self.engine.model.version)
         else:
+            self.shadow = shadow
             self.apply(config, engine)
             self.metrics.model_reloads.labels("success").inc()
             log.info("reloaded", **engine.describe())
@@ -263,8 +322,11 @@ class Daemon:
 
     def apply(self, config: Config, engine: Engine) -> None:
         """Put a reloaded config and engine into effect, as far as a running daemon can."""
-        previous = self.engine
+        previous, previous_config = self.engine, self.config
         self.engine, self.config = engine, config
+        drift_inputs = (engine.model, engine.calibration, config.drift)
+        if drift_inputs != (previous.model, previous.calibration, previous_config.drift):
+            self.drift = self.make_drift(config, engine)
         self.worker.swap(engine, self.make_sink(config))
         self.batcher.max_wait_seconds = config.batching.max_wait_seconds
         logging.getLogger().setLevel(config.logging.level.upper())
@@ -283,6 +345,8 @@ class Daemon:
         self.connection.stop_input()
         self.stop.set()
         self.worker.join()
+        if self.episodes is not None:
+            log.info("episode_states_published", sensors=self.episodes.publish_open_states())
         acknowledged = self.connection.wait_for_acknowledgements(self.started_config.mqtt.drain_timeout_seconds)
         if not acknowledged:
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())

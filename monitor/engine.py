@@ -7,6 +7,7 @@ check is the model the daemon runs. A broken artifact or device raises a `Monito
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -15,7 +16,8 @@ import torch
 
 from monitor.artifact import load_artifact
 from monitor.config import ModelSettings
-from monitor.errors import ConfigError
+from monitor.drift import CalibrationScores
+from monitor.errors import ArtifactError, ConfigError, MonitorError
 from monitor.scoring import Scorer, Scores
 
 Backend = Literal["torch", "onnx"]
@@ -49,6 +51,7 @@ class Engine:
     model: ModelIdentity
     backend: Backend
     device: str
+    calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
 
     def score(self, windows: np.ndarray) -> Scores:
         return self.scorer.score(windows)
@@ -95,6 +98,10 @@ def load_engine(settings: ModelSettings) -> Engine:
         scorer = OnnxScorer(artifact, threads=settings.threads)
     else:
         scorer = Scorer.from_artifact(artifact, device)
+    try:
+        calibration = CalibrationScores.from_metadata(artifact.metadata)
+    except ValueError as error:
+        raise ArtifactError(f"{settings.path}: {error}") from None
     return Engine(
         scorer=scorer,
         threshold=artifact.threshold,
@@ -103,4 +110,23 @@ def load_engine(settings: ModelSettings) -> Engine:
         model=ModelIdentity(artifact.name, artifact.version),
         backend=settings.backend,
         device=str(device),
+        calibration=calibration,
     )
+
+
+def load_shadow_engine(
+    settings: ModelSettings, live: Engine, loader: Callable[[ModelSettings], Engine]
+) -> Engine | None:
+    """The engine of `model.shadow_path` (same device, backend and threads as the live one), or None without one."""
+    if settings.shadow_path is None:
+        return None
+    try:
+        shadow = loader(settings.model_copy(update={"path": settings.shadow_path, "shadow_path": None}))
+    except MonitorError as error:
+        raise type(error)(f"model.shadow_path: {error}") from None
+    if (shadow.window, shadow.channels) != (live.window, live.channels):
+        raise ConfigError(
+            f"model.shadow_path: the shadow model takes windows of {shadow.window}x{shadow.channels}, "
+            f"the live one {live.window}x{live.channels}"
+        )
+    return shadow

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from monitor.episodes import EVENT_KINDS
 from monitor.payload import REJECT_REASONS
 
 MESSAGE_OUTCOMES = ("accepted", "duplicate", "sensor_limit", "other_shard", "internal_error", *REJECT_REASONS)
 WINDOW_DROP_REASONS = ("seq_gap", "queue_full", "scoring_error")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
+EPISODE_STATES = ("open", "flapping")
+DRIFT_SHARE_LEVELS = (0.5, 0.9, 0.99)  # calibration quantiles whose exceedance share is exported
+SHADOW_DISAGREEMENTS = ("live_only", "shadow_only")  # which of the two models called the window anomalous
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 INFERENCE_BUCKETS_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ERROR_BUCKET_FACTORS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
@@ -77,6 +81,92 @@ class Metrics:
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.threshold.set(threshold)
+        self._episode_metrics(registry)
+        self._drift_metrics(registry)
+        self._shadow_metrics(registry)
+
+    def _episode_metrics(self, registry: CollectorRegistry) -> None:
+        self.episode_events = Counter(
+            "monitor_episode_events_total", "Episode events published, by event", ["event"], registry=registry
+        )
+        self.episode_messages_dropped = Counter(
+            "monitor_episode_messages_dropped_total",
+            "Episode events and states that could not be queued for publishing, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.episodes_open = Gauge(
+            "monitor_episodes_open", "Sensors with an episode, by state", ["state"], registry=registry
+        )
+        for event in EVENT_KINDS:
+            self.episode_events.labels(event)
+        for reason in ALERT_DROP_REASONS:
+            self.episode_messages_dropped.labels(reason)
+        for state in EPISODE_STATES:
+            self.episodes_open.labels(state)
+
+    def _drift_metrics(self, registry: CollectorRegistry) -> None:
+        self.drift_psi = Gauge(
+            "monitor_drift_psi",
+            "Population stability index of the recent scores against the calibration scores (NaN: too few yet)",
+            registry=registry,
+        )
+        self.drift_psi_bound = Gauge(
+            "monitor_drift_psi_bound", "drift.psi_bound: above it the model drifts", registry=registry
+        )
+        self.drift_windows = Gauge(
+            "monitor_drift_windows", "Recent scores the drift statistic covers", registry=registry
+        )
+        self.drift_share_above = Gauge(
+            "monitor_drift_share_above",
+            "Share of the recent scores above the calibration scores' quantile",
+            ["quantile"],
+            registry=registry,
+        )
+        self.sensors_rate_high = Gauge(
+            "monitor_sensors_anomaly_rate_high",
+            "Sensors whose recent anomaly rate is far above the model's expected rate",
+            registry=registry,
+        )
+        self.expected_anomaly_rate = Gauge(
+            "monitor_expected_anomaly_rate",
+            "Share of the model's calibration windows above its threshold",
+            registry=registry,
+        )
+        for gauge in (self.drift_psi, self.drift_psi_bound, self.expected_anomaly_rate):
+            gauge.set(float("nan"))
+        for level in DRIFT_SHARE_LEVELS:
+            self.drift_share_above.labels(str(level)).set(float("nan"))
+
+    def _shadow_metrics(self, registry: CollectorRegistry) -> None:
+        self.shadow_windows = Counter(
+            "monitor_shadow_windows_scored_total",
+            "Windows scored by both the live and the shadow model",
+            registry=registry,
+        )
+        self.shadow_disagreements = Counter(
+            "monitor_shadow_disagreements_total",
+            "Windows the shadow model decides otherwise, by which model called them anomalous",
+            ["decision"],
+            registry=registry,
+        )
+        self.shadow_failures = Counter(
+            "monitor_shadow_scoring_failures_total", "Batches the shadow model failed to score", registry=registry
+        )
+        self.shadow_threshold = Gauge("monitor_shadow_threshold", "The shadow model's threshold", registry=registry)
+        self.shadow_model = Gauge(
+            "monitor_shadow_model_info", "1 for the shadow model in use", ["name", "version"], registry=registry
+        )
+        for decision in SHADOW_DISAGREEMENTS:
+            self.shadow_disagreements.labels(decision)
+        self.shadow_threshold.set(float("nan"))
+
+    def set_shadow(self, name: str | None, version: str | None, threshold: float | None) -> None:
+        """The shadow model now in use, or none."""
+        self.shadow_model.clear()
+        if name is not None and version is not None and threshold is not None:
+            self.shadow_model.labels(name, version).set(1)
+        self.shadow_threshold.set(float("nan") if threshold is None else threshold)
 
     def _error_histogram(self, threshold: float) -> Histogram:
         return Histogram(

@@ -157,14 +157,14 @@ class MqttConnection:
 
     # used by the scoring thread and the lifecycle
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
         """Queue an alert; paho sends it now or after reconnecting. Raises PublishRefused when it cannot.
 
         Counted as pending before the call (its acknowledgement may be handled before `publish`
         returns), and never under our lock while inside paho (paho's lock is held in `_on_publish`).
         """
         self._add_published(1)
-        info = self.client.publish(topic, payload, qos=qos)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
         # While disconnected paho keeps a QoS 1/2 message for the reconnect, but discards a QoS 0 one.
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return

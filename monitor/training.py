@@ -20,6 +20,7 @@ from monitor.artifact import ERROR_MEASURE, METADATA_FILE, WEIGHTS_FILE, ModelAr
 from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
 from monitor.calibration import SMALL_CALIBRATION, Calibration, ThresholdUncertainty, calibrate, threshold_uncertainty
 from monitor.datasets import WindowSet, read_windows, require_window
+from monitor.drift import CALIBRATION_KEY, CalibrationScores
 from monitor.errors import ArtifactError, DataError
 from monitor.evaluation import Evaluation, evaluate_scores
 from monitor.scoring import Scorer
@@ -164,6 +165,7 @@ def train(settings: TrainSettings) -> TrainingResult:
         settings, fit, normalisation, calibration, uncertainty, split, evaluation, evaluation_data,
         train_losses, val_losses, best_epoch, seconds,
     )
+    metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
     # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
     shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)
     save_artifact(settings.output, model, metadata)

@@ -169,6 +169,15 @@ def test_reload_applies_the_batching_wait_and_the_log_level_live(daemon):
     assert not [entry for entry in logs if entry["event"] == "reload_needs_restart"]
 
 
+def test_reload_applies_drift_settings_live(daemon):
+    old = daemon.drift
+    logs = reload_with(daemon, daemon.config_path, drift={"psi_bound": 0.5, "window_count": 300})
+    assert daemon.drift is not old and daemon.drift.settings.psi_bound == 0.5 and daemon.drift.monitor.window == 300
+    assert daemon.worker.sink.observers == (daemon.drift,)
+    assert daemon.registry.get_sample_value("monitor_drift_psi_bound") == 0.5
+    assert not [entry for entry in logs if entry["event"] == "reload_needs_restart"]
+
+
 @pytest.mark.parametrize(
     ("sections", "keys"),
     [
@@ -177,6 +186,7 @@ def test_reload_applies_the_batching_wait_and_the_log_level_live(daemon):
         ({"windowing": {"stride": 70}}, ["windowing.stride"]),
         ({"metrics": {"port": 9999}}, ["metrics.port"]),
         ({"shard": {"count": 2, "index": 1}}, ["shard.count", "shard.index"]),
+        ({"alerts": {"lifecycle": {"enabled": True}}}, ["alerts.lifecycle.enabled"]),
         (
             {"logging": {"format": "console", "warning_interval_seconds": 5}},
             ["logging.format", "logging.warning_interval_seconds"],

@@ -111,7 +111,13 @@ RULE_TEST_SERIES = """
 - {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="accepted"}', values: '0+90x30'}
 - {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="other_shard"}', values: '0+1000x30'}
 - {series: 'monitor_alerts_dropped_total{job="monitor", instance="a", reason="queue_full"}', values: '0 0 0 5 5 5'}
-"""
+- {series: 'monitor_drift_psi{job="monitor", instance="a"}', values: '0.05x10 0.6x30'}
+- {series: 'monitor_drift_psi_bound{job="monitor", instance="a"}', values: '0.25x40'}
+- {series: 'monitor_drift_psi{job="monitor", instance="b"}', values: 'NAN_SERIES'}
+- {series: 'monitor_drift_psi_bound{job="monitor", instance="b"}', values: '0.25x40'}
+- {series: 'monitor_sensors_anomaly_rate_high{job="monitor", instance="a"}', values: '3x10 15x30'}
+- {series: 'monitor_active_sensors{job="monitor", instance="a"}', values: '20x40'}
+""".replace("NAN_SERIES", " ".join(["NaN"] * 40))  # promtool expands no "NaNx40"
 A = {"job": "monitor", "instance": "a"}
 # (evaluation time, alert, the labels of every alert of that name expected to be firing then)
 RULE_TEST_EXPECTATIONS = [
@@ -126,6 +132,11 @@ RULE_TEST_EXPECTATIONS = [
     ("20m", "MonitorRejectedMessages", [{"severity": "warning", "instance": "a"}]),
     ("4m", "MonitorAlertsDropped", [{"severity": "critical", "instance": "a", "reason": "queue_full"}]),
     ("20m", "MonitorAlertsDropped", []),
+    # PSI above its bound from minute 11; instance b has too few scores yet (NaN) and never fires.
+    ("20m", "MonitorModelDrift", []),
+    ("30m", "MonitorModelDrift", [{"severity": "warning", **A}]),
+    ("20m", "MonitorManySensorsAboveExpectedRate", []),
+    ("30m", "MonitorManySensorsAboveExpectedRate", [{"severity": "warning", **A}]),
 ]
 
 
@@ -282,6 +293,8 @@ def scraped(prometheus) -> str:
     """Prometheus once it holds enough scrapes for rates and quantiles over the stand-in's moving series."""
     moving = "rate(monitor_windows_scored_total[1m]) > 0"
     wait_until(lambda: query(prometheus, moving)["data"]["result"], 30, what="two scrapes of moving series")
+    # the drift panel stays empty until drift.min_windows scores are in
+    wait_until(lambda: query(prometheus, "monitor_drift_psi >= 0")["data"]["result"], 60, what="the drift statistic")
     return prometheus
 
 

@@ -105,6 +105,10 @@ def test_train_writes_an_artifact_without_report(runs):
     assert "calibration_file" not in training
     assert training["windows"] == TRAIN_ROWS - 30 - 30
     assert meta["threshold"]["n_windows"] == 30
+    # the calibration windows' score distribution, for the drift statistic
+    recorded = meta["calibration_scores"]
+    assert recorded["n_windows"] == 30 and len(recorded["quantiles"]) == len(recorded["levels"]) == 10
+    assert recorded["quantiles"] == sorted(recorded["quantiles"]) and 0 <= recorded["above_threshold"] < 0.5
     assert 1 <= training["epochs_run"] <= 3
     # The training-time evaluation on the 300-line subset is recorded and printed.
     evaluation = meta["evaluation"]
