@@ -62,7 +62,8 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add = train.add_argument
     add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
     add("--train-data", type=Path, nargs="+", help="normal training data (UCR text, .npy windows), or recordings "
-        "([T] or [T, C] .npy/.csv with --window), one per sensor; .gz/.xz read as they are (required: here or in --config)")
+        "([T] or [T, C] .npy/.csv with --window), one per sensor; .gz/.xz read as they are "
+        "(required: here or in --config)")
     add("--train-labels", type=Path, nargs="+", help="0/1 per sample of each recording, in --train-data order; "
         "windows with an anomalous sample are left out (default: none)")
     add("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold "
