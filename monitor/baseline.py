@@ -64,10 +64,6 @@ class SensorBaseline:
         scale = np.maximum(spread, np.maximum(RELATIVE_FLOOR * np.abs(centre), ABSOLUTE_FLOOR))
         return cls(centre.astype(np.float32), scale.astype(np.float32))
 
-    @property
-    def channels(self) -> int:
-        return int(self.centre.shape[0])
-
     def apply(self, windows: np.ndarray) -> np.ndarray:
         """Normalise `[..., C]` values: (x - centre) / scale, clipped to +-CLIP, as float32."""
         normalised = (np.asarray(windows, dtype=np.float32) - self.centre) / self.scale
@@ -104,18 +100,6 @@ def describe(windows: int) -> dict[str, Any]:
         "absolute_floor": ABSOLUTE_FLOOR,
         "clip": CLIP,
     }
-
-
-def normalise_recording(windows: np.ndarray, warm_up: int) -> tuple[np.ndarray, SensorBaseline]:
-    """A recording's windows normalised by the baseline of its first `warm_up` windows, as the daemon does.
-
-    Returns every window (warm-up included) normalised, and the baseline; the caller drops the warm-up
-    windows where the daemon would not score them.
-    """
-    if warm_up < 1:
-        raise ValueError(f"baseline windows must be >= 1, got {warm_up}")
-    baseline = SensorBaseline.fit(windows[:warm_up])
-    return baseline.apply(windows), baseline
 
 
 def trained_baseline(metadata: dict[str, Any]) -> tuple[str, int | None]:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.baseline import normalise_recording
+from monitor.baseline import SensorBaseline
 from monitor.datasets import Recording
 from monitor.errors import DataError
 from monitor.evaluation import Evaluation, evaluate_scores
@@ -41,7 +41,7 @@ def recording_windows(
             f"{recording.source}: {len(windows)} windows, "
             f"not more than the {baseline_windows} baseline (warm-up) windows"
         )
-    return normalise_recording(windows, baseline_windows)[0], baseline_windows
+    return SensorBaseline.fit(windows[:baseline_windows]).apply(windows), baseline_windows
 
 
 @dataclass(frozen=True)
