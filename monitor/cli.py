@@ -33,13 +33,16 @@ def _speed(text: str) -> float:
     return value
 
 
-def _baseline_flags(parser: argparse.ArgumentParser) -> None:
+def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) -> None:
+    """`--baseline` and `--baseline-windows` (contract section 9), their help ending with the given defaults."""
     parser.add_argument(
         "--baseline",
         choices=["model", "sensor"],
-        help="model: one pooled normalisation; sensor: each recording's own first N windows",
+        help=f"model: one pooled normalisation; sensor: each recording's own first N windows (default: {defaults[0]})",
     )
-    parser.add_argument("--baseline-windows", type=int, help="N, the warm-up windows that fit a sensor's baseline")
+    parser.add_argument(
+        "--baseline-windows", type=int, help=f"N, the warm-up windows that fit a sensor's baseline (default: {defaults[1]})"
+    )
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -89,7 +92,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         f"quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)")
     add("--no-report", dest="report", action="store_const", const=False,
         help="skip the PNG training report (default: written to OUTPUT/report)")
-    _baseline_flags(train)
+    _baseline_flags(train, ("model", "none; required with --baseline sensor"))
     flags = {action.dest for action in train._actions} | {"version", "threshold"}
     yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
     train.epilog = f"Keys of the YAML config without a flag, and their defaults: {yaml_only}."
@@ -121,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--window", type=int, help="window length of the recordings (default: the model's)")
     evaluate.add_argument("--stride", type=int, help="stride for the recordings (default: the window)")
-    _baseline_flags(evaluate)
+    _baseline_flags(evaluate, ("as the model was trained", "as the model was trained"))
     evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
