@@ -26,45 +26,16 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 def sensor_model(tmp_path_factory):
     """A small model trained on both machines' train excerpts; what `monitor evaluate` flags on their test excerpts."""
     root = tmp_path_factory.mktemp("baseline-daemon")
-    trained = run_cli(
-        "train",
-        "--train-data",
-        *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES),
-        "--window",
-        str(WINDOW),
-        "--stride",
-        str(STRIDE),
-        "--baseline",
-        "sensor",
-        "--baseline-windows",
-        str(WARM_UP),
-        "--embedding-dim",
-        "4",
-        "--epochs",
-        "2",
-        "--seed",
-        "0",
-        "--threads",
-        "1",
-        "--no-report",
-        "--output",
-        str(root / "model"),
-        env=ONE_THREAD,
-    )
+    shape = ["--window", str(WINDOW), "--stride", str(STRIDE)]
+    small = ["--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report"]
+    trained = run_cli("train", "--train-data", *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES), *shape,
+                      "--baseline", "sensor", "--baseline-windows", str(WARM_UP), *small, "--output", str(root / "model"),
+                      env=ONE_THREAD)
     assert trained.returncode == 0, trained.stderr
-    evaluated = run_cli(
-        "evaluate",
-        "--model",
-        str(root / "model"),
-        "--data",
-        *(str(EXCERPT / f"{m}_test.npy") for m in MACHINES),
-        "--labels",
-        *(str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES),
-        "--stride",
-        str(STRIDE),
-        "--json",
-        env=ONE_THREAD,
-    )
+    tests = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
+    labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
+    evaluated = run_cli("evaluate", "--model", str(root / "model"), "--data", *tests, "--labels", *labels,
+                        "--stride", str(STRIDE), "--json", env=ONE_THREAD)
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     flagged = {

@@ -197,19 +197,8 @@ def test_training_leaves_labelled_windows_out(two_channel):
 def test_evaluate_two_channel_recording_against_hand_figures(two_channel):
     root, _ = two_channel
     stride, warm_up = 7, 20
-    done = run_cli(
-        "evaluate",
-        "--model",
-        str(root / "model"),
-        "--data",
-        str(root / "test.csv"),
-        "--labels",
-        str(root / "test_labels.txt"),
-        "--stride",
-        str(stride),
-        "--json",
-        env=ONE_THREAD,
-    )
+    recording = ["--data", str(root / "test.csv"), "--labels", str(root / "test_labels.txt")]
+    done = run_cli("evaluate", "--model", str(root / "model"), *recording, "--stride", str(stride), "--json", env=ONE_THREAD)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     # By hand: cut, fit median / 1.4826 MAD on the first 20 windows, normalise, score the rest, count.
