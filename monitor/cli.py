@@ -41,7 +41,7 @@ def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) 
         help=f"model: one pooled normalisation; sensor: each recording's own first N windows (default: {defaults[0]})",
     )
     parser.add_argument(
-        "--baseline-windows", type=int, help=f"N, the warm-up windows that fit a sensor's baseline (default: {defaults[1]})"
+        "--baseline-windows", type=int, help=f"N, warm-up windows that fit a sensor's baseline (default: {defaults[1]})"
     )
 
 
