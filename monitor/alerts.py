@@ -69,6 +69,7 @@ def build_alert(
     top_timesteps: int = 5,
     include_profile: bool = False,
     detected_at: float | None = None,
+    baseline: str = "model",
 ) -> dict[str, Any]:
     """The JSON alert for one anomalous window.
 
@@ -81,6 +82,7 @@ def build_alert(
         "window_end_seq": int(start_seq + window),
         "score": float(score),
         "threshold": float(threshold),
+        "baseline": baseline,
         "model": model.to_dict(),
         "detected_at": time.time() if detected_at is None else detected_at,
     }
@@ -143,6 +145,7 @@ class AlertSink:
             window.start_ts,
             self.settings.top_timesteps,
             self.settings.include_profile,
+            baseline=engine.baseline[0],
         )
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason

@@ -44,6 +44,10 @@ class Normalisation:
         std = flat.std(axis=0)
         return cls(flat.mean(axis=0).astype(np.float32), np.where(std > 1e-8, std, 1.0).astype(np.float32))
 
+    @classmethod
+    def identity(cls, channels: int) -> Normalisation:
+        return cls(np.zeros(channels, np.float32), np.ones(channels, np.float32))
+
     def apply(self, windows: np.ndarray) -> np.ndarray:
         return ((windows - self.mean) / self.std).astype(np.float32, copy=False)
 

@@ -7,10 +7,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor import __version__
 from monitor.errors import MonitorError
+
+if TYPE_CHECKING:
+    from monitor.artifact import ModelArtifact
+    from monitor.scoring import BatchScorer
 
 EXIT_USER_ERROR = 2
 
@@ -27,6 +31,18 @@ def _speed(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError("speed cannot be negative")
     return value
+
+
+def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) -> None:
+    """`--baseline` and `--baseline-windows` (contract section 9), their help ending with the given defaults."""
+    parser.add_argument(
+        "--baseline",
+        choices=["model", "sensor"],
+        help=f"model: one pooled normalisation; sensor: each recording's own first N windows (default: {defaults[0]})",
+    )
+    parser.add_argument(
+        "--baseline-windows", type=int, help=f"N, warm-up windows that fit a sensor's baseline (default: {defaults[1]})"
+    )
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -48,8 +64,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     add = train.add_argument
     add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
-    add("--train-data", type=Path, help="normal training data (UCR text, .npy windows, or a recording with "
-        "--window); .gz/.xz read as they are (required: here or in --config)")
+    add("--train-data", type=Path, nargs="+", help="normal training data (UCR text, .npy windows), or recordings "
+        "([T] or [T, C] .npy/.csv with --window), one per sensor; .gz/.xz read as they are "
+        "(required: here or in --config)")
+    add("--train-labels", type=Path, nargs="+", help="0/1 per sample of each recording, in --train-data order; "
+        "windows with an anomalous sample are left out (default: none)")
     add("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold "
         "(default: none; validation and calibration windows are split off the training data with --seed)")
     add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
@@ -73,6 +92,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         f"quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)")
     add("--no-report", dest="report", action="store_const", const=False,
         help="skip the PNG training report (default: written to OUTPUT/report)")
+    _baseline_flags(train, ("model", "none; required with --baseline sensor"))
     flags = {action.dest for action in train._actions} | {"version", "threshold"}
     yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
     train.epilog = f"Keys of the YAML config without a flag, and their defaults: {yaml_only}."
@@ -93,10 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="score labelled data offline and print quality figures",
-        description="Score labelled (UCR) data with a model artifact at its calibrated threshold.",
+        description="Score labelled data (UCR text, or recordings with per-sample labels) at the calibrated threshold.",
     )
     evaluate.add_argument("--model", required=True, type=Path, help="model artifact directory")
-    evaluate.add_argument("--data", required=True, type=Path, help="labelled data in UCR text format")
+    evaluate.add_argument(
+        "--data", required=True, type=Path, nargs="+", help="labelled UCR text, or recordings (.npy/.csv) with --labels"
+    )
+    evaluate.add_argument(
+        "--labels", type=Path, nargs="+", help="per-sample 0/1 labels of each recording, in --data order"
+    )
+    evaluate.add_argument("--window", type=int, help="window length of the recordings (default: the model's)")
+    evaluate.add_argument("--stride", type=int, help="stride for the recordings (default: the window)")
+    _baseline_flags(evaluate, ("as the model was trained", "as the model was trained"))
     evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
@@ -151,6 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
     flags = {
         "train_data": args.train_data,
+        "train_labels": args.train_labels,
+        "baseline": args.baseline,
+        "baseline_windows": args.baseline_windows,
         "calibration_data": args.calibration_data,
         "evaluate_data": args.evaluate_data,
         "output": args.output,
@@ -202,15 +233,73 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     artifact = load_artifact(args.model, device)
-    data = read_ucr(args.data)
+    if args.labels is not None:
+        return _evaluate_recordings(args, artifact, Scorer.from_artifact(artifact, device))
+    if len(args.data) != 1 or args.window or args.stride or args.baseline or args.baseline_windows:
+        raise MonitorError("several --data files, --window, --stride and --baseline are for recordings with --labels")
+    data = read_ucr(args.data[0])
     require_window(data, artifact.window, artifact.channels)
     scores = Scorer.from_artifact(artifact, device).score_all(data.windows).errors
     result = evaluate_scores(scores, data.is_anomaly(args.normal_label), artifact.threshold)
     if args.json:
-        print(json.dumps({"model": {"name": artifact.name, "version": artifact.version}, "data": str(args.data), **result.to_dict()}))
+        model = {"name": artifact.name, "version": artifact.version}
+        print(json.dumps({"model": model, "data": str(args.data[0]), **result.to_dict()}))
     else:
-        print(f"model {artifact.name} {artifact.version} on {args.data}")
+        print(f"model {artifact.name} {artifact.version} on {args.data[0]}")
         print(format_evaluation(result))
+    return 0
+
+
+def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scorer: BatchScorer) -> int:
+    from monitor.baseline import resolve_baseline, trained_baseline
+    from monitor.datasets import read_labelled_recording
+    from monitor.evaluation import format_evaluation
+    from monitor.recordings import evaluate_recording, pooled_evaluation, score_recording
+
+    if len(args.labels) != len(args.data):
+        raise MonitorError(f"--labels: {len(args.labels)} label files for {len(args.data)} recordings (one each)")
+    if args.window is not None and args.window != artifact.window:
+        raise MonitorError(f"--window {args.window}: the model takes windows of {artifact.window}")
+    if args.stride is not None and args.stride < 1:
+        raise MonitorError("--stride must be >= 1")
+    warm_up = resolve_baseline(trained_baseline(artifact.metadata), args.baseline, args.baseline_windows, "--baseline")
+    stride = args.stride or artifact.window
+    scored = []
+    for data, labels in zip(args.data, args.labels, strict=True):
+        recording = read_labelled_recording(data, labels)
+        if recording.samples.shape[1] != artifact.channels:
+            raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
+        scored.append(score_recording(scorer, recording, artifact.window, stride, warm_up))
+    pooled = pooled_evaluation(scored, artifact.threshold)
+    per_recording = [evaluate_recording(item, artifact.threshold) for item in scored]
+    caught = sum(item["segments_caught"] for item in per_recording)
+    counted = sum(item["segments"] for item in per_recording)
+    summary = {
+        "model": {"name": artifact.name, "version": artifact.version},
+        "data": [str(path) for path in args.data],
+        "window": artifact.window,
+        "stride": stride,
+        "baseline": "model" if warm_up is None else "sensor",
+        "baseline_windows": warm_up,
+        **pooled.to_dict(),
+        "segments": counted,
+        "segments_caught": caught,
+        "recordings": per_recording,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    warm_up_note = f" ({warm_up} warm-up windows per recording, not scored)" if warm_up else ""
+    print(f"model {artifact.name} {artifact.version}, window {artifact.window}, stride {stride}, "
+          f"baseline {summary['baseline']}{warm_up_note}")
+    print(format_evaluation(pooled))
+    print(f"\nanomaly segments caught: {caught} of {counted}")
+    for item in per_recording:
+        delay = item["median_delay_samples"]
+        delay_note = f", median delay {delay:g} samples" if delay is not None else ""
+        segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
+        figures = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
+        print(f"  {item['data']}: {figures}  {segments}")
     return 0
 
 
@@ -247,6 +336,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config import load_config
+    from monitor.daemon import warm_up_windows
     from monitor.engine import load_engine, load_shadow_engine
     from monitor.errors import ArtifactError, MonitorError
 
@@ -259,6 +349,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         load_shadow_engine(config.model, live, load_engine)
     except MonitorError as error:  # already named: model.shadow_path
         raise type(error)(f"{args.file}: {error}") from None
+    warm_up_windows(live, config.windowing, str(args.file))
     config.mqtt.resolve_password()
     print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
     return 0

@@ -146,6 +146,18 @@ class WindowingSettings(Strict):
     state_file: Path | None = Field(
         default=None, description="where the partial windows are kept across a restart (SIGTERM drain); None = not kept"
     )
+    baseline: Literal["model", "sensor"] = Field(
+        default="model", description="model: the artifact's normalisation for every sensor; sensor: each sensor's own"
+    )
+    baseline_windows: int | None = Field(
+        default=None, ge=1, description="with baseline sensor: a sensor's warm-up windows; None = as trained"
+    )
+
+    @model_validator(mode="after")
+    def _baseline_windows_for_sensor(self) -> WindowingSettings:
+        if self.baseline_windows is not None and self.baseline != "sensor":
+            raise ValueError("baseline_windows is only for baseline: sensor")
+        return self
 
 
 class BatchingSettings(Strict):

@@ -5,7 +5,8 @@ Stop (SIGTERM/SIGINT): stop taking input -> score what is queued -> wait (bounde
 acknowledge queued alerts -> disconnect -> stop the metrics server -> exit 0.
 Reload (SIGHUP): re-read the config and the model and apply what can change live (`LIVE_SETTINGS`); every other
 changed setting is logged by key as needing a restart. A broken config or model is logged and the running one kept.
-With `windowing.state_file`, the drain saves the sensors' partial windows and the next start takes them back.
+With `windowing.state_file`, the drain saves the sensors' partial windows and the next start takes them back,
+with the per-sensor baselines and warm-ups when `windowing.baseline` is `sensor` (contract section 9).
 The systemd watchdog is fed only while the scoring thread makes progress (see `ScoringWorker.progress_at`).
 """
 
@@ -26,8 +27,9 @@ from prometheus_client import CollectorRegistry
 
 from monitor import systemd
 from monitor.alerts import AlertSink
+from monitor.baseline import SensorBaselines, resolve_baseline
 from monitor.batching import MicroBatcher, WindowQueue
-from monitor.config import Config, ModelSettings, load_config
+from monitor.config import Config, ModelSettings, WindowingSettings, load_config
 from monitor.drift import DriftWatch
 from monitor.engine import Engine, load_engine, load_shadow_engine
 from monitor.episode_sink import EpisodeSink, read_retained, state_filter
@@ -85,6 +87,12 @@ def applies_live(key: str) -> bool:
     return any(key.startswith(live) if live.endswith(".") else key == live for live in LIVE_SETTINGS)
 
 
+def warm_up_windows(engine: Engine, windowing: WindowingSettings, source: str = "config") -> int | None:
+    """A sensor's warm-up with `baseline: sensor` (None for `model`); a config not fitting the model is refused."""
+    where = f"{source}: windowing.baseline"
+    return resolve_baseline(engine.baseline, windowing.baseline, windowing.baseline_windows, where)
+
+
 class Daemon:
     """The running monitor: one instance per process."""
 
@@ -118,6 +126,7 @@ class Daemon:
 
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
+        self.warm_up = warm_up_windows(self.engine, self.config.windowing, str(self.config_path or "config"))
         log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
         self.shadow = load_shadow_engine(self.config.model, self.engine, self.load_engine)
         if self.shadow is not None:
@@ -148,17 +157,20 @@ class Daemon:
         config = self.config
         window, channels = self.engine.window, self.engine.channels
         windowing = config.windowing
+        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, window, channels)
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
         self.ingest = Ingest(
             PayloadDecoder(channels, windowing.max_samples_per_message, windowing.max_payload_bytes),
             WindowAssembler(
-                window, windowing.stride or window, channels, windowing.max_sensors, windowing.idle_eviction_seconds
+                window, windowing.stride or window, channels, windowing.max_sensors, windowing.idle_eviction_seconds,
+                on_evict=None if baselines is None else baselines.forget,
             ),
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
             config.shard,
             config.logging.warning_interval_seconds,
+            baselines,
         )
         self.restore_windows()
 
@@ -167,16 +179,30 @@ class Daemon:
         path = self.config.windowing.state_file
         if path is None or not path.exists():
             return
-        assembler = self.ingest.assembler
+        assembler, baselines = self.ingest.assembler, self.ingest.baselines
         try:
-            sensors = assembler.restore(orjson.loads(path.read_bytes()), time.monotonic())
+            state = orjson.loads(path.read_bytes())
+            sensors = assembler.restore(state, time.monotonic())
             log.info("window_state_restored", path=str(path), sensors=sensors, samples=assembler.buffered_samples())
         except (OSError, ValueError) as error:
             log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
+        else:
+            if baselines is not None:
+                self.restore_baselines(baselines, state.get("baselines"), path)
         try:
             path.unlink()  # taken once: after a crash the sensors' positions in it would be stale
         except OSError as error:
             log.warning("window_state_not_removed", path=str(path), error=str(error))
+
+    def restore_baselines(self, baselines: SensorBaselines, state: Any, path: Path) -> None:
+        """Take back the baselines and warm-ups of the restored sensors; without them, each starts a new warm-up."""
+        try:
+            restored = baselines.restore(state, self.ingest.assembler.sensor_ids())
+        except ValueError as error:
+            log.warning("baseline_state_discarded", path=str(path), error=str(error)[:300])
+        else:
+            warming = baselines.sensors_warming_up
+            log.info("baseline_state_restored", path=str(path), sensors=restored, warming_up=warming)
 
     def save_windows(self) -> None:
         """Write the partial windows for the next start (atomically); called once no message can arrive."""
@@ -184,6 +210,8 @@ class Daemon:
         if path is None:
             return
         state = self.ingest.assembler.snapshot()
+        if self.ingest.baselines is not None:
+            state["baselines"] = self.ingest.baselines.snapshot()
         temp = path.with_name(f".{path.name}.tmp")
         try:
             temp.write_bytes(orjson.dumps(state))
@@ -308,6 +336,11 @@ class Daemon:
                 raise ConfigError(
                     f"the new model takes windows of {engine.window}x{engine.channels}, the running one "
                     f"{self.engine.window}x{self.engine.channels}: restart the daemon to change shape"
+                )
+            if engine.baseline[0] != self.engine.baseline[0]:
+                raise ConfigError(
+                    f"the new model was trained with baseline {engine.baseline[0]!r}, the running one with "
+                    f"{self.engine.baseline[0]!r}: restart the daemon to change windowing.baseline"
                 )
             shadow = load_shadow_engine(config.model, engine, self.load_engine)
         except MonitorError as error:

@@ -185,6 +185,54 @@ def read_samples(path: str | Path) -> np.ndarray:
     return values.astype(np.float32)
 
 
+def read_labels(path: str | Path, length: int) -> np.ndarray:
+    """Per-sample 0/1 labels (`.npy`, or text with one value a line) as bool `[length]`; 1 = anomalous."""
+    path = _existing(path)
+    if path.suffix == ".npy":
+        values = _load_npy(path)
+    else:
+        try:
+            values = np.loadtxt(path, ndmin=1, dtype=np.float64)
+        except ValueError as error:
+            raise DataError(f"{path}: not one 0/1 label a line ({error})") from None
+    if values.ndim != 1 or len(values) != length:
+        raise DataError(f"{path}: {list(values.shape)} labels for a recording of {length} samples (one label a sample)")
+    if not np.isin(values, (0, 1)).all():
+        raise DataError(f"{path}: labels must be 0 (normal) or 1 (anomalous)")
+    return values.astype(bool)
+
+
+@dataclass(frozen=True)
+class Recording:
+    """A continuous recording `[T, C]`, one sensor's stream, with optional per-sample anomaly labels `[T]`."""
+
+    samples: np.ndarray
+    labels: np.ndarray | None
+    source: str
+    sha256: str
+
+    def window_starts(self, window: int, stride: int) -> np.ndarray:
+        return np.arange(0, len(self.samples) - window + 1, stride)
+
+    def windows(self, window: int, stride: int) -> np.ndarray:
+        return cut_windows(self.samples, window, stride, self.source)
+
+    def window_anomalous(self, window: int, stride: int) -> np.ndarray:
+        """Bool `[N]`: a window is anomalous when any of its samples is labelled so."""
+        if self.labels is None:
+            raise DataError(f"{self.source}: has no labels")
+        ends = np.r_[0, np.cumsum(self.labels)]
+        starts = self.window_starts(window, stride)
+        return ends[starts + window] - ends[starts] > 0
+
+
+def read_labelled_recording(path: str | Path, labels: str | Path | None = None) -> Recording:
+    """A `.npy`/`.csv` recording and, when given, its per-sample labels."""
+    samples = read_samples(path)
+    per_sample = None if labels is None else read_labels(labels, len(samples))
+    return Recording(samples, per_sample, str(path), file_sha256(Path(path)))
+
+
 def read_recording(path: str | Path, window: int, stride: int) -> WindowSet:
     """Read a continuous `.npy` or `.csv` recording and cut it into windows."""
     samples = read_samples(path)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from monitor.artifact import load_artifact
+from monitor.baseline import trained_baseline
 from monitor.config import ModelSettings
 from monitor.drift import CalibrationScores
 from monitor.errors import ArtifactError, ConfigError, MonitorError
@@ -52,6 +53,7 @@ class Engine:
     backend: Backend
     device: str
     calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
+    baseline: tuple[str, int | None] = ("model", None)  # how the model was trained: (model | sensor, warm-up windows)
 
     def score(self, windows: np.ndarray) -> Scores:
         return self.scorer.score(windows)
@@ -66,6 +68,7 @@ class Engine:
             "window": self.window,
             "channels": self.channels,
             "threshold": self.threshold,
+            "baseline": self.baseline[0],
         }
 
 
@@ -111,6 +114,7 @@ def load_engine(settings: ModelSettings) -> Engine:
         backend=settings.backend,
         device=str(device),
         calibration=calibration,
+        baseline=trained_baseline(artifact.metadata),
     )
 
 
@@ -128,5 +132,10 @@ def load_shadow_engine(
         raise ConfigError(
             f"model.shadow_path: the shadow model takes windows of {shadow.window}x{shadow.channels}, "
             f"the live one {live.window}x{live.channels}"
+        )
+    if shadow.baseline[0] != live.baseline[0]:
+        raise ConfigError(
+            f"model.shadow_path: the shadow model was trained with baseline {shadow.baseline[0]!r}, "
+            f"the live one with {live.baseline[0]!r}"
         )
     return shadow

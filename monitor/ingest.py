@@ -6,11 +6,13 @@ every outcome is counted. `housekeeping` evicts idle sensors and refreshes the g
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import zlib
 
 import structlog
 
+from monitor.baseline import SensorBaselines
 from monitor.batching import WindowQueue
 from monitor.config import ShardSettings
 from monitor.errors import PayloadError
@@ -39,6 +41,7 @@ class Ingest:
         sensor_id_level: int,
         shard: ShardSettings,
         warning_interval_seconds: float = 60.0,
+        baselines: SensorBaselines | None = None,
     ) -> None:
         self.decoder = decoder
         self.assembler = assembler
@@ -46,6 +49,7 @@ class Ingest:
         self.metrics = metrics
         self.sensor_id_level = sensor_id_level
         self.shard = shard
+        self.baselines = baselines  # with `baseline: sensor`: warm-ups and per-sensor normalisation, under the lock
         self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
         self._warnings = RateLimiter(warning_interval_seconds)
         self._evicted_counted = 0
@@ -61,6 +65,7 @@ class Ingest:
             message = self.decoder.decode(payload)
             with self.lock:
                 result = self.assembler.feed(sensor_id, message, now)
+                windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
         except PayloadError as error:
             self.metrics.messages.labels(error.reason).inc()
             if self._warnings.allow((sensor_id or topic, error.reason), now):
@@ -88,11 +93,23 @@ class Ingest:
                 self.metrics.windows_dropped.labels("seq_gap").inc(result.gap_windows_dropped)
             if self._warnings.allow((sensor_id, "seq_gap"), now):
                 log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
-        for window in result.windows:
+        for window in windows:
             if not self.windows.offer(window):
                 self.metrics.windows_dropped.labels("queue_full").inc()
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+
+    def _after_warm_up(self, windows: list[Window]) -> list[Window]:
+        """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
+        assert self.baselines is not None
+        ready = []
+        for window in windows:
+            normalised = self.baselines.admit(window.sensor_id, window.samples)
+            if normalised is None:
+                self.metrics.windows_warming_up.inc()
+            else:
+                ready.append(dataclasses.replace(window, samples=normalised))
+        return ready
 
     def housekeeping(self, now: float) -> None:
         """Evict idle sensors and refresh the gauges (called about once a second)."""
@@ -101,10 +118,12 @@ class Ingest:
             evicted = self.assembler.evicted_total - self._evicted_counted
             active = self.assembler.active_sensors
             buffered = self.assembler.buffered_samples()
+            warming = 0 if self.baselines is None else self.baselines.sensors_warming_up
         if evicted:
             self._evicted_counted += evicted
             self.metrics.sensors_evicted.inc(evicted)
             log.info("sensors_evicted", count=evicted, active=active)
         self.metrics.active_sensors.set(active)
         self.metrics.buffered_samples.set(buffered)
+        self.metrics.sensors_warming_up.set(warming)
         self.metrics.queue_depth.set(self.windows.depth())

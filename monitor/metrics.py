@@ -64,6 +64,13 @@ class Metrics:
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
+        self.windows_warming_up = Counter(
+            "monitor_windows_warming_up_total", "Windows spent on sensors' warm-up (baseline: sensor), not scored",
+            registry=registry,
+        )
+        self.sensors_warming_up = Gauge(
+            "monitor_sensors_warming_up", "Sensors still in their warm-up (baseline: sensor)", registry=registry
+        )
         self.sensors_evicted = Counter("monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry)
         self.buffered_samples = Gauge("monitor_buffered_samples", "Samples held in sensor buffers", registry=registry)
         self.broker_connected = Gauge("monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry)

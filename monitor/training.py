@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -18,11 +19,13 @@ from tqdm import tqdm
 from monitor import __version__
 from monitor.artifact import ERROR_MEASURE, METADATA_FILE, WEIGHTS_FILE, ModelArtifact, Normalisation, save_artifact
 from monitor.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
+from monitor.baseline import describe as describe_baseline
 from monitor.calibration import SMALL_CALIBRATION, Calibration, ThresholdUncertainty, calibrate, threshold_uncertainty
-from monitor.datasets import WindowSet, read_windows, require_window
+from monitor.datasets import WindowSet, read_labelled_recording, read_windows, require_window
 from monitor.drift import CALIBRATION_KEY, CalibrationScores
 from monitor.errors import ArtifactError, DataError
 from monitor.evaluation import Evaluation, evaluate_scores
+from monitor.recordings import recording_windows
 from monitor.scoring import Scorer
 from monitor.training_settings import TrainSettings
 
@@ -54,13 +57,55 @@ def _read(path: Path, settings: TrainSettings) -> WindowSet:
     return read_windows(path, settings.window, settings.stride)
 
 
+def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Split every recording in time: the first windows train, the next validate, the last calibrate.
+
+    With `baseline: sensor` each recording is first normalised by its own first N windows (as the
+    daemon will); windows with a labelled anomalous sample are left out everywhere. Calibrating on the
+    end of every recording (not a random sample of overlapping windows) keeps the threshold honest.
+    """
+    if settings.window is None:
+        raise DataError("training on recordings needs --window (and --stride)")
+    stride = settings.stride or settings.window
+    labels: list[Path | None] = [*settings.train_labels] if settings.train_labels else [None] * len(settings.train_data)
+    parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
+    described: list[dict[str, Any]] = []
+    for path, label_path in zip(settings.train_data, labels, strict=True):
+        recording = read_labelled_recording(path, label_path)
+        windows, _ = recording_windows(recording, settings.window, stride, settings.baseline_windows)
+        n = len(windows)
+        keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
+        n_cal = int(round(n * settings.calibration_fraction))
+        n_val = int(round(n * settings.validation_fraction))
+        fit_end = n - n_val - n_cal
+        bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
+        for part, (start, end) in bounds.items():
+            parts[part].append(windows[start:end][keep[start:end]])
+        described.append({
+            "data": str(path), "sha256": recording.sha256, "labels": None if label_path is None else str(label_path),
+            "windows": n, "anomalous_windows_left_out": int((~keep).sum()),
+        })
+    fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
+    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
+        raise DataError(
+            f"{len(fit)}/{len(validation)}/{len(calibration)} normal windows are too few to train/validate/calibrate"
+        )
+    digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
+    split = {"recordings": described, "validation": "the windows before each recording's calibration part",
+             "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows"}
+    sources = ", ".join(str(path) for path in settings.train_data)
+    return WindowSet(fit, None, sources, digest), validation, calibration, split
+
+
 def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
     """Return (train data, validation windows, calibration windows, a description of the split).
 
     With a separate calibration file, it serves both early stopping and calibration (the model
     never trains on it). Without one, the normal training windows are split with the seed.
     """
-    train = _read(settings.train_data, settings).normal(settings.normal_label)
+    if settings.from_recordings:
+        return split_recordings(settings)
+    train = _read(settings.train_data[0], settings).normal(settings.normal_label)
     if settings.calibration_data is not None:
         held_out = _read(settings.calibration_data, settings).normal(settings.normal_label)
         require_window(held_out, train.window, train.channels)
@@ -132,7 +177,9 @@ def train(settings: TrainSettings) -> TrainingResult:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split = split_normal(settings)
-    normalisation = Normalisation.fit(fit.windows)
+    # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
+    sensor = settings.baseline == "sensor"
+    normalisation = Normalisation.identity(fit.channels) if sensor else Normalisation.fit(fit.windows)
     log.info(
         "training_started",
         windows=len(fit.windows),
@@ -198,7 +245,10 @@ def _metadata(
     seconds: float,
 ) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
-    hyper = settings.model_dump(mode="json", exclude={"train_data", "calibration_data", "evaluate_data", "output", "name", "version", "report"})
+    excluded = {
+        "train_data", "train_labels", "calibration_data", "evaluate_data", "output", "name", "version", "report"
+    }
+    hyper = settings.model_dump(mode="json", exclude=excluded)
     return {
         "name": settings.name,
         "version": settings.version or now.strftime("%Y.%m.%d"),
@@ -206,6 +256,7 @@ def _metadata(
         "created_by": f"monitor {__version__}, torch {torch.__version__}",
         "architecture": {"type": "lstm_autoencoder", "window": fit.window, "channels": fit.channels, "embedding_dim": settings.embedding_dim},
         "normalisation": normalisation.to_dict(),
+        "baseline": describe_baseline(settings.baseline_windows) if settings.baseline_windows else {"type": "model"},
         "error_measure": ERROR_MEASURE,
         "error_measure_note": "mean over the window of |x - reconstruction|, in normalised units, channels averaged",
         "threshold": {
@@ -215,7 +266,7 @@ def _metadata(
             "uncertainty": uncertainty.to_dict(),
         },
         "training": {
-            "data": str(settings.train_data),
+            "data": ", ".join(str(path) for path in settings.train_data),
             "data_sha256": fit.sha256,
             "normal_label": settings.normal_label,
             "windows": int(len(fit.windows)),

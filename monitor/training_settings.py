@@ -4,9 +4,9 @@ defaults without importing torch."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from monitor.settings import Strict
 
@@ -23,7 +23,10 @@ class TrainSettings(Strict):
     the recipe pins to 1 for repeatable runs.
     """
 
-    train_data: Path
+    train_data: list[Path] = Field(min_length=1)
+    train_labels: list[Path] | None = None
+    baseline: Literal["model", "sensor"] = "model"
+    baseline_windows: int | None = Field(default=None, ge=1)
     calibration_data: Path | None = None
     evaluate_data: Path | None = None
     normal_label: int = 1
@@ -47,3 +50,29 @@ class TrainSettings(Strict):
     threads: int = Field(default=0, ge=0)
     threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
     report: bool = True
+
+    @field_validator("train_data", "train_labels", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str | Path) else value
+
+    @model_validator(mode="after")
+    def _recordings_consistent(self) -> TrainSettings:
+        if self.train_labels is not None and len(self.train_labels) != len(self.train_data):
+            given, needed = len(self.train_labels), len(self.train_data)
+            raise ValueError(f"train_labels: {given} label files for {needed} recordings")
+        if self.baseline == "sensor" and self.baseline_windows is None:
+            raise ValueError("baseline_windows: required with baseline: sensor")
+        if self.baseline_windows is not None and self.baseline != "sensor":
+            raise ValueError("baseline_windows: only with baseline: sensor")
+        if self.from_recordings and (self.calibration_data is not None or self.evaluate_data is not None):
+            raise ValueError(
+                "calibration_data/evaluate_data: not with recordings (each recording's end calibrates; "
+                "evaluate with `monitor evaluate --data ... --labels ...`)"
+            )
+        return self
+
+    @property
+    def from_recordings(self) -> bool:
+        """Several recordings, labels or a per-sensor baseline: each file is one sensor's recording."""
+        return len(self.train_data) > 1 or self.train_labels is not None or self.baseline == "sensor"

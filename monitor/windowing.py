@@ -37,6 +37,7 @@ import base64
 import binascii
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,8 +104,12 @@ class _Stream:
 class WindowAssembler:
     """Cuts each sensor's stream into windows of W samples every S samples (see the module docstring)."""
 
-    def __init__(self, window: int, stride: int, channels: int, max_sensors: int, idle_seconds: float) -> None:
-        """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction."""
+    def __init__(
+        self, window: int, stride: int, channels: int, max_sensors: int, idle_seconds: float,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> None:
+        """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction;
+        on_evict, called with each evicted sensor's id (per-sensor state kept elsewhere goes with it)."""
         if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
             raise ValueError(f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}")
         if not idle_seconds > 0:
@@ -114,6 +119,7 @@ class WindowAssembler:
         self.channels = channels
         self.max_sensors = max_sensors
         self.idle_seconds = idle_seconds
+        self.on_evict = on_evict
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
         self._streams: OrderedDict[str, _Stream] = OrderedDict()  # least recently seen first
@@ -123,6 +129,10 @@ class WindowAssembler:
     def active_sensors(self) -> int:
         """Number of sensors with state held."""
         return len(self._streams)
+
+    def sensor_ids(self) -> Iterator[str]:
+        """The sensors with state held, least recently seen first."""
+        return iter(self._streams)
 
     def buffered_samples(self) -> int:
         """Total samples held across sensors (each sensor holds fewer than W)."""
@@ -136,6 +146,8 @@ class WindowAssembler:
             if now - stream.last_seen < self.idle_seconds:
                 break
             del self._streams[sensor_id]
+            if self.on_evict is not None:
+                self.on_evict(sensor_id)
             evicted += 1
         self.evicted_total += evicted
         return evicted

@@ -1,0 +1,129 @@
+"""Per-sensor baselines in the daemon (contract section 9), end to end: a real Mosquitto, the daemon process, a
+model trained with `--baseline sensor` on the SMD excerpt, and `monitor evaluate` on the same test recordings."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.support import REPO, daemon_config, metric, run_cli, wait_until
+
+pytestmark = pytest.mark.slow
+
+EXCERPT = REPO / "data" / "smd-excerpt"
+MACHINES = ("machine-1-3", "machine-2-4")
+WINDOW, STRIDE, WARM_UP, CHUNK = 30, 10, 20, 50
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def sensor_model(tmp_path_factory):
+    """A small model trained on both machines' train excerpts; what `monitor evaluate` flags on their test excerpts."""
+    root = tmp_path_factory.mktemp("baseline-daemon")
+    shape = ["--window", str(WINDOW), "--stride", str(STRIDE)]
+    small = ["--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report"]
+    trained = run_cli("train", "--train-data", *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES), *shape,
+                      "--baseline", "sensor", "--baseline-windows", str(WARM_UP), *small, "--output", str(root / "model"),
+                      env=ONE_THREAD)
+    assert trained.returncode == 0, trained.stderr
+    tests = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
+    labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
+    evaluated = run_cli("evaluate", "--model", str(root / "model"), "--data", *tests, "--labels", *labels,
+                        "--stride", str(STRIDE), "--json", env=ONE_THREAD)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    flagged = {
+        (m, start)
+        for m, item in zip(MACHINES, report["recordings"], strict=True)
+        for start in item["flagged_window_starts"]
+    }
+    return root / "model", report, flagged
+
+
+def publish(port: int, rows: dict[str, np.ndarray], start: int, end: int) -> None:
+    """Each machine's rows [start, end) as its sensor, in chunks with seq, QoS 1, waiting for every PUBACK."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"smd-{time.time_ns()}", protocol=mqtt.MQTTv311)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = []
+        for machine, values in rows.items():
+            for seq in range(start, end, CHUNK):
+                chunk = values[seq : min(seq + CHUNK, end)]
+                payload = orjson.dumps({"samples": chunk.astype(np.float64).tolist(), "seq": seq})
+                infos.append(client.publish(f"sensors/{machine}/ecg", payload, qos=1))
+        for info in infos:
+            info.wait_for_publish(30)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_daemon_flags_what_evaluate_flags_across_a_restart(
+    sensor_model, broker, capture_factory, daemon_factory, tmp_path
+):
+    """Warm-up windows are not alerted but counted; constant channels (8 and 10 here) do no harm; the baselines
+    and warm-ups survive a restart half way; every alert is a window `monitor evaluate` flags, and the reverse."""
+    model, report, expected = sensor_model
+    assert expected, "the test needs flagged windows"
+    rows = {m: np.load(EXCERPT / f"{m}_test.npy") for m in MACHINES}
+    state = tmp_path / "windows.json"
+    config = daemon_config(
+        tmp_path / "monitor.yaml",
+        broker.port,
+        model=model,
+        windowing={"stride": STRIDE, "baseline": "sensor", "baseline_windows": WARM_UP, "state_file": str(state)},
+    )
+    alerts = capture_factory(broker.port, ["alerts/#"])
+    per_sensor = (1500 - WINDOW) // STRIDE + 1
+
+    # First part: 150 rows, 13 windows each, all warm-up; then a restart.
+    daemon = daemon_factory(config)
+    publish(broker.port, rows, 0, 150)
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_windows_warming_up_total") >= 2 * 13, 60, what="warm-up windows"
+    )
+    # the gauge is refreshed by the housekeeping, once a second
+    wait_until(lambda: metric(daemon.scrape(), "monitor_sensors_warming_up") == 2, 10, what="sensors warming up")
+    samples = daemon.scrape()
+    assert metric(samples, "monitor_windows_warming_up_total") == 2 * 13
+    assert metric(samples, "monitor_windows_scored_total") == 0
+    assert daemon.stop() == 0
+    assert state.is_file()
+
+    daemon = daemon_factory(config)
+    publish(broker.port, rows, 150, 1500)
+    scored = 2 * (per_sensor - WARM_UP)
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= scored, 120, what="all windows scored"
+    )
+    alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= len(expected), 60, what="all alerts")
+    wait_until(lambda: metric(daemon.scrape(), "monitor_sensors_warming_up") == 0, 10, what="warm-ups over")
+    samples = daemon.scrape()
+    assert metric(samples, "monitor_windows_scored_total") == scored  # the restart resumed the warm-ups: 7 more each
+    assert metric(samples, "monitor_windows_warming_up_total") == 2 * (WARM_UP - 13)
+    time.sleep(1.0)  # an extra alert would arrive now
+    payloads = alerts.payloads("alerts/")
+    got = {(alert["sensor_id"], alert["window_start_seq"]) for alert in payloads}
+    assert len(payloads) == len(got)
+    assert got == expected
+    assert min(start for _, start in got) >= WARM_UP * STRIDE
+    for alert in payloads:
+        assert alert["baseline"] == "sensor"
+        assert alert["threshold"] == pytest.approx(report["threshold"])
+        assert alert["score"] > alert["threshold"]
+    assert daemon.stop() == 0
+
+
+def test_config_baseline_must_match_the_model(sensor_model, tmp_path):
+    model, _, _ = sensor_model
+    config = daemon_config(tmp_path / "monitor.yaml", 1883, model=model, windowing={"baseline": "model"})
+    done = run_cli("check-config", str(config))
+    assert done.returncode == 2
+    assert "windowing.baseline" in done.stderr and "trained with baseline 'sensor'" in done.stderr
