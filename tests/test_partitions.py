@@ -1,0 +1,169 @@
+"""Several instances behind a partitioning broker: a real nats-server run from deploy/nats/nats-server.conf,
+sensors publishing `sensors/<id>/ecg`, each daemon subscribed over MQTT 3.1.1 to its own partitions only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from monitor.datasets import read_ucr
+from monitor.replay import ReplayPlan, messages, plan_ucr
+from tests.conftest import SPLITS, daemon_config, metric, wait_until
+from tests.nats import NatsServer, nats_partition
+from tests.test_daemon_e2e import expected_alerts
+
+PARTITIONS = 4
+INSTANCES = ("a", "b")  # one partition each: see deploy/nats/nats-server.conf on why not two
+SENSORS = 50
+CHUNK = 35
+WINDOW = 140
+KILL_AT_ROUND = 102  # 3,570 samples a sensor: window 25 ([3500, 3640)) straddles the kill
+RESTART_AT_ROUND = 170
+
+
+@pytest.fixture
+def nats_factory(tmp_path):
+    made: list[NatsServer] = []
+
+    def make(partitions: int) -> NatsServer:
+        made.append(NatsServer(tmp_path / f"nats{len(made)}", partitions=partitions).start())
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.stop()
+
+
+class Sensors:
+    """A QoS 1 MQTT 3.1.1 publisher standing in for the sensors; `publish` returns once the broker acknowledged all."""
+
+    def __init__(self, port: int) -> None:
+        self.connected = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311)
+        self.client.max_inflight_messages_set(500)
+        self.client.on_connect = lambda client, userdata, flags, code, properties: self.connected.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.connected.wait(10), "the sensors could not connect"
+
+    def publish(self, batch: list[tuple[int, str, int, object]]) -> int:
+        infos = []
+        for _, sensor_id, seq, samples in batch:
+            body = orjson.dumps({"seq": seq, "samples": samples[:, 0].tolist()})
+            infos.append(self.client.publish(f"sensors/{sensor_id}/ecg", body, qos=1))
+        for info in infos:
+            info.wait_for_publish(60)
+        return len(infos)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_the_mapping_splits_sensors_into_disjoint_partitions(nats_factory, capture_factory):
+    """Four plain MQTT subscribers, one per partition: every sensor reaches exactly the one its hash names."""
+    nats = nats_factory(PARTITIONS)
+    captures = [capture_factory(nats.port, [f"shard/{partition}/sensors/+/ecg"]) for partition in range(PARTITIONS)]
+    sensors = Sensors(nats.port)
+    sensor_ids = [f"sensor-{index:04d}" for index in range(40)]
+    for sensor_id in sensor_ids:
+        sensors.client.publish(f"sensors/{sensor_id}/ecg", b'{"seq": 0, "samples": [0.0]}', qos=1).wait_for_publish(10)
+    sensors.close()
+    wait_until(lambda: sum(len(capture.messages) for capture in captures) >= len(sensor_ids), 10, what="every message")
+    seen = [{topic.split("/")[3] for topic, _, _ in capture.messages} for capture in captures]
+    assert sum(len(capture.messages) for capture in captures) == len(sensor_ids)  # one delivery a message
+    for partition, got in enumerate(seen):
+        assert got == {sensor_id for sensor_id in sensor_ids if nats_partition(sensor_id, PARTITIONS) == partition}
+        assert 5 <= len(got) <= 15, [len(s) for s in seen]  # roughly even: a hash, not a round robin
+
+
+def instance_config(path: Path, port: int, name: str, partitions: list[int]) -> Path:
+    return daemon_config(
+        path, port,
+        mqtt={"client_id": f"{name}-{time.time_ns() % 10**9}", "protocol": "3.1.1", "sensor_id_level": 3,
+              "subscribe": [f"shard/{partition}/sensors/+/ecg" for partition in partitions]},
+        batching={"max_batch": 64, "max_wait_seconds": 0.05},
+    )
+
+
+def windows_of(plan: ReplayPlan, upto_samples: int | None = None) -> int:
+    """Windows complete in the plan's streams (up to a sample count)."""
+    return sum(min(len(stream), upto_samples or len(stream)) // WINDOW for stream in plan.streams)
+
+
+def test_two_instances_score_every_window_once_and_a_killed_one_loses_only_its_straddling_windows(
+    nats_factory, capture_factory, daemon_factory, tmp_path
+):
+    """50 sensors over 4 partitions, 2 daemons with 2 partitions each. Instance b is SIGKILLed mid-stream (between
+    messages, its sensors' window 25 half received), input goes on while it is down, then it restarts with the same
+    client id. Across both: every window scored once except b's straddling windows, alerts equal to what one instance
+    flags on the same replay minus those, no sensor seen by both."""
+    nats = nats_factory(len(INSTANCES))
+    owners = {name: [partition] for partition, name in enumerate(INSTANCES)}
+    configs = {name: instance_config(tmp_path / f"{name}.yaml", nats.port, name, parts) for name, parts in owners.items()}
+    daemons = {name: daemon_factory(config) for name, config in configs.items()}
+    alerts = capture_factory(nats.port, ["alerts/#"])
+    plan = plan_ucr(read_ucr(SPLITS / "test.txt"), SENSORS)
+    sensors_of = {name: {s for s in plan.sensor_ids if nats_partition(s, len(INSTANCES)) in parts} for name, parts in owners.items()}
+    assert sensors_of["a"] and sensors_of["b"]
+    stream = list(messages(plan, CHUNK))
+    phases = [
+        [m for m in stream if m[0] < KILL_AT_ROUND],
+        [m for m in stream if KILL_AT_ROUND <= m[0] < RESTART_AT_ROUND],
+        [m for m in stream if m[0] >= RESTART_AT_ROUND],
+    ]
+    sensors = Sensors(nats.port)
+
+    def accepted() -> float:
+        return sum(metric(daemon.scrape(), "monitor_messages_received_total", outcome="accepted") for daemon in daemons.values())
+
+    published = sensors.publish(phases[0])
+    wait_until(lambda: accepted() == published, 60, what="every message of the first phase taken")
+    before_kill = windows_of(plan, KILL_AT_ROUND * CHUNK)
+    scored = {name: lambda d=daemon: metric(d.scrape(), "monitor_windows_scored_total") for name, daemon in daemons.items()}
+    wait_until(lambda: scored["a"]() + scored["b"]() == before_kill, 60, what="the first phase scored")
+    scored_by_killed = scored["b"]()
+    alert_log = {name: daemon.events("alert_published") for name, daemon in daemons.items()}
+    daemons["b"].kill()
+
+    sensors.publish(phases[1])  # b's partitions wait in its persistent session
+    restarted = daemon_factory(configs["b"])
+    sensors.publish(phases[2])
+    sensors.close()
+
+    lost = {(sensor_id, (KILL_AT_ROUND * CHUNK // WINDOW) * WINDOW) for sensor_id in sensors_of["b"]}
+    total = windows_of(plan) - len(lost)
+    total_scored = lambda: scored["a"]() + scored_by_killed + metric(restarted.scrape(), "monitor_windows_scored_total")  # noqa: E731
+    try:
+        wait_until(lambda: total_scored() >= total, 40, what="every window scored")
+    except AssertionError:
+        r = restarted.scrape()
+        print("DEBUG", total, scored["a"](), scored_by_killed, {k: v for k, v in r.items() if k[0].startswith(("monitor_messages", "monitor_windows", "monitor_seq"))})
+        print("\n".join(restarted.lines[:40]))
+        print(nats.log()[-3000:])
+        raise
+    expected, _, _ = expected_alerts(SPLITS / "test.txt", SENSORS)
+    alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= len(expected - lost), 60, what="every alert")
+
+    assert total_scored() == total  # once each, none twice
+    payloads = alerts.payloads("alerts/")
+    got = [(alert["sensor_id"], alert["window_start_seq"]) for alert in payloads]
+    assert len(got) == len(set(got)), "an alert was published twice"
+    assert set(got) == expected - lost
+    assert lost & expected, "the kill should have cost some flagged windows, or the test proves nothing about them"
+
+    alert_log["a"] = daemons["a"].events("alert_published")
+    alert_log["b"] += restarted.events("alert_published")
+    seen = {name: {event["sensor_id"] for event in events} for name, events in alert_log.items()}
+    assert seen["a"] <= sensors_of["a"] and seen["b"] <= sensors_of["b"]  # disjoint: no sensor seen by both
+    assert metric(daemons["a"].scrape(), "monitor_active_sensors") == len(sensors_of["a"])
+    assert metric(restarted.scrape(), "monitor_active_sensors") == len(sensors_of["b"])
+    after_restart = [event for event in restarted.events("alert_published")]
+    assert after_restart and min(event["window_start_seq"] for event in after_restart) >= 26 * WINDOW
+    assert daemons["a"].stop() == 0 and restarted.stop() == 0
