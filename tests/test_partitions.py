@@ -3,23 +3,30 @@ sensors publishing `sensors/<id>/ecg`, each daemon subscribed over MQTT 3.1.1 to
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import orjson
+import yaml
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from monitor.datasets import read_ucr
 from monitor.replay import ReplayPlan, messages, plan_ucr
-from tests.conftest import SPLITS, daemon_config, metric, wait_until
-from tests.nats import NatsServer, nats_partition
+from tests.conftest import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
+from tests.nats import DEPLOYED_CONFIG, NatsServer, nats_partition
 from tests.test_daemon_e2e import expected_alerts
 
 PARTITIONS = 4
-INSTANCES = ("a", "b")  # one partition each: see deploy/nats/nats-server.conf on why not two
+INSTANCES = ("a", "b")  # deploy/nats/monitor-0.yaml and -1.yaml: one partition each (nats-server.conf says why)
+DEPLOY = REPO / "deploy" / "nats"
+UNIT = REPO / "systemd" / "monitor.service"
+TEMPLATE_UNIT = REPO / "systemd" / "monitor@.service"
 SENSORS = 50
 CHUNK = 35
 WINDOW = 140
@@ -83,13 +90,15 @@ def test_the_mapping_splits_sensors_into_disjoint_partitions(nats_factory, captu
         assert 5 <= len(got) <= 15, [len(s) for s in seen]  # roughly even: a hash, not a round robin
 
 
-def instance_config(path: Path, port: int, name: str, partitions: list[int]) -> Path:
-    return daemon_config(
-        path, port,
-        mqtt={"client_id": f"{name}-{time.time_ns() % 10**9}", "protocol": "3.1.1", "sensor_id_level": 3,
-              "subscribe": [f"shard/{partition}/sensors/+/ecg" for partition in partitions]},
-        batching={"max_batch": 64, "max_wait_seconds": 0.05},
-    )
+def deployed_config(index: int) -> dict:
+    return yaml.safe_load((DEPLOY / f"monitor-{index}.yaml").read_text())
+
+
+def instance_config(path: Path, port: int, index: int) -> Path:
+    """deploy/nats/monitor-<index>.yaml with this test's broker port, metrics port and model."""
+    deployed = deployed_config(index)
+    mqtt_settings = {**deployed["mqtt"], "port": port, "client_id": f"{deployed['mqtt']['client_id']}-{time.time_ns() % 10**9}"}
+    return daemon_config(path, port, mqtt=mqtt_settings, batching={"max_batch": 64, "max_wait_seconds": 0.05})
 
 
 def windows_of(plan: ReplayPlan, upto_samples: int | None = None) -> int:
@@ -106,7 +115,7 @@ def test_two_instances_score_every_window_once_and_a_killed_one_loses_only_its_s
     flags on the same replay minus those, no sensor seen by both."""
     nats = nats_factory(len(INSTANCES))
     owners = {name: [partition] for partition, name in enumerate(INSTANCES)}
-    configs = {name: instance_config(tmp_path / f"{name}.yaml", nats.port, name, parts) for name, parts in owners.items()}
+    configs = {name: instance_config(tmp_path / f"{name}.yaml", nats.port, index) for index, name in enumerate(INSTANCES)}
     daemons = {name: daemon_factory(config) for name, config in configs.items()}
     alerts = capture_factory(nats.port, ["alerts/#"])
     plan = plan_ucr(read_ucr(SPLITS / "test.txt"), SENSORS)
@@ -167,3 +176,51 @@ def test_two_instances_score_every_window_once_and_a_killed_one_loses_only_its_s
     after_restart = [event for event in restarted.events("alert_published")]
     assert after_restart and min(event["window_start_seq"] for event in after_restart) >= 26 * WINDOW
     assert daemons["a"].stop() == 0 and restarted.stop() == 0
+
+
+# --- the recipe's files: instance configs, the template unit ---
+
+
+def test_deployed_instance_configs_cover_the_partitions_once_each():
+    """One config per partition of the shipped mapping, each valid for `monitor run` (model path aside)."""
+    count = int(re.search(r"partition\((\d+),1\)", DEPLOYED_CONFIG.read_text()).group(1))
+    configs = sorted(DEPLOY.glob("monitor-*.yaml"))
+    assert len(configs) == count
+    seen = {"client_id": set(), "port": set(), "partition": set()}
+    for index, path in enumerate(configs):
+        result = run_cli("check-config", str(path), env={"MONITOR_MODEL__PATH": str(DEFAULT_MODEL)})
+        assert result.returncode == 0, result.stderr
+        config = deployed_config(index)
+        assert config["mqtt"]["protocol"] == "3.1.1" and config["mqtt"]["persistent_session"] is True
+        assert config["mqtt"]["subscribe"] == [f"shard/{index}/sensors/+/ecg"]
+        seen["client_id"].add(config["mqtt"]["client_id"])
+        seen["port"].add(config["metrics"]["port"])
+        seen["partition"].add(index)
+    assert all(len(values) == count for values in seen.values()), seen
+
+
+def unit_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_template_unit_is_monitor_service_per_instance():
+    """monitor@.service differs from monitor.service only where the instance name must go, so the sandbox,
+    watchdog and drain settings stay in step."""
+    plain, template = unit_lines(UNIT), unit_lines(TEMPLATE_UNIT)
+    assert len(plain) == len(template)
+    differing = [(a, b) for a, b in zip(plain, template, strict=True) if a != b]
+    assert differing and all("%i" in b or "nats-server" in b for _, b in differing), differing
+    assert "ExecStart=/opt/monitor/.venv/bin/monitor run --config /etc/monitor/monitor-%i.yaml" in template
+    assert "StateDirectory=monitor-%i" in template
+
+
+def test_template_unit_exposure(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    instance = tmp_path / "monitor@0.service"
+    instance.write_text(TEMPLATE_UNIT.read_text())
+    result = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(instance)], capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 2.0, result.stdout
