@@ -168,7 +168,6 @@ class Daemon:
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
-            config.shard,
             config.logging.warning_interval_seconds,
             baselines,
         )

@@ -32,7 +32,6 @@ from prometheus_client import CollectorRegistry
 from monitor.artifact import ERROR_MEASURE, load_artifact, save_artifact
 from monitor.autoencoder import LSTMAutoencoder
 from monitor.batching import WindowQueue
-from monitor.config import ShardSettings
 from monitor.ingest import Ingest
 from monitor.metrics import Metrics
 from monitor.payload import Message, PayloadDecoder
@@ -685,12 +684,12 @@ topics = st.one_of(
 steps = st.lists(st.tuples(topics, payloads, st.sampled_from([0.0, 0.01, 1.0, 7.0])), min_size=20, max_size=60)
 
 
-def handle_all(steps: list[tuple[str, bytes, float]], stride: int, shards: int) -> None:
+def handle_all(steps: list[tuple[str, bytes, float]], stride: int) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, 4, 1.0)
     queue = CountingQueue(4)
     assembler = WindowAssembler(FUZZ_WINDOW, stride, 1, 3, 5.0)
-    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1, ShardSettings(index=0, count=shards), 60.0)
+    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1, 60.0)
     now = 0.0
     with structlog.testing.capture_logs():  # the rate-limited warnings, kept out of the test output
         for index, (topic, payload, dt) in enumerate(steps):
@@ -712,10 +711,10 @@ def test_fuzz_ingest_handle_never_raises_and_counts_every_message():
     handled = 0
 
     @settings(max_examples=250, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(steps=steps, stride=st.sampled_from([4, 8, 12]), shards=st.sampled_from([1, 2]))
-    def fuzz(steps: list[tuple[str, bytes, float]], stride: int, shards: int) -> None:
+    @given(steps=steps, stride=st.sampled_from([4, 8, 12]))
+    def fuzz(steps: list[tuple[str, bytes, float]], stride: int) -> None:
         nonlocal handled
-        handle_all(steps, stride, shards)
+        handle_all(steps, stride)
         handled += len(steps)
 
     fuzz()
