@@ -1,0 +1,173 @@
+"""One instance against two, side by side in one run: the same machine, the same partitioning broker (a real
+nats-server from deploy/nats/nats-server.conf, 2 partitions), the same load generator (bench/loadgen.py).
+
+Sensors at 250 Hz are stepped up until the instances no longer keep up; a step keeps up when the windows
+scored (summed over the instances) are at least 95 % of those offered, none is dropped, the generator kept
+its schedule, and the p99 decision latency (the instances' histograms merged) is at most
+`max_wait_seconds` + 50 ms. The single instance subscribes to both partitions with one wildcard filter
+(`shard/+/sensors/+/ecg`); each of the two takes one partition (`partitions: {count: 2, consume: [i]}`).
+
+    python -m bench.scaleout [--steps 200,400,...] [--data ECG5000 train_normal split]   # results: bench/scaleout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
+from monitor.watch import histogram_quantile
+from tests.conftest import REPO, DaemonProcess, daemon_config, wait_until
+from tests.nats import NatsServer
+
+PARTITIONS = 2
+SAMPLE_RATE_HZ = 250.0
+WINDOW = 140
+CHUNK = 35
+MAX_WAIT_SECONDS = 0.05
+LATENCY_MARGIN_SECONDS = 0.05
+SCORED_FRACTION = 0.95
+GENERATOR_ON_TIME = 0.97
+LATENCY = "monitor_decision_latency_seconds"
+RESULTS = REPO / "bench" / "scaleout.json"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "ecg5000" / "splits" / "train_normal.txt"
+
+
+def instance_configs(work: Path, port: int, instances: int, model: Path) -> list[Path]:
+    """One config per instance: partition i of 2 each, or, alone, every partition through one wildcard filter."""
+    base = {"batching": {"max_batch": 64, "max_wait_seconds": MAX_WAIT_SECONDS}, "windowing": {"max_sensors": 100000}}
+    configs = []
+    for index in range(instances):
+        mqtt = {"protocol": "3.1.1", "client_id": f"scaleout-{instances}-{index}-{time.time_ns() % 10**9}"}
+        if instances == 1:
+            sections = {**base, "mqtt": {**mqtt, "subscribe": ["shard/+/sensors/+/ecg"], "sensor_id_level": 3}}
+        else:
+            sections = {**base, "mqtt": mqtt, "partitions": {"count": PARTITIONS, "consume": [index]}}
+        configs.append(daemon_config(work / f"monitor-{instances}-{index}.yaml", port, model=model, **sections))
+    return configs
+
+
+def step(nats: NatsServer, daemons: list[DaemonProcess], sensors: int, data: Path, warmup: float, measure: float) -> dict:
+    """Offer `sensors` for warmup + measure seconds; what the instances did during `measure`, summed."""
+    generator = subprocess.Popen(
+        [sys.executable, "-m", "bench.loadgen", "--port", str(nats.port), "--sensors", str(sensors),
+         "--seconds", str(warmup + measure + 1.0), "--rate", str(SAMPLE_RATE_HZ), "--chunk", str(CHUNK),
+         "--prefix", f"n{sensors}-{time.time_ns() % 10**6}-", "--data", str(data)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    pids = {f"daemon{index}": daemon.process.pid for index, daemon in enumerate(daemons)}
+    pids |= {"generator": generator.pid, "broker": nats.process.pid}
+    try:
+        time.sleep(warmup)
+        before, cpu_before, t0 = [d.scrape() for d in daemons], {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
+        time.sleep(measure)
+        after, cpu_after, t1 = [d.scrape() for d in daemons], {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
+        out, err = generator.communicate(timeout=warmup + measure + 60)
+    except BaseException:
+        generator.kill()
+        generator.communicate()
+        raise
+    for daemon in daemons:  # let each empty its queue before the next step
+        wait_until(lambda d=daemon: d.scrape().get(("monitor_queue_depth", ()), 0.0) == 0, 60, interval=0.5, what="queue empty")
+    elapsed = t1 - t0
+    summaries = [line for line in out.splitlines() if line.startswith("{")]
+    load = orjson.loads(summaries[-1]) if summaries else {"error": (err or "no summary")[-300:]}
+
+    def increase(name: str) -> float:
+        return sum(counter_sum(a, name) - counter_sum(b, name) for a, b in zip(after, before, strict=True))
+
+    buckets: dict[float, float] = {}
+    for a, b in zip(after, before, strict=True):
+        for bound, count in histogram_delta(histogram(b, LATENCY), histogram(a, LATENCY))["buckets"].items():
+            buckets[bound] = buckets.get(bound, 0.0) + count
+    offered = sensors * SAMPLE_RATE_HZ / WINDOW
+    scored = increase("monitor_windows_scored_total") / elapsed
+    dropped = increase("monitor_windows_dropped_total")
+    p99 = histogram_quantile(0.99, dict(sorted(buckets.items())))
+    on_time = "error" not in load and load["messages_per_second"] >= GENERATOR_ON_TIME * load["target_messages_per_second"]
+    throughput_ok = scored >= SCORED_FRACTION * offered and dropped == 0
+    latency_ok = p99 is not None and p99 <= MAX_WAIT_SECONDS + LATENCY_MARGIN_SECONDS
+    per_instance = [counter_sum(a, "monitor_windows_scored_total") - counter_sum(b, "monitor_windows_scored_total")
+                    for a, b in zip(after, before, strict=True)]
+    return {
+        "sensors": sensors,
+        "offered_windows_per_second": round(offered, 1),
+        "scored_windows_per_second": round(scored, 1),
+        "scored_share_per_instance": [round(value / max(sum(per_instance), 1.0), 3) for value in per_instance],
+        "dropped_windows": dropped,
+        "latency_p99_seconds": p99,
+        "generator_messages_per_second": round(load.get("messages_per_second", 0.0), 1),
+        "generator_on_time": on_time,
+        "cpu_cores": {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 2) for name in pids},
+        "throughput_ok": throughput_ok,
+        "latency_ok": latency_ok,
+        "keeps_up": throughput_ok and latency_ok and on_time,
+    }
+
+
+def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: float, measure: float) -> dict:
+    """Step the sensors up on `instances` daemons behind a fresh nats-server until throughput fails."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as directory:
+        work = Path(directory)
+        nats = NatsServer(work / "nats", partitions=PARTITIONS).start()
+        daemons: list[DaemonProcess] = []
+        try:
+            daemons = [DaemonProcess(config) for config in instance_configs(work, nats.port, instances, model)]
+            for daemon in daemons:
+                daemon.wait_for_event("ready", timeout=120)
+            for sensors in steps:
+                row = step(nats, daemons, sensors, data, warmup, measure)
+                print(f"  {instances} instance(s), {sensors:5d} sensors: scored {row['scored_windows_per_second']:7.1f} of "
+                      f"{row['offered_windows_per_second']:7.1f} windows/s, p99 {row['latency_p99_seconds']}, "
+                      f"cpu {row['cpu_cores']} {'ok' if row['keeps_up'] else 'NOT KEEPING UP'}", flush=True)
+                rows.append(row)
+                if not row["throughput_ok"] or not row["generator_on_time"]:
+                    break
+        finally:
+            for daemon in daemons:
+                daemon.stop()
+                daemon.kill()
+            nats.stop()
+    carried = max((row["sensors"] for row in rows if row["keeps_up"]), default=0)
+    return {"instances": instances, "steps": rows, "sensors_carried": carried,
+            "generator_limited": bool(rows) and not rows[-1]["generator_on_time"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", default="200,400,600,800,1000,1200,1400,1600", help="sensor counts, ascending")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="UCR file whose normal beats the generator streams")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "ecg5000")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--measure", type=float, default=10.0)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    steps = [int(value) for value in args.steps.split(",")]
+    started = time.time()
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    runs = [sweep(instances, steps, args.data, args.model, args.warmup, args.measure) for instances in (1, 2)]
+    one, two = (run["sensors_carried"] for run in runs)
+    result: dict[str, Any] = {
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "load_average_before": load_before,
+        "load_average_after": Path("/proc/loadavg").read_text().split()[:3],
+        "latency_limit_seconds": MAX_WAIT_SECONDS + LATENCY_MARGIN_SECONDS,
+        "runs": runs,
+        "ratio_two_over_one": round(two / one, 2) if one else None,
+    }
+    args.output.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
+    print(yaml.safe_dump({"sensors_carried": {"one": one, "two": two}, "ratio": result["ratio_two_over_one"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
