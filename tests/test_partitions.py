@@ -16,7 +16,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from monitor.config import load_config
 from monitor.datasets import read_ucr
+from monitor.errors import ConfigError
 from monitor.replay import ReplayPlan, messages, plan_ucr
 from tests.conftest import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
 from tests.nats import DEPLOYED_CONFIG, NatsServer, nats_partition
@@ -169,6 +171,52 @@ def test_two_instances_score_every_window_once_and_a_killed_one_loses_only_its_s
     after_restart = [event for event in restarted.events("alert_published")]
     assert after_restart and min(event["window_start_seq"] for event in after_restart) >= 26 * WINDOW
     assert daemons["a"].stop() == 0 and restarted.stop() == 0
+
+
+# --- configuration ---
+
+
+def test_a_config_with_the_removed_shard_section_says_what_to_use_instead(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("shard: {index: 1, count: 2}\nmqtt: {prot: 5}\n")
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2, lines  # one line per problem, the other problems still reported
+    assert lines[0].startswith(f"monitor: error: {path}: shard: removed")
+    assert "partitions:" in lines[0] and "hash_topic" in lines[0]
+    assert "mqtt.prot" in lines[1]
+
+
+def test_partitions_give_the_subscriptions_and_the_sensor_id_level(tmp_path):
+    path = tmp_path / "instance.yaml"
+    path.write_text(yaml.safe_dump({"mqtt": {"client_id": "monitor-1"}, "partitions": {"count": 4, "consume": [3, 1]}}))
+    config = load_config(path)
+    assert config.mqtt.subscribe == ["shard/3/sensors/+/ecg", "shard/1/sensors/+/ecg"]
+    assert config.mqtt.sensor_id_level == 3
+    assert (config.instance_name, config.consumed_partitions) == ("monitor-1", [1, 3])
+    assert load_config(None).consumed_partitions == []
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"partitions": {"count": 2, "consume": [2]}}, "partitions: Value error, consume: [2] not in 0..1"),
+        ({"partitions": {"count": 2, "consume": [0, 0]}}, "names a partition twice"),
+        ({"partitions": {"count": 2, "consume": []}}, "partitions.consume"),
+        ({"partitions": {"count": 2, "consume": [0], "topic": "shard/{partition}/ecg"}}, "partitions.topic"),
+        ({"partitions": {"count": 2, "consume": [0]}, "mqtt": {"subscribe": ["sensors/+/ecg"]}},
+         "mqtt.subscribe: leave it out with partitions"),
+        ({"partitions": {"count": 2, "consume": [0]}, "mqtt": {"sensor_id_level": 1}}, "mqtt.sensor_id_level: leave it out"),
+    ],
+)
+def test_bad_partitions_are_config_errors(tmp_path, section, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(section))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert expected in str(error.value)
+    assert all(line.startswith(f"{path}: ") for line in str(error.value).splitlines())
 
 
 # --- the recipe's files: instance configs, the template unit ---
