@@ -136,6 +136,8 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
+        partitions = self.config.partitions
+        self.metrics.set_instance(self.config.instance_name, self.config.consumed_partitions, partitions.count if partitions else None)
         self.metrics_server = None
         settings = self.config.metrics
         if settings.enabled:
@@ -264,7 +266,7 @@ class Daemon:
     def start_scoring(self) -> None:
         batching = self.config.batching
         self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
-        self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics)
+        self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics, self.config.partitions)
         self.init_episodes()
         self.drift = self.make_drift(self.config, self.engine)
         self.worker = ScoringWorker(self.batcher, self.engine, self.make_sink(self.config), self.metrics, self.stop)
@@ -390,7 +392,15 @@ class Daemon:
         return 0
 
 
+def instance_context(config: Config) -> dict[str, object]:
+    """Fields every log line of this process carries: which instance, and which partitions it consumes."""
+    context: dict[str, object] = {"instance": config.instance_name}
+    if config.partitions is not None:
+        context["partitions"] = config.consumed_partitions
+    return context
+
+
 def run(config_path: str | Path) -> int:
     config = load_config(config_path)
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(config.logging.level, config.logging.format, instance_context(config))
     return Daemon(config, config_path).run()

@@ -3,6 +3,7 @@ sensors publishing `sensors/<id>/ecg`, each daemon subscribed over MQTT 3.1.1 to
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -33,7 +34,9 @@ SENSORS = 50
 CHUNK = 35
 WINDOW = 140
 KILL_AT_ROUND = 102  # 3,570 samples a sensor: window 25 ([3500, 3640)) straddles the kill
-RESTART_AT_ROUND = 170
+RESTART_AT_ROUND = 150
+MOVE_AT_ROUND = 191  # 6,685 samples: window 47 straddles the move, and is kept by the copied state file
+MOVED_AT_ROUND = 215
 
 
 @pytest.fixture
@@ -96,11 +99,15 @@ def deployed_config(index: int) -> dict:
     return yaml.safe_load((DEPLOY / f"monitor-{index}.yaml").read_text())
 
 
-def instance_config(path: Path, port: int, index: int) -> Path:
-    """deploy/nats/monitor-<index>.yaml with this test's broker port, metrics port and model."""
+def instance_config(directory: Path, port: int, index: int, client_id: str | None = None) -> Path:
+    """deploy/nats/monitor-<index>.yaml with this test's broker port, metrics port, model and state file (in
+    `directory`, standing for the instance's host)."""
     deployed = deployed_config(index)
-    mqtt_settings = {**deployed["mqtt"], "port": port, "client_id": f"{deployed['mqtt']['client_id']}-{time.time_ns() % 10**9}"}
-    return daemon_config(path, port, mqtt=mqtt_settings, batching={"max_batch": 64, "max_wait_seconds": 0.05})
+    directory.mkdir(exist_ok=True)
+    client_id = client_id or f"{deployed['mqtt']['client_id']}-{time.time_ns() % 10**9}"
+    return daemon_config(directory / "monitor.yaml", port, mqtt={**deployed["mqtt"], "port": port, "client_id": client_id},
+                         partitions=deployed["partitions"], windowing={"state_file": str(directory / "windows.json")},
+                         batching={"max_batch": 64, "max_wait_seconds": 0.05})
 
 
 def windows_of(plan: ReplayPlan, upto_samples: int | None = None) -> int:
@@ -108,69 +115,94 @@ def windows_of(plan: ReplayPlan, upto_samples: int | None = None) -> int:
     return sum(min(len(stream), upto_samples or len(stream)) // WINDOW for stream in plan.streams)
 
 
-def test_two_instances_score_every_window_once_and_a_killed_one_loses_only_its_straddling_windows(
+def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_straddling_windows_a_moved_one_nothing(
     nats_factory, capture_factory, daemon_factory, tmp_path
 ):
-    """50 sensors over 4 partitions, 2 daemons with 2 partitions each. Instance b is SIGKILLed mid-stream (between
-    messages, its sensors' window 25 half received), input goes on while it is down, then it restarts with the same
-    client id. Across both: every window scored once except b's straddling windows, alerts equal to what one instance
-    flags on the same replay minus those, no sensor seen by both."""
+    """The ECG5000 test split as 50 sensors, nats-server with the shipped mapping (2 partitions), two daemons with the
+    shipped instance configs (one partition each). Instance b is SIGKILLed between messages, its sensors' window 25
+    half received; input goes on while it is down; it restarts with the same client id. Later b is moved to "another
+    host": stopped with SIGTERM (its partial windows saved), input goes on, and started from a copy of its config and
+    state file. Across both instances: every window scored once except b's windows straddling the kill, the alerts
+    those of one instance on the same replay minus those, no sensor seen by both instances."""
     nats = nats_factory(len(INSTANCES))
     owners = {name: [partition] for partition, name in enumerate(INSTANCES)}
-    configs = {name: instance_config(tmp_path / f"{name}.yaml", nats.port, index) for index, name in enumerate(INSTANCES)}
+    configs = {name: instance_config(tmp_path / name, nats.port, index) for index, name in enumerate(INSTANCES)}
     daemons = {name: daemon_factory(config) for name, config in configs.items()}
     alerts = capture_factory(nats.port, ["alerts/#"])
     plan = plan_ucr(read_ucr(SPLITS / "test.txt"), SENSORS)
     sensors_of = {name: {s for s in plan.sensor_ids if nats_partition(s, len(INSTANCES)) in parts} for name, parts in owners.items()}
     assert sensors_of["a"] and sensors_of["b"]
     stream = list(messages(plan, CHUNK))
-    phases = [
-        [m for m in stream if m[0] < KILL_AT_ROUND],
-        [m for m in stream if KILL_AT_ROUND <= m[0] < RESTART_AT_ROUND],
-        [m for m in stream if m[0] >= RESTART_AT_ROUND],
-    ]
+    bounds = [0, KILL_AT_ROUND, RESTART_AT_ROUND, MOVE_AT_ROUND, MOVED_AT_ROUND, len(stream)]
+    phases = [[m for m in stream if start <= m[0] < end] for start, end in zip(bounds, bounds[1:])]
     sensors = Sensors(nats.port)
+    scored_by_gone: list[float] = []  # windows scored by b's processes that have ended
+    alert_log = {name: [] for name in INSTANCES}
 
-    def accepted() -> float:
-        return sum(metric(daemon.scrape(), "monitor_messages_received_total", outcome="accepted") for daemon in daemons.values())
+    def scored() -> float:
+        return sum(metric(daemon.scrape(), "monitor_windows_scored_total") for daemon in daemons.values()) + sum(scored_by_gone)
 
-    published = sensors.publish(phases[0])
-    wait_until(lambda: accepted() == published, 60, interval=0.25, what="every message of the first phase taken")
-    before_kill = windows_of(plan, KILL_AT_ROUND * CHUNK)
-    scored = {name: lambda d=daemon: metric(d.scrape(), "monitor_windows_scored_total") for name, daemon in daemons.items()}
-    wait_until(lambda: scored["a"]() + scored["b"]() == before_kill, 60, interval=0.25, what="the first phase scored")
-    scored_by_killed = scored["b"]()
-    alert_log = {name: daemon.events("alert_published") for name, daemon in daemons.items()}
-    daemons["b"].kill()
+    def publish_and_settle(phase: list, windows_by_then: int) -> None:
+        sensors.publish(phase)
+        wait_until(lambda: scored() >= windows_by_then, 90, interval=0.25, what="the phase scored")
 
-    sensors.publish(phases[1])  # b's partitions wait in its persistent session
-    restarted = daemon_factory(configs["b"])
-    sensors.publish(phases[2])
+    def end_b(how: str) -> None:
+        scored_by_gone.append(metric(daemons["b"].scrape(), "monitor_windows_scored_total"))
+        if how == "kill":
+            alert_log["b"] += daemons["b"].events("alert_published")
+            daemons["b"].kill()
+        else:
+            assert daemons["b"].stop() == 0
+            alert_log["b"] += daemons["b"].events("alert_published")
+
+    straddling = (KILL_AT_ROUND * CHUNK // WINDOW) * WINDOW
+    lost = {(sensor_id, straddling) for sensor_id in sensors_of["b"]}
+    publish_and_settle(phases[0], windows_of(plan, KILL_AT_ROUND * CHUNK))
+    end_b("kill")
+    sensors.publish(phases[1])  # b's partition waits in its persistent session
+    daemons["b"] = daemon_factory(configs["b"])
+    publish_and_settle(phases[2], windows_of(plan, MOVE_AT_ROUND * CHUNK) - len(lost))
+    end_b("stop")  # the move: stop on the old host (partial windows saved) ...
+    sensors.publish(phases[3])
+    moved = tmp_path / "b-elsewhere"
+    moved.mkdir()
+    shutil.copy(tmp_path / "b" / "windows.json", moved / "windows.json")  # ... copy config and state file, start there
+    daemons["b"] = daemon_factory(instance_config(moved, nats.port, 1, client_id=yaml.safe_load(configs["b"].read_text())["mqtt"]["client_id"]))
+    publish_and_settle(phases[4], windows_of(plan) - len(lost))
     sensors.close()
-
-    lost = {(sensor_id, (KILL_AT_ROUND * CHUNK // WINDOW) * WINDOW) for sensor_id in sensors_of["b"]}
-    total = windows_of(plan) - len(lost)
-    total_scored = lambda: scored["a"]() + scored_by_killed + metric(restarted.scrape(), "monitor_windows_scored_total")  # noqa: E731
-    wait_until(lambda: total_scored() >= total, 90, interval=0.25, what="every window scored")
     expected, _, _ = expected_alerts(SPLITS / "test.txt", SENSORS)
     alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= len(expected - lost), 60, what="every alert")
 
-    assert total_scored() == total  # once each, none twice
+    assert scored() == windows_of(plan) - len(lost)  # once each, none twice
     payloads = alerts.payloads("alerts/")
     got = [(alert["sensor_id"], alert["window_start_seq"]) for alert in payloads]
     assert len(got) == len(set(got)), "an alert was published twice"
     assert set(got) == expected - lost
     assert lost & expected, "the kill should have cost some flagged windows, or the test proves nothing about them"
+    assert daemons["b"].events("window_state_restored")[0]["sensors"] == len(sensors_of["b"])
 
     alert_log["a"] = daemons["a"].events("alert_published")
-    alert_log["b"] += restarted.events("alert_published")
+    alert_log["b"] += daemons["b"].events("alert_published")
     seen = {name: {event["sensor_id"] for event in events} for name, events in alert_log.items()}
     assert seen["a"] <= sensors_of["a"] and seen["b"] <= sensors_of["b"]  # disjoint: no sensor seen by both
     assert metric(daemons["a"].scrape(), "monitor_active_sensors") == len(sensors_of["a"])
-    assert metric(restarted.scrape(), "monitor_active_sensors") == len(sensors_of["b"])
-    after_restart = [event for event in restarted.events("alert_published")]
-    assert after_restart and min(event["window_start_seq"] for event in after_restart) >= 26 * WINDOW
-    assert daemons["a"].stop() == 0 and restarted.stop() == 0
+    assert metric(daemons["b"].scrape(), "monitor_active_sensors") == len(sensors_of["b"])
+
+    # Which instance and which partitions: on every log line, in the metrics, in the retained status.
+    names = {name: yaml.safe_load(configs[name].read_text())["mqtt"]["client_id"] for name in INSTANCES}
+    assert {(e.get("instance"), tuple(e.get("partitions", ()))) for e in daemons["b"].events()} == {(names["b"], (1,))}
+    samples = daemons["b"].scrape()
+    assert metric(samples, "monitor_instance_info", instance_name=names["b"], partitions="1") == 1
+    assert [metric(samples, "monitor_partition_consumed", partition=p) for p in ("0", "1")] == [0, 1]
+    status = capture_factory(nats.port, ["monitor/+/status"])
+    status.wait_for(lambda c: len(c.messages) >= 2, 10, what="both retained statuses")
+    statuses = {topic: (json.loads(payload), retained) for topic, payload, retained in status.messages}
+    for index, name in enumerate(INSTANCES):
+        assert statuses[f"monitor/{names[name]}/status"] == (
+            {"status": "online", "instance": names[name], "partitions": [index], "subscriptions": [f"shard/{index}/sensors/+/ecg"]},
+            True,
+        )
+    assert daemons["a"].stop() == 0 and daemons["b"].stop() == 0
 
 
 # --- configuration ---
@@ -233,7 +265,7 @@ def test_deployed_instance_configs_cover_the_partitions_once_each():
         assert result.returncode == 0, result.stderr
         config = deployed_config(index)
         assert config["mqtt"]["protocol"] == "3.1.1" and config["mqtt"]["persistent_session"] is True
-        assert config["mqtt"]["subscribe"] == [f"shard/{index}/sensors/+/ecg"]
+        assert config["partitions"] == {"count": count, "consume": [index]}
         seen["client_id"].add(config["mqtt"]["client_id"])
         seen["port"].add(config["metrics"]["port"])
         seen["partition"].add(index)
