@@ -55,28 +55,59 @@ def instance_configs(work: Path, port: int, instances: int, model: Path) -> list
     return configs
 
 
-def step(nats: NatsServer, daemons: list[DaemonProcess], sensors: int, data: Path, warmup: float, measure: float) -> dict:
+def step(
+    nats: NatsServer, daemons: list[DaemonProcess], sensors: int, data: Path, warmup: float, measure: float
+) -> dict:
     """Offer `sensors` for warmup + measure seconds; what the instances did during `measure`, summed."""
     generator = subprocess.Popen(
-        [sys.executable, "-m", "bench.loadgen", "--port", str(nats.port), "--sensors", str(sensors),
-         "--seconds", str(warmup + measure + 1.0), "--rate", str(SAMPLE_RATE_HZ), "--chunk", str(CHUNK),
-         "--prefix", f"n{sensors}-{time.time_ns() % 10**6}-", "--data", str(data)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--port",
+            str(nats.port),
+            "--sensors",
+            str(sensors),
+            "--seconds",
+            str(warmup + measure + 1.0),
+            "--rate",
+            str(SAMPLE_RATE_HZ),
+            "--chunk",
+            str(CHUNK),
+            "--prefix",
+            f"n{sensors}-{time.time_ns() % 10**6}-",
+            "--data",
+            str(data),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     pids = {f"daemon{index}": daemon.process.pid for index, daemon in enumerate(daemons)}
     pids |= {"generator": generator.pid, "broker": nats.process.pid}
     try:
         time.sleep(warmup)
-        before, cpu_before, t0 = [d.scrape() for d in daemons], {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
+        before, cpu_before, t0 = (
+            [d.scrape() for d in daemons],
+            {k: cpu_seconds(p) for k, p in pids.items()},
+            time.monotonic(),
+        )
         time.sleep(measure)
-        after, cpu_after, t1 = [d.scrape() for d in daemons], {k: cpu_seconds(p) for k, p in pids.items()}, time.monotonic()
+        after, cpu_after, t1 = (
+            [d.scrape() for d in daemons],
+            {k: cpu_seconds(p) for k, p in pids.items()},
+            time.monotonic(),
+        )
         out, err = generator.communicate(timeout=warmup + measure + 60)
     except BaseException:
         generator.kill()
         generator.communicate()
         raise
     for daemon in daemons:  # let each empty its queue before the next step
-        wait_until(lambda d=daemon: d.scrape().get(("monitor_queue_depth", ()), 0.0) == 0, 60, interval=0.5, what="queue empty")
+        wait_until(
+            lambda d=daemon: d.scrape().get(("monitor_queue_depth", ()), 0.0) == 0, 60, interval=0.5, what="queue empty"
+        )
     elapsed = t1 - t0
     summaries = [line for line in out.splitlines() if line.startswith("{")]
     load = orjson.loads(summaries[-1]) if summaries else {"error": (err or "no summary")[-300:]}
@@ -92,11 +123,15 @@ def step(nats: NatsServer, daemons: list[DaemonProcess], sensors: int, data: Pat
     scored = increase("monitor_windows_scored_total") / elapsed
     dropped = increase("monitor_windows_dropped_total")
     p99 = histogram_quantile(0.99, dict(sorted(buckets.items())))
-    on_time = "error" not in load and load["messages_per_second"] >= GENERATOR_ON_TIME * load["target_messages_per_second"]
+    on_time = (
+        "error" not in load and load["messages_per_second"] >= GENERATOR_ON_TIME * load["target_messages_per_second"]
+    )
     throughput_ok = scored >= SCORED_FRACTION * offered and dropped == 0
     latency_ok = p99 is not None and p99 <= MAX_WAIT_SECONDS + LATENCY_MARGIN_SECONDS
-    per_instance = [counter_sum(a, "monitor_windows_scored_total") - counter_sum(b, "monitor_windows_scored_total")
-                    for a, b in zip(after, before, strict=True)]
+    per_instance = [
+        counter_sum(a, "monitor_windows_scored_total") - counter_sum(b, "monitor_windows_scored_total")
+        for a, b in zip(after, before, strict=True)
+    ]
     return {
         "sensors": sensors,
         "offered_windows_per_second": round(offered, 1),
@@ -126,9 +161,12 @@ def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: flo
                 daemon.wait_for_event("ready", timeout=120)
             for sensors in steps:
                 row = step(nats, daemons, sensors, data, warmup, measure)
-                print(f"  {instances} instance(s), {sensors:5d} sensors: scored {row['scored_windows_per_second']:7.1f} of "
-                      f"{row['offered_windows_per_second']:7.1f} windows/s, p99 {row['latency_p99_seconds']}, "
-                      f"cpu {row['cpu_cores']} {'ok' if row['keeps_up'] else 'NOT KEEPING UP'}", flush=True)
+                print(
+                    f"  {instances} instance(s), {sensors:5d} sensors: "
+                    f"scored {row['scored_windows_per_second']:7.1f} of {row['offered_windows_per_second']:7.1f} windows/s, p99 {row['latency_p99_seconds']}, "
+                    f"cpu {row['cpu_cores']} {'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
+                    flush=True,
+                )
                 rows.append(row)
                 if not row["throughput_ok"] or not row["generator_on_time"]:
                     break
@@ -138,14 +176,20 @@ def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: flo
                 daemon.kill()
             nats.stop()
     carried = max((row["sensors"] for row in rows if row["keeps_up"]), default=0)
-    return {"instances": instances, "steps": rows, "sensors_carried": carried,
-            "generator_limited": bool(rows) and not rows[-1]["generator_on_time"]}
+    return {
+        "instances": instances,
+        "steps": rows,
+        "sensors_carried": carried,
+        "generator_limited": bool(rows) and not rows[-1]["generator_on_time"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", default="200,400,600,800,1000,1200,1400,1600", help="sensor counts, ascending")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="UCR file whose normal beats the generator streams")
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="UCR file whose normal beats the generator streams"
+    )
     parser.add_argument("--model", type=Path, default=REPO / "models" / "ecg5000")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--measure", type=float, default=10.0)

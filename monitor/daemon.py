@@ -136,8 +136,8 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
-        partitions = self.config.partitions
-        self.metrics.set_instance(self.config.instance_name, self.config.consumed_partitions, partitions.count if partitions else None)
+        count = self.config.partitions.count if self.config.partitions else None
+        self.metrics.set_instance(self.config.instance_name, self.config.consumed_partitions, count)
         self.metrics_server = None
         settings = self.config.metrics
         if settings.enabled:

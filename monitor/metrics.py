@@ -80,7 +80,9 @@ class Metrics:
         self.threshold = Gauge("monitor_threshold", "The model's calibrated anomaly threshold", registry=registry)
         self.model_info = Info("monitor_model", "The model in use", registry=registry)
         self.instance_info = Info(
-            "monitor_instance", "This instance: its name (the MQTT client id) and the broker partitions it consumes", registry=registry
+            "monitor_instance",
+            "This instance: its name (the MQTT client id) and the broker partitions it consumes",
+            registry=registry,
         )
         self.partition_consumed = Gauge(
             "monitor_partition_consumed",

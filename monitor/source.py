@@ -37,7 +37,11 @@ class MqttConnection:
     """One paho client: subscribes to sensor topics, publishes alerts and the retained status."""
 
     def __init__(
-        self, settings: MqttSettings, handler: MessageHandler, metrics: Metrics, partitions: PartitionSettings | None = None
+        self,
+        settings: MqttSettings,
+        handler: MessageHandler,
+        metrics: Metrics,
+        partitions: PartitionSettings | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
@@ -98,15 +102,16 @@ class MqttConnection:
     def status(self, state: str) -> bytes:
         """The retained status: online or offline, and which instance, partitions and subscriptions it is."""
         partitions = sorted(self.partitions.consume) if self.partitions else None
-        document = {"status": state, "instance": self.settings.client_id, "partitions": partitions, "subscriptions": self.settings.subscribe}
-        return orjson.dumps(document)
+        document = {"status": state, "instance": self.settings.client_id, "partitions": partitions}
+        return orjson.dumps({**document, "subscriptions": self.settings.subscribe})
 
     def _release_other_partitions(self, client: mqtt.Client, session_present: bool) -> None:
         """A resumed session keeps the subscriptions of the last run: drop those of partitions no longer consumed
         (after `partitions.consume` changed), or their input would keep arriving here."""
         if not (session_present and self.partitions):
             return
-        others = [self.partitions.topic.format(partition=p) for p in range(self.partitions.count) if p not in self.partitions.consume]
+        consumed, topic = self.partitions.consume, self.partitions.topic
+        others = [topic.format(partition=p) for p in range(self.partitions.count) if p not in consumed]
         if others:
             client.unsubscribe(others)
 

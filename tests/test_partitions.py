@@ -3,6 +3,7 @@ sensors publishing `sensors/<id>/ecg`, each daemon subscribed over MQTT 3.1.1 to
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -12,9 +13,9 @@ import time
 from pathlib import Path
 
 import orjson
-import yaml
 import paho.mqtt.client as mqtt
 import pytest
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from monitor.config import load_config
@@ -57,7 +58,9 @@ class Sensors:
 
     def __init__(self, port: int) -> None:
         self.connected = threading.Event()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311
+        )
         self.client.max_inflight_messages_set(500)
         self.client.on_connect = lambda client, userdata, flags, code, properties: self.connected.set()
         self.client.connect("127.0.0.1", port)
@@ -105,9 +108,14 @@ def instance_config(directory: Path, port: int, index: int, client_id: str | Non
     deployed = deployed_config(index)
     directory.mkdir(exist_ok=True)
     client_id = client_id or f"{deployed['mqtt']['client_id']}-{time.time_ns() % 10**9}"
-    return daemon_config(directory / "monitor.yaml", port, mqtt={**deployed["mqtt"], "port": port, "client_id": client_id},
-                         partitions=deployed["partitions"], windowing={"state_file": str(directory / "windows.json")},
-                         batching={"max_batch": 64, "max_wait_seconds": 0.05})
+    return daemon_config(
+        directory / "monitor.yaml",
+        port,
+        mqtt={**deployed["mqtt"], "port": port, "client_id": client_id},
+        partitions=deployed["partitions"],
+        windowing={"state_file": str(directory / "windows.json")},
+        batching={"max_batch": 64, "max_wait_seconds": 0.05},
+    )
 
 
 def windows_of(plan: ReplayPlan, upto_samples: int | None = None) -> int:
@@ -130,17 +138,22 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     daemons = {name: daemon_factory(config) for name, config in configs.items()}
     alerts = capture_factory(nats.port, ["alerts/#"])
     plan = plan_ucr(read_ucr(SPLITS / "test.txt"), SENSORS)
-    sensors_of = {name: {s for s in plan.sensor_ids if nats_partition(s, len(INSTANCES)) in parts} for name, parts in owners.items()}
+    sensors_of = {
+        name: {s for s in plan.sensor_ids if nats_partition(s, len(INSTANCES)) in parts}
+        for name, parts in owners.items()
+    }
     assert sensors_of["a"] and sensors_of["b"]
     stream = list(messages(plan, CHUNK))
-    bounds = [0, KILL_AT_ROUND, RESTART_AT_ROUND, MOVE_AT_ROUND, MOVED_AT_ROUND, len(stream)]
-    phases = [[m for m in stream if start <= m[0] < end] for start, end in zip(bounds, bounds[1:])]
+    bounds = [0, KILL_AT_ROUND, RESTART_AT_ROUND, MOVE_AT_ROUND, MOVED_AT_ROUND, stream[-1][0] + 1]  # in rounds
+    phases = [[m for m in stream if start <= m[0] < end] for start, end in itertools.pairwise(bounds)]
     sensors = Sensors(nats.port)
     scored_by_gone: list[float] = []  # windows scored by b's processes that have ended
     alert_log = {name: [] for name in INSTANCES}
 
     def scored() -> float:
-        return sum(metric(daemon.scrape(), "monitor_windows_scored_total") for daemon in daemons.values()) + sum(scored_by_gone)
+        return sum(metric(daemon.scrape(), "monitor_windows_scored_total") for daemon in daemons.values()) + sum(
+            scored_by_gone
+        )
 
     def publish_and_settle(phase: list, windows_by_then: int) -> None:
         sensors.publish(phase)
@@ -167,7 +180,9 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     moved = tmp_path / "b-elsewhere"
     moved.mkdir()
     shutil.copy(tmp_path / "b" / "windows.json", moved / "windows.json")  # ... copy config and state file, start there
-    daemons["b"] = daemon_factory(instance_config(moved, nats.port, 1, client_id=yaml.safe_load(configs["b"].read_text())["mqtt"]["client_id"]))
+    daemons["b"] = daemon_factory(
+        instance_config(moved, nats.port, 1, client_id=yaml.safe_load(configs["b"].read_text())["mqtt"]["client_id"])
+    )
     publish_and_settle(phases[4], windows_of(plan) - len(lost))
     sensors.close()
     expected, _, _ = expected_alerts(SPLITS / "test.txt", SENSORS)
@@ -199,7 +214,12 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     statuses = {topic: (json.loads(payload), retained) for topic, payload, retained in status.messages}
     for index, name in enumerate(INSTANCES):
         assert statuses[f"monitor/{names[name]}/status"] == (
-            {"status": "online", "instance": names[name], "partitions": [index], "subscriptions": [f"shard/{index}/sensors/+/ecg"]},
+            {
+                "status": "online",
+                "instance": names[name],
+                "partitions": [index],
+                "subscriptions": [f"shard/{index}/sensors/+/ecg"],
+            },
             True,
         )
     assert daemons["a"].stop() == 0 and daemons["b"].stop() == 0
@@ -237,9 +257,14 @@ def test_partitions_give_the_subscriptions_and_the_sensor_id_level(tmp_path):
         ({"partitions": {"count": 2, "consume": [0, 0]}}, "names a partition twice"),
         ({"partitions": {"count": 2, "consume": []}}, "partitions.consume"),
         ({"partitions": {"count": 2, "consume": [0], "topic": "shard/{partition}/ecg"}}, "partitions.topic"),
-        ({"partitions": {"count": 2, "consume": [0]}, "mqtt": {"subscribe": ["sensors/+/ecg"]}},
-         "mqtt.subscribe: leave it out with partitions"),
-        ({"partitions": {"count": 2, "consume": [0]}, "mqtt": {"sensor_id_level": 1}}, "mqtt.sensor_id_level: leave it out"),
+        (
+            {"partitions": {"count": 2, "consume": [0]}, "mqtt": {"subscribe": ["sensors/+/ecg"]}},
+            "mqtt.subscribe: leave it out with partitions",
+        ),
+        (
+            {"partitions": {"count": 2, "consume": [0]}, "mqtt": {"sensor_id_level": 1}},
+            "mqtt.sensor_id_level: leave it out",
+        ),
     ],
 )
 def test_bad_partitions_are_config_errors(tmp_path, section, expected):
@@ -293,7 +318,9 @@ def test_template_unit_exposure(tmp_path):
         pytest.skip("systemd-analyze is not installed (Debian package systemd)")
     instance = tmp_path / "monitor@0.service"
     instance.write_text(TEMPLATE_UNIT.read_text())
-    result = subprocess.run([analyze, "security", "--offline=true", "--no-pager", str(instance)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [analyze, "security", "--offline=true", "--no-pager", str(instance)], capture_output=True, text=True, timeout=60
+    )
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout
