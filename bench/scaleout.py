@@ -25,8 +25,8 @@ import yaml
 
 from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
 from monitor.watch import histogram_quantile
-from tests.conftest import REPO, DaemonProcess, daemon_config, wait_until
 from tests.nats import NatsServer
+from tests.support import REPO, DaemonProcess, daemon_config, wait_until
 
 PARTITIONS = 2
 SAMPLE_RATE_HZ = 250.0

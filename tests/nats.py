@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port, port_open, wait_until
+from tests.support import REPO, free_port, port_open, wait_until
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 DEPLOYED_CONFIG = REPO / "deploy" / "nats" / "nats-server.conf"

@@ -22,8 +22,8 @@ from monitor.config import load_config
 from monitor.datasets import read_ucr
 from monitor.errors import ConfigError
 from monitor.replay import ReplayPlan, messages, plan_ucr
-from tests.conftest import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
 from tests.nats import DEPLOYED_CONFIG, NatsServer, nats_partition
+from tests.support import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
 from tests.test_daemon_e2e import expected_alerts
 
 PARTITIONS = 4
