@@ -24,7 +24,8 @@ import orjson
 import yaml
 
 from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
-from monitor.watch import histogram_quantile
+from bench.measure import NORMAL_DATA
+from monitor.scrape import histogram_quantile
 from tests.nats import NatsServer
 from tests.support import REPO, DaemonProcess, daemon_config, wait_until
 
@@ -38,7 +39,6 @@ SCORED_FRACTION = 0.95
 GENERATOR_ON_TIME = 0.97
 LATENCY = "monitor_decision_latency_seconds"
 RESULTS = REPO / "bench" / "scaleout.json"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "ecg5000" / "splits" / "train_normal.txt"
 
 
 def instance_configs(work: Path, port: int, instances: int, model: Path) -> list[Path]:
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", default="200,400,600,800,1000,1200,1400,1600", help="sensor counts, ascending")
     parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA, help="UCR file whose normal beats the generator streams"
+        "--data", type=Path, default=NORMAL_DATA, help="UCR file whose normal beats the generator streams"
     )
     parser.add_argument("--model", type=Path, default=REPO / "models" / "ecg5000")
     parser.add_argument("--warmup", type=float, default=5.0)
