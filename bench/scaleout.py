@@ -7,12 +7,11 @@ its schedule, and the p99 decision latency (the instances' histograms merged) is
 `max_wait_seconds` + 50 ms. The single instance subscribes to both partitions with one wildcard filter
 (`shard/+/sensors/+/ecg`); each of the two takes one partition (`partitions: {count: 2, consume: [i]}`).
 
-    python -m bench.scaleout [--steps 200,400,...] [--data ECG5000 train_normal split]   # results: bench/scaleout.json
+    python -m bench.run --parts scaleout      # into bench/results.json and bench/RESULTS.md, with the other parts
 """
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
 from bench.measure import NORMAL_DATA
@@ -38,7 +36,6 @@ LATENCY_MARGIN_SECONDS = 0.05
 SCORED_FRACTION = 0.95
 GENERATOR_ON_TIME = 0.97
 LATENCY = "monitor_decision_latency_seconds"
-RESULTS = REPO / "bench" / "scaleout.json"
 
 
 def instance_configs(work: Path, port: int, instances: int, model: Path) -> list[Path]:
@@ -159,12 +156,14 @@ def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: flo
             daemons = [DaemonProcess(config) for config in instance_configs(work, nats.port, instances, model)]
             for daemon in daemons:
                 daemon.wait_for_event("ready", timeout=120)
+            step(nats, daemons, steps[0], data, warmup, measure)  # unmeasured: the first batches are slow
             for sensors in steps:
                 row = step(nats, daemons, sensors, data, warmup, measure)
+                scored, offered = row["scored_windows_per_second"], row["offered_windows_per_second"]
                 print(
-                    f"  {instances} instance(s), {sensors:5d} sensors: "
-                    f"scored {row['scored_windows_per_second']:7.1f} of {row['offered_windows_per_second']:7.1f} windows/s, p99 {row['latency_p99_seconds']}, "
-                    f"cpu {row['cpu_cores']} {'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
+                    f"    {instances} instance(s), {sensors:5d} sensors: scored {scored:7.1f} of {offered:7.1f} "
+                    f"windows/s, p99 {row['latency_p99_seconds']}, cpu {row['cpu_cores']} "
+                    f"{'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
                     flush=True,
                 )
                 rows.append(row)
@@ -184,34 +183,24 @@ def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: flo
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", default="200,400,600,800,1000,1200,1400,1600", help="sensor counts, ascending")
-    parser.add_argument(
-        "--data", type=Path, default=NORMAL_DATA, help="UCR file whose normal beats the generator streams"
-    )
-    parser.add_argument("--model", type=Path, default=REPO / "models" / "ecg5000")
-    parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--measure", type=float, default=10.0)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    steps = [int(value) for value in args.steps.split(",")]
-    started = time.time()
-    load_before = Path("/proc/loadavg").read_text().split()[:3]
-    runs = [sweep(instances, steps, args.data, args.model, args.warmup, args.measure) for instances in (1, 2)]
+def compare(model: Path, steps: list[int], warmup: float, measure: float, data: Path = NORMAL_DATA) -> dict[str, Any]:
+    """One instance, then two, each behind a fresh nats-server, stepped through the same sensor counts."""
+    runs = [sweep(instances, steps, data, model, warmup, measure) for instances in (1, 2)]
     one, two = (run["sensors_carried"] for run in runs)
-    result: dict[str, Any] = {
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "load_average_before": load_before,
-        "load_average_after": Path("/proc/loadavg").read_text().split()[:3],
+    return {
         "latency_limit_seconds": MAX_WAIT_SECONDS + LATENCY_MARGIN_SECONDS,
+        "warmup_seconds": warmup,
+        "measure_seconds": measure,
         "runs": runs,
         "ratio_two_over_one": round(two / one, 2) if one else None,
+        "broker_cores_per_1000_messages_per_second": broker_cost(runs),
     }
-    args.output.write_text(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode() + "\n")
-    print(yaml.safe_dump({"sensors_carried": {"one": one, "two": two}, "ratio": result["ratio_two_over_one"]}))
-    return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def broker_cost(runs: list[dict[str, Any]]) -> float | None:
+    """nats-server's CPU (cores) per 1,000 messages/s routed, at the busiest step that kept up."""
+    kept = [row for run in runs for row in run["steps"] if row["keeps_up"] and row["generator_messages_per_second"]]
+    if not kept:
+        return None
+    busiest = max(kept, key=lambda row: row["generator_messages_per_second"])
+    return round(1000 * busiest["cpu_cores"]["broker"] / busiest["generator_messages_per_second"], 3)
