@@ -13,7 +13,6 @@ its schedule, and the p99 decision latency (the instances' histograms merged) is
 from __future__ import annotations
 
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from bench import loadgen
 from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
 from bench.measure import NORMAL_DATA
 from monitor.scrape import histogram_quantile
@@ -57,25 +57,7 @@ def step(
 ) -> dict:
     """Offer `sensors` for warmup + measure seconds; what the instances did during `measure`, summed."""
     generator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--port",
-            str(nats.port),
-            "--sensors",
-            str(sensors),
-            "--seconds",
-            str(warmup + measure + 1.0),
-            "--rate",
-            str(SAMPLE_RATE_HZ),
-            "--chunk",
-            str(CHUNK),
-            "--prefix",
-            f"n{sensors}-{time.time_ns() % 10**6}-",
-            "--data",
-            str(data),
-        ],
+        loadgen.command(nats.port, sensors, warmup + measure + 1.0, SAMPLE_RATE_HZ, CHUNK, 1, data),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
