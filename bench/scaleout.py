@@ -12,6 +12,7 @@ its schedule, and the p99 decision latency (the instances' histograms merged) is
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
@@ -161,6 +162,7 @@ def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: flo
         "instances": instances,
         "steps": rows,
         "sensors_carried": carried,
+        "daemon_cpu_ms_per_window": daemon_cost(rows),
         "generator_limited": bool(rows) and not rows[-1]["generator_on_time"],
     }
 
@@ -176,7 +178,19 @@ def compare(model: Path, steps: list[int], warmup: float, measure: float, data: 
         "runs": runs,
         "ratio_two_over_one": round(two / one, 2) if one else None,
         "broker_cores_per_1000_messages_per_second": broker_cost(runs),
+        "load_average_1m_end": os.getloadavg()[0],  # other processes on the machine take CPU from the instances
     }
+
+
+def daemon_cost(rows: list[dict[str, Any]]) -> float | None:
+    """CPU milliseconds the instances spent per window scored (MQTT, windowing and scoring), at the busiest step
+    whose throughput kept up: what a core can carry, whatever share of the machine the instances got."""
+    kept = [row for row in rows if row["throughput_ok"] and row["scored_windows_per_second"]]
+    if not kept:
+        return None
+    busiest = max(kept, key=lambda row: row["scored_windows_per_second"])
+    cores = sum(value for name, value in busiest["cpu_cores"].items() if name.startswith("daemon"))
+    return round(1000 * cores / busiest["scored_windows_per_second"], 3)
 
 
 def broker_cost(runs: list[dict[str, Any]]) -> float | None:
