@@ -17,25 +17,19 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import orjson
 
-from bench import loadgen
+from bench import loadgen, targets
 from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
-from bench.measure import NORMAL_DATA
+from bench.records import ScaleOut, ScaleRun, ScaleStep, Stamp
 from monitor.scrape import histogram_quantile
 from tests.nats import NatsServer
 from tests.support import REPO, DaemonProcess, daemon_config, wait_until
 
 PARTITIONS = 2
-SAMPLE_RATE_HZ = 250.0
-WINDOW = 140
 CHUNK = 35
-MAX_WAIT_SECONDS = 0.05
-LATENCY_MARGIN_SECONDS = 0.05
-SCORED_FRACTION = 0.95
-GENERATOR_ON_TIME = 0.97
+MAX_WAIT_SECONDS = 0.05  # the daemon's default
 LATENCY = "monitor_decision_latency_seconds"
 
 
@@ -55,10 +49,10 @@ def instance_configs(work: Path, port: int, instances: int, model: Path) -> list
 
 def step(
     nats: NatsServer, daemons: list[DaemonProcess], sensors: int, data: Path, warmup: float, measure: float
-) -> dict:
+) -> ScaleStep:
     """Offer `sensors` for warmup + measure seconds; what the instances did during `measure`, summed."""
     generator = subprocess.Popen(
-        loadgen.command(nats.port, sensors, warmup + measure + 1.0, SAMPLE_RATE_HZ, CHUNK, 1, data),
+        loadgen.command(nats.port, sensors, warmup + measure + 1.0, targets.SAMPLE_RATE_HZ, CHUNK, 1, data),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -99,36 +93,36 @@ def step(
     for a, b in zip(after, before, strict=True):
         for bound, count in histogram_delta(histogram(b, LATENCY), histogram(a, LATENCY))["buckets"].items():
             buckets[bound] = buckets.get(bound, 0.0) + count
-    offered = sensors * SAMPLE_RATE_HZ / WINDOW
+    offered = sensors * targets.SENSOR_WINDOWS_PER_SECOND
     scored = increase("monitor_windows_scored_total") / elapsed
     dropped = increase("monitor_windows_dropped_total")
     p99 = histogram_quantile(0.99, dict(sorted(buckets.items())))
-    on_time = (
-        "error" not in load and load["messages_per_second"] >= GENERATOR_ON_TIME * load["target_messages_per_second"]
+    on_time = "error" not in load and (
+        load["messages_per_second"] >= targets.GENERATOR_ON_TIME_FRACTION * load["target_messages_per_second"]
     )
-    throughput_ok = scored >= SCORED_FRACTION * offered and dropped == 0
-    latency_ok = p99 is not None and p99 <= MAX_WAIT_SECONDS + LATENCY_MARGIN_SECONDS
+    throughput_ok = scored >= targets.SCORED_FRACTION_OF_OFFERED * offered and dropped == 0
+    latency_ok = p99 is not None and p99 <= MAX_WAIT_SECONDS + targets.LATENCY_MARGIN_SECONDS
     per_instance = [
         counter_sum(a, "monitor_windows_scored_total") - counter_sum(b, "monitor_windows_scored_total")
         for a, b in zip(after, before, strict=True)
     ]
-    return {
-        "sensors": sensors,
-        "offered_windows_per_second": round(offered, 1),
-        "scored_windows_per_second": round(scored, 1),
-        "scored_share_per_instance": [round(value / max(sum(per_instance), 1.0), 3) for value in per_instance],
-        "dropped_windows": dropped,
-        "latency_p99_seconds": p99,
-        "generator_messages_per_second": round(load.get("messages_per_second", 0.0), 1),
-        "generator_on_time": on_time,
-        "cpu_cores": {name: round((cpu_after[name] - cpu_before[name]) / elapsed, 2) for name in pids},
-        "throughput_ok": throughput_ok,
-        "latency_ok": latency_ok,
-        "keeps_up": throughput_ok and latency_ok and on_time,
-    }
+    return ScaleStep(
+        sensors=sensors,
+        offered_windows_per_second=round(offered, 1),
+        scored_windows_per_second=round(scored, 1),
+        scored_share_per_instance=[round(value / max(sum(per_instance), 1.0), 3) for value in per_instance],
+        dropped_windows=dropped,
+        latency_p99_seconds=p99,
+        generator_messages_per_second=round(load.get("messages_per_second", 0.0), 1),
+        generator_on_time=on_time,
+        cpu_cores={name: round((cpu_after[name] - cpu_before[name]) / elapsed, 2) for name in pids},
+        throughput_ok=throughput_ok,
+        latency_ok=latency_ok,
+        keeps_up=throughput_ok and latency_ok and on_time,
+    )
 
 
-def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: float, measure: float) -> dict:
+def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: float, measure: float) -> ScaleRun:
     """Step the sensors up on `instances` daemons behind a fresh nats-server until throughput fails."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as directory:
@@ -142,61 +136,48 @@ def sweep(instances: int, steps: list[int], data: Path, model: Path, warmup: flo
             step(nats, daemons, steps[0], data, warmup, measure)  # unmeasured: the first batches are slow
             for sensors in steps:
                 row = step(nats, daemons, sensors, data, warmup, measure)
-                scored, offered = row["scored_windows_per_second"], row["offered_windows_per_second"]
                 print(
-                    f"    {instances} instance(s), {sensors:5d} sensors: scored {scored:7.1f} of {offered:7.1f} "
-                    f"windows/s, p99 {row['latency_p99_seconds']}, cpu {row['cpu_cores']} "
-                    f"{'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
+                    f"    {instances} instance(s), {sensors:5d} sensors: scored {row.scored_windows_per_second:7.1f} "
+                    f"of {row.offered_windows_per_second:7.1f} windows/s, p99 {row.latency_p99_seconds}, "
+                    f"cpu {row.cpu_cores} {'ok' if row.keeps_up else 'NOT KEEPING UP'}",
                     flush=True,
                 )
                 rows.append(row)
-                if not row["throughput_ok"] or not row["generator_on_time"]:
+                if not row.throughput_ok or not row.generator_on_time:
                     break
         finally:
             for daemon in daemons:
                 daemon.stop()
                 daemon.kill()
             nats.stop()
-    carried = max((row["sensors"] for row in rows if row["keeps_up"]), default=0)
-    return {
-        "instances": instances,
-        "steps": rows,
-        "sensors_carried": carried,
-        "daemon_cpu_ms_per_window": daemon_cost(rows),
-        "generator_limited": bool(rows) and not rows[-1]["generator_on_time"],
-    }
+    carried = max((row.sensors for row in rows if row.keeps_up), default=0)
+    generator_limited = bool(rows) and not rows[-1].generator_on_time
+    return ScaleRun(instances, rows, carried, daemon_cost(rows), generator_limited)
 
 
-def compare(model: Path, steps: list[int], warmup: float, measure: float, data: Path = NORMAL_DATA) -> dict[str, Any]:
+def compare(stamp: Stamp, model: Path, data: Path, steps: list[int], warmup: float, measure: float) -> ScaleOut:
     """One instance, then two, each behind a fresh nats-server, stepped through the same sensor counts."""
     runs = [sweep(instances, steps, data, model, warmup, measure) for instances in (1, 2)]
-    one, two = (run["sensors_carried"] for run in runs)
-    return {
-        "latency_limit_seconds": MAX_WAIT_SECONDS + LATENCY_MARGIN_SECONDS,
-        "warmup_seconds": warmup,
-        "measure_seconds": measure,
-        "runs": runs,
-        "ratio_two_over_one": round(two / one, 2) if one else None,
-        "broker_cores_per_1000_messages_per_second": broker_cost(runs),
-        "load_average_1m_end": os.getloadavg()[0],  # other processes on the machine take CPU from the instances
-    }
+    one, two = (run.sensors_carried for run in runs)
+    limit = MAX_WAIT_SECONDS + targets.LATENCY_MARGIN_SECONDS
+    ratio = round(two / one, 2) if one else None
+    return ScaleOut(stamp, limit, warmup, measure, runs, ratio, broker_cost(runs), os.getloadavg()[0])
 
 
-def daemon_cost(rows: list[dict[str, Any]]) -> float | None:
+def daemon_cost(rows: list[ScaleStep]) -> float | None:
     """CPU milliseconds the instances spent per window scored (MQTT, windowing and scoring), at the busiest step
     whose throughput kept up: what a core can carry, whatever share of the machine the instances got."""
-    kept = [row for row in rows if row["throughput_ok"] and row["scored_windows_per_second"]]
+    kept = [row for row in rows if row.throughput_ok and row.scored_windows_per_second]
     if not kept:
         return None
-    busiest = max(kept, key=lambda row: row["scored_windows_per_second"])
-    cores = sum(value for name, value in busiest["cpu_cores"].items() if name.startswith("daemon"))
-    return round(1000 * cores / busiest["scored_windows_per_second"], 3)
+    busiest = max(kept, key=lambda row: row.scored_windows_per_second)
+    return round(1000 * sum(busiest.daemon_cores) / busiest.scored_windows_per_second, 3)
 
 
-def broker_cost(runs: list[dict[str, Any]]) -> float | None:
+def broker_cost(runs: list[ScaleRun]) -> float | None:
     """nats-server's CPU (cores) per 1,000 messages/s routed, at the busiest step that kept up."""
-    kept = [row for run in runs for row in run["steps"] if row["keeps_up"] and row["generator_messages_per_second"]]
+    kept = [row for run in runs for row in run.steps if row.keeps_up and row.generator_messages_per_second]
     if not kept:
         return None
-    busiest = max(kept, key=lambda row: row["generator_messages_per_second"])
-    return round(1000 * busiest["cpu_cores"]["broker"] / busiest["generator_messages_per_second"], 3)
+    busiest = max(kept, key=lambda row: row.generator_messages_per_second)
+    return round(1000 * busiest.cpu_cores["broker"] / busiest.generator_messages_per_second, 3)

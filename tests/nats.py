@@ -63,7 +63,9 @@ class NatsServer:
         return path
 
     def start(self) -> NatsServer:
-        command = [require_nats_server(), "-c", str(self.write_config()), "-l", str(self.directory / "nats.log")]
+        if not Path(NATS_SERVER).is_file():
+            raise RuntimeError(f"{NATS_SERVER} not found: install the Debian package nats-server")
+        command = [NATS_SERVER, "-c", str(self.write_config()), "-l", str(self.directory / "nats.log")]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 20, what="nats-server's MQTT port")
         if self.process.poll() is not None:

@@ -22,7 +22,7 @@ from monitor.config import load_config
 from monitor.datasets import read_ucr
 from monitor.errors import ConfigError
 from monitor.replay import ReplayPlan, messages, plan_ucr
-from tests.nats import DEPLOYED_CONFIG, NatsServer, nats_partition
+from tests.nats import DEPLOYED_CONFIG, NatsServer, nats_partition, require_nats_server
 from tests.support import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
 from tests.test_daemon_e2e import expected_alerts
 
@@ -45,6 +45,7 @@ def nats_factory(tmp_path):
     made: list[NatsServer] = []
 
     def make(partitions: int) -> NatsServer:
+        require_nats_server()
         made.append(NatsServer(tmp_path / f"nats{len(made)}", partitions=partitions).start())
         return made[-1]
 
