@@ -125,7 +125,9 @@ class EndToEnd:
     def step(self, sensors: int, warmup: float, measure: float) -> Step:
         chunk, rate, window = self.run.chunk, targets.SAMPLE_RATE_HZ, targets.WINDOW_SAMPLES
         generator = subprocess.Popen(
-            loadgen.command(self.broker.port, sensors, warmup + measure + 1.0, rate, chunk, self.run.qos, self.normal_data),
+            loadgen.command(
+                self.broker.port, sensors, warmup + measure + 1.0, rate, chunk, self.run.qos, self.normal_data
+            ),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

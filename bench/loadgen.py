@@ -35,7 +35,8 @@ WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's
 
 def command(port: int, sensors: int, seconds: float, rate: float, chunk: int, qos: int, data: Path) -> list[str]:
     """The command line that runs this generator in a process of its own, with sensor ids unique to the call."""
-    options = {"--port": port, "--sensors": sensors, "--seconds": seconds, "--rate": rate, "--chunk": chunk, "--qos": qos}
+    options = {"--port": port, "--sensors": sensors, "--seconds": seconds}
+    options |= {"--rate": rate, "--chunk": chunk, "--qos": qos}
     arguments = [str(item) for pair in options.items() for item in pair]
     prefix = f"n{sensors}-{time.time_ns() % 10**6}-"
     return [sys.executable, "-m", "bench.loadgen", *arguments, "--prefix", prefix, "--data", str(data)]

@@ -686,7 +686,8 @@ def scaleout_section(results: Results) -> list[str]:
     out += [
         f"Carried: **{carried.get(1, 0)} sensors by one instance, {carried.get(2, 0)} by two ({ratio_text})**. "
         f"CPU per window scored, MQTT included: {num(per_window.get(1), 2)} ms (one instance), "
-        f"{num(per_window.get(2), 2)} ms (two)" + (f"; nats-server: {broker:.3f} cores per 1,000 messages/s." if broker else "."),
+        f"{num(per_window.get(2), 2)} ms (two)"
+        + (f"; nats-server: {broker:.3f} cores per 1,000 messages/s." if broker else "."),
         "",
     ]
     return out

@@ -281,8 +281,11 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(broker_factory, ca
     statuses = [json.loads(payload)["status"] for topic, payload, _ in sink.messages if topic.startswith("monitor/")]
     assert statuses.count("online") >= 2, statuses  # announced again after the outage
     retained = capture_factory(broker.port, ["monitor/+/status"])
-    retained.wait_for(lambda c: c.messages and (json.loads(c.messages[-1][1])["status"], c.messages[-1][2]) == ("online", True),
-                      10, what="the retained status")
+    retained.wait_for(
+        lambda c: c.messages and (json.loads(c.messages[-1][1])["status"], c.messages[-1][2]) == ("online", True),
+        10,
+        what="the retained status",
+    )
     assert daemon.process.poll() is None
     name = "broker_sigkill"
     figure(name, "windows / alerts expected", f"{windows} / {len(expected)}")
@@ -414,8 +417,11 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     drain_seconds = None
     if mode == "sigkill":
         first.kill()
-        sink.wait_for(lambda c: (c.messages[-1][0].startswith("monitor/") and json.loads(c.messages[-1][1])["status"] == "offline"),
-                      30, what="the will: offline")
+        sink.wait_for(
+            lambda c: c.messages[-1][0].startswith("monitor/") and json.loads(c.messages[-1][1])["status"] == "offline",
+            30,
+            what="the will: offline",
+        )
         streamer.running.set()
     else:
         first.process.send_signal(signal.SIGTERM)
@@ -440,7 +446,8 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     if keep_state:
         assert second.events("window_state_restored")[0]["sensors"] == len(streams)
     statuses = [json.loads(payload)["status"] for topic, payload, _ in sink.messages if topic.startswith("monitor/")]
-    assert statuses == ["online", "offline", "online"], statuses  # offline: the drain says it, or the will after a crash
+    # offline: the drain says it, or the will after a crash
+    assert statuses == ["online", "offline", "online"], statuses
     name = f"daemon_restart[{mode}]"
     if drain_seconds is not None:
         figure(name, "SIGTERM to exit seconds / drain seconds (logged)", f"{drain_seconds:.2f} / {first.events('stopped')[0]['drain_seconds']}")

@@ -138,7 +138,7 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     configs = {name: instance_config(tmp_path / name, nats.port, index) for index, name in enumerate(INSTANCES)}
     daemons = {name: daemon_factory(config) for name, config in configs.items()}
     alerts = capture_factory(nats.port, ["alerts/#"])
-    plan = plan_ucr(read_ucr(SPLITS / "test.txt"), SENSORS)
+    plan = plan_ucr(read_ucr(SPLITS / "test.txt.xz"), SENSORS)
     sensors_of = {
         name: {s for s in plan.sensor_ids if nats_partition(s, len(INSTANCES)) in parts}
         for name, parts in owners.items()
@@ -186,7 +186,7 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     )
     publish_and_settle(phases[4], windows_of(plan) - len(lost))
     sensors.close()
-    expected, _, _ = expected_alerts(SPLITS / "test.txt", SENSORS)
+    expected, _, _ = expected_alerts(SPLITS / "test.txt.xz", SENSORS)
     alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= len(expected - lost), 60, what="every alert")
 
     assert scored() == windows_of(plan) - len(lost)  # once each, none twice
