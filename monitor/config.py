@@ -291,6 +291,23 @@ class PartitionSettings(Strict):
     def sensor_id_level(self) -> int:
         return self.topic.format(partition=0).split("/").index("+")
 
+    def owns(self, sensor_id: str) -> bool:
+        """Whether the broker sends this sensor to this instance: nats-server's `partition(count,1)` is FNV-1a
+        (32 bit) of the sensor id modulo count (tests/test_partitions.py checks it against the real server)."""
+        return partition_of(sensor_id, self.count) in self.consume
+
+
+FNV_OFFSET = 0x811C9DC5
+FNV_PRIME = 0x01000193
+
+
+def partition_of(sensor_id: str, count: int) -> int:
+    """The partition nats-server's mapping `{{partition(count,1)}}` gives a sensor id."""
+    digest = FNV_OFFSET
+    for byte in sensor_id.encode("utf-8"):
+        digest = ((digest ^ byte) * FNV_PRIME) & 0xFFFFFFFF
+    return digest % count
+
 
 SHARD_REMOVED = (
     "removed: every instance received every message and dropped the others' (N instances, N times the "

@@ -35,7 +35,7 @@ from monitor.engine import Engine, load_engine, load_shadow_engine
 from monitor.episode_sink import EpisodeSink, read_retained, state_filter
 from monitor.episodes import EpisodeTracker
 from monitor.errors import ConfigError, MonitorError
-from monitor.ingest import Ingest, shard_of
+from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
@@ -256,9 +256,9 @@ class Daemon:
         payloads = read_retained(config.mqtt, topic_filter, lifecycle.resume_timeout_seconds)
         if payloads is None:
             return
-        shard = config.shard
+        partitions = config.partitions  # several instances: each takes back only its own sensors' episodes
         restored, unreadable = self.episodes.restore(
-            payloads, lambda sensor_id: shard.count == 1 or shard_of(sensor_id, shard.count) == shard.index
+            payloads, lambda sensor_id: partitions is None or partitions.owns(sensor_id)
         )
         log.info("episode_states_restored", topics=topic_filter, states=restored, unreadable=unreadable,
                  open_episodes=len(tracker.open_episodes()))

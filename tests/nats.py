@@ -15,22 +15,12 @@ from tests.support import REPO, free_port, port_open, wait_until
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 DEPLOYED_CONFIG = REPO / "deploy" / "nats" / "nats-server.conf"
-FNV_OFFSET = 0x811C9DC5
-FNV_PRIME = 0x01000193
 
 
 def require_nats_server() -> str:
     if not Path(NATS_SERVER).is_file():
         pytest.skip("nats-server is not installed (Debian package nats-server; scripts/test.sh installs it)")
     return NATS_SERVER
-
-
-def nats_partition(sensor_id: str, count: int) -> int:
-    """The partition `{{partition(count,1)}}` gives a sensor: FNV-1a (32 bit) of the id's bytes, modulo count."""
-    digest = FNV_OFFSET
-    for byte in sensor_id.encode("utf-8"):
-        digest = ((digest ^ byte) * FNV_PRIME) & 0xFFFFFFFF
-    return digest % count
 
 
 class NatsServer:

@@ -18,11 +18,11 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from monitor.config import load_config
+from monitor.config import load_config, partition_of
 from monitor.datasets import read_ucr
 from monitor.errors import ConfigError
 from monitor.replay import ReplayPlan, messages, plan_ucr
-from tests.nats import DEPLOYED_CONFIG, NatsServer, nats_partition, require_nats_server
+from tests.nats import DEPLOYED_CONFIG, NatsServer, require_nats_server
 from tests.support import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
 from tests.test_daemon_e2e import expected_alerts
 
@@ -83,7 +83,8 @@ class Sensors:
 
 
 def test_the_mapping_splits_sensors_into_disjoint_partitions(nats_factory, capture_factory):
-    """Four plain MQTT subscribers, one per partition: every sensor reaches exactly the one its hash names."""
+    """Four plain MQTT subscribers, one per partition: every sensor reaches exactly the one its hash names, the
+    hash being the daemon's own `partition_of` (which decides whose retained episode states an instance takes)."""
     nats = nats_factory(PARTITIONS)
     captures = [capture_factory(nats.port, [f"shard/{partition}/sensors/+/ecg"]) for partition in range(PARTITIONS)]
     sensors = Sensors(nats.port)
@@ -95,7 +96,7 @@ def test_the_mapping_splits_sensors_into_disjoint_partitions(nats_factory, captu
     seen = [{topic.split("/")[3] for topic, _, _ in capture.messages} for capture in captures]
     assert sum(len(capture.messages) for capture in captures) == len(sensor_ids)  # one delivery a message
     for partition, got in enumerate(seen):
-        assert got == {sensor_id for sensor_id in sensor_ids if nats_partition(sensor_id, PARTITIONS) == partition}
+        assert got == {sensor_id for sensor_id in sensor_ids if partition_of(sensor_id, PARTITIONS) == partition}
         assert 5 <= len(got) <= 15, [len(s) for s in seen]  # roughly even: a hash, not a round robin
 
 
@@ -140,7 +141,7 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     alerts = capture_factory(nats.port, ["alerts/#"])
     plan = plan_ucr(read_ucr(SPLITS / "test.txt.xz"), SENSORS)
     sensors_of = {
-        name: {s for s in plan.sensor_ids if nats_partition(s, len(INSTANCES)) in parts}
+        name: {s for s in plan.sensor_ids if partition_of(s, len(INSTANCES)) in parts}
         for name, parts in owners.items()
     }
     assert sensors_of["a"] and sensors_of["b"]
@@ -248,6 +249,8 @@ def test_partitions_give_the_subscriptions_and_the_sensor_id_level(tmp_path):
     assert config.mqtt.subscribe == ["shard/3/sensors/+/ecg", "shard/1/sensors/+/ecg"]
     assert config.mqtt.sensor_id_level == 3
     assert (config.instance_name, config.consumed_partitions) == ("monitor-1", [1, 3])
+    sensors = [f"sensor-{index:04d}" for index in range(40)]
+    assert [s for s in sensors if config.partitions.owns(s)] == [s for s in sensors if partition_of(s, 4) in (1, 3)]
     assert load_config(None).consumed_partitions == []
 
 
