@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from monitor.artifact import load_artifact
+from monitor.beats import BeatSpec, beat_spec
 from monitor.config import ModelSettings
 from monitor.drift import CalibrationScores
 from monitor.errors import ArtifactError, ConfigError, MonitorError
@@ -52,6 +53,7 @@ class Engine:
     backend: Backend
     device: str
     calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
+    segmentation: BeatSpec | None = None  # how the model's beats are cut; None for a fixed-window model
 
     def score(self, windows: np.ndarray) -> Scores:
         return self.scorer.score(windows)
@@ -66,6 +68,7 @@ class Engine:
             "window": self.window,
             "channels": self.channels,
             "threshold": self.threshold,
+            "mode": "fixed" if self.segmentation is None else "beats",
         }
 
 
@@ -111,6 +114,7 @@ def load_engine(settings: ModelSettings) -> Engine:
         backend=settings.backend,
         device=str(device),
         calibration=calibration,
+        segmentation=beat_spec(artifact.metadata, settings.path),
     )
 
 
