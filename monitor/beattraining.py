@@ -21,7 +21,7 @@ from pydantic import Field, field_validator
 from monitor.artifact import ModelArtifact, Normalisation, save_artifact
 from monitor.beatdata import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
 from monitor.beats import BeatSpec
-from monitor.calibration import calibrate
+from monitor.calibration import calibrate, threshold_uncertainty
 from monitor.datasets import WindowSet
 from monitor.errors import DataError
 from monitor.evaluation import Evaluation, evaluate_scores
@@ -156,9 +156,9 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     )
     seconds = time.perf_counter() - started
     scorer = Scorer(model, normalisation)
-    calibration = calibrate(
-        scorer.score_all(calibration_windows).errors, settings.threshold.method, settings.threshold.params
-    )
+    calibration_errors = scorer.score_all(calibration_windows).errors
+    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
+    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
     evaluation, evaluation_data = None, None
     if settings.evaluate_data:
         files = pair_files(settings.evaluate_data, settings.evaluate_annotations)
@@ -172,8 +172,9 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     }
     fit_set = WindowSet(fit, None, ", ".join(sources), "")
     metadata = training_metadata(
-        settings, fit_set, normalisation, calibration, split, None, None, train_losses, val_losses, best_epoch, seconds
-    )
+        settings, fit_set, normalisation, calibration, uncertainty, split, None, None,
+        train_losses, val_losses, best_epoch, seconds,
+    )  # fmt: skip
     metadata["segmentation"] = {**spec.to_dict(), "trained_at_sample_rate_hz": settings.sample_rate}
     metadata["training"].update(
         data=sources,
