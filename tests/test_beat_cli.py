@@ -39,6 +39,7 @@ def beat_model(tmp_path_factory):
         "--threads",
         "1",
         "--no-report",
+        env={"TQDM_DISABLE": ""},  # importing bench modules elsewhere in the session turns progress bars off
     )
     assert result.returncode == 0, result.stderr
     assert "cutting beats" in result.stderr  # the progress bar
