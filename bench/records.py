@@ -250,6 +250,7 @@ class RunConfig:
     max_wait: float = 0.05
     chunk: int = 35
     protocol: str = "5"
+    mode: str = "fixed"  # `beats`: windowing.mode beats, the beat model, sensors stream a raw MIT-BIH lead
 
     @classmethod
     def parse(cls, text: str, qos: int = 1) -> RunConfig:
@@ -258,7 +259,9 @@ class RunConfig:
             raise ValueError(f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:p311], backend torch or onnx")
         values: dict = {"backend": fields[0], "threads": int(fields[1]), "qos": qos}
         for token in fields[2:]:
-            if token.startswith("qos"):
+            if token == "beats":
+                values["mode"] = "beats"
+            elif token.startswith("qos"):
                 values["qos"] = int(token[3:])
             elif token.startswith("b"):
                 values["max_batch"] = int(token[1:])
@@ -277,7 +280,7 @@ class RunConfig:
         return (
             f"{self.backend}, {self.threads} thread(s), max_batch {self.max_batch}, "
             f"max_wait {self.max_wait * 1000:.0f} ms, input QoS {self.qos}, {self.chunk} samples/message, "
-            f"MQTT {self.protocol}"
+            f"MQTT {self.protocol}" + (", beat mode" if self.mode == "beats" else "")
         )
 
 
@@ -471,6 +474,7 @@ class Results:
     transport: Transport | None = None
     e2e: EndToEnd | None = None
     scaleout: ScaleOut | None = None
+    beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode (issue 12)
     model_table: ModelTable | None = None
 
 

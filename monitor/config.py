@@ -138,6 +138,8 @@ class ModelSettings(Strict):
 
 
 class WindowingSettings(Strict):
+    mode: Literal["fixed", "beats"] = Field(default="fixed", description="fixed windows, or one window per beat (ECG)")
+    sample_rate_hz: float | None = Field(default=None, description="the sensors' sampling rate; required in beat mode")
     stride: int | None = Field(default=None, ge=1, description="samples between window starts; default = window")
     max_samples_per_message: int = Field(default=4096, ge=1, le=65536)
     max_payload_bytes: int = Field(default=262144, ge=64)
@@ -157,6 +159,21 @@ class WindowingSettings(Strict):
     def _baseline_windows_for_sensor(self) -> WindowingSettings:
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows is only for baseline: sensor")
+        return self
+
+    @field_validator("sample_rate_hz")
+    @classmethod
+    def _detectable_rate(cls, rate: float | None) -> float | None:
+        if rate is not None and not 50 <= rate <= 10000:
+            raise ValueError("must be between 50 and 10000 Hz (beat detection needs the QRS band, 5-15 Hz)")
+        return rate
+
+    @model_validator(mode="after")
+    def _rate_in_beat_mode(self) -> WindowingSettings:
+        if self.mode == "beats" and self.sample_rate_hz is None:
+            raise ValueError("sample_rate_hz is required with mode: beats")
+        if self.mode == "beats" and self.stride is not None:
+            raise ValueError("stride belongs to mode: fixed (beat mode makes one window per beat)")
         return self
 
 

@@ -29,6 +29,7 @@ from monitor import systemd
 from monitor.alerts import AlertSink
 from monitor.baseline import SensorBaselines, resolve_baseline
 from monitor.batching import MicroBatcher, WindowQueue
+from monitor.beatwindowing import check_mode, make_assembler
 from monitor.config import Config, ModelSettings, WindowingSettings, load_config
 from monitor.drift import DriftWatch
 from monitor.engine import Engine, load_engine, load_shadow_engine
@@ -41,7 +42,6 @@ from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
 from monitor.shadow import ShadowComparison
 from monitor.source import MqttConnection
-from monitor.windowing import WindowAssembler
 from monitor.worker import ScoringWorker
 
 log = structlog.get_logger("monitor.daemon")
@@ -126,6 +126,7 @@ class Daemon:
 
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
+        check_mode(self.config.windowing, self.engine, self.config.model.path)
         self.warm_up = warm_up_windows(self.engine, self.config.windowing, str(self.config_path or "config"))
         log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
         self.shadow = load_shadow_engine(self.config.model, self.engine, self.load_engine)
@@ -157,16 +158,13 @@ class Daemon:
 
     def init_ingest(self) -> None:
         config = self.config
-        window, channels = self.engine.window, self.engine.channels
         windowing = config.windowing
-        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, window, channels)
+        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
+        assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
         self.ingest = Ingest(
-            PayloadDecoder(channels, windowing.max_samples_per_message, windowing.max_payload_bytes),
-            WindowAssembler(
-                window, windowing.stride or window, channels, windowing.max_sensors, windowing.idle_eviction_seconds,
-                on_evict=None if baselines is None else baselines.forget,
-            ),
+            PayloadDecoder(assembler.channels, windowing.max_samples_per_message, windowing.max_payload_bytes),
+            assembler,
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
@@ -333,6 +331,9 @@ class Daemon:
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             engine = self.load_engine(config.model)
+            check_mode(self.started_config.windowing, engine, config.model.path)
+            if engine.segmentation != self.engine.segmentation:
+                raise ConfigError("the new model cuts beats differently from the running one: restart the daemon")
             if (engine.window, engine.channels) != (self.engine.window, self.engine.channels):
                 raise ConfigError(
                     f"the new model takes windows of {engine.window}x{engine.channels}, the running one "

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Sequence
 
 import structlog
 
 from monitor.baseline import SensorBaselines
 from monitor.batching import WindowQueue
+from monitor.beatwindowing import BeatAssembler, BeatFeedResult, BeatWindow
 from monitor.errors import PayloadError
 from monitor.log import RateLimiter
 from monitor.metrics import Metrics
@@ -28,8 +30,8 @@ class Ingest:
     def __init__(
         self,
         decoder: PayloadDecoder,
-        assembler: WindowAssembler,
-        windows: WindowQueue[Window],
+        assembler: WindowAssembler | BeatAssembler,
+        windows: WindowQueue[Window | BeatWindow],
         metrics: Metrics,
         sensor_id_level: int,
         warning_interval_seconds: float = 60.0,
@@ -81,16 +83,18 @@ class Ingest:
                 self.metrics.windows_dropped.labels("seq_gap").inc(result.gap_windows_dropped)
             if self._warnings.allow((sensor_id, "seq_gap"), now):
                 log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
+        if isinstance(result, BeatFeedResult):
+            self._count_beats(sensor_id, result, now)
         for window in windows:
             if not self.windows.offer(window):
                 self.metrics.windows_dropped.labels("queue_full").inc()
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
 
-    def _after_warm_up(self, windows: list[Window]) -> list[Window]:
+    def _after_warm_up(self, windows: Sequence[Window | BeatWindow]) -> list[Window | BeatWindow]:
         """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
         assert self.baselines is not None
-        ready = []
+        ready: list[Window | BeatWindow] = []
         for window in windows:
             normalised = self.baselines.admit(window.sensor_id, window.samples)
             if normalised is None:
@@ -98,6 +102,15 @@ class Ingest:
             else:
                 ready.append(dataclasses.replace(window, samples=normalised))
         return ready
+
+    def _count_beats(self, sensor_id: str, result: BeatFeedResult, now: float) -> None:
+        self.metrics.beats_found.inc(result.beats_found)
+        if result.detector_resets:
+            self.metrics.detector_resets.inc(result.detector_resets)
+        for reason, count in result.unscorable.items():
+            self.metrics.beats_unscorable.labels(reason).inc(count)
+            if reason != "warmup" and self._warnings.allow((sensor_id, "unscorable"), now):
+                log.warning("beats_unscorable", sensor_id=sensor_id, reason=reason, beats=count)
 
     def housekeeping(self, now: float) -> None:
         """Evict idle sensors and refresh the gauges (called about once a second)."""

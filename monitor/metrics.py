@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from monitor.beats import UNSCORABLE_REASONS
 from monitor.episodes import EVENT_KINDS
 from monitor.payload import REJECT_REASONS
 
@@ -61,6 +62,14 @@ class Metrics:
             registry=registry,
         )
         self.reconstruction_error = self._error_histogram(threshold)
+        # beat mode (windowing.mode: beats); in it, monitor_windows_scored_total counts the beats scored
+        self.beats_found = Counter("monitor_beats_found_total", "Beats the R-peak detector found", registry=registry)
+        self.beats_unscorable = Counter(
+            "monitor_beats_unscorable_total", "Beats found but not scored, by reason", ["reason"], registry=registry
+        )
+        self.detector_resets = Counter(
+            "monitor_detector_resets_total", "Sensors' beat detectors restarted by a seq gap", registry=registry
+        )
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
@@ -97,6 +106,8 @@ class Metrics:
             self.windows_dropped.labels(reason)
         for reason in ALERT_DROP_REASONS:
             self.alerts_dropped.labels(reason)
+        for reason in UNSCORABLE_REASONS:
+            self.beats_unscorable.labels(reason)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.threshold.set(threshold)
