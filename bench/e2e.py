@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import orjson
 import psutil
 import yaml
 
-from bench import targets
+from bench import loadgen, targets
 from bench.data import REPO
 from bench.records import CpuCores, LoadSummary, Run, RunConfig, Step
 from monitor.scrape import histogram_quantile
@@ -132,26 +131,10 @@ class EndToEnd:
         chunk, rate, window = self.run.chunk, targets.SAMPLE_RATE_HZ, targets.WINDOW_SAMPLES
         beats = self.run.mode == "beats"
         generator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.loadgen",
-                "--port",
-                str(self.broker.port),
-                "--sensors",
-                str(sensors),
-                "--seconds",
-                str(warmup + measure + 1.0),
-                "--rate",
-                str(rate),
-                "--chunk",
-                str(chunk),
-                "--qos",
-                str(self.run.qos),
-                "--prefix",
-                f"n{sensors}-{time.time_ns() % 10**6}-",
-                *(("--recording", str(BEAT_RECORDING)) if beats else ("--data", str(self.normal_data))),
-            ],
+            loadgen.command(
+                self.broker.port, sensors, warmup + measure + 1.0, rate, chunk, self.run.qos,
+                BEAT_RECORDING if beats else self.normal_data, recording=beats,
+            ),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -34,6 +34,19 @@ WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's
 RECORDING_RATE = 360  # Hz of the raw recordings --recording takes (MIT-BIH, data/mitdb-dev)
 
 
+def command(
+    port: int, sensors: int, seconds: float, rate: float, chunk: int, qos: int, data: Path, recording: bool = False
+) -> list[str]:
+    """The command line that runs this generator in a process of its own, with sensor ids unique to the call;
+    `data` is a UCR split of beats, or with `recording` a raw ECG lead (beat mode)."""
+    options = {"--port": port, "--sensors": sensors, "--seconds": seconds}
+    options |= {"--rate": rate, "--chunk": chunk, "--qos": qos}
+    arguments = [str(item) for pair in options.items() for item in pair]
+    prefix = f"n{sensors}-{time.time_ns() % 10**6}-"
+    source = "--recording" if recording else "--data"
+    return [sys.executable, "-m", "bench.loadgen", *arguments, "--prefix", prefix, source, str(data)]
+
+
 def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
     """`STREAMS` looped streams of normal beats, each as its chunks' JSON arrays of samples."""
     data = read_split(data_path).normal(1)

@@ -23,6 +23,7 @@ from bench.records import (
     Limit,
     ModelMatmul,
     ModelTable,
+    ScaleOut,
     Stamp,
     Training,
     Transport,
@@ -204,6 +205,15 @@ def e2e(ctx: Context) -> EndToEnd:
         )
     window = ctx.artifact.window
     return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, window, args.e2e_warmup, args.e2e_measure, runs)
+
+
+@part("scaleout", "one instance against two behind the same partitioning nats-server, with the same load generator")
+def scaleout(ctx: Context) -> ScaleOut:
+    from bench import scaleout
+
+    args = ctx.args
+    steps = args.e2e_step_list
+    return scaleout.compare(ctx.stamp(), args.model, ctx.normal_data, steps, args.e2e_warmup, args.e2e_measure)
 
 
 @part("beat-e2e", "beat mode (raw ECG, one window per beat) next to fixed mode, end to end", default=False)

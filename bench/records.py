@@ -386,6 +386,49 @@ class EndToEnd:
 
 
 @dataclass(frozen=True)
+class ScaleStep:
+    """One step of the scale-out part: what the instances did together at a number of sensors."""
+
+    sensors: int
+    offered_windows_per_second: float
+    scored_windows_per_second: float
+    scored_share_per_instance: list[float]
+    dropped_windows: float
+    latency_p99_seconds: float | None  # the instances' histograms merged
+    generator_messages_per_second: float
+    generator_on_time: bool
+    cpu_cores: dict[str, float]  # daemon0, daemon1, ..., generator, broker
+    throughput_ok: bool
+    latency_ok: bool
+    keeps_up: bool
+
+    @property
+    def daemon_cores(self) -> list[float]:
+        return [value for name, value in sorted(self.cpu_cores.items()) if name.startswith("daemon")]
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    instances: int
+    steps: list[ScaleStep]
+    sensors_carried: int
+    daemon_cpu_ms_per_window: float | None  # at the busiest step whose throughput kept up
+    generator_limited: bool
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    stamp: Stamp
+    latency_limit_seconds: float
+    warmup_seconds: float
+    measure_seconds: float
+    runs: list[ScaleRun]
+    ratio_two_over_one: float | None
+    broker_cores_per_1000_messages_per_second: float | None
+    load_average_1m_end: float  # other processes on the machine take CPU from the instances
+
+
+@dataclass(frozen=True)
 class SizeRow:
     """One model size of the model table: its training, quality and speed (windows/s by case)."""
 
@@ -430,6 +473,7 @@ class Results:
     training: Training | None = None
     transport: Transport | None = None
     e2e: EndToEnd | None = None
+    scaleout: ScaleOut | None = None
     beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode (issue 12)
     model_table: ModelTable | None = None
 

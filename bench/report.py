@@ -35,6 +35,7 @@ def render(results: Results) -> str:
         gil_section,
         accuracy_section,
         e2e_section,
+        scaleout_section,
         beat_e2e_section,
         transport_section,
         training_section,
@@ -644,6 +645,53 @@ def e2e_section(results: Results) -> list[str]:
             "",
         ]
     return lines
+
+
+def scaleout_section(results: Results) -> list[str]:
+    section = results.scaleout
+    if section is None:
+        return []
+    runs = {run.instances: run for run in section.runs}
+    out = [
+        "## One instance against two behind a partitioning broker (bench/scaleout.py)",
+        "",
+        f"{when(section.stamp)} Load average at the end: {section.load_average_1m_end:.2f}.",
+        "",
+        "The same machine, the same nats-server (deploy/nats, 2 partitions), the same load generator (250 Hz sensors,",
+        "35 samples a message, QoS 1, MQTT 3.1.1). A step keeps up with p99 decision latency <= "
+        f"{ms(section.latency_limit_seconds)}, 95 % of the",
+        "offered windows scored and none dropped; windows/s are summed and the latency histograms merged over the",
+        "instances. The daemon cores column is what each instance got of the machine during the step.",
+        "",
+    ]
+    rows = []
+    for sensors in sorted({step.sensors for run in section.runs for step in run.steps}):
+        row = [num(sensors)]
+        for instances in sorted(runs):
+            step = next((step for step in runs[instances].steps if step.sensors == sensors), None)
+            if step is None:
+                row += ["-", "-", "-"]
+                continue
+            cores = " + ".join(f"{value:.2f}" for value in step.daemon_cores)
+            scored = f"{num(step.scored_windows_per_second)} of {num(step.offered_windows_per_second)}"
+            row += [scored, ms(step.latency_p99_seconds), f"{'yes' if step.keeps_up else 'no'} ({cores})"]
+        rows.append(row)
+    header = ["sensors"]
+    for instances in sorted(runs):
+        header += [f"{instances} instance(s): windows/s", "p99", "keeps up (daemon cores)"]
+    out += table(header, rows)
+    carried = {instances: run.sensors_carried for instances, run in runs.items()}
+    per_window = {instances: run.daemon_cpu_ms_per_window for instances, run in runs.items()}
+    ratio_text = "n/a" if section.ratio_two_over_one is None else f"{section.ratio_two_over_one:.2f}x"
+    broker = section.broker_cores_per_1000_messages_per_second
+    out += [
+        f"Carried: **{carried.get(1, 0)} sensors by one instance, {carried.get(2, 0)} by two ({ratio_text})**. "
+        f"CPU per window scored, MQTT included: {num(per_window.get(1), 2)} ms (one instance), "
+        f"{num(per_window.get(2), 2)} ms (two)"
+        + (f"; nats-server: {broker:.3f} cores per 1,000 messages/s." if broker else "."),
+        "",
+    ]
+    return out
 
 
 def beat_e2e_section(results: Results) -> list[str]:

@@ -36,7 +36,7 @@ from monitor.engine import Engine, load_engine, load_shadow_engine
 from monitor.episode_sink import EpisodeSink, read_retained, state_filter
 from monitor.episodes import EpisodeTracker
 from monitor.errors import ConfigError, MonitorError
-from monitor.ingest import Ingest, shard_of
+from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
@@ -137,6 +137,8 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
+        count = self.config.partitions.count if self.config.partitions else None
+        self.metrics.set_instance(self.config.instance_name, self.config.consumed_partitions, count)
         self.metrics_server = None
         settings = self.config.metrics
         if settings.enabled:
@@ -166,7 +168,6 @@ class Daemon:
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
-            config.shard,
             config.logging.warning_interval_seconds,
             baselines,
         )
@@ -253,9 +254,9 @@ class Daemon:
         payloads = read_retained(config.mqtt, topic_filter, lifecycle.resume_timeout_seconds)
         if payloads is None:
             return
-        shard = config.shard
+        partitions = config.partitions  # several instances: each takes back only its own sensors' episodes
         restored, unreadable = self.episodes.restore(
-            payloads, lambda sensor_id: shard.count == 1 or shard_of(sensor_id, shard.count) == shard.index
+            payloads, lambda sensor_id: partitions is None or partitions.owns(sensor_id)
         )
         log.info("episode_states_restored", topics=topic_filter, states=restored, unreadable=unreadable,
                  open_episodes=len(tracker.open_episodes()))
@@ -263,7 +264,7 @@ class Daemon:
     def start_scoring(self) -> None:
         batching = self.config.batching
         self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
-        self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics)
+        self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics, self.config.partitions)
         self.init_episodes()
         self.drift = self.make_drift(self.config, self.engine)
         self.worker = ScoringWorker(self.batcher, self.engine, self.make_sink(self.config), self.metrics, self.stop)
@@ -392,7 +393,15 @@ class Daemon:
         return 0
 
 
+def instance_context(config: Config) -> dict[str, object]:
+    """Fields every log line of this process carries: which instance, and which partitions it consumes."""
+    context: dict[str, object] = {"instance": config.instance_name}
+    if config.partitions is not None:
+        context["partitions"] = config.consumed_partitions
+    return context
+
+
 def run(config_path: str | Path) -> int:
     config = load_config(config_path)
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(config.logging.level, config.logging.format, instance_context(config))
     return Daemon(config, config_path).run()

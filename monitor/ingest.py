@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import zlib
 from collections.abc import Sequence
 
 import structlog
@@ -16,7 +15,6 @@ import structlog
 from monitor.baseline import SensorBaselines
 from monitor.batching import WindowQueue
 from monitor.beatwindowing import BeatAssembler, BeatFeedResult, BeatWindow
-from monitor.config import ShardSettings
 from monitor.errors import PayloadError
 from monitor.log import RateLimiter
 from monitor.metrics import Metrics
@@ -24,11 +22,6 @@ from monitor.payload import PayloadDecoder, sensor_id_from_topic
 from monitor.windowing import Window, WindowAssembler
 
 log = structlog.get_logger("monitor.ingest")
-
-
-def shard_of(sensor_id: str, count: int) -> int:
-    """A stable shard number for a sensor (CRC-32, the same on every host and run)."""
-    return zlib.crc32(sensor_id.encode("utf-8")) % count
 
 
 class Ingest:
@@ -41,7 +34,6 @@ class Ingest:
         windows: WindowQueue[Window | BeatWindow],
         metrics: Metrics,
         sensor_id_level: int,
-        shard: ShardSettings,
         warning_interval_seconds: float = 60.0,
         baselines: SensorBaselines | None = None,
     ) -> None:
@@ -50,7 +42,6 @@ class Ingest:
         self.windows = windows
         self.metrics = metrics
         self.sensor_id_level = sensor_id_level
-        self.shard = shard
         self.baselines = baselines  # with `baseline: sensor`: warm-ups and per-sensor normalisation, under the lock
         self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
         self._warnings = RateLimiter(warning_interval_seconds)
@@ -61,9 +52,6 @@ class Ingest:
         sensor_id = None
         try:
             sensor_id = sensor_id_from_topic(topic, self.sensor_id_level)
-            if self.shard.count > 1 and shard_of(sensor_id, self.shard.count) != self.shard.index:
-                self.metrics.messages.labels("other_shard").inc()
-                return
             message = self.decoder.decode(payload)
             with self.lock:
                 result = self.assembler.feed(sensor_id, message, now)

@@ -12,7 +12,7 @@ from monitor.beats import UNSCORABLE_REASONS
 from monitor.episodes import EVENT_KINDS
 from monitor.payload import REJECT_REASONS
 
-MESSAGE_OUTCOMES = ("accepted", "duplicate", "sensor_limit", "other_shard", "internal_error", *REJECT_REASONS)
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "sensor_limit", "internal_error", *REJECT_REASONS)
 WINDOW_DROP_REASONS = ("seq_gap", "queue_full", "scoring_error")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
@@ -88,6 +88,18 @@ class Metrics:
         self.model_reloads = Counter("monitor_model_reloads_total", "Model reloads on SIGHUP, by outcome", ["outcome"], registry=registry)
         self.threshold = Gauge("monitor_threshold", "The model's calibrated anomaly threshold", registry=registry)
         self.model_info = Info("monitor_model", "The model in use", registry=registry)
+        self.instance_info = Info(
+            "monitor_instance",
+            "This instance: its name (the MQTT client id) and the broker partitions it consumes",
+            registry=registry,
+        )
+        self.partition_consumed = Gauge(
+            "monitor_partition_consumed",
+            "1 for each broker partition this instance is subscribed to right now, 0 for the others (partitions only)",
+            ["partition"],
+            registry=registry,
+        )
+        self._partitions: list[int] = []
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for reason in WINDOW_DROP_REASONS:
@@ -198,6 +210,18 @@ class Metrics:
         """Buckets around a new threshold; the histogram's counts start again from zero, as after a restart."""
         self.registry.unregister(self.reconstruction_error)
         self.reconstruction_error = self._error_histogram(threshold)
+
+    def set_instance(self, name: str, partitions: list[int], count: int | None) -> None:
+        """Name the instance; with a partitioned broker, one `monitor_partition_consumed` series per partition, at 0."""
+        self.instance_info.info({"instance_name": name, "partitions": ",".join(map(str, partitions)) or "all"})
+        self._partitions = partitions
+        for partition in range(count or 0):
+            self.partition_consumed.labels(str(partition)).set(0)
+
+    def set_consuming(self, consuming: bool) -> None:
+        """Subscribed (SUBACK) or not (disconnected, draining): the consumed partitions' gauges follow."""
+        for partition in self._partitions:
+            self.partition_consumed.labels(str(partition)).set(int(consuming))
 
     def set_model(self, name: str, version: str, backend: str, device: str, threshold: float) -> None:
         self.model_info.info({"name": name, "version": version, "backend": backend, "device": device})
