@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from monitor import signals
+
+    signals.install()  # before importing torch: a SIGHUP in the first seconds must not end the process
     from monitor.daemon import run
 
     return run(args.config)

@@ -1,21 +1,29 @@
 """The input stage, on paho's network thread: message -> sensor id -> payload -> windowing -> bounded queue.
 
 `Ingest.handle` runs for every message: decode, window, enqueue; it never blocks and never raises, and
-every outcome is counted. `housekeeping` evicts idle sensors and refreshes the gauges.
+every outcome is counted. `housekeeping` evicts idle sensors; the gauges of live state are read when
+scraped (`watch_gauges`). With a journal, every message fed is appended to it under the windowing's lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
+import time
 import zlib
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
+from monitor.acks import PendingWindows, Receipt
 from monitor.baseline import SensorBaselines
 from monitor.batching import WindowQueue
 from monitor.config import ShardSettings
 from monitor.errors import PayloadError
+from monitor.journal import Journal, Replayed, encode_windows
 from monitor.log import RateLimiter
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder, sensor_id_from_topic
@@ -40,9 +48,14 @@ class Ingest:
         metrics: Metrics,
         sensor_id_level: int,
         shard: ShardSettings,
-        warning_interval_seconds: float = 60.0,
+        warnings: RateLimiter | None = None,
+        sensor_id_pattern: str | None = None,
+        pending: PendingWindows | None = None,
+        journal: Journal | None = None,
         baselines: SensorBaselines | None = None,
     ) -> None:
+        """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
+        optional: without them a crash loses the windows in memory, see RELIABILITY.md)."""
         self.decoder = decoder
         self.assembler = assembler
         self.windows = windows
@@ -51,21 +64,38 @@ class Ingest:
         self.shard = shard
         self.baselines = baselines  # with `baseline: sensor`: warm-ups and per-sensor normalisation, under the lock
         self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
-        self._warnings = RateLimiter(warning_interval_seconds)
+        self._warnings = warnings or RateLimiter(60.0)
+        self.sensor_id_pattern = re.compile(sensor_id_pattern) if sensor_id_pattern else None
+        self.pending = pending
+        self.journal = journal
+        self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
 
-    def handle(self, topic: str, payload: bytes, now: float) -> None:
-        """Process one message; any failure is counted and logged, never raised into paho."""
+    def handle(
+        self, topic: str, payload: bytes, now: float, receipt: Receipt | None = None, redelivered: bool = False
+    ) -> None:
+        """Process one message; any failure is counted and logged, never raised into paho.
+
+        With a `receipt`, the message's acknowledgement waits for its journal record to be on disk and for the
+        windows it completed to be decided; without one (a replay), it is not journaled again.
+        """
         sensor_id = None
         try:
-            sensor_id = sensor_id_from_topic(topic, self.sensor_id_level)
+            sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
             if self.shard.count > 1 and shard_of(sensor_id, self.shard.count) != self.shard.index:
                 self.metrics.messages.labels("other_shard").inc()
                 return
             message = self.decoder.decode(payload)
-            with self.lock:
-                result = self.assembler.feed(sensor_id, message, now)
+            with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
+                result = self.assembler.feed(sensor_id, message, now, redelivered)
                 windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
+                journal, pending = self.journal, self.pending
+                if receipt is not None and journal is not None and pending is not None and not result.duplicate:
+                    pending.acks.hold(receipt)  # released by the journal once the record is fsynced
+                    journal.append(topic, payload, receipt)
+                if pending is not None:
+                    for window in windows:
+                        pending.add(window, receipt)
         except PayloadError as error:
             self.metrics.messages.labels(error.reason).inc()
             if self._warnings.allow((sensor_id or topic, error.reason), now):
@@ -87,6 +117,12 @@ class Ingest:
         self.metrics.samples.inc(len(message.samples) - result.duplicate_samples if not result.duplicate else 0)
         if result.duplicate_samples:
             self.metrics.duplicate_samples.inc(result.duplicate_samples)
+        if result.restart_windows_dropped:
+            self.metrics.windows_dropped.labels("seq_restart").inc(result.restart_windows_dropped)
+        if result.restarted:
+            self.metrics.seq_restarts.inc()
+            if self._warnings.allow((sensor_id, "seq_restart"), now):
+                log.warning("seq_restart", sensor_id=sensor_id, seq=message.seq)
         if result.gaps:
             self.metrics.seq_gaps.inc(result.gaps)
             if result.gap_windows_dropped:
@@ -94,7 +130,14 @@ class Ingest:
             if self._warnings.allow((sensor_id, "seq_gap"), now):
                 log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
         for window in windows:
+            if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:
+                self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
+                if self.pending is not None:
+                    self.pending.decided(window)
+                continue
             if not self.windows.offer(window):
+                if self.pending is not None:
+                    self.pending.decided(window)
                 self.metrics.windows_dropped.labels("queue_full").inc()
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
@@ -112,18 +155,63 @@ class Ingest:
         return ready
 
     def housekeeping(self, now: float) -> None:
-        """Evict idle sensors and refresh the gauges (called about once a second)."""
+        """Evict idle sensors (called about once a second)."""
         with self.lock:
             self.assembler.evict_idle(now)
             evicted = self.assembler.evicted_total - self._evicted_counted
             active = self.assembler.active_sensors
-            buffered = self.assembler.buffered_samples()
             warming = 0 if self.baselines is None else self.baselines.sensors_warming_up
         if evicted:
             self._evicted_counted += evicted
             self.metrics.sensors_evicted.inc(evicted)
             log.info("sensors_evicted", count=evicted, active=active)
-        self.metrics.active_sensors.set(active)
-        self.metrics.buffered_samples.set(buffered)
         self.metrics.sensors_warming_up.set(warming)
-        self.metrics.queue_depth.set(self.windows.depth())
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""
+        pending = self.pending.windows() if self.pending is not None else []
+        return {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
+
+    def checkpoint_if_due(self, now: float) -> None:
+        if self.journal is not None and self.journal.checkpoint_due(now):
+            with self.lock:
+                try:
+                    self.journal.checkpoint(self.checkpoint_state())
+                except OSError as error:  # the journal goes on in its current file
+                    log.error("journal_checkpoint_failed", path=str(self.journal.path), error=str(error))
+
+    def replay(self, replayed: Replayed, now: float) -> None:
+        """Rebuild the state a crash left in the journal: its checkpoint, its undecided windows (queued again,
+        waiting for room: the scorer is running, input is not yet), then its messages, fed again."""
+        if replayed.windowing is not None:
+            with self.lock:
+                self.assembler.restore(replayed.windowing, now)
+        self._replay_decided = replayed.decided
+        for window in replayed.pending:
+            if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:
+                self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
+                continue
+            if self.pending is not None:
+                self.pending.add(window, None)
+            while not self.windows.offer(window):
+                time.sleep(0.01)
+        for topic, payload in replayed.messages:
+            while self.windows.depth() > self.windows.capacity // 2:  # never drop a replayed window for room
+                time.sleep(0.01)
+            self.handle(topic, payload, now)
+        self._replay_decided = Counter()
+
+    def watch_gauges(self) -> None:
+        """Queue depth, active sensors and buffered samples are read when scraped."""
+
+        def locked(read: Callable[[], float]) -> Callable[[], float]:
+            def under_lock() -> float:
+                with self.lock:
+                    return read()
+
+            return under_lock
+
+        assembler = self.assembler
+        self.metrics.watch(
+            self.windows.depth, locked(lambda: assembler.active_sensors), locked(assembler.buffered_samples)
+        )

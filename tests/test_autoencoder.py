@@ -183,3 +183,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_scorers_of_one_shape_share_a_trace_but_score_with_their_own_weights():
+    """Reloads copy one traced template per model shape (a new trace per reload leaked ~0.9 MiB); each copy must
+    still hold its own model's weights and normalisation."""
+    windows = np.random.default_rng(0).normal(size=(8, 140, 1)).astype(np.float32)
+    scorers, eager = [], []
+    for seed, mean in ((1, 0.0), (2, 0.5)):
+        torch.manual_seed(seed)
+        model = LSTMAutoencoder(1, 8).eval().requires_grad_(False)
+        scorers.append(Scorer(model, Normalisation(np.array([mean], np.float32), np.array([1.0], np.float32))))
+        with torch.inference_mode():
+            batch = torch.as_tensor(windows) - mean
+            eager.append(reconstruction_errors(batch, model(batch)).mean(dim=1).numpy())
+    scores = [scorer.score(windows).errors for scorer in scorers]
+    names = [scorer._traced[140]._c._type().qualified_name() for scorer in scorers]
+    assert names[0] == names[1]  # one TorchScript class, not one per scorer
+    np.testing.assert_allclose(scores[0], eager[0], rtol=1e-6)
+    np.testing.assert_allclose(scores[1], eager[1], rtol=1e-6)
+    assert not np.allclose(scores[0], scores[1])

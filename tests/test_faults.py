@@ -690,7 +690,7 @@ def handle_all(steps: list[tuple[str, bytes, float]], stride: int, shards: int) 
     metrics = Metrics(registry, 4, 1.0)
     queue = CountingQueue(4)
     assembler = WindowAssembler(FUZZ_WINDOW, stride, 1, 3, 5.0)
-    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1, ShardSettings(index=0, count=shards), 60.0)
+    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1, ShardSettings(index=0, count=shards))
     now = 0.0
     with structlog.testing.capture_logs():  # the rate-limited warnings, kept out of the test output
         for index, (topic, payload, dt) in enumerate(steps):

@@ -67,6 +67,7 @@ def test_unit_keeps_its_contract():
         "ExecReload=/bin/kill -HUP $MAINPID",
         "LoadCredential=mqtt_password:/etc/monitor/credentials/mqtt_password",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "LimitNOFILE=1024",
     }
     assert expected <= unit_settings()
     # See the unit's comments: oneDNN's JIT needs W+X pages, MKL/OpenBLAS need @resources.
