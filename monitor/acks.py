@@ -14,10 +14,13 @@ journal's checkpoint the windows a crash would otherwise lose.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 
 from monitor.windowing import Window
+
+EARLY_ACK_SECONDS = 5.0  # an acknowledgement may precede `alert_sent` by microseconds; never by this long
 
 
 class Receipt:
@@ -76,7 +79,9 @@ class PendingWindows:
         self._lock = threading.Lock()
         self._windows: dict[int, tuple[Window, Receipt | None]] = {}  # by id(window): the window is kept alive here
         self._alerts: dict[int, Window] = {}  # alert mid -> its window, until the broker acknowledges the alert
-        self._early_acks: set[int] = set()  # alert mids acknowledged before `alert_sent` could record them
+        # Alert mids acknowledged before `alert_sent` could record them, with when: acknowledgements of other messages
+        # (episode events) land here too, so entries expire long before paho could reuse their mid.
+        self._early_acks: dict[int, float] = {}
 
     def add(self, window: Window, receipt: Receipt | None) -> None:
         if receipt is not None:
@@ -98,10 +103,8 @@ class PendingWindows:
     def alert_sent(self, window: Window, mid: int) -> None:
         """The window's alert was queued as `mid`; the window is decided when the broker acknowledges it."""
         with self._lock:
-            early = mid in self._early_acks
-            if early:
-                self._early_acks.discard(mid)
-            else:
+            early = time.monotonic() - self._early_acks.pop(mid, float("-inf")) < EARLY_ACK_SECONDS
+            if not early:
                 self._alerts[mid] = window
         if early:
             self.decided(window)
@@ -110,8 +113,11 @@ class PendingWindows:
         """Called from paho's network thread (under paho's lock): only our own bookkeeping here."""
         with self._lock:
             window = self._alerts.pop(mid, None)
-            if window is None:
-                self._early_acks.add(mid)  # its `alert_sent` comes right after
+            if window is None:  # its `alert_sent` comes right after, or it was not an alert
+                now = time.monotonic()
+                if len(self._early_acks) > 1024:
+                    self._early_acks = {m: t for m, t in self._early_acks.items() if now - t < EARLY_ACK_SECONDS}
+                self._early_acks[mid] = now
         if window is not None:
             self.decided(window)
 
