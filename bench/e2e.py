@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,13 +19,15 @@ import orjson
 import psutil
 import yaml
 
-from bench import targets
+from bench import loadgen, targets
 from bench.data import REPO
 from bench.records import CpuCores, LoadSummary, Run, RunConfig, Step
 from monitor.scrape import histogram_quantile
 from tests.support import Broker, DaemonProcess, daemon_config
 
 LATENCY = "monitor_decision_latency_seconds"
+BEAT_MODEL = REPO / "models" / "mitdb-beats"
+BEAT_RECORDING = REPO / "data" / "mitdb-dev" / "test" / "116.npy"  # 1.3 beats/s, tall QRS, some PVCs
 
 
 def histogram(samples: dict, name: str) -> dict[str, Any]:
@@ -85,10 +86,13 @@ class EndToEnd:
         backend, threads, max_batch, max_wait = run.backend, run.threads, run.max_batch, run.max_wait
         self.work = work
         self.broker = Broker(work / "mosquitto").start()
-        config_path = daemon_config(work / "monitor.yaml", self.broker.port, model=model)
+        beats = run.mode == "beats"
+        config_path = daemon_config(work / "monitor.yaml", self.broker.port, model=BEAT_MODEL if beats else model)
         config = yaml.safe_load(config_path.read_text())
         config["model"].update({"backend": backend, "threads": threads})
         config["windowing"] = {"max_sensors": 100000}
+        if beats:
+            config["windowing"].update({"mode": "beats", "sample_rate_hz": targets.SAMPLE_RATE_HZ})
         config["batching"] = {"max_batch": max_batch, "max_wait_seconds": max_wait, "queue_capacity": 4096}
         config["mqtt"]["client_id"] = f"bench-{backend}-t{threads}-{time.time_ns() % 10**9}"
         config["mqtt"]["protocol"] = run.protocol
@@ -125,28 +129,12 @@ class EndToEnd:
 
     def step(self, sensors: int, warmup: float, measure: float) -> Step:
         chunk, rate, window = self.run.chunk, targets.SAMPLE_RATE_HZ, targets.WINDOW_SAMPLES
+        beats = self.run.mode == "beats"
         generator = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.loadgen",
-                "--port",
-                str(self.broker.port),
-                "--sensors",
-                str(sensors),
-                "--seconds",
-                str(warmup + measure + 1.0),
-                "--rate",
-                str(rate),
-                "--chunk",
-                str(chunk),
-                "--qos",
-                str(self.run.qos),
-                "--prefix",
-                f"n{sensors}-{time.time_ns() % 10**6}-",
-                "--data",
-                str(self.normal_data),
-            ],
+            loadgen.command(
+                self.broker.port, sensors, warmup + measure + 1.0, rate, chunk, self.run.qos,
+                BEAT_RECORDING if beats else self.normal_data, recording=beats,
+            ),
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -191,6 +179,8 @@ class EndToEnd:
         latency, batch = delta(LATENCY), delta("monitor_inference_batch_size")
         inference = delta("monitor_inference_seconds")
         offered = sensors * rate / window
+        if beats:  # one window per scorable beat the detector found
+            offered = (increase("monitor_beats_found_total") - increase("monitor_beats_unscorable_total")) / elapsed
         scored = increase("monitor_windows_scored_total") / elapsed
         dropped = increase("monitor_windows_dropped_total")
         p50, p99 = histogram_quantile(0.5, latency["buckets"]), histogram_quantile(0.99, latency["buckets"])
@@ -212,6 +202,9 @@ class EndToEnd:
             and load.messages_per_second >= targets.GENERATOR_ON_TIME_FRACTION * load.target_messages_per_second
         )
         throughput_ok = scored >= targets.SCORED_FRACTION_OF_OFFERED * offered and dropped == 0
+        if beats:  # the beats found are only all that was offered if every sample got in
+            received = increase("monitor_samples_received_total") / elapsed
+            throughput_ok = throughput_ok and received >= targets.SCORED_FRACTION_OF_OFFERED * sensors * rate
         latency_ok = p99 is not None and p99 <= latency_limit(self.run)
         return Step(
             sensors=sensors,
@@ -237,7 +230,10 @@ class EndToEnd:
 
 
 def latency_limit(run: RunConfig) -> float:
-    """The p99 decision latency a step may have: the configuration's max_wait plus the target's margin."""
+    """The p99 decision latency a step may have: the configuration's max_wait plus the target's margin (fixed
+    mode), or 1 s from a beat's last sample to its decision (beat mode)."""
+    if run.mode == "beats":
+        return targets.BEAT_LATENCY_LIMIT_SECONDS
     return run.max_wait + targets.LATENCY_MARGIN_SECONDS
 
 

@@ -31,6 +31,20 @@ SLOTS_PER_PERIOD = 28
 STREAMS = 16
 BEATS_PER_STREAM = 20
 WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
+RECORDING_RATE = 360  # Hz of the raw recordings --recording takes (MIT-BIH, data/mitdb-dev)
+
+
+def command(
+    port: int, sensors: int, seconds: float, rate: float, chunk: int, qos: int, data: Path, recording: bool = False
+) -> list[str]:
+    """The command line that runs this generator in a process of its own, with sensor ids unique to the call;
+    `data` is a UCR split of beats, or with `recording` a raw ECG lead (beat mode)."""
+    options = {"--port": port, "--sensors": sensors, "--seconds": seconds}
+    options |= {"--rate": rate, "--chunk": chunk, "--qos": qos}
+    arguments = [str(item) for pair in options.items() for item in pair]
+    prefix = f"n{sensors}-{time.time_ns() % 10**6}-"
+    source = "--recording" if recording else "--data"
+    return [sys.executable, "-m", "bench.loadgen", *arguments, "--prefix", prefix, source, str(data)]
 
 
 def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
@@ -52,6 +66,21 @@ def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
     return streams
 
 
+def recording_fragments(path: Path, rate: float, chunk: int) -> list[list[bytes]]:
+    """`STREAMS` looped copies of a raw 360 Hz ECG lead (.npy) resampled to `rate`, each starting elsewhere in it,
+    as chunks' JSON arrays (beat mode: the daemon finds the beats itself)."""
+    from scipy.signal import resample_poly
+
+    lead = resample_poly(np.load(path).astype(np.float64), int(round(rate)), RECORDING_RATE)
+    lead = lead[: len(lead) - len(lead) % chunk]
+    streams = []
+    for index in range(STREAMS):
+        rolled = np.roll(lead, -index * len(lead) // STREAMS)
+        chunks = range(0, len(rolled), chunk)
+        streams.append([orjson.dumps(np.round(rolled[i : i + chunk], 3).tolist()) for i in chunks])
+    return streams
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -63,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")
     parser.add_argument("--topic", default="sensors/{sensor_id}/ecg")
-    parser.add_argument(
-        "--data", type=Path, required=True, help="UCR file (.txt, .txt.xz or .txt.gz) whose normal beats are streamed"
-    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="UCR file (.txt, .txt.xz or .txt.gz) whose normal beats are streamed")
+    source.add_argument("--recording", type=Path, help="raw 360 Hz ECG lead (.npy) streamed at --rate (beat mode)")
     args = parser.parse_args(argv)
 
-    streams = fragments(args.data, args.chunk)
+    if args.recording:
+        streams = recording_fragments(args.recording, args.rate, args.chunk)
+    else:
+        streams = fragments(args.data, args.chunk)
     topics = [args.topic.format(sensor_id=f"{args.prefix}{index:05d}").encode() for index in range(args.sensors)]
     topics_str = [topic.decode() for topic in topics]
     period = args.chunk / args.rate

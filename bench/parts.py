@@ -23,6 +23,7 @@ from bench.records import (
     Limit,
     ModelMatmul,
     ModelTable,
+    ScaleOut,
     Stamp,
     Training,
     Transport,
@@ -204,6 +205,32 @@ def e2e(ctx: Context) -> EndToEnd:
         )
     window = ctx.artifact.window
     return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, window, args.e2e_warmup, args.e2e_measure, runs)
+
+
+@part("scaleout", "one instance against two behind the same partitioning nats-server, with the same load generator")
+def scaleout(ctx: Context) -> ScaleOut:
+    from bench import scaleout
+
+    args = ctx.args
+    steps = args.e2e_step_list
+    return scaleout.compare(ctx.stamp(), args.model, ctx.normal_data, steps, args.e2e_warmup, args.e2e_measure)
+
+
+@part("beat-e2e", "beat mode (raw ECG, one window per beat) next to fixed mode, end to end", default=False)
+def beat_e2e(ctx: Context) -> EndToEnd:
+    """Fixed mode (ECG5000 beats, the default model) and beat mode (record 116 of data/mitdb-dev resampled to
+    250 Hz, models/mitdb-beats), stepped as the e2e part steps, after a warm-up long enough for beat mode."""
+    from bench import e2e, targets
+    from bench.records import RunConfig
+
+    args, stamp = ctx.args, ctx.stamp()
+    warmup = targets.BEAT_WARMUP_SECONDS
+    runs = []
+    for text in ("torch:1", "torch:1:beats"):
+        config = RunConfig.parse(text, args.e2e_qos)
+        print(f"   daemon: {config.label}", flush=True)
+        runs.append(e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, warmup, args.e2e_measure))
+    return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, ctx.artifact.window, warmup, args.e2e_measure, runs)
 
 
 @part("model-table", "trains E in --table-sizes within --table-budget each: quality against speed", default=False)

@@ -250,6 +250,7 @@ class RunConfig:
     max_wait: float = 0.05
     chunk: int = 35
     protocol: str = "5"
+    mode: str = "fixed"  # `beats`: windowing.mode beats, the beat model, sensors stream a raw MIT-BIH lead
 
     @classmethod
     def parse(cls, text: str, qos: int = 1) -> RunConfig:
@@ -258,7 +259,9 @@ class RunConfig:
             raise ValueError(f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:p311], backend torch or onnx")
         values: dict = {"backend": fields[0], "threads": int(fields[1]), "qos": qos}
         for token in fields[2:]:
-            if token.startswith("qos"):
+            if token == "beats":
+                values["mode"] = "beats"
+            elif token.startswith("qos"):
                 values["qos"] = int(token[3:])
             elif token.startswith("b"):
                 values["max_batch"] = int(token[1:])
@@ -277,7 +280,7 @@ class RunConfig:
         return (
             f"{self.backend}, {self.threads} thread(s), max_batch {self.max_batch}, "
             f"max_wait {self.max_wait * 1000:.0f} ms, input QoS {self.qos}, {self.chunk} samples/message, "
-            f"MQTT {self.protocol}"
+            f"MQTT {self.protocol}" + (", beat mode" if self.mode == "beats" else "")
         )
 
 
@@ -383,6 +386,49 @@ class EndToEnd:
 
 
 @dataclass(frozen=True)
+class ScaleStep:
+    """One step of the scale-out part: what the instances did together at a number of sensors."""
+
+    sensors: int
+    offered_windows_per_second: float
+    scored_windows_per_second: float
+    scored_share_per_instance: list[float]
+    dropped_windows: float
+    latency_p99_seconds: float | None  # the instances' histograms merged
+    generator_messages_per_second: float
+    generator_on_time: bool
+    cpu_cores: dict[str, float]  # daemon0, daemon1, ..., generator, broker
+    throughput_ok: bool
+    latency_ok: bool
+    keeps_up: bool
+
+    @property
+    def daemon_cores(self) -> list[float]:
+        return [value for name, value in sorted(self.cpu_cores.items()) if name.startswith("daemon")]
+
+
+@dataclass(frozen=True)
+class ScaleRun:
+    instances: int
+    steps: list[ScaleStep]
+    sensors_carried: int
+    daemon_cpu_ms_per_window: float | None  # at the busiest step whose throughput kept up
+    generator_limited: bool
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    stamp: Stamp
+    latency_limit_seconds: float
+    warmup_seconds: float
+    measure_seconds: float
+    runs: list[ScaleRun]
+    ratio_two_over_one: float | None
+    broker_cores_per_1000_messages_per_second: float | None
+    load_average_1m_end: float  # other processes on the machine take CPU from the instances
+
+
+@dataclass(frozen=True)
 class SizeRow:
     """One model size of the model table: its training, quality and speed (windows/s by case)."""
 
@@ -427,6 +473,8 @@ class Results:
     training: Training | None = None
     transport: Transport | None = None
     e2e: EndToEnd | None = None
+    scaleout: ScaleOut | None = None
+    beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode (issue 12)
     model_table: ModelTable | None = None
 
 

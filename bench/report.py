@@ -35,6 +35,8 @@ def render(results: Results) -> str:
         gil_section,
         accuracy_section,
         e2e_section,
+        scaleout_section,
+        beat_e2e_section,
         transport_section,
         training_section,
         model_table_section,
@@ -642,6 +644,72 @@ def e2e_section(results: Results) -> list[str]:
             f"({saturation(run)}).",
             "",
         ]
+    return lines
+
+
+def scaleout_section(results: Results) -> list[str]:
+    section = results.scaleout
+    if section is None:
+        return []
+    runs = {run.instances: run for run in section.runs}
+    out = [
+        "## One instance against two behind a partitioning broker (bench/scaleout.py)",
+        "",
+        f"{when(section.stamp)} Load average at the end: {section.load_average_1m_end:.2f}.",
+        "",
+        "The same machine, the same nats-server (deploy/nats, 2 partitions), the same load generator (250 Hz sensors,",
+        "35 samples a message, QoS 1, MQTT 3.1.1). A step keeps up with p99 decision latency <= "
+        f"{ms(section.latency_limit_seconds)}, 95 % of the",
+        "offered windows scored and none dropped; windows/s are summed and the latency histograms merged over the",
+        "instances. The daemon cores column is what each instance got of the machine during the step.",
+        "",
+    ]
+    rows = []
+    for sensors in sorted({step.sensors for run in section.runs for step in run.steps}):
+        row = [num(sensors)]
+        for instances in sorted(runs):
+            step = next((step for step in runs[instances].steps if step.sensors == sensors), None)
+            if step is None:
+                row += ["-", "-", "-"]
+                continue
+            cores = " + ".join(f"{value:.2f}" for value in step.daemon_cores)
+            scored = f"{num(step.scored_windows_per_second)} of {num(step.offered_windows_per_second)}"
+            row += [scored, ms(step.latency_p99_seconds), f"{'yes' if step.keeps_up else 'no'} ({cores})"]
+        rows.append(row)
+    header = ["sensors"]
+    for instances in sorted(runs):
+        header += [f"{instances} instance(s): windows/s", "p99", "keeps up (daemon cores)"]
+    out += table(header, rows)
+    carried = {instances: run.sensors_carried for instances, run in runs.items()}
+    per_window = {instances: run.daemon_cpu_ms_per_window for instances, run in runs.items()}
+    ratio_text = "n/a" if section.ratio_two_over_one is None else f"{section.ratio_two_over_one:.2f}x"
+    broker = section.broker_cores_per_1000_messages_per_second
+    out += [
+        f"Carried: **{carried.get(1, 0)} sensors by one instance, {carried.get(2, 0)} by two ({ratio_text})**. "
+        f"CPU per window scored, MQTT included: {num(per_window.get(1), 2)} ms (one instance), "
+        f"{num(per_window.get(2), 2)} ms (two)"
+        + (f"; nats-server: {broker:.3f} cores per 1,000 messages/s." if broker else "."),
+        "",
+    ]
+    return out
+
+
+def beat_e2e_section(results: Results) -> list[str]:
+    beat = results.beat_e2e
+    if beat is None:
+        return []
+    lines = ["## Beat mode next to fixed mode, end to end (issue 12)", "", when(beat.stamp), ""]
+    lines += [
+        f"{beat.sample_rate_hz:.0f} Hz sensors; fixed mode streams ECG5000 beats (one 140-sample window each), beat "
+        "mode streams record 116 of data/mitdb-dev resampled to 250 Hz (about 1.3 beats/s): the daemon finds the "
+        "beats and scores one window per scorable beat, so 'offered' is the beats found minus the unscorable ones. "
+        f"Each step {beat.warmup_seconds:.0f} s of load, then {beat.measure_seconds:.0f} s measured; the p99 limit "
+        "is max_wait + 50 ms in fixed mode, 1 s from a beat's last sample to its decision in beat mode.",
+        "",
+    ]
+    for run in beat.runs:
+        lines += [f"### {run.config.label}", "", *table(E2E_HEADER, [step_row(step) for step in run.steps])]
+        lines += [f"Sensors carried: **{run.sensors_carried}** on all criteria ({saturation(run)}).", ""]
     return lines
 
 

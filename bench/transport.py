@@ -31,7 +31,7 @@ from bench.data import read_split
 from bench.records import TransportRow
 from monitor.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.batching import WindowQueue
-from monitor.config import MqttSettings, ShardSettings
+from monitor.config import MqttSettings
 from monitor.ingest import Ingest
 from monitor.log import configure_logging
 from monitor.metrics import Metrics
@@ -96,7 +96,7 @@ def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> 
     """The daemon's MQTT connection feeding its `Ingest` (windows are queued, nothing scores them)."""
     metrics = Metrics(CollectorRegistry(), 64, 1.0)
     assembler = WindowAssembler(WINDOW, WINDOW, 1, 10 * SENSORS, 3600.0)
-    ingest = Ingest(PayloadDecoder(1), assembler, WindowQueue(10**7), metrics, 1, ShardSettings())
+    ingest = Ingest(PayloadDecoder(1), assembler, WindowQueue(10**7), metrics, 1)
 
     def handle(topic: str, payload: bytes, now: float, receipt: Receipt, redelivered: bool) -> None:
         ingest.handle(topic, payload, now, receipt, redelivered)

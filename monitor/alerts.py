@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import structlog
 
+from monitor.beatwindowing import BeatWindow
 from monitor.config import AlertSettings
 from monitor.engine import Engine, ModelIdentity
 from monitor.metrics import Metrics
@@ -70,8 +71,9 @@ def build_alert(
     include_profile: bool = False,
     detected_at: float | None = None,
     baseline: str = "model",
+    beat: BeatWindow | None = None,
 ) -> dict[str, Any]:
-    """The JSON alert for one anomalous window.
+    """The JSON alert for one anomalous window; for a beat (beat mode) with its span, `beat_seq` and `rr_seconds`.
 
     `top_timesteps` lists the offsets within the window with the largest error (highest first),
     so a subscriber can see where in the window the anomaly lies.
@@ -79,13 +81,16 @@ def build_alert(
     alert: dict[str, Any] = {
         "sensor_id": sensor_id,
         "window_start_seq": int(start_seq),
-        "window_end_seq": int(start_seq + window),
+        "window_end_seq": int(start_seq + window if beat is None else beat.end_seq),
         "score": float(score),
         "threshold": float(threshold),
         "baseline": baseline,
         "model": model.to_dict(),
         "detected_at": time.time() if detected_at is None else detected_at,
     }
+    if beat is not None:
+        alert["beat_seq"] = beat.beat_seq
+        alert["rr_seconds"] = beat.rr_seconds
     if start_ts is not None:
         alert["window_start_ts"] = float(start_ts)
     if top_timesteps:
@@ -149,6 +154,7 @@ class AlertSink:
             self.settings.top_timesteps,
             self.settings.include_profile,
             baseline=engine.baseline[0],
+            beat=window if isinstance(window, BeatWindow) else None,
         )
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason

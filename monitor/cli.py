@@ -69,6 +69,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "(required: here or in --config)")
     add("--train-labels", type=Path, nargs="+", help="0/1 per sample of each recording, in --train-data order; "
         "windows with an anomalous sample are left out (default: none)")
+    add("--segmentation", choices=["fixed", "beats"], help="fixed windows, or one window per detected beat of a raw "
+        "ECG lead (contract section 8) (default: fixed)")
+    add("--sample-rate", type=float, help="beat mode: the recordings' sampling rate in Hz (required in beat mode)")
+    add("--annotations", type=Path, nargs="+", help="beat mode: a sample,symbol CSV per recording, same order "
+        "(default: none; every beat found is trained on)")
+    add("--normal-symbols", help="beat mode: WFDB codes of the beats trained on (default: N,L,R,e,j)")
     add("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold "
         "(default: none; validation and calibration windows are split off the training data with --seed)")
     add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
@@ -125,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--window", type=int, help="window length of the recordings (default: the model's)")
     evaluate.add_argument("--stride", type=int, help="stride for the recordings (default: the window)")
     _baseline_flags(evaluate, ("as the model was trained", "as the model was trained"))
+    evaluate.add_argument("--annotations", type=Path, nargs="+", help="beat mode: sample,symbol CSV per recording")
+    evaluate.add_argument("--sample-rate", type=float, help="beat mode: the recordings' rate (default: the model's)")
     evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
@@ -174,12 +182,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from monitor.beattraining import BeatTrainSettings, train_beats
     from monitor.log import configure_logging
     from monitor.settings import read_yaml, validate
     from monitor.training import TrainSettings, refuse_overwrite, train
 
     configure_logging("info", "auto")
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
+    beats = (args.segmentation or data.get("segmentation")) == "beats"
     flags = {
         "train_data": args.train_data,
         "train_labels": args.train_labels,
@@ -202,14 +212,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "threads": args.threads,
         "report": args.report,
+        "segmentation": args.segmentation,
+        "sample_rate": args.sample_rate,
+        "annotations": args.annotations,
+        "normal_symbols": args.normal_symbols.split(",") if args.normal_symbols else None,
     }
     data.update({key: value for key, value in flags.items() if value is not None})
     if args.threshold_method and data.get("threshold", {}).get("method") != args.threshold_method:
         data["threshold"] = {"method": args.threshold_method}  # the YAML's params belong to its own method
-    settings = validate(TrainSettings, data, str(args.config or "train flags"))
+    source = str(args.config or "train flags")
+    settings: TrainSettings
+    if beats:
+        settings = validate(BeatTrainSettings, data, source)
+    else:
+        beat_keys = ("sample_rate", "annotations", "normal_symbols")
+        if data.pop("segmentation", "fixed") != "fixed" or any(key in data for key in beat_keys):
+            raise MonitorError(f"{source}: sample_rate, annotations and normal_symbols belong to --segmentation beats")
+        settings = validate(TrainSettings, data, source)
     if not args.force:
         refuse_overwrite(settings.output)
-    result = train(settings)
+    beat_evaluation = None
+    if isinstance(settings, BeatTrainSettings):
+        result, beat_evaluation = train_beats(settings)
+    else:
+        result = train(settings)
     if settings.report:
         from monitor.report import write_report
 
@@ -220,7 +246,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"model written to {settings.output} (threshold {result.calibration.threshold:.6g}, "
         f"{result.calibration.method}, best epoch {result.best_epoch}, {result.seconds:.0f} s)"
     )
-    if result.evaluation is not None:
+    if beat_evaluation is not None:
+        from monitor.beattraining import format_beat_evaluation
+
+        print(format_beat_evaluation(beat_evaluation))
+    elif result.evaluation is not None:
         from monitor.evaluation import format_evaluation
 
         print(format_evaluation(result.evaluation))
@@ -229,6 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.artifact import load_artifact
+    from monitor.beats import beat_spec
     from monitor.datasets import read_ucr, require_window
     from monitor.engine import resolve_device
     from monitor.evaluation import evaluate_scores, format_evaluation
@@ -236,19 +267,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     artifact = load_artifact(args.model, device)
+    spec = beat_spec(artifact.metadata, args.model)
+    header = {"model": {"name": artifact.name, "version": artifact.version}}
+    if spec is not None:
+        return _evaluate_beats(args, artifact, spec, Scorer.from_artifact(artifact, device), header)
+    if args.annotations or args.sample_rate:
+        raise MonitorError(
+            f"{args.model}: a fixed-window model; --annotations and --sample-rate are for beat-mode models"
+        )
     if args.labels is not None:
         return _evaluate_recordings(args, artifact, Scorer.from_artifact(artifact, device))
     if len(args.data) != 1 or args.window or args.stride or args.baseline or args.baseline_windows:
         raise MonitorError("several --data files, --window, --stride and --baseline are for recordings with --labels")
-    data = read_ucr(args.data[0])
+    path = args.data[0]
+    data = read_ucr(path)
     require_window(data, artifact.window, artifact.channels)
     scores = Scorer.from_artifact(artifact, device).score_all(data.windows).errors
     result = evaluate_scores(scores, data.is_anomaly(args.normal_label), artifact.threshold)
     if args.json:
-        model = {"name": artifact.name, "version": artifact.version}
-        print(json.dumps({"model": model, "data": str(args.data[0]), **result.to_dict()}))
+        print(json.dumps({**header, "data": str(path), **result.to_dict()}))
     else:
-        print(f"model {artifact.name} {artifact.version} on {args.data[0]}")
+        print(f"model {artifact.name} {artifact.version} on {path}")
         print(format_evaluation(result))
     return 0
 
@@ -306,6 +345,24 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
     return 0
 
 
+def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: Any, header: dict[str, Any]) -> int:
+    from monitor.beatdata import pair_files
+    from monitor.beattraining import evaluate_beats, format_beat_evaluation
+
+    if not args.annotations:
+        raise MonitorError(f"{args.model}: a beat-mode model; evaluation needs --annotations, one file per recording")
+    fs = args.sample_rate or artifact.metadata["segmentation"].get("trained_at_sample_rate_hz")
+    if not fs or fs <= 0:
+        raise MonitorError("--sample-rate: give the recordings' sampling rate in Hz")
+    result, _ = evaluate_beats(scorer, artifact.threshold, pair_files(args.data, args.annotations), float(fs), spec)
+    if args.json:
+        print(json.dumps({**header, "data": [str(path) for path in args.data], **result.to_dict()}))
+    else:
+        print(f"model {artifact.name} {artifact.version} on {len(args.data)} recording(s) at {fs:g} Hz")
+        print(format_beat_evaluation(result))
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.config import load_config
     from monitor.log import configure_logging
@@ -338,6 +395,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from monitor.beatwindowing import check_mode
     from monitor.config import load_config
     from monitor.daemon import warm_up_windows
     from monitor.engine import load_engine, load_shadow_engine
@@ -353,6 +411,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except MonitorError as error:  # already named: model.shadow_path
         raise type(error)(f"{args.file}: {error}") from None
     warm_up_windows(live, config.windowing, str(args.file))
+    check_mode(config.windowing, live, config.model.path)
     config.mqtt.resolve_password()
     print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
     return 0

@@ -158,6 +158,8 @@ class ModelSettings(Strict):
 
 
 class WindowingSettings(Strict):
+    mode: Literal["fixed", "beats"] = Field(default="fixed", description="fixed windows, or one window per beat (ECG)")
+    sample_rate_hz: float | None = Field(default=None, description="the sensors' sampling rate; required in beat mode")
     stride: int | None = Field(default=None, ge=1, description="samples between window starts; default = window")
     max_samples_per_message: int = Field(default=4096, ge=1, le=65536)
     max_payload_bytes: int = Field(default=262144, ge=64)
@@ -185,6 +187,21 @@ class WindowingSettings(Strict):
     def _baseline_windows_for_sensor(self) -> WindowingSettings:
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows is only for baseline: sensor")
+        return self
+
+    @field_validator("sample_rate_hz")
+    @classmethod
+    def _detectable_rate(cls, rate: float | None) -> float | None:
+        if rate is not None and not 50 <= rate <= 10000:
+            raise ValueError("must be between 50 and 10000 Hz (beat detection needs the QRS band, 5-15 Hz)")
+        return rate
+
+    @model_validator(mode="after")
+    def _rate_in_beat_mode(self) -> WindowingSettings:
+        if self.mode == "beats" and self.sample_rate_hz is None:
+            raise ValueError("sample_rate_hz is required with mode: beats")
+        if self.mode == "beats" and self.stride is not None:
+            raise ValueError("stride belongs to mode: fixed (beat mode makes one window per beat)")
         return self
 
 
@@ -316,17 +333,68 @@ class HealthSettings(Strict):
     )
 
 
-class ShardSettings(Strict):
-    """Static sharding for several instances on a broker without sticky shared subscriptions."""
+class PartitionSettings(Strict):
+    """This instance's share of the sensors when the broker partitions them (deploy/nats): the partitions it consumes.
 
-    index: int = Field(default=0, ge=0)
-    count: int = Field(default=1, ge=1)
+    The subscriptions follow from it (`topic` with each consumed partition filled in), and so does the
+    sensor id's topic level (the `+` of `topic`); metrics, logs and the status topic name the partitions.
+    """
+
+    count: int = Field(ge=1, le=4096, description="partitions the broker splits the sensors into (N of partition(N,1))")
+    consume: list[int] = Field(min_length=1, description="the partitions this instance subscribes to")
+    topic: str = Field(default="shard/{partition}/sensors/+/ecg", description="the topic filter of one partition")
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_valid(cls, template: str) -> str:
+        if "{partition}" not in template:
+            raise ValueError("must contain {partition}")
+        try:
+            levels = template.format(partition=0).split("/")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"only the field {{partition}} may be used ({error})") from None
+        if levels.count("+") != 1 or any(("+" in level and level != "+") or "#" in level for level in levels):
+            raise ValueError("needs exactly one '+' level (the sensor id) and no '#'")
+        return template
 
     @model_validator(mode="after")
-    def _index_in_range(self) -> ShardSettings:
-        if self.index >= self.count:
-            raise ValueError(f"index {self.index} must be < count {self.count}")
+    def _consume_in_range(self) -> PartitionSettings:
+        outside = [partition for partition in self.consume if not 0 <= partition < self.count]
+        if outside:
+            raise ValueError(f"consume: {outside} not in 0..{self.count - 1}")
+        if len(set(self.consume)) != len(self.consume):
+            raise ValueError(f"consume: {self.consume} names a partition twice")
         return self
+
+    def filters(self) -> list[str]:
+        return [self.topic.format(partition=partition) for partition in self.consume]
+
+    def sensor_id_level(self) -> int:
+        return self.topic.format(partition=0).split("/").index("+")
+
+    def owns(self, sensor_id: str) -> bool:
+        """Whether the broker sends this sensor to this instance: nats-server's `partition(count,1)` is FNV-1a
+        (32 bit) of the sensor id modulo count (tests/test_partitions.py checks it against the real server)."""
+        return partition_of(sensor_id, self.count) in self.consume
+
+
+FNV_OFFSET = 0x811C9DC5
+FNV_PRIME = 0x01000193
+
+
+def partition_of(sensor_id: str, count: int) -> int:
+    """The partition nats-server's mapping `{{partition(count,1)}}` gives a sensor id."""
+    digest = FNV_OFFSET
+    for byte in sensor_id.encode("utf-8"):
+        digest = ((digest ^ byte) * FNV_PRIME) & 0xFFFFFFFF
+    return digest % count
+
+
+SHARD_REMOVED = (
+    "removed: every instance received every message and dropped the others' (N instances, N times the "
+    "transport). Let the broker split the sensors instead: a `partitions:` section on nats-server "
+    "(deploy/nats), or a `$share/<group>/...` subscription with EMQX's hash_topic strategy (deploy/README.md)"
+)
 
 
 class Config(Strict):
@@ -338,9 +406,38 @@ class Config(Strict):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
-    shard: ShardSettings = Field(default_factory=ShardSettings)
     journal: JournalSettings = Field(default_factory=JournalSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
+    partitions: PartitionSettings | None = None
+
+    @model_validator(mode="after")
+    def _subscribe_to_partitions(self) -> Config:
+        if self.partitions is not None:
+            self.mqtt.subscribe = self.partitions.filters()
+            self.mqtt.sensor_id_level = self.partitions.sensor_id_level()
+        return self
+
+    @property
+    def instance_name(self) -> str:
+        """How logs, metrics and the status topic name this instance: its MQTT client id, unique on the broker."""
+        return self.mqtt.client_id
+
+    @property
+    def consumed_partitions(self) -> list[int]:
+        return sorted(self.partitions.consume) if self.partitions else []
+
+
+def removed_and_conflicting(data: dict[str, Any], source: str) -> list[str]:
+    """Problems the schema cannot word well: a removed section, keys that `partitions` sets itself."""
+    problems = [f"{source}: shard: {SHARD_REMOVED}"] if "shard" in data else []
+    mqtt = data.get("mqtt")
+    if data.get("partitions") is not None and isinstance(mqtt, dict):
+        problems += [
+            f"{source}: mqtt.{key}: leave it out with partitions (partitions.topic and consume set it)"
+            for key in ("subscribe", "sensor_id_level")
+            if key in mqtt
+        ]
+    return problems
 
 
 def load_config(path: str | Path | None, environ: dict[str, str] | None = None, check_model: bool = True) -> Config:
@@ -353,10 +450,10 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None, 
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     names = environment_names(environ)
     data = deep_merge(data, environment_overrides(environ))
-    problems: list[str] = []
+    problems = removed_and_conflicting(data, source)
     config = None
     try:
-        config = validate(Config, data, source, names)
+        config = validate(Config, {key: value for key, value in data.items() if key != "shard"}, source, names)
     except ConfigError as error:
         problems.append(str(error))
     model_path = config.model.path if config else _raw_model_path(data)

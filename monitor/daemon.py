@@ -36,20 +36,20 @@ from monitor.acks import InOrderAcks, PendingWindows
 from monitor.alerts import AlertSink
 from monitor.baseline import SensorBaselines, resolve_baseline
 from monitor.batching import MicroBatcher, WindowQueue
+from monitor.beatwindowing import check_mode, make_assembler
 from monitor.config import Config, ModelSettings, WindowingSettings, load_config
 from monitor.drift import DriftWatch
 from monitor.engine import Engine, load_engine, load_shadow_engine
 from monitor.episode_sink import EpisodeSink, read_retained, state_filter
 from monitor.episodes import EpisodeTracker
 from monitor.errors import ConfigError, MonitorError
-from monitor.ingest import Ingest, shard_of
+from monitor.ingest import Ingest
 from monitor.journal import Journal
 from monitor.log import RateLimiter, configure_logging
 from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
 from monitor.shadow import ShadowComparison
 from monitor.source import MqttConnection
-from monitor.windowing import WindowAssembler
 from monitor.worker import ScoringWorker
 
 log = structlog.get_logger("monitor.daemon")
@@ -156,6 +156,7 @@ class Daemon:
 
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
+        check_mode(self.config.windowing, self.engine, self.config.model.path)
         self.warm_up = warm_up_windows(self.engine, self.config.windowing, str(self.config_path or "config"))
         log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
         self.shadow = load_shadow_engine(self.config.model, self.engine, self.load_engine)
@@ -166,6 +167,8 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
+        count = self.config.partitions.count if self.config.partitions else None
+        self.metrics.set_instance(self.config.instance_name, self.config.consumed_partitions, count)
         self.metrics_server = None
         settings = self.config.metrics
         if settings.enabled:
@@ -192,31 +195,25 @@ class Daemon:
 
     def init_ingest(self) -> None:
         config = self.config
-        window, channels = self.engine.window, self.engine.channels
-        windowing, logging_settings = config.windowing, config.logging
-        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, window, channels)
+        windowing = config.windowing
+        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
+        assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
         self.ingest = Ingest(
             PayloadDecoder(
-                channels, windowing.max_samples_per_message, windowing.max_payload_bytes, windowing.max_abs_value
+                assembler.channels,
+                windowing.max_samples_per_message,
+                windowing.max_payload_bytes,
+                windowing.max_abs_value,
             ),
-            WindowAssembler(
-                window,
-                windowing.stride or window,
-                channels,
-                windowing.max_sensors,
-                windowing.idle_eviction_seconds,
-                on_evict=None if baselines is None else baselines.forget,
-                seq_tolerance=windowing.seq_tolerance,
-            ),
+            assembler,
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
-            config.shard,
             RateLimiter(
-                logging_settings.warning_interval_seconds,
-                logging_settings.max_warning_keys,
-                logging_settings.max_warnings_per_interval,
+                config.logging.warning_interval_seconds,
+                config.logging.max_warning_keys,
+                config.logging.max_warnings_per_interval,
             ),
             config.mqtt.sensor_id_pattern,
             self.pending,
@@ -331,9 +328,9 @@ class Daemon:
         payloads = read_retained(config.mqtt, topic_filter, lifecycle.resume_timeout_seconds)
         if payloads is None:
             return
-        shard = config.shard
+        partitions = config.partitions  # several instances: each takes back only its own sensors' episodes
         restored, unreadable = self.episodes.restore(
-            payloads, lambda sensor_id: shard.count == 1 or shard_of(sensor_id, shard.count) == shard.index
+            payloads, lambda sensor_id: partitions is None or partitions.owns(sensor_id)
         )
         log.info("episode_states_restored", topics=topic_filter, states=restored, unreadable=unreadable,
                  open_episodes=len(tracker.open_episodes()))
@@ -341,7 +338,9 @@ class Daemon:
     def start_scoring(self) -> None:
         batching = self.config.batching
         self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
-        self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending)
+        self.connection = MqttConnection(
+            self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending, self.config.partitions
+        )
         self.init_episodes()
         self.drift = self.make_drift(self.config, self.engine)
         self.worker = ScoringWorker(
@@ -416,6 +415,9 @@ class Daemon:
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             engine = self.load_engine(config.model)
+            check_mode(self.started_config.windowing, engine, config.model.path)
+            if engine.segmentation != self.engine.segmentation:
+                raise ConfigError("the new model cuts beats differently from the running one: restart the daemon")
             if (engine.window, engine.channels) != (self.engine.window, self.engine.channels):
                 raise ConfigError(
                     f"the new model takes windows of {engine.window}x{engine.channels}, the running one "
@@ -495,7 +497,15 @@ class Daemon:
         return self.exit_code
 
 
+def instance_context(config: Config) -> dict[str, object]:
+    """Fields every log line of this process carries: which instance, and which partitions it consumes."""
+    context: dict[str, object] = {"instance": config.instance_name}
+    if config.partitions is not None:
+        context["partitions"] = config.consumed_partitions
+    return context
+
+
 def run(config_path: str | Path) -> int:
     config = load_config(config_path)
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(config.logging.level, config.logging.format, instance_context(config))
     return Daemon(config, config_path).run()

@@ -16,6 +16,7 @@ import torch
 
 from monitor.artifact import load_artifact
 from monitor.baseline import trained_baseline
+from monitor.beats import BeatSpec, beat_spec
 from monitor.config import ModelSettings
 from monitor.drift import CalibrationScores
 from monitor.errors import ArtifactError, ConfigError, MonitorError
@@ -54,6 +55,7 @@ class Engine:
     device: str
     calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
     baseline: tuple[str, int | None] = ("model", None)  # how the model was trained: (model | sensor, warm-up windows)
+    segmentation: BeatSpec | None = None  # how the model's beats are cut; None for a fixed-window model
 
     def score(self, windows: np.ndarray) -> Scores:
         return self.scorer.score(windows)
@@ -69,6 +71,7 @@ class Engine:
             "channels": self.channels,
             "threshold": self.threshold,
             "baseline": self.baseline[0],
+            "mode": "fixed" if self.segmentation is None else "beats",
         }
 
 
@@ -115,6 +118,7 @@ def load_engine(settings: ModelSettings) -> Engine:
         device=str(device),
         calibration=calibration,
         baseline=trained_baseline(artifact.metadata),
+        segmentation=beat_spec(artifact.metadata, settings.path),
     )
 
 

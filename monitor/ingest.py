@@ -11,9 +11,8 @@ import dataclasses
 import re
 import threading
 import time
-import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -21,20 +20,15 @@ import structlog
 from monitor.acks import PendingWindows, Receipt
 from monitor.baseline import SensorBaselines
 from monitor.batching import WindowQueue
-from monitor.config import ShardSettings
+from monitor.beatwindowing import BeatAssembler, BeatFeedResult, BeatWindow
 from monitor.errors import PayloadError
 from monitor.journal import Journal, Replayed, encode_windows
 from monitor.log import RateLimiter
 from monitor.metrics import Metrics
 from monitor.payload import PayloadDecoder, sensor_id_from_topic
-from monitor.windowing import Window, WindowAssembler
+from monitor.windowing import FeedResult, Window, WindowAssembler
 
 log = structlog.get_logger("monitor.ingest")
-
-
-def shard_of(sensor_id: str, count: int) -> int:
-    """A stable shard number for a sensor (CRC-32, the same on every host and run)."""
-    return zlib.crc32(sensor_id.encode("utf-8")) % count
 
 
 class Ingest:
@@ -43,11 +37,10 @@ class Ingest:
     def __init__(
         self,
         decoder: PayloadDecoder,
-        assembler: WindowAssembler,
-        windows: WindowQueue[Window],
+        assembler: WindowAssembler | BeatAssembler,
+        windows: WindowQueue[Window | BeatWindow],
         metrics: Metrics,
         sensor_id_level: int,
-        shard: ShardSettings,
         warnings: RateLimiter | None = None,
         sensor_id_pattern: str | None = None,
         pending: PendingWindows | None = None,
@@ -61,7 +54,6 @@ class Ingest:
         self.windows = windows
         self.metrics = metrics
         self.sensor_id_level = sensor_id_level
-        self.shard = shard
         self.baselines = baselines  # with `baseline: sensor`: warm-ups and per-sensor normalisation, under the lock
         self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
         self._warnings = warnings or RateLimiter(60.0)
@@ -82,12 +74,13 @@ class Ingest:
         sensor_id = None
         try:
             sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
-            if self.shard.count > 1 and shard_of(sensor_id, self.shard.count) != self.shard.index:
-                self.metrics.messages.labels("other_shard").inc()
-                return
             message = self.decoder.decode(payload)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
-                result = self.assembler.feed(sensor_id, message, now, redelivered)
+                result: FeedResult | BeatFeedResult
+                if isinstance(self.assembler, BeatAssembler):
+                    result = self.assembler.feed(sensor_id, message, now)
+                else:
+                    result = self.assembler.feed(sensor_id, message, now, redelivered)
                 windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
                 journal, pending = self.journal, self.pending
                 if receipt is not None and journal is not None and pending is not None and not result.duplicate:
@@ -95,7 +88,8 @@ class Ingest:
                     journal.append(topic, payload, receipt)
                 if pending is not None:
                     for window in windows:
-                        pending.add(window, receipt)
+                        if isinstance(window, Window):  # beat windows are not tracked: see RELIABILITY.md
+                            pending.add(window, receipt)
         except PayloadError as error:
             self.metrics.messages.labels(error.reason).inc()
             if self._warnings.allow((sensor_id or topic, error.reason), now):
@@ -129,23 +123,27 @@ class Ingest:
                 self.metrics.windows_dropped.labels("seq_gap").inc(result.gap_windows_dropped)
             if self._warnings.allow((sensor_id, "seq_gap"), now):
                 log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
+        if isinstance(result, BeatFeedResult):
+            self._count_beats(sensor_id, result, now)
         for window in windows:
             if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:
                 self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
-                if self.pending is not None:
-                    self.pending.decided(window)
+                self._decided(window)
                 continue
             if not self.windows.offer(window):
-                if self.pending is not None:
-                    self.pending.decided(window)
+                self._decided(window)
                 self.metrics.windows_dropped.labels("queue_full").inc()
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
 
-    def _after_warm_up(self, windows: list[Window]) -> list[Window]:
+    def _decided(self, window: Window | BeatWindow) -> None:
+        if self.pending is not None and isinstance(window, Window):
+            self.pending.decided(window)
+
+    def _after_warm_up(self, windows: Sequence[Window | BeatWindow]) -> list[Window | BeatWindow]:
         """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
         assert self.baselines is not None
-        ready = []
+        ready: list[Window | BeatWindow] = []
         for window in windows:
             normalised = self.baselines.admit(window.sensor_id, window.samples)
             if normalised is None:
@@ -153,6 +151,15 @@ class Ingest:
             else:
                 ready.append(dataclasses.replace(window, samples=normalised))
         return ready
+
+    def _count_beats(self, sensor_id: str, result: BeatFeedResult, now: float) -> None:
+        self.metrics.beats_found.inc(result.beats_found)
+        if result.detector_resets:
+            self.metrics.detector_resets.inc(result.detector_resets)
+        for reason, count in result.unscorable.items():
+            self.metrics.beats_unscorable.labels(reason).inc(count)
+            if reason != "warmup" and self._warnings.allow((sensor_id, "unscorable"), now):
+                log.warning("beats_unscorable", sensor_id=sensor_id, reason=reason, beats=count)
 
     def housekeeping(self, now: float) -> None:
         """Evict idle sensors (called about once a second)."""

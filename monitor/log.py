@@ -17,12 +17,17 @@ import structlog
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """Configure structlog and stdlib logging once, at start."""
+def configure_logging(level: str = "info", fmt: str = "auto", context: dict[str, object] | None = None) -> None:
+    """Configure structlog and stdlib logging once, at start; `context` goes into every line (the instance).
+
+    A processor rather than `bind_contextvars`: context variables do not reach threads started later (paho's,
+    the scorer's), and stdlib records (paho's own log) pass through the same chain.
+    """
     as_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
+        _add_context(context or {}),
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -47,6 +52,15 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     logging.captureWarnings(True)  # torch's and numpy's warnings become log lines too
+
+
+def _add_context(context: dict[str, object]) -> structlog.typing.Processor:
+    def add(logger: object, method_name: str, event_dict: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        for key, value in context.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add
 
 
 class RateLimiter:

@@ -20,11 +20,12 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from monitor.beats import UNSCORABLE_REASONS
 from monitor.episodes import EVENT_KINDS
 from monitor.payload import REJECT_REASONS
 
 MESSAGE_OUTCOMES = (
-    "accepted", "duplicate", "retained", "sensor_limit", "other_shard", "internal_error", *REJECT_REASONS
+    "accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS
 )
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
@@ -80,6 +81,14 @@ class Metrics:
             registry=registry,
         )
         self.reconstruction_error = self._error_histogram(threshold)
+        # beat mode (windowing.mode: beats); in it, monitor_windows_scored_total counts the beats scored
+        self.beats_found = Counter("monitor_beats_found_total", "Beats the R-peak detector found", registry=registry)
+        self.beats_unscorable = Counter(
+            "monitor_beats_unscorable_total", "Beats found but not scored, by reason", ["reason"], registry=registry
+        )
+        self.detector_resets = Counter(
+            "monitor_detector_resets_total", "Sensors' beat detectors restarted by a seq gap", registry=registry
+        )
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
@@ -103,12 +112,26 @@ class Metrics:
             "Metrics connections closed because metrics.max_connections were open",
             registry=registry,
         )
+        self.instance_info = Info(
+            "monitor_instance",
+            "This instance: its name (the MQTT client id) and the broker partitions it consumes",
+            registry=registry,
+        )
+        self.partition_consumed = Gauge(
+            "monitor_partition_consumed",
+            "1 for each broker partition this instance is subscribed to right now, 0 for the others (partitions only)",
+            ["partition"],
+            registry=registry,
+        )
+        self._partitions: list[int] = []
         for outcome in MESSAGE_OUTCOMES:
             self.messages.labels(outcome)
         for reason in WINDOW_DROP_REASONS:
             self.windows_dropped.labels(reason)
         for reason in ALERT_DROP_REASONS:
             self.alerts_dropped.labels(reason)
+        for reason in UNSCORABLE_REASONS:
+            self.beats_unscorable.labels(reason)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.threshold.set(threshold)
@@ -222,6 +245,18 @@ class Metrics:
         self.queue_depth.set_function(queue_depth)
         self.active_sensors.set_function(active_sensors)
         self.buffered_samples.set_function(buffered_samples)
+
+    def set_instance(self, name: str, partitions: list[int], count: int | None) -> None:
+        """Name the instance; with a partitioned broker, one `monitor_partition_consumed` series per partition, at 0."""
+        self.instance_info.info({"instance_name": name, "partitions": ",".join(map(str, partitions)) or "all"})
+        self._partitions = partitions
+        for partition in range(count or 0):
+            self.partition_consumed.labels(str(partition)).set(0)
+
+    def set_consuming(self, consuming: bool) -> None:
+        """Subscribed (SUBACK) or not (disconnected, draining): the consumed partitions' gauges follow."""
+        for partition in self._partitions:
+            self.partition_consumed.labels(str(partition)).set(int(consuming))
 
     def set_model(self, name: str, version: str, backend: str, device: str, threshold: float) -> None:
         self.model_info.info({"name": name, "version": version, "backend": backend, "device": device})

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+import orjson
 import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import MQTTErrorCode
@@ -32,7 +33,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from monitor.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.alerts import DropReason, PublishRefused
 from monitor.broker import make_client
-from monitor.config import MqttSettings
+from monitor.config import MqttSettings, PartitionSettings
 from monitor.metrics import Metrics
 
 log = structlog.get_logger("monitor.mqtt")
@@ -50,12 +51,14 @@ class MqttConnection:
         metrics: Metrics,
         acks: InOrderAcks,
         pending: PendingWindows,
+        partitions: PartitionSettings | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self.metrics = metrics
         self.acks = acks
         self.pending = pending
+        self.partitions = partitions
         self.status_topic = settings.status_topic.format(client_id=settings.client_id)
         self.subscribed = threading.Event()
         self._accepting = True
@@ -75,7 +78,7 @@ class MqttConnection:
         )
         client.max_queued_messages_set(settings.max_queued_alerts)
         client.max_inflight_messages_set(settings.max_inflight)
-        client.will_set(self.status_topic, b"offline", qos=1, retain=True)
+        client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -108,6 +111,22 @@ class MqttConnection:
             persistent_session=settings.persistent_session,
         )
 
+    def status(self, state: str) -> bytes:
+        """The retained status: online or offline, and which instance, partitions and subscriptions it is."""
+        partitions = sorted(self.partitions.consume) if self.partitions else None
+        document = {"status": state, "instance": self.settings.client_id, "partitions": partitions}
+        return orjson.dumps({**document, "subscriptions": self.settings.subscribe})
+
+    def _release_other_partitions(self, client: mqtt.Client, session_present: bool) -> None:
+        """A resumed session keeps the subscriptions of the last run: drop those of partitions no longer consumed
+        (after `partitions.consume` changed), or their input would keep arriving here."""
+        if not (session_present and self.partitions):
+            return
+        consumed, topic = self.partitions.consume, self.partitions.topic
+        others = [topic.format(partition=p) for p in range(self.partitions.count) if p not in consumed]
+        if others:
+            client.unsubscribe(others)
+
     # paho callbacks: they run on paho's network thread, so they are short and never raise.
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -123,10 +142,11 @@ class MqttConnection:
             session_present=bool(getattr(flags, "session_present", False)),
         )
         # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
-        status = client.publish(self.status_topic, b"online", qos=1, retain=True)
+        status = client.publish(self.status_topic, self.status("online"), qos=1, retain=True)
         if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # a refused one (queue full of alerts) never gets a PUBACK
             self._status_mids.add(status.mid)
         if self._accepting:
+            self._release_other_partitions(client, bool(getattr(flags, "session_present", False)))
             client.subscribe([(topic, self._subscribe_options()) for topic in self.settings.subscribe])
 
     def _subscribe_options(self) -> SubscribeOptions | int:
@@ -155,6 +175,7 @@ class MqttConnection:
         self.metrics.broker_connected.set(0)
         self.metrics.broker_disconnects.inc()
         self.subscribed.clear()
+        self.metrics.set_consuming(False)
         level = log.warning if reason_code.is_failure else log.info
         level("broker_disconnected", reason=str(reason_code), pending_alerts=self.pending_alerts())
 
@@ -165,6 +186,7 @@ class MqttConnection:
             return
         log.info("subscribed", topics=self.settings.subscribe, qos=self.settings.subscribe_qos)
         self.subscribed.set()
+        self.metrics.set_consuming(True)
 
     def _on_message(self, client, userdata, message) -> None:
         with self._input_lock:
@@ -241,6 +263,7 @@ class MqttConnection:
         to the next start; without one, unsubscribe."""
         with self._input_lock:  # returns once a message being handled is done: no window arrives after this
             self._accepting = False
+        self.metrics.set_consuming(False)
         if not self.settings.persistent_session:
             self.client.unsubscribe(self.settings.subscribe)
 
@@ -255,7 +278,7 @@ class MqttConnection:
         """Say offline on the status topic (when connected), disconnect and stop paho's thread; never raises
         for a broker that is down or a full alert queue."""
         self._closing = True  # the offline status' PUBACK may come before its mid could be recorded
-        status = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
+        status = self.client.publish(self.status_topic, self.status("offline"), qos=1, retain=True)
         if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             status.wait_for_publish(timeout=1.0)
         else:

@@ -47,7 +47,7 @@ import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -114,36 +114,27 @@ class _Stream:
         self.aside: _Stream | None = None  # the stream before a seq jump, until the next message decides
 
 
-class WindowAssembler:
-    """Cuts each sensor's stream into windows of W samples every S samples (see the module docstring)."""
+class _Sensor(Protocol):
+    last_seen: float
 
-    def __init__(
-        self,
-        window: int,
-        stride: int,
-        channels: int,
-        max_sensors: int,
-        idle_seconds: float,
-        on_evict: Callable[[str], None] | None = None,
-        seq_tolerance: int = 1024,
-    ) -> None:
-        """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction;
-        on_evict, called with each evicted sensor's id (per-sensor state kept elsewhere goes with it); seq_tolerance,
-        the seq jump beyond which a message far ahead, or back near 0, restarts the stream (module docstring)."""
-        if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
-            raise ValueError(f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}")
+
+
+SensorState = TypeVar("SensorState", bound=_Sensor)
+
+
+class SensorTable(Generic[SensorState]):
+    """Per-sensor state, least recently seen first: at most `max_sensors`, idle ones evicted (fixed and beat mode).
+
+    `on_evict` is called with each evicted sensor's id, so per-sensor state kept elsewhere goes with it.
+    """
+
+    def __init__(self, max_sensors: int, idle_seconds: float, on_evict: Callable[[str], None] | None = None) -> None:
         if not idle_seconds > 0:
             raise ValueError(f"idle_seconds must be > 0, got {idle_seconds}")
-        self.window = window
-        self.stride = stride
-        self.channels = channels
         self.max_sensors = max_sensors
         self.idle_seconds = idle_seconds
         self.on_evict = on_evict
-        self.seq_tolerance = seq_tolerance
-        # Room for a partial window plus a typical message, so most messages append in place.
-        self._buffer_rows = 2 * window
-        self._streams: OrderedDict[str, _Stream] = OrderedDict()  # least recently seen first
+        self._streams: OrderedDict[str, SensorState] = OrderedDict()  # least recently seen first
         self.evicted_total = 0  # every eviction, including those a new sensor triggers inside feed()
 
     @property
@@ -154,10 +145,6 @@ class WindowAssembler:
     def sensor_ids(self) -> Iterator[str]:
         """The sensors with state held, least recently seen first."""
         return iter(self._streams)
-
-    def buffered_samples(self) -> int:
-        """Total samples held across sensors (each sensor holds fewer than W, or 2W just after a seq jump)."""
-        return sum(stream.fill + (stream.aside.fill if stream.aside else 0) for stream in self._streams.values())
 
     def evict_idle(self, now: float) -> int:
         """Drops sensors with now - last_seen >= idle_seconds; returns how many. O(evicted)."""
@@ -172,6 +159,52 @@ class WindowAssembler:
             evicted += 1
         self.evicted_total += evicted
         return evicted
+
+    def _seen(self, sensor_id: str, now: float) -> SensorState | None:
+        """The sensor's state, marked as seen now; None for a sensor without state."""
+        stream = self._streams.get(sensor_id)
+        if stream is not None:
+            stream.last_seen = now
+            self._streams.move_to_end(sensor_id)
+        return stream
+
+    def _make_room(self, now: float) -> None:
+        """Before adding a sensor: evicts idle ones when full; PayloadError("sensor_limit") if none is idle."""
+        if len(self._streams) >= self.max_sensors:
+            self.evict_idle(now)
+            if len(self._streams) >= self.max_sensors:
+                raise PayloadError(SENSOR_LIMIT_REASON, f"{self.max_sensors} sensors active")
+
+
+class WindowAssembler(SensorTable[_Stream]):
+    """Cuts each sensor's stream into windows of W samples every S samples (see the module docstring)."""
+
+    def __init__(
+        self,
+        window: int,
+        stride: int,
+        channels: int,
+        max_sensors: int,
+        idle_seconds: float,
+        on_evict: Callable[[str], None] | None = None,
+        seq_tolerance: int = 1024,
+    ) -> None:
+        """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction;
+        on_evict, called with each evicted sensor's id; seq_tolerance, the seq jump beyond which a message far
+        ahead, or back near 0, restarts the stream (module docstring)."""
+        if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
+            raise ValueError(f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}")
+        super().__init__(max_sensors, idle_seconds, on_evict)
+        self.window = window
+        self.stride = stride
+        self.channels = channels
+        self.seq_tolerance = seq_tolerance
+        # Room for a partial window plus a typical message, so most messages append in place.
+        self._buffer_rows = 2 * window
+
+    def buffered_samples(self) -> int:
+        """Total samples held across sensors (each sensor holds fewer than W, or 2W just after a seq jump)."""
+        return sum(stream.fill + (stream.aside.fill if stream.aside else 0) for stream in self._streams.values())
 
     def snapshot(self) -> dict[str, Any]:
         """Every sensor's position and partial window, JSON-ready (samples as base64 of little-endian float32)."""
@@ -235,12 +268,9 @@ class WindowAssembler:
         samples = message.samples
         if samples.ndim != 2 or samples.shape[1] != self.channels:
             raise ValueError(f"samples must be [n, {self.channels}], got {samples.shape}")
-        stream = self._streams.get(sensor_id)
+        stream = self._seen(sensor_id, now)
         if stream is None:
             stream = self._new_stream(sensor_id, 0 if message.seq is None else message.seq, now)
-        else:
-            stream.last_seen = now
-            self._streams.move_to_end(sensor_id)
         result = FeedResult()
         n = len(samples)
         seq = stream.next_seq if message.seq is None else message.seq
@@ -266,10 +296,7 @@ class WindowAssembler:
         return result
 
     def _new_stream(self, sensor_id: str, first_seq: int, now: float) -> _Stream:
-        if len(self._streams) >= self.max_sensors:
-            self.evict_idle(now)
-            if len(self._streams) >= self.max_sensors:
-                raise PayloadError(SENSOR_LIMIT_REASON, f"{self.max_sensors} sensors active")
+        self._make_room(now)
         buffer = np.empty((self._buffer_rows, self.channels), dtype=np.float32)
         stream = self._streams[sensor_id] = _Stream(first_seq, self.stride, buffer, now)
         return stream

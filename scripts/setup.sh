@@ -25,7 +25,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packages start their own services; the monitor's scripts and tests start their own brokers.
   if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
-    systemctl disable --now mosquitto prometheus 2>/dev/null || true
+    systemctl disable --now mosquitto prometheus nats-server 2>/dev/null || true
   fi
 fi
 

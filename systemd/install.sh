@@ -87,6 +87,8 @@ install -m 0644 "$REPO/systemd/monitor.env.example" "$CONFDIR/monitor.env.exampl
 
 step "unit in $UNITDIR"
 install -m 0644 "$REPO/systemd/monitor.service" "$UNITDIR/monitor.service"
+# Several instances on one host (README, "Several instances"): monitor@<i> reads $CONFDIR/monitor-<i>.yaml.
+install -m 0644 "$REPO/systemd/monitor@.service" "$UNITDIR/monitor@.service"
 
 next_steps=(
     "install -m 0600 /dev/stdin $CONFDIR/credentials/mqtt_password   # if the broker wants a password (with mqtt.username)"

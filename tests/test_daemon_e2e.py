@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -22,14 +25,20 @@ CONTRACT_METRICS = [
 ]
 
 
-def expected_alerts(path, sensors: int) -> tuple[set[tuple[str, int]], float, int]:
-    """What `monitor evaluate` flags on the same beats, as (sensor id, window start seq) pairs."""
+@functools.cache
+def flagged_beats(path: Path) -> tuple[np.ndarray, float, int]:
+    """The beats the default model flags, its threshold and window; scored once a session (tests/test_partitions.py
+    replays the same split over another number of sensors)."""
     artifact = load_artifact(DEFAULT_MODEL)
-    data = read_ucr(path)
-    errors = Scorer.from_artifact(artifact).score_all(data.windows).errors
-    flagged = np.flatnonzero(errors > artifact.threshold)
-    pairs = {(f"sensor-{index % sensors:04d}", (index // sensors) * artifact.window) for index in flagged}
-    return pairs, artifact.threshold, artifact.window
+    errors = Scorer.from_artifact(artifact).score_all(read_ucr(path).windows).errors
+    return np.flatnonzero(errors > artifact.threshold), artifact.threshold, artifact.window
+
+
+def expected_alerts(path: Path, sensors: int) -> tuple[set[tuple[str, int]], float, int]:
+    """What `monitor evaluate` flags on the same beats, as (sensor id, window start seq) pairs."""
+    flagged, threshold, window = flagged_beats(path)
+    pairs = {(f"sensor-{index % sensors:04d}", (index // sensors) * window) for index in flagged}
+    return pairs, threshold, window
 
 
 def test_replayed_test_split_alerts_exactly_what_evaluate_flags(broker, capture_factory, daemon_factory, tmp_path):

@@ -100,8 +100,11 @@ def reload_with(daemon: Daemon, path: Path, **sections) -> list[dict]:
     """Rewrite the config with `sections` changed, reload as SIGHUP does, and return the log entries."""
     config = json.loads(json.dumps(load_config(path).model_dump(mode="json")))
     for section, values in sections.items():
-        config[section].update(values)
+        config[section] = {**(config[section] or {}), **values}
     config["mqtt"].pop("password", None)
+    if config["partitions"] is not None:  # they set these two themselves
+        for key in ("subscribe", "sensor_id_level"):
+            config["mqtt"].pop(key)
     path.write_text(json.dumps(config))  # YAML is a superset of JSON
     with capture_logs() as logs:
         daemon.reload()
@@ -185,7 +188,10 @@ def test_reload_applies_drift_settings_live(daemon):
         ({"batching": {"queue_capacity": 77, "max_batch": 8}}, ["batching.max_batch", "batching.queue_capacity"]),
         ({"windowing": {"stride": 70}}, ["windowing.stride"]),
         ({"metrics": {"port": 9999}}, ["metrics.port"]),
-        ({"shard": {"count": 2, "index": 1}}, ["shard.count", "shard.index"]),
+        (
+            {"partitions": {"count": 2, "consume": [1]}},
+            ["mqtt.sensor_id_level", "mqtt.subscribe", "partitions.consume", "partitions.count", "partitions.topic"],
+        ),
         ({"alerts": {"lifecycle": {"enabled": True}}}, ["alerts.lifecycle.enabled"]),
         (
             {"logging": {"format": "console", "warning_interval_seconds": 5}},
@@ -194,8 +200,8 @@ def test_reload_applies_drift_settings_live(daemon):
     ],
 )
 def test_reload_names_each_setting_that_needs_a_restart(daemon, sections, keys):
-    before = daemon.queue.capacity, daemon.ingest.assembler, daemon.ingest.shard
+    before = daemon.queue.capacity, daemon.ingest.assembler, daemon.ingest.sensor_id_level
     logs = reload_with(daemon, daemon.config_path, **sections)
     assert [entry["key"] for entry in logs if entry["event"] == "reload_needs_restart"] == keys
-    assert (daemon.queue.capacity, daemon.ingest.assembler, daemon.ingest.shard) == before  # not half-applied
+    assert (daemon.queue.capacity, daemon.ingest.assembler, daemon.ingest.sensor_id_level) == before  # not half-applied
     assert daemon.registry.get_sample_value("monitor_model_reloads_total", {"outcome": "success"}) == 1

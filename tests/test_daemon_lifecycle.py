@@ -91,12 +91,13 @@ def test_sigterm_drains_and_exits_zero(broker, daemon_factory, capture_factory, 
     config = daemon_config(tmp_path / "m.yaml", broker.port, batching={"max_wait_seconds": 0.5})
     daemon = daemon_factory(config)
     status = capture_factory(broker.port, ["monitor/#"])
-    status.wait_for(lambda c: any(p == b"online" for _, p, _ in c.messages), 10, what="online status")
+    online = lambda c: any(json.loads(p)["status"] == "online" for _, p, _ in c.messages)  # noqa: E731
+    status.wait_for(online, 10, what="online status")
     started = time.monotonic()
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(10) == 0
     assert time.monotonic() - started < 5
-    status.wait_for(lambda c: c.messages[-1][1] == b"offline", 10, what="offline status")
+    status.wait_for(lambda c: json.loads(c.messages[-1][1])["status"] == "offline", 10, what="offline status")
     assert daemon.events("stopped")
 
 

@@ -1,4 +1,4 @@
-"""The episode stage in process: what it publishes where, failures counted, resume filtered by shard, and the
+"""The episode stage in process: what it publishes where, failures counted, resume filtered by partition, and the
 README's event and state payloads held to what the code produces."""
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def test_drain_publishes_the_states_of_sensors_with_an_episode_only(engine):
     ]
 
 
-def test_resume_takes_back_its_own_shards_states_and_counts_the_unreadable(engine):
+def test_resume_takes_back_its_own_partitions_states_and_counts_the_unreadable(engine):
     before, publisher, _, _ = make_stage(engine)
     feed(before, engine, "mine", "AA")
     feed(before, engine, "theirs", "AA")

@@ -32,7 +32,6 @@ from prometheus_client import CollectorRegistry
 from monitor.artifact import ERROR_MEASURE, load_artifact, save_artifact
 from monitor.autoencoder import LSTMAutoencoder
 from monitor.batching import WindowQueue
-from monitor.config import ShardSettings
 from monitor.ingest import Ingest
 from monitor.metrics import Metrics
 from monitor.payload import Message, PayloadDecoder
@@ -279,10 +278,14 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(broker_factory, ca
     assert metric(samples, "monitor_broker_connected") == 1
     assert metric(samples, "monitor_broker_connections_total") == 2
     assert metric(samples, "monitor_broker_disconnections_total") == 1
-    statuses = [(topic, payload) for topic, payload, _ in sink.messages if topic.startswith("monitor/")]
-    assert [payload for _, payload in statuses].count(b"online") >= 2, statuses  # announced again after the outage
+    statuses = [json.loads(payload)["status"] for topic, payload, _ in sink.messages if topic.startswith("monitor/")]
+    assert statuses.count("online") >= 2, statuses  # announced again after the outage
     retained = capture_factory(broker.port, ["monitor/+/status"])
-    retained.wait_for(lambda c: c.messages and c.messages[-1][1:] == (b"online", True), 10, what="the retained status")
+    retained.wait_for(
+        lambda c: c.messages and (json.loads(c.messages[-1][1])["status"], c.messages[-1][2]) == ("online", True),
+        10,
+        what="the retained status",
+    )
     assert daemon.process.poll() is None
     name = "broker_sigkill"
     figure(name, "windows / alerts expected", f"{windows} / {len(expected)}")
@@ -414,7 +417,11 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     drain_seconds = None
     if mode == "sigkill":
         first.kill()
-        sink.wait_for(lambda c: (c.messages[-1][0].startswith("monitor/") and c.messages[-1][1] == b"offline"), 30, what="the will: offline")
+        sink.wait_for(
+            lambda c: c.messages[-1][0].startswith("monitor/") and json.loads(c.messages[-1][1])["status"] == "offline",
+            30,
+            what="the will: offline",
+        )
         streamer.running.set()
     else:
         first.process.send_signal(signal.SIGTERM)
@@ -438,8 +445,9 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     assert metric(second.scrape(), "monitor_seq_gaps_total") == 0
     if keep_state:
         assert second.events("window_state_restored")[0]["sensors"] == len(streams)
-    statuses = [payload for topic, payload, _ in sink.messages if topic.startswith("monitor/")]
-    assert statuses == [b"online", b"offline", b"online"], statuses  # offline: the drain says it, or the will after a crash
+    statuses = [json.loads(payload)["status"] for topic, payload, _ in sink.messages if topic.startswith("monitor/")]
+    # offline: the drain says it, or the will after a crash
+    assert statuses == ["online", "offline", "online"], statuses
     name = f"daemon_restart[{mode}]"
     if drain_seconds is not None:
         figure(name, "SIGTERM to exit seconds / drain seconds (logged)", f"{drain_seconds:.2f} / {first.events('stopped')[0]['drain_seconds']}")
@@ -685,12 +693,12 @@ topics = st.one_of(
 steps = st.lists(st.tuples(topics, payloads, st.sampled_from([0.0, 0.01, 1.0, 7.0])), min_size=20, max_size=60)
 
 
-def handle_all(steps: list[tuple[str, bytes, float]], stride: int, shards: int) -> None:
+def handle_all(steps: list[tuple[str, bytes, float]], stride: int) -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry, 4, 1.0)
     queue = CountingQueue(4)
     assembler = WindowAssembler(FUZZ_WINDOW, stride, 1, 3, 5.0)
-    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1, ShardSettings(index=0, count=shards))
+    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1)
     now = 0.0
     with structlog.testing.capture_logs():  # the rate-limited warnings, kept out of the test output
         for index, (topic, payload, dt) in enumerate(steps):
@@ -712,10 +720,10 @@ def test_fuzz_ingest_handle_never_raises_and_counts_every_message():
     handled = 0
 
     @settings(max_examples=250, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-    @given(steps=steps, stride=st.sampled_from([4, 8, 12]), shards=st.sampled_from([1, 2]))
-    def fuzz(steps: list[tuple[str, bytes, float]], stride: int, shards: int) -> None:
+    @given(steps=steps, stride=st.sampled_from([4, 8, 12]))
+    def fuzz(steps: list[tuple[str, bytes, float]], stride: int) -> None:
         nonlocal handled
-        handle_all(steps, stride, shards)
+        handle_all(steps, stride)
         handled += len(steps)
 
     fuzz()

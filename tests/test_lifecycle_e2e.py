@@ -125,6 +125,9 @@ def test_ecg5000_replay_gives_episode_events_instead_of_an_alert_per_window(
     expected = expected_events(errors, engine.threshold)
     per_window = int(np.sum(errors > engine.threshold))
     capture.wait_for(lambda c: len(messages(c, "/events")) >= len(expected), 30, what="the episode events")
+    capture.wait_for(
+        lambda c: sum(topic.count("/") == 1 for topic, _ in messages(c, "")) >= per_window, 30, what="every alert"
+    )
     alerts = [payload for topic, payload in messages(capture, "") if topic.count("/") == 1]
     events = [payload for _, payload in messages(capture, "/events")]
     assert len(alerts) == per_window == 2021  # per-window alerts stay on unless turned off

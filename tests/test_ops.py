@@ -110,7 +110,13 @@ RULE_TEST_SERIES = """
 - {series: 'monitor_messages_received_total{job="monitor", instance="a", outcome="accepted"}', values: '0+90x30'}
 - {series: 'monitor_messages_received_total{job="monitor", instance="a", outcome="invalid_json"}', values: '0+10x30'}
 - {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="accepted"}', values: '0+90x30'}
-- {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="other_shard"}', values: '0+1000x30'}
+- {series: 'monitor_messages_received_total{job="monitor", instance="b", outcome="duplicate"}', values: '0+1x30'}
+- {series: 'monitor_partition_consumed{job="monitor", instance="a", partition="0"}', values: '1x30'}
+- {series: 'monitor_partition_consumed{job="monitor", instance="a", partition="1"}', values: '0x30'}
+- {series: 'monitor_partition_consumed{job="monitor", instance="b", partition="0"}', values: '0x30'}
+- {series: 'monitor_partition_consumed{job="monitor", instance="b", partition="1"}', values: '1 1 1 1 _x12 1x14'}
+- {series: 'monitor_partition_consumed{job="monitor", instance="c", partition="2"}', values: '1x30'}
+- {series: 'monitor_partition_consumed{job="monitor", instance="d", partition="2"}', values: '0x10 1x20'}
 - {series: 'monitor_alerts_dropped_total{job="monitor", instance="a", reason="queue_full"}', values: '0 0 0 5 5 5'}
 - {series: 'monitor_drift_psi{job="monitor", instance="a"}', values: '0.05x10 0.6x30'}
 - {series: 'monitor_drift_psi_bound{job="monitor", instance="a"}', values: '0.25x40'}
@@ -129,8 +135,16 @@ RULE_TEST_EXPECTATIONS = [
     ("30m", "MonitorNoData", [{"severity": "warning", "instance": "a"}]),
     ("5m", "MonitorAlertsPending", []),
     ("15m", "MonitorAlertsPending", [{"severity": "warning", **A}]),
-    # Instance b only discards other shards' messages: not a rejection.
+    # Instance b rejects 1 of 91 messages: under the 5 % bar.
     ("20m", "MonitorRejectedMessages", [{"severity": "warning", "instance": "a"}]),
+    # b, partition 1's consumer, is gone from minute 4 to 15: its last sample goes stale after 5 minutes, while a
+    # still says 0 for partition 1, which then has no consumer; 2 minutes later the alert fires, until b is back.
+    ("6m", "MonitorPartitionUnconsumed", []),
+    ("13m", "MonitorPartitionUnconsumed", [{"severity": "critical", "partition": "1"}]),
+    ("20m", "MonitorPartitionUnconsumed", []),
+    # Partition 2 has two consumers from minute 10 on.
+    ("12m", "MonitorPartitionConsumedTwice", []),
+    ("16m", "MonitorPartitionConsumedTwice", [{"severity": "warning", "partition": "2"}]),
     ("4m", "MonitorAlertsDropped", [{"severity": "critical", "instance": "a", "reason": "queue_full"}]),
     ("20m", "MonitorAlertsDropped", []),
     # PSI above its bound from minute 11; instance b has too few scores yet (NaN) and never fires.
@@ -223,7 +237,8 @@ def rule_expressions() -> list[tuple[str, str]]:
 def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     """`host:port` of a running daemon's /metrics while the test split is replayed through it in real time."""
     directory = tmp_path_factory.mktemp("ops-daemon")
-    config = daemon_config(directory / "monitor.yaml", broker.port)
+    # Partition 0 of 2, so the per-partition panels and rules have series; the replay publishes on partition 0's topic.
+    config = daemon_config(directory / "monitor.yaml", broker.port, partitions={"count": 2, "consume": [0]})
     daemon = DaemonProcess(config)
     replay = None
     try:

@@ -1,5 +1,5 @@
 """The output half in-process, stage by stage, each with a fresh `CollectorRegistry`: the alert sink with a fake
-publisher, the scoring worker and its swap and heartbeat, shard assignment, the rate limiter, the histogram
+publisher, the scoring worker and its swap and heartbeat, the rate limiter, the histogram
 quantile, and `load_config` with environment overrides. The model is the committed default one."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import dataclasses
 import ssl
 import threading
 import time
-import zlib
 from typing import get_args
 
 import numpy as np
@@ -19,16 +18,14 @@ from prometheus_client import CollectorRegistry
 from monitor.acks import InOrderAcks, PendingWindows
 from monitor.alerts import DROP_REASONS, AlertSink, DropReason, PublishRefused
 from monitor.batching import MicroBatcher, WindowQueue
-from monitor.config import AlertSettings, ModelSettings, ShardSettings, load_config
+from monitor.config import AlertSettings, ModelSettings, load_config
 from monitor.datasets import read_ucr
 from monitor.engine import Engine, load_engine
 from monitor.errors import ConfigError
-from monitor.ingest import Ingest, shard_of
 from monitor.log import RateLimiter
 from monitor.metrics import ALERT_DROP_REASONS, Metrics
-from monitor.payload import PayloadDecoder
 from monitor.scrape import histogram_quantile
-from monitor.windowing import Window, WindowAssembler
+from monitor.windowing import Window
 from monitor.worker import ScoringWorker
 from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, wait_until
 
@@ -194,30 +191,6 @@ def test_the_heartbeat_stops_while_a_forward_pass_hangs(engine, beats):
         stop.set()
         worker.join(30)
     assert not worker.is_alive()
-
-
-def test_shard_of_is_crc32_and_spreads_sensors():
-    assert shard_of("sensor-1", 4) == zlib.crc32(b"sensor-1") % 4
-    assert shard_of("sensor-1", 1) == 0
-    counts = np.bincount([shard_of(f"sensor-{i}", 4) for i in range(4000)], minlength=4)
-    assert counts.min() > 900  # roughly even: ~1000 each
-
-
-def test_ingest_takes_only_its_own_shard(engine, beats):
-    registry = CollectorRegistry()
-    metrics = Metrics(registry, 64, engine.threshold)
-    queue: WindowQueue[Window] = WindowQueue(100)
-    ingest = Ingest(
-        PayloadDecoder(1), WindowAssembler(140, 140, 1, 100, 60.0), queue, metrics, 1, ShardSettings(index=1, count=3)
-    )
-    body = orjson.dumps({"seq": 0, "samples": beats[0][0, :, 0].tolist()})
-    sensors = [f"sensor-{i}" for i in range(30)]
-    for sensor in sensors:
-        ingest.handle(f"sensors/{sensor}/ecg", body, time.monotonic())
-    mine = [sensor for sensor in sensors if shard_of(sensor, 3) == 1]
-    assert queue.depth() == len(mine) and 0 < len(mine) < 30
-    assert value(registry, "monitor_messages_received_total", outcome="other_shard") == 30 - len(mine)
-    assert value(registry, "monitor_messages_received_total", outcome="accepted") == len(mine)
 
 
 def test_rate_limiter_allows_a_key_once_per_interval():

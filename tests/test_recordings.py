@@ -21,7 +21,6 @@ from monitor.baseline import (
     trained_baseline,
 )
 from monitor.batching import WindowQueue
-from monitor.config import ShardSettings
 from monitor.datasets import read_labelled_recording
 from monitor.errors import ConfigError, DataError
 from monitor.ingest import Ingest
@@ -312,7 +311,7 @@ def test_ingest_warm_up_counted_and_a_sensor_back_after_eviction_warms_up_again(
     queue: WindowQueue[Window] = WindowQueue(100)
     baselines = SensorBaselines(2, 4, 2)
     assembler = WindowAssembler(4, 4, 2, max_sensors=10, idle_seconds=5.0, on_evict=baselines.forget)
-    ingest = Ingest(PayloadDecoder(2), assembler, queue, metrics, 1, ShardSettings(), baselines=baselines)
+    ingest = Ingest(PayloadDecoder(2), assembler, queue, metrics, 1, baselines=baselines)
     samples = np.random.default_rng(5).normal(3.0, 1.0, (20, 2))
 
     def send(start: int, end: int, now: float) -> None:

@@ -1,0 +1,301 @@
+"""Beat windows: from a raw lead to one fixed-length, per-beat normalised window per detected R peak.
+
+One code path for training, `monitor evaluate` and the daemon: each feeds a sensor's samples to a `BeatStream`
+(the whole recording at once offline, message by message in the daemon) and gets the same `Beat`s, because
+the detector and everything here depend only on the sample sequence.
+
+A beat's window (`BeatSpec`): the span [R - before, R + after) seconds around its R peak, linearly resampled
+to W points, so one model fits any sampling rate. Channels (`BeatSpec.channels`):
+
+- `beat`: the span z-normalised on its own (mean 0, std 1): amplitude and offset do not matter;
+- `template_diff`: `beat` minus the sensor's template, the point-wise median of its last `template_beats`
+  scorable beats (before this one). One patient's normal beat does not describe another's; the difference
+  from the sensor's own usual beat does (a median of recent beats is the usual beat while most beats are);
+- `rr`: the beat's prematurity, RR / median of the sensor's last 8 RR intervals, minus 1, the same value at
+  every point (0 for a sensor's first beat). Premature supraventricular beats look normal but come early.
+
+Signal quality: a beat is scored only if it is judged scorable:
+
+- `warmup`: the sensor has fewer than `warmup_beats` beats in its template (after a start or a reset);
+- `flat`: the span has no variation (a disconnected lead);
+- `noise`: its noise ratio is above `max_noise_ratio`, or above `relative_noise` times the median noise ratio
+  of the sensor's last `NOISE_HISTORY` beats. The noise ratio is the median |QRS-band signal| (the detector's
+  5-15 Hz band) over [R - 1 s, R + 0.3 s] divided by the median QRS-band peak of the sensor's last 8 beats.
+  The median over 1.3 s ignores the QRS complexes in it (they fill about a tenth of it) and measures the
+  floor between them, where muscle noise and electrode motion put QRS-band energy and P and T waves little;
+  dividing by the sensor's usual QRS peak (not this beat's) keeps a wide ectopic beat, whose own band peak is
+  low, from being taken for noise. The absolute limit catches a sensor noisy from its start, the relative one
+  a noisy stretch of a sensor whose usual floor is higher (lead V5, small QRS).
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import ArtifactError
+from monitor.qrs import QRSDetector
+
+CHANNELS = ("beat", "template_diff", "rr")
+QRS_HALF_SECONDS = 0.06
+NOISE_BEFORE_SECONDS = 1.0
+NOISE_AFTER_SECONDS = 0.3  # the QRS band lags the raw signal by 0.125 s: up to here it is there when the beat is cut
+NOISE_HISTORY = 64
+PEAK_HISTORY = 8
+RR_HISTORY = 8
+UNSCORABLE_REASONS = ("warmup", "flat", "noise")
+
+
+@dataclass(frozen=True)
+class BeatSpec:
+    """How beats are cut; recorded in the artifact so the daemon cuts them as the model was trained."""
+
+    before_seconds: float = 0.25
+    after_seconds: float = 0.45
+    window: int = 64
+    channels: tuple[str, ...] = CHANNELS
+    template_beats: int = 16
+    warmup_beats: int = 8
+    max_noise_ratio: float = 0.25
+    relative_noise: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
+            raise ValueError(
+                f"beat span and window out of range: {self.before_seconds}, {self.after_seconds}, {self.window}"
+            )
+        unknown = [name for name in self.channels if name not in CHANNELS]
+        if unknown or not self.channels or len(set(self.channels)) != len(self.channels):
+            raise ValueError(
+                f"beat channels must be distinct names among {', '.join(CHANNELS)}, got {list(self.channels)}"
+            )
+        if (
+            self.template_beats < 1
+            or not 0 <= self.warmup_beats <= self.template_beats
+            or not self.max_noise_ratio > 0
+            or not self.relative_noise > 0
+        ):
+            raise ValueError(
+                "template_beats >= 1, 0 <= warmup_beats <= template_beats and noise limits > 0 are required"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["channels"] = list(self.channels)
+        return {"mode": "beats", **data, "resampling": "linear", "normalisation": "per-beat z-score"}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BeatSpec:
+        keys = {
+            "before_seconds",
+            "after_seconds",
+            "window",
+            "channels",
+            "template_beats",
+            "warmup_beats",
+            "max_noise_ratio",
+            "relative_noise",
+        }
+        values = {key: data[key] for key in keys if key in data}
+        if "channels" in values:
+            values["channels"] = tuple(values["channels"])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Beat:
+    """One beat of a sensor's stream; `window` is `[W, C]` float32, `reason` None when scorable."""
+
+    index: int  # the beat's number in its stream (since the start or the last reset)
+    r_seq: int  # absolute sample index of the R peak
+    rr_seconds: float | None
+    start_seq: int  # first sample of the span the window covers
+    end_seq: int  # exclusive end of that span
+    window: np.ndarray
+    reason: str | None
+    noise_ratio: float
+
+    @property
+    def scorable(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class BeatStream:
+    """One sensor's stream from `origin` on: detector, raw and QRS-band history, template and RR history."""
+
+    fs: float
+    spec: BeatSpec
+    origin: int = 0
+    detector: QRSDetector = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.detector = QRSDetector(self.fs)
+        self.before = int(np.ceil(self.spec.before_seconds * self.fs)) + 1
+        self.after = int(np.ceil(self.spec.after_seconds * self.fs)) + 1
+        self.offsets = (
+            np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
+        )
+        self.qrs_half = int(round(QRS_HALF_SECONDS * self.fs))
+        self.noise_before = int(round(NOISE_BEFORE_SECONDS * self.fs))
+        self.noise_after = int(round(NOISE_AFTER_SECONDS * self.fs))
+        self.lookahead = int(np.ceil(self.detector.lookahead_seconds * self.fs)) + 1
+        self._raw = np.zeros(0)  # raw samples from stream index self._raw_start on
+        self._raw_start = 0
+        self._band = np.zeros(0)  # QRS-band signal, delay removed: _band[i] belongs to raw index _raw_start + i
+        self._pending: deque[int] = deque()  # R peaks (stream indices) waiting for their span to arrive
+        self._templates: deque[np.ndarray] = deque(maxlen=self.spec.template_beats)
+        self._rr: deque[int] = deque(maxlen=RR_HISTORY)
+        self._peaks: deque[float] = deque(maxlen=PEAK_HISTORY)  # QRS-band peaks of the last beats
+        self._noise: deque[float] = deque(maxlen=NOISE_HISTORY)  # noise ratios of the last beats
+        self._last_r: int | None = None
+        self.beats = 0
+
+    @property
+    def received(self) -> int:
+        return self.detector.received
+
+    @property
+    def buffered_samples(self) -> int:
+        """Raw samples held (about 1.5 s: the noise measure's look-back, the span and the detector's look-ahead)."""
+        return len(self._raw)
+
+    def feed(self, samples: np.ndarray) -> list[Beat]:
+        """Consumes the next samples (1-D, in the stream's order); returns the beats whose span is complete."""
+        x = np.asarray(samples, dtype=np.float64).reshape(-1)
+        peaks = self.detector.feed(x)
+        self._raw = np.concatenate((self._raw, x))
+        # band output n is the QRS band at raw index n - delay; the first `delay` outputs belong before the stream
+        skip = max(0, self.detector.filters.bandpass_delay - (self.received - len(x)))
+        self._band = np.concatenate((self._band, self.detector.last_band[skip:]))
+        self._pending.extend(peaks)
+        out: list[Beat] = []
+        while self._pending and self._pending[0] + self.after <= self.received:
+            out.append(self._cut(self._pending.popleft()))
+        self._trim()
+        return out
+
+    def _cut(self, r: int) -> Beat:
+        rr = None if self._last_r is None else r - self._last_r
+        self._last_r = r
+        positions = np.maximum(r + self.offsets - self._raw_start, 0.0)  # a span starting before the stream: clamped
+        span = np.interp(positions, np.arange(len(self._raw)), self._raw)
+        std = float(span.std())
+        shape = (span - span.mean()) / std if std > 1e-9 else np.zeros_like(span)
+        noise, noisy = self._noise_ratio(r)
+        if len(self._templates) < self.spec.warmup_beats:
+            reason = "warmup"
+        elif std <= 1e-9:
+            reason = "flat"
+        elif noisy:
+            reason = "noise"
+        else:
+            reason = None
+        template = np.median(np.stack(self._templates), axis=0) if self._templates else shape
+        prematurity = 0.0 if rr is None or not self._rr else rr / float(np.median(self._rr)) - 1.0
+        channels = {"beat": shape, "template_diff": shape - template, "rr": np.full_like(shape, prematurity)}
+        window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
+        if std > 1e-9 and not noisy:
+            self._templates.append(shape)
+        if rr is not None:
+            self._rr.append(rr)
+        index, self.beats = self.beats, self.beats + 1
+        start = self.origin + r - int(round(self.spec.before_seconds * self.fs))
+        end = self.origin + r + int(round(self.spec.after_seconds * self.fs))
+        rr_seconds = None if rr is None else rr / self.fs
+        return Beat(index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise)
+
+    def _noise_ratio(self, r: int) -> tuple[float, bool]:
+        """(noise ratio, too noisy) of the beat at r; updates the sensor's peak and noise history."""
+        local = r - self._raw_start
+        band = self._band
+        qrs = np.abs(band[max(0, local - self.qrs_half) : local + self.qrs_half + 1])
+        self._peaks.append(float(qrs.max()) if qrs.size else 0.0)
+        usual_peak = float(np.median(self._peaks))
+        floor = np.abs(band[max(0, local - self.noise_before) : local + self.noise_after + 1])
+        ratio = float(np.median(floor)) / usual_peak if usual_peak > 0 and floor.size else float("inf")
+        self._noise.append(ratio)
+        noisy = ratio > self.spec.max_noise_ratio or ratio > self.spec.relative_noise * float(np.median(self._noise))
+        return ratio, noisy
+
+    def _trim(self) -> None:
+        if not self.detector.learned:  # beats of the learning phase are reported when it ends: keep all of it
+            return
+        # the oldest beat still to cut, or the oldest the detector may still report
+        oldest = min(self._pending[0] if self._pending else self.received, self.received - self.lookahead)
+        keep_from = max(0, oldest - max(self.before, self.noise_before) - 1)
+        drop = keep_from - self._raw_start
+        if drop > 0:
+            self._raw, self._band = self._raw[drop:], self._band[drop:]
+            self._raw_start += drop
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready state; `from_state` continues the stream exactly."""
+        encode = _encode
+        return {
+            "fs": self.fs,
+            "origin": self.origin,
+            "detector": self.detector.state(),
+            "raw": encode(self._raw),
+            "band": encode(self._band),
+            "raw_start": self._raw_start,
+            "pending": list(self._pending),
+            "templates": [encode(template) for template in self._templates],
+            "rr": list(self._rr),
+            "peaks": list(self._peaks),
+            "noise": list(self._noise),
+            "last_r": self._last_r,
+            "beats": self.beats,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], spec: BeatSpec) -> BeatStream:
+        """Rebuilds a stream from `state()`; raises ValueError, KeyError or TypeError for one that does not fit."""
+        stream = cls(float(state["fs"]), spec, int(state["origin"]))
+        stream.detector = QRSDetector.from_state(state["detector"])
+        stream._raw, stream._band = _decode(state["raw"]), _decode(state["band"])
+        stream._raw_start = int(state["raw_start"])
+        stream._pending = deque(int(r) for r in state["pending"])
+        templates = [_decode(text) for text in state["templates"]]
+        if any(template.shape != (spec.window,) for template in templates):
+            raise ValueError(f"beat templates do not have {spec.window} points")
+        stream._templates.extend(templates)
+        stream._rr.extend(int(rr) for rr in state["rr"])
+        stream._peaks.extend(float(value) for value in state["peaks"])
+        stream._noise.extend(float(value) for value in state["noise"])
+        stream._last_r = None if state["last_r"] is None else int(state["last_r"])
+        stream.beats = int(state["beats"])
+        if stream._raw_start + len(stream._raw) != stream.received or len(stream._band) > len(stream._raw):
+            raise ValueError("beat stream buffers do not end at the samples received")
+        return stream
+
+
+def _encode(values: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(values, dtype="<f8").tobytes()).decode("ascii")
+
+
+def _decode(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8").astype(np.float64)
+
+
+def cut_beats(recording: np.ndarray, fs: float, spec: BeatSpec) -> list[Beat]:
+    """Every beat of a whole recording (1-D), exactly as the daemon cuts them from the same stream."""
+    return BeatStream(fs, spec).feed(np.asarray(recording).reshape(-1))
+
+
+def beat_spec(metadata: dict[str, Any], where: Path | str) -> BeatSpec | None:
+    """The artifact's beat spec, or None for a fixed-window model; an unreadable one is an ArtifactError."""
+    segmentation = metadata.get("segmentation")
+    if segmentation is None or segmentation.get("mode", "fixed") == "fixed":
+        return None
+    if segmentation.get("mode") != "beats":
+        raise ArtifactError(f"{where}: segmentation mode {segmentation.get('mode')!r} is not supported")
+    try:
+        return BeatSpec.from_dict(segmentation)
+    except (TypeError, ValueError) as error:
+        raise ArtifactError(f"{where}: segmentation does not describe beat windows ({error})") from None

@@ -1,0 +1,281 @@
+"""Training and evaluation in beat mode (contract section 8): recordings in, one window per detected beat.
+
+`monitor train --segmentation beats` cuts every recording with the daemon's own code path (`beats.BeatStream`),
+keeps the scorable beats (with annotations: only those matched to a normal symbol), splits them into fit,
+validation and calibration beats with the seed, and trains, calibrates and writes the artifact as fixed mode
+does; the artifact's `segmentation` records how the beats were cut, so the daemon and `monitor evaluate` cut
+them the same way (and refuse a model of the other mode).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+from pydantic import Field, field_validator, model_validator
+
+from monitor.artifact import ModelArtifact, Normalisation, save_artifact
+from monitor.beatdata import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
+from monitor.beats import BeatSpec
+from monitor.calibration import calibrate, threshold_uncertainty
+from monitor.datasets import WindowSet
+from monitor.errors import DataError
+from monitor.evaluation import Evaluation, evaluate_scores
+from monitor.scoring import BatchScorer
+from monitor.settings import Strict
+from monitor.training import TrainingResult, TrainSettings, fit_model
+from monitor.training import _metadata as training_metadata  # the fixed-mode record, extended below
+
+log = structlog.get_logger("monitor.beattraining")
+
+
+class BeatSettings(Strict):
+    """How beats are cut (`beats.BeatSpec`); the defaults are the measured ones (bench/beat_quality.py)."""
+
+    before_seconds: float = Field(default=0.25, gt=0, le=1)
+    after_seconds: float = Field(default=0.45, gt=0, le=1)
+    window: int = Field(default=64, ge=8, le=1024)
+    channels: list[Literal["beat", "template_diff", "rr"]] = Field(default=["beat", "template_diff", "rr"], min_length=1)
+    template_beats: int = Field(default=16, ge=1)
+    warmup_beats: int = Field(default=8, ge=0)
+    max_noise_ratio: float = Field(default=0.25, gt=0)
+    relative_noise: float = Field(default=2.0, gt=0)
+
+    def spec(self) -> BeatSpec:
+        try:
+            return BeatSpec(**{**self.model_dump(), "channels": tuple(self.channels)})
+        except ValueError as error:
+            raise DataError(f"beats: {error}") from None
+
+
+class BeatTrainSettings(TrainSettings):
+    """`monitor train --segmentation beats`: several recordings (and annotation files) instead of one window file."""
+
+    segmentation: Literal["beats"] = "beats"
+    train_data: list[Path] = Field(min_length=1)
+    annotations: list[Path] | None = None
+    evaluate_data: list[Path] | None = None  # type: ignore[assignment]
+    evaluate_annotations: list[Path] | None = None
+    sample_rate: float = Field(gt=0)
+    normal_symbols: list[str] = Field(default_factory=lambda: list(DEFAULT_NORMAL_SYMBOLS), min_length=1)
+    beats: BeatSettings = Field(default_factory=BeatSettings)
+    embedding_dim: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=32, ge=1)
+
+    @property
+    def from_recordings(self) -> bool:
+        """Beat recordings are cut into beats, not into fixed windows: the recording rules of fixed mode do not apply."""
+        return False
+
+    @model_validator(mode="after")
+    def _no_fixed_mode_options(self) -> BeatTrainSettings:
+        if self.baseline != "model" or self.train_labels is not None:
+            raise ValueError("baseline/train_labels: not in beat mode (beats are normalised one by one, annotations label them)")
+        return self
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _detectable(cls, value: float) -> float:
+        if not 50 <= value <= 10000:
+            raise ValueError(
+                "must be between 50 and 10000 Hz (beat detection needs the QRS band, 5-15 Hz)"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class BeatEvaluation:
+    """Beat-mode figures: the detector's, then the beat-level ones on matched, scorable N/S/V/F beats."""
+
+    detector_sensitivity: float
+    detector_ppv: float
+    annotated_beats: int
+    found_beats: int
+    unscorable: dict[str, int]  # per AAMI class, matched beats the signal-quality measure left unscored
+    classes: dict[str, int]  # scored beats per AAMI class
+    flagged: dict[str, int]  # flagged beats per AAMI class
+    evaluation: Evaluation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.evaluation.to_dict(),
+            "detector_sensitivity": self.detector_sensitivity,
+            "detector_ppv": self.detector_ppv,
+            "annotated_beats": self.annotated_beats,
+            "found_beats": self.found_beats,
+            "scored_by_class": self.classes,
+            "flagged_by_class": self.flagged,
+            "unscorable_by_class": self.unscorable,
+        }
+
+
+def _windows(labelled: list, normal_symbols: list[str]) -> tuple[np.ndarray, int]:
+    """Scorable training windows of every recording; with annotations only beats matched to a normal symbol."""
+    parts: list[np.ndarray] = []
+    for _, beats in labelled:
+        if isinstance(beats, LabelledBeats):
+            keep = beats.scorable & np.isin(beats.symbols, normal_symbols)
+            if keep.any():
+                parts.append(beats.windows[keep])
+        else:
+            kept = [beat.window for beat in beats if beat.scorable]
+            if kept:
+                parts.append(np.stack(kept))
+    if not parts:
+        raise DataError("no scorable training beats found in the recordings")
+    windows = np.concatenate(parts)
+    return windows, len(windows)
+
+
+def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
+    """Cut, split, train, calibrate, evaluate (with evaluation recordings) and write the artifact."""
+    import torch
+
+    from monitor.scoring import Scorer
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    spec = settings.beats.spec()
+    started = time.perf_counter()
+    labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
+    windows, _ = _windows(labelled, settings.normal_symbols)
+    order = np.random.default_rng(settings.seed).permutation(len(windows))
+    n_val = int(round(len(order) * settings.validation_fraction))
+    n_cal = int(round(len(order) * settings.calibration_fraction))
+    if len(order) - n_val - n_cal < 2 or n_val < 1 or n_cal < 10:
+        raise DataError(f"{len(order)} scorable normal beats are too few to split train/validation/calibration")
+    validation, calibration_windows, fit = (
+        windows[order[:n_val]],
+        windows[order[n_val : n_val + n_cal]],
+        windows[order[n_val + n_cal :]],
+    )
+    normalisation = Normalisation.fit(fit)
+    log.info(
+        "training_started",
+        beats=len(fit),
+        validation=n_val,
+        calibration=n_cal,
+        window=spec.window,
+        channels=len(spec.channels),
+    )
+    model, train_losses, val_losses, best_epoch = fit_model(
+        settings, normalisation.apply(fit), normalisation.apply(validation)
+    )
+    seconds = time.perf_counter() - started
+    scorer = Scorer(model, normalisation)
+    calibration_errors = scorer.score_all(calibration_windows).errors
+    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
+    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    evaluation, evaluation_data = None, None
+    if settings.evaluate_data:
+        files = pair_files(settings.evaluate_data, settings.evaluate_annotations)
+        if settings.evaluate_annotations is None:
+            raise DataError("evaluate_data in beat mode needs evaluate_annotations, one file per recording")
+        evaluation, evaluation_data = evaluate_beats(scorer, calibration.threshold, files, settings.sample_rate, spec)
+    sources = [str(path) for path in settings.train_data]
+    split = {
+        "validation": f"{n_val} beats split off the training beats",
+        "calibration": f"{n_cal} beats split off (seed {settings.seed})",
+    }
+    fit_set = WindowSet(fit, None, ", ".join(sources), "")
+    metadata = training_metadata(
+        settings, fit_set, normalisation, calibration, uncertainty, split, None, None,
+        train_losses, val_losses, best_epoch, seconds,
+    )  # fmt: skip
+    metadata["segmentation"] = {**spec.to_dict(), "trained_at_sample_rate_hz": settings.sample_rate}
+    metadata["training"].update(
+        data=sources,
+        data_sha256=[recording.sha256 for recording, _ in labelled],
+        annotations=[str(path) for path in settings.annotations or []],
+        normal_symbols=settings.normal_symbols,
+        beats=int(len(fit)),
+    )
+    metadata["training"].pop("normal_label", None)
+    metadata["training"].pop("windows", None)
+    if evaluation is not None:
+        metadata["evaluation"] = {
+            "data": [str(path) for path in settings.evaluate_data or []],
+            "annotations": [str(path) for path in settings.evaluate_annotations or []],
+            **evaluation.to_dict(),
+        }
+    save_artifact(settings.output, model, metadata)
+    artifact = ModelArtifact(
+        model, normalisation, calibration.threshold, spec.window, len(spec.channels), settings.name,
+        metadata["version"], metadata, settings.output,
+    )  # fmt: skip
+    log.info("model_written", path=str(settings.output), threshold=calibration.threshold, seconds=round(seconds, 1))
+    result = TrainingResult(
+        artifact, calibration, train_losses, val_losses, best_epoch, seconds, None, evaluation_data, calibration_windows
+    )
+    return result, evaluation
+
+
+def evaluate_beats(
+    scorer: BatchScorer, threshold: float, files: list[tuple[Path, Path | None]], fs: float, spec: BeatSpec
+) -> tuple[BeatEvaluation, WindowSet]:
+    """Detector figures and beat-level figures of recordings with annotations, pooled.
+
+    Returns the figures and the scored beats as a labelled WindowSet (label 1 normal, 0 anomalous).
+    """
+    labelled = load_labelled(files, fs, spec, "cutting beats")
+    detected = missed = extra = found = 0
+    windows, classes, scorable = [], [], []
+    for recording, beats in labelled:
+        if not isinstance(beats, LabelledBeats):
+            raise DataError(f"{recording.source}: evaluation needs its annotation file")
+        detected, missed, extra = detected + beats.detected, missed + beats.missed, extra + beats.extra
+        found += len(beats.beats)
+        if beats.beats:
+            windows.append(beats.windows)
+            classes.append(beats.classes)
+            scorable.append(beats.scorable)
+    if not windows:
+        raise DataError("no beats found in the evaluation recordings")
+    all_classes = np.concatenate(classes)
+    all_scorable = np.concatenate(scorable)
+    labelled_mask = np.isin(all_classes, ["N", "S", "V", "F"])
+    use = labelled_mask & all_scorable
+    scored_windows = np.concatenate(windows)[use]
+    scored_classes = all_classes[use]
+    scores = scorer.score_all(scored_windows).errors
+    anomalous = scored_classes != "N"
+    result = evaluate_scores(scores, anomalous, threshold)
+    flagged = scores > threshold
+    names = ("N", "S", "V", "F")
+    beat_eval = BeatEvaluation(
+        detector_sensitivity=detected / max(1, detected + missed),
+        detector_ppv=detected / max(1, detected + extra),
+        annotated_beats=detected + missed,
+        found_beats=found,
+        unscorable={name: int((labelled_mask & ~all_scorable & (all_classes == name)).sum()) for name in names},
+        classes={name: int((scored_classes == name).sum()) for name in names},
+        flagged={name: int((flagged & (scored_classes == name)).sum()) for name in names},
+        evaluation=result,
+    )
+    data = WindowSet(
+        scored_windows, np.where(anomalous, 0, 1).astype(np.int64), ", ".join(str(p) for p, _ in files), ""
+    )
+    return beat_eval, data
+
+
+def format_beat_evaluation(result: BeatEvaluation) -> str:
+    """The detector's figures, the beats per class, then the usual report."""
+    from monitor.evaluation import format_evaluation
+
+    per_class = "   ".join(
+        f"{name}: {result.classes[name]} scored, {result.flagged[name]} flagged, {result.unscorable[name]} unscorable"
+        for name in result.classes
+    )
+    return "\n".join(
+        [
+            f"detector: sensitivity {result.detector_sensitivity:.4f}   "
+            f"positive predictivity {result.detector_ppv:.4f}   "
+            f"({result.annotated_beats} annotated beats, {result.found_beats} found, 150 ms match window)",
+            f"AAMI classes (anomalous = S, V, F): {per_class}",
+            format_evaluation(result.evaluation).replace("windows:", "beats:", 1),
+        ]
+    )
