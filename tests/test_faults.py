@@ -395,7 +395,8 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     sigterm_state_file: the sensors resume at once, so their messages meet the drain (left unacknowledged) and then no
     daemon at all; the partial windows go through the state file: nothing is lost. sigterm: the same without the state
     file: each sensor loses exactly the window that straddles the restart. sigkill: a crash (after the alerts of the
-    complete windows were out): the will says offline, and again exactly the straddling windows are lost.
+    complete windows were out): the will says offline, and at most the straddling windows are lost (no journal here;
+    test_hardening.py crashes with one).
     """
     broker = broker_factory().start()
     sink = capture_factory(broker.port, ["alerts/#", "monitor/+/status"])
@@ -440,7 +441,12 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     sink.wait_for(lambda c: set(alert_keys(c.payloads("alerts/"))) >= expected, 90, what="the alert of every window")
     received = alert_keys(sink.payloads("alerts/"))
     lost = windows - set(received)
-    assert set(received) == expected  # without the state file: all but exactly the straddling windows
+    if mode == "sigkill":
+        # In-order acknowledgement (issue 14): input after a window still waiting for its alert's PUBACK is not yet
+        # acknowledged at the kill, so the broker may redeliver a straddling window's first part: lost or not, by sensor.
+        assert expected <= set(received) <= windows
+    else:
+        assert set(received) == expected  # without the state file: all but exactly the straddling windows
     assert second.events("broker_connected")[0]["session_present"] is True
     assert metric(second.scrape(), "monitor_seq_gaps_total") == 0
     if keep_state:
