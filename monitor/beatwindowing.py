@@ -184,7 +184,9 @@ def check_mode(windowing: WindowingSettings, engine: Engine, model_path: object)
             f"({engine.window}-sample windows): use a beat-mode model (models/mitdb-beats) or windowing.mode: fixed"
         )
     if windowing.mode == "beats" and windowing.baseline == "sensor":
-        raise ConfigError("windowing.baseline: sensor is for fixed windows; in beat mode every beat is normalised alone")
+        raise ConfigError(
+            "windowing.baseline: sensor is for fixed windows; in beat mode every beat is normalised alone"
+        )
     if windowing.mode == "fixed" and engine.segmentation is not None:
         raise ConfigError(
             f"windowing.mode is fixed, but model.path {model_path} is a beat-mode model: "
@@ -195,7 +197,7 @@ def check_mode(windowing: WindowingSettings, engine: Engine, model_path: object)
 def make_assembler(
     windowing: WindowingSettings, engine: Engine, on_evict: Callable[[str], None] | None = None
 ) -> WindowAssembler | BeatAssembler:
-    """The assembler of the configured mode, shaped for the engine (`check_mode` first); `on_evict` for fixed windows."""
+    """The assembler of the configured mode, shaped for the engine (`check_mode` first); `on_evict`: fixed mode."""
     if engine.segmentation is None:
         stride = windowing.stride or engine.window
         return WindowAssembler(

@@ -102,7 +102,9 @@ class MqttSettings(Strict):
     def _filters_valid(cls, filters: list[str]) -> list[str]:
         for topic_filter in filters:
             levels = topic_filter.split("/")
-            if not topic_filter or any(("#" in level and level != "#") or ("+" in level and level != "+") for level in levels):
+            if not topic_filter or any(
+                ("#" in level and level != "#") or ("+" in level and level != "+") for level in levels
+            ):
                 raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter")
             if "#" in levels[:-1]:
                 raise ValueError(f"{topic_filter!r}: '#' must be the last level")
@@ -151,7 +153,9 @@ class ModelSettings(Strict):
     path: Path = Path("models/ecg5000")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N; resolved and checked by monitor.engine")
     backend: Literal["torch", "onnx"] = "torch"
-    threads: int = Field(default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)")
+    threads: int = Field(
+        default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)"
+    )
     shadow_path: Path | None = Field(
         default=None, description="a second artifact that scores the same batches, never alerts, and is compared"
     )
@@ -322,8 +326,10 @@ class JournalSettings(Strict):
 
 class HealthSettings(Strict):
     stall_seconds: float = Field(
-        default=10.0, gt=0, description="no batch finished and no idle poll for this long: the scorer is stalled, "
-        "the systemd watchdog is no longer fed"
+        default=10.0,
+        gt=0,
+        description="no batch finished and no idle poll for this long: the scorer is stalled, "
+        "the systemd watchdog is no longer fed",
     )
     stall_exit_seconds: float = Field(
         default=30.0, gt=0, description="stalled this long: the daemon exits 1 by itself (with or without systemd)"

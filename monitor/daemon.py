@@ -196,7 +196,9 @@ class Daemon:
     def init_ingest(self) -> None:
         config = self.config
         windowing = config.windowing
-        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
+        baselines = (
+            None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
+        )
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
         self.ingest = Ingest(
@@ -332,8 +334,13 @@ class Daemon:
         restored, unreadable = self.episodes.restore(
             payloads, lambda sensor_id: partitions is None or partitions.owns(sensor_id)
         )
-        log.info("episode_states_restored", topics=topic_filter, states=restored, unreadable=unreadable,
-                 open_episodes=len(tracker.open_episodes()))
+        log.info(
+            "episode_states_restored",
+            topics=topic_filter,
+            states=restored,
+            unreadable=unreadable,
+            open_episodes=len(tracker.open_episodes()),
+        )
 
     def start_scoring(self) -> None:
         batching = self.config.batching

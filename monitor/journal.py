@@ -245,7 +245,9 @@ class Journal:
     def _failed(self, error: OSError) -> None:
         if not self.failing:
             self.failing = True
-            log.error("journal_write_failed", path=str(self.path), error=str(error), until="the next checkpoint succeeds")
+            log.error(
+                "journal_write_failed", path=str(self.path), error=str(error), until="the next checkpoint succeeds"
+            )
 
     def _release(self, end: int) -> None:
         """Tell the owners of records up to `end` that they are on disk (called with `_lock` held)."""

@@ -24,9 +24,7 @@ from monitor.beats import UNSCORABLE_REASONS
 from monitor.episodes import EVENT_KINDS
 from monitor.payload import REJECT_REASONS
 
-MESSAGE_OUTCOMES = (
-    "accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS
-)
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS)
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
@@ -52,9 +50,15 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, max_batch: int, threshold: float) -> None:
         self.registry = registry
-        self.messages = Counter("monitor_messages_received_total", "MQTT messages received, by outcome", ["outcome"], registry=registry)
-        self.samples = Counter("monitor_samples_received_total", "Samples accepted into sensor buffers", registry=registry)
-        self.duplicate_samples = Counter("monitor_duplicate_samples_total", "Samples ignored because their seq was already seen", registry=registry)
+        self.messages = Counter(
+            "monitor_messages_received_total", "MQTT messages received, by outcome", ["outcome"], registry=registry
+        )
+        self.samples = Counter(
+            "monitor_samples_received_total", "Samples accepted into sensor buffers", registry=registry
+        )
+        self.duplicate_samples = Counter(
+            "monitor_duplicate_samples_total", "Samples ignored because their seq was already seen", registry=registry
+        )
         self.seq_gaps = Counter("monitor_seq_gaps_total", "Gaps seen in sensors' seq numbering", registry=registry)
         self.seq_restarts = Counter(
             "monitor_seq_restarts_total",
@@ -62,17 +66,40 @@ class Metrics:
             registry=registry,
         )
         self.windows_scored = Counter("monitor_windows_scored_total", "Windows scored by the model", registry=registry)
-        self.windows_dropped = Counter("monitor_windows_dropped_total", "Windows dropped before scoring, by reason", ["reason"], registry=registry)
-        self.anomalies = Counter("monitor_anomalies_total", "Windows whose score exceeded the threshold", registry=registry)
-        self.alerts_published = Counter("monitor_alerts_published_total", "Alerts handed to the MQTT client", registry=registry)
-        self.alerts_delivered = Counter("monitor_alerts_delivered_total", "Alerts acknowledged by the broker (QoS 1/2) or sent (QoS 0)", registry=registry)
-        self.alerts_dropped = Counter(
-            "monitor_alerts_dropped_total", "Alerts that could not be queued for publishing, by reason", ["reason"], registry=registry
+        self.windows_dropped = Counter(
+            "monitor_windows_dropped_total", "Windows dropped before scoring, by reason", ["reason"], registry=registry
         )
-        self.alerts_pending = Gauge("monitor_alerts_pending", "Alerts published but not yet acknowledged by the broker", registry=registry)
-        self.batch_size = Histogram("monitor_inference_batch_size", "Windows per forward pass", buckets=batch_size_buckets(max_batch), registry=registry)
+        self.anomalies = Counter(
+            "monitor_anomalies_total", "Windows whose score exceeded the threshold", registry=registry
+        )
+        self.alerts_published = Counter(
+            "monitor_alerts_published_total", "Alerts handed to the MQTT client", registry=registry
+        )
+        self.alerts_delivered = Counter(
+            "monitor_alerts_delivered_total",
+            "Alerts acknowledged by the broker (QoS 1/2) or sent (QoS 0)",
+            registry=registry,
+        )
+        self.alerts_dropped = Counter(
+            "monitor_alerts_dropped_total",
+            "Alerts that could not be queued for publishing, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.alerts_pending = Gauge(
+            "monitor_alerts_pending", "Alerts published but not yet acknowledged by the broker", registry=registry
+        )
+        self.batch_size = Histogram(
+            "monitor_inference_batch_size",
+            "Windows per forward pass",
+            buckets=batch_size_buckets(max_batch),
+            registry=registry,
+        )
         self.inference_seconds = Histogram(
-            "monitor_inference_seconds", "Time of one batched forward pass", buckets=INFERENCE_BUCKETS_SECONDS, registry=registry
+            "monitor_inference_seconds",
+            "Time of one batched forward pass",
+            buckets=INFERENCE_BUCKETS_SECONDS,
+            registry=registry,
         )
         self.latency_seconds = Histogram(
             "monitor_decision_latency_seconds",
@@ -93,18 +120,29 @@ class Metrics:
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
         self.windows_warming_up = Counter(
-            "monitor_windows_warming_up_total", "Windows spent on sensors' warm-up (baseline: sensor), not scored",
+            "monitor_windows_warming_up_total",
+            "Windows spent on sensors' warm-up (baseline: sensor), not scored",
             registry=registry,
         )
         self.sensors_warming_up = Gauge(
             "monitor_sensors_warming_up", "Sensors still in their warm-up (baseline: sensor)", registry=registry
         )
-        self.sensors_evicted = Counter("monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry)
+        self.sensors_evicted = Counter(
+            "monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry
+        )
         self.buffered_samples = Gauge("monitor_buffered_samples", "Samples held in sensor buffers", registry=registry)
-        self.broker_connected = Gauge("monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry)
-        self.broker_connects = Counter("monitor_broker_connections_total", "Successful connections to the broker", registry=registry)
-        self.broker_disconnects = Counter("monitor_broker_disconnections_total", "Connections to the broker lost", registry=registry)
-        self.model_reloads = Counter("monitor_model_reloads_total", "Model reloads on SIGHUP, by outcome", ["outcome"], registry=registry)
+        self.broker_connected = Gauge(
+            "monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry
+        )
+        self.broker_connects = Counter(
+            "monitor_broker_connections_total", "Successful connections to the broker", registry=registry
+        )
+        self.broker_disconnects = Counter(
+            "monitor_broker_disconnections_total", "Connections to the broker lost", registry=registry
+        )
+        self.model_reloads = Counter(
+            "monitor_model_reloads_total", "Model reloads on SIGHUP, by outcome", ["outcome"], registry=registry
+        )
         self.threshold = Gauge("monitor_threshold", "The model's calibrated anomaly threshold", registry=registry)
         self.model_info = Info("monitor_model", "The model in use", registry=registry)
         self.metrics_refused = Counter(
@@ -294,8 +332,15 @@ class MetricsServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int, max_connections: int, timeout_seconds: float,
-                 refused: Counter) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        max_connections: int,
+        timeout_seconds: float,
+        refused: Counter,
+    ) -> None:
         self.registry = registry
         self.timeout_seconds = timeout_seconds
         self.refused = refused
@@ -334,8 +379,9 @@ def _abort(request: Request) -> None:
         (request if isinstance(request, socket.socket) else request[1]).shutdown(socket.SHUT_RDWR)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int, max_connections: int, timeout_seconds: float,
-                  refused: Counter) -> MetricsServer:
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, max_connections: int, timeout_seconds: float, refused: Counter
+) -> MetricsServer:
     """Serve `/metrics` on host:port from a daemon thread; returns the server (`stop()` ends it)."""
     server = MetricsServer(registry, host, port, max_connections, timeout_seconds, refused)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

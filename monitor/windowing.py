@@ -99,7 +99,15 @@ class _Stream:
     """State of one sensor. Invariant: buffer[:fill] holds samples [next_k*S, next_seq), fill < W."""
 
     __slots__ = (
-        "buffer", "fill", "next_seq", "next_k", "last_seen", "anchors", "last_anchor", "period_seconds", "aside"
+        "buffer",
+        "fill",
+        "next_seq",
+        "next_k",
+        "last_seen",
+        "anchors",
+        "last_anchor",
+        "period_seconds",
+        "aside",
     )
 
     def __init__(self, first_seq: int, stride: int, buffer: np.ndarray, now: float) -> None:
@@ -116,7 +124,6 @@ class _Stream:
 
 class _Sensor(Protocol):
     last_seen: float
-
 
 
 SensorState = TypeVar("SensorState", bound=_Sensor)
@@ -193,7 +200,9 @@ class WindowAssembler(SensorTable[_Stream]):
         on_evict, called with each evicted sensor's id; seq_tolerance, the seq jump beyond which a message far
         ahead, or back near 0, restarts the stream (module docstring)."""
         if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
-            raise ValueError(f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}")
+            raise ValueError(
+                f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}"
+            )
         super().__init__(max_sensors, idle_seconds, on_evict)
         self.window = window
         self.stride = stride
@@ -233,7 +242,10 @@ class WindowAssembler(SensorTable[_Stream]):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} of version {STATE_VERSION}")
         if (state.get("window"), state.get("stride"), state.get("channels")) != shape:
-            raise ValueError(f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, {state.get('channels')}, not {shape}")
+            raise ValueError(
+                f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, "
+                f"{state.get('channels')}, not {shape}"
+            )
         streams: OrderedDict[str, _Stream] = OrderedDict()
         try:
             for item in state["sensors"][-self.max_sensors :]:
@@ -244,13 +256,24 @@ class WindowAssembler(SensorTable[_Stream]):
         return len(streams)
 
     def _restored_stream(self, item: dict[str, Any], now: float) -> _Stream:
-        samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(-1, self.channels)
+        samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(
+            -1, self.channels
+        )
         stream = _Stream(0, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
         stream.next_seq, stream.next_k, stream.fill = int(item["next_seq"]), int(item["next_k"]), len(samples)
-        if stream.fill != max(0, stream.next_seq - stream.next_k * self.stride) or stream.fill >= self.window or not np.isfinite(samples).all():
-            raise ValueError(f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, next_k {stream.next_k}")
+        if (
+            stream.fill != max(0, stream.next_seq - stream.next_k * self.stride)
+            or stream.fill >= self.window
+            or not np.isfinite(samples).all()
+        ):
+            raise ValueError(
+                f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, "
+                f"next_k {stream.next_k}"
+            )
         stream.buffer[: stream.fill] = samples
-        stream.anchors.extend(_Anchor(int(start), int(end), int(seq), float(ts)) for start, end, seq, ts in item["anchors"])
+        stream.anchors.extend(
+            _Anchor(int(start), int(end), int(seq), float(ts)) for start, end, seq, ts in item["anchors"]
+        )
         if item["last_anchor"] is not None:
             stream.last_anchor = (int(item["last_anchor"][0]), float(item["last_anchor"][1]))
         stream.period_seconds = None if item["period_seconds"] is None else float(item["period_seconds"])
@@ -380,7 +403,9 @@ class WindowAssembler(SensorTable[_Stream]):
         offset = k * stride - base
         while offset + window <= total:
             start = base + offset
-            out.append(Window(sensor_id, start, data[offset : offset + window].copy(), self._start_ts(stream, start), now))
+            out.append(
+                Window(sensor_id, start, data[offset : offset + window].copy(), self._start_ts(stream, start), now)
+            )
             k += 1
             offset += stride
         stream.next_k = k

@@ -23,21 +23,25 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def make_scorer(window: int = 140, channels: int = 1, embedding_dim: int = 16, seed: int = 0,
-                mean: float = 0.0, std: float = 1.0) -> Scorer:
+def make_scorer(
+    window: int = 140, channels: int = 1, embedding_dim: int = 16, seed: int = 0, mean: float = 0.0, std: float = 1.0
+) -> Scorer:
     torch.manual_seed(seed)
     model = LSTMAutoencoder(channels, embedding_dim).eval()
     normalisation = Normalisation(np.full(channels, mean, np.float32), np.full(channels, std, np.float32))
     return Scorer(model, normalisation, "cpu")
 
 
-@pytest.mark.parametrize(("batch", "window", "channels", "embedding_dim"), [
-    (1, 140, 1, 8),
-    (5, 140, 1, 32),
-    (4, 50, 3, 4),
-    (7, 7, 2, 16),
-    (2, 300, 12, 2),
-])
+@pytest.mark.parametrize(
+    ("batch", "window", "channels", "embedding_dim"),
+    [
+        (1, 140, 1, 8),
+        (5, 140, 1, 32),
+        (4, 50, 3, 4),
+        (7, 7, 2, 16),
+        (2, 300, 12, 2),
+    ],
+)
 def test_output_shapes(batch, window, channels, embedding_dim):
     torch.manual_seed(1)
     model = LSTMAutoencoder(channels, embedding_dim).eval()
@@ -75,7 +79,10 @@ def test_layer_sizes_match_the_tutorial(channels, embedding_dim):
     lstms = [module for module in model.modules() if isinstance(module, nn.LSTM)]
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     assert [(lstm.input_size, lstm.hidden_size) for lstm in lstms] == [
-        (channels, wide), (wide, narrow), (narrow, narrow), (narrow, wide)
+        (channels, wide),
+        (wide, narrow),
+        (narrow, narrow),
+        (narrow, wide),
     ]
     assert all(lstm.num_layers == 1 and lstm.batch_first and not lstm.bidirectional for lstm in lstms)
     assert len(linears) == 1
@@ -87,16 +94,16 @@ def test_layer_sizes_match_the_tutorial(channels, embedding_dim):
     assert state["decoder_narrow.weight_ih_l0"].shape == (4 * narrow, narrow)
     assert state["decoder_wide.weight_ih_l0"].shape == (4 * wide, narrow)
     assert state["output.weight"].shape == (channels, wide)
-    expected = sum(4 * h * (i + h) + 8 * h for i, h in [(channels, wide), (wide, narrow), (narrow, narrow), (narrow, wide)])
+    expected = sum(
+        4 * h * (i + h) + 8 * h for i, h in [(channels, wide), (wide, narrow), (narrow, narrow), (narrow, wide)]
+    )
     expected += wide * channels + channels
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_reconstruction_errors_on_hand_made_tensors():
-    windows = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]],
-                            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
-    reconstructions = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [1.0, 1.0]],
-                                    [[1.0, -1.0], [0.5, 0.5], [0.0, 0.0]]])
+    windows = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]], [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    reconstructions = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [1.0, 1.0]], [[1.0, -1.0], [0.5, 0.5], [0.0, 0.0]]])
     profiles = reconstruction_errors(windows, reconstructions)
     assert profiles.shape == (2, 3)
     # |1-0|=1, |2-4|=2 -> 1.5; 0; |3-1|=2, |-1-1|=2 -> 2 ...

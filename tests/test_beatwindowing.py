@@ -123,8 +123,9 @@ def test_beat_mode_with_a_journal_acknowledges_each_message_once_it_is_on_disk(s
     journal = Journal(tmp_path / "journal", acks.release, sync_interval_seconds=0.01)
     queue: WindowQueue = WindowQueue(10_000)
     assembler = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
-    ingest = Ingest(PayloadDecoder(1, 4096), assembler, queue, Metrics(CollectorRegistry(), 4, 1.0), 1, None, None,
-                    pending, journal)
+    ingest = Ingest(
+        PayloadDecoder(1, 4096), assembler, queue, Metrics(CollectorRegistry(), 4, 1.0), 1, None, None, pending, journal
+    )
     journal.start(ingest.checkpoint_state())
     chunk, received = 360, []
     for mid, offset in enumerate(range(0, 30 * chunk, chunk), start=1):

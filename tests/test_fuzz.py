@@ -33,7 +33,20 @@ SENSOR_TOPICS = ("sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/e
 ODD_TOPICS = ("sensors/+/ecg", "sensors//ecg", "sensors/\x01/ecg", "sensors/#", "x", "sensors/" + "x" * 129 + "/ecg")
 
 # Values that stress the number checks: float32 overflow, denormals, huge and negative integers.
-EDGE_VALUES = (0, -0.0, 1e-45, 3.4028234663852886e38, 3.5e38, -1e39, 1e308, 2**53, 2**63 - 1, -(2**63), 2**64 - 1, 2**70)
+EDGE_VALUES = (
+    0,
+    -0.0,
+    1e-45,
+    3.4028234663852886e38,
+    3.5e38,
+    -1e39,
+    1e308,
+    2**53,
+    2**63 - 1,
+    -(2**63),
+    2**64 - 1,
+    2**70,
+)
 JUNK_VALUES = (None, True, False, "1.5", "", [], {}, [1, [2]], {"samples": [1]}, float("nan"), float("inf"))
 SEQ_EDGES = (-1, 0, MAX_SEQ - 1, MAX_SEQ, 2**63, -(2**63), 2**64, 1.0, 7.5, "12", True, None, [3])
 TS_EDGES = (0, 0.0, -1e-9, 1.7e9, 1e308, 2**64, "1700000000", True, None, float("inf"), float("nan"), {})
@@ -126,7 +139,12 @@ class StreamModel:
         seq = self.end if message.seq is None else message.seq
         stride, next_k = config.stride, max(self.restart_k, (self.end - config.window) // config.stride + 1)
         if seq + n <= self.end:
-            assert (result.duplicate, result.duplicate_samples, result.gaps, result.gap_windows_dropped) == (True, n, 0, 0)
+            assert (result.duplicate, result.duplicate_samples, result.gaps, result.gap_windows_dropped) == (
+                True,
+                n,
+                0,
+                0,
+            )
             assert result.windows == []
             return self
         assert not result.duplicate
@@ -182,7 +200,9 @@ def sample_rows(rng: random.Random, n: int, channels: int, flat: bool) -> list:
     """n plausible sample rows: a flat list for one channel when flat, else lists of `channels` numbers."""
     if flat and channels == 1:
         return [rng.random() - 0.5 for _ in range(n)]
-    return [[rng.random() - 0.5 if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)]
+    return [
+        [rng.random() - 0.5 if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)
+    ]
 
 
 def dump(document: object) -> bytes:
@@ -281,7 +301,12 @@ def run_batch(config: Config, batch: list[tuple[int, int]], junk: list[object], 
     """Decodes and feeds one batch, counting payloads and what became of them in outcomes."""
     decoder = PayloadDecoder(config.channels, max_samples=config.max_samples, max_bytes=config.max_bytes)
     target = WindowAssembler(
-        config.window, config.stride, config.channels, config.max_sensors, IDLE_SECONDS, seq_tolerance=config.seq_tolerance
+        config.window,
+        config.stride,
+        config.channels,
+        config.max_sensors,
+        IDLE_SECONDS,
+        seq_tolerance=config.seq_tolerance,
     )
     models: OrderedDict[str, StreamModel] = OrderedDict()  # least recently seen first, like the assembler
     now = 0.0
@@ -338,7 +363,12 @@ def evict(models: OrderedDict[str, StreamModel], now: float) -> int:
 
 
 def feed_and_check(
-    target: WindowAssembler, models: OrderedDict[str, StreamModel], sensor_id: str, message: Message, now: float, config: Config
+    target: WindowAssembler,
+    models: OrderedDict[str, StreamModel],
+    sensor_id: str,
+    message: Message,
+    now: float,
+    config: Config,
 ) -> FeedResult | None:
     """Feeds and checks the result against the model; None when the assembler refused a sensor beyond max_sensors."""
     model = models.get(sensor_id)
@@ -388,7 +418,10 @@ def test_fuzz_decode_and_feed() -> None:
 
 
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None)
-@given(topic=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("/+#\x00 "), max_size=300), level=st.integers(-2, 6))
+@given(
+    topic=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("/+#\x00 "), max_size=300),
+    level=st.integers(-2, 6),
+)
 def test_fuzz_sensor_id_from_topic(topic: str, level: int) -> None:
     try:
         sensor_id = sensor_id_from_topic(topic, level)

@@ -112,7 +112,9 @@ def test_default_max_bytes_is_256_kib() -> None:
     assert reason_of(decoder, b'{"samples": [1]}' + padding + b" ") == "too_large"
 
 
-@pytest.mark.parametrize("payload", [b"\xff", b'{"samples": [1], "x": "\xc3"}', b'{"samples": [1]}\xed\xa0\x80', b"\x80abc"])
+@pytest.mark.parametrize(
+    "payload", [b"\xff", b'{"samples": [1], "x": "\xc3"}', b'{"samples": [1]}\xed\xa0\x80', b"\x80abc"]
+)
 def test_invalid_utf8(payload: bytes) -> None:
     assert reason_of(PayloadDecoder(1), payload) == "invalid_utf8"
 

@@ -197,7 +197,9 @@ def test_evaluate_two_channel_recording_against_hand_figures(two_channel):
     root, _ = two_channel
     stride, warm_up = 7, 20
     recording = ["--data", str(root / "test.csv"), "--labels", str(root / "test_labels.txt")]
-    done = run_cli("evaluate", "--model", str(root / "model"), *recording, "--stride", str(stride), "--json", env=ONE_THREAD)
+    done = run_cli(
+        "evaluate", "--model", str(root / "model"), *recording, "--stride", str(stride), "--json", env=ONE_THREAD
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     # By hand: cut, fit median / 1.4826 MAD on the first 20 windows, normalise, score the rest, count.
@@ -239,7 +241,10 @@ def test_evaluate_refusals(two_channel):
     root, _ = two_channel
     base = ["evaluate", "--model", str(root / "model"), "--data", str(root / "test.csv")]
     for extra, message in (
-        (["--labels", str(root / "test_labels.txt"), str(root / "test_labels.txt")], "2 label files for 1 recordings (one each)"),
+        (
+            ["--labels", str(root / "test_labels.txt"), str(root / "test_labels.txt")],
+            "2 label files for 1 recordings (one each)",
+        ),
         (["--labels", str(root / "test_labels.txt"), "--baseline", "model"], "trained with baseline 'sensor'"),
         (["--labels", str(root / "test_labels.txt"), "--window", "12"], "takes windows of 10"),
         (["--labels", str(root / "test_labels.txt"), "--baseline-windows", "400"], "not more than the 400 baseline"),

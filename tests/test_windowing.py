@@ -20,8 +20,12 @@ def message(samples: np.ndarray, seq: int | None = None, ts: float | None = None
     return Message(samples=samples, seq=seq, ts=ts)
 
 
-def assembler(window: int, stride: int, channels: int = 1, max_sensors: int = 100, idle_seconds: float = 60.0) -> WindowAssembler:
-    return WindowAssembler(window=window, stride=stride, channels=channels, max_sensors=max_sensors, idle_seconds=idle_seconds)
+def assembler(
+    window: int, stride: int, channels: int = 1, max_sensors: int = 100, idle_seconds: float = 60.0
+) -> WindowAssembler:
+    return WindowAssembler(
+        window=window, stride=stride, channels=channels, max_sensors=max_sensors, idle_seconds=idle_seconds
+    )
 
 
 def feed_chunks(
@@ -94,9 +98,18 @@ def test_one_sample_messages() -> None:
 
 @pytest.mark.parametrize(
     ("first_seq", "stride", "first_start"),
-    [(100, 50, 100), (101, 50, 150), (101, 1, 101), (1, 140, 140), (0, 140, 0), (2**53 - 1000, 140, 2**53 - 1000 + 128)],
+    [
+        (100, 50, 100),
+        (101, 50, 150),
+        (101, 1, 101),
+        (1, 140, 140),
+        (0, 140, 0),
+        (2**53 - 1000, 140, 2**53 - 1000 + 128),
+    ],
 )
-def test_first_window_is_the_first_aligned_start_at_or_after_the_first_seq(first_seq: int, stride: int, first_start: int) -> None:
+def test_first_window_is_the_first_aligned_start_at_or_after_the_first_seq(
+    first_seq: int, stride: int, first_start: int
+) -> None:
     stream = signal(400)
     windows = feed_chunks(assembler(140, stride), stream, 35, first_seq=first_seq)
     assert windows[0].start_seq == first_start
