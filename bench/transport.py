@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from bench import targets
 from bench.data import read_split
 from bench.records import TransportRow
+from monitor.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.batching import WindowQueue
 from monitor.config import MqttSettings
 from monitor.ingest import Ingest
@@ -97,11 +98,15 @@ def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> 
     assembler = WindowAssembler(WINDOW, WINDOW, 1, 10 * SENSORS, 3600.0)
     ingest = Ingest(PayloadDecoder(1), assembler, WindowQueue(10**7), metrics, 1)
 
-    def handle(topic: str, payload: bytes, now: float) -> None:
-        ingest.handle(topic, payload, now)
+    def handle(topic: str, payload: bytes, now: float, receipt: Receipt, redelivered: bool) -> None:
+        ingest.handle(topic, payload, now, receipt, redelivered)
+        connection.acknowledge()  # the earlier messages, as the daemon's main loop does (this one is released after)
         on_message()
 
-    return MqttConnection(MqttSettings(port=port, client_id=client_id), handle, metrics)
+    acks = InOrderAcks()
+    settings = MqttSettings(port=port, client_id=client_id)
+    connection = MqttConnection(settings, handle, metrics, acks, PendingWindows(acks))
+    return connection
 
 
 CLIENTS = {"paho": PahoClient, "daemon": daemon_ingest}

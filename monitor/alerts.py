@@ -37,9 +37,9 @@ class PublishRefused(Exception):
 
 
 class Publisher(Protocol):
-    """Queues one message for the broker, or raises `PublishRefused`."""
+    """Queues one message for the broker and returns its packet id, or raises `PublishRefused`."""
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None: ...
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int: ...
 
 
 class DecisionObserver(Protocol):
@@ -122,23 +122,26 @@ class AlertSink:
         self.metrics = metrics
         self.observers = tuple(observers)
 
-    def handle(self, batch: Sequence[Window], scores: Scores, engine: Engine) -> int:
-        """Publish an alert for each anomalous window; returns how many were queued. Never raises."""
+    def handle(self, batch: Sequence[Window], scores: Scores, engine: Engine) -> dict[int, int]:
+        """Publish an alert for each anomalous window; returns {index in the batch: packet id} of those queued.
+        Never raises."""
         anomalous = ThresholdDecision(engine.threshold).anomalous(scores.errors)
         flagged = np.flatnonzero(anomalous)
         self.metrics.anomalies.inc(len(flagged))
-        published = 0
+        queued = {}
         if self.settings.per_window:
             for index in flagged:
-                published += self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+                mid = self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+                if mid is not None:
+                    queued[int(index)] = mid
         for observer in self.observers:
             try:
                 observer.observe(batch, scores, anomalous, engine)
             except Exception:
                 log.exception("decision_observer_failed", stage=type(observer).__name__, batch=len(batch))
-        return published
+        return queued
 
-    def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> bool:
+    def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> int | None:
         alert = build_alert(
             window.sensor_id,
             window.start_seq,
@@ -156,7 +159,7 @@ class AlertSink:
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason
         try:
-            self.publisher.publish(topic, orjson.dumps(alert), self.qos)
+            mid = self.publisher.publish(topic, orjson.dumps(alert), self.qos)
         except PublishRefused as error:
             reason, detail = error.reason, str(error)
         except Exception as error:  # noqa: BLE001 - whatever the transport raises, the label set stays closed
@@ -170,7 +173,7 @@ class AlertSink:
                 score=round(score, 5),
                 threshold=round(engine.threshold, 5),
             )
-            return True
+            return mid
         self.metrics.alerts_dropped.labels(reason).inc()
         log.error(
             "alert_dropped",
@@ -180,4 +183,4 @@ class AlertSink:
             score=score,
             error=detail[:300],
         )
-        return False
+        return None

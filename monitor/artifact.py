@@ -120,7 +120,8 @@ def read_metadata(directory: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{meta_path}: not a monitor model artifact")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
-            f"{meta_path}: artifact format version {metadata.get('format_version')!r} is not supported (this monitor reads version {FORMAT_VERSION})"
+            f"{meta_path}: artifact format version {metadata.get('format_version')!r} is not supported "
+            f"(this monitor reads version {FORMAT_VERSION})"
         )
     return metadata
 

@@ -44,7 +44,9 @@ class WindowQueue(Generic[ItemT]):
 
     def get(self, timeout_seconds: float) -> ItemT | None:
         try:
-            return self._queue.get(timeout=max(timeout_seconds, 0.0)) if timeout_seconds > 0 else self._queue.get_nowait()
+            return (
+                self._queue.get(timeout=max(timeout_seconds, 0.0)) if timeout_seconds > 0 else self._queue.get_nowait()
+            )
         except queue.Empty:
             return None
 

@@ -39,7 +39,9 @@ class BeatSettings(Strict):
     before_seconds: float = Field(default=0.25, gt=0, le=1)
     after_seconds: float = Field(default=0.45, gt=0, le=1)
     window: int = Field(default=64, ge=8, le=1024)
-    channels: list[Literal["beat", "template_diff", "rr"]] = Field(default=["beat", "template_diff", "rr"], min_length=1)
+    channels: list[Literal["beat", "template_diff", "rr"]] = Field(
+        default=["beat", "template_diff", "rr"], min_length=1
+    )
     template_beats: int = Field(default=16, ge=1)
     warmup_beats: int = Field(default=8, ge=0)
     max_noise_ratio: float = Field(default=0.25, gt=0)
@@ -68,22 +70,22 @@ class BeatTrainSettings(TrainSettings):
 
     @property
     def from_recordings(self) -> bool:
-        """Beat recordings are cut into beats, not into fixed windows: the recording rules of fixed mode do not apply."""
+        """Beat recordings are cut into beats, not fixed windows: fixed mode's recording rules do not apply."""
         return False
 
     @model_validator(mode="after")
     def _no_fixed_mode_options(self) -> BeatTrainSettings:
         if self.baseline != "model" or self.train_labels is not None:
-            raise ValueError("baseline/train_labels: not in beat mode (beats are normalised one by one, annotations label them)")
+            raise ValueError(
+                "baseline/train_labels: not in beat mode (beats are normalised one by one, annotations label them)"
+            )
         return self
 
     @field_validator("sample_rate")
     @classmethod
     def _detectable(cls, value: float) -> float:
         if not 50 <= value <= 10000:
-            raise ValueError(
-                "must be between 50 and 10000 Hz (beat detection needs the QRS band, 5-15 Hz)"
-            )
+            raise ValueError("must be between 50 and 10000 Hz (beat detection needs the QRS band, 5-15 Hz)")
         return value
 
 

@@ -60,6 +60,8 @@ class BeatFeedResult:
     duplicate: bool = False
     gaps: int = 0
     gap_windows_dropped: int = 0  # always 0: a gap loses beats, not windows the ingest could count
+    restarted: bool = False  # always False: beat mode has no seq tolerance, any jump is a gap (detector reset)
+    restart_windows_dropped: int = 0  # always 0, likewise
 
 
 class _Sensor:
@@ -182,7 +184,9 @@ def check_mode(windowing: WindowingSettings, engine: Engine, model_path: object)
             f"({engine.window}-sample windows): use a beat-mode model (models/mitdb-beats) or windowing.mode: fixed"
         )
     if windowing.mode == "beats" and windowing.baseline == "sensor":
-        raise ConfigError("windowing.baseline: sensor is for fixed windows; in beat mode every beat is normalised alone")
+        raise ConfigError(
+            "windowing.baseline: sensor is for fixed windows; in beat mode every beat is normalised alone"
+        )
     if windowing.mode == "fixed" and engine.segmentation is not None:
         raise ConfigError(
             f"windowing.mode is fixed, but model.path {model_path} is a beat-mode model: "
@@ -193,11 +197,17 @@ def check_mode(windowing: WindowingSettings, engine: Engine, model_path: object)
 def make_assembler(
     windowing: WindowingSettings, engine: Engine, on_evict: Callable[[str], None] | None = None
 ) -> WindowAssembler | BeatAssembler:
-    """The assembler of the configured mode, shaped for the engine (`check_mode` first); `on_evict` for fixed windows."""
+    """The assembler of the configured mode, shaped for the engine (`check_mode` first); `on_evict`: fixed mode."""
     if engine.segmentation is None:
         stride = windowing.stride or engine.window
         return WindowAssembler(
-            engine.window, stride, engine.channels, windowing.max_sensors, windowing.idle_eviction_seconds, on_evict
+            engine.window,
+            stride,
+            engine.channels,
+            windowing.max_sensors,
+            windowing.idle_eviction_seconds,
+            on_evict,
+            windowing.seq_tolerance,
         )
     assert windowing.sample_rate_hz is not None  # the config requires it in beat mode
     return BeatAssembler(

@@ -77,11 +77,16 @@ def calibrate(errors: np.ndarray, method: str = "quantile", params: dict[str, fl
     return Calibration(method, chosen, int(errors.size), threshold, fit)
 
 
-def _peaks_over_threshold(errors: np.ndarray, tail_quantile: float, false_alarm_rate: float) -> tuple[float, dict[str, float]]:
+def _peaks_over_threshold(
+    errors: np.ndarray, tail_quantile: float, false_alarm_rate: float
+) -> tuple[float, dict[str, float]]:
     from scipy.stats import genpareto
 
     if not 0.0 < tail_quantile < 1.0 or not 0.0 < false_alarm_rate < 1.0 - tail_quantile:
-        raise ConfigError(f"threshold: pot needs 0 < tail_quantile < 1 and 0 < false_alarm_rate < 1 - tail_quantile (got {tail_quantile}, {false_alarm_rate})")
+        raise ConfigError(
+            "threshold: pot needs 0 < tail_quantile < 1 and 0 < false_alarm_rate < 1 - tail_quantile "
+            f"(got {tail_quantile}, {false_alarm_rate})"
+        )
     initial = float(np.quantile(errors, tail_quantile))
     excesses = errors[errors > initial] - initial
     if excesses.size < 5:
@@ -122,8 +127,11 @@ class ThresholdUncertainty:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"confidence": self.confidence, "false_alarm_rate": list(self.false_alarm_rate),
-                "threshold_range": [x if math.isfinite(x) else None for x in self.threshold_range]}
+        return {
+            "confidence": self.confidence,
+            "false_alarm_rate": list(self.false_alarm_rate),
+            "threshold_range": [x if math.isfinite(x) else None for x in self.threshold_range],
+        }
 
 
 def threshold_uncertainty(

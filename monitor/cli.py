@@ -64,27 +64,52 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     add = train.add_argument
     add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
-    add("--train-data", type=Path, nargs="+", help="normal training data (UCR text, .npy windows), or recordings "
+    add(
+        "--train-data",
+        type=Path,
+        nargs="+",
+        help="normal training data (UCR text, .npy windows), or recordings "
         "([T] or [T, C] .npy/.csv with --window), one per sensor; .gz/.xz read as they are "
-        "(required: here or in --config)")
-    add("--train-labels", type=Path, nargs="+", help="0/1 per sample of each recording, in --train-data order; "
-        "windows with an anomalous sample are left out (default: none)")
-    add("--segmentation", choices=["fixed", "beats"], help="fixed windows, or one window per detected beat of a raw "
-        "ECG lead (contract section 8) (default: fixed)")
+        "(required: here or in --config)",
+    )
+    add(
+        "--train-labels",
+        type=Path,
+        nargs="+",
+        help="0/1 per sample of each recording, in --train-data order; "
+        "windows with an anomalous sample are left out (default: none)",
+    )
+    add(
+        "--segmentation",
+        choices=["fixed", "beats"],
+        help="fixed windows, or one window per detected beat of a raw ECG lead (contract section 8) (default: fixed)",
+    )
     add("--sample-rate", type=float, help="beat mode: the recordings' sampling rate in Hz (required in beat mode)")
-    add("--annotations", type=Path, nargs="+", help="beat mode: a sample,symbol CSV per recording, same order "
-        "(default: none; every beat found is trained on)")
+    add(
+        "--annotations",
+        type=Path,
+        nargs="+",
+        help="beat mode: a sample,symbol CSV per recording, same order (default: none; every beat found is trained on)",
+    )
     add("--normal-symbols", help="beat mode: WFDB codes of the beats trained on (default: N,L,R,e,j)")
-    add("--calibration-data", type=Path, help="held-out normal data for early stopping and the threshold "
-        "(default: none; validation and calibration windows are split off the training data with --seed)")
+    add(
+        "--calibration-data",
+        type=Path,
+        help="held-out normal data for early stopping and the threshold "
+        "(default: none; validation and calibration windows are split off the training data with --seed)",
+    )
     add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
     add("--output", type=Path, help="artifact directory to write" + default("output"))
     add("--force", action="store_true", help="replace a model already in --output (default: refuse)")
     add("--name", help="model name recorded in the artifact" + default("name"))
     add("--version", dest="model_version", help="model version recorded in the artifact (default: today's date)")
     add("--normal-label", type=int, help="class label of normal windows in UCR files" + default("normal_label"))
-    add("--window", type=int, help="cut a continuous recording ([T] or [T, C] .npy/.csv) into windows of this many "
-        "samples (default: none; needed for recordings)")
+    add(
+        "--window",
+        type=int,
+        help="cut a continuous recording ([T] or [T, C] .npy/.csv) into windows of this many "
+        "samples (default: none; needed for recordings)",
+    )
     add("--stride", type=int, help="samples between window starts in a recording (default: the window)")
     add("--embedding-dim", type=int, help="embedding size E (LSTMs of E and 2E units)" + default("embedding_dim"))
     add("--epochs", type=int, help="maximum number of epochs" + default("epochs"))
@@ -94,10 +119,19 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--noise-std", type=float, help="std of the Gaussian training noise, normalised units" + default("noise_std"))
     add("--seed", type=int, help="random seed (training is deterministic given the seed)" + default("seed"))
     add("--threads", type=int, help="torch threads, 0 = torch's default" + default("threads", "; the recipe: 1"))
-    add("--threshold-method", choices=["quantile", "mean_std", "pot"], help="threshold calibration method (default: "
-        f"quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)")
-    add("--no-report", dest="report", action="store_const", const=False,
-        help="skip the PNG training report (default: written to OUTPUT/report)")
+    add(
+        "--threshold-method",
+        choices=["quantile", "mean_std", "pot"],
+        help="threshold calibration method (default: "
+        f"quantile, q {DEFAULT_PARAMS['quantile']['q']}: that quantile of the calibration windows' errors)",
+    )
+    add(
+        "--no-report",
+        dest="report",
+        action="store_const",
+        const=False,
+        help="skip the PNG training report (default: written to OUTPUT/report)",
+    )
     _baseline_flags(train, ("model", "none; required with --baseline sensor"))
     flags = {action.dest for action in train._actions} | {"version", "threshold"}
     yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
@@ -105,12 +139,16 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="monitor", description="Streaming anomaly monitor for ECG and other sensor signals.")
+    parser = argparse.ArgumentParser(
+        prog="monitor", description="Streaming anomaly monitor for ECG and other sensor signals."
+    )
     parser.add_argument("--version", action="version", version=f"monitor {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
-        "run", help="run the daemon in the foreground", description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model."
+        "run",
+        help="run the daemon in the foreground",
+        description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model.",
     )
     run.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/monitor.yaml)")
 
@@ -154,13 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     watch = commands.add_parser(
         "watch",
         help="print alerts as they arrive; with --labels, precision and recall at the end",
-        description="Subscribe to the alert topic and print each alert. With --labels (from `monitor replay --labels-out`) "
+        description="Subscribe to the alert topic and print each alert. "
+        "With --labels (from `monitor replay --labels-out`) "
         "it stops once every labelled window is scored and alerts went quiet, and prints a summary.",
     )
     watch.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and alert topic)")
     watch.add_argument("--labels", type=Path, help="labels of the replayed windows (JSON lines)")
     watch.add_argument("--metrics-url", help="the daemon's /metrics URL, for its counts and latency in the summary")
-    watch.add_argument("--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored")
+    watch.add_argument(
+        "--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored"
+    )
     watch.add_argument("--quiet", action="store_true", help="print only the summary")
 
     check = commands.add_parser(
@@ -173,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from monitor import signals
+
+    signals.install()  # before importing torch: a SIGHUP in the first seconds must not end the process
     from monitor.daemon import run
 
     return run(args.config)
@@ -329,8 +373,10 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
         print(json.dumps(summary))
         return 0
     warm_up_note = f" ({warm_up} warm-up windows per recording, not scored)" if warm_up else ""
-    print(f"model {artifact.name} {artifact.version}, window {artifact.window}, stride {stride}, "
-          f"baseline {summary['baseline']}{warm_up_note}")
+    print(
+        f"model {artifact.name} {artifact.version}, window {artifact.window}, stride {stride}, "
+        f"baseline {summary['baseline']}{warm_up_note}"
+    )
     print(format_evaluation(pooled))
     print(f"\nanomaly segments caught: {caught} of {counted}")
     for item in per_recording:
@@ -387,7 +433,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from monitor.watch import watch
 
     config = load_config(args.config, check_model=False)
-    print(watch(config.mqtt, config.mqtt.alert_topic, args.labels, args.metrics_url, args.idle_seconds, quiet=args.quiet))
+    print(
+        watch(config.mqtt, config.mqtt.alert_topic, args.labels, args.metrics_url, args.idle_seconds, quiet=args.quiet)
+    )
     return 0
 
 
@@ -414,7 +462,14 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "evaluate": cmd_evaluate, "replay": cmd_replay, "watch": cmd_watch, "check-config": cmd_check_config}
+COMMANDS = {
+    "run": cmd_run,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "replay": cmd_replay,
+    "watch": cmd_watch,
+    "check-config": cmd_check_config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ comes from `MONITOR_MQTT__PASSWORD`, from `mqtt.password_file`, or from systemd'
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
@@ -78,6 +79,15 @@ class MqttSettings(Strict):
     subscribe: list[str] = Field(default_factory=lambda: ["sensors/+/ecg"], min_length=1)
     subscribe_qos: Literal[0, 1, 2] = 1
     sensor_id_level: int = Field(default=1, ge=0)
+    ignore_retained: bool = Field(
+        default=True,
+        description="retained messages on sensor topics are stale input: ignored and counted (outcome retained)",
+    )
+    sensor_id_pattern: str | None = Field(
+        default=r"[A-Za-z0-9_.:-]{1,128}",
+        description="regular expression every sensor id must match whole (ASCII by default, so no id can look like "
+        "another in other scripts); null accepts any printable id up to 128 characters",
+    )
     alert_topic: str = "alerts/{sensor_id}"
     alert_qos: Literal[0, 1, 2] = 1
     status_topic: str = "monitor/{client_id}/status"
@@ -92,11 +102,23 @@ class MqttSettings(Strict):
     def _filters_valid(cls, filters: list[str]) -> list[str]:
         for topic_filter in filters:
             levels = topic_filter.split("/")
-            if not topic_filter or any(("#" in level and level != "#") or ("+" in level and level != "+") for level in levels):
+            if not topic_filter or any(
+                ("#" in level and level != "#") or ("+" in level and level != "+") for level in levels
+            ):
                 raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter")
             if "#" in levels[:-1]:
                 raise ValueError(f"{topic_filter!r}: '#' must be the last level")
         return filters
+
+    @field_validator("sensor_id_pattern")
+    @classmethod
+    def _pattern_compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"not a regular expression ({error})") from None
+        return pattern
 
     @field_validator("alert_topic")
     @classmethod
@@ -131,7 +153,9 @@ class ModelSettings(Strict):
     path: Path = Path("models/ecg5000")
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N; resolved and checked by monitor.engine")
     backend: Literal["torch", "onnx"] = "torch"
-    threads: int = Field(default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)")
+    threads: int = Field(
+        default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)"
+    )
     shadow_path: Path | None = Field(
         default=None, description="a second artifact that scores the same batches, never alerts, and is compared"
     )
@@ -145,6 +169,14 @@ class WindowingSettings(Strict):
     max_payload_bytes: int = Field(default=262144, ge=64)
     max_sensors: int = Field(default=10000, ge=1)
     idle_eviction_seconds: float = Field(default=300.0, gt=0)
+    seq_tolerance: int = Field(
+        default=1024,
+        ge=0,
+        description="seq jump (samples) beyond which a message ahead, or back near 0, restarts the sensor's stream",
+    )
+    max_abs_value: float = Field(
+        default=1e6, gt=0, description="samples with a larger magnitude reject the message (value_out_of_range)"
+    )
     state_file: Path | None = Field(
         default=None, description="where the partial windows are kept across a restart (SIGTERM drain); None = not kept"
     )
@@ -261,12 +293,50 @@ class MetricsSettings(Strict):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=9108, ge=0, le=65535)
+    max_connections: int = Field(
+        default=8, ge=1, le=256, description="scrape connections open at once; beyond: closed at once"
+    )
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60, description="longest a scrape connection may stay open")
 
 
 class LoggingSettings(Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
     warning_interval_seconds: float = Field(default=60.0, ge=0, description="per-sensor warnings at most this often")
+    max_warning_keys: int = Field(
+        default=10000, ge=1, description="(sensor, reason) pairs whose last warning is remembered"
+    )
+    max_warnings_per_interval: int = Field(
+        default=100, ge=1, description="warning lines in all per interval (at least 1 s)"
+    )
+
+
+class JournalSettings(Strict):
+    """The input journal that lets a crash lose nothing the broker acknowledged (monitor.journal)."""
+
+    path: Path | None = Field(default=None, description="journal file; None = off (a crash loses the partial windows)")
+    sync_interval_seconds: float = Field(
+        default=0.02, gt=0, le=1, description="fsync batches: input is acknowledged after its fsync"
+    )
+    max_bytes: int = Field(default=16 * 2**20, ge=2**16, description="a checkpoint rewrites the file beyond this size")
+    checkpoint_seconds: float = Field(
+        default=30.0, gt=0, description="... or after this long, bounding a replay's duplicates"
+    )
+
+
+class HealthSettings(Strict):
+    stall_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="no batch finished and no idle poll for this long: the scorer is stalled, "
+        "the systemd watchdog is no longer fed",
+    )
+    stall_exit_seconds: float = Field(
+        default=30.0, gt=0, description="stalled this long: the daemon exits 1 by itself (with or without systemd)"
+    )
+    stop_timeout_seconds: float = Field(
+        default=20.0, gt=0, description="SIGTERM ends the process within this, logging what it could not finish"
+    )
 
 
 class PartitionSettings(Strict):
@@ -342,6 +412,8 @@ class Config(Strict):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
     partitions: PartitionSettings | None = None
 
     @model_validator(mode="after")

@@ -1,8 +1,13 @@
 """`monitor run`: wires the stages together and runs the daemon's lifecycle.
 
-Start: config -> logging -> engine -> metrics -> ingest -> scoring thread -> MQTT -> signals.
+Start: signals (recorded from the first moment, `monitor.signals`) -> config -> logging -> engine -> metrics ->
+ingest -> scoring thread -> journal replay -> MQTT.
 Stop (SIGTERM/SIGINT): stop taking input -> score what is queued -> wait (bounded) for the broker to
-acknowledge queued alerts -> disconnect -> stop the metrics server -> exit 0.
+acknowledge queued alerts -> acknowledge the input -> journal checkpoint -> disconnect -> stop the metrics server
+-> exit 0; all of it within `health.stop_timeout_seconds`, else what was left is logged (`stop_incomplete`) and
+the exit code is 1. A scorer stalled for `health.stall_exit_seconds`, or paho's network thread found dead, ends
+the process the same way with exit code 1, for systemd to restart it.
+Input acknowledgements (monitor.acks) are sent by the main loop, in arrival order, as messages are released.
 Reload (SIGHUP): re-read the config and the model and apply what can change live (`LIVE_SETTINGS`); every other
 changed setting is logged by key as needing a restart. A broken config or model is logged and the running one kept.
 With `windowing.state_file`, the drain saves the sensors' partial windows and the next start takes them back,
@@ -15,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +31,8 @@ import orjson
 import structlog
 from prometheus_client import CollectorRegistry
 
-from monitor import systemd
+from monitor import signals, systemd
+from monitor.acks import InOrderAcks, PendingWindows
 from monitor.alerts import AlertSink
 from monitor.baseline import SensorBaselines, resolve_baseline
 from monitor.batching import MicroBatcher, WindowQueue
@@ -37,7 +44,8 @@ from monitor.episode_sink import EpisodeSink, read_retained, state_filter
 from monitor.episodes import EpisodeTracker
 from monitor.errors import ConfigError, MonitorError
 from monitor.ingest import Ingest
-from monitor.log import configure_logging
+from monitor.journal import Journal
+from monitor.log import RateLimiter, configure_logging
 from monitor.metrics import Metrics, serve_metrics
 from monitor.payload import PayloadDecoder
 from monitor.shadow import ShadowComparison
@@ -48,8 +56,7 @@ log = structlog.get_logger("monitor.daemon")
 
 HOUSEKEEPING_SECONDS = 1.0
 SIGNAL_POLL_SECONDS = 0.05
-STALL_SECONDS = 10.0  # no batch and no idle poll for this long: the scorer hangs, the watchdog is no longer fed
-LIFECYCLE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+CLOSE_RESERVE_SECONDS = 2.0  # of the stop timeout, kept for the status message, the disconnect and the metrics server
 # Settings a SIGHUP applies to the running daemon (a key, or a whole section ending in "."); any other changed
 # setting is logged as `reload_needs_restart` with its key.
 LIVE_SETTINGS = (
@@ -109,20 +116,43 @@ class Daemon:
         self.registry = registry or CollectorRegistry()
         self.load_engine = engine_loader
         self.stop = threading.Event()
-        self.signals: list[int] = []
-        self.stall_seconds = STALL_SECONDS
+        self.signals = signals.received
+        self.stall_seconds = config.health.stall_seconds
         self.stalled = False
+        self.exit_code = 0
+        self.acks = InOrderAcks()
+        journal = config.journal
+        self.journal = (
+            None
+            if journal.path is None
+            else Journal(
+                journal.path,
+                self.acks.release,
+                journal.sync_interval_seconds,
+                journal.max_bytes,
+                journal.checkpoint_seconds,
+            )
+        )
+        self.pending = PendingWindows(self.acks, self.journal.mark_decided if self.journal is not None else None)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT, then drain; returns the exit code."""
+        signals.install()
         self.init_model()
         self.init_metrics()
         self.init_ingest()
         self.start_scoring()
+        self.replay_journal()
         self.start_mqtt()
-        self.install_signal_handlers()
         self.main_loop()
-        return self.drain()
+        code = self.drain()
+        if self.worker.is_alive():
+            # A scorer stuck in a forward pass would hold up the interpreter's exit past the stop timeout.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
@@ -143,7 +173,14 @@ class Daemon:
         settings = self.config.metrics
         if settings.enabled:
             try:
-                self.metrics_server, _ = serve_metrics(self.registry, settings.host, settings.port)
+                self.metrics_server = serve_metrics(
+                    self.registry,
+                    settings.host,
+                    settings.port,
+                    settings.max_connections,
+                    settings.timeout_seconds,
+                    self.metrics.metrics_refused,
+                )
             except OSError as error:
                 raise ConfigError(f"metrics: cannot listen on {settings.host}:{settings.port} ({error})") from None
             log.info("metrics_serving", host=settings.host, port=self.metrics_server.server_port, path="/metrics")
@@ -159,19 +196,58 @@ class Daemon:
     def init_ingest(self) -> None:
         config = self.config
         windowing = config.windowing
-        baselines = None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
+        baselines = (
+            None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
+        )
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
         self.ingest = Ingest(
-            PayloadDecoder(assembler.channels, windowing.max_samples_per_message, windowing.max_payload_bytes),
+            PayloadDecoder(
+                assembler.channels,
+                windowing.max_samples_per_message,
+                windowing.max_payload_bytes,
+                windowing.max_abs_value,
+            ),
             assembler,
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
-            config.logging.warning_interval_seconds,
+            RateLimiter(
+                config.logging.warning_interval_seconds,
+                config.logging.max_warning_keys,
+                config.logging.max_warnings_per_interval,
+            ),
+            config.mqtt.sensor_id_pattern,
+            self.pending,
+            self.journal,
             baselines,
         )
-        self.restore_windows()
+        self.ingest.watch_gauges()
+        if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
+            self.restore_windows()
+
+    def replay_journal(self) -> None:
+        """Take back what the journal holds (a crash or a stop left it), then start a fresh one from that state."""
+        if self.journal is None:
+            return
+        now = time.monotonic()
+        try:
+            replayed = self.journal.load(now)
+        except (OSError, ValueError) as error:
+            log.error("journal_discarded", path=str(self.journal.path), error=str(error)[:300])
+            replayed = None
+        if replayed is not None:
+            self.ingest.replay(replayed, now)
+            log.info(
+                "journal_replayed",
+                path=str(self.journal.path),
+                pending_windows=len(replayed.pending),
+                messages=len(replayed.messages),
+                truncated=replayed.truncated,
+                sensors=self.ingest.assembler.active_sensors,
+            )
+        with self.ingest.lock:
+            self.journal.start(self.ingest.checkpoint_state())
 
     def restore_windows(self) -> None:
         """Take back the partial windows the last drain saved; a file that does not fit is logged and ignored."""
@@ -258,29 +334,29 @@ class Daemon:
         restored, unreadable = self.episodes.restore(
             payloads, lambda sensor_id: partitions is None or partitions.owns(sensor_id)
         )
-        log.info("episode_states_restored", topics=topic_filter, states=restored, unreadable=unreadable,
-                 open_episodes=len(tracker.open_episodes()))
+        log.info(
+            "episode_states_restored",
+            topics=topic_filter,
+            states=restored,
+            unreadable=unreadable,
+            open_episodes=len(tracker.open_episodes()),
+        )
 
     def start_scoring(self) -> None:
         batching = self.config.batching
         self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
-        self.connection = MqttConnection(self.config.mqtt, self.ingest.handle, self.metrics, self.config.partitions)
+        self.connection = MqttConnection(
+            self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending, self.config.partitions
+        )
         self.init_episodes()
         self.drift = self.make_drift(self.config, self.engine)
-        self.worker = ScoringWorker(self.batcher, self.engine, self.make_sink(self.config), self.metrics, self.stop)
+        self.worker = ScoringWorker(
+            self.batcher, self.engine, self.make_sink(self.config), self.metrics, self.stop, self.pending
+        )
         self.worker.start()
 
     def start_mqtt(self) -> None:
         self.connection.start()
-
-    def install_signal_handlers(self) -> None:
-        """Signals are only recorded here; the main loop acts on them.
-
-        A handler runs in the main thread between bytecodes: one that set an Event while the main
-        thread is inside `Event.wait` could deadlock on the Event's own lock.
-        """
-        for signum in LIFECYCLE_SIGNALS:
-            signal.signal(signum, lambda received, frame: self.signals.append(received))
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -297,6 +373,7 @@ class Daemon:
         next_housekeeping = 0.0
         while not self.stop.wait(SIGNAL_POLL_SECONDS):
             self.handle_signals()
+            self.connection.acknowledge()
             if not ready_sent and self.connection.subscribed.is_set():
                 ready_sent = True
                 systemd.ready()
@@ -313,9 +390,13 @@ class Daemon:
         for stage in (self.episodes, self.drift):
             if stage is not None:
                 stage.housekeeping(idle_seconds)
+        self.ingest.checkpoint_if_due(now)
+        if not self.connection.network_thread_alive():
+            log.error("network_thread_died")
+            self.fail()
         if not self.worker.is_alive():
             log.error("scoring_thread_died")
-            self.stop.set()
+            self.fail()
         elif self.worker.progressing(now, self.stall_seconds):
             if self.stalled:
                 self.stalled = False
@@ -324,6 +405,16 @@ class Daemon:
         elif not self.stalled:
             self.stalled = True
             log.error("scoring_stalled", seconds=round(now - self.worker.progress_at, 1), queued=self.queue.depth())
+        elif not self.worker.progressing(now, self.config.health.stall_exit_seconds):
+            log.error(
+                "scoring_stalled_exit", seconds=round(now - self.worker.progress_at, 1), queued=self.queue.depth()
+            )
+            self.fail()
+
+    def fail(self) -> None:
+        """Stop as after SIGTERM, but with exit code 1, so systemd restarts the daemon."""
+        self.exit_code = 1
+        self.stop.set()
 
     def reload(self) -> None:
         """Re-read config and model; apply the live settings, log the others by key; keep the old ones if broken."""
@@ -373,24 +464,44 @@ class Daemon:
                 log.warning("reload_needs_restart", key=key)
 
     def drain(self) -> int:
-        """Stop input, score the backlog, wait for alert acknowledgements, disconnect; exit code 0."""
+        """Stop input, score the backlog, wait for alert acknowledgements, acknowledge the input, checkpoint the
+        journal, disconnect; all within `health.stop_timeout_seconds`. Returns the exit code."""
         started = time.monotonic()
+        deadline = started + self.started_config.health.stop_timeout_seconds - CLOSE_RESERVE_SECONDS
         systemd.stopping()
         log.info("draining", queued_windows=self.queue.depth())
         self.connection.stop_input()
         self.stop.set()
-        self.worker.join()
+        self.worker.join(max(0.0, deadline - time.monotonic()))
         if self.episodes is not None:
             log.info("episode_states_published", sensors=self.episodes.publish_open_states())
-        acknowledged = self.connection.wait_for_acknowledgements(self.started_config.mqtt.drain_timeout_seconds)
-        if not acknowledged:
+        wait = min(self.started_config.mqtt.drain_timeout_seconds, max(0.0, deadline - time.monotonic()))
+        if not self.connection.wait_for_acknowledgements(wait):
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
+        if self.journal is not None:
+            with self.ingest.lock:
+                self.journal.close(self.ingest.checkpoint_state())  # fsyncs: the last records are released too
+        else:
+            self.save_windows()
+        self.connection.acknowledge()
+        undecided, unacknowledged = len(self.pending), self.acks.unacknowledged()
+        if undecided or unacknowledged or self.worker.is_alive():
+            self.exit_code = 1
+            log.error(
+                "stop_incomplete",
+                undecided_windows=undecided,
+                unacknowledged_input=unacknowledged,
+                pending_alerts=self.connection.pending_alerts(),
+                scorer_running=self.worker.is_alive(),
+                kept_by="the journal and the broker"
+                if self.journal is not None
+                else "the broker (unacknowledged input)",
+            )
         self.connection.close()
-        self.save_windows()
         if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-        log.info("stopped", drain_seconds=round(time.monotonic() - started, 3))
-        return 0
+            self.metrics_server.stop()
+        log.info("stopped", drain_seconds=round(time.monotonic() - started, 3), exit_code=self.exit_code)
+        return self.exit_code
 
 
 def instance_context(config: Config) -> dict[str, object]:

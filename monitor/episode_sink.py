@@ -101,8 +101,12 @@ class EpisodeSink:
     def _emit(self, events: list[EpisodeEvent], now: float) -> None:
         engine = self.engine
         for event in events:
-            body = {**event.payload(), "threshold": engine.threshold, "baseline": engine.baseline[0],
-                    "model": engine.model.to_dict()}
+            body = {
+                **event.payload(),
+                "threshold": engine.threshold,
+                "baseline": engine.baseline[0],
+                "model": engine.model.to_dict(),
+            }
             topic = self.settings.event_topic.format(sensor_id=event.sensor_id)
             if self._publish(topic, body, self.settings.event_qos, retain=False, what=event.kind):
                 self.metrics.episode_events.labels(event.kind).inc()

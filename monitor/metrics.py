@@ -1,19 +1,31 @@
-"""Prometheus metrics of the daemon, built on an injected registry so tests get a fresh one.
+"""Prometheus metrics of the daemon, built on an injected registry so tests get a fresh one, and their HTTP server.
 
 Names follow Prometheus conventions (`monitor_` prefix, base units, `_total` for counters); label
-sets are closed (never a sensor id) and pre-touched so every series starts at 0.
+sets are closed (never a sensor id) and pre-touched so every series starts at 0. Gauges of live state
+(queue depth, sensors, buffered samples) are read by callbacks when scraped, so they are never stale.
+
+The server (`MetricsServer`) holds at most `max_connections` connections, each for at most
+`timeout_seconds` in all: connections beyond the cap are closed at once and counted, so clients that
+open connections and never finish them cannot take the process's file descriptors or threads.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+import contextlib
+import socket
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from monitor.beats import UNSCORABLE_REASONS
 from monitor.episodes import EVENT_KINDS
 from monitor.payload import REJECT_REASONS
 
-MESSAGE_OUTCOMES = ("accepted", "duplicate", "sensor_limit", "internal_error", *REJECT_REASONS)
-WINDOW_DROP_REASONS = ("seq_gap", "queue_full", "scoring_error")
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS)
+WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
 EPISODE_STATES = ("open", "flapping")
@@ -38,22 +50,56 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry, max_batch: int, threshold: float) -> None:
         self.registry = registry
-        self.messages = Counter("monitor_messages_received_total", "MQTT messages received, by outcome", ["outcome"], registry=registry)
-        self.samples = Counter("monitor_samples_received_total", "Samples accepted into sensor buffers", registry=registry)
-        self.duplicate_samples = Counter("monitor_duplicate_samples_total", "Samples ignored because their seq was already seen", registry=registry)
-        self.seq_gaps = Counter("monitor_seq_gaps_total", "Gaps seen in sensors' seq numbering", registry=registry)
-        self.windows_scored = Counter("monitor_windows_scored_total", "Windows scored by the model", registry=registry)
-        self.windows_dropped = Counter("monitor_windows_dropped_total", "Windows dropped before scoring, by reason", ["reason"], registry=registry)
-        self.anomalies = Counter("monitor_anomalies_total", "Windows whose score exceeded the threshold", registry=registry)
-        self.alerts_published = Counter("monitor_alerts_published_total", "Alerts handed to the MQTT client", registry=registry)
-        self.alerts_delivered = Counter("monitor_alerts_delivered_total", "Alerts acknowledged by the broker (QoS 1/2) or sent (QoS 0)", registry=registry)
-        self.alerts_dropped = Counter(
-            "monitor_alerts_dropped_total", "Alerts that could not be queued for publishing, by reason", ["reason"], registry=registry
+        self.messages = Counter(
+            "monitor_messages_received_total", "MQTT messages received, by outcome", ["outcome"], registry=registry
         )
-        self.alerts_pending = Gauge("monitor_alerts_pending", "Alerts published but not yet acknowledged by the broker", registry=registry)
-        self.batch_size = Histogram("monitor_inference_batch_size", "Windows per forward pass", buckets=batch_size_buckets(max_batch), registry=registry)
+        self.samples = Counter(
+            "monitor_samples_received_total", "Samples accepted into sensor buffers", registry=registry
+        )
+        self.duplicate_samples = Counter(
+            "monitor_duplicate_samples_total", "Samples ignored because their seq was already seen", registry=registry
+        )
+        self.seq_gaps = Counter("monitor_seq_gaps_total", "Gaps seen in sensors' seq numbering", registry=registry)
+        self.seq_restarts = Counter(
+            "monitor_seq_restarts_total",
+            "Sensor streams restarted by a seq jump beyond windowing.seq_tolerance",
+            registry=registry,
+        )
+        self.windows_scored = Counter("monitor_windows_scored_total", "Windows scored by the model", registry=registry)
+        self.windows_dropped = Counter(
+            "monitor_windows_dropped_total", "Windows dropped before scoring, by reason", ["reason"], registry=registry
+        )
+        self.anomalies = Counter(
+            "monitor_anomalies_total", "Windows whose score exceeded the threshold", registry=registry
+        )
+        self.alerts_published = Counter(
+            "monitor_alerts_published_total", "Alerts handed to the MQTT client", registry=registry
+        )
+        self.alerts_delivered = Counter(
+            "monitor_alerts_delivered_total",
+            "Alerts acknowledged by the broker (QoS 1/2) or sent (QoS 0)",
+            registry=registry,
+        )
+        self.alerts_dropped = Counter(
+            "monitor_alerts_dropped_total",
+            "Alerts that could not be queued for publishing, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.alerts_pending = Gauge(
+            "monitor_alerts_pending", "Alerts published but not yet acknowledged by the broker", registry=registry
+        )
+        self.batch_size = Histogram(
+            "monitor_inference_batch_size",
+            "Windows per forward pass",
+            buckets=batch_size_buckets(max_batch),
+            registry=registry,
+        )
         self.inference_seconds = Histogram(
-            "monitor_inference_seconds", "Time of one batched forward pass", buckets=INFERENCE_BUCKETS_SECONDS, registry=registry
+            "monitor_inference_seconds",
+            "Time of one batched forward pass",
+            buckets=INFERENCE_BUCKETS_SECONDS,
+            registry=registry,
         )
         self.latency_seconds = Histogram(
             "monitor_decision_latency_seconds",
@@ -74,20 +120,36 @@ class Metrics:
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
         self.windows_warming_up = Counter(
-            "monitor_windows_warming_up_total", "Windows spent on sensors' warm-up (baseline: sensor), not scored",
+            "monitor_windows_warming_up_total",
+            "Windows spent on sensors' warm-up (baseline: sensor), not scored",
             registry=registry,
         )
         self.sensors_warming_up = Gauge(
             "monitor_sensors_warming_up", "Sensors still in their warm-up (baseline: sensor)", registry=registry
         )
-        self.sensors_evicted = Counter("monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry)
+        self.sensors_evicted = Counter(
+            "monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry
+        )
         self.buffered_samples = Gauge("monitor_buffered_samples", "Samples held in sensor buffers", registry=registry)
-        self.broker_connected = Gauge("monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry)
-        self.broker_connects = Counter("monitor_broker_connections_total", "Successful connections to the broker", registry=registry)
-        self.broker_disconnects = Counter("monitor_broker_disconnections_total", "Connections to the broker lost", registry=registry)
-        self.model_reloads = Counter("monitor_model_reloads_total", "Model reloads on SIGHUP, by outcome", ["outcome"], registry=registry)
+        self.broker_connected = Gauge(
+            "monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry
+        )
+        self.broker_connects = Counter(
+            "monitor_broker_connections_total", "Successful connections to the broker", registry=registry
+        )
+        self.broker_disconnects = Counter(
+            "monitor_broker_disconnections_total", "Connections to the broker lost", registry=registry
+        )
+        self.model_reloads = Counter(
+            "monitor_model_reloads_total", "Model reloads on SIGHUP, by outcome", ["outcome"], registry=registry
+        )
         self.threshold = Gauge("monitor_threshold", "The model's calibrated anomaly threshold", registry=registry)
         self.model_info = Info("monitor_model", "The model in use", registry=registry)
+        self.metrics_refused = Counter(
+            "monitor_metrics_connections_refused_total",
+            "Metrics connections closed because metrics.max_connections were open",
+            registry=registry,
+        )
         self.instance_info = Info(
             "monitor_instance",
             "This instance: its name (the MQTT client id) and the broker partitions it consumes",
@@ -211,6 +273,17 @@ class Metrics:
         self.registry.unregister(self.reconstruction_error)
         self.reconstruction_error = self._error_histogram(threshold)
 
+    def watch(
+        self,
+        queue_depth: Callable[[], float],
+        active_sensors: Callable[[], float],
+        buffered_samples: Callable[[], float],
+    ) -> None:
+        """Read these gauges from the live state at every scrape."""
+        self.queue_depth.set_function(queue_depth)
+        self.active_sensors.set_function(active_sensors)
+        self.buffered_samples.set_function(buffered_samples)
+
     def set_instance(self, name: str, partitions: list[int], count: int | None) -> None:
         """Name the instance; with a partitioned broker, one `monitor_partition_consumed` series per partition, at 0."""
         self.instance_info.info({"instance_name": name, "partitions": ",".join(map(str, partitions)) or "all"})
@@ -228,6 +301,88 @@ class Metrics:
         self.threshold.set(threshold)
 
 
-def serve_metrics(registry: CollectorRegistry, host: str, port: int):
-    """Serve `/metrics` on host:port in a daemon thread; returns (server, thread)."""
-    return start_http_server(port, addr=host, registry=registry)
+Request = socket.socket | tuple[bytes, socket.socket]  # what socketserver hands a request handler
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: MetricsServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(self.server.timeout_seconds)  # every read and write on the socket
+
+    def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] not in ("/metrics", "/"):
+            self.send_error(404)
+            return
+        body = generate_latest(self.server.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Scrapes are not logged (prometheus_client's server did not log them either)."""
+
+
+class MetricsServer(ThreadingHTTPServer):
+    """`/metrics` over HTTP/1.0 (one request per connection), bounded in connections and in time per connection."""
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        max_connections: int,
+        timeout_seconds: float,
+        refused: Counter,
+    ) -> None:
+        self.registry = registry
+        self.timeout_seconds = timeout_seconds
+        self.refused = refused
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__((host, port), _MetricsHandler)
+
+    def process_request(self, request: Request, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused.inc()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Request, client_address: Any) -> None:
+        # The socket timeout bounds each read; this bounds the whole connection (a client dripping bytes).
+        deadline = threading.Timer(self.timeout_seconds, _abort, (request,))
+        deadline.daemon = True  # never holds up the process' exit
+        deadline.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            deadline.cancel()
+            self._slots.release()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def _abort(request: Request) -> None:
+    with contextlib.suppress(OSError):  # already closed
+        (request if isinstance(request, socket.socket) else request[1]).shutdown(socket.SHUT_RDWR)
+
+
+def serve_metrics(
+    registry: CollectorRegistry, host: str, port: int, max_connections: int, timeout_seconds: float, refused: Counter
+) -> MetricsServer:
+    """Serve `/metrics` on host:port from a daemon thread; returns the server (`stop()` ends it)."""
+    server = MetricsServer(registry, host, port, max_connections, timeout_seconds, refused)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -4,12 +4,16 @@ The payload is a UTF-8 JSON object (contract section 3):
 `{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
 invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,
-bad_samples (content), wrong_channels, non_finite, bad_seq, bad_ts.
+bad_samples (content), wrong_channels, non_finite, value_out_of_range, bad_seq, bad_ts.
+
+`value_out_of_range` bounds the magnitude of samples (`max_abs_value`): finite but extreme values (about 1e38)
+would overflow the model's float32 arithmetic into inf/NaN scores.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +31,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "bad_samples",
     "wrong_channels",
     "non_finite",
+    "value_out_of_range",
     "too_many_samples",
     "bad_seq",
     "bad_ts",
@@ -52,13 +57,20 @@ class Message:
 class PayloadDecoder:
     """Decodes and validates payloads of one channel count; stateless, so safe to share between threads."""
 
-    def __init__(self, channels: int, max_samples: int = 4096, max_bytes: int = 262144) -> None:
-        """Args: channels C per sample; max_samples per message; max_bytes of a payload, checked before decoding."""
-        if channels < 1 or max_samples < 1 or max_bytes < 1:
-            raise ValueError(f"channels, max_samples and max_bytes must be >= 1, got {channels}, {max_samples}, {max_bytes}")
+    def __init__(
+        self, channels: int, max_samples: int = 4096, max_bytes: int = 262144, max_abs_value: float = 1e6
+    ) -> None:
+        """Args: channels C per sample; max_samples per message; max_bytes of a payload, checked before decoding;
+        max_abs_value: the largest sample magnitude accepted."""
+        if channels < 1 or max_samples < 1 or max_bytes < 1 or not max_abs_value > 0:
+            raise ValueError(
+                "channels, max_samples, max_bytes must be >= 1 and max_abs_value > 0, "
+                f"got {channels}, {max_samples}, {max_bytes}, {max_abs_value}"
+            )
         self.channels = channels
         self.max_samples = max_samples
         self.max_bytes = max_bytes
+        self.max_abs_value = max_abs_value
 
     def decode(self, payload: bytes | bytearray | memoryview) -> Message:
         """Returns the validated message; raises only `PayloadError`, for any input bytes."""
@@ -103,9 +115,12 @@ class PayloadDecoder:
             array = array.reshape(-1, 1)
         elif array.shape[1] != self.channels:
             raise PayloadError("wrong_channels", f"{array.shape[1]} != {self.channels}")
-        # Comparing |x| <= max also rejects NaN; integers from JSON (< 2**64) always fit in float32.
-        if array.dtype.kind == "f" and not np.abs(array).max() <= _FLOAT32_MAX:
+        # Comparing |x| <= max also rejects NaN; integers from JSON (< 2**64) always fit in float32 (the bound applies).
+        largest = np.abs(array).max() if array.dtype.kind == "f" else max(abs(int(array.max())), abs(int(array.min())))
+        if array.dtype.kind == "f" and not largest <= _FLOAT32_MAX:
             raise PayloadError("non_finite")
+        if largest > self.max_abs_value:
+            raise PayloadError("value_out_of_range", f"|x| up to {float(largest):.3g} > {self.max_abs_value:g}")
         samples = array.astype(np.float32)
         samples.flags.writeable = False
         return samples
@@ -142,8 +157,12 @@ def _ts(raw: object) -> float | None:
     return ts
 
 
-def sensor_id_from_topic(topic: str, level: int) -> str:
-    """Returns topic level `level` (the `+` of the subscription) as the sensor id, or raises PayloadError("bad_topic")."""
+def sensor_id_from_topic(topic: str, level: int, pattern: re.Pattern[str] | None = None) -> str:
+    """Returns topic level `level` (the `+` of the subscription) as the sensor id, or raises PayloadError("bad_topic").
+
+    `pattern` (`mqtt.sensor_id_pattern`), when given, must match the whole id: ids outside it (e.g. Cyrillic or
+    full-width letters that look like another sensor's) are refused.
+    """
     levels = topic.split("/")
     if not 0 <= level < len(levels):
         raise PayloadError("bad_topic", f"no level {level}")
@@ -154,6 +173,7 @@ def sensor_id_from_topic(topic: str, level: int) -> str:
         or "+" in sensor_id
         or "#" in sensor_id
         or not sensor_id.isprintable()
+        or (pattern is not None and pattern.fullmatch(sensor_id) is None)
     ):
         raise PayloadError("bad_topic", repr(sensor_id)[:40])
     return sensor_id

@@ -95,13 +95,17 @@ class Replayer:
         self.client = make_client(settings, client_id_for(settings, "replay"))
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
-        self.client.on_connect = lambda client, userdata, flags, code, props: None if code.is_failure else self.connected.set()
+        self.client.on_connect = lambda client, userdata, flags, code, props: (
+            None if code.is_failure else self.connected.set()
+        )
 
     def connect(self, timeout_seconds: float = 10.0) -> None:
         try:
             self.client.connect(self.settings.host, self.settings.port, keepalive=30)
         except (OSError, ValueError) as error:
-            raise MonitorError(f"cannot reach the broker at {self.settings.host}:{self.settings.port} ({error})") from None
+            raise MonitorError(
+                f"cannot reach the broker at {self.settings.host}:{self.settings.port} ({error})"
+            ) from None
         self.client.loop_start()
         if not self.connected.wait(timeout_seconds):
             self.client.loop_stop()
@@ -112,14 +116,20 @@ class Replayer:
         start_wall = time.time()
         start_clock = time.monotonic()
         infos = []
-        topics = {sensor_id: sensor_topic(self.topic_filter, self.sensor_id_level, sensor_id) for sensor_id in plan.sensor_ids}
+        topics = {
+            sensor_id: sensor_topic(self.topic_filter, self.sensor_id_level, sensor_id) for sensor_id in plan.sensor_ids
+        }
         for round_index, sensor_id, seq, samples in messages(plan, chunk):
             if speed > 0:
                 due = start_clock + round_index * chunk / sample_rate_hz / speed
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            body = {"seq": seq, "ts": start_wall + seq / sample_rate_hz, "samples": samples[:, 0].tolist() if samples.shape[1] == 1 else samples.tolist()}
+            body = {
+                "seq": seq,
+                "ts": start_wall + seq / sample_rate_hz,
+                "samples": samples[:, 0].tolist() if samples.shape[1] == 1 else samples.tolist(),
+            }
             info = self.client.publish(topics[sensor_id], orjson.dumps(body), qos=self.qos)
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 raise MonitorError(f"publish failed: {mqtt.error_string(info.rc)}")

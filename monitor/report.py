@@ -59,12 +59,16 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
 
     if data is not None and data.labels is not None:
         anomalous = data.is_anomaly(normal_label)
-        rows = [("normal", data.windows, np.flatnonzero(~anomalous)[:examples]),
-                ("anomalous", data.windows, np.flatnonzero(anomalous)[:examples])]
+        rows = [
+            ("normal", data.windows, np.flatnonzero(~anomalous)[:examples]),
+            ("anomalous", data.windows, np.flatnonzero(anomalous)[:examples]),
+        ]
     else:  # no labelled data: typical and worst-reconstructed held-out normal windows
         worst = np.argsort(calibration_errors)[::-1][:examples]
-        rows = [("calibration", result.calibration_windows, np.arange(min(examples, len(calibration_errors)))),
-                ("calibration, highest score", result.calibration_windows, worst)]
+        rows = [
+            ("calibration", result.calibration_windows, np.arange(min(examples, len(calibration_errors)))),
+            ("calibration, highest score", result.calibration_windows, worst),
+        ]
     written.append(_reconstructions(result, scorer, rows, examples, directory / "reconstructions.png"))
     return written
 

@@ -13,8 +13,11 @@ runs the same kernels on the same inputs, so its scores are the eager model's, b
 
 from __future__ import annotations
 
+import copy
+import threading
 import warnings
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,12 +97,7 @@ class Scorer(BatchScorer):
         """The pass traced for one window length (the decoder repeats the embedding `window` times)."""
         traced = self._traced.get(window)
         if traced is None:
-            with torch.inference_mode(), warnings.catch_warnings():
-                # nn.LSTM's input and state shape checks warn when traced; they are checks, not computation, and the
-                # batch size is read from the input at run time (nn.LSTM sizes its state from it): any batch works.
-                warnings.simplefilter("ignore", torch.jit.TracerWarning)
-                example = torch.zeros(2, window, self.model.channels, device=self.device)
-                traced = self._traced[window] = torch.jit.trace(self._graph, example, check_trace=False)
+            traced = self._traced[window] = _traced_copy(self._graph, window, self.model.channels, self.device)
         return traced
 
     def score(self, windows: np.ndarray) -> Scores:
@@ -115,3 +113,34 @@ class Scorer(BatchScorer):
             batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
             normalised = self._graph.normalise(batch)
             return normalised.cpu().numpy(), self.model(normalised).cpu().numpy()
+
+
+# Traced passes by shape, each used only as a template to copy. Every `torch.jit.trace` registers a new class in
+# TorchScript's global compilation unit that is never freed (about 0.5 MiB, and as much again for its optimised
+# plans once run), so tracing on every SIGHUP reload grew the daemon by ~0.9 MiB a reload. A copy of a traced
+# module is an instance of the same class: the same graph and plans, with the new model's weights loaded in.
+_TEMPLATES: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
+_MAX_TEMPLATES = 4  # distinct model shapes kept; a fifth evicts the least recently used
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def _traced_copy(graph: ScoringGraph, window: int, channels: int, device: torch.device) -> torch.jit.ScriptModule:
+    """`graph` traced for `window`: a copy of the template for its shape, holding `graph`'s weights."""
+    state = graph.state_dict()
+    key = (window, str(device), tuple((name, tuple(value.shape), value.dtype) for name, value in state.items()))
+    with _TEMPLATES_LOCK:
+        template = _TEMPLATES.get(key)
+        if template is None:
+            with torch.inference_mode(), warnings.catch_warnings():
+                # nn.LSTM's input and state shape checks warn when traced; they are checks, not computation, and the
+                # batch size is read from the input at run time (nn.LSTM sizes its state from it): any batch works.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                example = torch.zeros(2, window, channels, device=device)
+                template = _TEMPLATES[key] = torch.jit.trace(graph, example, check_trace=False)
+            while len(_TEMPLATES) > _MAX_TEMPLATES:
+                _TEMPLATES.popitem(last=False)
+        _TEMPLATES.move_to_end(key)
+        traced = copy.deepcopy(template)
+    with torch.no_grad():
+        traced.load_state_dict(state)
+    return traced

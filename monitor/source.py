@@ -6,6 +6,12 @@ resubscribes; a persistent session (MQTT v5 session expiry, or clean_session=Fal
 lets the broker keep QoS 1 input while the daemon is away. Alerts are published at QoS 1 whether
 or not the connection is up: paho keeps them (bounded by `max_queued_alerts`) and sends them on
 reconnect, so no home-made "connected" flag ever gates publishing.
+
+Input is acknowledged by the daemon, not here: each message gets a `Receipt` (monitor.acks) that is handed
+back once nothing of it can be lost, and `acknowledge` sends those PUBACKs in arrival order. Retained
+messages are stale input: MQTT 5 subscriptions ask the broker not to send them (retain handling 2), and any
+that come anyway (MQTT 3.1.1, a broker that ignores the option) are ignored and counted (`retained`).
+`_on_message` never raises: an exception there would end paho's network thread, and with it all input.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from monitor.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.alerts import DropReason, PublishRefused
 from monitor.broker import make_client
 from monitor.config import MqttSettings, PartitionSettings
@@ -30,7 +38,7 @@ from monitor.metrics import Metrics
 
 log = structlog.get_logger("monitor.mqtt")
 
-MessageHandler = Callable[[str, bytes, float], None]
+MessageHandler = Callable[[str, bytes, float, Receipt, bool], None]  # topic, payload, now, receipt, redelivered
 
 
 class MqttConnection:
@@ -41,11 +49,15 @@ class MqttConnection:
         settings: MqttSettings,
         handler: MessageHandler,
         metrics: Metrics,
+        acks: InOrderAcks,
+        pending: PendingWindows,
         partitions: PartitionSettings | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self.metrics = metrics
+        self.acks = acks
+        self.pending = pending
         self.partitions = partitions
         self.status_topic = settings.status_topic.format(client_id=settings.client_id)
         self.subscribed = threading.Event()
@@ -135,7 +147,18 @@ class MqttConnection:
             self._status_mids.add(status.mid)
         if self._accepting:
             self._release_other_partitions(client, bool(getattr(flags, "session_present", False)))
-            client.subscribe([(topic, self.settings.subscribe_qos) for topic in self.settings.subscribe])
+            client.subscribe([(topic, self._subscribe_options()) for topic in self.settings.subscribe])
+
+    def _subscribe_options(self) -> SubscribeOptions | int:
+        settings = self.settings
+        if settings.protocol != "5":
+            return settings.subscribe_qos
+        retain_handling = (
+            SubscribeOptions.RETAIN_DO_NOT_SEND
+            if settings.ignore_retained
+            else SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+        )
+        return SubscribeOptions(qos=settings.subscribe_qos, retainHandling=retain_handling)
 
     def _on_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError` (refused, unreachable, TLS handshake/verification failed).
@@ -169,14 +192,39 @@ class MqttConnection:
         with self._input_lock:
             if not self._accepting:
                 return  # left unacknowledged: the broker redelivers it to the next session
-            self.handler(message.topic, message.payload, time.monotonic())
-            client.ack(message.mid, message.qos)
+            receipt = self.acks.received(message.mid, message.qos)
+            try:
+                if message.retain and self.settings.ignore_retained:
+                    self.metrics.messages.labels("retained").inc()
+                    return
+                # Not `message.topic`: it raises for a topic that is not UTF-8, which a broker that does not
+                # validate topics can pass on; the surrogates make it an invalid sensor id (bad_topic) instead.
+                topic = message._topic.decode("utf-8", "surrogateescape")
+                self.handler(topic, message.payload, time.monotonic(), receipt, bool(message.dup))
+            except Exception:  # noqa: BLE001 - paho's thread must live on; the handler itself never raises
+                self.metrics.messages.labels("internal_error").inc()
+                log.exception("message_failed", mid=message.mid)
+            finally:
+                self.acks.release(receipt)
+
+    def acknowledge(self) -> int:
+        """Send the PUBACKs of the input messages that nothing holds back any more, in arrival order (one thread
+        only: the daemon's main loop). Returns how many."""
+        ready = self.acks.ready()
+        for receipt in ready:
+            self.client.ack(receipt.mid, receipt.qos)
+        return len(ready)
+
+    def network_thread_alive(self) -> bool:
+        thread = self.client._thread
+        return thread is not None and thread.is_alive()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if mid in self._status_mids or self._closing:  # status messages are not alerts
             self._status_mids.discard(mid)
             return
         # paho holds its own message lock here: take ours only briefly and call nothing of paho's.
+        self.pending.alert_acknowledged(mid)
         with self._count_lock:
             self._acknowledged += 1
             self.metrics.alerts_pending.set(self._published - self._acknowledged)
@@ -184,8 +232,9 @@ class MqttConnection:
 
     # used by the scoring thread and the lifecycle
 
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
-        """Queue an alert; paho sends it now or after reconnecting. Raises PublishRefused when it cannot.
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+        """Queue an alert and return its mid; paho sends it now or after reconnecting. Raises PublishRefused when
+        it cannot.
 
         Counted as pending before the call (its acknowledgement may be handled before `publish`
         returns), and never under our lock while inside paho (paho's lock is held in `_on_publish`).
@@ -194,7 +243,7 @@ class MqttConnection:
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         # While disconnected paho keeps a QoS 1/2 message for the reconnect, but discards a QoS 0 one.
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
-            return
+            return info.mid
         self._add_published(-1)
         reason: DropReason = "queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error"
         raise PublishRefused(reason, mqtt.error_string(info.rc))

@@ -81,18 +81,26 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
         bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
         for part, (start, end) in bounds.items():
             parts[part].append(windows[start:end][keep[start:end]])
-        described.append({
-            "data": str(path), "sha256": recording.sha256, "labels": None if label_path is None else str(label_path),
-            "windows": n, "anomalous_windows_left_out": int((~keep).sum()),
-        })
+        described.append(
+            {
+                "data": str(path),
+                "sha256": recording.sha256,
+                "labels": None if label_path is None else str(label_path),
+                "windows": n,
+                "anomalous_windows_left_out": int((~keep).sum()),
+            }
+        )
     fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
     if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
         raise DataError(
             f"{len(fit)}/{len(validation)}/{len(calibration)} normal windows are too few to train/validate/calibrate"
         )
     digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
-    split = {"recordings": described, "validation": "the windows before each recording's calibration part",
-             "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows"}
+    split = {
+        "recordings": described,
+        "validation": "the windows before each recording's calibration part",
+        "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
+    }
     sources = ", ".join(str(path) for path in settings.train_data)
     return WindowSet(fit, None, sources, digest), validation, calibration, split
 
@@ -109,16 +117,25 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
     if settings.calibration_data is not None:
         held_out = _read(settings.calibration_data, settings).normal(settings.normal_label)
         require_window(held_out, train.window, train.channels)
-        split = {"validation": "calibration file", "calibration_file": str(held_out.source), "calibration_sha256": held_out.sha256}
+        split = {
+            "validation": "calibration file",
+            "calibration_file": str(held_out.source),
+            "calibration_sha256": held_out.sha256,
+        }
         return train, held_out.windows, held_out.windows, split
     order = np.random.default_rng(settings.seed).permutation(len(train.windows))
     n_val = int(round(len(order) * settings.validation_fraction))
     n_cal = int(round(len(order) * settings.calibration_fraction))
     if len(order) - n_val - n_cal < 2 or n_val < 1 or n_cal < 10:
-        raise DataError(f"{train.source}: {len(order)} normal windows are too few to split train/validation/calibration")
+        raise DataError(
+            f"{train.source}: {len(order)} normal windows are too few to split train/validation/calibration"
+        )
     val_idx, cal_idx, fit_idx = order[:n_val], order[n_val : n_val + n_cal], order[n_val + n_cal :]
     fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256)
-    split = {"validation": f"{n_val} windows split off the training data", "calibration": f"{n_cal} windows split off (seed {settings.seed})"}
+    split = {
+        "validation": f"{n_val} windows split off the training data",
+        "calibration": f"{n_cal} windows split off (seed {settings.seed})",
+    }
     return fit, train.windows[val_idx], train.windows[cal_idx], split
 
 
@@ -132,13 +149,17 @@ def _mean_error(model: LSTMAutoencoder, windows: torch.Tensor, batch_size: int =
     return total / len(windows)
 
 
-def fit_model(settings: TrainSettings, train: np.ndarray, validation: np.ndarray) -> tuple[LSTMAutoencoder, list[float], list[float], int]:
+def fit_model(
+    settings: TrainSettings, train: np.ndarray, validation: np.ndarray
+) -> tuple[LSTMAutoencoder, list[float], list[float], int]:
     """Mini-batch Adam on L1 loss with input noise; early stopping restores the best weights."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     model = LSTMAutoencoder(train.shape[2], settings.embedding_dim)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, factor=settings.lr_factor, patience=settings.lr_patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, factor=settings.lr_factor, patience=settings.lr_patience
+    )
     train_t = torch.from_numpy(train)
     val_t = torch.from_numpy(validation)
     best_state, best_loss, best_epoch = copy.deepcopy(model.state_dict()), float("inf"), 0
@@ -151,7 +172,11 @@ def fit_model(settings: TrainSettings, train: np.ndarray, validation: np.ndarray
         running = 0.0
         for start in range(0, len(order), settings.batch_size):
             clean = train_t[order[start : start + settings.batch_size]]
-            noisy = clean + settings.noise_std * torch.randn(clean.shape, generator=generator) if settings.noise_std else clean
+            noisy = (
+                clean + settings.noise_std * torch.randn(clean.shape, generator=generator)
+                if settings.noise_std
+                else clean
+            )
             loss = (model(noisy) - clean).abs().mean()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,7 +188,9 @@ def fit_model(settings: TrainSettings, train: np.ndarray, validation: np.ndarray
         scheduler.step(val_losses[-1])
         if val_losses[-1] < best_loss:
             best_state, best_loss, best_epoch = copy.deepcopy(model.state_dict()), val_losses[-1], epoch
-        progress.set_postfix(train=f"{train_losses[-1]:.4f}", val=f"{val_losses[-1]:.4f}", best=f"{best_loss:.4f}@{best_epoch}")
+        progress.set_postfix(
+            train=f"{train_losses[-1]:.4f}", val=f"{val_losses[-1]:.4f}", best=f"{best_loss:.4f}@{best_epoch}"
+        )
         if epoch - best_epoch >= settings.patience:
             break
     progress.close()
@@ -189,7 +216,9 @@ def train(settings: TrainSettings) -> TrainingResult:
         channels=fit.channels,
         embedding_dim=settings.embedding_dim,
     )
-    model, train_losses, val_losses, best_epoch = fit_model(settings, normalisation.apply(fit.windows), normalisation.apply(validation))
+    model, train_losses, val_losses, best_epoch = fit_model(
+        settings, normalisation.apply(fit.windows), normalisation.apply(validation)
+    )
     seconds = time.perf_counter() - started
     scorer = Scorer(model, normalisation)
     calibration_errors = scorer.score_all(calibration_windows).errors
@@ -209,15 +238,33 @@ def train(settings: TrainSettings) -> TrainingResult:
         scores = scorer.score_all(evaluation_data.windows).errors
         evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
     metadata = _metadata(
-        settings, fit, normalisation, calibration, uncertainty, split, evaluation, evaluation_data,
-        train_losses, val_losses, best_epoch, seconds,
+        settings,
+        fit,
+        normalisation,
+        calibration,
+        uncertainty,
+        split,
+        evaluation,
+        evaluation_data,
+        train_losses,
+        val_losses,
+        best_epoch,
+        seconds,
     )
     metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
     # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
     shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)
     save_artifact(settings.output, model, metadata)
     artifact = ModelArtifact(
-        model, normalisation, calibration.threshold, fit.window, fit.channels, settings.name, metadata["version"], metadata, settings.output
+        model,
+        normalisation,
+        calibration.threshold,
+        fit.window,
+        fit.channels,
+        settings.name,
+        metadata["version"],
+        metadata,
+        settings.output,
     )
     log.info(
         "model_written",
@@ -227,7 +274,17 @@ def train(settings: TrainSettings) -> TrainingResult:
         seconds=round(seconds, 1),
         **({"auc": round(evaluation.auc, 4)} if evaluation else {}),
     )
-    return TrainingResult(artifact, calibration, train_losses, val_losses, best_epoch, seconds, evaluation, evaluation_data, calibration_windows)
+    return TrainingResult(
+        artifact,
+        calibration,
+        train_losses,
+        val_losses,
+        best_epoch,
+        seconds,
+        evaluation,
+        evaluation_data,
+        calibration_windows,
+    )
 
 
 def _metadata(
@@ -246,7 +303,14 @@ def _metadata(
 ) -> dict[str, Any]:
     now = dt.datetime.now(dt.UTC)
     excluded = {
-        "train_data", "train_labels", "calibration_data", "evaluate_data", "output", "name", "version", "report"
+        "train_data",
+        "train_labels",
+        "calibration_data",
+        "evaluate_data",
+        "output",
+        "name",
+        "version",
+        "report",
     }
     hyper = settings.model_dump(mode="json", exclude=excluded)
     return {
@@ -254,7 +318,12 @@ def _metadata(
         "version": settings.version or now.strftime("%Y.%m.%d"),
         "created_at": now.isoformat(timespec="seconds"),
         "created_by": f"monitor {__version__}, torch {torch.__version__}",
-        "architecture": {"type": "lstm_autoencoder", "window": fit.window, "channels": fit.channels, "embedding_dim": settings.embedding_dim},
+        "architecture": {
+            "type": "lstm_autoencoder",
+            "window": fit.window,
+            "channels": fit.channels,
+            "embedding_dim": settings.embedding_dim,
+        },
         "normalisation": normalisation.to_dict(),
         "baseline": describe_baseline(settings.baseline_windows) if settings.baseline_windows else {"type": "model"},
         "error_measure": ERROR_MEASURE,

@@ -7,11 +7,19 @@ sensor's next expected index E when it has none; a new sensor without seq starts
 - First message of a sensor: the stream starts at q; the first window is the first k with k*S >= q.
 - q + n <= E: a duplicate (or older) message, ignored whole: `duplicate=True`, `duplicate_samples = n`.
 - q < E < q + n: the old prefix of E - q samples is trimmed (`duplicate_samples`), the rest is appended.
-- q > E: a gap (`gaps=1`). The missing samples [E, q) break every window k not yet emitted with k*S < q; all
-  such windows also end after E (the next window is never complete, or it would have been emitted), so the
-  dropped count is exactly max(0, ceil(q/S) - next_k), where next_k is the first window not yet emitted. This
-  includes windows that would only have started inside the gap; windows starting before the stream's first
-  seq were never candidates. The buffer restarts at q and the next window is the first with k*S >= q.
+- q > E: a gap (`gaps=1`). The missing samples [E, q) break every window k not yet emitted with k*S < q. Of
+  those, the dropped count holds the ones that contained samples which arrived: started before E (k*S < E) or
+  reaching past q (k*S + W > q); windows lying wholly inside the gap held nothing, so they are not counted and
+  the count is bounded by the samples that arrived (at most 2*ceil(W/S) per message). Windows starting before
+  the stream's first seq were never candidates. The buffer restarts at q; the next window is the first with k*S >= q.
+- q > E + `seq_tolerance` (far ahead), or q <= `seq_tolerance` < E - q (back to the start: a reboot): a jump.
+  A message far behind but not near the start is a resend (a sensor's client re-sending after an outage can be
+  thousands of samples behind) and so a duplicate, as is any redelivery by the broker (its DUP flag). A new
+  stream starts at q, as for a new sensor (`restarted=True`), and the old one is kept aside until the next message
+  decides: if that one continues the old stream, the old stream goes on and the new one is dropped; otherwise the
+  old one is dropped. So one message (an attacker's seq near 2**53, a stale retained message) costs the sensor
+  nothing, and a sensor rebooting to seq 0 is scored again at once. The partial windows of the stream dropped
+  count as `restart_windows_dropped`. At most one stream is kept aside per sensor.
 
 Only samples from the next window's start onwards are buffered (fewer than W per sensor); samples that no
 future window covers (S > W) are skipped without copying.
@@ -71,6 +79,8 @@ class FeedResult:
     duplicate_samples: int = 0  # samples ignored because their seq was already seen
     duplicate: bool = False  # the whole message was old/duplicate and ignored
     gaps: int = 0  # seq gaps seen in this message (0 or 1)
+    restarted: bool = False  # the seq jumped beyond the tolerance: a new stream started at it
+    restart_windows_dropped: int = 0  # partial windows of a stream dropped after a jump
 
 
 class _Anchor:
@@ -88,7 +98,17 @@ class _Anchor:
 class _Stream:
     """State of one sensor. Invariant: buffer[:fill] holds samples [next_k*S, next_seq), fill < W."""
 
-    __slots__ = ("buffer", "fill", "next_seq", "next_k", "last_seen", "anchors", "last_anchor", "period_seconds")
+    __slots__ = (
+        "buffer",
+        "fill",
+        "next_seq",
+        "next_k",
+        "last_seen",
+        "anchors",
+        "last_anchor",
+        "period_seconds",
+        "aside",
+    )
 
     def __init__(self, first_seq: int, stride: int, buffer: np.ndarray, now: float) -> None:
         self.buffer = buffer
@@ -99,11 +119,11 @@ class _Stream:
         self.anchors: deque[_Anchor] = deque()  # ts anchors of messages that delivered still-needed samples
         self.last_anchor: tuple[int, float] | None = None  # (seq, ts) of the last message carrying ts
         self.period_seconds: float | None = None
+        self.aside: _Stream | None = None  # the stream before a seq jump, until the next message decides
 
 
 class _Sensor(Protocol):
     last_seen: float
-
 
 
 SensorState = TypeVar("SensorState", bound=_Sensor)
@@ -167,23 +187,33 @@ class WindowAssembler(SensorTable[_Stream]):
     """Cuts each sensor's stream into windows of W samples every S samples (see the module docstring)."""
 
     def __init__(
-        self, window: int, stride: int, channels: int, max_sensors: int, idle_seconds: float,
+        self,
+        window: int,
+        stride: int,
+        channels: int,
+        max_sensors: int,
+        idle_seconds: float,
         on_evict: Callable[[str], None] | None = None,
+        seq_tolerance: int = 1024,
     ) -> None:
         """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction;
-        on_evict, called with each evicted sensor's id."""
+        on_evict, called with each evicted sensor's id; seq_tolerance, the seq jump beyond which a message far
+        ahead, or back near 0, restarts the stream (module docstring)."""
         if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
-            raise ValueError(f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}")
+            raise ValueError(
+                f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}"
+            )
         super().__init__(max_sensors, idle_seconds, on_evict)
         self.window = window
         self.stride = stride
         self.channels = channels
+        self.seq_tolerance = seq_tolerance
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
 
     def buffered_samples(self) -> int:
-        """Total samples held across sensors (each sensor holds fewer than W)."""
-        return sum(stream.fill for stream in self._streams.values())
+        """Total samples held across sensors (each sensor holds fewer than W, or 2W just after a seq jump)."""
+        return sum(stream.fill + (stream.aside.fill if stream.aside else 0) for stream in self._streams.values())
 
     def snapshot(self) -> dict[str, Any]:
         """Every sensor's position and partial window, JSON-ready (samples as base64 of little-endian float32)."""
@@ -212,7 +242,10 @@ class WindowAssembler(SensorTable[_Stream]):
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} of version {STATE_VERSION}")
         if (state.get("window"), state.get("stride"), state.get("channels")) != shape:
-            raise ValueError(f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, {state.get('channels')}, not {shape}")
+            raise ValueError(
+                f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, "
+                f"{state.get('channels')}, not {shape}"
+            )
         streams: OrderedDict[str, _Stream] = OrderedDict()
         try:
             for item in state["sensors"][-self.max_sensors :]:
@@ -223,20 +256,35 @@ class WindowAssembler(SensorTable[_Stream]):
         return len(streams)
 
     def _restored_stream(self, item: dict[str, Any], now: float) -> _Stream:
-        samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(-1, self.channels)
+        samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(
+            -1, self.channels
+        )
         stream = _Stream(0, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
         stream.next_seq, stream.next_k, stream.fill = int(item["next_seq"]), int(item["next_k"]), len(samples)
-        if stream.fill != max(0, stream.next_seq - stream.next_k * self.stride) or stream.fill >= self.window or not np.isfinite(samples).all():
-            raise ValueError(f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, next_k {stream.next_k}")
+        if (
+            stream.fill != max(0, stream.next_seq - stream.next_k * self.stride)
+            or stream.fill >= self.window
+            or not np.isfinite(samples).all()
+        ):
+            raise ValueError(
+                f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, "
+                f"next_k {stream.next_k}"
+            )
         stream.buffer[: stream.fill] = samples
-        stream.anchors.extend(_Anchor(int(start), int(end), int(seq), float(ts)) for start, end, seq, ts in item["anchors"])
+        stream.anchors.extend(
+            _Anchor(int(start), int(end), int(seq), float(ts)) for start, end, seq, ts in item["anchors"]
+        )
         if item["last_anchor"] is not None:
             stream.last_anchor = (int(item["last_anchor"][0]), float(item["last_anchor"][1]))
         stream.period_seconds = None if item["period_seconds"] is None else float(item["period_seconds"])
         return stream
 
-    def feed(self, sensor_id: str, message: Message, now: float) -> FeedResult:
+    def feed(self, sensor_id: str, message: Message, now: float, redelivered: bool = False) -> FeedResult:
         """Adds a message to its sensor's stream; returns the windows it completed and what it dropped.
+
+        `redelivered` (the broker's DUP flag: a message it sent before) makes a seq behind the position a
+        duplicate however far behind, never a jump, even near the start: after a restart the broker redelivers
+        everything not yet acknowledged, which may lie far behind what the journal restored.
 
         Raises PayloadError("sensor_limit") for a new sensor when max_sensors are active and none is idle.
         """
@@ -249,6 +297,11 @@ class WindowAssembler(SensorTable[_Stream]):
         result = FeedResult()
         n = len(samples)
         seq = stream.next_seq if message.seq is None else message.seq
+        if abs(seq - stream.next_seq) > self.seq_tolerance and self._is_jump(stream, seq, redelivered):
+            stream = self._jump(sensor_id, stream, seq, now, result)
+        elif stream.aside is not None:
+            result.restart_windows_dropped = self._broken_windows(stream.aside, stream.aside.next_seq)
+            stream.aside = None
         if seq + n <= stream.next_seq:
             result.duplicate = True
             result.duplicate_samples = n
@@ -271,10 +324,41 @@ class WindowAssembler(SensorTable[_Stream]):
         stream = self._streams[sensor_id] = _Stream(first_seq, self.stride, buffer, now)
         return stream
 
+    def _is_jump(self, stream: _Stream, seq: int, redelivered: bool) -> bool:
+        """A seq far from the position: back to the stream kept aside, far ahead, or back near 0 (module docstring);
+        further behind is a resend."""
+        aside = stream.aside
+        if aside is not None and abs(seq - aside.next_seq) <= self.seq_tolerance:
+            return True
+        return not (seq < stream.next_seq and (redelivered or seq > self.seq_tolerance))
+
+    def _jump(self, sensor_id: str, stream: _Stream, seq: int, now: float, result: FeedResult) -> _Stream:
+        """A seq far from the sensor's position: back to the stream kept aside, or a new stream (module docstring)."""
+        aside = stream.aside
+        if aside is not None and abs(seq - aside.next_seq) <= self.seq_tolerance:
+            aside.last_seen = now
+            self._streams[sensor_id] = aside
+            result.restart_windows_dropped = self._broken_windows(stream, stream.next_seq)
+            return aside
+        result.restarted = True
+        new = _Stream(seq, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
+        new.aside = aside or stream  # the established stream stays aside; an unconfirmed one is dropped
+        if aside is not None:
+            result.restart_windows_dropped = self._broken_windows(stream, stream.next_seq)
+        self._streams[sensor_id] = new
+        return new
+
+    def _broken_windows(self, stream: _Stream, seq: int) -> int:
+        """Windows not yet emitted, starting before seq, that held samples which arrived (module docstring)."""
+        stride, first_k_after = self.stride, -(-seq // self.stride)
+        started = max(0, min(first_k_after, -(-stream.next_seq // stride)) - stream.next_k)
+        reaching_past = first_k_after - max(stream.next_k + started, (seq - self.window) // stride + 1)
+        return started + max(0, reaching_past)
+
     def _restart_after_gap(self, stream: _Stream, seq: int) -> int:
         """Restarts the buffer at seq; returns the windows the gap broke (rule in the module docstring)."""
         first_k_after = -(-seq // self.stride)
-        dropped = max(0, first_k_after - stream.next_k)
+        dropped = self._broken_windows(stream, seq)
         stream.next_k = max(stream.next_k, first_k_after)
         stream.next_seq = seq
         stream.fill = 0
@@ -319,7 +403,9 @@ class WindowAssembler(SensorTable[_Stream]):
         offset = k * stride - base
         while offset + window <= total:
             start = base + offset
-            out.append(Window(sensor_id, start, data[offset : offset + window].copy(), self._start_ts(stream, start), now))
+            out.append(
+                Window(sensor_id, start, data[offset : offset + window].copy(), self._start_ts(stream, start), now)
+            )
             k += 1
             offset += stride
         stream.next_k = k

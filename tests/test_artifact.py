@@ -32,8 +32,17 @@ def trained(tmp_path_factory):
     train_file = root / "train.txt"
     with lzma.open(SPLITS / "train_normal.txt.xz", "rt") as handle:
         train_file.write_text("".join(handle.readlines()[:80]))
-    settings = TrainSettings(train_data=train_file, output=root / "model", name="tiny", version="0.0.1",
-                             embedding_dim=4, epochs=1, threads=1, seed=3, report=False)
+    settings = TrainSettings(
+        train_data=train_file,
+        output=root / "model",
+        name="tiny",
+        version="0.0.1",
+        embedding_dim=4,
+        epochs=1,
+        threads=1,
+        seed=3,
+        report=False,
+    )
     result = train(settings)
     yield result, root / "model"
     torch.set_num_threads(previous)
@@ -120,8 +129,11 @@ def test_files_are_readable_by_the_service_user(trained):
 
 
 def test_save_over_an_existing_artifact_replaces_it(tmp_path, trained):
-    metadata = {key: value for key, value in json.loads((trained[1] / METADATA_FILE).read_text()).items()
-                if key not in ("format", "format_version", "weights")}
+    metadata = {
+        key: value
+        for key, value in json.loads((trained[1] / METADATA_FILE).read_text()).items()
+        if key not in ("format", "format_version", "weights")
+    }
     torch.manual_seed(0)
     first = LSTMAutoencoder(1, 4)
     save_artifact(tmp_path / "m", first, metadata)
@@ -196,7 +208,9 @@ def test_weights_of_another_shape_with_a_matching_checksum(artifact_copy):
     torch.manual_seed(0)
     other = LSTMAutoencoder(1, 8)
     metadata = json.loads((artifact_copy / METADATA_FILE).read_text())
-    save_artifact(artifact_copy, other, {k: v for k, v in metadata.items() if k not in ("format", "format_version", "weights")})
+    save_artifact(
+        artifact_copy, other, {k: v for k, v in metadata.items() if k not in ("format", "format_version", "weights")}
+    )
     edit_metadata(artifact_copy, lambda m: m["architecture"].update(embedding_dim=4))
     recorded = json.loads((artifact_copy / METADATA_FILE).read_text())["weights"]["sha256"]
     assert recorded == hashlib.sha256((artifact_copy / WEIGHTS_FILE).read_bytes()).hexdigest()
@@ -228,12 +242,14 @@ def test_malicious_pickle_is_refused_and_never_executed(artifact_copy, tmp_path,
     marker = tmp_path / "pwned"
     control = tmp_path / "control"
     if style == "pickle":
+
         def write(path: Path, target: Path = marker) -> None:
             path.write_bytes(pickle.dumps({"encoder_wide.weight_ih_l0": _TouchOnUnpickle(target)}))
 
         def unsafe_load(path: Path) -> None:
             pickle.loads(path.read_bytes())
     else:
+
         def write(path: Path, target: Path = marker) -> None:
             torch.save({"encoder_wide.weight_ih_l0": _TouchOnUnpickle(target)}, path)
 
@@ -250,8 +266,14 @@ def test_malicious_pickle_is_refused_and_never_executed(artifact_copy, tmp_path,
     assert not marker.exists()
     # The CLI refuses it the same way, without running it either.
     if style == "torch.save":
-        process = run_cli("evaluate", "--model", str(artifact_copy), "--data", str(SPLITS / "test.txt.xz"),
-                          env={"OMP_NUM_THREADS": "1"})
+        process = run_cli(
+            "evaluate",
+            "--model",
+            str(artifact_copy),
+            "--data",
+            str(SPLITS / "test.txt.xz"),
+            env={"OMP_NUM_THREADS": "1"},
+        )
         assert process.returncode == 2, process.stderr
         assert_one_error_line(process.stderr, "unreadable weights")
         assert not marker.exists()

@@ -23,21 +23,25 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def make_scorer(window: int = 140, channels: int = 1, embedding_dim: int = 16, seed: int = 0,
-                mean: float = 0.0, std: float = 1.0) -> Scorer:
+def make_scorer(
+    window: int = 140, channels: int = 1, embedding_dim: int = 16, seed: int = 0, mean: float = 0.0, std: float = 1.0
+) -> Scorer:
     torch.manual_seed(seed)
     model = LSTMAutoencoder(channels, embedding_dim).eval()
     normalisation = Normalisation(np.full(channels, mean, np.float32), np.full(channels, std, np.float32))
     return Scorer(model, normalisation, "cpu")
 
 
-@pytest.mark.parametrize(("batch", "window", "channels", "embedding_dim"), [
-    (1, 140, 1, 8),
-    (5, 140, 1, 32),
-    (4, 50, 3, 4),
-    (7, 7, 2, 16),
-    (2, 300, 12, 2),
-])
+@pytest.mark.parametrize(
+    ("batch", "window", "channels", "embedding_dim"),
+    [
+        (1, 140, 1, 8),
+        (5, 140, 1, 32),
+        (4, 50, 3, 4),
+        (7, 7, 2, 16),
+        (2, 300, 12, 2),
+    ],
+)
 def test_output_shapes(batch, window, channels, embedding_dim):
     torch.manual_seed(1)
     model = LSTMAutoencoder(channels, embedding_dim).eval()
@@ -75,7 +79,10 @@ def test_layer_sizes_match_the_tutorial(channels, embedding_dim):
     lstms = [module for module in model.modules() if isinstance(module, nn.LSTM)]
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     assert [(lstm.input_size, lstm.hidden_size) for lstm in lstms] == [
-        (channels, wide), (wide, narrow), (narrow, narrow), (narrow, wide)
+        (channels, wide),
+        (wide, narrow),
+        (narrow, narrow),
+        (narrow, wide),
     ]
     assert all(lstm.num_layers == 1 and lstm.batch_first and not lstm.bidirectional for lstm in lstms)
     assert len(linears) == 1
@@ -87,16 +94,16 @@ def test_layer_sizes_match_the_tutorial(channels, embedding_dim):
     assert state["decoder_narrow.weight_ih_l0"].shape == (4 * narrow, narrow)
     assert state["decoder_wide.weight_ih_l0"].shape == (4 * wide, narrow)
     assert state["output.weight"].shape == (channels, wide)
-    expected = sum(4 * h * (i + h) + 8 * h for i, h in [(channels, wide), (wide, narrow), (narrow, narrow), (narrow, wide)])
+    expected = sum(
+        4 * h * (i + h) + 8 * h for i, h in [(channels, wide), (wide, narrow), (narrow, narrow), (narrow, wide)]
+    )
     expected += wide * channels + channels
     assert sum(p.numel() for p in model.parameters()) == expected
 
 
 def test_reconstruction_errors_on_hand_made_tensors():
-    windows = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]],
-                            [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
-    reconstructions = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [1.0, 1.0]],
-                                    [[1.0, -1.0], [0.5, 0.5], [0.0, 0.0]]])
+    windows = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, -1.0]], [[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    reconstructions = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [1.0, 1.0]], [[1.0, -1.0], [0.5, 0.5], [0.0, 0.0]]])
     profiles = reconstruction_errors(windows, reconstructions)
     assert profiles.shape == (2, 3)
     # |1-0|=1, |2-4|=2 -> 1.5; 0; |3-1|=2, |-1-1|=2 -> 2 ...
@@ -183,3 +190,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_scorers_of_one_shape_share_a_trace_but_score_with_their_own_weights():
+    """Reloads copy one traced template per model shape (a new trace per reload leaked ~0.9 MiB); each copy must
+    still hold its own model's weights and normalisation."""
+    windows = np.random.default_rng(0).normal(size=(8, 140, 1)).astype(np.float32)
+    scorers, eager = [], []
+    for seed, mean in ((1, 0.0), (2, 0.5)):
+        torch.manual_seed(seed)
+        model = LSTMAutoencoder(1, 8).eval().requires_grad_(False)
+        scorers.append(Scorer(model, Normalisation(np.array([mean], np.float32), np.array([1.0], np.float32))))
+        with torch.inference_mode():
+            batch = torch.as_tensor(windows) - mean
+            eager.append(reconstruction_errors(batch, model(batch)).mean(dim=1).numpy())
+    scores = [scorer.score(windows).errors for scorer in scorers]
+    names = [scorer._traced[140]._c._type().qualified_name() for scorer in scorers]
+    assert names[0] == names[1]  # one TorchScript class, not one per scorer
+    np.testing.assert_allclose(scores[0], eager[0], rtol=1e-6)
+    np.testing.assert_allclose(scores[1], eager[1], rtol=1e-6)
+    assert not np.allclose(scores[0], scores[1])

@@ -28,14 +28,36 @@ def sensor_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("baseline-daemon")
     shape = ["--window", str(WINDOW), "--stride", str(STRIDE)]
     small = ["--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report"]
-    trained = run_cli("train", "--train-data", *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES), *shape,
-                      "--baseline", "sensor", "--baseline-windows", str(WARM_UP), *small, "--output", str(root / "model"),
-                      env=ONE_THREAD)
+    trained = run_cli(
+        "train",
+        "--train-data",
+        *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES),
+        *shape,
+        "--baseline",
+        "sensor",
+        "--baseline-windows",
+        str(WARM_UP),
+        *small,
+        "--output",
+        str(root / "model"),
+        env=ONE_THREAD,
+    )
     assert trained.returncode == 0, trained.stderr
     tests = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
     labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
-    evaluated = run_cli("evaluate", "--model", str(root / "model"), "--data", *tests, "--labels", *labels,
-                        "--stride", str(STRIDE), "--json", env=ONE_THREAD)
+    evaluated = run_cli(
+        "evaluate",
+        "--model",
+        str(root / "model"),
+        "--data",
+        *tests,
+        "--labels",
+        *labels,
+        "--stride",
+        str(STRIDE),
+        "--json",
+        env=ONE_THREAD,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(evaluated.stdout)
     flagged = {

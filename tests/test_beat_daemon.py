@@ -116,7 +116,11 @@ def test_detector_state_survives_a_sigterm_restart(broker, capture_factory, daem
 @pytest.mark.parametrize(
     ("model", "windowing", "fragments"),
     [
-        (BEAT_MODEL, {"mode": "beats", "sample_rate_hz": 10}, ("windowing.sample_rate_hz: ", "between 50 and 10000 Hz")),
+        (
+            BEAT_MODEL,
+            {"mode": "beats", "sample_rate_hz": 10},
+            ("windowing.sample_rate_hz: ", "between 50 and 10000 Hz"),
+        ),
         (DEFAULT_MODEL, {"mode": "beats", "sample_rate_hz": 250}, ("windowing.mode is beats", "fixed-window model")),
         (BEAT_MODEL, {}, ("windowing.mode is fixed", "beat-mode model")),
     ],

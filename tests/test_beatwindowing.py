@@ -4,15 +4,23 @@ are trimmed, and a snapshot carries every sensor across a restart."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
+import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
+from monitor.acks import InOrderAcks, PendingWindows
+from monitor.batching import WindowQueue
 from monitor.beatdata import read_recording
 from monitor.beats import BeatSpec, cut_beats
 from monitor.beatwindowing import BeatAssembler
 from monitor.errors import PayloadError
-from monitor.payload import Message
+from monitor.ingest import Ingest
+from monitor.journal import Journal
+from monitor.metrics import Metrics
+from monitor.payload import Message, PayloadDecoder
 from tests.support import REPO
 
 RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
@@ -105,3 +113,32 @@ def test_timestamps_sensor_limit_and_a_bad_rate():
     assert assembler.feed("b", message(lead[:10], 0), 10.0).beats_found == 0  # "a" went idle and was evicted
     with pytest.raises(ValueError, match="sampling rate must be >= 50 Hz"):
         BeatAssembler(BeatSpec(), 20.0, max_sensors=1, idle_seconds=5)
+
+
+def test_beat_mode_with_a_journal_acknowledges_each_message_once_it_is_on_disk(signal, tmp_path):
+    """Beat windows are not tracked as pending (RELIABILITY.md): nothing holds a message back after its fsync, so
+    the in-order acknowledgements never stall in beat mode, while the beat windows still reach the queue."""
+    acks = InOrderAcks()
+    pending = PendingWindows(acks)
+    journal = Journal(tmp_path / "journal", acks.release, sync_interval_seconds=0.01)
+    queue: WindowQueue = WindowQueue(10_000)
+    assembler = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
+    ingest = Ingest(
+        PayloadDecoder(1, 4096), assembler, queue, Metrics(CollectorRegistry(), 4, 1.0), 1, None, None, pending, journal
+    )
+    journal.start(ingest.checkpoint_state())
+    chunk, received = 360, []
+    for mid, offset in enumerate(range(0, 30 * chunk, chunk), start=1):
+        payload = orjson.dumps({"seq": offset, "samples": signal[offset : offset + chunk, None].tolist()})
+        receipt = acks.received(mid, 1)
+        ingest.handle("sensors/a/ecg", payload, 0.0, receipt)
+        acks.release(receipt)  # what the MQTT source does after the handler
+        received.append(mid)
+    released: list[int] = []
+    deadline = time.monotonic() + 30
+    while len(released) < len(received) and time.monotonic() < deadline:
+        released += [receipt.mid for receipt in acks.ready()]
+        time.sleep(0.01)
+    journal.close(ingest.checkpoint_state())
+    assert released == received
+    assert queue.depth() > 10 and len(pending) == 0

@@ -97,21 +97,24 @@ def test_recorded_method_params_and_count(exponential):
     assert DEFAULT_PARAMS["quantile"] == {"q": 0.99}
 
 
-@pytest.mark.parametrize(("method", "params", "message"), [
-    ("percentile", None, "not one of quantile, mean_std, pot"),
-    ("quantile", {"k": 3}, r"threshold\.k: not a parameter of method 'quantile'"),
-    ("mean_std", {"q": 0.9}, r"threshold\.q: not a parameter"),
-    ("quantile", {"q": 0.0}, r"threshold\.q: must be in \(0, 1\)"),
-    ("quantile", {"q": 1.0}, r"threshold\.q: must be in \(0, 1\)"),
-    ("quantile", {"q": 99}, r"threshold\.q: must be in \(0, 1\)"),
-    ("quantile", {"q": "high"}, r"threshold\.q: must be a number"),
-    ("mean_std", {"k": float("nan")}, r"threshold\.k: must be a finite number"),
-    ("mean_std", {"k": float("inf")}, r"threshold\.k: must be a finite number"),
-    ("pot", {"tail_quantile": 1.0}, "pot needs 0 < tail_quantile < 1"),
-    ("pot", {"tail_quantile": 0.9, "false_alarm_rate": 0.1}, "false_alarm_rate < 1 - tail_quantile"),
-    ("pot", {"false_alarm_rate": 0.0}, "pot needs"),
-    ("pot", {"false_alarm_rate": -0.01}, "pot needs"),
-])
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("percentile", None, "not one of quantile, mean_std, pot"),
+        ("quantile", {"k": 3}, r"threshold\.k: not a parameter of method 'quantile'"),
+        ("mean_std", {"q": 0.9}, r"threshold\.q: not a parameter"),
+        ("quantile", {"q": 0.0}, r"threshold\.q: must be in \(0, 1\)"),
+        ("quantile", {"q": 1.0}, r"threshold\.q: must be in \(0, 1\)"),
+        ("quantile", {"q": 99}, r"threshold\.q: must be in \(0, 1\)"),
+        ("quantile", {"q": "high"}, r"threshold\.q: must be a number"),
+        ("mean_std", {"k": float("nan")}, r"threshold\.k: must be a finite number"),
+        ("mean_std", {"k": float("inf")}, r"threshold\.k: must be a finite number"),
+        ("pot", {"tail_quantile": 1.0}, "pot needs 0 < tail_quantile < 1"),
+        ("pot", {"tail_quantile": 0.9, "false_alarm_rate": 0.1}, "false_alarm_rate < 1 - tail_quantile"),
+        ("pot", {"false_alarm_rate": 0.0}, "pot needs"),
+        ("pot", {"false_alarm_rate": -0.01}, "pot needs"),
+    ],
+)
 def test_bad_parameters_raise_config_error(method, params, message):
     errors = np.random.default_rng(0).exponential(1.0, 1000)
     with pytest.raises(ConfigError, match=message) as error:

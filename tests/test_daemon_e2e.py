@@ -18,10 +18,20 @@ pytestmark = pytest.mark.slow
 SENSORS = 20
 CHUNK = 35
 CONTRACT_METRICS = [
-    "monitor_messages_received_total", "monitor_samples_received_total", "monitor_windows_scored_total",
-    "monitor_alerts_published_total", "monitor_windows_dropped_total", "monitor_inference_batch_size_bucket",
-    "monitor_inference_seconds_bucket", "monitor_decision_latency_seconds_bucket", "monitor_reconstruction_error_bucket",
-    "monitor_queue_depth", "monitor_active_sensors", "monitor_broker_connected", "monitor_model_info", "monitor_threshold",
+    "monitor_messages_received_total",
+    "monitor_samples_received_total",
+    "monitor_windows_scored_total",
+    "monitor_alerts_published_total",
+    "monitor_windows_dropped_total",
+    "monitor_inference_batch_size_bucket",
+    "monitor_inference_seconds_bucket",
+    "monitor_decision_latency_seconds_bucket",
+    "monitor_reconstruction_error_bucket",
+    "monitor_queue_depth",
+    "monitor_active_sensors",
+    "monitor_broker_connected",
+    "monitor_model_info",
+    "monitor_threshold",
 ]
 
 
@@ -48,12 +58,27 @@ def test_replayed_test_split_alerts_exactly_what_evaluate_flags(broker, capture_
     expected, threshold, window = expected_alerts(SPLITS / "test.txt.xz", SENSORS)
     total_windows = 3103
 
-    result = run_cli("replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"), "--sensors", str(SENSORS),
-                     "--chunk", str(CHUNK), "--speed", "max", "--labels-out", str(tmp_path / "labels.jsonl"))
+    result = run_cli(
+        "replay",
+        "--config",
+        str(config),
+        "--data",
+        str(SPLITS / "test.txt.xz"),
+        "--sensors",
+        str(SENSORS),
+        "--chunk",
+        str(CHUNK),
+        "--speed",
+        "max",
+        "--labels-out",
+        str(tmp_path / "labels.jsonl"),
+    )
     assert result.returncode == 0, result.stderr
     assert f"from {SENSORS} sensors" in result.stdout
 
-    wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= total_windows, 120, what="all windows scored")
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= total_windows, 120, what="all windows scored"
+    )
     capture_expected = len(expected)
     alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= capture_expected, 60, what="all alerts")
     samples = daemon.scrape()

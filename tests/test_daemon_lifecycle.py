@@ -55,7 +55,9 @@ def test_bad_payloads_are_counted_and_the_daemon_keeps_scoring(broker, daemon_fa
     publish(client, "sensors//ecg", b'{"samples": [1]}')  # empty sensor id
     stream = beats(2)
     for start in range(0, len(stream), 35):
-        publish(client, "sensors/good-1/ecg", json.dumps({"seq": start, "samples": stream[start : start + 35].tolist()}))
+        publish(
+            client, "sensors/good-1/ecg", json.dumps({"seq": start, "samples": stream[start : start + 35].tolist()})
+        )
     wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 2, 30, what="the good windows scored")
     samples = daemon.scrape()
     for reason in bad:
@@ -73,12 +75,15 @@ def test_seq_gaps_and_duplicates_are_counted(broker, daemon_factory, tmp_path):
     daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port))
     client = publisher(broker.port)
     stream = beats(4)
-    send = lambda seq, n: publish(client, "sensors/gappy/ecg", json.dumps({"seq": seq, "samples": stream[seq : seq + n].tolist()}))  # noqa: E731
-    send(0, 140)            # window 0 complete
-    send(0, 140)            # duplicate: ignored
-    send(140, 70)           # half of window 1 ...
-    send(280, 140)          # ... gap: window 1 can never complete; window 2 complete
-    send(350, 70)           # old samples (already seen): a partial duplicate
+
+    def send(seq, n):
+        return publish(client, "sensors/gappy/ecg", json.dumps({"seq": seq, "samples": stream[seq : seq + n].tolist()}))
+
+    send(0, 140)  # window 0 complete
+    send(0, 140)  # duplicate: ignored
+    send(140, 70)  # half of window 1 ...
+    send(280, 140)  # ... gap: window 1 can never complete; window 2 complete
+    send(350, 70)  # old samples (already seen): a partial duplicate
     wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 2, 30, what="two windows scored")
     samples = daemon.scrape()
     assert metric(samples, "monitor_messages_received_total", outcome="duplicate") >= 1
@@ -112,20 +117,26 @@ def test_sighup_reloads_a_good_model_and_keeps_the_old_one_when_broken(broker, d
     meta["version"] = "reloaded"
     (model / "model.json").write_text(json.dumps(meta))
     daemon.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: metric(daemon.scrape(), "monitor_model_reloads_total", outcome="success") == 1, 30, what="reload")
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_model_reloads_total", outcome="success") == 1, 30, what="reload"
+    )
     assert metric(daemon.scrape(), "monitor_threshold") == pytest.approx(threshold * 2)
 
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     daemon.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: metric(daemon.scrape(), "monitor_model_reloads_total", outcome="failure") == 1, 30, what="failed reload")
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_model_reloads_total", outcome="failure") == 1, 30, what="failed reload"
+    )
     failed = daemon.events("reload_failed")
     assert "checksum" in failed[0]["error"] and failed[0]["keeping_model"] == "reloaded"
     assert metric(daemon.scrape(), "monitor_threshold") == pytest.approx(threshold * 2)
 
     client = publisher(broker.port)
     publish(client, "sensors/after-reload/ecg", json.dumps({"seq": 0, "samples": beats(1).tolist()}))
-    wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 1, 30, what="scoring with the old model")
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 1, 30, what="scoring with the old model"
+    )
     assert daemon.stop() == 0
 
 
@@ -156,12 +167,19 @@ def test_bad_config_never_starts_and_says_why_in_one_line(tmp_path, yaml_text, e
 
 def test_every_field_violation_is_its_own_line(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("mqtt:\n  port: -1\n  keepalive_seconds: 1\nbatching:\n  max_wait_seconds: -2\nlogging:\n  level: loud\n")
+    path.write_text(
+        "mqtt:\n  port: -1\n  keepalive_seconds: 1\nbatching:\n  max_wait_seconds: -2\nlogging:\n  level: loud\n"
+    )
     result = run_cli("check-config", str(path), timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 4
-    assert [line.split(": ")[3] for line in lines] == ["mqtt.port", "mqtt.keepalive_seconds", "batching.max_wait_seconds", "logging.level"]
+    assert [line.split(": ")[3] for line in lines] == [
+        "mqtt.port",
+        "mqtt.keepalive_seconds",
+        "batching.max_wait_seconds",
+        "logging.level",
+    ]
 
 
 def test_check_config_accepts_the_shipped_config():

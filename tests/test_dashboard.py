@@ -10,9 +10,13 @@ PANELS = json.loads((REPO / "dashboards" / "monitor.json").read_text())["panels"
 
 
 def test_rate_panels_have_a_per_second_unit():
-    rates = [panel for panel in PANELS if panel["type"] == "timeseries"
-             and all("rate(" in target["expr"] and "_bucket" not in target["expr"] for target in panel["targets"])
-             and not any(" / " in target["expr"] for target in panel["targets"])]
+    rates = [
+        panel
+        for panel in PANELS
+        if panel["type"] == "timeseries"
+        and all("rate(" in target["expr"] and "_bucket" not in target["expr"] for target in panel["targets"])
+        and not any(" / " in target["expr"] for target in panel["targets"])
+    ]
     assert len(rates) >= 6
     for panel in rates:
         assert panel["fieldConfig"]["defaults"]["unit"].endswith("/s"), panel["title"]

@@ -187,7 +187,9 @@ def test_missing_file(tmp_path):
 
 def test_ragged_rows_name_the_line(tmp_path):
     path = tmp_path / "ragged.txt"
-    path.write_text("\n".join([ucr_line(1, [1, 2, 3]), ucr_line(1, [4, 5, 6]), ucr_line(2, [7, 8]), ucr_line(1, [1, 2, 3])]))
+    path.write_text(
+        "\n".join([ucr_line(1, [1, 2, 3]), ucr_line(1, [4, 5, 6]), ucr_line(2, [7, 8]), ucr_line(1, [1, 2, 3])])
+    )
     with pytest.raises(DataError, match=r"line 3 has 2 values, the first line has 3") as error:
         read_ucr(path)
     assert str(path) in assert_one_line(error)

@@ -97,7 +97,7 @@ def test_with_per_window_alerts_off_only_episode_events_go_out(engine):
     sink = AlertSink(publisher, "alerts/{sensor_id}", 1, settings, metrics, [stage])
     windows = [Window("s1", i * 140, np.zeros((140, 1), np.float32), None, 0.0) for i in range(3)]
     errors = np.full(3, engine.threshold * 2, np.float32)
-    assert sink.handle(windows, Scores(errors, np.zeros((3, 140), np.float32)), engine) == 0
+    assert sink.handle(windows, Scores(errors, np.zeros((3, 140), np.float32)), engine) == {}
     assert metrics.anomalies._value.get() == 3  # counted all the same
     assert [topic for topic, *_ in publisher.sent] == ["alerts/s1/events", "alerts/s1/state"] * 2  # opened, updated
 

@@ -35,15 +35,19 @@ def threshold_average_precision(scores: np.ndarray, positive: np.ndarray) -> flo
 B = np.array
 
 
-@pytest.mark.parametrize(("scores", "positive", "expected"), [
-    ([0.1, 0.2, 0.8, 0.9], [False, False, True, True], 1.0),
-    ([0.9, 0.8, 0.2, 0.1], [False, False, True, True], 0.0),
-    ([0.5, 0.5, 0.5, 0.5], [False, True, False, True], 0.5),
-    # pairs (pos, neg): (.9,.5)=1 (.9,.1)=1 (.5,.5)=1/2 (.5,.1)=1  -> 3.5 / 4
-    ([0.9, 0.5, 0.5, 0.1], [True, False, True, False], 0.875),
-    # 3 positives x 2 negatives: 0.4 beats 0.3 only; 0.7 beats both; 0.3 ties 0.3 and loses to 0.6 -> (1 + 2 + .5) / 6
-    ([0.4, 0.7, 0.3, 0.3, 0.6], [True, True, True, False, False], 3.5 / 6),
-])
+@pytest.mark.parametrize(
+    ("scores", "positive", "expected"),
+    [
+        ([0.1, 0.2, 0.8, 0.9], [False, False, True, True], 1.0),
+        ([0.9, 0.8, 0.2, 0.1], [False, False, True, True], 0.0),
+        ([0.5, 0.5, 0.5, 0.5], [False, True, False, True], 0.5),
+        # pairs (pos, neg): (.9,.5)=1 (.9,.1)=1 (.5,.5)=1/2 (.5,.1)=1  -> 3.5 / 4
+        ([0.9, 0.5, 0.5, 0.1], [True, False, True, False], 0.875),
+        # 3 positives x 2 negatives: 0.4 beats 0.3 only; 0.7 beats both; 0.3 ties 0.3 and loses to 0.6
+        # -> (1 + 2 + .5) / 6
+        ([0.4, 0.7, 0.3, 0.3, 0.6], [True, True, True, False, False], 3.5 / 6),
+    ],
+)
 def test_roc_auc_hand_computed(scores, positive, expected):
     assert roc_auc(B(scores), B(positive)) == pytest.approx(expected, abs=1e-12)
 
@@ -68,20 +72,23 @@ def test_roc_auc_is_nan_with_one_class_and_accepts_integer_labels():
     assert roc_auc(list(scores), [False, True, True]) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize(("scores", "positive", "expected"), [
-    ([0.9, 0.8, 0.2, 0.1], [True, True, False, False], 1.0),
-    # hits at ranks 1 and 3: (1/1 + 2/3) / 2
-    ([0.9, 0.8, 0.7, 0.1], [True, False, True, False], (1.0 + 2.0 / 3.0) / 2.0),
-    # ranks 2 and 4 of 4: (1/2 + 2/4) / 2
-    ([0.9, 0.8, 0.7, 0.1], [False, True, False, True], 0.5),
-    # a tie at 0.5 between a positive and a negative: flagged together -> R .5 at P 1, then R 1 at P 2/3
-    ([0.9, 0.5, 0.5, 0.1], [True, False, True, False], 0.5 * 1.0 + 0.5 * 2.0 / 3.0),
-    ([0.9, 0.5, 0.5, 0.1], [True, True, False, False], 0.5 * 1.0 + 0.5 * 2.0 / 3.0),
-    # everything tied: the precision of flagging everything, the prevalence
-    ([0.3, 0.3, 0.3, 0.3, 0.3], [False, True, False, False, False], 0.2),
-    ([0.5, 0.5], [False, True], 0.5),
-    ([0.5, 0.5], [True, False], 0.5),
-])
+@pytest.mark.parametrize(
+    ("scores", "positive", "expected"),
+    [
+        ([0.9, 0.8, 0.2, 0.1], [True, True, False, False], 1.0),
+        # hits at ranks 1 and 3: (1/1 + 2/3) / 2
+        ([0.9, 0.8, 0.7, 0.1], [True, False, True, False], (1.0 + 2.0 / 3.0) / 2.0),
+        # ranks 2 and 4 of 4: (1/2 + 2/4) / 2
+        ([0.9, 0.8, 0.7, 0.1], [False, True, False, True], 0.5),
+        # a tie at 0.5 between a positive and a negative: flagged together -> R .5 at P 1, then R 1 at P 2/3
+        ([0.9, 0.5, 0.5, 0.1], [True, False, True, False], 0.5 * 1.0 + 0.5 * 2.0 / 3.0),
+        ([0.9, 0.5, 0.5, 0.1], [True, True, False, False], 0.5 * 1.0 + 0.5 * 2.0 / 3.0),
+        # everything tied: the precision of flagging everything, the prevalence
+        ([0.3, 0.3, 0.3, 0.3, 0.3], [False, True, False, False, False], 0.2),
+        ([0.5, 0.5], [False, True], 0.5),
+        ([0.5, 0.5], [True, False], 0.5),
+    ],
+)
 def test_average_precision_hand_computed(scores, positive, expected):
     assert average_precision(B(scores), B(positive)) == pytest.approx(expected, abs=1e-12)
 

@@ -121,7 +121,9 @@ class Sensors:
         self.lock = threading.Lock()
         self.published = 0
         self.acknowledged = 0
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311
+        )
         self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(0)  # unbounded: a sensor that retries never gives a sample up
         self.client.reconnect_delay_set(1, 2)
@@ -166,7 +168,9 @@ class Streamer(threading.Thread):
     """Publishes per-sensor streams in rounds (chunk k of every sensor, then k + 1), one round every `round_seconds`:
     the sensors' sample clock, not a wait for anything. `rounds_sent` tells the test where the stream is."""
 
-    def __init__(self, sensors: Sensors, streams: dict[str, np.ndarray], round_seconds: float, pause_after: int | None = None) -> None:
+    def __init__(
+        self, sensors: Sensors, streams: dict[str, np.ndarray], round_seconds: float, pause_after: int | None = None
+    ) -> None:
         super().__init__(name="streamer", daemon=True)
         self.sensors = sensors
         self.streams = streams
@@ -225,7 +229,9 @@ def event_time(event: dict) -> float:
 def wait_persisted(broker: Broker, after: float) -> None:
     """Until Mosquitto has saved its database (sessions, subscriptions) at least once after `after` (wall clock)."""
     database = broker.directory / "mosquitto.db"
-    wait_until(lambda: database.exists() and database.stat().st_mtime > after, 15, what="mosquitto to save its database")
+    wait_until(
+        lambda: database.exists() and database.stat().st_mtime > after, 15, what="mosquitto to save its database"
+    )
 
 
 def rss_bytes(pid: int) -> int:
@@ -233,15 +239,21 @@ def rss_bytes(pid: int) -> int:
 
 
 def scored_and_dropped(samples: dict) -> float:
-    return metric(samples, "monitor_windows_scored_total") + metric(samples, "monitor_windows_dropped_total", reason="queue_full")
+    return metric(samples, "monitor_windows_scored_total") + metric(
+        samples, "monitor_windows_dropped_total", reason="queue_full"
+    )
 
 
 # --- broker faults ---
 
 
-def test_broker_killed_and_restarted_mid_stream_loses_nothing(broker_factory, capture_factory, daemon_factory, sensors_factory, models, tmp_path):
+def test_broker_killed_and_restarted_mid_stream_loses_nothing(
+    broker_factory, capture_factory, daemon_factory, sensors_factory, models, tmp_path
+):
     broker = broker_factory(persistence=True).start()
-    sink = capture_factory(broker.port, ["alerts/#", "monitor/+/status"], client_id=f"sink-{time.time_ns()}", persistent=True)
+    sink = capture_factory(
+        broker.port, ["alerts/#", "monitor/+/status"], client_id=f"sink-{time.time_ns()}", persistent=True
+    )
     config = daemon_config(tmp_path / "m.yaml", broker.port, model=models.median)
     daemon = daemon_factory(config)
     wait_persisted(broker, time.time())
@@ -252,13 +264,21 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(broker_factory, ca
     streamer = Streamer(sensors, streams, round_seconds=0.03)
     streamer.start()
 
-    wait_until(lambda: streamer.rounds_sent >= streamer.rounds // 3 or streamer.finished(), 60, what="a third of the stream")
+    wait_until(
+        lambda: streamer.rounds_sent >= streamer.rounds // 3 or streamer.finished(), 60, what="a third of the stream"
+    )
     assert not streamer.finished(), "the stream ended before the fault"
     broker.stop(kill=True)
     killed = time.monotonic()
-    wait_until(lambda: gauge(daemon, "monitor_broker_connected")() == 0, 30, what="the outage on monitor_broker_connected")
+    wait_until(
+        lambda: gauge(daemon, "monitor_broker_connected")() == 0, 30, what="the outage on monitor_broker_connected"
+    )
     daemon.wait_for_event("broker_disconnected", 30)
-    wait_until(lambda: streamer.rounds_sent >= 2 * streamer.rounds // 3 or streamer.finished(), 60, what="sensors publishing into the outage")
+    wait_until(
+        lambda: streamer.rounds_sent >= 2 * streamer.rounds // 3 or streamer.finished(),
+        60,
+        what="sensors publishing into the outage",
+    )
     broker.start()
     restarted = time.monotonic()
     daemon.wait_for_event("broker_connected", 60, count=2)
@@ -271,7 +291,9 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(broker_factory, ca
     samples = daemon.scrape()
     received = alert_keys(sink.payloads("alerts/"))
     assert metric(samples, "monitor_windows_scored_total") == windows
-    assert set(received) == expected, f"lost {sorted(expected - set(received))[:5]}, unexpected {sorted(set(received) - expected)[:5]}"
+    assert set(received) == expected, (
+        f"lost {sorted(expected - set(received))[:5]}, unexpected {sorted(set(received) - expected)[:5]}"
+    )
     for reason in ("seq_gap", "queue_full", "scoring_error"):
         assert metric(samples, "monitor_windows_dropped_total", reason=reason) == 0, reason
     assert metric(samples, "monitor_seq_gaps_total") == 0
@@ -291,7 +313,11 @@ def test_broker_killed_and_restarted_mid_stream_loses_nothing(broker_factory, ca
     figure(name, "windows / alerts expected", f"{windows} / {len(expected)}")
     figure(name, "alerts lost", len(expected - set(received)))
     figure(name, "alerts delivered twice (QoS 1 at-least-once)", len(received) - len(set(received)))
-    figure(name, "duplicate input messages ignored by seq", metric(samples, "monitor_messages_received_total", outcome="duplicate"))
+    figure(
+        name,
+        "duplicate input messages ignored by seq",
+        metric(samples, "monitor_messages_received_total", outcome="duplicate"),
+    )
     figure(name, "outage seconds", round(restarted - killed, 1))
     figure(name, "reconnect seconds after the broker came back", round(reconnected - restarted, 1))
     assert daemon.stop() == 0
@@ -303,8 +329,13 @@ def test_broker_down_at_start_is_retried_with_backoff_and_used_when_it_appears(
     broker = broker_factory()  # its port is reserved, nothing listens yet
     state = tmp_path / "windows.json"
     state.write_bytes(b'{"format": "monitor-window-state", "version": 1, "sensors": [{"id": "x"}]')  # cut short
-    config = daemon_config(tmp_path / "m.yaml", broker.port, model=models.alert_all, mqtt={"reconnect_min_seconds": 1, "reconnect_max_seconds": 2},
-                           windowing={"state_file": str(state)})
+    config = daemon_config(
+        tmp_path / "m.yaml",
+        broker.port,
+        model=models.alert_all,
+        mqtt={"reconnect_min_seconds": 1, "reconnect_max_seconds": 2},
+        windowing={"state_file": str(state)},
+    )
     daemon = daemon_factory(config, ready=False)
     failures = daemon.wait_for_event("broker_connect_failed", 60, count=3)
     assert all("ConnectionRefusedError" in event["error"] for event in failures), failures
@@ -314,7 +345,11 @@ def test_broker_down_at_start_is_retried_with_backoff_and_used_when_it_appears(
     discarded = daemon.events("window_state_discarded")  # a broken state file is reported and ignored, never fatal
     assert len(discarded) == 1 and not state.exists(), discarded
     expected_warnings = ("broker_connect_failed", "window_state_discarded")
-    noise = [event for event in daemon.events() if event.get("level") in ("warning", "error") and event["event"] not in expected_warnings]
+    noise = [
+        event
+        for event in daemon.events()
+        if event.get("level") in ("warning", "error") and event["event"] not in expected_warnings
+    ]
     assert not noise, noise
     broker.start()
     appeared = time.monotonic()
@@ -322,8 +357,14 @@ def test_broker_down_at_start_is_retried_with_backoff_and_used_when_it_appears(
     ready_seconds = time.monotonic() - appeared
     sink = capture_factory(broker.port, ["alerts/#"])
     sensors_factory(broker.port).send("late", 0, beats(1)[0])
-    sink.wait_for(lambda c: alert_keys(c.payloads("alerts/")) == [("late", 0)], 30, what="the alert of the first window")
-    figure("broker_down_at_start", "connect attempts logged before the broker appeared", len(daemon.events("broker_connect_failed")))
+    sink.wait_for(
+        lambda c: alert_keys(c.payloads("alerts/")) == [("late", 0)], 30, what="the alert of the first window"
+    )
+    figure(
+        "broker_down_at_start",
+        "connect attempts logged before the broker appeared",
+        len(daemon.events("broker_connect_failed")),
+    )
     figure("broker_down_at_start", "log line", f"broker_connect_failed error={failures[0]['error']!r}")
     figure("broker_down_at_start", "seconds between attempts", [round(float(gap), 2) for gap in gaps])
     figure("broker_down_at_start", "seconds from broker start to ready", round(ready_seconds, 2))
@@ -348,19 +389,34 @@ def test_alerts_while_disconnected_are_queued_to_the_bound_and_the_overflow_coun
     broker = broker_factory(persistence=True).start()
     sink = capture_factory(broker.port, ["alerts/#"], client_id=f"sink-{time.time_ns()}", persistent=True)
     # All windows wait in one batch for 10 s (max_wait_seconds): they are scored while the broker is down.
-    config = daemon_config(tmp_path / "m.yaml", broker.port, model=models.alert_all, mqtt={"max_queued_alerts": queued},
-                           batching={"max_batch": 256, "max_wait_seconds": 10.0})
+    config = daemon_config(
+        tmp_path / "m.yaml",
+        broker.port,
+        model=models.alert_all,
+        mqtt={"max_queued_alerts": queued},
+        batching={"max_batch": 256, "max_wait_seconds": 10.0},
+    )
     daemon = daemon_factory(config)
     wait_persisted(broker, time.time())
     sensors = sensors_factory(broker.port)
     data = beats(total)
     for index in range(total):
         sensors.send(f"queued-{index:02d}", 0, data[index])
-    wait_until(lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="accepted") == total, 30, what="all windows received")
-    assert metric(daemon.scrape(), "monitor_windows_scored_total") == 0, "scored before the fault: the batch deadline passed too soon"
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="accepted") == total,
+        30,
+        what="all windows received",
+    )
+    assert metric(daemon.scrape(), "monitor_windows_scored_total") == 0, (
+        "scored before the fault: the batch deadline passed too soon"
+    )
     broker.stop(kill=True)
     wait_until(lambda: gauge(daemon, "monitor_broker_connected")() == 0, 30, what="the outage")
-    wait_until(lambda: gauge(daemon, "monitor_alerts_dropped_total", reason="queue_full")() == total - queued, 60, what="the overflow counted")
+    wait_until(
+        lambda: gauge(daemon, "monitor_alerts_dropped_total", reason="queue_full")() == total - queued,
+        60,
+        what="the overflow counted",
+    )
     samples = daemon.scrape()
     assert metric(samples, "monitor_windows_scored_total") == total
     assert metric(samples, "monitor_alerts_published_total") == queued
@@ -378,7 +434,11 @@ def test_alerts_while_disconnected_are_queued_to_the_bound_and_the_overflow_coun
     assert len(dropped_keys) == total - queued
     assert delivered == {(f"queued-{index:02d}", 0) for index in range(total)} - dropped_keys
     assert metric(daemon.scrape(), "monitor_alerts_delivered_total") == queued
-    figure("alerts_queued", "alerts scored while down / queued / dropped and counted", f"{total} / {queued} / {len(dropped)}")
+    figure(
+        "alerts_queued",
+        "alerts scored while down / queued / dropped and counted",
+        f"{total} / {queued} / {len(dropped)}",
+    )
     figure("alerts_queued", "queued alerts delivered after reconnect", len(delivered))
     assert daemon.stop() == 0
 
@@ -395,7 +455,8 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     sigterm_state_file: the sensors resume at once, so their messages meet the drain (left unacknowledged) and then no
     daemon at all; the partial windows go through the state file: nothing is lost. sigterm: the same without the state
     file: each sensor loses exactly the window that straddles the restart. sigkill: a crash (after the alerts of the
-    complete windows were out): the will says offline, and again exactly the straddling windows are lost.
+    complete windows were out): the will says offline, and at most the straddling windows are lost (no journal here;
+    test_hardening.py crashes with one).
     """
     broker = broker_factory().start()
     sink = capture_factory(broker.port, ["alerts/#", "monitor/+/status"])
@@ -410,10 +471,16 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     streamer = Streamer(sensors_factory(broker.port), streams, round_seconds=0.04, pause_after=pause_round)
     streamer.start()
     wait_until(streamer.paused, 60, what="the stream at its pause point")
-    wait_until(lambda: gauge(first, "monitor_messages_received_total", outcome="accepted")() == pause_round * len(streams), 30, what="the first part")
+    wait_until(
+        lambda: gauge(first, "monitor_messages_received_total", outcome="accepted")() == pause_round * len(streams),
+        30,
+        what="the first part",
+    )
     # The complete windows are scored first, so the drain timed below is the restart's own cost, not a backlog's
     # (the overload test times a drain with a full queue).
-    sink.wait_for(lambda c: set(alert_keys(c.payloads("alerts/"))) >= before, 60, what="the alerts of the complete windows")
+    sink.wait_for(
+        lambda c: set(alert_keys(c.payloads("alerts/"))) >= before, 60, what="the alerts of the complete windows"
+    )
     drain_seconds = None
     if mode == "sigkill":
         first.kill()
@@ -440,7 +507,13 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     sink.wait_for(lambda c: set(alert_keys(c.payloads("alerts/"))) >= expected, 90, what="the alert of every window")
     received = alert_keys(sink.payloads("alerts/"))
     lost = windows - set(received)
-    assert set(received) == expected  # without the state file: all but exactly the straddling windows
+    if mode == "sigkill":
+        # In-order acknowledgement (issue 14): input after a window still waiting for its alert's PUBACK is not yet
+        # acknowledged at the kill, so the broker may redeliver a straddling window's first part:
+        # lost or not, by sensor.
+        assert expected <= set(received) <= windows
+    else:
+        assert set(received) == expected  # without the state file: all but exactly the straddling windows
     assert second.events("broker_connected")[0]["session_present"] is True
     assert metric(second.scrape(), "monitor_seq_gaps_total") == 0
     if keep_state:
@@ -450,7 +523,11 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     assert statuses == ["online", "offline", "online"], statuses
     name = f"daemon_restart[{mode}]"
     if drain_seconds is not None:
-        figure(name, "SIGTERM to exit seconds / drain seconds (logged)", f"{drain_seconds:.2f} / {first.events('stopped')[0]['drain_seconds']}")
+        figure(
+            name,
+            "SIGTERM to exit seconds / drain seconds (logged)",
+            f"{drain_seconds:.2f} / {first.events('stopped')[0]['drain_seconds']}",
+        )
         assert drain_seconds < 5
     figure(name, "rounds (6 messages each) published while no daemon ran", down_rounds)
     figure(name, "windows / alerts received / lost", f"{len(windows)} / {len(set(received))} / {len(lost)}")
@@ -459,7 +536,7 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
 
 
 def test_window_state_round_trip_gives_the_same_windows():
-    """The drain's snapshot and the start's restore: the restored assembler cuts exactly the windows the original would."""
+    """The drain's snapshot and the start's restore: the restored assembler cuts the windows the original would."""
     rng = np.random.default_rng(7)
     for stride in (35, 140, 200):
         original = WindowAssembler(WINDOW, stride, 1, 100, 300)
@@ -484,10 +561,16 @@ def test_window_state_round_trip_gives_the_same_windows():
         assert restored.buffered_samples() == original.buffered_samples()
         for sensor_id, message in sequence[cut:]:
             expected, got = original.feed(sensor_id, message, 3.0), restored.feed(sensor_id, message, 3.0)
-            assert [(w.start_seq, w.start_ts) for w in got.windows] == [(w.start_seq, w.start_ts) for w in expected.windows]
+            assert [(w.start_seq, w.start_ts) for w in got.windows] == [
+                (w.start_seq, w.start_ts) for w in expected.windows
+            ]
             for mine, theirs in zip(got.windows, expected.windows, strict=True):
                 np.testing.assert_array_equal(mine.samples, theirs.samples)
-            assert (got.gaps, got.gap_windows_dropped, got.duplicate_samples) == (expected.gaps, expected.gap_windows_dropped, expected.duplicate_samples)
+            assert (got.gaps, got.gap_windows_dropped, got.duplicate_samples) == (
+                expected.gaps,
+                expected.gap_windows_dropped,
+                expected.duplicate_samples,
+            )
     other_shape = WindowAssembler(WINDOW + 1, WINDOW, 1, 100, 300)
     with pytest.raises(ValueError, match="saved for window"):
         other_shape.restore(WindowAssembler(WINDOW, WINDOW, 1, 100, 300).snapshot(), 0.0)
@@ -500,11 +583,17 @@ def test_window_state_round_trip_gives_the_same_windows():
 # --- load ---
 
 
-def test_overload_drops_are_counted_memory_stays_flat_and_the_daemon_recovers(broker_factory, daemon_factory, sensors_factory, models, tmp_path):
+def test_overload_drops_are_counted_memory_stays_flat_and_the_daemon_recovers(
+    broker_factory, daemon_factory, sensors_factory, models, tmp_path
+):
     broker = broker_factory().start()
     capacity = 64
-    config = daemon_config(tmp_path / "m.yaml", broker.port, model=models.slow,
-                           batching={"queue_capacity": capacity, "max_batch": 4, "max_wait_seconds": 0.01})
+    config = daemon_config(
+        tmp_path / "m.yaml",
+        broker.port,
+        model=models.slow,
+        batching={"queue_capacity": capacity, "max_batch": 4, "max_wait_seconds": 0.01},
+    )
     daemon = daemon_factory(config)
     sensors = sensors_factory(broker.port, inflight=1000)
     data = beats(100)
@@ -543,7 +632,11 @@ def test_overload_drops_are_counted_memory_stays_flat_and_the_daemon_recovers(br
     growth = max(peak) - baseline
     assert growth < 64 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
     count = metric(samples, "monitor_decision_latency_seconds_count")
-    buckets = sorted((float(dict(labels)["le"]), value) for (name, labels), value in samples.items() if name == "monitor_decision_latency_seconds_bucket")
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in samples.items()
+        if name == "monitor_decision_latency_seconds_bucket"
+    )
     worst = next(bound for bound, value in buckets if value == count)
     p99 = next(bound for bound, value in buckets if value >= 0.99 * count)
     # A full queue is scored in capacity x (seconds per window): three times that (CPU shared with the flood) bounds the
@@ -555,13 +648,19 @@ def test_overload_drops_are_counted_memory_stays_flat_and_the_daemon_recovers(br
     # recovery: a normal trickle is scored again, nothing more is dropped
     for k in range(5):
         sensors.send("after", k * WINDOW, data[k])
-    wait_until(lambda: gauge(daemon, "monitor_windows_scored_total")() == scored + 5, 60, what="scoring after the overload")
+    wait_until(
+        lambda: gauge(daemon, "monitor_windows_scored_total")() == scored + 5, 60, what="scoring after the overload"
+    )
     assert metric(daemon.scrape(), "monitor_windows_dropped_total", reason="queue_full") == dropped
     name = "overload"
     figure(name, "windows offered / scored / dropped (queue_full)", f"{flood} / {int(scored) - 8} / {int(dropped)}")
     figure(name, "flood seconds (publish to queue empty)", round(flood_seconds, 1))
     figure(name, "RSS baseline MiB / peak growth MiB", f"{baseline / 2**20:.0f} / {growth / 2**20:.1f}")
-    figure(name, "decision latency p99 / max (bucket bounds, seconds) / bound from capacity", f"<= {p99} / <= {worst} / {bound}")
+    figure(
+        name,
+        "decision latency p99 / max (bucket bounds, seconds) / bound from capacity",
+        f"<= {p99} / <= {worst} / {bound}",
+    )
     figure(name, "scoring seconds per window (E=128, batches of 4)", f"{per_window:.4f}")
 
     # SIGTERM in the middle of a second flood: the drain scores the backlog, and is bounded by it
@@ -569,18 +668,32 @@ def test_overload_drops_are_counted_memory_stays_flat_and_the_daemon_recovers(br
     for k in range(flood_beats):
         for sensor in range(flood_sensors // 2):
             sensors.send(f"refill-{sensor:02d}", k * WINDOW, data[k])
-    wait_until(lambda: gauge(daemon, "monitor_messages_received_total", outcome="accepted")() >= accepted + 500, 30, what="the second flood")
+    wait_until(
+        lambda: gauge(daemon, "monitor_messages_received_total", outcome="accepted")() >= accepted + 500,
+        30,
+        what="the second flood",
+    )
     assert daemon.stop() == 0
     draining, stopped = daemon.events("draining")[0], daemon.events("stopped")[0]
     assert stopped["drain_seconds"] < 5
-    figure(name, "SIGTERM with a full queue: windows queued / drain seconds", f"{draining['queued_windows']} / {stopped['drain_seconds']}")
+    figure(
+        name,
+        "SIGTERM with a full queue: windows queued / drain seconds",
+        f"{draining['queued_windows']} / {stopped['drain_seconds']}",
+    )
 
 
-def test_ten_thousand_sensors_stay_within_the_memory_bound_and_idle_ones_are_evicted(broker_factory, daemon_factory, sensors_factory, models, tmp_path):
+def test_ten_thousand_sensors_stay_within_the_memory_bound_and_idle_ones_are_evicted(
+    broker_factory, daemon_factory, sensors_factory, models, tmp_path
+):
     max_sensors, extra, idle_seconds = 10_000, 100, 10.0
     broker = broker_factory().start()
-    config = daemon_config(tmp_path / "m.yaml", broker.port, model=models.alert_all,
-                           windowing={"max_sensors": max_sensors, "idle_eviction_seconds": idle_seconds})
+    config = daemon_config(
+        tmp_path / "m.yaml",
+        broker.port,
+        model=models.alert_all,
+        windowing={"max_sensors": max_sensors, "idle_eviction_seconds": idle_seconds},
+    )
     daemon = daemon_factory(config)
     sensors = sensors_factory(broker.port, inflight=1000)
     chunk = beats(1)[0][:CHUNK]  # a partial window each: held in the buffers, never scored
@@ -591,17 +704,28 @@ def test_ten_thousand_sensors_stay_within_the_memory_bound_and_idle_ones_are_evi
     for index in range(max_sensors - 1):
         sensors.send(f"s{index:05d}", 0, chunk)
     wait_until(sensors.all_acknowledged, 120, what="the broker to take 10,000 messages")
-    wait_until(lambda: gauge(daemon, "monitor_messages_received_total", outcome="accepted")() == max_sensors, 60, what="10,000 sensors")
+    wait_until(
+        lambda: gauge(daemon, "monitor_messages_received_total", outcome="accepted")() == max_sensors,
+        60,
+        what="10,000 sensors",
+    )
     last_accepted = time.monotonic()
     ingest_seconds = last_accepted - started
     for index in range(extra):  # beyond max_sensors, none idle yet: refused and counted
         sensors.send(f"extra{index:03d}", 0, chunk)
-    wait_until(lambda: gauge(daemon, "monitor_messages_received_total", outcome="sensor_limit")() == extra, 60, what="the sensors beyond the limit")
+    wait_until(
+        lambda: gauge(daemon, "monitor_messages_received_total", outcome="sensor_limit")() == extra,
+        60,
+        what="the sensors beyond the limit",
+    )
     samples = daemon.scrape()
     wait_until(lambda: gauge(daemon, "monitor_active_sensors")() == max_sensors, 10, what="the active sensors gauge")
-    assert metric(samples, "monitor_sensors_evicted_total") == 0, "sensors were evicted during the test: raise idle_seconds"
+    assert metric(samples, "monitor_sensors_evicted_total") == 0, (
+        "sensors were evicted during the test: raise idle_seconds"
+    )
     growth = rss_bytes(daemon.process.pid) - baseline
-    # the bound from config: per sensor a buffer of 2 W x C float32 plus ~2 KiB of bookkeeping (ids, position, ts anchors)
+    # the bound from config: per sensor a buffer of 2 W x C float32 plus ~2 KiB of bookkeeping
+    # (ids, position, ts anchors)
     per_sensor = 2 * WINDOW * 1 * 4 + 2048
     bound = max_sensors * per_sensor
     assert growth < bound, f"RSS grew by {growth / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
@@ -616,16 +740,24 @@ def test_ten_thousand_sensors_stay_within_the_memory_bound_and_idle_ones_are_evi
     figure(name, "sensors accepted / refused beyond max_sensors", f"{max_sensors} / {extra}")
     figure(name, "seconds to take 10,000 sensors' first message", round(ingest_seconds, 1))
     figure(name, "RSS growth MiB / bound MiB", f"{growth / 2**20:.1f} / {bound / 2**20:.1f}")
-    figure(name, "seconds from the last sensor's message until all were evicted (idle_eviction_seconds 10)", round(eviction_seconds, 1))
+    figure(
+        name,
+        "seconds from the last sensor's message until all were evicted (idle_eviction_seconds 10)",
+        round(eviction_seconds, 1),
+    )
     assert daemon.stop() == 0
 
 
 # --- bad input ---
 
 
-def test_oversized_payload_is_rejected_before_parsing(broker_factory, daemon_factory, sensors_factory, models, tmp_path):
+def test_oversized_payload_is_rejected_before_parsing(
+    broker_factory, daemon_factory, sensors_factory, models, tmp_path
+):
     broker = broker_factory().start()
-    daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port, model=models.alert_all, windowing={"max_payload_bytes": 4096}))
+    daemon = daemon_factory(
+        daemon_config(tmp_path / "m.yaml", broker.port, model=models.alert_all, windowing={"max_payload_bytes": 4096})
+    )
     baseline = rss_bytes(daemon.process.pid)
     sensors = sensors_factory(broker.port)
     nested = b"[" * 8_000_000  # parsed, this would be invalid_json (or worse); rejected by size, it is never parsed
@@ -660,7 +792,9 @@ FUZZ_WINDOW = 8
 def safe_dumps(document: dict) -> bytes:
     try:
         return orjson.dumps(document)
-    except TypeError:  # integers beyond 64 bits: orjson will not write them, json does (and orjson must refuse them on input)
+    except (
+        TypeError
+    ):  # integers beyond 64 bits: orjson will not write them, json does (and orjson must refuse them on input)
         return json.dumps(document).encode()
 
 
@@ -669,14 +803,18 @@ numbers = st.one_of(st.floats(), st.integers(-(2**70), 2**70), st.booleans(), st
 documents = st.fixed_dictionaries(
     {},
     optional={
-        "samples": st.one_of(numbers, st.lists(numbers, max_size=12), st.lists(st.lists(numbers, max_size=3), max_size=12)),
+        "samples": st.one_of(
+            numbers, st.lists(numbers, max_size=12), st.lists(st.lists(numbers, max_size=3), max_size=12)
+        ),
         "seq": st.one_of(st.integers(-3, 64), st.sampled_from(SEQ_EDGES)),
         "ts": st.one_of(st.floats(), st.integers(-5, 2**64), st.text(max_size=3)),
     },
 )
 good_messages = st.builds(
     lambda seq, count, value: orjson.dumps({"seq": seq, "samples": [value] * count}),
-    st.integers(0, 64), st.integers(1, 40), st.floats(-5, 5),
+    st.integers(0, 64),
+    st.integers(1, 40),
+    st.floats(-5, 5),
 )
 payloads = st.one_of(
     st.binary(max_size=64),
@@ -686,7 +824,9 @@ payloads = st.one_of(
     st.builds(lambda body, pad: body + b" " * pad, good_messages, st.integers(0, 600)),  # around max_payload_bytes
 )
 topics = st.one_of(
-    st.sampled_from(["sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/ecg", "sensors//ecg", "sensors/+/ecg", "x", ""]),
+    st.sampled_from(
+        ["sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/ecg", "sensors//ecg", "sensors/+/ecg", "x", ""]
+    ),
     st.text(max_size=24),
     st.text(max_size=140).map(lambda sensor: f"sensors/{sensor}/ecg"),
 )
@@ -698,7 +838,7 @@ def handle_all(steps: list[tuple[str, bytes, float]], stride: int) -> None:
     metrics = Metrics(registry, 4, 1.0)
     queue = CountingQueue(4)
     assembler = WindowAssembler(FUZZ_WINDOW, stride, 1, 3, 5.0)
-    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1, 60.0)
+    ingest = Ingest(PayloadDecoder(1, 32, 512), assembler, queue, metrics, 1)
     now = 0.0
     with structlog.testing.capture_logs():  # the rate-limited warnings, kept out of the test output
         for index, (topic, payload, dt) in enumerate(steps):
@@ -706,7 +846,11 @@ def handle_all(steps: list[tuple[str, bytes, float]], stride: int) -> None:
             ingest.handle(topic, payload, now)
             if index % 7 == 0:
                 ingest.housekeeping(now)
-    outcomes = {dict(labels)["outcome"]: value for (name, labels), value in _samples(registry).items() if name == "monitor_messages_received_total"}
+    outcomes = {
+        dict(labels)["outcome"]: value
+        for (name, labels), value in _samples(registry).items()
+        if name == "monitor_messages_received_total"
+    }
     assert sum(outcomes.values()) == len(steps), outcomes
     assert outcomes["internal_error"] == 0
     dropped = registry.get_sample_value("monitor_windows_dropped_total", {"reason": "queue_full"})
@@ -715,11 +859,18 @@ def handle_all(steps: list[tuple[str, bytes, float]], stride: int) -> None:
 
 
 def test_fuzz_ingest_handle_never_raises_and_counts_every_message():
-    """`Ingest.handle` is what paho's callback runs: whatever the topic and bytes, it returns, and every message lands in
-    exactly one outcome of monitor_messages_received_total; every window cut is either queued or counted as dropped."""
+    """`Ingest.handle` is what paho's callback runs: whatever the topic and bytes, it returns, and every message
+    lands in exactly one outcome of monitor_messages_received_total; every window cut is queued or counted
+    as dropped."""
     handled = 0
 
-    @settings(max_examples=250, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=250,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(steps=steps, stride=st.sampled_from([4, 8, 12]))
     def fuzz(steps: list[tuple[str, bytes, float]], stride: int) -> None:
         nonlocal handled
@@ -732,4 +883,8 @@ def test_fuzz_ingest_handle_never_raises_and_counts_every_message():
 
 
 def _samples(registry: CollectorRegistry) -> dict:
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value for family in registry.collect() for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+    }

@@ -33,7 +33,20 @@ SENSOR_TOPICS = ("sensors/a/ecg", "sensors/b/ecg", "sensors/c/ecg", "sensors/d/e
 ODD_TOPICS = ("sensors/+/ecg", "sensors//ecg", "sensors/\x01/ecg", "sensors/#", "x", "sensors/" + "x" * 129 + "/ecg")
 
 # Values that stress the number checks: float32 overflow, denormals, huge and negative integers.
-EDGE_VALUES = (0, -0.0, 1e-45, 3.4028234663852886e38, 3.5e38, -1e39, 1e308, 2**53, 2**63 - 1, -(2**63), 2**64 - 1, 2**70)
+EDGE_VALUES = (
+    0,
+    -0.0,
+    1e-45,
+    3.4028234663852886e38,
+    3.5e38,
+    -1e39,
+    1e308,
+    2**53,
+    2**63 - 1,
+    -(2**63),
+    2**64 - 1,
+    2**70,
+)
 JUNK_VALUES = (None, True, False, "1.5", "", [], {}, [1, [2]], {"samples": [1]}, float("nan"), float("inf"))
 SEQ_EDGES = (-1, 0, MAX_SEQ - 1, MAX_SEQ, 2**63, -(2**63), 2**64, 1.0, 7.5, "12", True, None, [3])
 TS_EDGES = (0, 0.0, -1e-9, 1.7e9, 1e308, 2**64, "1700000000", True, None, float("inf"), float("nan"), {})
@@ -49,6 +62,7 @@ class Config:
     max_samples: int
     max_bytes: int
     max_sensors: int
+    seq_tolerance: int
 
 
 configs = st.builds(
@@ -59,6 +73,7 @@ configs = st.builds(
     max_samples=st.sampled_from([64, 512, 4096]),
     max_bytes=st.sampled_from([4096, 65536, 262144]),
     max_sensors=st.sampled_from([1, 2, 3, 8]),
+    seq_tolerance=st.sampled_from([3, 20, 1024]),
 )
 
 JUNK_KEYS = ("samples", "seq", "ts", "x")
@@ -85,19 +100,57 @@ class StreamModel:
         self.kept = np.empty((0, config.channels), dtype=np.float32)
         self.emitted = 0
         self.dropped = 0
+        self.skipped = 0  # windows lying wholly inside a gap: none of their samples arrived, so none is counted
         self.last_start = -1
         self.last_seen = now
 
-    def check(self, message: Message, result: FeedResult, now: float) -> None:
+        self.aside: StreamModel | None = None  # the stream before a seq jump, until the next message decides
+
+    def started(self) -> int:
+        """Windows not yet emitted that hold samples which arrived (dropped if this stream is abandoned)."""
+        next_k = max(self.restart_k, (self.end - self.config.window) // self.config.stride + 1)
+        return max(0, -(-self.end // self.config.stride) - next_k)
+
+    def check(self, message: Message, result: FeedResult, now: float) -> StreamModel:
+        """Checks one feed; returns the model of the sensor's stream from now on (another one after a seq jump)."""
+        config = self.config
+        seq = self.end if message.seq is None else message.seq
+        tolerance = config.seq_tolerance
+        continues_aside = self.aside is not None and abs(seq - self.aside.end) <= tolerance
+        # Far behind but not near 0 is a resend (a duplicate), unless it continues the stream kept aside.
+        if abs(seq - self.end) > tolerance and (continues_aside or not tolerance < seq < self.end):
+            aside = self.aside
+            if aside is not None and abs(seq - aside.end) <= tolerance:  # back to the stream kept aside
+                assert (result.restarted, result.restart_windows_dropped) == (False, self.started())
+                aside.last_seen = now
+                return aside.follow(message, result, now)
+            assert (result.restarted, result.restart_windows_dropped) == (True, self.started() if aside else 0)
+            new = StreamModel(seq, config, now)
+            new.aside = aside or self
+            return new.follow(message, result, now)
+        assert not result.restarted
+        assert result.restart_windows_dropped == (self.aside.started() if self.aside else 0)
+        self.aside = None
+        return self.follow(message, result, now)
+
+    def follow(self, message: Message, result: FeedResult, now: float) -> StreamModel:
+        """The message continues this stream (duplicate, overlap, gap or next samples)."""
         config, n = self.config, len(message.samples)
         seq = self.end if message.seq is None else message.seq
+        stride, next_k = config.stride, max(self.restart_k, (self.end - config.window) // config.stride + 1)
         if seq + n <= self.end:
-            assert (result.duplicate, result.duplicate_samples, result.gaps, result.gap_windows_dropped) == (True, n, 0, 0)
+            assert (result.duplicate, result.duplicate_samples, result.gaps, result.gap_windows_dropped) == (
+                True,
+                n,
+                0,
+                0,
+            )
             assert result.windows == []
-            return
+            return self
         assert not result.duplicate
         if seq > self.end:
             assert result.gaps == 1
+            self.skipped += max(0, (seq - config.window) // stride + 1 - max(next_k, -(-self.end // stride)))
             self.restart_k = -(-seq // config.stride)
             self.kept = self.kept[:0]
             self.base = self.end = seq
@@ -111,7 +164,7 @@ class StreamModel:
         self.dropped += result.gap_windows_dropped
         # Every window from the first aligned one up to the next incomplete one was emitted or dropped, once.
         next_k = max(self.restart_k, (self.end - config.window) // config.stride + 1)
-        assert self.emitted + self.dropped == next_k - self.first_k
+        assert self.emitted + self.dropped + self.skipped == next_k - self.first_k
         for window in result.windows:
             check_window(window, config, now)
             assert window.start_seq > self.last_start
@@ -122,6 +175,7 @@ class StreamModel:
         cut = min(next_k * config.stride, self.end) - self.base
         self.kept = self.kept[cut:]
         self.base += cut
+        return self
 
 
 def check_window(window: Window, config: Config, now: float) -> None:
@@ -146,7 +200,9 @@ def sample_rows(rng: random.Random, n: int, channels: int, flat: bool) -> list:
     """n plausible sample rows: a flat list for one channel when flat, else lists of `channels` numbers."""
     if flat and channels == 1:
         return [rng.random() - 0.5 for _ in range(n)]
-    return [[rng.random() - 0.5 if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)]
+    return [
+        [rng.random() - 0.5 if rng.random() < 0.9 else rng.randint(-5, 5) for _ in range(channels)] for _ in range(n)
+    ]
 
 
 def dump(document: object) -> bytes:
@@ -244,7 +300,14 @@ def build_payload(kind: str, rng: random.Random, junk: object, config: Config, e
 def run_batch(config: Config, batch: list[tuple[int, int]], junk: list[object], outcomes: Counter[str]) -> None:
     """Decodes and feeds one batch, counting payloads and what became of them in outcomes."""
     decoder = PayloadDecoder(config.channels, max_samples=config.max_samples, max_bytes=config.max_bytes)
-    target = WindowAssembler(config.window, config.stride, config.channels, config.max_sensors, IDLE_SECONDS)
+    target = WindowAssembler(
+        config.window,
+        config.stride,
+        config.channels,
+        config.max_sensors,
+        IDLE_SECONDS,
+        seq_tolerance=config.seq_tolerance,
+    )
     models: OrderedDict[str, StreamModel] = OrderedDict()  # least recently seen first, like the assembler
     now = 0.0
     for kind, seed in batch:
@@ -281,13 +344,15 @@ def run_batch(config: Config, batch: list[tuple[int, int]], junk: list[object], 
             outcomes["gaps"] += result.gaps
             outcomes["gap_windows_dropped"] += result.gap_windows_dropped
             outcomes["duplicates"] += result.duplicate
+            outcomes["restarts"] += result.restarted
+            outcomes["restart_windows_dropped"] += result.restart_windows_dropped
             outcomes["trimmed"] += result.duplicate_samples > 0 and not result.duplicate
         if seed % 16 == 0:  # now and then the daemon's periodic sweep
             expected_evictions = evict(models, now)
             assert target.evict_idle(now) == expected_evictions
             outcomes["evicted"] += expected_evictions
         assert target.active_sensors == len(models)
-        assert target.buffered_samples() <= target.active_sensors * (config.window - 1)
+        assert target.buffered_samples() <= target.active_sensors * 2 * (config.window - 1)  # 2: a stream kept aside
 
 
 def evict(models: OrderedDict[str, StreamModel], now: float) -> int:
@@ -298,7 +363,12 @@ def evict(models: OrderedDict[str, StreamModel], now: float) -> int:
 
 
 def feed_and_check(
-    target: WindowAssembler, models: OrderedDict[str, StreamModel], sensor_id: str, message: Message, now: float, config: Config
+    target: WindowAssembler,
+    models: OrderedDict[str, StreamModel],
+    sensor_id: str,
+    message: Message,
+    now: float,
+    config: Config,
 ) -> FeedResult | None:
     """Feeds and checks the result against the model; None when the assembler refused a sensor beyond max_sensors."""
     model = models.get(sensor_id)
@@ -317,7 +387,7 @@ def feed_and_check(
         model = models[sensor_id] = StreamModel(0 if message.seq is None else message.seq, config, now)
     model.last_seen = now
     models.move_to_end(sensor_id)
-    model.check(message, result, now)
+    models[sensor_id] = model.check(message, result, now)
     return result
 
 
@@ -341,13 +411,17 @@ def test_fuzz_decode_and_feed() -> None:
     assert outcomes["payloads"] >= MIN_PAYLOADS
     # The generator really reaches every reject reason and every windowing path.
     assert set(REJECT_REASONS) <= set(outcomes), set(REJECT_REASONS) - set(outcomes)
-    for outcome in ("accepted", "windows", "windows_with_start_ts", "gaps", "gap_windows_dropped", "duplicates", "trimmed"):
+    paths = ("windows", "windows_with_start_ts", "gaps", "gap_windows_dropped", "duplicates", "trimmed", "restarts")
+    for outcome in ("accepted", *paths, "restart_windows_dropped"):
         assert outcomes[outcome] > 0, outcome
     assert outcomes["evicted"] > 0 and outcomes[SENSOR_LIMIT_REASON] > 0
 
 
 @settings(max_examples=3000, deadline=None, derandomize=True, database=None)
-@given(topic=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("/+#\x00 "), max_size=300), level=st.integers(-2, 6))
+@given(
+    topic=st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from("/+#\x00 "), max_size=300),
+    level=st.integers(-2, 6),
+)
 def test_fuzz_sensor_id_from_topic(topic: str, level: int) -> None:
     try:
         sensor_id = sensor_id_from_topic(topic, level)

@@ -48,7 +48,10 @@ def onnx_scorer(artifact):
 
 def test_scores_match_torch_on_the_whole_test_split(artifact, test_split, reference, onnx_scorer):
     scores = onnx_scorer.score_all(test_split.windows)
-    assert scores.errors.shape == (len(test_split.windows),) and scores.profiles.shape == (len(test_split.windows), artifact.window)
+    assert scores.errors.shape == (len(test_split.windows),) and scores.profiles.shape == (
+        len(test_split.windows),
+        artifact.window,
+    )
     assert scores.errors.dtype == np.float32 and scores.profiles.dtype == np.float32
     np.testing.assert_allclose(scores.errors, reference.errors, rtol=SCORE_RTOL, atol=SCORE_ATOL)
     np.testing.assert_allclose(scores.profiles, reference.profiles, rtol=0, atol=PROFILE_ATOL)
@@ -66,7 +69,9 @@ def test_flags_the_same_windows_at_the_artifacts_threshold(artifact, test_split,
     # default model has none (the closest is ~2.6e-4 away), so the flagged sets must be identical.
     borderline = np.abs(reference.errors - artifact.threshold) <= SCORE_ATOL + SCORE_RTOL * artifact.threshold
     assert not ((flagged_onnx != flagged_torch) & ~borderline).any()
-    assert np.array_equal(flagged_onnx, flagged_torch), f"{int((flagged_onnx != flagged_torch).sum())} borderline decisions differ"
+    assert np.array_equal(flagged_onnx, flagged_torch), (
+        f"{int((flagged_onnx != flagged_torch).sum())} borderline decisions differ"
+    )
 
 
 def test_a_windows_score_does_not_depend_on_its_batch(artifact, test_split, onnx_scorer):
@@ -91,7 +96,9 @@ def test_accepts_float64_and_non_contiguous_windows(test_split, onnx_scorer):
     windows = test_split.windows[:20]
     expected = onnx_scorer.score(windows).errors
     np.testing.assert_allclose(onnx_scorer.score(windows.astype(np.float64)).errors, expected, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(onnx_scorer.score(test_split.windows[:40:2]).errors, onnx_scorer.score(test_split.windows[:40:2].copy()).errors)
+    np.testing.assert_allclose(
+        onnx_scorer.score(test_split.windows[:40:2]).errors, onnx_scorer.score(test_split.windows[:40:2].copy()).errors
+    )
 
 
 @pytest.mark.parametrize("threads", [0, 2])
@@ -114,7 +121,9 @@ def test_the_daemon_builds_an_onnx_engine(test_split, reference):
     np.testing.assert_allclose(scores.errors, reference.errors[:64], rtol=SCORE_RTOL, atol=SCORE_ATOL)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine (torch.cuda.is_available() is False)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine (torch.cuda.is_available() is False)"
+)
 def test_torch_scorer_on_cuda_matches_cpu_and_stays_batched(test_split, reference):
     cpu_artifact = load_artifact(DEFAULT_MODEL)
     gpu_artifact = load_artifact(DEFAULT_MODEL, "cuda")

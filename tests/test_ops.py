@@ -61,12 +61,18 @@ def test_unit_exposure():
 def test_unit_keeps_its_contract():
     """The settings other parts rely on: sd_notify and watchdog, the config check, the credential, reload by SIGHUP."""
     expected = {
-        "Type=notify", "NotifyAccess=main", "WatchdogSec=30", "DynamicUser=yes", "Restart=on-failure", "KillSignal=SIGTERM",
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=30",
+        "DynamicUser=yes",
+        "Restart=on-failure",
+        "KillSignal=SIGTERM",
         "ExecStartPre=/opt/monitor/.venv/bin/monitor check-config /etc/monitor/monitor.yaml",
         "ExecStart=/opt/monitor/.venv/bin/monitor run --config /etc/monitor/monitor.yaml",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "LoadCredential=mqtt_password:/etc/monitor/credentials/mqtt_password",
         "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "LimitNOFILE=1024",
     }
     assert expected <= unit_settings()
     # See the unit's comments: oneDNN's JIT needs W+X pages, MKL/OpenBLAS need @resources.
@@ -243,9 +249,23 @@ def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     try:
         daemon.wait_for_event("ready", timeout=60)
         replay = subprocess.Popen(
-            [sys.executable, "-m", "monitor", "replay", "--config", str(config), "--data", str(SPLITS / "test.txt.xz"),
-             "--sensors", "20", "--speed", "1"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "monitor",
+                "replay",
+                "--config",
+                str(config),
+                "--data",
+                str(SPLITS / "test.txt.xz"),
+                "--sensors",
+                "20",
+                "--speed",
+                "1",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_until(lambda: metric(daemon.scrape(), "monitor_alerts_published_total") > 0, 60, what="the first alerts")
         yield f"127.0.0.1:{daemon.metrics_port}"
@@ -287,9 +307,15 @@ def prometheus(tmp_path_factory, metrics_target) -> Iterator[str]:
     url = f"http://127.0.0.1:{free_port()}"
     with open(workdir / "prometheus.log", "wb") as log:
         process = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address={url.removeprefix('http://')}",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until(lambda: process.poll() is not None or http_ok(f"{url}/-/ready"), 30, what="Prometheus to be ready")
@@ -318,7 +344,9 @@ def has_data(answer: dict) -> bool:
     return any(not math.isnan(float(series["value"][1])) for series in answer["data"]["result"])
 
 
-@pytest.mark.parametrize(("where", "expr"), dashboard_expressions(), ids=[where for where, _ in dashboard_expressions()])
+@pytest.mark.parametrize(
+    ("where", "expr"), dashboard_expressions(), ids=[where for where, _ in dashboard_expressions()]
+)
 def test_dashboard_expression_returns_data(scraped, where, expr):
     answer = query(scraped, expr)
     assert answer["status"] == "success", answer

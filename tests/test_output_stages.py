@@ -15,6 +15,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitor.acks import InOrderAcks, PendingWindows
 from monitor.alerts import DROP_REASONS, AlertSink, DropReason, PublishRefused
 from monitor.batching import MicroBatcher, WindowQueue
 from monitor.config import AlertSettings, ModelSettings, load_config
@@ -36,10 +37,11 @@ class FakePublisher:
         self.sent: list[tuple[str, dict, int]] = []
         self.error = error
 
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
+    def publish(self, topic: str, payload: bytes, qos: int) -> int:
         if self.error is not None:
             raise self.error
         self.sent.append((topic, orjson.loads(payload), qos))
+        return len(self.sent)  # the packet id
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
@@ -74,7 +76,7 @@ def test_the_sink_publishes_one_alert_per_anomalous_window(engine, beats):
     sink = make_sink(publisher, registry, top_timesteps=3)
     batch = make_windows(np.concatenate([normal[:4], anomalous[:3]]))
     scores = engine.score(np.stack([window.samples for window in batch]))
-    assert sink.handle(batch, scores, engine) == 3
+    assert len(sink.handle(batch, scores, engine)) == 3
     assert [topic for topic, _, _ in publisher.sent] == ["alerts/s4", "alerts/s5", "alerts/s6"]
     topic, alert, qos = publisher.sent[0]
     assert qos == 1 and alert["sensor_id"] == "s4" and alert["window_start_seq"] == 560
@@ -105,7 +107,7 @@ def test_a_refused_alert_is_counted_under_a_closed_reason(engine, beats, error, 
     registry = CollectorRegistry()
     sink = make_sink(FakePublisher(error), registry)
     batch = make_windows(beats[1][:2])
-    assert sink.handle(batch, engine.score(np.stack([w.samples for w in batch])), engine) == 0
+    assert sink.handle(batch, engine.score(np.stack([w.samples for w in batch])), engine) == {}
     assert value(registry, "monitor_alerts_dropped_total", reason=reason) == 2
     assert value(registry, "monitor_alerts_published_total") == 0
     labels = {
@@ -126,7 +128,7 @@ def make_worker(engine: Engine, publisher: FakePublisher, registry: CollectorReg
     metrics = Metrics(registry, 64, engine.threshold)
     sink = AlertSink(publisher, "alerts/{sensor_id}", 1, AlertSettings(), metrics)
     stop = threading.Event()
-    worker = ScoringWorker(MicroBatcher(queue, 64, 0.0), engine, sink, metrics, stop)
+    worker = ScoringWorker(MicroBatcher(queue, 64, 0.0), engine, sink, metrics, stop, PendingWindows(InOrderAcks()))
     return worker, queue, stop, metrics
 
 

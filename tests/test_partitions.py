@@ -141,8 +141,7 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     alerts = capture_factory(nats.port, ["alerts/#"])
     plan = plan_ucr(read_ucr(SPLITS / "test.txt.xz"), SENSORS)
     sensors_of = {
-        name: {s for s in plan.sensor_ids if partition_of(s, len(INSTANCES)) in parts}
-        for name, parts in owners.items()
+        name: {s for s in plan.sensor_ids if partition_of(s, len(INSTANCES)) in parts} for name, parts in owners.items()
     }
     assert sensors_of["a"] and sensors_of["b"]
     stream = list(messages(plan, CHUNK))

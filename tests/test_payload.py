@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import timeit
 
 import numpy as np
 import orjson
 import pytest
 
+from monitor.config import MqttSettings
 from monitor.errors import PayloadError
 from monitor.payload import MAX_SENSOR_ID_CHARS, MAX_SEQ, REJECT_REASONS, Message, PayloadDecoder, sensor_id_from_topic
 
@@ -32,6 +34,7 @@ def test_reject_reasons_are_the_closed_set() -> None:
         "bad_samples",
         "wrong_channels",
         "non_finite",
+        "value_out_of_range",
         "too_many_samples",
         "bad_seq",
         "bad_ts",
@@ -109,7 +112,9 @@ def test_default_max_bytes_is_256_kib() -> None:
     assert reason_of(decoder, b'{"samples": [1]}' + padding + b" ") == "too_large"
 
 
-@pytest.mark.parametrize("payload", [b"\xff", b'{"samples": [1], "x": "\xc3"}', b'{"samples": [1]}\xed\xa0\x80', b"\x80abc"])
+@pytest.mark.parametrize(
+    "payload", [b"\xff", b'{"samples": [1], "x": "\xc3"}', b'{"samples": [1]}\xed\xa0\x80', b"\x80abc"]
+)
 def test_invalid_utf8(payload: bytes) -> None:
     assert reason_of(PayloadDecoder(1), payload) == "invalid_utf8"
 
@@ -194,13 +199,14 @@ def test_numbers_that_overflow_float32_are_non_finite(value: float) -> None:
 
 def test_largest_float32_is_accepted() -> None:
     largest = float(np.finfo(np.float32).max)
-    message = PayloadDecoder(2).decode(dumps({"samples": [[largest, -largest]]}))
+    message = PayloadDecoder(2, max_abs_value=float("inf")).decode(dumps({"samples": [[largest, -largest]]}))
     assert np.isfinite(message.samples).all()
 
 
 def test_huge_json_integers_are_finite_samples() -> None:
-    # orjson parses integers beyond 64 bits as floats; they still fit in float32.
-    message = PayloadDecoder(1).decode(b'{"samples": [18446744073709551615, -9223372036854775808, 18446744073709551616]}')
+    # orjson parses integers beyond 64 bits as floats; they still fit in float32 (without a magnitude bound).
+    decoder = PayloadDecoder(1, max_abs_value=float("inf"))
+    message = decoder.decode(b'{"samples": [18446744073709551615, -9223372036854775808, 18446744073709551616]}')
     assert np.isfinite(message.samples).all()
     assert message.samples[0, 0] == np.float32(2.0**64)
 
@@ -254,12 +260,20 @@ def test_every_payload_reason_is_reachable() -> None:
         "bad_samples": b'{"samples": []}',
         "wrong_channels": b'{"samples": [[1]]}',
         "non_finite": b'{"samples": [[1, 1e39]]}',
+        "value_out_of_range": b'{"samples": [[1, 1e38]]}',
         "too_many_samples": b'{"samples": [[1, 2], [1, 2], [1, 2]]}',
         "bad_seq": b'{"samples": [[1, 2]], "seq": -5}',
         "bad_ts": b'{"samples": [[1, 2]], "ts": "now"}',
     }
     assert {reason: reason_of(decoder, payload) for reason, payload in payloads.items()} == {r: r for r in payloads}
     assert set(payloads) | {"bad_topic"} == set(REJECT_REASONS)
+
+
+@pytest.mark.parametrize("value", [1e38, -3.4e38, 1000.5, 2**63, -(2**62)])
+def test_extreme_finite_samples_are_out_of_range(value: float) -> None:
+    decoder = PayloadDecoder(1, max_abs_value=1000.0)
+    assert reason_of(decoder, dumps({"samples": [0.5, value, 1]})) == "value_out_of_range"
+    assert decoder.decode(dumps({"samples": [1000.0, -1000]})).samples.tolist() == [[1000.0], [-1000.0]]
 
 
 def test_decoder_rejects_bad_limits() -> None:
@@ -311,3 +325,25 @@ def test_bad_topic(topic: str, level: int) -> None:
     with pytest.raises(PayloadError) as info:
         sensor_id_from_topic(topic, level)
     assert info.value.reason == "bad_topic"
+
+
+@pytest.mark.parametrize(
+    ("sensor_id", "accepted"),
+    [
+        ("ecg-17", True),
+        ("ward3.bed_12:lead-II", True),
+        ("x" * 128, True),
+        ("ecg-1\u0437", False),  # Cyrillic ze, looks like a 3
+        ("\u0435cg-17", False),  # Cyrillic ie for the e
+        ("\uff45cg-17", False),  # full-width e
+        ("ecg\u0301-17", False),  # combining acute accent
+        ("patient 3", False),
+    ],
+)
+def test_default_sensor_id_pattern_refuses_look_alikes(sensor_id: str, accepted: bool) -> None:
+    pattern = re.compile(MqttSettings().sensor_id_pattern)
+    if accepted:
+        assert sensor_id_from_topic(f"sensors/{sensor_id}/ecg", 1, pattern) == sensor_id
+    else:
+        with pytest.raises(PayloadError, match="bad_topic"):
+            sensor_id_from_topic(f"sensors/{sensor_id}/ecg", 1, pattern)

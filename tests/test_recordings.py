@@ -197,7 +197,9 @@ def test_evaluate_two_channel_recording_against_hand_figures(two_channel):
     root, _ = two_channel
     stride, warm_up = 7, 20
     recording = ["--data", str(root / "test.csv"), "--labels", str(root / "test_labels.txt")]
-    done = run_cli("evaluate", "--model", str(root / "model"), *recording, "--stride", str(stride), "--json", env=ONE_THREAD)
+    done = run_cli(
+        "evaluate", "--model", str(root / "model"), *recording, "--stride", str(stride), "--json", env=ONE_THREAD
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     # By hand: cut, fit median / 1.4826 MAD on the first 20 windows, normalise, score the rest, count.
@@ -239,7 +241,10 @@ def test_evaluate_refusals(two_channel):
     root, _ = two_channel
     base = ["evaluate", "--model", str(root / "model"), "--data", str(root / "test.csv")]
     for extra, message in (
-        (["--labels", str(root / "test_labels.txt"), str(root / "test_labels.txt")], "2 label files for 1 recordings (one each)"),
+        (
+            ["--labels", str(root / "test_labels.txt"), str(root / "test_labels.txt")],
+            "2 label files for 1 recordings (one each)",
+        ),
         (["--labels", str(root / "test_labels.txt"), "--baseline", "model"], "trained with baseline 'sensor'"),
         (["--labels", str(root / "test_labels.txt"), "--window", "12"], "takes windows of 10"),
         (["--labels", str(root / "test_labels.txt"), "--baseline-windows", "400"], "not more than the 400 baseline"),
@@ -311,7 +316,7 @@ def test_ingest_warm_up_counted_and_a_sensor_back_after_eviction_warms_up_again(
     queue: WindowQueue[Window] = WindowQueue(100)
     baselines = SensorBaselines(2, 4, 2)
     assembler = WindowAssembler(4, 4, 2, max_sensors=10, idle_seconds=5.0, on_evict=baselines.forget)
-    ingest = Ingest(PayloadDecoder(2), assembler, queue, metrics, 1, 60.0, baselines)
+    ingest = Ingest(PayloadDecoder(2), assembler, queue, metrics, 1, baselines=baselines)
     samples = np.random.default_rng(5).normal(3.0, 1.0, (20, 2))
 
     def send(start: int, end: int, now: float) -> None:

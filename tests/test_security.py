@@ -55,17 +55,66 @@ def openssl(*args: str, cwd: Path) -> None:
 
 
 def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.crt", "-extensions", "v3_ca", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=directory)
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.crt",
+        "-extensions",
+        "v3_ca",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=directory,
+    )
     return directory / f"{name}.crt", directory / f"{name}.key"
 
 
 def make_cert(directory: Path, name: str, ca: tuple[Path, Path], extensions: str) -> tuple[Path, Path]:
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)
+    openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        f"/CN={name}",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        cwd=directory,
+    )
     (directory / f"{name}.ext").write_text(extensions)
-    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial", "-days", "2",
-            "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=directory)
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        str(ca[0]),
+        "-CAkey",
+        str(ca[1]),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        f"{name}.ext",
+        "-out",
+        f"{name}.crt",
+        cwd=directory,
+    )
     return directory / f"{name}.crt", directory / f"{name}.key"
 
 
@@ -73,9 +122,19 @@ def make_cert(directory: Path, name: str, ca: tuple[Path, Path], extensions: str
 def pki(tmp_path_factory) -> Pki:
     directory = tmp_path_factory.mktemp("pki")
     ca = make_ca(directory, "test-ca")
-    server = make_cert(directory, "server", ca, "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                       "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n")
-    client = make_cert(directory, "client", ca, "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n")
+    server = make_cert(
+        directory,
+        "server",
+        ca,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    client = make_cert(
+        directory,
+        "client",
+        ca,
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )
     other_ca = make_ca(directory, "other-ca")
     passwords = directory / "passwords"
     mosquitto_passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
@@ -88,29 +147,41 @@ def pki(tmp_path_factory) -> Pki:
 def secure_broker(broker_factory, pki):
     """Mosquitto with only a TLS listener that wants a client certificate from the CA and a user name and password."""
     port = free_port()
-    extra = "\n".join([
-        f"listener {port} 127.0.0.1",
-        f"cafile {pki.ca}",
-        f"certfile {pki.server_cert}",
-        f"keyfile {pki.server_key}",
-        "require_certificate true",
-        f"password_file {pki.passwords}",
-        "allow_anonymous false",
-    ])
+    extra = "\n".join(
+        [
+            f"listener {port} 127.0.0.1",
+            f"cafile {pki.ca}",
+            f"certfile {pki.server_cert}",
+            f"keyfile {pki.server_key}",
+            "require_certificate true",
+            f"password_file {pki.passwords}",
+            "allow_anonymous false",
+        ]
+    )
     return broker_factory(port=port, extra=extra).start()
 
 
 def tls_client(port: int, pki: Pki, user: str, password: str) -> mqtt.Client:
     """A sensor or alert reader of our own: the same CA, client certificate and a password."""
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{user}-{time.time_ns()}")
-    client.tls_set(ca_certs=str(pki.ca), certfile=str(pki.client_cert), keyfile=str(pki.client_key), cert_reqs=ssl.CERT_REQUIRED)
+    client.tls_set(
+        ca_certs=str(pki.ca), certfile=str(pki.client_cert), keyfile=str(pki.client_key), cert_reqs=ssl.CERT_REQUIRED
+    )
     client.username_pw_set(user, password)
     return client
 
 
 def secure_config(path: Path, port: int, pki: Pki, **tls) -> Path:
-    settings = {"enabled": True, "ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key), **tls}
-    return daemon_config(path, port, mqtt={"username": USER, "tls": settings}, logging={"level": "debug", "format": "json"})
+    settings = {
+        "enabled": True,
+        "ca_file": str(pki.ca),
+        "cert_file": str(pki.client_cert),
+        "key_file": str(pki.client_key),
+        **tls,
+    }
+    return daemon_config(
+        path, port, mqtt={"username": USER, "tls": settings}, logging={"level": "debug", "format": "json"}
+    )
 
 
 def assert_secret_never_written(daemon) -> None:
@@ -118,7 +189,9 @@ def assert_secret_never_written(daemon) -> None:
     assert not leaked, leaked[:3]
 
 
-def test_tls_client_certificate_and_password_from_env_or_credentials_directory(secure_broker, daemon_factory, pki, tmp_path):
+def test_tls_client_certificate_and_password_from_env_or_credentials_directory(
+    secure_broker, daemon_factory, pki, tmp_path
+):
     """Both ways of giving the password work over verified TLS; neither is ever written out, even at debug level."""
     from_env = secure_config(tmp_path / "env.yaml", secure_broker.port, pki)
     config = yaml.safe_load(from_env.read_text())
@@ -149,13 +222,17 @@ def test_tls_client_certificate_and_password_from_env_or_credentials_directory(s
     beat = np.loadtxt(SPLITS / "test.txt.xz", max_rows=1, dtype=np.float32, ndmin=2)[0, 1:]
     flat = np.full_like(beat, 5.0)  # far from any ECG beat: an alert with the default model
     sensor.publish("sensors/tls-1/ecg", orjson.dumps({"seq": 0, "samples": flat.tolist()}), qos=1).wait_for_publish(10)
-    wait_until(lambda: len(alerts) >= 2, 60, what="an alert from each daemon over TLS")  # both daemons subscribe to the sensors
+    wait_until(
+        lambda: len(alerts) >= 2, 60, what="an alert from each daemon over TLS"
+    )  # both daemons subscribe to the sensors
     assert {alert["sensor_id"] for alert in alerts} == {"tls-1"}
     for client in (sensor, reader):
         client.disconnect()
         client.loop_stop()
 
-    listening = [c.laddr for c in psutil.Process(by_env.process.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    listening = [
+        c.laddr for c in psutil.Process(by_env.process.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN
+    ]
     assert [(address.ip, address.port) for address in listening] == [("127.0.0.1", by_env.metrics_port)]
     assert MetricsSettings().host == Config().metrics.host == "127.0.0.1"
     for daemon in (by_env, by_credentials):
@@ -165,26 +242,45 @@ def test_tls_client_certificate_and_password_from_env_or_credentials_directory(s
         assert_secret_never_written(daemon)
     name = "tls_and_password"
     figure(name, "daemons connected over verified TLS + client cert + password (env, $CREDENTIALS_DIRECTORY)", 2)
-    figure(name, "output lines searched for the password / lines containing it",
-           f"{len(by_env.lines) + len(by_credentials.lines)} / 0")
+    figure(
+        name,
+        "output lines searched for the password / lines containing it",
+        f"{len(by_env.lines) + len(by_credentials.lines)} / 0",
+    )
     figure(name, "metrics listening on", [f"{address.ip}:{address.port}" for address in listening])
 
 
-def test_wrong_ca_wrong_password_or_no_client_certificate_is_a_logged_retry_not_a_crash(secure_broker, daemon_factory, pki, tmp_path):
+def test_wrong_ca_wrong_password_or_no_client_certificate_is_a_logged_retry_not_a_crash(
+    secure_broker, daemon_factory, pki, tmp_path
+):
     env = {"MONITOR_MQTT__PASSWORD": PASSWORD}
-    wrong_ca = daemon_factory(secure_config(tmp_path / "ca.yaml", secure_broker.port, pki, ca_file=str(pki.other_ca)), env=env, ready=False)
-    wrong_password = daemon_factory(secure_config(tmp_path / "pw.yaml", secure_broker.port, pki), env={"MONITOR_MQTT__PASSWORD": "not-" + PASSWORD},
-                                    ready=False)
-    no_certificate = daemon_factory(secure_config(tmp_path / "cert.yaml", secure_broker.port, pki, cert_file=None, key_file=None), env=env, ready=False)
+    wrong_ca = daemon_factory(
+        secure_config(tmp_path / "ca.yaml", secure_broker.port, pki, ca_file=str(pki.other_ca)), env=env, ready=False
+    )
+    wrong_password = daemon_factory(
+        secure_config(tmp_path / "pw.yaml", secure_broker.port, pki),
+        env={"MONITOR_MQTT__PASSWORD": "not-" + PASSWORD},
+        ready=False,
+    )
+    no_certificate = daemon_factory(
+        secure_config(tmp_path / "cert.yaml", secure_broker.port, pki, cert_file=None, key_file=None),
+        env=env,
+        ready=False,
+    )
 
     failures = wrong_ca.wait_for_event("broker_connect_failed", 90, count=2)
     assert all("CERTIFICATE_VERIFY_FAILED" in event["error"] for event in failures), failures
     refusals = wrong_password.wait_for_event("broker_refused_connection", 90, count=2)
     assert all(event["reason"] in ("Bad user name or password", "Not authorized") for event in refusals), refusals
     # TLS 1.3: the broker checks the client certificate after the handshake, so the refusal arrives on the first read
-    required = wait_until(lambda: [event for event in no_certificate.events() if "CERTIFICATE_REQUIRED" in event["event"]][1:] and
-                          [event for event in no_certificate.events() if "CERTIFICATE_REQUIRED" in event["event"]], 90,
-                          what="two refused attempts without a client certificate")
+    required = wait_until(
+        lambda: (
+            [event for event in no_certificate.events() if "CERTIFICATE_REQUIRED" in event["event"]][1:]
+            and [event for event in no_certificate.events() if "CERTIFICATE_REQUIRED" in event["event"]]
+        ),
+        90,
+        what="two refused attempts without a client certificate",
+    )
     assert len(no_certificate.events("broker_disconnected")) >= 2
     for daemon in (wrong_ca, wrong_password, no_certificate):
         assert daemon.process.poll() is None, "the daemon exited"
@@ -205,12 +301,25 @@ def test_wrong_ca_wrong_password_or_no_client_certificate_is_a_logged_retry_not_
 def test_config_errors_never_print_the_password(tmp_path):
     """A rejected config quotes the bad values; a password from the environment is never one of them."""
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({
-        "mqtt": {"port": 0, "reconnect_min_seconds": 10, "reconnect_max_seconds": 2, "tls": {"enabled": True, "ca_file": "/nonexistent"}},
-        "model": {"path": str(DEFAULT_MODEL)},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {
+                    "port": 0,
+                    "reconnect_min_seconds": 10,
+                    "reconnect_max_seconds": 2,
+                    "tls": {"enabled": True, "ca_file": "/nonexistent"},
+                },
+                "model": {"path": str(DEFAULT_MODEL)},
+            }
+        )
+    )
     for command in (["check-config", str(path)], ["run", "--config", str(path)]):
         result = run_cli(*command, timeout=60, env={"MONITOR_MQTT__PASSWORD": PASSWORD})
         assert result.returncode == 2, result.stderr
-        assert "mqtt.port" in result.stderr and "mqtt.reconnect_max_seconds" in result.stderr and "mqtt.tls" in result.stderr
+        assert (
+            "mqtt.port" in result.stderr
+            and "mqtt.reconnect_max_seconds" in result.stderr
+            and "mqtt.tls" in result.stderr
+        )
         assert PASSWORD not in result.stdout + result.stderr, result.stderr

@@ -52,40 +52,88 @@ def runs(tmp_path_factory):
     train_data = head(SPLITS / "train_normal.txt.xz", root / "train.txt", TRAIN_ROWS)
     test_data = head(SPLITS / "test.txt.xz", root / "test.txt", TEST_ROWS)
     config = root / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "train_data": str(train_data), "evaluate_data": str(test_data), "output": str(root / "from-yaml"),
-        "name": "yaml-name", "version": "0.1.0", "embedding_dim": 32, "epochs": 100, "seed": 7, "threads": 2,
-        "threshold": {"method": "quantile", "params": {"q": 0.95}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train_data": str(train_data),
+                "evaluate_data": str(test_data),
+                "output": str(root / "from-yaml"),
+                "name": "yaml-name",
+                "version": "0.1.0",
+                "embedding_dim": 32,
+                "epochs": 100,
+                "seed": 7,
+                "threads": 2,
+                "threshold": {"method": "quantile", "params": {"q": 0.95}},
+            }
+        )
+    )
     typo = root / "typo.yaml"
     typo.write_text(yaml.safe_dump({"train_data": str(train_data), "epochz": 3}))
 
     def first_then_evaluate() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess | None]:
-        trained = run_cli("train", "--config", str(config), *SMALL, "--output", str(root / "first"), "--no-report", env=ONE_THREAD)
+        trained = run_cli(
+            "train", "--config", str(config), *SMALL, "--output", str(root / "first"), "--no-report", env=ONE_THREAD
+        )
         if trained.returncode:
             return trained, None
-        return trained, run_cli("evaluate", "--model", str(root / "first"), "--data", str(test_data), "--json", env=ONE_THREAD)
+        return trained, run_cli(
+            "evaluate", "--model", str(root / "first"), "--data", str(test_data), "--json", env=ONE_THREAD
+        )
 
     def in_process() -> None:
         # In this process (its torch is already imported): the same training with seed 0 and seed 1.
         previous = torch.get_num_threads()
         try:
             for seed in (0, 1):
-                train(TrainSettings(train_data=train_data, output=root / f"seed{seed}", embedding_dim=8, epochs=3, seed=seed,
-                                    threads=1, report=False))
+                train(
+                    TrainSettings(
+                        train_data=train_data,
+                        output=root / f"seed{seed}",
+                        embedding_dim=8,
+                        epochs=3,
+                        seed=seed,
+                        threads=1,
+                        report=False,
+                    )
+                )
         finally:
             torch.set_num_threads(previous)
 
     # Everything at once: the machine has 2 cores and each training uses one thread.
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(first_then_evaluate)
-        second = pool.submit(run_cli, "train", "--train-data", str(train_data), "--evaluate-data", str(test_data), *SMALL,
-                             "--output", str(root / "second"), *([] if HAVE_MATPLOTLIB else ["--no-report"]), env=ONE_THREAD)
+        second = pool.submit(
+            run_cli,
+            "train",
+            "--train-data",
+            str(train_data),
+            "--evaluate-data",
+            str(test_data),
+            *SMALL,
+            "--output",
+            str(root / "second"),
+            *([] if HAVE_MATPLOTLIB else ["--no-report"]),
+            env=ONE_THREAD,
+        )
         typo_run = pool.submit(run_cli, "train", "--config", str(typo), "--output", str(root / "typo"), env=ONE_THREAD)
         seeds = pool.submit(in_process)
-        (first_run, evaluate_run), second_run, typo_run, _ = first.result(), second.result(), typo_run.result(), seeds.result()
-    return {"root": root, "train": train_data, "test": test_data, "typo_file": typo, "first": first_run, "second": second_run,
-            "typo": typo_run, "evaluate": evaluate_run}
+        (first_run, evaluate_run), second_run, typo_run, _ = (
+            first.result(),
+            second.result(),
+            typo_run.result(),
+            seeds.result(),
+        )
+    return {
+        "root": root,
+        "train": train_data,
+        "test": test_data,
+        "typo_file": typo,
+        "first": first_run,
+        "second": second_run,
+        "typo": typo_run,
+        "evaluate": evaluate_run,
+    }
 
 
 def metadata(directory: Path) -> dict:
@@ -193,8 +241,16 @@ def test_evaluate_json(runs):
 def test_default_model_meets_the_quality_bar():
     if not (DEFAULT_MODEL / "model.json").is_file():
         pytest.skip(f"{DEFAULT_MODEL.relative_to(REPO)} is not there yet (train it with `make train`)")
-    process = run_cli("evaluate", "--model", "models/ecg5000", "--data", "data/ecg5000/splits/test.txt.xz", "--json",
-                      timeout=180, env=ONE_THREAD)
+    process = run_cli(
+        "evaluate",
+        "--model",
+        "models/ecg5000",
+        "--data",
+        "data/ecg5000/splits/test.txt.xz",
+        "--json",
+        timeout=180,
+        env=ONE_THREAD,
+    )
     assert process.returncode == 0, process.stderr
     result = json.loads(process.stdout)
     assert result["tp"] + result["fp"] + result["fn"] + result["tn"] == 3103
@@ -251,8 +307,18 @@ def test_force_replaces_the_model_and_clears_the_stale_report(runs, tmp_path):
         shutil.copytree(runs["root"] / "first", out)
         (out / "report").mkdir()
         (out / "report" / "loss.png").write_bytes(b"an old plot")
-        jobs[name] = ["train", "--train-data", str(runs["train"]), "--output", str(out), *SMALL, "--seed", "5",
-                      "--force", *extra]
+        jobs[name] = [
+            "train",
+            "--train-data",
+            str(runs["train"]),
+            "--output",
+            str(out),
+            *SMALL,
+            "--seed",
+            "5",
+            "--force",
+            *extra,
+        ]
     if not HAVE_MATPLOTLIB:
         jobs.pop("plotted")
     with ThreadPoolExecutor(2) as pool:

@@ -20,8 +20,12 @@ def message(samples: np.ndarray, seq: int | None = None, ts: float | None = None
     return Message(samples=samples, seq=seq, ts=ts)
 
 
-def assembler(window: int, stride: int, channels: int = 1, max_sensors: int = 100, idle_seconds: float = 60.0) -> WindowAssembler:
-    return WindowAssembler(window=window, stride=stride, channels=channels, max_sensors=max_sensors, idle_seconds=idle_seconds)
+def assembler(
+    window: int, stride: int, channels: int = 1, max_sensors: int = 100, idle_seconds: float = 60.0
+) -> WindowAssembler:
+    return WindowAssembler(
+        window=window, stride=stride, channels=channels, max_sensors=max_sensors, idle_seconds=idle_seconds
+    )
 
 
 def feed_chunks(
@@ -94,9 +98,18 @@ def test_one_sample_messages() -> None:
 
 @pytest.mark.parametrize(
     ("first_seq", "stride", "first_start"),
-    [(100, 50, 100), (101, 50, 150), (101, 1, 101), (1, 140, 140), (0, 140, 0), (2**53 - 1000, 140, 2**53 - 1000 + 128)],
+    [
+        (100, 50, 100),
+        (101, 50, 150),
+        (101, 1, 101),
+        (1, 140, 140),
+        (0, 140, 0),
+        (2**53 - 1000, 140, 2**53 - 1000 + 128),
+    ],
 )
-def test_first_window_is_the_first_aligned_start_at_or_after_the_first_seq(first_seq: int, stride: int, first_start: int) -> None:
+def test_first_window_is_the_first_aligned_start_at_or_after_the_first_seq(
+    first_seq: int, stride: int, first_start: int
+) -> None:
     stream = signal(400)
     windows = feed_chunks(assembler(140, stride), stream, 35, first_seq=first_seq)
     assert windows[0].start_seq == first_start
@@ -134,19 +147,20 @@ def test_gap_drops_every_window_overlapping_the_missing_samples() -> None:
     target = assembler(10, 5)
     first = target.feed("s", message(stream[:12], seq=0), now=0.0)
     assert [w.start_seq for w in first.windows] == [0]
-    # Missing [12, 30): windows 5, 10, 15, 20, 25 overlap it; 5 had started, the others would have.
+    # Missing [12, 30): windows 5, 10, 15, 20, 25 overlap it; 5 and 10 held samples before it, 25 holds samples after
+    # it; 15 and 20 lie wholly inside it, held nothing that arrived and are not counted.
     result = target.feed("s", message(stream[30:60], seq=30), now=1.0)
-    assert (result.gaps, result.gap_windows_dropped, result.duplicate, result.duplicate_samples) == (1, 5, False, 0)
+    assert (result.gaps, result.gap_windows_dropped, result.duplicate, result.duplicate_samples) == (1, 3, False, 0)
     assert_windows(result.windows, expected(stream[30:60], 30, 10, 5))
     assert result.windows[0].start_seq == 30
 
 
-def test_gap_counts_windows_that_would_start_inside_it() -> None:
+def test_gap_counts_only_windows_that_held_samples_which_arrived() -> None:
     target = assembler(10, 10)
     target.feed("s", message(signal(10), seq=0), now=0.0)
-    # Window 10 (not yet started) and window 20 lie in [10, 25); 30 is the first window after the gap.
+    # Window 10 lies wholly in the gap [10, 25): nothing of it arrived. Window 20 holds 25..29: broken, counted.
     result = target.feed("s", message(signal(10), seq=25), now=1.0)
-    assert (result.gaps, result.gap_windows_dropped, result.windows) == (1, 2, [])
+    assert (result.gaps, result.gap_windows_dropped, result.windows) == (1, 1, [])
     assert [w.start_seq for w in target.feed("s", message(signal(5), seq=35), now=2.0).windows] == [30]
 
 
@@ -159,11 +173,11 @@ def test_gap_between_windows_with_stride_beyond_window_drops_nothing() -> None:
     assert_windows(result.windows, [(100, stream[100:110])])
 
 
-def test_gap_with_stride_beyond_window_counts_skipped_windows() -> None:
+def test_gap_with_stride_beyond_window_does_not_count_windows_inside_it() -> None:
     target = assembler(10, 100)
     target.feed("s", message(signal(15), seq=0), now=0.0)
-    result = target.feed("s", message(signal(10), seq=250), now=1.0)  # windows 100 and 200 lie in [15, 250)
-    assert (result.gaps, result.gap_windows_dropped) == (1, 2)
+    result = target.feed("s", message(signal(10), seq=250), now=1.0)  # windows 100 and 200 lie wholly in [15, 250)
+    assert (result.gaps, result.gap_windows_dropped) == (1, 0)
     assert [w.start_seq for w in target.feed("s", message(signal(70), seq=260), now=2.0).windows] == [300]
 
 
@@ -175,12 +189,65 @@ def test_gap_does_not_count_windows_before_the_stream_started() -> None:
     assert [w.start_seq for w in result.windows] == [20]
 
 
-def test_large_gap_count_is_exact() -> None:
-    target = assembler(140, 140)
+def test_gap_within_the_tolerance_counts_only_the_broken_windows() -> None:
+    target = WindowAssembler(140, 140, 1, 10, 60.0, seq_tolerance=10_000)
     target.feed("s", message(signal(100), seq=0), now=0.0)
-    result = target.feed("s", message(signal(1), seq=1_000_000), now=1.0)
-    # Windows 0 .. 999_880 start before 1_000_000: 7143 of them (ceil(1e6 / 140)), none emitted yet.
-    assert result.gap_windows_dropped == 7143
+    result = target.feed("s", message(signal(1), seq=9_000), now=1.0)
+    # Window 0 held 100 samples; 8960 holds the one that arrived; the 63 windows between held nothing.
+    assert (result.gaps, result.restarted, result.gap_windows_dropped) == (1, False, 2)
+
+
+# Far ahead, and just beyond the tolerance (behind: the reboot test); the sensor near 0 or far from it.
+@pytest.mark.parametrize("poison_offset", [140 * 10**13, 1155])
+@pytest.mark.parametrize("position", [385, 2065])
+def test_one_message_far_from_the_position_costs_the_sensor_nothing(poison_offset: int, position: int) -> None:
+    stream = signal(position + 315)
+    target = assembler(140, 140)  # seq_tolerance 1024
+    windows = feed_chunks(target, stream[:position], 35)  # the last window is partial: 105 samples
+    poison_seq = -(-(position + poison_offset) // 140) * 140  # at a window start: the poison opens a partial window
+    poison = target.feed("s", message(signal(1), seq=poison_seq), now=1.0)
+    assert (poison.restarted, poison.gaps, poison.restart_windows_dropped, poison.windows) == (True, 0, 0, [])
+    resumed = target.feed("s", message(stream[position : position + 35], seq=position), now=2.0)  # the sensor goes on
+    assert (resumed.restarted, resumed.duplicate, resumed.restart_windows_dropped) == (False, False, 1)  # the poison's
+    for offset in range(position + 35, position + 315, 35):
+        windows += target.feed("s", message(stream[offset : offset + 35], seq=offset), now=3.0).windows
+    assert_windows(sorted(windows + resumed.windows, key=lambda w: w.start_seq), expected(stream, 0, 140, 140))
+    assert target.buffered_samples() == 0
+
+
+def test_sensor_rebooting_to_seq_zero_is_scored_again_at_once() -> None:
+    stream = signal(2000)
+    target = assembler(140, 140, idle_seconds=1e9)
+    before = feed_chunks(target, stream[:1470], 35)  # the last window (1400) is partial: 70 samples
+    rebooted = target.feed("s", message(stream[1470:1505], seq=0), now=1.0)
+    assert rebooted.restarted and target.buffered_samples() == 70 + 35  # the old stream is kept aside for now
+    confirmed = target.feed("s", message(stream[1505:1540], seq=35), now=2.0)
+    assert (confirmed.restarted, confirmed.restart_windows_dropped) == (False, 1)  # the old partial window 1400
+    after = rebooted.windows + confirmed.windows + feed_chunks(target, stream[1540:1890], 35, first_seq=70)
+    assert [w.start_seq for w in before] == list(range(0, 1400, 140))
+    assert_windows(after, expected(stream[1470:1890], 0, 140, 140))
+
+
+def test_two_jumps_in_a_row_replace_the_unconfirmed_stream_and_keep_the_established_one() -> None:
+    stream = signal(420)
+    target = assembler(140, 140)
+    windows = feed_chunks(target, stream[:175], 35)
+    assert target.feed("s", message(signal(10), seq=140 * 10**9), now=1.0).restarted
+    second = target.feed("s", message(signal(10), seq=140 * 10**12), now=1.0)
+    assert (second.restarted, second.restart_windows_dropped) == (True, 1)  # the first jump's stream
+    for offset in range(175, 420, 35):
+        windows += target.feed("s", message(stream[offset : offset + 35], seq=offset), now=2.0).windows
+    assert_windows(windows, expected(stream, 0, 140, 140))
+
+
+def test_duplicates_within_the_tolerance_or_far_behind_stay_duplicates() -> None:
+    target = assembler(10, 10)
+    target.feed("s", message(signal(5000), seq=0), now=0.0)
+    result = target.feed("s", message(signal(35), seq=5000 - 1024), now=1.0)
+    assert (result.duplicate, result.restarted) == (True, False)
+    resent = target.feed("s", message(signal(35), seq=2000), now=1.0)  # a sensor's client re-sending after an outage
+    assert (resent.duplicate, resent.restarted) == (True, False)
+    assert target.feed("s", message(signal(35), seq=1024), now=1.0).restarted  # back near the start: a reboot
 
 
 def test_whole_duplicate_is_ignored() -> None:
@@ -197,7 +264,7 @@ def test_whole_duplicate_is_ignored() -> None:
 def test_seq_older_than_the_stream_start_is_a_duplicate() -> None:
     target = assembler(10, 10)
     target.feed("s", message(signal(5), seq=1000), now=0.0)
-    result = target.feed("s", message(signal(35), seq=100), now=1.0)
+    result = target.feed("s", message(signal(35), seq=100), now=1.0)  # within the tolerance
     assert (result.duplicate, result.duplicate_samples) == (True, 35)
 
 
@@ -404,3 +471,11 @@ def test_feeding_35_samples_is_cheap() -> None:
     seconds_per_message = min(timeit.repeat(feed_round, number=4, repeat=5)) / 4000
     assert seconds_per_message < 50e-6
     assert target.buffered_samples() == 1000 * 35  # 4 * 5 + 1 rounds: one chunk into the next window
+
+
+def test_a_redelivered_message_far_behind_is_a_duplicate_not_a_jump() -> None:
+    target = assembler(140, 140)
+    feed_chunks(target, signal(4200), 35)
+    result = target.feed("s", message(signal(35), seq=385), now=1.0, redelivered=True)  # 3,780 behind: the broker's
+    assert (result.duplicate, result.restarted) == (True, False)
+    assert target.feed("s", message(signal(35), seq=385), now=1.0).restarted  # the same from a sensor: a reboot
