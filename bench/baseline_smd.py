@@ -1,6 +1,6 @@
 """Per-sensor baselines on the Server Machine Dataset (issue 13): window-level quality per machine and pooled.
 
-    python -m bench.baseline_smd --data-dir ../shared/data/smd-dev --output bench/baseline_smd.json
+    python -m bench.baseline_smd --data-dir PATH/TO/smd-dev --output bench/baseline_smd.json
 
 Each machine is one sensor: its train half a training recording, its test half (with per-sample labels)
 a test recording. Windows of 30 rows, stride 10; a window is anomalous when any of its rows is (no point

@@ -1,6 +1,6 @@
 """Beat mode on MIT-BIH: the detector's sensitivity and PPV, and beat-level quality of the LSTM autoencoder next to PCA.
 
-    .venv/bin/python -m bench.beat_quality --data-dir ../shared/data/mitdb-dev --out bench/beat_quality.json
+    .venv/bin/python -m bench.beat_quality --data-dir PATH/TO/mitdb-dev --out bench/beat_quality.json
 
 Per record of the dev set (PROVENANCE.md there; records 100, 106, 119, 200, 223 are reserved and never read):
 the beats the streaming detector finds are matched to the annotated beats (150 ms). The first third of each

@@ -1,6 +1,6 @@
 """Rebuilds this directory's files from the mitdb-dev set (its `.npz` files), as they were made:
 
-    python data/mitdb-dev/make_splits.py --source ../shared/data/mitdb-dev
+    python data/mitdb-dev/make_splits.py --source PATH/TO/mitdb-dev
 
 Each recording is split at 600 s (100 s for the 5-minute 208 excerpt): `train/<rec>.npy` holds the first part,
 `test/<rec>.npy` the rest; `<rec>.csv` beside each holds that part's annotations (`sample,symbol`, positions
