@@ -48,6 +48,7 @@ NOISE_AFTER_SECONDS = 0.3  # the QRS band lags the raw signal by 0.125 s: up to 
 NOISE_HISTORY = 64
 PEAK_HISTORY = 8
 RR_HISTORY = 8
+MAX_ALIGN_STEPS = 32  # shifts tried on each side at most (every sample up to 32 samples, coarser beyond)
 UNSCORABLE_REASONS = ("warmup", "flat", "noise")
 
 
@@ -63,6 +64,7 @@ class BeatSpec:
     warmup_beats: int = 8
     max_noise_ratio: float = 0.25
     relative_noise: float = 2.0
+    align_seconds: float = 0.0  # template alignment search, +-; 0 = the detector's fiducial point as it is
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -79,9 +81,11 @@ class BeatSpec:
             or not 0 <= self.warmup_beats <= self.template_beats
             or not self.max_noise_ratio > 0
             or not self.relative_noise > 0
+            or not 0 <= self.align_seconds <= 0.2
         ):
             raise ValueError(
-                "template_beats >= 1, 0 <= warmup_beats <= template_beats and noise limits > 0 are required"
+                "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
+                "and 0 <= align_seconds <= 0.2 are required"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +104,7 @@ class BeatSpec:
             "warmup_beats",
             "max_noise_ratio",
             "relative_noise",
+            "align_seconds",
         }
         values = {key: data[key] for key in keys if key in data}
         if "channels" in values:
@@ -136,8 +141,12 @@ class BeatStream:
 
     def __post_init__(self) -> None:
         self.detector = QRSDetector(self.fs)
-        self.before = int(np.ceil(self.spec.before_seconds * self.fs)) + 1
-        self.after = int(np.ceil(self.spec.after_seconds * self.fs)) + 1
+        align = int(round(self.spec.align_seconds * self.fs))
+        step = max(1, int(np.ceil(align / MAX_ALIGN_STEPS)))
+        # candidate shifts of the fiducial point, nearest first, so a tie keeps the smaller shift
+        self.shifts = np.array(sorted(range(-align, align + 1, step) if align else [0], key=lambda k: (abs(k), k)))
+        self.before = int(np.ceil(self.spec.before_seconds * self.fs)) + 1 + align
+        self.after = int(np.ceil(self.spec.after_seconds * self.fs)) + 1 + align
         self.offsets = (
             np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
         )
@@ -183,10 +192,8 @@ class BeatStream:
     def _cut(self, r: int) -> Beat:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
-        positions = np.maximum(r + self.offsets - self._raw_start, 0.0)  # a span starting before the stream: clamped
-        span = np.interp(positions, np.arange(len(self._raw)), self._raw)
-        std = float(span.std())
-        shape = (span - span.mean()) / std if std > 1e-9 else np.zeros_like(span)
+        template = np.median(np.stack(self._templates), axis=0) if self._templates else None
+        shift, shape, std = self._aligned(r, template)
         noise, noisy = self._noise_ratio(r)
         if len(self._templates) < self.spec.warmup_beats:
             reason = "warmup"
@@ -196,7 +203,7 @@ class BeatStream:
             reason = "noise"
         else:
             reason = None
-        template = np.median(np.stack(self._templates), axis=0) if self._templates else shape
+        template = shape if template is None else template
         prematurity = 0.0 if rr is None or not self._rr else rr / float(np.median(self._rr)) - 1.0
         channels = {"beat": shape, "template_diff": shape - template, "rr": np.full_like(shape, prematurity)}
         window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
@@ -205,10 +212,23 @@ class BeatStream:
         if rr is not None:
             self._rr.append(rr)
         index, self.beats = self.beats, self.beats + 1
-        start = self.origin + r - int(round(self.spec.before_seconds * self.fs))
-        end = self.origin + r + int(round(self.spec.after_seconds * self.fs))
+        start = self.origin + r + shift - int(round(self.spec.before_seconds * self.fs))
+        end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise)
+
+    def _aligned(self, r: int, template: np.ndarray | None) -> tuple[int, np.ndarray, float]:
+        """(shift, z-normalised span, its std) of the beat at r, its fiducial point moved by the shift that brings
+        the span closest to the sensor's template (squared distance of the z-normalised spans, i.e. the highest
+        correlation), within +-align_seconds; without a template or alignment the span at r itself."""
+        shifts = self.shifts if template is not None else self.shifts[:1]
+        positions = r + shifts[:, None] + self.offsets[None, :] - self._raw_start
+        spans = np.interp(np.maximum(positions, 0.0), np.arange(len(self._raw)), self._raw)  # clamped at the start
+        stds = spans.std(axis=1)
+        shapes = (spans - spans.mean(axis=1, keepdims=True)) / np.where(stds > 1e-9, stds, 1.0)[:, None]
+        shapes[stds <= 1e-9] = 0.0
+        best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
+        return int(shifts[best]), shapes[best], float(stds[best])
 
     def _noise_ratio(self, r: int) -> tuple[float, bool]:
         """(noise ratio, too noisy) of the beat at r; updates the sensor's peak and noise history."""
