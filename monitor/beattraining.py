@@ -46,6 +46,7 @@ class BeatSettings(Strict):
     warmup_beats: int = Field(default=8, ge=0)
     max_noise_ratio: float = Field(default=0.25, gt=0)
     relative_noise: float = Field(default=2.0, gt=0)
+    align_seconds: float = Field(default=0.05, ge=0, le=0.2)
 
     def spec(self) -> BeatSpec:
         try:
