@@ -11,8 +11,17 @@ to W points, so one model fits any sampling rate. Channels (`BeatSpec.channels`)
 - `template_diff`: `beat` minus the sensor's template, the point-wise median of its last `template_beats`
   scorable beats (before this one). One patient's normal beat does not describe another's; the difference
   from the sensor's own usual beat does (a median of recent beats is the usual beat while most beats are);
-- `rr`: the beat's prematurity, RR / median of the sensor's last 8 RR intervals, minus 1, the same value at
-  every point (0 for a sensor's first beat). Premature supraventricular beats look normal but come early.
+- `rr`: RR / median of the sensor's last 8 RR intervals, minus 1, the same value at every point (0 for a
+  sensor's first beat). Premature supraventricular beats look normal but come early;
+- `prematurity`: the same, but only how early a beat is, max(0, 1 - RR / median): a late beat is not
+  abnormal by its timing (the normal beat after a PVC's compensatory pause is late by 30-70 %; with the signed
+  `rr` channel those beats were most of the normal beats flagged on the 208 excerpt, bench/beat_quality.py).
+- Alignment (`align_seconds`): the fiducial point the detector gives (the largest band-passed deflection)
+  jumps between the R and the S wave, or to a tall P wave, from one beat to the next (MIT-BIH 108, and 114's
+  lead V5): the span is then cut ~50 ms off and differs from the template although the beat is normal. Each
+  span is moved by the shift within +-align_seconds that brings it closest to the template (in squared
+  distance of the z-normalised spans, i.e. the highest correlation), as Holter software aligns a beat to its
+  class template before comparing. The alerted `beat_seq` stays the detector's R peak.
 
 Signal quality: a beat is scored only if it is judged scorable:
 
@@ -41,7 +50,7 @@ import numpy as np
 from monitor.errors import ArtifactError
 from monitor.qrs import QRSDetector
 
-CHANNELS = ("beat", "template_diff", "rr")
+CHANNELS = ("beat", "template_diff", "rr", "prematurity")
 QRS_HALF_SECONDS = 0.06
 NOISE_BEFORE_SECONDS = 1.0
 NOISE_AFTER_SECONDS = 0.3  # the QRS band lags the raw signal by 0.125 s: up to here it is there when the beat is cut
@@ -59,12 +68,12 @@ class BeatSpec:
     before_seconds: float = 0.25
     after_seconds: float = 0.45
     window: int = 64
-    channels: tuple[str, ...] = CHANNELS
+    channels: tuple[str, ...] = ("beat", "template_diff", "prematurity")
     template_beats: int = 16
     warmup_beats: int = 8
     max_noise_ratio: float = 0.25
     relative_noise: float = 2.0
-    align_seconds: float = 0.0  # template alignment search, +-; 0 = the detector's fiducial point as it is
+    align_seconds: float = 0.05  # template alignment search, +-; 0 = the detector's fiducial point as it is
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -107,6 +116,7 @@ class BeatSpec:
             "align_seconds",
         }
         values = {key: data[key] for key in keys if key in data}
+        values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
         if "channels" in values:
             values["channels"] = tuple(values["channels"])
         return cls(**values)
@@ -204,8 +214,13 @@ class BeatStream:
         else:
             reason = None
         template = shape if template is None else template
-        prematurity = 0.0 if rr is None or not self._rr else rr / float(np.median(self._rr)) - 1.0
-        channels = {"beat": shape, "template_diff": shape - template, "rr": np.full_like(shape, prematurity)}
+        relative_rr = 0.0 if rr is None or not self._rr else rr / float(np.median(self._rr)) - 1.0
+        channels = {
+            "beat": shape,
+            "template_diff": shape - template,
+            "rr": np.full_like(shape, relative_rr),
+            "prematurity": np.full_like(shape, max(0.0, -relative_rr)),
+        }
         window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
         if std > 1e-9 and not noisy:
             self._templates.append(shape)

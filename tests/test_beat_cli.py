@@ -51,7 +51,8 @@ def test_the_artifact_records_how_beats_were_cut(beat_model):
     segmentation = metadata["segmentation"]
     assert segmentation["mode"] == "beats" and segmentation["trained_at_sample_rate_hz"] == 360
     assert (segmentation["before_seconds"], segmentation["after_seconds"], segmentation["window"]) == (0.25, 0.45, 64)
-    assert segmentation["channels"] == ["beat", "template_diff", "rr"]
+    assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
+    assert segmentation["align_seconds"] == 0.05
     assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
     assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
 
