@@ -147,8 +147,9 @@ class QRSDetector:
             self.last_band = np.zeros(0)
             return []
         f = self.filters
-        if self.received == 0:  # as if the lead had been at its first value before: no step at the stream's start
+        if self.received == 0:  # every filter as if the lead had been at its first value before: no step at the start
             self._zi_band[:] = x[0]
+            self._zi_deriv[:] = x[0] * f.bandpass.sum()  # the band-pass' (small) response to that constant
         band, self._zi_band = fir(f.bandpass, self._zi_band, x)
         slope, self._zi_deriv = fir(f.derivative, self._zi_deriv, band)
         integ, self._zi_integ = fir(f.integrator, self._zi_integ, slope * slope)
