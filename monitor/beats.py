@@ -16,12 +16,17 @@ to W points, so one model fits any sampling rate. Channels (`BeatSpec.channels`)
 - `prematurity`: the same, but only how early a beat is, max(0, 1 - RR / median): a late beat is not
   abnormal by its timing (the normal beat after a PVC's compensatory pause is late by 30-70 %; with the signed
   `rr` channel those beats were most of the normal beats flagged on the 208 excerpt, bench/beat_quality.py).
+- Detrending (`detrend`): the span's least-squares line is subtracted before the z-score. Electrode motion and
+  breathing move the baseline by as much as the QRS within one span (MIT-BIH 105, 121); z-normalised, such a
+  normal beat differs from its template by a tilt, and tilted normal beats were most of the normal beats flagged
+  there (bench/beat_quality.py).
 - Alignment (`align_seconds`): the fiducial point the detector gives (the largest band-passed deflection)
   jumps between the R and the S wave, or to a tall P wave, from one beat to the next (MIT-BIH 108, and 114's
   lead V5): the span is then cut ~50 ms off and differs from the template although the beat is normal. Each
   span is moved by the shift within +-align_seconds that brings it closest to the template (in squared
   distance of the z-normalised spans, i.e. the highest correlation), as Holter software aligns a beat to its
-  class template before comparing. The alerted `beat_seq` stays the detector's R peak.
+  class template before comparing (the template itself is the median of unaligned spans, see `_aligned`).
+  The alerted `beat_seq` stays the detector's R peak.
 
 Signal quality: a beat is scored only if it is judged scorable:
 
@@ -74,6 +79,7 @@ class BeatSpec:
     max_noise_ratio: float = 0.25
     relative_noise: float = 2.0
     align_seconds: float = 0.05  # template alignment search, +-; 0 = the detector's fiducial point as it is
+    detrend: bool = True  # subtract the span's least-squares line before the z-score (baseline wander)
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -114,9 +120,11 @@ class BeatSpec:
             "max_noise_ratio",
             "relative_noise",
             "align_seconds",
+            "detrend",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
+        values.setdefault("detrend", False)  # ... and did not detrend them
         if "channels" in values:
             values["channels"] = tuple(values["channels"])
         return cls(**values)
@@ -161,6 +169,8 @@ class BeatStream:
             np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
         )
         self.qrs_half = int(round(QRS_HALF_SECONDS * self.fs))
+        ramp = np.linspace(-1.0, 1.0, self.spec.window)
+        self._trend = np.stack((np.full(self.spec.window, self.spec.window**-0.5), ramp / np.linalg.norm(ramp)))
         self.noise_before = int(round(NOISE_BEFORE_SECONDS * self.fs))
         self.noise_after = int(round(NOISE_AFTER_SECONDS * self.fs))
         self.lookahead = int(np.ceil(self.detector.lookahead_seconds * self.fs)) + 1
@@ -203,7 +213,7 @@ class BeatStream:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
         template = np.median(np.stack(self._templates), axis=0) if self._templates else None
-        shift, shape, std = self._aligned(r, template)
+        shift, shape, std, at_fiducial = self._aligned(r, template)
         noise, noisy = self._noise_ratio(r)
         if len(self._templates) < self.spec.warmup_beats:
             reason = "warmup"
@@ -223,7 +233,7 @@ class BeatStream:
         }
         window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
         if std > 1e-9 and not noisy:
-            self._templates.append(shape)
+            self._templates.append(at_fiducial)
         if rr is not None:
             self._rr.append(rr)
         index, self.beats = self.beats, self.beats + 1
@@ -232,18 +242,25 @@ class BeatStream:
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise)
 
-    def _aligned(self, r: int, template: np.ndarray | None) -> tuple[int, np.ndarray, float]:
-        """(shift, z-normalised span, its std) of the beat at r, its fiducial point moved by the shift that brings
-        the span closest to the sensor's template (squared distance of the z-normalised spans, i.e. the highest
-        correlation), within +-align_seconds; without a template or alignment the span at r itself."""
+    def _aligned(self, r: int, template: np.ndarray | None) -> tuple[int, np.ndarray, float, np.ndarray]:
+        """(shift, z-normalised span, its std, the z-normalised span at r itself) of the beat at r, its fiducial
+        point moved by the shift that brings the span closest to the sensor's template (squared distance of the
+        z-normalised spans, i.e. the highest correlation), within +-align_seconds; without a template, shift 0.
+
+        The template is the median of spans cut at the detector's fiducial points, not of aligned spans: the median
+        sits where most beats' fiducial points put it, whereas a template of aligned spans could walk, a sample at
+        a time, to the end of the search range (measured: it did, and the beat channel of one sensor then no
+        longer lined up with another's)."""
         shifts = self.shifts if template is not None else self.shifts[:1]
         positions = r + shifts[:, None] + self.offsets[None, :] - self._raw_start
         spans = np.interp(np.maximum(positions, 0.0), np.arange(len(self._raw)), self._raw)  # clamped at the start
+        if self.spec.detrend:
+            spans = spans - (spans @ self._trend.T) @ self._trend  # minus the projection on [1, t]: the LS line
         stds = spans.std(axis=1)
         shapes = (spans - spans.mean(axis=1, keepdims=True)) / np.where(stds > 1e-9, stds, 1.0)[:, None]
         shapes[stds <= 1e-9] = 0.0
         best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
-        return int(shifts[best]), shapes[best], float(stds[best])
+        return int(shifts[best]), shapes[best], float(stds[best]), shapes[0]
 
     def _noise_ratio(self, r: int) -> tuple[float, bool]:
         """(noise ratio, too noisy) of the beat at r; updates the sensor's peak and noise history."""

@@ -226,9 +226,26 @@ def test_alignment_to_the_template_on_a_record_whose_fiducial_point_jumps():
     assert np.quantile(distances[0.05], 0.95) < 0.7 * np.quantile(distances[0.0], 0.95)
 
 
-def test_a_model_from_before_alignment_cuts_at_the_fiducial_point():
+def test_a_model_from_before_alignment_cuts_at_the_fiducial_point_without_detrending():
     spec = BeatSpec.from_dict({"mode": "beats", "before_seconds": 0.25, "after_seconds": 0.45, "window": 64,
                                "channels": ["beat", "template_diff", "rr"]})  # fmt: skip
-    assert spec.align_seconds == 0.0 and spec.channels == ("beat", "template_diff", "rr")
+    assert spec.align_seconds == 0.0 and not spec.detrend and spec.channels == ("beat", "template_diff", "rr")
     with pytest.raises(ValueError, match="align_seconds"):
         BeatSpec(align_seconds=0.5)
+
+
+def test_detrending_removes_a_baseline_slope_from_the_beat_window():
+    fs = 360.0
+    signal, _ = synthetic_ecg(fs, 60, seed=15)
+    t = np.arange(len(signal)) / fs
+    drifting = signal + 0.8 * np.sin(2 * np.pi * 0.3 * t)  # electrode motion: the baseline moves by ~the QRS
+    for detrend, bound in ((True, 0.25), (False, None)):
+        spec = BeatSpec(detrend=detrend)
+        clean = {b.r_seq: b.window[:, 0] for b in cut_beats(signal, fs, spec)}
+        moved = {b.r_seq: b.window[:, 0] for b in cut_beats(drifting, fs, spec)}
+        common = sorted(set(clean) & set(moved))[10:]
+        difference = np.median([np.sqrt(np.mean((clean[r] - moved[r]) ** 2)) for r in common])
+        if bound is not None:
+            assert difference < bound
+        else:
+            assert difference > 0.6  # without: a tilted, rescaled beat (4 times further from the clean one)
