@@ -47,6 +47,7 @@ class BeatSettings(Strict):
     max_noise_ratio: float = Field(default=0.25, gt=0)
     relative_noise: float = Field(default=2.0, gt=0)
     align_seconds: float = Field(default=0.05, ge=0, le=0.2)
+    detrend: bool = True
 
     def spec(self) -> BeatSpec:
         try:
