@@ -169,8 +169,11 @@ class BeatStream:
             np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
         )
         self.qrs_half = int(round(QRS_HALF_SECONDS * self.fs))
+        self._offset_floor = np.floor(self.offsets).astype(np.int64)
+        self._offset_fraction = self.offsets - self._offset_floor
         ramp = np.linspace(-1.0, 1.0, self.spec.window)
-        self._trend = np.stack((np.full(self.spec.window, self.spec.window**-0.5), ramp / np.linalg.norm(ramp)))
+        constant = np.full((1, self.spec.window), self.spec.window**-0.5)
+        self._trend = np.vstack((constant, ramp / np.linalg.norm(ramp))) if self.spec.detrend else constant
         self.noise_before = int(round(NOISE_BEFORE_SECONDS * self.fs))
         self.noise_after = int(round(NOISE_AFTER_SECONDS * self.fs))
         self.lookahead = int(np.ceil(self.detector.lookahead_seconds * self.fs)) + 1
@@ -252,13 +255,19 @@ class BeatStream:
         a time, to the end of the search range (measured: it did, and the beat channel of one sensor then no
         longer lined up with another's)."""
         shifts = self.shifts if template is not None else self.shifts[:1]
-        positions = r + shifts[:, None] + self.offsets[None, :] - self._raw_start
-        spans = np.interp(np.maximum(positions, 0.0), np.arange(len(self._raw)), self._raw)  # clamped at the start
-        if self.spec.detrend:
-            spans = spans - (spans @ self._trend.T) @ self._trend  # minus the projection on [1, t]: the LS line
-        stds = spans.std(axis=1)
-        shapes = (spans - spans.mean(axis=1, keepdims=True)) / np.where(stds > 1e-9, stds, 1.0)[:, None]
-        shapes[stds <= 1e-9] = 0.0
+        left = (r - self._raw_start) + shifts[:, None] + self._offset_floor  # linear interpolation, vectorised
+        if left.min() >= 0:
+            below = self._raw[left]
+            spans = below + self._offset_fraction * (self._raw[left + 1] - below)
+        else:  # a span starting before the stream: clamped to its first sample
+            positions = np.maximum(left + self._offset_fraction, 0.0)
+            spans = np.interp(positions, np.arange(len(self._raw)), self._raw)
+        # minus the projection on [1, t] (the least-squares line), or on [1] (the mean)
+        spans = spans - (spans @ self._trend.T) @ self._trend
+        stds = np.sqrt((spans * spans).mean(axis=1))
+        flat = stds <= 1e-9
+        shapes = spans / np.where(flat, 1.0, stds)[:, None]
+        shapes[flat] = 0.0
         best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
         return int(shifts[best]), shapes[best], float(stds[best]), shapes[0]
 
