@@ -1,22 +1,26 @@
-"""Beat mode on MIT-BIH: the detector's sensitivity and PPV, and beat-level quality of the LSTM autoencoder next to PCA.
+"""Beat mode on MIT-BIH: the detector, the bundled beat model and the PCA anchor, per record and pooled.
 
-    .venv/bin/python -m bench.beat_quality --data-dir PATH/TO/mitdb-dev --out bench/beat_quality.json
+    .venv/bin/python -m bench.beat_quality [--model models/mitdb-beats] [--data-dir data/mitdb-dev]
+                                           [--out bench/beat_quality.json]
 
-Per record of the dev set (PROVENANCE.md there; records 100, 106, 119, 200, 223 are reserved and never read):
-the beats the streaming detector finds are matched to the annotated beats (150 ms). The first third of each
-record (600 s; 100 s of the 5-minute 208 excerpt) is the training part: its scorable normal (AAMI N) beats
-are pooled; 15 % of them (seeded) are held out for early stopping and the threshold (the 99th percentile of
-their scores: threshold from normal beats only). The rest of every record is the test part. Figures on the
-test part, per record and pooled:
+Data: the vendored splits of the seven dev records (data/mitdb-dev/PROVENANCE.md; records 100, 106, 119, 200
+and 223 are reserved and never read): `train/` holds the first 600 s of each record (100 s of the 208 excerpt),
+`test/` the rest. Everything is cut with the daemon's code path (`beats.BeatStream`) and the model's own
+segmentation; the train and test parts are separate streams, as `monitor train` and `monitor evaluate` see them.
 
-- auc: ROC AUC of the score, anomalous (S, V, F) against normal (N), over the matched scorable beats;
-- f1, precision, recall at the threshold, with unscorable beats counted as not flagged;
-- normal_flagged: flagged N beats / all N beats of the part (the false-alarm share a user sees);
-- unscorable: share of beats marked unscorable by the signal-quality measure, per AAMI class.
+- Detector, per record: sensitivity and positive predictivity against the annotated beats (150 ms match window),
+  on the whole record (its train and test parts as one stream) and on the test part.
+- Beat level, on the test parts: the model's score against its own threshold (set from normal beats only), and
+  PCA (4 components) fitted on exactly the beats the model was fitted on (`beattraining.split_training_beats`: the
+  normal scorable beats of the train parts, each recording's last beats held out) with its threshold the same
+  quantile of its scores on the same calibration beats. Two anchors: PCA on the z-normalised beat alone (the
+  issue's anchor) and PCA on the model's channels.
+- Figures (anomalous = AAMI S, V, F; normal = N; Q and unmatched beats are left out): ROC AUC over the scorable
+  beats; precision, recall and F1 at the threshold and the share of normal beats flagged, with unscorable beats
+  counted as not flagged (what a user sees); unscorable share of the normal and of the anomalous beats (the
+  signal-quality measure must not hide the anomalies).
 
-Variants: the model input channels (`beat`; `beat,template_diff`; `beat,template_diff,rr`), each scored by
-PCA (4 components, the issue's anchor) and, for the variants named by --ae, by the LSTM autoencoder trained
-as `monitor train` trains it. Results: a JSON file and a table on stdout.
+Results: a JSON file and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,86 +37,98 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from monitor.artifact import Normalisation  # noqa: E402
-from monitor.beatdata import LabelledBeats, Recording, cut_recording, label_beats  # noqa: E402
-from monitor.beats import CHANNELS, BeatSpec  # noqa: E402
+from monitor.artifact import Normalisation, load_artifact  # noqa: E402
+from monitor.beatdata import LabelledBeats, Recording, cut_recording, label_beats, read_recording  # noqa: E402
+from monitor.beats import BeatSpec, beat_spec  # noqa: E402
+from monitor.beattraining import split_training_beats  # noqa: E402
 from monitor.evaluation import roc_auc  # noqa: E402
+from monitor.scoring import Scorer  # noqa: E402
 
 RECORDS = ("105", "108", "114", "116", "121", "123", "208_excerpt")
 RESERVED = {"100", "106", "119", "200", "223"}
-TRAIN_SECONDS = {"208_excerpt": 100.0}
-DEFAULT_TRAIN_SECONDS = 600.0
-VARIANTS = {
-    "beat": ("beat",),
-    "template": ("template_diff",),
-    "template+rr": ("template_diff", "rr"),
-    "beat+template": ("beat", "template_diff"),
-    "beat+template+rr": CHANNELS,
-}
+NORMAL_SYMBOLS = ["N", "L", "R", "e", "j"]
+PCA_COMPONENTS = 4
+
+Score = Callable[[np.ndarray], np.ndarray]
 
 
-def load_record(data_dir: Path, name: str) -> Recording:
+def read_part(data_dir: Path, part: str, name: str, fs: float) -> Recording:
     if name.split("_")[0] in RESERVED:
         raise SystemExit(f"record {name} is reserved for evaluation and is never read")
-    with np.load(data_dir / f"{name}.npz") as z:
-        return Recording(z["signal"].astype(np.float64), float(z["fs"]), name, "", z["ann_sample"], z["ann_symbol"])
+    return read_recording(data_dir / part / f"{name}.npy", fs, data_dir / part / f"{name}.csv")
 
 
-def pca_scorer(train: np.ndarray, components: int = 4):
-    mean = train.mean(axis=0)
-    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
-    basis = vt[:components]
+def whole(train: Recording, test: Recording) -> Recording:
+    """The record as one stream: the train part, then the test part (its annotations moved along)."""
+    assert train.ann_samples is not None and test.ann_samples is not None
+    assert train.ann_symbols is not None and test.ann_symbols is not None
+    return Recording(
+        np.concatenate((train.signal, test.signal)),
+        train.fs,
+        train.source.replace("/train/", "/"),
+        "",
+        np.concatenate((train.ann_samples, test.ann_samples + len(train.signal))),
+        np.concatenate((train.ann_symbols, test.ann_symbols)),
+    )
+
+
+def detector_figures(labelled: LabelledBeats) -> dict[str, Any]:
+    found = labelled.detected + labelled.extra
+    return {
+        "sensitivity": labelled.detected / max(1, labelled.detected + labelled.missed),
+        "ppv": labelled.detected / max(1, found),
+        "annotated": labelled.detected + labelled.missed,
+        "missed": labelled.missed,
+        "extra": labelled.extra,
+    }
+
+
+def pooled_detector(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    annotated = sum(row["annotated"] for row in rows)
+    missed = sum(row["missed"] for row in rows)
+    extra = sum(row["extra"] for row in rows)
+    detected = annotated - missed
+    return {
+        "sensitivity": detected / annotated,
+        "ppv": detected / (detected + extra),
+        "annotated": annotated,
+        "missed": missed,
+        "extra": extra,
+    }
+
+
+def pca_scorer(train: np.ndarray, components: int = PCA_COMPONENTS) -> Score:
+    """Mean absolute PCA reconstruction error of `[N, W, C]` windows, standardised per channel as the model is."""
+    normalisation = Normalisation.fit(train)
+    flat = normalisation.apply(train).reshape(len(train), -1)
+    mean = flat.mean(axis=0)
+    basis = np.linalg.svd(flat - mean, full_matrices=False)[2][:components]
 
     def score(x: np.ndarray) -> np.ndarray:
-        centred = x - mean
+        centred = normalisation.apply(x).reshape(len(x), -1) - mean
         return np.abs(centred - centred @ basis.T @ basis).mean(axis=1)
 
     return score
 
 
-def ae_scorer(train: np.ndarray, validation: np.ndarray, epochs: int, seed: int):
-    from monitor.training import TrainSettings, fit_model
-
-    settings = TrainSettings(
-        train_data=Path("unused"),
-        embedding_dim=32,
-        epochs=epochs,
-        batch_size=32,
-        learning_rate=0.002,
-        patience=10,
-        lr_patience=4,
-        noise_std=0.15,
-        seed=seed,
-        threads=1,
-    )
-    normalisation = Normalisation.fit(train)
-    model, _, _, best_epoch = fit_model(settings, normalisation.apply(train), normalisation.apply(validation))
-
-    def score(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            batch = torch.from_numpy(normalisation.apply(x))
-            return torch.cat([(model(b) - b).abs().mean(dim=(1, 2)) for b in batch.split(512)]).numpy()
-
-    return score, best_epoch
-
-
-def figures(score: np.ndarray, classes: np.ndarray, scorable: np.ndarray, threshold: float) -> dict[str, Any]:
-    labelled = np.isin(classes, ["N", "S", "V", "F"])
+def beat_figures(score: np.ndarray, classes: np.ndarray, scorable: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Beat-level figures of one record (or the pooled records); see the module docstring."""
     anomalous = np.isin(classes, ["S", "V", "F"])
     normal = classes == "N"
+    use = (anomalous | normal) & scorable
     flagged = (score > threshold) & scorable
-    use = labelled & scorable
-    tp = int((flagged & anomalous).sum())
-    fp = int((flagged & normal).sum())
-    fn = int((~flagged & anomalous).sum())
-    out = {
-        "auc": roc_auc(score[use], anomalous[use]) if use.any() else float("nan"),
-        "precision": tp / (tp + fp) if tp + fp else 0.0,
-        "recall": tp / (tp + fn) if tp + fn else float("nan"),
-        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+    tp, fp = int((flagged & anomalous).sum()), int((flagged & normal).sum())
+    fn = int(anomalous.sum()) - tp
+    out: dict[str, Any] = {
+        "auc": roc_auc(score[use], anomalous[use]) if anomalous[use].any() and normal[use].any() else None,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
         "normal_flagged": fp / max(1, int(normal.sum())),
-        "n_normal": int(normal.sum()),
-        "n_anomalous": int(anomalous.sum()),
+        "normal": int(normal.sum()),
+        "anomalous": int(anomalous.sum()),
+        "unscorable_normal": float((~scorable & normal).sum() / max(1, int(normal.sum()))),
+        "unscorable_anomalous": float((~scorable & anomalous).sum() / max(1, int(anomalous.sum()))),
     }
     for name in ("S", "V", "F"):
         members = classes == name
@@ -121,118 +137,102 @@ def figures(score: np.ndarray, classes: np.ndarray, scorable: np.ndarray, thresh
     return out
 
 
+def scorers(artifact: Any, spec: BeatSpec, train_parts: list[tuple[Recording, LabelledBeats]]) -> dict[str, Any]:
+    """(score function, threshold) of the model and of the PCA anchors fitted on the model's own training beats."""
+    model = Scorer.from_artifact(artifact)
+    hyper = artifact.metadata["training"]["hyperparameters"]
+    quantile = float(artifact.metadata["threshold"]["params"].get("q", 0.99))
+    fit, _, calibration = split_training_beats(
+        train_parts,
+        hyper.get("normal_symbols", NORMAL_SYMBOLS),
+        hyper["validation_fraction"],
+        hyper["calibration_fraction"],
+    )
+    out: dict[str, Any] = {"model": (lambda x: model.score_all(x).errors, artifact.threshold)}
+    beat = [spec.channels.index("beat")]
+    for name, channels in (("pca_beat", beat), ("pca_model_channels", list(range(len(spec.channels))))):
+        pca = pca_scorer(fit[:, :, channels])
+
+        def score(x: np.ndarray, pca: Score = pca, channels: list[int] = channels) -> np.ndarray:
+            return pca(x[:, :, channels])
+
+        out[name] = (score, float(np.quantile(score(calibration), quantile)))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, required=True, help="the mitdb-dev directory (.npz files)")
+    parser.add_argument("--model", type=Path, default=Path("models/mitdb-beats"))
+    parser.add_argument("--data-dir", type=Path, default=Path("data/mitdb-dev"), help="train/ and test/ splits")
     parser.add_argument("--out", type=Path, default=Path("bench/beat_quality.json"))
-    parser.add_argument(
-        "--ae", default="beat+template+rr", help="comma-separated variants also scored by the autoencoder"
-    )
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec = BeatSpec()
-    started = time.perf_counter()
-    records: dict[str, tuple[Recording, LabelledBeats]] = {}
+    artifact = load_artifact(args.model)
+    spec = beat_spec(artifact.metadata, args.model)
+    if spec is None:
+        raise SystemExit(f"{args.model} is not a beat-mode model")
+    fs = float(artifact.metadata["segmentation"]["trained_at_sample_rate_hz"])
+    train_parts, test_parts, detector_whole, detector_test = [], {}, {}, {}
     for name in RECORDS:
-        recording = load_record(args.data_dir, name)
-        records[name] = (recording, label_beats(recording, cut_recording(recording, spec)))
-    detector = {}
-    for name, (_, labelled) in records.items():
-        sens = labelled.detected / (labelled.detected + labelled.missed)
-        ppv = labelled.detected / (labelled.detected + labelled.extra)
-        detector[name] = {"sensitivity": sens, "ppv": ppv, "missed": labelled.missed, "extra": labelled.extra}
-    totals = np.array([[lb.detected, lb.missed, lb.extra] for _, lb in records.values()]).sum(axis=0)
-    detector["pooled"] = {
-        "sensitivity": totals[0] / (totals[0] + totals[1]),
-        "ppv": totals[0] / (totals[0] + totals[2]),
-    }
-    cut_seconds = time.perf_counter() - started
-
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for name, (recording, labelled) in records.items():
-        split = int(TRAIN_SECONDS.get(name, DEFAULT_TRAIN_SECONDS) * recording.fs)
-        in_train = labelled.r_seq < split
-        parts[name] = {
-            "train": in_train,
-            "windows": labelled.windows,
-            "classes": labelled.classes,
-            "scorable": labelled.scorable,
-        }
-    unscorable = {}
-    for name, part in parts.items():
-        test = ~part["train"]
-        unscorable[name] = {
-            cls: float((~part["scorable"][test & (part["classes"] == cls)]).mean())
-            for cls in ("N", "S", "V", "F")
-            if (test & (part["classes"] == cls)).any()
-        }
-    rng = np.random.default_rng(args.seed)
+        train, test = read_part(args.data_dir, "train", name, fs), read_part(args.data_dir, "test", name, fs)
+        record = whole(train, test)
+        detector_whole[name] = detector_figures(label_beats(record, cut_recording(record, spec)))
+        train_parts.append((train, label_beats(train, cut_recording(train, spec))))
+        test_parts[name] = label_beats(test, cut_recording(test, spec))
+        detector_test[name] = detector_figures(test_parts[name])
+    detector_whole["pooled"] = pooled_detector(list(detector_whole.values()))
+    detector_test["pooled"] = pooled_detector(list(detector_test.values()))
     results: dict[str, Any] = {
-        "detector": detector,
-        "unscorable_test": unscorable,
-        "cut_seconds": round(cut_seconds, 1),
-        "models": {},
+        "model": str(args.model),
+        "model_version": artifact.metadata.get("version"),
+        "segmentation": artifact.metadata["segmentation"],
+        "detector_whole_records": detector_whole,
+        "detector_test_parts": detector_test,
+        "scorers": {},
     }
-    for variant, channels in VARIANTS.items():
-        index = [CHANNELS.index(c) for c in channels]
-        normal_train = np.concatenate(
-            [p["windows"][p["train"] & (p["classes"] == "N") & p["scorable"]][:, :, index] for p in parts.values()]
+    for kind, (score_fn, threshold) in scorers(artifact, spec, train_parts).items():
+        per_record: dict[str, Any] = {}
+        pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for name, labelled in test_parts.items():
+            score = score_fn(labelled.windows)
+            per_record[name] = beat_figures(score, labelled.classes, labelled.scorable, threshold)
+            pooled.append((score, labelled.classes, labelled.scorable))
+        per_record["pooled"] = beat_figures(
+            *(np.concatenate(column) for column in zip(*pooled, strict=True)), threshold
         )
-        order = rng.permutation(len(normal_train))
-        n_hold = int(0.15 * len(order))
-        fit_w, hold_w = normal_train[order[n_hold:]], normal_train[order[:n_hold]]
-        scorers = {}
-        norm = Normalisation.fit(fit_w)
-        pca = pca_scorer(norm.apply(fit_w).reshape(len(fit_w), -1))
-        scorers["pca"] = lambda x, pca=pca, norm=norm: pca(norm.apply(x).reshape(len(x), -1))
-        if variant in args.ae.split(","):
-            t0 = time.perf_counter()
-            scorers["lstm_ae"], best = ae_scorer(fit_w, hold_w, args.epochs, args.seed)
-            print(f"{variant}: autoencoder trained in {time.perf_counter() - t0:.0f} s (best epoch {best})", flush=True)
-        for kind, scorer in scorers.items():
-            threshold = float(np.quantile(scorer(hold_w), 0.99))
-            per_record, pooled_scores, pooled_classes, pooled_scorable = {}, [], [], []
-            for name, part in parts.items():
-                test = ~part["train"]
-                score = scorer(part["windows"][test][:, :, index])
-                per_record[name] = figures(score, part["classes"][test], part["scorable"][test], threshold)
-                pooled_scores.append(score)
-                pooled_classes.append(part["classes"][test])
-                pooled_scorable.append(part["scorable"][test])
-            per_record["pooled"] = figures(
-                np.concatenate(pooled_scores),
-                np.concatenate(pooled_classes),
-                np.concatenate(pooled_scorable),
-                threshold,
-            )
-            results["models"][f"{kind}:{variant}"] = {
-                "threshold": threshold,
-                "train_beats": len(fit_w),
-                "records": per_record,
-            }
-    args.out.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    print_table(results)
+        results["scorers"][kind] = {"threshold": threshold, "records": per_record}
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(table(results))
 
 
-def print_table(results: dict[str, Any]) -> None:
-    det = results["detector"]
-    print("detector  " + "  ".join(f"{name}: Se {v['sensitivity']:.4f} PPV {v['ppv']:.4f}" for name, v in det.items()))
-    for name, rows in results["unscorable_test"].items():
-        print(f"unscorable {name}: " + ", ".join(f"{cls} {share:.3f}" for cls, share in rows.items()))
-    for model, data in results["models"].items():
-        print(f"\n{model} (threshold {data['threshold']:.4g}, {data['train_beats']} training beats)")
-        print(
-            f"{'record':12} {'AUC':>6} {'F1':>6} {'prec':>6} {'recall':>6} {'N flagged':>9} "
-            f"{'rec S':>6} {'rec V':>6} {'rec F':>6}"
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def table(results: dict[str, Any]) -> str:
+    """Markdown: one row per record and pooled; the model's figures with the PCA anchors' AUC and flagged share."""
+    model, beat, channels = (
+        results["scorers"][name]["records"] for name in ("model", "pca_beat", "pca_model_channels")
+    )
+    lines = [
+        "| record | detector Se / PPV (whole) | Se / PPV (test part) | AUC | F1 | normal flagged | unscorable N / SVF "
+        "| PCA beat: AUC, flagged | PCA model channels: AUC, flagged |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in (*RECORDS, "pooled"):
+        whole_, test, row = results["detector_whole_records"][name], results["detector_test_parts"][name], model[name]
+        lines.append(
+            f"| {name} | {_pct(whole_['sensitivity'])} / {_pct(whole_['ppv'])} | {_pct(test['sensitivity'])} / "
+            f"{_pct(test['ppv'])} | {_num(row['auc'])} | {_num(row['f1'])} | {_pct(row['normal_flagged'])} | "
+            f"{_pct(row['unscorable_normal'])} / {_pct(row['unscorable_anomalous'])} | "
+            f"{_num(beat[name]['auc'])}, {_pct(beat[name]['normal_flagged'])} | "
+            f"{_num(channels[name]['auc'])}, {_pct(channels[name]['normal_flagged'])} |"
         )
-        for name, f in data["records"].items():
-            print(
-                f"{name:12} {f['auc']:6.3f} {f['f1']:6.3f} {f['precision']:6.3f} {f['recall']:6.3f} "
-                f"{100 * f['normal_flagged']:8.2f}% "
-                + " ".join(f"{f.get('recall_' + c, float('nan')):6.3f}" for c in "SVF")
-            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

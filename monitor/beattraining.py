@@ -1,9 +1,9 @@
 """Training and evaluation in beat mode (contract section 8): recordings in, one window per detected beat.
 
 `monitor train --segmentation beats` cuts every recording with the daemon's own code path (`beats.BeatStream`),
-keeps the scorable beats (with annotations: only those matched to a normal symbol), splits them into fit,
-validation and calibration beats with the seed, and trains, calibrates and writes the artifact as fixed mode
-does; the artifact's `segmentation` records how the beats were cut, so the daemon and `monitor evaluate` cut
+keeps the scorable beats (with annotations: only those matched to a normal symbol), splits each recording's
+beats in time order into fit, validation and calibration beats, and trains, calibrates and writes the artifact as
+fixed mode does; the artifact's `segmentation` records how the beats were cut, so the daemon and `monitor evaluate` cut
 them the same way (and refuse a model of the other mode).
 """
 
@@ -39,13 +39,15 @@ class BeatSettings(Strict):
     before_seconds: float = Field(default=0.25, gt=0, le=1)
     after_seconds: float = Field(default=0.45, gt=0, le=1)
     window: int = Field(default=64, ge=8, le=1024)
-    channels: list[Literal["beat", "template_diff", "rr"]] = Field(
-        default=["beat", "template_diff", "rr"], min_length=1
+    channels: list[Literal["beat", "template_diff", "rr", "prematurity"]] = Field(
+        default=["beat", "template_diff", "prematurity"], min_length=1
     )
     template_beats: int = Field(default=16, ge=1)
     warmup_beats: int = Field(default=8, ge=0)
     max_noise_ratio: float = Field(default=0.25, gt=0)
     relative_noise: float = Field(default=2.0, gt=0)
+    align_seconds: float = Field(default=0.05, ge=0, le=0.2)
+    detrend: bool = True
 
     def spec(self) -> BeatSpec:
         try:
@@ -115,22 +117,41 @@ class BeatEvaluation:
         }
 
 
-def _windows(labelled: list, normal_symbols: list[str]) -> tuple[np.ndarray, int]:
-    """Scorable training windows of every recording; with annotations only beats matched to a normal symbol."""
-    parts: list[np.ndarray] = []
+def split_training_beats(
+    labelled: list, normal_symbols: list[str], validation_fraction: float, calibration_fraction: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fit, validation, calibration) scorable training windows, split in time order within each recording.
+
+    With annotations only beats matched to a normal symbol. As for fixed-mode recordings, each recording's
+    validation beats come after its fit beats and its calibration beats last: a model scores beats of the
+    minutes it was fitted on lower than later ones, and the daemon only ever scores later ones, so a threshold
+    from beats drawn at random among the fit beats' neighbours flags more than its share of later normal beats.
+    """
+    parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     for _, beats in labelled:
         if isinstance(beats, LabelledBeats):
             keep = beats.scorable & np.isin(beats.symbols, normal_symbols)
-            if keep.any():
-                parts.append(beats.windows[keep])
+            windows = beats.windows[keep] if keep.any() else None
         else:
             kept = [beat.window for beat in beats if beat.scorable]
-            if kept:
-                parts.append(np.stack(kept))
-    if not parts:
+            windows = np.stack(kept) if kept else None
+        if windows is None:
+            continue
+        n = len(windows)
+        n_cal, n_val = int(round(n * calibration_fraction)), int(round(n * validation_fraction))
+        fit_end = n - n_val - n_cal
+        parts["fit"].append(windows[:fit_end])
+        parts["validation"].append(windows[fit_end : n - n_cal])
+        parts["calibration"].append(windows[n - n_cal :])
+    if not parts["fit"]:
         raise DataError("no scorable training beats found in the recordings")
-    windows = np.concatenate(parts)
-    return windows, len(windows)
+    fit, validation, calibration = (np.concatenate(parts[name]) for name in ("fit", "validation", "calibration"))
+    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
+        raise DataError(
+            f"{len(fit)}/{len(validation)}/{len(calibration)} scorable normal beats are too few to "
+            "train/validate/calibrate"
+        )
+    return fit, validation, calibration
 
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
@@ -144,17 +165,10 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     spec = settings.beats.spec()
     started = time.perf_counter()
     labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
-    windows, _ = _windows(labelled, settings.normal_symbols)
-    order = np.random.default_rng(settings.seed).permutation(len(windows))
-    n_val = int(round(len(order) * settings.validation_fraction))
-    n_cal = int(round(len(order) * settings.calibration_fraction))
-    if len(order) - n_val - n_cal < 2 or n_val < 1 or n_cal < 10:
-        raise DataError(f"{len(order)} scorable normal beats are too few to split train/validation/calibration")
-    validation, calibration_windows, fit = (
-        windows[order[:n_val]],
-        windows[order[n_val : n_val + n_cal]],
-        windows[order[n_val + n_cal :]],
+    fit, validation, calibration_windows = split_training_beats(
+        labelled, settings.normal_symbols, settings.validation_fraction, settings.calibration_fraction
     )
+    n_val, n_cal = len(validation), len(calibration_windows)
     normalisation = Normalisation.fit(fit)
     log.info(
         "training_started",
@@ -180,8 +194,8 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
         evaluation, evaluation_data = evaluate_beats(scorer, calibration.threshold, files, settings.sample_rate, spec)
     sources = [str(path) for path in settings.train_data]
     split = {
-        "validation": f"{n_val} beats split off the training beats",
-        "calibration": f"{n_cal} beats split off (seed {settings.seed})",
+        "validation": f"{n_val} beats: the {settings.validation_fraction:.0%} before each recording's calibration part",
+        "calibration": f"{n_cal} beats: the last {settings.calibration_fraction:.0%} of each recording's beats",
     }
     fit_set = WindowSet(fit, None, ", ".join(sources), "")
     metadata = training_metadata(

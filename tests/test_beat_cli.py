@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from monitor.artifact import read_metadata
+from monitor.beatdata import cut_recording, label_beats, read_recording
+from monitor.beats import BeatSpec
+from monitor.beattraining import split_training_beats
 from tests.support import DEFAULT_MODEL, REPO, run_cli
 
 TRAIN = REPO / "data" / "mitdb-dev" / "train"
@@ -51,7 +55,8 @@ def test_the_artifact_records_how_beats_were_cut(beat_model):
     segmentation = metadata["segmentation"]
     assert segmentation["mode"] == "beats" and segmentation["trained_at_sample_rate_hz"] == 360
     assert (segmentation["before_seconds"], segmentation["after_seconds"], segmentation["window"]) == (0.25, 0.45, 64)
-    assert segmentation["channels"] == ["beat", "template_diff", "rr"]
+    assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
+    assert segmentation["align_seconds"] == 0.05
     assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
     assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
 
@@ -173,3 +178,24 @@ def test_the_bundled_beat_model_reproduces_its_recorded_figures():
     recorded = metadata["evaluation"]
     for key in ("auc", "f1", "tp", "fp", "fn", "tn", "detector_sensitivity", "detector_ppv"):
         assert figures[key] == pytest.approx(recorded[key], abs=1e-9), key
+
+
+def test_training_beats_are_split_in_time_order_within_each_recording():
+    """Fit, validation and calibration beats are each recording's first, middle and last normal scorable beats."""
+    spec = BeatSpec()
+    labelled = []
+    for name in ("121", "123"):
+        recording = read_recording(TRAIN / f"{name}.npy", 360, TRAIN / f"{name}.csv")
+        labelled.append((recording, label_beats(recording, cut_recording(recording, spec))))
+    fit, validation, calibration = split_training_beats(labelled, ["N"], 0.15, 0.15)
+    expected: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
+    for _, beats in labelled:
+        windows = beats.windows[beats.scorable & (beats.symbols == "N")]
+        n = len(windows)
+        n_cal, n_val = round(0.15 * n), round(0.15 * n)
+        expected["fit"].append(windows[: n - n_val - n_cal])
+        expected["validation"].append(windows[n - n_val - n_cal : n - n_cal])
+        expected["calibration"].append(windows[n - n_cal :])
+    for name, got in (("fit", fit), ("validation", validation), ("calibration", calibration)):
+        assert np.array_equal(got, np.concatenate(expected[name])), name
+    assert len(calibration) > 100
