@@ -9,6 +9,11 @@ so the generator spends its time in paho, not in encoding. It runs in its own pr
 does not share the daemon's GIL; the bench measures its CPU use, since on a 2-core machine it
 competes with the daemon and the broker. On exit it prints one JSON line: what it published and
 how late it was against the schedule.
+
+No message is given up: paho keeps a QoS 1 message published while the broker is away and sends it on
+reconnecting, and when `MAX_UNACKNOWLEDGED` messages wait for the broker's acknowledgement (its packet ids are
+16 bits, so paho refuses a 65,536th), the generator waits for room (back-pressure, counted in `blocked_seconds`)
+instead of dropping the message.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ STREAMS = 16
 BEATS_PER_STREAM = 20
 WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
 RECORDING_RATE = 360  # Hz of the raw recordings --recording takes (MIT-BIH, data/mitdb-dev)
+MAX_UNACKNOWLEDGED = 60_000  # below MQTT's 65,535 packet ids: beyond it paho refuses a QoS 1 message
 
 
 def command(
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         CallbackAPIVersion.VERSION2, client_id=f"bench-loadgen-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311
     )
     client.max_inflight_messages_set(0)
-    client.max_queued_messages_set(0)
+    client.max_queued_messages_set(MAX_UNACKNOWLEDGED)
     client.on_connect = lambda c, u, f, rc, p: connected.set()
     client.on_publish = lambda c, u, mid, rc, p: acknowledged.__setitem__(0, acknowledged[0] + 1)
     client.connect(args.host, args.port, keepalive=60)
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic() + 0.05
     end = start + args.seconds
     round_index = 0
-    errors = 0
+    errors = disconnected = 0
+    blocked = 0.0
     while True:
         round_start = start + round_index * period
         if round_start >= end:
@@ -150,12 +157,19 @@ def main(argv: list[str] | None = None) -> int:
                 fragment = stream[(position + chunks_per_window * sensor) % len(stream)]
                 payload = b'{"seq":%d,"ts":%.4f,"samples":%b}' % (seq, start_wall + round_index * period, fragment)
                 info = client.publish(topics_str[sensor], payload, qos=args.qos)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                while info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE and args.qos:
+                    waited = time.monotonic()
+                    time.sleep(0.005)
+                    blocked += time.monotonic() - waited
+                    info = client.publish(topics_str[sensor], payload, qos=args.qos)
+                if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and args.qos:
+                    disconnected += 1  # kept by paho, sent on reconnecting
+                elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     errors += 1
                 published += 1
         round_index += 1
     finished = time.monotonic()
-    drain_deadline = finished + 15
+    drain_deadline = finished + 60
     while acknowledged[0] < published - errors and time.monotonic() < drain_deadline:
         time.sleep(0.02)
     unacknowledged = published - errors - acknowledged[0]
@@ -174,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "max_lag_seconds": max(lags) if lags else 0.0,
         "p99_lag_seconds": float(np.quantile(lags, 0.99)) if lags else 0.0,
         "publish_errors": errors,
+        "published_while_disconnected": disconnected,
+        "blocked_seconds": round(blocked, 3),
         "unacknowledged": unacknowledged,
     }
     print(orjson.dumps(summary).decode(), flush=True)

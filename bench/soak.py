@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -123,6 +124,22 @@ def scrape(daemon: DaemonProcess, timeout: float = 30.0) -> dict:
             time.sleep(0.5)
 
 
+def progress(daemon: DaemonProcess) -> dict[str, float]:
+    """The daemon's counters for the timeline; empty while the metrics attack holds every connection slot."""
+    try:
+        samples = daemon.scrape()
+    except OSError:
+        return {}
+    return {
+        "scored": metric(samples, "monitor_windows_scored_total"),
+        "accepted": metric(samples, "monitor_messages_received_total", outcome="accepted"),
+        "duplicate": metric(samples, "monitor_messages_received_total", outcome="duplicate"),
+        "alerts_pending": metric(samples, "monitor_alerts_pending"),
+        "input_unacknowledged": metric(samples, "monitor_input_unacknowledged"),
+        "broker_connections": metric(samples, "monitor_broker_connections_total"),
+    }
+
+
 def alert_all_model(directory: Path) -> Path:
     """The bundled model with threshold 0: every window scored is an alert."""
     model = directory / "alert_all"
@@ -193,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(elapsed, 1),
                 "rss_mib": round(process.memory_info().rss / 2**20, 1),
                 "fds": process.num_fds(),
+                **progress(daemon),
             }
         )
         if not restarted and elapsed > seconds / 2:
@@ -240,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         },
         "fds": {"min": min(s["fds"] for s in samples), "max": max(s["fds"] for s in samples)},
         "daemon_exit_code": exit_code,
+        "daemon_events": dict(Counter(
+            event.get("event") for event in daemon.events() if event.get("level") in ("warning", "error")
+        )),
         "samples": samples,
     }
     checks = {
