@@ -7,8 +7,8 @@ receipts back in the order the messages arrived, and only once the oldest is fre
 the order of the PUBLISHes, so one message waiting for its window holds back the acknowledgement of the later
 ones (for as long as one batch takes; partial windows hold nothing, because they are in the journal).
 
-`PendingWindows` is the registry of windows (fixed or beat) cut but not decided: it releases their receipts and gives the
-journal's checkpoint the windows a crash would otherwise lose.
+`PendingWindows` is the registry of windows (fixed or beat) cut but not decided: it releases their receipts and
+gives the journal's checkpoint the windows a crash would otherwise lose.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ are trimmed, and a snapshot carries every sensor across a restart."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import orjson

@@ -8,6 +8,7 @@ received are exactly the windows scored. Each test prints the figure RELIABILITY
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import socket
 import threading
@@ -22,7 +23,12 @@ import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import Broker, Capture, DaemonProcess, daemon_config, metric, wait_until
+from monitor.artifact import load_artifact
+from monitor.beatdata import read_recording
+from monitor.beats import beat_spec
+from monitor.beatwindowing import BeatAssembler
+from monitor.payload import Message
+from tests.support import REPO, Broker, Capture, DaemonProcess, daemon_config, metric, wait_until
 from tests.test_faults import WINDOW, Sensors, figure, make_model, rss_bytes
 
 pytestmark = pytest.mark.slow
@@ -366,10 +372,8 @@ def test_a_topic_that_is_not_utf8_is_counted_and_the_network_thread_lives_on(tmp
 
 def restart_config(tmp_path: Path, port: int, model: Path, **sections) -> Path:
     """A daemon config with a fixed client id (its session survives a restart) and the input journal on."""
-    config = daemon_config(
-        tmp_path / "m.yaml", port, model=model, journal={"path": str(tmp_path / "journal")}, **sections
-    )
-    return config
+    journal = {"path": str(tmp_path / "journal"), **sections.pop("journal", {})}
+    return daemon_config(tmp_path / "m.yaml", port, model=model, journal=journal, **sections)
 
 
 def lost_windows(capture: Capture, expected: set[tuple[str, int]]) -> tuple[int, int]:
@@ -430,6 +434,76 @@ def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
         f"kill_9_{load}",
         "windows / lost / alerts twice / replayed messages",
         f"{len(expected)} / {lost} / {twice} / {detail}{replayed['messages']}",
+    )
+
+
+BEAT_RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
+BEAT_RATE = 360.0
+
+
+def beat_alert_all_model(directory: Path) -> Path:
+    """The bundled beat-mode model with threshold 0: every beat scored is an alert."""
+    model = directory / "beats_alert_all"
+    shutil.copytree(REPO / "models" / "mitdb-beats", model)
+    meta = orjson.loads((model / "model.json").read_bytes())
+    meta["threshold"]["value"] = 0.0
+    (model / "model.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+    return model
+
+
+def test_kill_9_in_beat_mode_loses_no_beat(tmp_path):
+    """Limit of note 14, closed: beat windows are tracked until decided and kept in the journal's checkpoint, so a
+    daemon SIGKILLed while a burst of beats is queued makes up every beat after its restart."""
+    broker = Broker(tmp_path / "broker").start()
+    model = beat_alert_all_model(tmp_path)
+    config = restart_config(
+        tmp_path,
+        broker.port,
+        model,
+        windowing={"mode": "beats", "sample_rate_hz": BEAT_RATE},
+        journal={"checkpoint_seconds": 1},  # checkpoints while beats are queued: they carry beat windows
+    )
+    signal = read_recording(BEAT_RECORD, BEAT_RATE).signal[: int(60 * BEAT_RATE)].astype(np.float32)
+    chunk, count = 90, 6
+    offline = BeatAssembler(beat_spec(load_artifact(model).metadata, model), BEAT_RATE, max_sensors=1, idle_seconds=60)
+    beats = [
+        window.start_seq
+        for offset in range(0, len(signal), chunk)
+        for window in offline.feed("x", Message(signal[offset : offset + chunk, None], offset, None), 0.0).windows
+    ]
+    expected = {(f"b{index}", start) for index in range(count) for start in beats}
+    capture = Capture(broker.port, ["alerts/#"])
+    sensors = Sensors(broker.port, inflight=1000)
+    daemon = DaemonProcess(config)
+    restarted = None
+    try:
+        daemon.wait_for_event("ready", timeout=60)
+        for offset in range(0, len(signal), chunk):
+            for index in range(count):
+                sensors.send(f"b{index}", offset, signal[offset : offset + chunk])
+        wait_until(
+            lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= len(expected) // 4,
+            60,
+            what="the burst being scored",
+        )
+        undecided = metric(daemon.scrape(), "monitor_windows_undecided")
+        daemon.kill()
+        wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
+        restarted = DaemonProcess(config)
+        wait_until(lambda: lost_windows(capture, expected)[0] == 0, 120, what="every beat scored after the restart")
+        lost, twice = lost_windows(capture, expected)
+    finally:
+        for process in (daemon, restarted):
+            if process is not None:
+                process.kill()
+        sensors.close()
+        capture.close()
+        broker.stop(kill=True)
+    assert lost == 0 and len(beats) > 50
+    figure(
+        "kill_9_beats",
+        "beats / lost / alerted twice / undecided at the kill",
+        f"{len(expected)} / {lost} / {twice} / {undecided:.0f}",
     )
 
 
