@@ -39,7 +39,7 @@ import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.data import DATA_DIR, REPO
-from tests.support import Broker, DaemonProcess, daemon_config, metric
+from tests.support import Broker, DaemonProcess, alert_all_model, daemon_config, metric
 
 WINDOW, CHUNK = 140, 35
 SLOTS_PER_PERIOD = 28  # bench.loadgen's spreading of sensors over a message period
@@ -140,16 +140,6 @@ def progress(daemon: DaemonProcess) -> dict[str, float]:
         "input_unacknowledged": metric(samples, "monitor_input_unacknowledged"),
         "broker_connections": metric(samples, "monitor_broker_connections_total"),
     }
-
-
-def alert_all_model(directory: Path) -> Path:
-    """The bundled model with threshold 0: every window scored is an alert."""
-    model = directory / "alert_all"
-    shutil.copytree(REPO / "models" / "ecg5000", model)
-    meta = orjson.loads((model / "model.json").read_bytes())
-    meta["threshold"]["value"] = 0.0
-    (model / "model.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
-    return model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,12 +8,12 @@ received are exactly the windows scored. Each test prints the figure RELIABILITY
 from __future__ import annotations
 
 import math
-import shutil
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ from monitor.beatdata import read_recording
 from monitor.beats import beat_spec
 from monitor.beatwindowing import BeatAssembler
 from monitor.payload import Message
-from tests.support import REPO, Broker, Capture, DaemonProcess, daemon_config, metric, wait_until
+from tests.support import REPO, Broker, Capture, DaemonProcess, alert_all_model, daemon_config, metric, wait_until
 from tests.test_faults import WINDOW, Sensors, figure, make_model, rss_bytes
 
 pytestmark = pytest.mark.slow
@@ -382,6 +382,45 @@ def lost_windows(capture: Capture, expected: set[tuple[str, int]]) -> tuple[int,
     return len(expected - set(keys)), len(keys) - len(set(keys))
 
 
+@contextmanager
+def crash_rig(broker: Broker, config: Path) -> Iterator[tuple[Capture, Sensors, list[DaemonProcess]]]:
+    """An alert capture, sensors and a ready daemon; on exit every daemon started (the list) is killed, and the
+    sensors, the capture and the broker are closed."""
+    capture = Capture(broker.port, ["alerts/#"])
+    sensors = Sensors(broker.port, inflight=1000)
+    started = [DaemonProcess(config)]
+    try:
+        started[0].wait_for_event("ready", timeout=60)
+        yield capture, sensors, started
+    finally:
+        for process in started:
+            process.kill()
+        sensors.close()
+        capture.close()
+        broker.stop(kill=True)
+
+
+def kill_once_busy(daemon: DaemonProcess, scored: float, gauge: str) -> float:
+    """SIGKILL the daemon once it has scored `scored` windows of a burst; returns `gauge` read just before."""
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= scored, 60, what="the burst being scored"
+    )
+    value = metric(daemon.scrape(), gauge)
+    daemon.kill()
+    return value
+
+
+def restart_and_make_up(
+    config: Path, sensors: Sensors, capture: Capture, expected: set[tuple[str, int]], started: list[DaemonProcess]
+) -> tuple[int, int]:
+    """After a kill: once the broker took every sensor message, start the daemon again (appended to `started`, for
+    the teardown) and wait until every expected window has its alert; returns `lost_windows`."""
+    wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
+    started.append(DaemonProcess(config))
+    wait_until(lambda: lost_windows(capture, expected)[0] == 0, 120, what="every window scored after the restart")
+    return lost_windows(capture, expected)
+
+
 @pytest.mark.parametrize("load", ["warm", "busy"])
 def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
     """Item 3: SIGKILL of a warm daemon (sensors streaming 35-sample messages, partial windows everywhere) and of a
@@ -389,12 +428,8 @@ def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
     broker = Broker(tmp_path / "broker").start()
     model = make_model(tmp_path / "alert_all", 4, 0.0)
     config = restart_config(tmp_path, broker.port, model)
-    capture = Capture(broker.port, ["alerts/#"])
-    sensors = Sensors(broker.port, inflight=1000)
-    daemon = DaemonProcess(config)
-    restarted = None
-    try:
-        daemon.wait_for_event("ready", timeout=60)
+    with crash_rig(broker, config) as (capture, sensors, started):
+        daemon = started[0]
         count, per_sensor = 20, (60 if load == "warm" else 100)
         chunk = 35 if load == "warm" else WINDOW
         data = signal_samples(per_sensor * WINDOW)
@@ -409,25 +444,9 @@ def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
             if load == "warm":
                 time.sleep(0.01)
         if load == "busy":  # the whole burst is in the broker; kill once the daemon is busy with it
-            wait_until(
-                lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= 200,
-                60,
-                what="the burst being scored",
-            )
-            queued = metric(daemon.scrape(), "monitor_queue_depth")
-            daemon.kill()
-        wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
-        restarted = DaemonProcess(config)
-        wait_until(lambda: lost_windows(capture, expected)[0] == 0, 90, what="every window scored after the restart")
-        lost, twice = lost_windows(capture, expected)
-        replayed = restarted.wait_for_event("journal_replayed")[0]
-    finally:
-        for process in (daemon, restarted):
-            if process is not None:
-                process.kill()
-        sensors.close()
-        capture.close()
-        broker.stop(kill=True)
+            queued = kill_once_busy(daemon, 200, "monitor_queue_depth")
+        lost, twice = restart_and_make_up(config, sensors, capture, expected, started)
+        replayed = started[-1].wait_for_event("journal_replayed")[0]
     assert lost == 0
     detail = f"queued at the kill {queued:.0f}; " if load == "busy" else ""
     figure(
@@ -441,21 +460,11 @@ BEAT_RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
 BEAT_RATE = 360.0
 
 
-def beat_alert_all_model(directory: Path) -> Path:
-    """The bundled beat-mode model with threshold 0: every beat scored is an alert."""
-    model = directory / "beats_alert_all"
-    shutil.copytree(REPO / "models" / "mitdb-beats", model)
-    meta = orjson.loads((model / "model.json").read_bytes())
-    meta["threshold"]["value"] = 0.0
-    (model / "model.json").write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
-    return model
-
-
 def test_kill_9_in_beat_mode_loses_no_beat(tmp_path):
     """Limit of note 14, closed: beat windows are tracked until decided and kept in the journal's checkpoint, so a
     daemon SIGKILLed while a burst of beats is queued makes up every beat after its restart."""
     broker = Broker(tmp_path / "broker").start()
-    model = beat_alert_all_model(tmp_path)
+    model = alert_all_model(tmp_path, "mitdb-beats")
     config = restart_config(
         tmp_path,
         broker.port,
@@ -472,33 +481,12 @@ def test_kill_9_in_beat_mode_loses_no_beat(tmp_path):
         for window in offline.feed("x", Message(signal[offset : offset + chunk, None], offset, None), 0.0).windows
     ]
     expected = {(f"b{index}", start) for index in range(count) for start in beats}
-    capture = Capture(broker.port, ["alerts/#"])
-    sensors = Sensors(broker.port, inflight=1000)
-    daemon = DaemonProcess(config)
-    restarted = None
-    try:
-        daemon.wait_for_event("ready", timeout=60)
+    with crash_rig(broker, config) as (capture, sensors, started):
         for offset in range(0, len(signal), chunk):
             for index in range(count):
                 sensors.send(f"b{index}", offset, signal[offset : offset + chunk])
-        wait_until(
-            lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= len(expected) // 4,
-            60,
-            what="the burst being scored",
-        )
-        undecided = metric(daemon.scrape(), "monitor_windows_undecided")
-        daemon.kill()
-        wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
-        restarted = DaemonProcess(config)
-        wait_until(lambda: lost_windows(capture, expected)[0] == 0, 120, what="every beat scored after the restart")
-        lost, twice = lost_windows(capture, expected)
-    finally:
-        for process in (daemon, restarted):
-            if process is not None:
-                process.kill()
-        sensors.close()
-        capture.close()
-        broker.stop(kill=True)
+        undecided = kill_once_busy(started[0], len(expected) // 4, "monitor_windows_undecided")
+        lost, twice = restart_and_make_up(config, sensors, capture, expected, started)
     assert lost == 0 and len(beats) > 50
     figure(
         "kill_9_beats",
