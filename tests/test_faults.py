@@ -144,6 +144,14 @@ class Sensors:
         self.client.on_disconnect = self._on_disconnect
         self.client.connect_async("127.0.0.1", port)
         self.client.loop_start()
+        self.closed = threading.Event()
+        self.pumper = threading.Thread(target=self._pump_until_closed, name="sensors-pump", daemon=True)
+        self.pumper.start()
+
+    def _pump_until_closed(self) -> None:
+        """What waits goes out once the client is connected and its re-sent messages acknowledged, sends or not."""
+        while not self.closed.wait(0.02):
+            self.pump()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         with self.lock:
@@ -182,11 +190,12 @@ class Sensors:
                 )
 
     def all_acknowledged(self) -> bool:
-        self.pump()
         with self.lock:
             return not self.backlog and self.acknowledged >= self.published
 
     def close(self) -> None:
+        self.closed.set()
+        self.pumper.join()
         self.client.disconnect()
         self.client.loop_stop()
 

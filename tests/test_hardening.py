@@ -456,6 +456,34 @@ def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
     )
 
 
+def test_receive_maximum_bounds_the_unacknowledged_input(tmp_path):
+    """With MQTT 5 the daemon announces `mqtt.receive_maximum`: windows held undecided (a batch that waits 10 s) hold
+    their messages unacknowledged, and the broker sends no more than that many; the rest waits at the broker."""
+    broker = Broker(tmp_path / "broker").start()
+    config = restart_config(
+        tmp_path,
+        broker.port,
+        make_model(tmp_path / "model", 4, 0.0),
+        mqtt={"receive_maximum": 10},
+        batching={"max_batch": 4096, "max_wait_seconds": 10},
+    )
+    with crash_rig(broker, config) as (capture, sensors, started):
+        send_windows_to(sensors, "held", 40)  # each message completes a window
+        wait_until(sensors.all_acknowledged, 30, what="the broker to take every message")
+        wait_until(
+            lambda: metric(started[0].scrape(), "monitor_input_unacknowledged") == 10,
+            30,
+            what="ten messages held unacknowledged",
+        )
+        held = [metric(started[0].scrape(), "monitor_input_unacknowledged") for _ in range(5)]
+        accepted = metric(started[0].scrape(), "monitor_messages_received_total", outcome="accepted")
+        capture.wait_for(lambda c: len(c.payloads("alerts/")) >= 40, 60, what="every window scored in the end")
+    assert max(held) <= 10  # never more, whenever scraped (the batch may have been scored meanwhile)
+    figure(
+        "receive_maximum", "windows held / unacknowledged at most / received while held", f"40 / 10 / {accepted:.0f}"
+    )
+
+
 BEAT_RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
 BEAT_RATE = 360.0
 
