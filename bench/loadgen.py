@@ -9,6 +9,10 @@ so the generator spends its time in paho, not in encoding. It runs in its own pr
 does not share the daemon's GIL; the bench measures its CPU use, since on a 2-core machine it
 competes with the daemon and the broker. On exit it prints one JSON line: what it published and
 how late it was against the schedule.
+
+No message is given up and none overtakes another (`OrderedPublisher`): while the broker is away, messages wait
+in the generator, and when `MAX_UNACKNOWLEDGED` messages wait for the broker's acknowledgement (its packet ids are
+16 bits, so paho refuses a 65,536th), the generator waits for room (back-pressure, counted in `blocked_seconds`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +37,63 @@ STREAMS = 16
 BEATS_PER_STREAM = 20
 WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
 RECORDING_RATE = 360  # Hz of the raw recordings --recording takes (MIT-BIH, data/mitdb-dev)
+MAX_UNACKNOWLEDGED = 60_000  # below MQTT's 65,535 packet ids: beyond it paho refuses a QoS 1 message
+
+
+class OrderedPublisher:
+    """Publishes in order across reconnects: messages wait here while the client is away, or while the in-flight
+    messages paho re-sends after a reconnect are not all acknowledged (paho sends a message published during the
+    reconnect handshake at once, ahead of those: newer samples would overtake older ones, a seq gap at the daemon).
+    One thread publishes; paho's network thread only moves the counters."""
+
+    def __init__(self, client: mqtt.Client, qos: int) -> None:
+        self.client, self.qos = client, qos
+        self.connected = threading.Event()
+        self.disconnects = 0
+        self.in_order_since = -1  # the disconnect count at which handing over was last found safe
+        self.acknowledged = 0  # on_publish: sent (QoS 0) or acknowledged by the broker (QoS 1)
+        self.handed = 0
+        self.backlog: deque[tuple[str, bytes]] = deque()
+        self.errors = self.while_disconnected = 0
+        self.blocked_seconds = 0.0
+        client.on_connect = lambda c, u, f, rc, p: self.connected.set()
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        self.disconnects += 1
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self.acknowledged += 1
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.backlog.append((topic, payload))
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand the waiting messages to paho when nothing it holds could be overtaken."""
+        disconnects = self.disconnects
+        if self.in_order_since != disconnects:
+            if not (self.connected.is_set() and self.acknowledged >= self.handed):
+                return
+            self.in_order_since = disconnects
+        while self.backlog:
+            topic, payload = self.backlog.popleft()
+            self.handed += 1
+            info = self.client.publish(topic, payload, qos=self.qos)
+            while info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE and self.qos:
+                waited = time.monotonic()
+                time.sleep(0.005)
+                self.blocked_seconds += time.monotonic() - waited
+                info = self.client.publish(topic, payload, qos=self.qos)
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and self.qos:
+                self.while_disconnected += 1  # kept by paho, re-sent (first) on reconnecting
+            elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self.errors += 1
+
+    def unacknowledged(self) -> int:
+        return len(self.backlog) + self.handed - self.errors - self.acknowledged
 
 
 def command(
@@ -110,18 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     chunks_per_window = WINDOW // args.chunk
     offset = [(sensor // SLOTS_PER_PERIOD) % chunks_per_window for sensor in range(args.sensors)]
 
-    connected = threading.Event()
-    acknowledged = [0]  # on_publish: sent (QoS 0) or acknowledged by the broker (QoS 1)
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"bench-loadgen-{time.time_ns() % 10**9}", protocol=mqtt.MQTTv311
     )
     client.max_inflight_messages_set(0)
-    client.max_queued_messages_set(0)
-    client.on_connect = lambda c, u, f, rc, p: connected.set()
-    client.on_publish = lambda c, u, mid, rc, p: acknowledged.__setitem__(0, acknowledged[0] + 1)
+    client.max_queued_messages_set(MAX_UNACKNOWLEDGED)
+    publisher = OrderedPublisher(client, args.qos)
     client.connect(args.host, args.port, keepalive=60)
     client.loop_start()
-    if not connected.wait(10):
+    if not publisher.connected.wait(10):
         print(orjson.dumps({"error": "could not connect"}).decode(), flush=True)
         return 1
 
@@ -131,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic() + 0.05
     end = start + args.seconds
     round_index = 0
-    errors = 0
     while True:
         round_start = start + round_index * period
         if round_start >= end:
@@ -149,16 +207,15 @@ def main(argv: list[str] | None = None) -> int:
                 stream = streams[sensor % STREAMS]
                 fragment = stream[(position + chunks_per_window * sensor) % len(stream)]
                 payload = b'{"seq":%d,"ts":%.4f,"samples":%b}' % (seq, start_wall + round_index * period, fragment)
-                info = client.publish(topics_str[sensor], payload, qos=args.qos)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    errors += 1
+                publisher.publish(topics_str[sensor], payload)
                 published += 1
         round_index += 1
     finished = time.monotonic()
-    drain_deadline = finished + 15
-    while acknowledged[0] < published - errors and time.monotonic() < drain_deadline:
+    drain_deadline = finished + 60
+    while publisher.unacknowledged() > 0 and time.monotonic() < drain_deadline:
+        publisher.pump()
         time.sleep(0.02)
-    unacknowledged = published - errors - acknowledged[0]
+    unacknowledged = publisher.unacknowledged()
     client.disconnect()
     client.loop_stop()
     elapsed = finished - start
@@ -173,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         "slots": round_index * SLOTS_PER_PERIOD,
         "max_lag_seconds": max(lags) if lags else 0.0,
         "p99_lag_seconds": float(np.quantile(lags, 0.99)) if lags else 0.0,
-        "publish_errors": errors,
+        "publish_errors": publisher.errors,
+        "published_while_disconnected": publisher.while_disconnected,
+        "blocked_seconds": round(publisher.blocked_seconds, 3),
         "unacknowledged": unacknowledged,
     }
     print(orjson.dumps(summary).decode(), flush=True)

@@ -91,17 +91,11 @@ class BeatAssembler(SensorTable[_Sensor]):
 
     def feed(self, sensor_id: str, message: Message, now: float) -> BeatFeedResult:
         """Adds a message to its sensor's stream; returns the beat windows it completed and what it counted."""
-        samples = message.samples
-        if samples.ndim != 2 or samples.shape[1] != 1:
-            raise ValueError(f"samples must be [n, 1] in beat mode, got {samples.shape}")
-        sensor = self._seen(sensor_id, now)
-        if sensor is None:
-            sensor = self._new_sensor(sensor_id, 0 if message.seq is None else message.seq, now)
+        sensor, seq = self._open(sensor_id, message, now)
         result = BeatFeedResult()
-        n = len(samples)
-        seq = sensor.next_seq if message.seq is None else message.seq
-        if seq + n <= sensor.next_seq:
-            result.duplicate, result.duplicate_samples = True, n
+        samples, result.duplicate_samples = self._unseen(message.samples, seq, sensor.next_seq)
+        if samples is None:
+            result.duplicate = True
             return result
         if seq > sensor.next_seq:
             result.gaps = result.detector_resets = 1
@@ -109,10 +103,6 @@ class BeatAssembler(SensorTable[_Sensor]):
             sensor.next_seq = seq
         if message.ts is not None:
             sensor.anchor = (seq, message.ts)
-        trim = sensor.next_seq - seq
-        if trim > 0:
-            result.duplicate_samples = trim
-            samples = samples[trim:]
         sensor.next_seq += len(samples)
         for beat in sensor.stream.feed(samples[:, 0]):
             result.beats_found += 1
@@ -129,7 +119,7 @@ class BeatAssembler(SensorTable[_Sensor]):
             )
         return result
 
-    def _new_sensor(self, sensor_id: str, first_seq: int, now: float) -> _Sensor:
+    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> _Sensor:
         self._make_room(now)
         sensor = self._streams[sensor_id] = _Sensor(BeatStream(self.fs, self.spec, origin=first_seq), first_seq, now)
         return sensor

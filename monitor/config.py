@@ -78,6 +78,14 @@ class MqttSettings(Strict):
     session_expiry_seconds: int = Field(default=3600, ge=0)
     subscribe: list[str] = Field(default_factory=lambda: ["sensors/+/ecg"], min_length=1)
     subscribe_qos: Literal[0, 1, 2] = 1
+    receive_maximum: int = Field(
+        default=20000,
+        ge=1,
+        le=65535,
+        description="MQTT 5: input messages the broker may send before the daemon acknowledges them (it keeps the rest "
+        "queued); bounds the unacknowledged input held in memory (monitor_input_unacknowledged). MQTT 3.1.1: the "
+        "broker's max_inflight_messages is the bound",
+    )
     sensor_id_level: int = Field(default=1, ge=0)
     ignore_retained: bool = Field(
         default=True,
@@ -94,7 +102,12 @@ class MqttSettings(Strict):
     reconnect_min_seconds: float = Field(default=1.0, gt=0)
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     max_queued_alerts: int = Field(default=10000, ge=1)
-    max_inflight: int = Field(default=100, ge=1)
+    max_inflight: int = Field(
+        default=0,
+        ge=0,
+        description="alerts sent and not yet acknowledged by the broker; 0 = no limit other than max_queued_alerts "
+        "(a limit makes paho hold the rest back and rescan them at every acknowledgement)",
+    )
     drain_timeout_seconds: float = Field(default=3.0, ge=0)
 
     @field_validator("subscribe")

@@ -62,6 +62,7 @@ class Ingest:
         self.journal = journal
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
+        self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
 
     def handle(
         self, topic: str, payload: bytes, now: float, receipt: Receipt | None = None, redelivered: bool = False
@@ -88,8 +89,7 @@ class Ingest:
                     journal.append(topic, payload, receipt)
                 if pending is not None:
                     for window in windows:
-                        if isinstance(window, Window):  # beat windows are not tracked: see RELIABILITY.md
-                            pending.add(window, receipt)
+                        pending.add(window, receipt)
         except PayloadError as error:
             self.metrics.messages.labels(error.reason).inc()
             if self._warnings.allow((sensor_id or topic, error.reason), now):
@@ -107,7 +107,7 @@ class Ingest:
             if self._warnings.allow(("internal_error", sensor_id), now):
                 log.exception("message_failed", sensor_id=sensor_id, topic=topic[:200])
             return
-        self.metrics.messages.labels("duplicate" if result.duplicate else "accepted").inc()
+        self._outcomes[result.duplicate].inc()  # the labelled children, looked up once
         self.metrics.samples.inc(len(message.samples) - result.duplicate_samples if not result.duplicate else 0)
         if result.duplicate_samples:
             self.metrics.duplicate_samples.inc(result.duplicate_samples)
@@ -137,7 +137,7 @@ class Ingest:
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
 
     def _decided(self, window: Window | BeatWindow) -> None:
-        if self.pending is not None and isinstance(window, Window):
+        if self.pending is not None:
             self.pending.decided(window)
 
     def _after_warm_up(self, windows: Sequence[Window | BeatWindow]) -> list[Window | BeatWindow]:
@@ -209,7 +209,8 @@ class Ingest:
         self._replay_decided = Counter()
 
     def watch_gauges(self) -> None:
-        """Queue depth, active sensors and buffered samples are read when scraped."""
+        """Queue depth, active sensors, buffered samples, unacknowledged input and undecided windows are read when
+        scraped."""
 
         def locked(read: Callable[[], float]) -> Callable[[], float]:
             def under_lock() -> float:
@@ -218,7 +219,11 @@ class Ingest:
 
             return under_lock
 
-        assembler = self.assembler
+        assembler, pending = self.assembler, self.pending
         self.metrics.watch(
-            self.windows.depth, locked(lambda: assembler.active_sensors), locked(assembler.buffered_samples)
+            self.windows.depth,
+            locked(lambda: assembler.active_sensors),
+            locked(assembler.buffered_samples),
+            (lambda: pending.acks.unacknowledged()) if pending is not None else (lambda: 0),
+            (lambda: len(pending)) if pending is not None else (lambda: 0),
         )

@@ -8,10 +8,14 @@ from here.
 
 File layout: a sequence of records, each `<length u32><crc32 u32><kind u8><body>`:
 - `C` checkpoint (first record of every file): JSON with the windowing's `snapshot()` (every sensor's position
-  and partial window) and the windows cut but not yet decided (`pending`, samples as base64 float32);
+  and partial window, or in beat mode its detector) and the windows cut but not yet decided (`pending`, samples as
+  base64 float32; beat windows with their span's end, R peak and RR interval);
 - `M` message: `<topic length u16><topic utf-8><payload>`, the raw payload as received, re-decoded on replay;
 - `D` decided: `<window start seq u64><sensor id utf-8>`, a window that needs nothing more (its alert was
   acknowledged, or it needed none): a replay does not score it again.
+
+Records are collected in memory and written by the syncing thread with one `write` and one `fsync` per batch
+(every `sync_interval_seconds`), not one system call per message.
 
 Replay at start = restore the checkpoint, queue its pending windows, feed the messages after it again, and score
 the windows they complete unless a `D` record says they were decided (at-least-once: a window decided after its
@@ -36,7 +40,7 @@ import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ import numpy as np
 import orjson
 import structlog
 
+from monitor.beatwindowing import BeatWindow
 from monitor.windowing import Window
 
 log = structlog.get_logger("monitor.journal")
@@ -60,32 +65,35 @@ class Replayed:
     """What a journal held: the checkpoint's state, its pending windows, then the messages after it."""
 
     windowing: dict[str, Any] | None
-    pending: list[Window]
+    pending: list[Window | BeatWindow]
     messages: list[tuple[str, bytes]]
     decided: Counter[tuple[str, int]]  # (sensor_id, window_start_seq) of windows decided after the checkpoint
     truncated: bool  # the last record was cut off (a crash while it was written)
 
 
-def encode_windows(windows: list[Window]) -> list[list[Any]]:
-    return [
-        [
-            w.sensor_id,
-            w.start_seq,
-            w.start_ts,
-            list(w.samples.shape),
-            base64.b64encode(w.samples.astype("<f4").tobytes()).decode(),
-        ]
-        for w in windows
-    ]
+def encode_windows(windows: Sequence[Window | BeatWindow]) -> list[list[Any]]:
+    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak and its RR interval."""
+    items = []
+    for w in windows:
+        samples = base64.b64encode(w.samples.astype("<f4").tobytes()).decode()
+        item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), samples]
+        if isinstance(w, BeatWindow):
+            item += [w.end_seq, w.beat_seq, w.rr_seconds]
+        items.append(item)
+    return items
 
 
-def decode_windows(items: list[list[Any]], now: float) -> list[Window]:
-    windows = []
-    for sensor_id, start_seq, start_ts, shape, samples in items:
+def decode_windows(items: list[list[Any]], now: float) -> list[Window | BeatWindow]:
+    windows: list[Window | BeatWindow] = []
+    for sensor_id, start_seq, start_ts, shape, samples, *beat in items:
         array = np.frombuffer(base64.b64decode(samples, validate=True), dtype="<f4").reshape(shape).astype(np.float32)
-        windows.append(
-            Window(str(sensor_id), int(start_seq), array, None if start_ts is None else float(start_ts), now)
-        )
+        ts = None if start_ts is None else float(start_ts)
+        if beat:
+            end_seq, beat_seq, rr_seconds = beat
+            rr = None if rr_seconds is None else float(rr_seconds)
+            windows.append(BeatWindow(str(sensor_id), int(start_seq), int(end_seq), int(beat_seq), rr, array, ts, now))
+        else:
+            windows.append(Window(str(sensor_id), int(start_seq), array, ts, now))
     return windows
 
 
@@ -138,8 +146,8 @@ class Journal:
         self._lock = threading.Lock()  # appends, and the swap of the file at a checkpoint
         self._sync_lock = threading.Lock()  # one fsync at a time; a checkpoint waits for the one running
         self._fd = -1
-        self._generation = 0  # which file `_fd` is: a checkpoint replaces it
-        self._written = 0  # bytes appended to the current file
+        self._written = 0  # bytes appended to the current file, the unwritten buffer included
+        self._buffer = bytearray()  # records appended since the last write
         self._waiting: deque[tuple[int, object]] = deque()  # (end offset, token) of records not yet fsynced
         self._started_at = 0.0
         self._stop = threading.Event()
@@ -159,25 +167,16 @@ class Journal:
         encoded = topic.encode("utf-8")
         record = _record(MESSAGE, _TOPIC_LENGTH.pack(len(encoded)) + encoded + payload)
         with self._lock:
-            try:
-                os.write(self._fd, record)
-            except OSError as error:
-                self._failed(error)
-                self.on_durable(token)
-                return
+            self._buffer += record
             self._written += len(record)
             self._waiting.append((self._written, token))
 
-    def mark_decided(self, window: Window) -> None:
-        """Record that `window` needs nothing more (any thread; fsynced with the next batch, never waited for)."""
+    def mark_decided(self, window: Window | BeatWindow) -> None:
+        """Record that `window` needs nothing more (any thread; written with the next batch, never waited for)."""
         record = _record(DECIDED, _START_SEQ.pack(window.start_seq) + window.sensor_id.encode("utf-8"))
         with self._lock:
             if self._fd >= 0:
-                try:
-                    os.write(self._fd, record)
-                except OSError as error:
-                    self._failed(error)
-                    return
+                self._buffer += record
                 self._written += len(record)
 
     def checkpoint_due(self, now: float) -> bool:
@@ -186,7 +185,7 @@ class Journal:
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Replace the file by one starting with `state` (the caller holds the windowing's lock: no appends)."""
         with self._sync_lock, self._lock:
-            os.fsync(self._fd)
+            self._flush(self._fd, self._take())
             self._release(self._written)
             self._rewrite(state)
 
@@ -198,7 +197,7 @@ class Journal:
         with self._sync_lock, self._lock:
             if self._fd < 0:
                 return
-            os.fsync(self._fd)
+            self._flush(self._fd, self._take())
             self._release(self._written)
             if state is not None:
                 self._rewrite(state)
@@ -220,27 +219,34 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._written, self._started_at = fd, len(record), time.monotonic()
-        self._generation += 1
         self.failing = False
 
     def _sync_loop(self) -> None:
         while not self._stop.wait(self.sync_interval_seconds):
-            with self._lock:
-                if not self._waiting:
-                    continue
-                generation, end = self._generation, self._written
-            with self._sync_lock:
+            with self._sync_lock:  # a checkpoint cannot swap the file between taking the records and writing them
                 with self._lock:
-                    if generation != self._generation:
-                        continue  # a checkpoint replaced the file (and released its records) meanwhile
-                    fd = self._fd
-                try:
-                    os.fsync(fd)
-                except OSError as error:
-                    self._failed(error)
+                    if not self._waiting and not self._buffer:
+                        continue
+                    fd, end, records = self._fd, self._written, self._take()
+                self._flush(fd, records)
                 self.syncs += 1
                 with self._lock:
                     self._release(end)
+
+    def _take(self) -> bytearray:
+        """The records appended since the last write (called with `_lock` held)."""
+        records, self._buffer = self._buffer, bytearray()
+        return records
+
+    def _flush(self, fd: int, records: bytearray) -> None:
+        """Write `records` and fsync; a failure is logged once and the records are released all the same."""
+        try:
+            view = memoryview(records)
+            while view:  # a regular file takes it whole, short of a full disk
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except OSError as error:
+            self._failed(error)
 
     def _failed(self, error: OSError) -> None:
         if not self.failing:

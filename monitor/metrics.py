@@ -131,6 +131,16 @@ class Metrics:
             "monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry
         )
         self.buffered_samples = Gauge("monitor_buffered_samples", "Samples held in sensor buffers", registry=registry)
+        self.input_unacknowledged = Gauge(
+            "monitor_input_unacknowledged",
+            "Input messages received and not yet acknowledged to the broker (journal fsync or window decision pending)",
+            registry=registry,
+        )
+        self.windows_undecided = Gauge(
+            "monitor_windows_undecided",
+            "Windows cut and not yet decided (queued, being scored, or their alert awaiting the broker)",
+            registry=registry,
+        )
         self.broker_connected = Gauge(
             "monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry
         )
@@ -278,11 +288,15 @@ class Metrics:
         queue_depth: Callable[[], float],
         active_sensors: Callable[[], float],
         buffered_samples: Callable[[], float],
+        input_unacknowledged: Callable[[], float],
+        windows_undecided: Callable[[], float],
     ) -> None:
         """Read these gauges from the live state at every scrape."""
         self.queue_depth.set_function(queue_depth)
         self.active_sensors.set_function(active_sensors)
         self.buffered_samples.set_function(buffered_samples)
+        self.input_unacknowledged.set_function(input_unacknowledged)
+        self.windows_undecided.set_function(windows_undecided)
 
     def set_instance(self, name: str, partitions: list[int], count: int | None) -> None:
         """Name the instance; with a partitioned broker, one `monitor_partition_consumed` series per partition, at 0."""

@@ -95,6 +95,7 @@ class MqttConnection:
         if settings.protocol == "5":
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = settings.session_expiry_seconds if settings.persistent_session else 0
+            properties.ReceiveMaximum = settings.receive_maximum  # bounds the input waiting for its acknowledgement
             clean_start = not settings.persistent_session
         self.client.connect_async(
             settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties

@@ -124,6 +124,7 @@ class _Stream:
 
 class _Sensor(Protocol):
     last_seen: float
+    next_seq: int  # the seq of the next sample expected
 
 
 SensorState = TypeVar("SensorState", bound=_Sensor)
@@ -174,6 +175,31 @@ class SensorTable(Generic[SensorState]):
             stream.last_seen = now
             self._streams.move_to_end(sensor_id)
         return stream
+
+    channels: int  # samples per row a message must carry
+
+    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> SensorState:
+        """A new sensor's state, its stream starting at `first_seq` (room made first with `_make_room`)."""
+        raise NotImplementedError
+
+    def _open(self, sensor_id: str, message: Message, now: float) -> tuple[SensorState, int]:
+        """The sensor's state, marked as seen (made for a new sensor, at the message's seq), and the seq of the
+        message's first sample (the sensor's next expected one when it carries none); ValueError for samples not
+        shaped [n, channels]."""
+        if message.samples.ndim != 2 or message.samples.shape[1] != self.channels:
+            raise ValueError(f"samples must be [n, {self.channels}], got {message.samples.shape}")
+        state = self._seen(sensor_id, now)
+        if state is None:
+            state = self._new_state(sensor_id, 0 if message.seq is None else message.seq, now)
+        return state, state.next_seq if message.seq is None else message.seq
+
+    @staticmethod
+    def _unseen(samples: np.ndarray, seq: int, next_seq: int) -> tuple[np.ndarray | None, int]:
+        """The samples from `next_seq` on (None when all came before it: a duplicate), and how many were skipped."""
+        if seq + len(samples) <= next_seq:
+            return None, len(samples)
+        trim = max(next_seq - seq, 0)
+        return samples[trim:], trim
 
     def _make_room(self, now: float) -> None:
         """Before adding a sensor: evicts idle ones when full; PayloadError("sensor_limit") if none is idle."""
@@ -288,37 +314,26 @@ class WindowAssembler(SensorTable[_Stream]):
 
         Raises PayloadError("sensor_limit") for a new sensor when max_sensors are active and none is idle.
         """
-        samples = message.samples
-        if samples.ndim != 2 or samples.shape[1] != self.channels:
-            raise ValueError(f"samples must be [n, {self.channels}], got {samples.shape}")
-        stream = self._seen(sensor_id, now)
-        if stream is None:
-            stream = self._new_stream(sensor_id, 0 if message.seq is None else message.seq, now)
+        stream, seq = self._open(sensor_id, message, now)
         result = FeedResult()
-        n = len(samples)
-        seq = stream.next_seq if message.seq is None else message.seq
         if abs(seq - stream.next_seq) > self.seq_tolerance and self._is_jump(stream, seq, redelivered):
             stream = self._jump(sensor_id, stream, seq, now, result)
         elif stream.aside is not None:
             result.restart_windows_dropped = self._broken_windows(stream.aside, stream.aside.next_seq)
             stream.aside = None
-        if seq + n <= stream.next_seq:
+        samples, result.duplicate_samples = self._unseen(message.samples, seq, stream.next_seq)
+        if samples is None:
             result.duplicate = True
-            result.duplicate_samples = n
             return result
         if seq > stream.next_seq:
             result.gaps = 1
             result.gap_windows_dropped = self._restart_after_gap(stream, seq)
         if message.ts is not None:
-            self._anchor(stream, seq, message.ts, seq + n)
-        trim = stream.next_seq - seq
-        if trim > 0:
-            result.duplicate_samples = trim
-            samples = samples[trim:]
+            self._anchor(stream, seq, message.ts, seq + len(message.samples))
         self._append(sensor_id, stream, samples, now, result.windows)
         return result
 
-    def _new_stream(self, sensor_id: str, first_seq: int, now: float) -> _Stream:
+    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> _Stream:
         self._make_room(now)
         buffer = np.empty((self._buffer_rows, self.channels), dtype=np.float32)
         stream = self._streams[sensor_id] = _Stream(first_seq, self.stride, buffer, now)

@@ -208,6 +208,17 @@ def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def alert_all_model(directory: Path, bundled: str = "ecg5000") -> Path:
+    """A copy of a bundled model (models/<bundled>) in `directory` with its threshold set to 0: every window (or
+    beat) scored is an alert, so counting alerts counts what was scored."""
+    model = directory / f"{bundled}-alert-all"
+    shutil.copytree(REPO / "models" / bundled, model)
+    meta = json.loads((model / "model.json").read_text())
+    meta["threshold"]["value"] = 0.0
+    (model / "model.json").write_text(json.dumps(meta, indent=2))
+    return model
+
+
 def daemon_config(path: Path, broker_port: int, model: Path = DEFAULT_MODEL, **sections) -> Path:
     """Write a daemon config for tests: the given broker, a free metrics port, JSON logs."""
     config = {

@@ -4,7 +4,6 @@ are trimmed, and a snapshot carries every sensor across a restart."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import orjson
@@ -21,7 +20,7 @@ from monitor.ingest import Ingest
 from monitor.journal import Journal
 from monitor.metrics import Metrics
 from monitor.payload import Message, PayloadDecoder
-from tests.support import REPO
+from tests.support import REPO, wait_until
 
 RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
 FS = 360.0
@@ -115,9 +114,9 @@ def test_timestamps_sensor_limit_and_a_bad_rate():
         BeatAssembler(BeatSpec(), 20.0, max_sensors=1, idle_seconds=5)
 
 
-def test_beat_mode_with_a_journal_acknowledges_each_message_once_it_is_on_disk(signal, tmp_path):
-    """Beat windows are not tracked as pending (RELIABILITY.md): nothing holds a message back after its fsync, so
-    the in-order acknowledgements never stall in beat mode, while the beat windows still reach the queue."""
+def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_beats_decided(signal, tmp_path):
+    """Beat windows are tracked like fixed ones: a message whose beats wait in the queue is not acknowledged (nor any
+    after it: MQTT's order); once the beats are decided, every message is, in arrival order."""
     acks = InOrderAcks()
     pending = PendingWindows(acks)
     journal = Journal(tmp_path / "journal", acks.release, sync_interval_seconds=0.01)
@@ -134,11 +133,12 @@ def test_beat_mode_with_a_journal_acknowledges_each_message_once_it_is_on_disk(s
         ingest.handle("sensors/a/ecg", payload, 0.0, receipt)
         acks.release(receipt)  # what the MQTT source does after the handler
         received.append(mid)
-    released: list[int] = []
-    deadline = time.monotonic() + 30
-    while len(released) < len(received) and time.monotonic() < deadline:
-        released += [receipt.mid for receipt in acks.ready()]
-        time.sleep(0.01)
+    wait_until(lambda: journal.syncs > 0 and not journal._waiting, 10, what="every record on disk")
+    released = [receipt.mid for receipt in acks.ready()]
+    queued = queue.depth()
+    assert queued > 10 and len(pending) == queued and len(released) < len(received)
+    while queue.depth():
+        pending.decided(queue.get(1.0))  # scored, not anomalous
+    released += [receipt.mid for receipt in acks.ready()]
     journal.close(ingest.checkpoint_state())
-    assert released == received
-    assert queue.depth() > 10 and len(pending) == 0
+    assert released == received and len(pending) == 0

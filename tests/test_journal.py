@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from monitor.acks import InOrderAcks, PendingWindows
 from monitor.journal import Journal, encode_windows, read_journal
 from monitor.windowing import Window
+from tests.support import wait_until
 
 
 def window(sensor_id: str, start: int) -> Window:
@@ -116,16 +117,20 @@ def test_decided_windows_are_recorded_for_the_replay(tmp_path):
 
 
 def test_a_failing_disk_never_holds_acknowledgements_back(tmp_path):
-    """A write that fails (here: the descriptor is gone, as after an I/O error) is logged once and the record
-    released at once, so the broker's input is not held back forever; a checkpoint brings the journal back."""
+    """A write that fails (here: the descriptor is gone, as after an I/O error) is logged once and the records
+    released with their batch, so the broker's input is not held back forever; a checkpoint brings the journal
+    back."""
     durable: list[str] = []
-    journal = Journal(tmp_path / "j", durable.append, sync_interval_seconds=60)
+    journal = Journal(tmp_path / "j", durable.append, sync_interval_seconds=0.01)
     journal.start({"windowing": None, "pending": []})
     os.close(journal._fd)
     with capture_logs() as logs:
         journal.append("sensors/a/ecg", b"{}", "first")
         journal.append("sensors/a/ecg", b"{}", "second")
-    assert durable == ["first", "second"] and journal.failing
+        wait_until(lambda: len(durable) == 2, 10, what="the failed batch released")
+        journal.append("sensors/a/ecg", b"{}", "third")
+        wait_until(lambda: len(durable) == 3, 10, what="the next failed batch released")
+    assert durable == ["first", "second", "third"] and journal.failing
     assert [entry["event"] for entry in logs] == ["journal_write_failed"]
     journal._fd = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)  # what the failed file leaves to close
     journal.checkpoint({"windowing": {"v": 1}, "pending": []})
