@@ -132,8 +132,14 @@ class EndToEnd:
         beats = self.run.mode == "beats"
         generator = subprocess.Popen(
             loadgen.command(
-                self.broker.port, sensors, warmup + measure + 1.0, rate, chunk, self.run.qos,
-                BEAT_RECORDING if beats else self.normal_data, recording=beats,
+                self.broker.port,
+                sensors,
+                warmup + measure + 1.0,
+                rate,
+                chunk,
+                self.run.qos,
+                BEAT_RECORDING if beats else self.normal_data,
+                recording=beats,
             ),
             cwd=REPO,
             stdout=subprocess.PIPE,
