@@ -311,6 +311,8 @@ class LoadSummary:
     max_lag_seconds: float = 0.0
     p99_lag_seconds: float = 0.0
     publish_errors: int = 0
+    published_while_disconnected: int = 0
+    blocked_seconds: float = 0.0
     unacknowledged: int = 0
     error: str | None = None
 
