@@ -5,7 +5,10 @@ The drop-in for `windowing.WindowAssembler` when `windowing.mode: beats` (same `
 message with n samples starting at q (its `seq`, or the sensor's next expected index E without one):
 
 - q + n <= E: a duplicate, ignored; q < E < q + n: the old prefix is trimmed (as in fixed mode);
-- q > E: a gap. The detector's filters and thresholds describe a signal that is no longer continuous, so the
+- a jump beyond `windowing.seq_tolerance` (far ahead, or back near 0: a reboot) starts a new stream and keeps the old
+  one aside until the next message shows which goes on, exactly as in fixed mode (`windowing` module docstring):
+  one message with a seq near 2**53 cannot silence a sensor;
+- q > E otherwise: a gap. The detector's filters and thresholds describe a signal that is no longer continuous, so the
   sensor's stream is reset (`detector_resets`): detection starts again at q, with a new learning phase and
   template warm-up. Beats whose span the gap cut are lost.
 
@@ -60,39 +63,49 @@ class BeatFeedResult:
     duplicate: bool = False
     gaps: int = 0
     gap_windows_dropped: int = 0  # always 0: a gap loses beats, not windows the ingest could count
-    restarted: bool = False  # always False: beat mode has no seq tolerance, any jump is a gap (detector reset)
-    restart_windows_dropped: int = 0  # always 0, likewise
+    restarted: bool = False  # the seq jumped beyond the tolerance: a new stream (and detector) started at it
+    restart_windows_dropped: int = 0  # always 0: a stream given up loses beats in progress, not windows
 
 
 class _Sensor:
-    __slots__ = ("stream", "next_seq", "last_seen", "anchor")
+    __slots__ = ("stream", "next_seq", "last_seen", "anchor", "aside")
 
     def __init__(self, stream: BeatStream, next_seq: int, now: float) -> None:
         self.stream = stream
         self.next_seq = next_seq
         self.last_seen = now
         self.anchor: tuple[int, float] | None = None  # (seq, ts) of the last message carrying ts
+        self.aside: _Sensor | None = None  # the sensor's state before a seq jump, until the next message decides
 
 
 class BeatAssembler(SensorTable[_Sensor]):
     """Cuts each sensor's single-lead stream into beat windows (see the module docstring). Not thread-safe."""
 
-    def __init__(self, spec: BeatSpec, sample_rate_hz: float, max_sensors: int, idle_seconds: float) -> None:
+    def __init__(
+        self, spec: BeatSpec, sample_rate_hz: float, max_sensors: int, idle_seconds: float, seq_tolerance: int = 1024
+    ) -> None:
         if max_sensors < 1:
             raise ValueError(f"max_sensors must be >= 1, got {max_sensors}")
-        super().__init__(max_sensors, idle_seconds)
+        super().__init__(max_sensors, idle_seconds, seq_tolerance=seq_tolerance)
         self.spec = spec
         self.fs = float(sample_rate_hz)
         BeatStream(self.fs, spec)  # checks the sampling rate now, not at the first message
         self.channels = 1
 
     def buffered_samples(self) -> int:
-        return sum(sensor.stream.buffered_samples for sensor in self._streams.values())
+        return sum(
+            sensor.stream.buffered_samples + (sensor.aside.stream.buffered_samples if sensor.aside else 0)
+            for sensor in self._streams.values()
+        )
 
-    def feed(self, sensor_id: str, message: Message, now: float) -> BeatFeedResult:
-        """Adds a message to its sensor's stream; returns the beat windows it completed and what it counted."""
+    def feed(self, sensor_id: str, message: Message, now: float, redelivered: bool = False) -> BeatFeedResult:
+        """Adds a message to its sensor's stream; returns the beat windows it completed and what it counted.
+        `redelivered` (the broker's DUP flag) as in `WindowAssembler.feed`."""
         sensor, seq = self._open(sensor_id, message, now)
         result = BeatFeedResult()
+        sensor, result.restarted, result.restart_windows_dropped = self._follow_seq(
+            sensor_id, sensor, seq, now, redelivered
+        )
         samples, result.duplicate_samples = self._unseen(message.samples, seq, sensor.next_seq)
         if samples is None:
             result.duplicate = True
@@ -119,10 +132,11 @@ class BeatAssembler(SensorTable[_Sensor]):
             )
         return result
 
-    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> _Sensor:
-        self._make_room(now)
-        sensor = self._streams[sensor_id] = _Sensor(BeatStream(self.fs, self.spec, origin=first_seq), first_seq, now)
-        return sensor
+    def _fresh_state(self, first_seq: int, now: float) -> _Sensor:
+        return _Sensor(BeatStream(self.fs, self.spec, origin=first_seq), first_seq, now)
+
+    def _partial_windows(self, state: _Sensor) -> int:
+        return 0
 
     def snapshot(self) -> dict[str, Any]:
         """Every sensor's detector, buffers, template and position, JSON-ready."""
@@ -201,5 +215,9 @@ def make_assembler(
         )
     assert windowing.sample_rate_hz is not None  # the config requires it in beat mode
     return BeatAssembler(
-        engine.segmentation, windowing.sample_rate_hz, windowing.max_sensors, windowing.idle_eviction_seconds
+        engine.segmentation,
+        windowing.sample_rate_hz,
+        windowing.max_sensors,
+        windowing.idle_eviction_seconds,
+        windowing.seq_tolerance,
     )

@@ -77,11 +77,7 @@ class Ingest:
             sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
             message = self.decoder.decode(payload)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
-                result: FeedResult | BeatFeedResult
-                if isinstance(self.assembler, BeatAssembler):
-                    result = self.assembler.feed(sensor_id, message, now)
-                else:
-                    result = self.assembler.feed(sensor_id, message, now, redelivered)
+                result: FeedResult | BeatFeedResult = self.assembler.feed(sensor_id, message, now, redelivered)
                 windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
                 journal, pending = self.journal, self.pending
                 if receipt is not None and journal is not None and pending is not None and not result.duplicate:

@@ -125,6 +125,7 @@ class _Stream:
 class _Sensor(Protocol):
     last_seen: float
     next_seq: int  # the seq of the next sample expected
+    aside: Any  # the sensor's state before a seq jump (same type), until the next message decides; or None
 
 
 SensorState = TypeVar("SensorState", bound=_Sensor)
@@ -136,12 +137,19 @@ class SensorTable(Generic[SensorState]):
     `on_evict` is called with each evicted sensor's id, so per-sensor state kept elsewhere goes with it.
     """
 
-    def __init__(self, max_sensors: int, idle_seconds: float, on_evict: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        max_sensors: int,
+        idle_seconds: float,
+        on_evict: Callable[[str], None] | None = None,
+        seq_tolerance: int = 1024,
+    ) -> None:
         if not idle_seconds > 0:
             raise ValueError(f"idle_seconds must be > 0, got {idle_seconds}")
         self.max_sensors = max_sensors
         self.idle_seconds = idle_seconds
         self.on_evict = on_evict
+        self.seq_tolerance = seq_tolerance
         self._streams: OrderedDict[str, SensorState] = OrderedDict()  # least recently seen first
         self.evicted_total = 0  # every eviction, including those a new sensor triggers inside feed()
 
@@ -178,9 +186,18 @@ class SensorTable(Generic[SensorState]):
 
     channels: int  # samples per row a message must carry
 
-    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> SensorState:
-        """A new sensor's state, its stream starting at `first_seq` (room made first with `_make_room`)."""
+    def _fresh_state(self, first_seq: int, now: float) -> SensorState:
+        """A sensor's state for a stream starting at `first_seq` (a new sensor, or a new stream after a jump)."""
         raise NotImplementedError
+
+    def _partial_windows(self, state: SensorState) -> int:
+        """Windows of a stream given up after a jump that had held samples which arrived (counted as dropped)."""
+        raise NotImplementedError
+
+    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> SensorState:
+        self._make_room(now)
+        state = self._streams[sensor_id] = self._fresh_state(first_seq, now)
+        return state
 
     def _open(self, sensor_id: str, message: Message, now: float) -> tuple[SensorState, int]:
         """The sensor's state, marked as seen (made for a new sensor, at the message's seq), and the seq of the
@@ -192,6 +209,34 @@ class SensorTable(Generic[SensorState]):
         if state is None:
             state = self._new_state(sensor_id, 0 if message.seq is None else message.seq, now)
         return state, state.next_seq if message.seq is None else message.seq
+
+    def _follow_seq(
+        self, sensor_id: str, state: SensorState, seq: int, now: float, redelivered: bool
+    ) -> tuple[SensorState, bool, int]:
+        """The seq policy of both modes (module docstring): (the state the message belongs to, whether it started a
+        new stream, windows dropped with the stream given up). A jump starts a new stream and keeps the old one aside
+        until the next message shows which goes on; a message far behind is a resend, left to `_unseen`."""
+        aside = state.aside
+        if abs(seq - state.next_seq) <= self.seq_tolerance or not self._is_jump(state, seq, redelivered):
+            if aside is None:
+                return state, False, 0
+            state.aside = None
+            return state, False, self._partial_windows(aside)
+        if aside is not None and abs(seq - aside.next_seq) <= self.seq_tolerance:  # back to the stream kept aside
+            aside.last_seen = now
+            self._streams[sensor_id] = aside
+            return aside, False, self._partial_windows(state)
+        new = self._streams[sensor_id] = self._fresh_state(seq, now)
+        new.aside = aside or state  # the established stream stays aside; an unconfirmed one is dropped
+        return new, True, 0 if aside is None else self._partial_windows(state)
+
+    def _is_jump(self, state: SensorState, seq: int, redelivered: bool) -> bool:
+        """A seq far from the position: back to the stream kept aside, far ahead, or back near 0 (module docstring);
+        further behind is a resend."""
+        aside = state.aside
+        if aside is not None and abs(seq - aside.next_seq) <= self.seq_tolerance:
+            return True
+        return not (seq < state.next_seq and (redelivered or seq > self.seq_tolerance))
 
     @staticmethod
     def _unseen(samples: np.ndarray, seq: int, next_seq: int) -> tuple[np.ndarray | None, int]:
@@ -229,11 +274,10 @@ class WindowAssembler(SensorTable[_Stream]):
             raise ValueError(
                 f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}"
             )
-        super().__init__(max_sensors, idle_seconds, on_evict)
+        super().__init__(max_sensors, idle_seconds, on_evict, seq_tolerance)
         self.window = window
         self.stride = stride
         self.channels = channels
-        self.seq_tolerance = seq_tolerance
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
 
@@ -316,11 +360,9 @@ class WindowAssembler(SensorTable[_Stream]):
         """
         stream, seq = self._open(sensor_id, message, now)
         result = FeedResult()
-        if abs(seq - stream.next_seq) > self.seq_tolerance and self._is_jump(stream, seq, redelivered):
-            stream = self._jump(sensor_id, stream, seq, now, result)
-        elif stream.aside is not None:
-            result.restart_windows_dropped = self._broken_windows(stream.aside, stream.aside.next_seq)
-            stream.aside = None
+        stream, result.restarted, result.restart_windows_dropped = self._follow_seq(
+            sensor_id, stream, seq, now, redelivered
+        )
         samples, result.duplicate_samples = self._unseen(message.samples, seq, stream.next_seq)
         if samples is None:
             result.duplicate = True
@@ -333,35 +375,11 @@ class WindowAssembler(SensorTable[_Stream]):
         self._append(sensor_id, stream, samples, now, result.windows)
         return result
 
-    def _new_state(self, sensor_id: str, first_seq: int, now: float) -> _Stream:
-        self._make_room(now)
-        buffer = np.empty((self._buffer_rows, self.channels), dtype=np.float32)
-        stream = self._streams[sensor_id] = _Stream(first_seq, self.stride, buffer, now)
-        return stream
+    def _fresh_state(self, first_seq: int, now: float) -> _Stream:
+        return _Stream(first_seq, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
 
-    def _is_jump(self, stream: _Stream, seq: int, redelivered: bool) -> bool:
-        """A seq far from the position: back to the stream kept aside, far ahead, or back near 0 (module docstring);
-        further behind is a resend."""
-        aside = stream.aside
-        if aside is not None and abs(seq - aside.next_seq) <= self.seq_tolerance:
-            return True
-        return not (seq < stream.next_seq and (redelivered or seq > self.seq_tolerance))
-
-    def _jump(self, sensor_id: str, stream: _Stream, seq: int, now: float, result: FeedResult) -> _Stream:
-        """A seq far from the sensor's position: back to the stream kept aside, or a new stream (module docstring)."""
-        aside = stream.aside
-        if aside is not None and abs(seq - aside.next_seq) <= self.seq_tolerance:
-            aside.last_seen = now
-            self._streams[sensor_id] = aside
-            result.restart_windows_dropped = self._broken_windows(stream, stream.next_seq)
-            return aside
-        result.restarted = True
-        new = _Stream(seq, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
-        new.aside = aside or stream  # the established stream stays aside; an unconfirmed one is dropped
-        if aside is not None:
-            result.restart_windows_dropped = self._broken_windows(stream, stream.next_seq)
-        self._streams[sensor_id] = new
-        return new
+    def _partial_windows(self, state: _Stream) -> int:
+        return self._broken_windows(state, state.next_seq)
 
     def _broken_windows(self, stream: _Stream, seq: int) -> int:
         """Windows not yet emitted, starting before seq, that held samples which arrived (module docstring)."""

@@ -63,7 +63,8 @@ def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
 
 
 def test_a_seq_gap_resets_the_detector_and_duplicates_are_trimmed(signal):
-    assembler = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
+    # a tolerance above the 10 s gap below: within it a gap resets the detector; beyond it, see the next test
+    assembler = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60, seq_tolerance=10**6)
     first = assembler.feed("s1", message(signal[:3600], 0), 0.0)
     again = assembler.feed("s1", message(signal[:3600], 0), 0.0)
     assert again.duplicate and again.duplicate_samples == 3600 and not again.windows
@@ -78,6 +79,21 @@ def test_a_seq_gap_resets_the_detector_and_duplicates_are_trimmed(signal):
     got = [window for window in gap.windows + later if window.beat_seq >= 10800]
     assert [w.beat_seq for w in got][-len(expected) :] == [beat.r_seq + 10800 for beat in expected]
     assert first.beats_found > 0
+
+
+def test_one_message_far_ahead_cannot_silence_a_sensor_and_a_reboot_to_zero_is_followed(signal):
+    """Issue 14 item 1 in beat mode: the seq policy is fixed mode's (`SensorTable`), so a poisoned seq near 2**53
+    costs the sensor nothing (its beats are exactly those of an untouched stream) and a reboot is scored at once."""
+    spec, half = BeatSpec(), int(60 * FS)
+    untouched = stream(BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60), "s1", signal, chunk=360)[0]
+    assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
+    before = stream(assembler, "s1", signal[:half], chunk=360)[0]
+    poison = assembler.feed("s1", message(signal[:1], 2**53 - 10), 0.0)
+    assert poison.restarted and not poison.gaps and not poison.windows
+    after = stream(assembler, "s1", signal[half:], chunk=360, start=half)[0]
+    assert [w.beat_seq for w in before + after] == [w.beat_seq for w in untouched] and len(after) > 40
+    rebooted = stream(assembler, "s1", signal, chunk=360)[0]  # the sensor restarts its seq at 0
+    assert [w.beat_seq for w in rebooted] == [w.beat_seq for w in untouched]
 
 
 def test_state_survives_a_restart_exactly(signal):
