@@ -20,6 +20,13 @@ segmentation; the train and test parts are separate streams, as `monitor train` 
   counted as not flagged (what a user sees); unscorable share of the normal and of the anomalous beats (the
   signal-quality measure must not hide the anomalies).
 
+- Where the model's false alarms come from (normal beats flagged, test parts): in a noisy stretch (the median
+  distance from the template, RMS of the `template_diff` channel, of the 4 beats before is above 0.5: the beat's
+  neighbours differ from the template too, so the stretch rather than the beat is odd), else early (prematurity
+  above 0.15), else other.
+- `--context-gate TAU` (an experiment, not the product's rule): beats in a stretch whose distance is above TAU count
+  as unscorable, for the model and the anchors alike; shows what such a signal-quality rule would cost.
+
 Results: a JSON file and a markdown table on stdout.
 """
 
@@ -48,6 +55,9 @@ RECORDS = ("105", "108", "114", "116", "121", "123", "208_excerpt")
 RESERVED = {"100", "106", "119", "200", "223"}
 NORMAL_SYMBOLS = ["N", "L", "R", "e", "j"]
 PCA_COMPONENTS = 4
+CONTEXT_BEATS = 4
+NOISY_STRETCH = 0.5
+EARLY = 0.15
 
 Score = Callable[[np.ndarray], np.ndarray]
 
@@ -111,6 +121,24 @@ def pca_scorer(train: np.ndarray, components: int = PCA_COMPONENTS) -> Score:
     return score
 
 
+def stretch_distance(windows: np.ndarray, spec: BeatSpec) -> np.ndarray:
+    """Per beat (stream order): the median RMS distance from the template of the up to CONTEXT_BEATS beats before it."""
+    distance = np.sqrt((windows[:, :, spec.channels.index("template_diff")] ** 2).mean(axis=1))
+    return np.array([np.median(distance[max(0, i - CONTEXT_BEATS) : i]) if i else 0.0 for i in range(len(distance))])
+
+
+def false_alarm_causes(labelled: LabelledBeats, spec: BeatSpec, score: np.ndarray, threshold: float) -> dict[str, int]:
+    """The normal beats flagged, by cause (module docstring): noisy stretch, else early, else other."""
+    flagged = (labelled.classes == "N") & labelled.scorable & (score > threshold)
+    noisy = flagged & (stretch_distance(labelled.windows, spec) > NOISY_STRETCH)
+    early = flagged & ~noisy & (labelled.windows[:, 0, spec.channels.index("prematurity")] > EARLY)
+    return {
+        "noisy_stretch": int(noisy.sum()),
+        "early": int(early.sum()),
+        "other": int((flagged & ~noisy & ~early).sum()),
+    }
+
+
 def beat_figures(score: np.ndarray, classes: np.ndarray, scorable: np.ndarray, threshold: float) -> dict[str, Any]:
     """Beat-level figures of one record (or the pooled records); see the module docstring."""
     anomalous = np.isin(classes, ["S", "V", "F"])
@@ -165,6 +193,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("models/mitdb-beats"))
     parser.add_argument("--data-dir", type=Path, default=Path("data/mitdb-dev"), help="train/ and test/ splits")
     parser.add_argument("--out", type=Path, default=Path("bench/beat_quality.json"))
+    parser.add_argument("--context-gate", type=float, help="experiment: beats in a stretch above this are unscorable")
     args = parser.parse_args()
     torch.set_num_threads(1)
     artifact = load_artifact(args.model)
@@ -188,6 +217,7 @@ def main() -> None:
         "segmentation": artifact.metadata["segmentation"],
         "detector_whole_records": detector_whole,
         "detector_test_parts": detector_test,
+        "context_gate": args.context_gate,
         "scorers": {},
     }
     for kind, (score_fn, threshold) in scorers(artifact, spec, train_parts).items():
@@ -195,11 +225,21 @@ def main() -> None:
         pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for name, labelled in test_parts.items():
             score = score_fn(labelled.windows)
-            per_record[name] = beat_figures(score, labelled.classes, labelled.scorable, threshold)
-            pooled.append((score, labelled.classes, labelled.scorable))
+            scorable = labelled.scorable
+            if args.context_gate is not None:
+                scorable = scorable & (stretch_distance(labelled.windows, spec) <= args.context_gate)
+            per_record[name] = beat_figures(score, labelled.classes, scorable, threshold)
+            if kind == "model" and args.context_gate is None:
+                per_record[name]["false_alarm_causes"] = false_alarm_causes(labelled, spec, score, threshold)
+            pooled.append((score, labelled.classes, scorable))
         per_record["pooled"] = beat_figures(
             *(np.concatenate(column) for column in zip(*pooled, strict=True)), threshold
         )
+        if kind == "model" and args.context_gate is None:
+            per_record["pooled"]["false_alarm_causes"] = {
+                cause: sum(per_record[name]["false_alarm_causes"][cause] for name in test_parts)
+                for cause in ("noisy_stretch", "early", "other")
+            }
         results["scorers"][kind] = {"threshold": threshold, "records": per_record}
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(table(results))
@@ -213,6 +253,11 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _causes(row: dict[str, Any]) -> str:
+    causes = row.get("false_alarm_causes")
+    return "-" if causes is None else " / ".join(str(causes[name]) for name in ("noisy_stretch", "early", "other"))
+
+
 def table(results: dict[str, Any]) -> str:
     """Markdown: one row per record and pooled; the model's figures with the PCA anchors' AUC and flagged share."""
     model, beat, channels = (
@@ -220,8 +265,8 @@ def table(results: dict[str, Any]) -> str:
     )
     lines = [
         "| record | detector Se / PPV (whole) | Se / PPV (test part) | AUC | F1 | normal flagged | unscorable N / SVF "
-        "| PCA beat: AUC, flagged | PCA model channels: AUC, flagged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| PCA beat: AUC, flagged | PCA model channels: AUC, flagged | false alarms: noisy stretch / early / other |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in (*RECORDS, "pooled"):
         whole_, test, row = results["detector_whole_records"][name], results["detector_test_parts"][name], model[name]
@@ -230,7 +275,7 @@ def table(results: dict[str, Any]) -> str:
             f"{_pct(test['ppv'])} | {_num(row['auc'])} | {_num(row['f1'])} | {_pct(row['normal_flagged'])} | "
             f"{_pct(row['unscorable_normal'])} / {_pct(row['unscorable_anomalous'])} | "
             f"{_num(beat[name]['auc'])}, {_pct(beat[name]['normal_flagged'])} | "
-            f"{_num(channels[name]['auc'])}, {_pct(channels[name]['normal_flagged'])} |"
+            f"{_num(channels[name]['auc'])}, {_pct(channels[name]['normal_flagged'])} | {_causes(row)} |"
         )
     return "\n".join(lines)
 

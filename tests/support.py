@@ -310,6 +310,22 @@ class DaemonProcess:
             self.reader.join(5)
 
 
+def replay_args(config: Path, data: Path, sensors: int, *options: str, speed: str = "max") -> list[str]:
+    """`monitor replay` arguments: DATA published as SENSORS sensors to CONFIG's broker at SPEED, then OPTIONS."""
+    return [
+        "replay",
+        "--config",
+        str(config),
+        "--data",
+        str(data),
+        "--sensors",
+        str(sensors),
+        "--speed",
+        speed,
+        *options,
+    ]
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m monitor ARGS` from the repository root and capture its output."""
     return subprocess.run(

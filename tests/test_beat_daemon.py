@@ -11,7 +11,7 @@ from monitor.artifact import load_artifact
 from monitor.beatdata import read_recording
 from monitor.beats import beat_spec, cut_beats
 from monitor.scoring import Scorer
-from tests.support import DEFAULT_MODEL, REPO, daemon_config, metric, run_cli, wait_until
+from tests.support import DEFAULT_MODEL, REPO, daemon_config, metric, replay_args, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,7 @@ def offline(signal: np.ndarray) -> tuple[int, int, set[int], float]:
 
 
 def replay(config, recording, sensors: int) -> None:
-    result = run_cli("replay", "--config", str(config), "--data", str(recording), "--sensors", str(sensors),
-                     "--chunk", str(CHUNK), "--sample-rate-hz", str(FS), "--speed", "max")  # fmt: skip
+    result = run_cli(*replay_args(config, recording, sensors, "--chunk", str(CHUNK), "--sample-rate-hz", str(FS)))
     assert result.returncode == 0, result.stderr
 
 

@@ -11,7 +11,7 @@ import pytest
 from monitor.artifact import load_artifact
 from monitor.datasets import read_ucr
 from monitor.scoring import Scorer
-from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, run_cli, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, replay_args, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,19 +59,15 @@ def test_replayed_test_split_alerts_exactly_what_evaluate_flags(broker, capture_
     total_windows = 3103
 
     result = run_cli(
-        "replay",
-        "--config",
-        str(config),
-        "--data",
-        str(SPLITS / "test.txt.xz"),
-        "--sensors",
-        str(SENSORS),
-        "--chunk",
-        str(CHUNK),
-        "--speed",
-        "max",
-        "--labels-out",
-        str(tmp_path / "labels.jsonl"),
+        *replay_args(
+            config,
+            SPLITS / "test.txt.xz",
+            SENSORS,
+            "--chunk",
+            str(CHUNK),
+            "--labels-out",
+            str(tmp_path / "labels.jsonl"),
+        )
     )
     assert result.returncode == 0, result.stderr
     assert f"from {SENSORS} sensors" in result.stdout

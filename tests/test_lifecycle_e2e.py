@@ -18,7 +18,7 @@ from monitor.config import ModelSettings
 from monitor.datasets import read_ucr
 from monitor.engine import Engine, load_engine
 from monitor.episodes import Decision, EpisodePolicy, EpisodeTracker
-from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, mqtt_settings, run_cli, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, mqtt_settings, replay_args, run_cli, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,7 @@ def beats_factory():
 
 
 def replay_test_split(config) -> None:
-    data = str(SPLITS / "test.txt.xz")
-    result = run_cli("replay", "--config", str(config), "--data", data, "--sensors", str(SENSORS), "--speed", "max")
+    result = run_cli(*replay_args(config, SPLITS / "test.txt.xz", SENSORS))
     assert result.returncode == 0, result.stderr
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from monitor.config import Config
-from tests.support import SPLITS, DaemonProcess, daemon_config, free_port, metric, terminate, wait_until
+from tests.support import SPLITS, DaemonProcess, daemon_config, free_port, metric, replay_args, terminate, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "monitor.service"
@@ -249,20 +249,7 @@ def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     try:
         daemon.wait_for_event("ready", timeout=60)
         replay = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "monitor",
-                "replay",
-                "--config",
-                str(config),
-                "--data",
-                str(SPLITS / "test.txt.xz"),
-                "--sensors",
-                "20",
-                "--speed",
-                "1",
-            ],
+            [sys.executable, "-m", "monitor", *replay_args(config, SPLITS / "test.txt.xz", 20, speed="1")],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
