@@ -20,10 +20,11 @@ segmentation; the train and test parts are separate streams, as `monitor train` 
   counted as not flagged (what a user sees); unscorable share of the normal and of the anomalous beats (the
   signal-quality measure must not hide the anomalies).
 
-- Where the model's false alarms come from (normal beats flagged, test parts): in a noisy stretch (the median
-  distance from the template, RMS of the `template_diff` channel, of the 4 beats before is above 0.5: the beat's
-  neighbours differ from the template too, so the stretch rather than the beat is odd), else early (prematurity
-  above 0.15), else other.
+- Every score (model and anchors, test and calibration beats) is divided by the beat's error scale, as the daemon
+  does (`beats.BeatSpec.error_scale`: a model trained with a stretch limit scores beats in noisy stretches leniently).
+- Where the model's false alarms come from (normal beats flagged, test parts): in a noisy stretch (the beat's
+  `stretch`, the median distance from the template of the 4 beats before, is above 0.5: its neighbours differ from
+  the template too, so the stretch rather than the beat is odd), else early (prematurity above 0.15), else other.
 - `--context-gate TAU` (an experiment, not the product's rule): beats in a stretch whose distance is above TAU count
   as unscorable, for the model and the anchors alike; shows what such a signal-quality rule would cost.
 
@@ -55,7 +56,6 @@ RECORDS = ("105", "108", "114", "116", "121", "123", "208_excerpt")
 RESERVED = {"100", "106", "119", "200", "223"}
 NORMAL_SYMBOLS = ["N", "L", "R", "e", "j"]
 PCA_COMPONENTS = 4
-CONTEXT_BEATS = 4
 NOISY_STRETCH = 0.5
 EARLY = 0.15
 
@@ -121,16 +121,14 @@ def pca_scorer(train: np.ndarray, components: int = PCA_COMPONENTS) -> Score:
     return score
 
 
-def stretch_distance(windows: np.ndarray, spec: BeatSpec) -> np.ndarray:
-    """Per beat (stream order): the median RMS distance from the template of the up to CONTEXT_BEATS beats before it."""
-    distance = np.sqrt((windows[:, :, spec.channels.index("template_diff")] ** 2).mean(axis=1))
-    return np.array([np.median(distance[max(0, i - CONTEXT_BEATS) : i]) if i else 0.0 for i in range(len(distance))])
+def stretches(labelled: LabelledBeats) -> np.ndarray:
+    return np.array([beat.stretch for beat in labelled.beats])
 
 
 def false_alarm_causes(labelled: LabelledBeats, spec: BeatSpec, score: np.ndarray, threshold: float) -> dict[str, int]:
     """The normal beats flagged, by cause (module docstring): noisy stretch, else early, else other."""
     flagged = (labelled.classes == "N") & labelled.scorable & (score > threshold)
-    noisy = flagged & (stretch_distance(labelled.windows, spec) > NOISY_STRETCH)
+    noisy = flagged & (stretches(labelled) > NOISY_STRETCH)
     early = flagged & ~noisy & (labelled.windows[:, 0, spec.channels.index("prematurity")] > EARLY)
     return {
         "noisy_stretch": int(noisy.sum()),
@@ -170,7 +168,7 @@ def scorers(artifact: Any, spec: BeatSpec, train_parts: list[tuple[Recording, La
     model = Scorer.from_artifact(artifact)
     hyper = artifact.metadata["training"]["hyperparameters"]
     quantile = float(artifact.metadata["threshold"]["params"].get("q", 0.99))
-    fit, _, calibration = split_training_beats(
+    beats = split_training_beats(
         train_parts,
         hyper.get("normal_symbols", NORMAL_SYMBOLS),
         hyper["validation_fraction"],
@@ -179,12 +177,13 @@ def scorers(artifact: Any, spec: BeatSpec, train_parts: list[tuple[Recording, La
     out: dict[str, Any] = {"model": (lambda x: model.score_all(x).errors, artifact.threshold)}
     beat = [spec.channels.index("beat")]
     for name, channels in (("pca_beat", beat), ("pca_model_channels", list(range(len(spec.channels))))):
-        pca = pca_scorer(fit[:, :, channels])
+        pca = pca_scorer(beats.fit[:, :, channels])
 
         def score(x: np.ndarray, pca: Score = pca, channels: list[int] = channels) -> np.ndarray:
             return pca(x[:, :, channels])
 
-        out[name] = (score, float(np.quantile(score(calibration), quantile)))
+        calibration_scores = score(beats.calibration) / spec.error_scale(beats.calibration_stretch)
+        out[name] = (score, float(np.quantile(calibration_scores, quantile)))
     return out
 
 
@@ -224,10 +223,10 @@ def main() -> None:
         per_record: dict[str, Any] = {}
         pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for name, labelled in test_parts.items():
-            score = score_fn(labelled.windows)
+            score = score_fn(labelled.windows) / spec.error_scale(stretches(labelled))
             scorable = labelled.scorable
             if args.context_gate is not None:
-                scorable = scorable & (stretch_distance(labelled.windows, spec) <= args.context_gate)
+                scorable = scorable & (stretches(labelled) <= args.context_gate)
             per_record[name] = beat_figures(score, labelled.classes, scorable, threshold)
             if kind == "model" and args.context_gate is None:
                 per_record[name]["false_alarm_causes"] = false_alarm_causes(labelled, spec, score, threshold)

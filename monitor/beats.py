@@ -40,6 +40,16 @@ Signal quality: a beat is scored only if it is judged scorable:
   dividing by the sensor's usual QRS peak (not this beat's) keeps a wide ectopic beat, whose own band peak is
   low, from being taken for noise. The absolute limit catches a sensor noisy from its start, the relative one
   a noisy stretch of a sensor whose usual floor is higher (lead V5, small QRS).
+
+Noisy stretches (`stretch_limit`): a beat's `stretch` is the median distance from the template (RMS of
+`template_diff`) of the STRETCH_BEATS beats before it. One odd beat among usual ones has a small stretch; a beat in
+a stretch where every beat differs from the template (electrode motion slower than the QRS band, which the noise
+ratio does not see) has a large one, and its reconstruction error is then mostly that disturbance. The score is the
+error divided by `error_scale` = max(1, stretch / stretch_limit), so the threshold rises in proportion in such a
+stretch instead of the beat going unscored: an ectopic beat there still alerts if it stands out by more. Training
+sets the limit to a quantile (`stretch_quantile`) of the stretch of its normal beats; the same division applies to
+calibration, `monitor evaluate` and the daemon. The false alarms it removes and the recall it costs on MIT-BIH are
+in bench/beat_quality.py's results.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ NOISE_AFTER_SECONDS = 0.3  # the QRS band lags the raw signal by 0.125 s: up to 
 NOISE_HISTORY = 64
 PEAK_HISTORY = 8
 RR_HISTORY = 8
+STRETCH_BEATS = 4
 MAX_ALIGN_STEPS = 32  # shifts tried on each side at most (every sample up to 32 samples, coarser beyond)
 UNSCORABLE_REASONS = ("warmup", "flat", "noise")
 
@@ -81,6 +92,7 @@ class BeatSpec:
     relative_noise: float = 2.0
     align_seconds: float = 0.05  # template alignment search, +-; 0 = the detector's fiducial point as it is
     detrend: bool = True  # subtract the span's least-squares line before the z-score (baseline wander)
+    stretch_limit: float | None = None  # set by training; None: scores are not scaled by the stretch (module doc)
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -98,11 +110,18 @@ class BeatSpec:
             or not self.max_noise_ratio > 0
             or not self.relative_noise > 0
             or not 0 <= self.align_seconds <= 0.2
+            or not (self.stretch_limit is None or self.stretch_limit > 0)
         ):
             raise ValueError(
                 "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
-                "and 0 <= align_seconds <= 0.2 are required"
+                "0 <= align_seconds <= 0.2 and stretch_limit > 0 (or none) are required"
             )
+
+    def error_scale(self, stretch: np.ndarray | float) -> np.ndarray:
+        """What a beat's reconstruction error is divided by before the threshold: stretch / stretch_limit, at least 1
+        (always 1 without a limit)."""
+        stretch = np.asarray(stretch, dtype=np.float64)
+        return np.ones_like(stretch) if self.stretch_limit is None else np.maximum(1.0, stretch / self.stretch_limit)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -122,6 +141,7 @@ class BeatSpec:
             "relative_noise",
             "align_seconds",
             "detrend",
+            "stretch_limit",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -143,6 +163,7 @@ class Beat:
     window: np.ndarray
     reason: str | None
     noise_ratio: float
+    stretch: float  # median distance from the template of the STRETCH_BEATS beats before this one
 
     @property
     def scorable(self) -> bool:
@@ -186,6 +207,7 @@ class BeatStream:
         self._rr: deque[int] = deque(maxlen=RR_HISTORY)
         self._peaks: deque[float] = deque(maxlen=PEAK_HISTORY)  # QRS-band peaks of the last beats
         self._noise: deque[float] = deque(maxlen=NOISE_HISTORY)  # noise ratios of the last beats
+        self._distances: deque[float] = deque(maxlen=STRETCH_BEATS)  # the last beats' distances from the template
         self._last_r: int | None = None
         self.beats = 0
 
@@ -236,6 +258,8 @@ class BeatStream:
             "prematurity": np.full_like(shape, max(0.0, -relative_rr)),
         }
         window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
+        stretch = statistics.median(self._distances) if self._distances else 0.0
+        self._distances.append(float(np.sqrt(np.mean(channels["template_diff"] ** 2))))
         if std > 1e-9 and not noisy:
             self._templates.append(at_fiducial)
         if rr is not None:
@@ -244,7 +268,7 @@ class BeatStream:
         start = self.origin + r + shift - int(round(self.spec.before_seconds * self.fs))
         end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
         rr_seconds = None if rr is None else rr / self.fs
-        return Beat(index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise)
+        return Beat(index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch)
 
     def _aligned(self, r: int, template: np.ndarray | None) -> tuple[int, np.ndarray, float, np.ndarray]:
         """(shift, z-normalised span, its std, the z-normalised span at r itself) of the beat at r, its fiducial
@@ -311,6 +335,7 @@ class BeatStream:
             "rr": list(self._rr),
             "peaks": list(self._peaks),
             "noise": list(self._noise),
+            "distances": list(self._distances),
             "last_r": self._last_r,
             "beats": self.beats,
         }
@@ -330,6 +355,7 @@ class BeatStream:
         stream._rr.extend(int(rr) for rr in state["rr"])
         stream._peaks.extend(float(value) for value in state["peaks"])
         stream._noise.extend(float(value) for value in state["noise"])
+        stream._distances.extend(float(value) for value in state.get("distances", ()))  # absent before stretch scaling
         stream._last_r = None if state["last_r"] is None else int(state["last_r"])
         stream.beats = int(state["beats"])
         if stream._raw_start + len(stream._raw) != stream.received or len(stream._band) > len(stream._raw):

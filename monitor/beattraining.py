@@ -10,7 +10,7 @@ them the same way (and refuse a model of the other mode).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,12 +48,23 @@ class BeatSettings(Strict):
     relative_noise: float = Field(default=2.0, gt=0)
     align_seconds: float = Field(default=0.05, ge=0, le=0.2)
     detrend: bool = True
+    # the stretch limit (beats.py) is this quantile of the fit beats' stretch; null: scores are not scaled
+    stretch_quantile: float | None = Field(default=0.95, gt=0, lt=1)
 
     def spec(self) -> BeatSpec:
+        """The spec to cut with; its `stretch_limit` is set after cutting (`with_stretch_limit`)."""
         try:
-            return BeatSpec(**{**self.model_dump(), "channels": tuple(self.channels)})
+            return BeatSpec(**{**self.model_dump(exclude={"stretch_quantile"}), "channels": tuple(self.channels)})
         except ValueError as error:
             raise DataError(f"beats: {error}") from None
+
+    def with_stretch_limit(self, spec: BeatSpec, fit_stretch: np.ndarray) -> BeatSpec:
+        if self.stretch_quantile is None:
+            return spec
+        limit = float(np.quantile(fit_stretch, self.stretch_quantile))
+        if not limit > 0:
+            raise DataError(f"beats: the fit beats' stretch at quantile {self.stretch_quantile} is {limit}, not > 0")
+        return replace(spec, stretch_limit=limit)
 
 
 class BeatTrainSettings(TrainSettings):
@@ -117,9 +128,21 @@ class BeatEvaluation:
         }
 
 
+@dataclass(frozen=True)
+class TrainingBeats:
+    """Scorable training windows split in time order within each recording, with the fit and calibration beats'
+    stretch (`beats.Beat.stretch`)."""
+
+    fit: np.ndarray
+    validation: np.ndarray
+    calibration: np.ndarray
+    fit_stretch: np.ndarray
+    calibration_stretch: np.ndarray
+
+
 def split_training_beats(
     labelled: list, normal_symbols: list[str], validation_fraction: float, calibration_fraction: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> TrainingBeats:
     """(fit, validation, calibration) scorable training windows, split in time order within each recording.
 
     With annotations only beats matched to a normal symbol. As for fixed-mode recordings, each recording's
@@ -127,31 +150,33 @@ def split_training_beats(
     minutes it was fitted on lower than later ones, and the daemon only ever scores later ones, so a threshold
     from beats drawn at random among the fit beats' neighbours flags more than its share of later normal beats.
     """
-    parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("fit", "validation", "calibration", "fs", "cs")}
     for _, beats in labelled:
         if isinstance(beats, LabelledBeats):
-            keep = beats.scorable & np.isin(beats.symbols, normal_symbols)
-            windows = beats.windows[keep] if keep.any() else None
+            kept = [beat for beat, symbol in zip(beats.beats, beats.symbols, strict=True) if symbol in normal_symbols]
         else:
-            kept = [beat.window for beat in beats if beat.scorable]
-            windows = np.stack(kept) if kept else None
-        if windows is None:
+            kept = list(beats)
+        kept = [beat for beat in kept if beat.scorable]
+        if not kept:
             continue
+        windows, stretch = np.stack([beat.window for beat in kept]), np.array([beat.stretch for beat in kept])
         n = len(windows)
         n_cal, n_val = int(round(n * calibration_fraction)), int(round(n * validation_fraction))
         fit_end = n - n_val - n_cal
         parts["fit"].append(windows[:fit_end])
         parts["validation"].append(windows[fit_end : n - n_cal])
         parts["calibration"].append(windows[n - n_cal :])
+        parts["fs"].append(stretch[:fit_end])
+        parts["cs"].append(stretch[n - n_cal :])
     if not parts["fit"]:
         raise DataError("no scorable training beats found in the recordings")
-    fit, validation, calibration = (np.concatenate(parts[name]) for name in ("fit", "validation", "calibration"))
-    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
+    split = TrainingBeats(*(np.concatenate(parts[name]) for name in ("fit", "validation", "calibration", "fs", "cs")))
+    if len(split.fit) < 2 or len(split.validation) < 1 or len(split.calibration) < 10:
         raise DataError(
-            f"{len(fit)}/{len(validation)}/{len(calibration)} scorable normal beats are too few to "
+            f"{len(split.fit)}/{len(split.validation)}/{len(split.calibration)} scorable normal beats are too few to "
             "train/validate/calibrate"
         )
-    return fit, validation, calibration
+    return split
 
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
@@ -165,9 +190,11 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     spec = settings.beats.spec()
     started = time.perf_counter()
     labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
-    fit, validation, calibration_windows = split_training_beats(
+    beats = split_training_beats(
         labelled, settings.normal_symbols, settings.validation_fraction, settings.calibration_fraction
     )
+    fit, validation, calibration_windows = beats.fit, beats.validation, beats.calibration
+    spec = settings.beats.with_stretch_limit(spec, beats.fit_stretch)
     n_val, n_cal = len(validation), len(calibration_windows)
     normalisation = Normalisation.fit(fit)
     log.info(
@@ -183,7 +210,7 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     )
     seconds = time.perf_counter() - started
     scorer = Scorer(model, normalisation)
-    calibration_errors = scorer.score_all(calibration_windows).errors
+    calibration_errors = scorer.score_all(calibration_windows).errors / spec.error_scale(beats.calibration_stretch)
     calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
     uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
     evaluation, evaluation_data = None, None
@@ -239,7 +266,7 @@ def evaluate_beats(
     """
     labelled = load_labelled(files, fs, spec, "cutting beats")
     detected = missed = extra = found = 0
-    windows, classes, scorable = [], [], []
+    windows, classes, scorable, stretches = [], [], [], []
     for recording, beats in labelled:
         if not isinstance(beats, LabelledBeats):
             raise DataError(f"{recording.source}: evaluation needs its annotation file")
@@ -249,6 +276,7 @@ def evaluate_beats(
             windows.append(beats.windows)
             classes.append(beats.classes)
             scorable.append(beats.scorable)
+            stretches.append(np.array([beat.stretch for beat in beats.beats]))
     if not windows:
         raise DataError("no beats found in the evaluation recordings")
     all_classes = np.concatenate(classes)
@@ -257,7 +285,7 @@ def evaluate_beats(
     use = labelled_mask & all_scorable
     scored_windows = np.concatenate(windows)[use]
     scored_classes = all_classes[use]
-    scores = scorer.score_all(scored_windows).errors
+    scores = scorer.score_all(scored_windows).errors / spec.error_scale(np.concatenate(stretches)[use])
     anomalous = scored_classes != "N"
     result = evaluate_scores(scores, anomalous, threshold)
     flagged = scores > threshold

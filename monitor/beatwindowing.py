@@ -49,6 +49,7 @@ class BeatWindow:
     samples: np.ndarray  # [W, C] float32
     start_ts: float | None
     completed_at: float
+    error_scale: float = 1.0  # the beat's reconstruction error is divided by this (beats.BeatSpec.error_scale)
 
 
 @dataclass(slots=True)
@@ -127,8 +128,16 @@ class BeatAssembler(SensorTable[_Sensor]):
             )
             result.windows.append(
                 BeatWindow(
-                    sensor_id, beat.start_seq, beat.end_seq, beat.r_seq, beat.rr_seconds, beat.window, start_ts, now
-                )
+                    sensor_id,
+                    beat.start_seq,
+                    beat.end_seq,
+                    beat.r_seq,
+                    beat.rr_seconds,
+                    beat.window,
+                    start_ts,
+                    now,
+                    float(self.spec.error_scale(beat.stretch)),
+                )  # fmt: skip
             )
         return result
 

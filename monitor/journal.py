@@ -72,13 +72,14 @@ class Replayed:
 
 
 def encode_windows(windows: Sequence[Window | BeatWindow]) -> list[list[Any]]:
-    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak and its RR interval."""
+    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval and its error
+    scale."""
     items = []
     for w in windows:
         samples = base64.b64encode(w.samples.astype("<f4").tobytes()).decode()
         item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), samples]
         if isinstance(w, BeatWindow):
-            item += [w.end_seq, w.beat_seq, w.rr_seconds]
+            item += [w.end_seq, w.beat_seq, w.rr_seconds, w.error_scale]
         items.append(item)
     return items
 
@@ -89,9 +90,21 @@ def decode_windows(items: list[list[Any]], now: float) -> list[Window | BeatWind
         array = np.frombuffer(base64.b64decode(samples, validate=True), dtype="<f4").reshape(shape).astype(np.float32)
         ts = None if start_ts is None else float(start_ts)
         if beat:
-            end_seq, beat_seq, rr_seconds = beat
+            end_seq, beat_seq, rr_seconds, *scale = beat  # no scale in records written before stretch scaling
             rr = None if rr_seconds is None else float(rr_seconds)
-            windows.append(BeatWindow(str(sensor_id), int(start_seq), int(end_seq), int(beat_seq), rr, array, ts, now))
+            windows.append(
+                BeatWindow(
+                    str(sensor_id),
+                    int(start_seq),
+                    int(end_seq),
+                    int(beat_seq),
+                    rr,
+                    array,
+                    ts,
+                    now,
+                    float(scale[0]) if scale else 1.0,
+                )  # fmt: skip
+            )
         else:
             windows.append(Window(str(sensor_id), int(start_seq), array, ts, now))
     return windows

@@ -26,7 +26,7 @@ from monitor.batching import MicroBatcher
 from monitor.engine import Engine
 from monitor.metrics import Metrics
 from monitor.scoring import Scores
-from monitor.windowing import Window
+from monitor.windowing import Window, scaled_errors
 
 log = structlog.get_logger("monitor.worker")
 
@@ -84,6 +84,7 @@ class ScoringWorker(threading.Thread):
         try:
             started = time.perf_counter()
             scores = engine.score(np.stack([window.samples for window in batch]))
+            scores = Scores(scaled_errors(batch, scores.errors), scores.profiles)
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
         except Exception:
             log.exception("scoring_failed", batch=len(batch))

@@ -187,15 +187,24 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
     for name in ("121", "123"):
         recording = read_recording(TRAIN / f"{name}.npy", 360, TRAIN / f"{name}.csv")
         labelled.append((recording, label_beats(recording, cut_recording(recording, spec))))
-    fit, validation, calibration = split_training_beats(labelled, ["N"], 0.15, 0.15)
-    expected: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
+    split = split_training_beats(labelled, ["N"], 0.15, 0.15)
+    expected: dict[str, list[np.ndarray]] = {name: [] for name in ("fit", "validation", "calibration", "fs", "cs")}
     for _, beats in labelled:
-        windows = beats.windows[beats.scorable & (beats.symbols == "N")]
+        keep = beats.scorable & (beats.symbols == "N")
+        windows, stretch = beats.windows[keep], np.array([beat.stretch for beat in beats.beats])[keep]
         n = len(windows)
         n_cal, n_val = round(0.15 * n), round(0.15 * n)
         expected["fit"].append(windows[: n - n_val - n_cal])
         expected["validation"].append(windows[n - n_val - n_cal : n - n_cal])
         expected["calibration"].append(windows[n - n_cal :])
-    for name, got in (("fit", fit), ("validation", validation), ("calibration", calibration)):
+        expected["fs"].append(stretch[: n - n_val - n_cal])
+        expected["cs"].append(stretch[n - n_cal :])
+    for name, got in (
+        ("fit", split.fit),
+        ("validation", split.validation),
+        ("calibration", split.calibration),
+        ("fs", split.fit_stretch),
+        ("cs", split.calibration_stretch),
+    ):
         assert np.array_equal(got, np.concatenate(expected[name])), name
-    assert len(calibration) > 100
+    assert len(split.calibration) > 100

@@ -25,10 +25,14 @@ CHUNK = 90
 def offline(signal: np.ndarray) -> tuple[int, int, set[int], float]:
     """(beats found, beats scored, R peaks flagged, threshold) as `monitor evaluate` cuts and scores them."""
     artifact = load_artifact(BEAT_MODEL)
-    beats = cut_beats(signal, FS, beat_spec(artifact.metadata, BEAT_MODEL))
+    spec = beat_spec(artifact.metadata, BEAT_MODEL)
+    assert spec is not None and spec.stretch_limit is not None  # the bundled model scales scores in noisy stretches
+    beats = cut_beats(signal, FS, spec)
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
-    flagged = {beat.r_seq for beat, error in zip(scorable, errors, strict=True) if error > artifact.threshold}
+    scaled = errors / spec.error_scale(np.array([beat.stretch for beat in scorable]))
+    flagged = {beat.r_seq for beat, error in zip(scorable, scaled, strict=True) if error > artifact.threshold}
+    assert flagged != {beat.r_seq for beat, error in zip(scorable, errors, strict=True) if error > artifact.threshold}
     return len(beats), len(scorable), flagged, artifact.threshold
 
 
