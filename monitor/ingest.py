@@ -152,6 +152,7 @@ class Ingest:
         self.metrics.beats_found.inc(result.beats_found)
         if result.detector_resets:
             self.metrics.detector_resets.inc(result.detector_resets)
+        self.metrics.beats_noisy_stretch.inc(sum(window.error_scale > 1 for window in result.windows))
         for reason, count in result.unscorable.items():
             self.metrics.beats_unscorable.labels(reason).inc(count)
             if reason != "warmup" and self._warnings.allow((sensor_id, "unscorable"), now):

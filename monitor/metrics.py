@@ -116,6 +116,11 @@ class Metrics:
         self.detector_resets = Counter(
             "monitor_detector_resets_total", "Sensors' beat detectors restarted by a seq gap", registry=registry
         )
+        self.beats_noisy_stretch = Counter(
+            "monitor_beats_noisy_stretch_total",
+            "Beats scored in a noisy stretch: their error divided by a scale above 1 (the model's stretch limit)",
+            registry=registry,
+        )
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)

@@ -22,18 +22,20 @@ SENSORS = 2
 CHUNK = 90
 
 
-def offline(signal: np.ndarray) -> tuple[int, int, set[int], float]:
-    """(beats found, beats scored, R peaks flagged, threshold) as `monitor evaluate` cuts and scores them."""
+def offline(signal: np.ndarray) -> tuple[int, int, set[int], float, int]:
+    """(beats found, beats scored, R peaks flagged, threshold, beats scored in a noisy stretch) as `monitor evaluate`
+    cuts and scores them."""
     artifact = load_artifact(BEAT_MODEL)
     spec = beat_spec(artifact.metadata, BEAT_MODEL)
     assert spec is not None and spec.stretch_limit is not None  # the bundled model scales scores in noisy stretches
     beats = cut_beats(signal, FS, spec)
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
-    scaled = errors / spec.error_scale(np.array([beat.stretch for beat in scorable]))
+    scales = spec.error_scale(np.array([beat.stretch for beat in scorable]))
+    scaled = errors / scales
     flagged = {beat.r_seq for beat, error in zip(scorable, scaled, strict=True) if error > artifact.threshold}
     assert flagged != {beat.r_seq for beat, error in zip(scorable, errors, strict=True) if error > artifact.threshold}
-    return len(beats), len(scorable), flagged, artifact.threshold
+    return len(beats), len(scorable), flagged, artifact.threshold, int((scales > 1).sum())
 
 
 def replay(config, recording, sensors: int) -> None:
@@ -55,8 +57,8 @@ def test_replayed_recording_alerts_exactly_the_beats_offline_scoring_flags(
     broker, capture_factory, daemon_factory, tmp_path
 ):
     signal = read_recording(RECORD, FS).signal
-    found, scored, flagged, threshold = offline(signal)
-    assert flagged and scored > 200
+    found, scored, flagged, threshold, noisy_stretch = offline(signal)
+    assert flagged and scored > 200 and noisy_stretch > 0
     config = beat_config(tmp_path, broker.port)
     daemon = daemon_factory(config)
     alerts = capture_factory(broker.port, ["alerts/#"])
@@ -73,6 +75,7 @@ def test_replayed_recording_alerts_exactly_the_beats_offline_scoring_flags(
     unscorable = sum(value for (name, _), value in samples.items() if name == "monitor_beats_unscorable_total")
     assert unscorable == SENSORS * (found - scored)
     assert metric(samples, "monitor_detector_resets_total") == 0
+    assert metric(samples, "monitor_beats_noisy_stretch_total") == SENSORS * noisy_stretch
     payloads = alerts.payloads("alerts/")
     got = {(alert["sensor_id"], alert["beat_seq"]) for alert in payloads}
     assert len(got) == len(payloads), "a beat was alerted twice"
@@ -87,7 +90,7 @@ def test_replayed_recording_alerts_exactly_the_beats_offline_scoring_flags(
 
 def test_detector_state_survives_a_sigterm_restart(broker, capture_factory, daemon_factory, tmp_path):
     signal = read_recording(RECORD, FS).signal[: int(60 * FS)]
-    found, scored, flagged, _ = offline(signal)
+    found, scored, flagged, *_ = offline(signal)
     # The second replay resends from seq 0: with the default tolerance (1024) that is a sensor rebooting (a new
     # stream, test_beatwindowing.py); a tolerance above the first half's 10,800 samples makes it the resend it is.
     config = beat_config(tmp_path, broker.port, state_file=str(tmp_path / "state.json"), seq_tolerance=len(signal))
