@@ -38,16 +38,22 @@ class Receipt:
 
 
 class InOrderAcks:
-    """Receipts in arrival order; `ready()` pops those at the head that nothing holds any more."""
+    """Receipts in arrival order; `ready()` pops those at the head that nothing holds any more.
+
+    QoS 0 messages get receipts too (they keep their place in the order) but need no PUBACK, so they are not counted
+    as unacknowledged: the count is what MQTT 5 Receive Maximum bounds, the QoS 1 and 2 messages the broker waits for.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._receipts: deque[Receipt] = deque()
+        self._awaiting_puback = 0
 
     def received(self, mid: int, qos: int) -> Receipt:
         receipt = Receipt(mid, qos)
         with self._lock:
             self._receipts.append(receipt)
+            self._awaiting_puback += qos > 0
         return receipt
 
     def hold(self, receipt: Receipt) -> None:
@@ -64,12 +70,15 @@ class InOrderAcks:
         with self._lock:
             receipts = self._receipts
             while receipts and receipts[0].holds <= 0:
-                out.append(receipts.popleft())
+                receipt = receipts.popleft()
+                self._awaiting_puback -= receipt.qos > 0
+                out.append(receipt)
         return out
 
     def unacknowledged(self) -> int:
+        """QoS 1 and 2 messages received and not yet handed back for their PUBACK."""
         with self._lock:
-            return len(self._receipts)
+            return self._awaiting_puback
 
 
 class PendingWindows:
