@@ -93,6 +93,18 @@ def test_acknowledgements_leave_in_arrival_order_once_nothing_holds_them():
     assert (acks.unacknowledged(), len(pending)) == (0, 0)
 
 
+def test_qos_0_input_keeps_its_place_but_is_not_counted_as_unacknowledged():
+    """Receive Maximum bounds QoS 1/2 messages awaiting a PUBACK; a QoS 0 message needs none."""
+    acks = InOrderAcks()
+    receipts = [acks.received(mid, qos) for mid, qos in ((1, 1), (0, 0), (2, 1))]
+    assert acks.unacknowledged() == 2
+    for receipt in receipts[1:]:
+        acks.release(receipt)
+    assert (acks.ready(), acks.unacknowledged()) == ([], 2)  # all wait for the first, still held
+    acks.release(receipts[0])
+    assert ([(r.mid, r.qos) for r in acks.ready()], acks.unacknowledged()) == ([(1, 1), (0, 0), (2, 1)], 0)
+
+
 def test_an_alert_acknowledged_before_it_was_recorded_still_decides_its_window():
     acks = InOrderAcks()
     pending = PendingWindows(acks)
