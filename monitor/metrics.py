@@ -143,7 +143,8 @@ class Metrics:
         )
         self.input_beyond_receive_maximum = Counter(
             "monitor_input_beyond_receive_maximum_total",
-            "QoS 1/2 input messages the broker sent while mqtt.receive_maximum were already unacknowledged (MQTT 5): "
+            "QoS 1/2 input messages the broker sent while mqtt.receive_maximum it first sent on this connection were "
+            "unacknowledged (MQTT 5): "
             "the broker ignores the daemon's Receive Maximum (Mosquitto 2.0 does once acknowledgements flow)",
             registry=registry,
         )

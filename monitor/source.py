@@ -71,7 +71,6 @@ class MqttConnection:
         # MQTT 5: the broker must not send a QoS 1/2 message while this many wait for their PUBACK (3.1.1: unknown).
         self._receive_maximum = settings.receive_maximum if settings.protocol == "5" else None
         self._beyond_logged = False  # one warning a connection when the broker sends beyond it
-        self._carried = 0  # input of earlier connections still unacknowledged at this connect (the broker re-sends it)
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -141,7 +140,7 @@ class MqttConnection:
         self.metrics.broker_connected.set(1)
         self.metrics.broker_connects.inc()
         self._beyond_logged = False
-        self._carried = self.acks.unacknowledged()
+        self.acks.new_connection()
         log.info(
             "broker_connected",
             host=self.settings.host,
@@ -201,7 +200,7 @@ class MqttConnection:
                 return  # left unacknowledged: the broker redelivers it to the next session
             if message.qos and self._receive_maximum is not None:
                 self._check_receive_maximum(self._receive_maximum)
-            receipt = self.acks.received(message.mid, message.qos)
+            receipt = self.acks.received(message.mid, message.qos, bool(message.dup))
             try:
                 if message.retain and self.settings.ignore_retained:
                     self.metrics.messages.labels("retained").inc()
@@ -217,12 +216,11 @@ class MqttConnection:
                 self.acks.release(receipt)
 
     def _check_receive_maximum(self, maximum: int) -> None:
-        """Count a QoS 1/2 message that arrives while `maximum` others of this connection wait for their PUBACK. The
-        count here never exceeds the broker's (it drops only once our PUBACK reaches the broker; the input carried
-        over from an earlier connection is left out, as it is re-sent), so nothing is counted that the broker did
+        """Count a QoS 1/2 message that arrives while `maximum` others first sent on this connection wait for their
+        PUBACK. The broker's count is at least that (`first_sent_unacknowledged`), so nothing is counted that it did
         not send beyond the maximum. The daemon cannot hold the broker back (RELIABILITY.md, "Mosquitto settings"):
         it handles the message, and says so."""
-        unacknowledged = self.acks.unacknowledged() - self._carried
+        unacknowledged = self.acks.first_sent_unacknowledged()
         if unacknowledged < maximum:
             return
         self.metrics.input_beyond_receive_maximum.inc()
