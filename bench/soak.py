@@ -138,6 +138,7 @@ def progress(daemon: DaemonProcess) -> dict[str, float]:
         "duplicate": metric(samples, "monitor_messages_received_total", outcome="duplicate"),
         "alerts_pending": metric(samples, "monitor_alerts_pending"),
         "input_unacknowledged": metric(samples, "monitor_input_unacknowledged"),
+        "input_beyond_receive_maximum": metric(samples, "monitor_input_beyond_receive_maximum_total"),
         "broker_connections": metric(samples, "monitor_broker_connections_total"),
     }
 
@@ -260,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             for reason in ("queue_full", "publish_error")
         },
         "seq_restarts": metric(final, "monitor_seq_restarts_total"),
+        "input_beyond_receive_maximum": metric(final, "monitor_input_beyond_receive_maximum_total"),
         "metrics_connections_refused": metric(final, "monitor_metrics_connections_refused_total"),
         "rss_mib_max_second_minute": max(second_minute),
         "rss_mib_max_last_minute": max(last_minute),

@@ -29,26 +29,42 @@ EARLY_ACK_SECONDS = 5.0  # an acknowledgement may precede `alert_sent` by micros
 class Receipt:
     """One input message: its packet id and QoS for the PUBACK, and how many things still hold it back."""
 
-    __slots__ = ("mid", "qos", "holds")
+    __slots__ = ("mid", "qos", "holds", "first_sent")
 
-    def __init__(self, mid: int, qos: int) -> None:
+    def __init__(self, mid: int, qos: int, first_sent: bool) -> None:
         self.mid = mid
         self.qos = qos
         self.holds = 1  # its handling
+        self.first_sent = first_sent  # a QoS 1/2 message first sent on the current connection (not a redelivery)
 
 
 class InOrderAcks:
-    """Receipts in arrival order; `ready()` pops those at the head that nothing holds any more."""
+    """Receipts in arrival order; `ready()` pops those at the head that nothing holds any more.
+
+    QoS 0 messages get receipts too (they keep their place in the order) but need no PUBACK, so they are not counted
+    as unacknowledged: the count is what MQTT 5 Receive Maximum bounds, the QoS 1 and 2 messages the broker waits for.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._receipts: deque[Receipt] = deque()
+        self._awaiting_puback = 0
+        self._first_sent = 0  # receipts marked `first_sent` and not yet handed back
 
-    def received(self, mid: int, qos: int) -> Receipt:
-        receipt = Receipt(mid, qos)
+    def received(self, mid: int, qos: int, redelivered: bool = False) -> Receipt:
+        receipt = Receipt(mid, qos, qos > 0 and not redelivered)
         with self._lock:
             self._receipts.append(receipt)
+            self._awaiting_puback += qos > 0
+            self._first_sent += receipt.first_sent
         return receipt
+
+    def new_connection(self) -> None:
+        """The input held so far came on an earlier connection: the broker re-sends what it has not acknowledged."""
+        with self._lock:
+            for receipt in self._receipts:
+                receipt.first_sent = False
+            self._first_sent = 0
 
     def hold(self, receipt: Receipt) -> None:
         with self._lock:
@@ -64,12 +80,22 @@ class InOrderAcks:
         with self._lock:
             receipts = self._receipts
             while receipts and receipts[0].holds <= 0:
-                out.append(receipts.popleft())
+                receipt = receipts.popleft()
+                self._awaiting_puback -= receipt.qos > 0
+                self._first_sent -= receipt.first_sent
+                out.append(receipt)
         return out
 
     def unacknowledged(self) -> int:
+        """QoS 1 and 2 messages received and not yet handed back for their PUBACK."""
         with self._lock:
-            return len(self._receipts)
+            return self._awaiting_puback
+
+    def first_sent_unacknowledged(self) -> int:
+        """QoS 1 and 2 messages first sent on the current connection and not yet handed back: a lower bound of what
+        the broker has in flight to us (it counts a message until our PUBACK reaches it, redeliveries too)."""
+        with self._lock:
+            return self._first_sent
 
 
 class PendingWindows:

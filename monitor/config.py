@@ -82,9 +82,11 @@ class MqttSettings(Strict):
         default=20000,
         ge=1,
         le=65535,
-        description="MQTT 5: input messages the broker may send before the daemon acknowledges them (it keeps the rest "
-        "queued); bounds the unacknowledged input held in memory (monitor_input_unacknowledged). MQTT 3.1.1: the "
-        "broker's max_inflight_messages is the bound",
+        description="MQTT 5: QoS 1/2 input messages the broker may send before the daemon acknowledges them (it is to "
+        "keep the rest queued; monitor_input_unacknowledged shows the count). Mosquitto 2.0 honours it only until the "
+        "first acknowledgement (each in-order PUBACK lets up to this many more in; no broker setting avoids it): what "
+        "it sends beyond is handled and counted in monitor_input_beyond_receive_maximum_total, see RELIABILITY.md "
+        "'Mosquitto settings'. MQTT 3.1.1: only the broker's max_inflight_messages, which Mosquitto 2.0 overruns alike",
     )
     sensor_id_level: int = Field(default=1, ge=0)
     ignore_retained: bool = Field(

@@ -141,6 +141,13 @@ class Metrics:
             "Input messages received and not yet acknowledged to the broker (journal fsync or window decision pending)",
             registry=registry,
         )
+        self.input_beyond_receive_maximum = Counter(
+            "monitor_input_beyond_receive_maximum_total",
+            "QoS 1/2 input messages the broker sent while mqtt.receive_maximum it first sent on this connection were "
+            "unacknowledged (MQTT 5): "
+            "the broker ignores the daemon's Receive Maximum (Mosquitto 2.0 does once acknowledgements flow)",
+            registry=registry,
+        )
         self.windows_undecided = Gauge(
             "monitor_windows_undecided",
             "Windows cut and not yet decided (queued, being scored, or their alert awaiting the broker)",

@@ -68,6 +68,9 @@ class MqttConnection:
         self._published = 0
         self._acknowledged = 0
         self._status_mids: set[int] = set()
+        # MQTT 5: the broker must not send a QoS 1/2 message while this many wait for their PUBACK (3.1.1: unknown).
+        self._receive_maximum = settings.receive_maximum if settings.protocol == "5" else None
+        self._beyond_logged = False  # one warning a connection when the broker sends beyond it
         self.client = self._make_client()
 
     def _make_client(self) -> mqtt.Client:
@@ -136,6 +139,8 @@ class MqttConnection:
             return
         self.metrics.broker_connected.set(1)
         self.metrics.broker_connects.inc()
+        self._beyond_logged = False
+        self.acks.new_connection()
         log.info(
             "broker_connected",
             host=self.settings.host,
@@ -193,7 +198,9 @@ class MqttConnection:
         with self._input_lock:
             if not self._accepting:
                 return  # left unacknowledged: the broker redelivers it to the next session
-            receipt = self.acks.received(message.mid, message.qos)
+            if message.qos and self._receive_maximum is not None:
+                self._check_receive_maximum(self._receive_maximum)
+            receipt = self.acks.received(message.mid, message.qos, bool(message.dup))
             try:
                 if message.retain and self.settings.ignore_retained:
                     self.metrics.messages.labels("retained").inc()
@@ -207,6 +214,25 @@ class MqttConnection:
                 log.exception("message_failed", mid=message.mid)
             finally:
                 self.acks.release(receipt)
+
+    def _check_receive_maximum(self, maximum: int) -> None:
+        """Count a QoS 1/2 message that arrives while `maximum` others first sent on this connection wait for their
+        PUBACK. The broker's count is at least that (`first_sent_unacknowledged`), so nothing is counted that it did
+        not send beyond the maximum. The daemon cannot hold the broker back (RELIABILITY.md, "Mosquitto settings"):
+        it handles the message, and says so."""
+        unacknowledged = self.acks.first_sent_unacknowledged()
+        if unacknowledged < maximum:
+            return
+        self.metrics.input_beyond_receive_maximum.inc()
+        if not self._beyond_logged:
+            self._beyond_logged = True
+            log.warning(
+                "broker_exceeds_receive_maximum",
+                receive_maximum=maximum,
+                unacknowledged=unacknowledged,
+                hint="the broker does not honour MQTT 5 Receive Maximum (Mosquitto 2.0 once acknowledgements flow); "
+                "see RELIABILITY.md, Mosquitto settings",
+            )
 
     def acknowledge(self) -> int:
         """Send the PUBACKs of the input messages that nothing holds back any more, in arrival order (one thread

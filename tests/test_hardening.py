@@ -458,7 +458,8 @@ def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
 
 def test_receive_maximum_bounds_the_unacknowledged_input(tmp_path):
     """With MQTT 5 the daemon announces `mqtt.receive_maximum`: windows held undecided (a batch that waits 10 s) hold
-    their messages unacknowledged, and the broker sends no more than that many; the rest waits at the broker."""
+    their messages unacknowledged, and the broker sends no more than that many while none is acknowledged; the rest
+    waits at the broker. (Once acknowledgements flow, Mosquitto 2.0 sends beyond it: the next test.)"""
     broker = Broker(tmp_path / "broker").start()
     config = restart_config(
         tmp_path,
@@ -481,6 +482,41 @@ def test_receive_maximum_bounds_the_unacknowledged_input(tmp_path):
     assert max(held) <= 10  # never more, whenever scraped (the batch may have been scored meanwhile)
     figure(
         "receive_maximum", "windows held / unacknowledged at most / received while held", f"40 / 10 / {accepted:.0f}"
+    )
+
+
+def test_input_the_broker_sends_beyond_receive_maximum_is_counted(tmp_path):
+    """Mosquitto 2.0 honours the client's Receive Maximum only until the first PUBACK: each PUBACK of the oldest
+    message in flight (MQTT requires them in order) moves up to `receive_maximum` queued messages into flight, so
+    with 200 messages waiting, `receive_maximum: 10` and batches held 2 s the daemon holds about 100 unacknowledged.
+    The daemon cannot hold the broker back without stalling its own alert acknowledgements (RELIABILITY.md,
+    "Mosquitto settings"); it counts every QoS 1 message received while `receive_maximum` were unacknowledged and
+    warns once. If a later Mosquitto honours the maximum, `beyond` is 0 and the first assertion goes."""
+    broker = Broker(tmp_path / "broker", persistence=True).start()  # configured as the soak's
+    count, maximum = 200, 10
+    config = restart_config(
+        tmp_path,
+        broker.port,
+        make_model(tmp_path / "model", 4, 0.0),
+        mqtt={"receive_maximum": maximum},
+        batching={"max_batch": 4096, "max_wait_seconds": 2},
+    )
+    with crash_rig(broker, config) as (capture, sensors, started):
+        send_windows_to(sensors, "flood", count)  # each message completes a window
+        seen = []
+        while len(capture.payloads("alerts/")) < count:
+            assert len(seen) < 2400, "every window scored within 120 s"
+            seen.append(metric(started[0].scrape(), "monitor_input_unacknowledged"))
+            time.sleep(0.05)
+        beyond = metric(started[0].scrape(), "monitor_input_beyond_receive_maximum_total")
+        warnings = started[0].events("broker_exceeds_receive_maximum")
+    assert max(seen) > maximum and beyond > 0  # the broker went beyond the maximum, as in the soak
+    assert beyond >= max(seen) - maximum  # each unacknowledged message above the maximum arrived beyond it
+    assert len(warnings) == 1 and warnings[0]["receive_maximum"] == maximum
+    figure(
+        "receive_maximum_exceeded",
+        "receive_maximum / unacknowledged at most / messages counted beyond it",
+        f"{maximum} / {max(seen):.0f} / {beyond:.0f}",
     )
 
 

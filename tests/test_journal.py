@@ -93,6 +93,32 @@ def test_acknowledgements_leave_in_arrival_order_once_nothing_holds_them():
     assert (acks.unacknowledged(), len(pending)) == (0, 0)
 
 
+def test_qos_0_input_keeps_its_place_but_is_not_counted_as_unacknowledged():
+    """Receive Maximum bounds QoS 1/2 messages awaiting a PUBACK; a QoS 0 message needs none."""
+    acks = InOrderAcks()
+    receipts = [acks.received(mid, qos) for mid, qos in ((1, 1), (0, 0), (2, 1))]
+    assert acks.unacknowledged() == 2
+    for receipt in receipts[1:]:
+        acks.release(receipt)
+    assert (acks.ready(), acks.unacknowledged()) == ([], 2)  # all wait for the first, still held
+    acks.release(receipts[0])
+    assert ([(r.mid, r.qos) for r in acks.ready()], acks.unacknowledged()) == ([(1, 1), (0, 0), (2, 1)], 0)
+
+
+def test_what_the_broker_has_in_flight_is_counted_from_first_sends_on_the_connection():
+    """The lower bound the daemon holds against Receive Maximum: QoS 1/2 first sent on this connection, unacknowledged
+    (what an earlier connection left, and its redeliveries, may already be acknowledged at the broker)."""
+    acks = InOrderAcks()
+    carried = acks.received(1, 1)
+    acks.new_connection()
+    redelivered, fresh, best_effort = acks.received(1, 1, redelivered=True), acks.received(2, 1), acks.received(0, 0)
+    assert (acks.first_sent_unacknowledged(), acks.unacknowledged()) == (1, 3)
+    for receipt in (carried, redelivered, fresh, best_effort):
+        acks.release(receipt)
+    assert [r.mid for r in acks.ready()] == [1, 1, 2, 0]
+    assert (acks.first_sent_unacknowledged(), acks.unacknowledged()) == (0, 0)
+
+
 def test_an_alert_acknowledged_before_it_was_recorded_still_decides_its_window():
     acks = InOrderAcks()
     pending = PendingWindows(acks)
