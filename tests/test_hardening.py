@@ -491,7 +491,7 @@ def test_input_the_broker_sends_beyond_receive_maximum_is_counted(tmp_path):
     with 200 messages waiting, `receive_maximum: 10` and batches held 2 s the daemon holds about 100 unacknowledged.
     The daemon cannot hold the broker back without stalling its own alert acknowledgements (RELIABILITY.md,
     "Mosquitto settings"); it counts every QoS 1 message received while `receive_maximum` were unacknowledged and
-    warns once. If a later Mosquitto honours the maximum, `beyond` is 0 and the first assertion goes."""
+    warns once. A broker that honours the maximum (a later Mosquitto) holds the daemon at it, and nothing is counted."""
     broker = Broker(tmp_path / "broker", persistence=True).start()  # configured as the soak's
     count, maximum = 200, 10
     config = restart_config(
@@ -510,9 +510,11 @@ def test_input_the_broker_sends_beyond_receive_maximum_is_counted(tmp_path):
             time.sleep(0.05)
         beyond = metric(started[0].scrape(), "monitor_input_beyond_receive_maximum_total")
         warnings = started[0].events("broker_exceeds_receive_maximum")
-    assert max(seen) > maximum and beyond > 0  # the broker went beyond the maximum, as in the soak
-    assert beyond >= max(seen) - maximum  # each unacknowledged message above the maximum arrived beyond it
-    assert len(warnings) == 1 and warnings[0]["receive_maximum"] == maximum
+    if max(seen) > maximum:  # Mosquitto 2.0.11 (Debian 12): the broker went beyond the maximum, as in the soak
+        assert beyond >= max(seen) - maximum  # each unacknowledged message above the maximum arrived beyond it
+        assert len(warnings) == 1 and warnings[0]["receive_maximum"] == maximum
+    else:
+        assert beyond == 0 and not warnings
     figure(
         "receive_maximum_exceeded",
         "receive_maximum / unacknowledged at most / messages counted beyond it",
