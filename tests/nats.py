@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, free_port, port_open, wait_until
+from tests.support import REPO, free_port, port_open, terminate, wait_until
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 DEPLOYED_CONFIG = REPO / "deploy" / "nats" / "nats-server.conf"
@@ -66,12 +66,7 @@ class NatsServer:
         path = self.directory / "nats.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None:
+            terminate(self.process, first=signal.SIGKILL if kill else signal.SIGTERM)
         self.process = None
