@@ -488,11 +488,18 @@ def kill_once_busy(daemon: DaemonProcess, scored: float, gauge: str) -> float:
 
 
 def restart_and_make_up(
-    config: Path, sensors: Sensors, capture: Capture, expected: set[tuple[str, int]], started: list[DaemonProcess]
+    config: Path,
+    sensors: Sensors,
+    capture: Capture,
+    expected: set[tuple[str, int]],
+    started: list[DaemonProcess],
+    not_before: float = 0.0,
 ) -> tuple[int, int]:
-    """After a kill: once the broker took every sensor message, start the daemon again (appended to `started`, for
-    the teardown) and wait up to 120 s until every expected window has its alert; returns `lost_windows`."""
+    """After a kill: once the broker took every sensor message, and not before the monotonic time `not_before`, start
+    the daemon again (appended to `started`, for the teardown) and wait up to 120 s until every expected window has
+    its alert; returns `lost_windows`."""
     wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
+    time.sleep(max(0.0, not_before - time.monotonic()))
     started.append(DaemonProcess(config))
     with suppress(AssertionError):  # timed out: the caller asserts, with the count
         wait_until(lambda: lost_windows(capture, expected)[0] == 0, 120, what="every window scored after the restart")
@@ -509,20 +516,26 @@ class CrashOutcome:
     twice: int
     replayed: int  # messages the restarted daemon replayed from its journal
     queued: float | None  # busy: windows queued at the kill
+    duplicates: float  # input messages the restarted daemon ignored as duplicates, by the time all were alerted
+    gaps: float  # seq gaps the restarted daemon saw (each breaks windows)
 
     def figure(self) -> tuple[str, str]:
         detail = f"queued at the kill {self.queued:.0f}; " if self.queued is not None else ""
         return (
-            "windows / lost / alerts twice / replayed messages",
-            f"{self.windows} / {self.lost} / {self.twice} / {detail}{self.replayed}",
+            "windows / lost / alerts twice / replayed messages / duplicate input, seq gaps after the restart",
+            f"{self.windows} / {self.lost} / {self.twice} / {detail}{self.replayed} / {self.duplicates:.0f}, "
+            f"{self.gaps:.0f}",
         )
 
 
-def kill_9_mid_stream(broker: BrokerProcess, config: Path, load: str, sensor_ids: list[str]) -> CrashOutcome:
+def kill_9_mid_stream(
+    broker: BrokerProcess, config: Path, load: str, sensor_ids: list[str], restart_delay: float = 0.0
+) -> CrashOutcome:
     """Sensors stream into a daemon (config: `restart_config`, a threshold-0 model of window WINDOW), which is
-    SIGKILLed and started again with the same config. `warm`: 60 windows a sensor in 35-sample messages, paced, the
-    kill half-way (partial windows in every sensor, alerts in flight); `busy`: a burst of 100 full windows a sensor
-    published at once, the kill once 200 are scored. Every window should then have its alert."""
+    SIGKILLed and started again with the same config, at the earliest `restart_delay` seconds after the kill.
+    `warm`: 60 windows a sensor in 35-sample messages, paced, the kill half-way (partial windows in every sensor,
+    alerts in flight); `busy`: a burst of 100 full windows a sensor published at once, the kill once 200 are scored.
+    Every window should then have its alert."""
     with crash_rig(broker, config) as (capture, sensors, started):
         per_sensor, chunk = (60, 35) if load == "warm" else (100, WINDOW)
         data = signal_samples(per_sensor * WINDOW)
@@ -531,12 +544,17 @@ def kill_9_mid_stream(broker: BrokerProcess, config: Path, load: str, sensor_ids
         for position, offset in enumerate(offsets):
             if load == "warm" and position == len(offsets) // 2:
                 started[0].kill()  # mid-stream, with partial windows in every sensor and alerts in flight
+                killed_at = time.monotonic()
             for sensor_id in sensor_ids:
                 sensors.send(sensor_id, offset, data[offset : offset + chunk])
             if load == "warm":
                 time.sleep(0.01)
         # busy: the whole burst is in the broker; kill once the daemon is busy with it
         queued = kill_once_busy(started[0], 200, "monitor_queue_depth") if load == "busy" else None
-        lost, twice = restart_and_make_up(config, sensors, capture, expected, started)
+        killed_at = time.monotonic() if load == "busy" else killed_at
+        lost, twice = restart_and_make_up(config, sensors, capture, expected, started, killed_at + restart_delay)
         replayed = started[-1].wait_for_event("journal_replayed")[0]["messages"]
-    return CrashOutcome(load, len(expected), lost, twice, replayed, queued)
+        samples = started[-1].scrape()
+    duplicates = metric(samples, "monitor_messages_received_total", outcome="duplicate")
+    gaps = metric(samples, "monitor_seq_gaps_total")
+    return CrashOutcome(load, len(expected), lost, twice, replayed, queued, duplicates, gaps)
