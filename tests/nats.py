@@ -1,5 +1,6 @@
 """A real NATS server with MQTT, run from the shipped `deploy/nats/nats-server.conf` with only its ports,
-store directory, partition count and ack wait replaced, so the tests exercise the recipe operators install."""
+store directory, partition count (and, if asked, its ack wait) replaced, so the tests exercise the recipe operators
+install."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, free_port, port_open, wait_until
+from tests.support import REPO, free_port, port_open, terminate, wait_until
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 DEPLOYED_CONFIG = REPO / "deploy" / "nats" / "nats-server.conf"
@@ -26,7 +27,8 @@ def require_nats_server() -> str:
 class NatsServer:
     """`nats-server -c <the deployed config, localised>` on free loopback ports."""
 
-    def __init__(self, directory: Path, partitions: int = 4, ack_wait: str = "30s") -> None:
+    def __init__(self, directory: Path, partitions: int = 4, ack_wait: str | None = None) -> None:
+        """`ack_wait` (e.g. "30s") replaces the deployed one; None keeps it."""
         self.directory = directory
         self.port = free_port()  # MQTT
         self.nats_port = free_port()
@@ -42,7 +44,7 @@ class NatsServer:
             (r"(?m)^http: \S+\n", ""),
             (r'store_dir: "[^"]+"', f'store_dir: "{self.directory / "jetstream"}"'),
             (r"(?m)^  listen: \S+$", f"  listen: 127.0.0.1:{self.port}"),
-            (r'ack_wait: "[^"]+"', f'ack_wait: "{self.ack_wait}"'),
+            (r'ack_wait: "([^"]+)"', f'ack_wait: "{self.ack_wait}"' if self.ack_wait else r'ack_wait: "\1"'),
             (r"partition\(\d+,1\)", f"partition({self.partitions},1)"),
         ]
         for pattern, replacement in replacements:
@@ -66,12 +68,7 @@ class NatsServer:
         path = self.directory / "nats.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+    def stop(self, kill: bool = False) -> None:
+        if self.process is not None:
+            terminate(self.process, first=signal.SIGKILL if kill else signal.SIGTERM)
         self.process = None

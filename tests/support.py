@@ -1,6 +1,6 @@
 """Test helpers that tests and bench/ share: a real Mosquitto on a free loopback port, an MQTT capture,
-the daemon as a real process, metrics scraped over HTTP, the committed default model, and process teardown
-that escalates TERM -> wait -> KILL."""
+sensors publishing in order, the daemon as a real process, metrics scraped over HTTP, the committed default model,
+process teardown that escalates TERM -> wait -> KILL, and the kill -9 scenario run behind Mosquitto and nats-server."""
 
 from __future__ import annotations
 
@@ -14,11 +14,18 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
 import yaml
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.broker import make_client
@@ -336,3 +343,218 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+class BrokerProcess(Protocol):
+    """A broker the test started: Mosquitto (`Broker`) or nats-server (`tests.nats.NatsServer`)."""
+
+    port: int
+
+    def stop(self, kill: bool = False) -> None: ...
+
+
+WINDOW = 140  # the window of the tests' models (tests/test_faults.py, make_model)
+
+
+class Sensors:
+    """Sensors as the contract has them: QoS 1 with seq, sent in order, kept while the broker is away.
+
+    While the client is disconnected, messages wait here, and they are handed to paho only once everything paho held
+    at the disconnect has been re-sent and acknowledged: paho sends a message published during the reconnect
+    handshake at once, ahead of the in-flight messages it re-sends after the CONNACK, so newer samples would overtake
+    older ones (a seq gap, then duplicates, at the daemon).
+    """
+
+    def __init__(self, port: int, inflight: int = 100) -> None:
+        self.lock = threading.Lock()
+        self.pump_lock = threading.Lock()
+        self.published = 0
+        self.acknowledged = 0
+        self.handed = 0  # messages handed to paho
+        self.connected = False
+        self.in_order = False  # connected and nothing paho held at the last disconnect is unacknowledged
+        self.backlog: deque[tuple[str, bytes]] = deque()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311
+        )
+        self.client.max_inflight_messages_set(inflight)
+        self.client.max_queued_messages_set(0)  # unbounded: a sensor that retries never gives a sample up
+        self.client.reconnect_delay_set(1, 2)
+        self.client.on_publish = self._on_publish
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.connect_async("127.0.0.1", port)
+        self.client.loop_start()
+        self.closed = threading.Event()
+        self.pumper = threading.Thread(target=self._pump_until_closed, name="sensors-pump", daemon=True)
+        self.pumper.start()
+
+    def _pump_until_closed(self) -> None:
+        """What waits goes out once the client is connected and its re-sent messages acknowledged, sends or not."""
+        while not self.closed.wait(0.02):
+            self.pump()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self.lock:
+            self.connected = not reason_code.is_failure
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        with self.lock:
+            self.connected = self.in_order = False
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self.lock:
+            self.acknowledged += 1
+
+    def send(self, sensor_id: str, seq: int | None, samples: np.ndarray, topic: str | None = None) -> None:
+        body = {"samples": samples.tolist()} if seq is None else {"seq": seq, "samples": samples.tolist()}
+        with self.lock:
+            self.backlog.append((topic or f"sensors/{sensor_id}/ecg", orjson.dumps(body)))
+            self.published += 1
+        self.pump()
+
+    def pump(self) -> None:
+        """Hand the waiting messages to paho, in order, when that cannot overtake anything (one thread at a time;
+        never under `lock` inside paho, whose network thread holds its own lock when it calls `_on_publish`)."""
+        with self.pump_lock:
+            with self.lock:
+                self.in_order = self.in_order or (self.connected and self.acknowledged >= self.handed)
+                if not self.in_order:
+                    return
+                batch = list(self.backlog)
+                self.backlog.clear()
+                self.handed += len(batch)
+            for topic, payload in batch:
+                info = self.client.publish(topic, payload, qos=1)
+                assert info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN), mqtt.error_string(
+                    info.rc
+                )
+
+    def all_acknowledged(self) -> bool:
+        with self.lock:
+            return not self.backlog and self.acknowledged >= self.published
+
+    def close(self) -> None:
+        self.closed.set()
+        self.pumper.join()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def signal_samples(count: int, seed: int = 0) -> np.ndarray:
+    """A synthetic ECG-like trace (what the model learnt does not matter with threshold 0)."""
+    rng = np.random.default_rng(seed)
+    return (np.sin(np.arange(count) * 2 * np.pi / WINDOW) + 0.1 * rng.normal(size=count)).astype(np.float32)
+
+
+def restart_config(tmp_path: Path, port: int, model: Path, **sections) -> Path:
+    """A daemon config with a fixed client id (its session survives a restart) and the input journal on."""
+    journal = {"path": str(tmp_path / "journal"), **sections.pop("journal", {})}
+    return daemon_config(tmp_path / "m.yaml", port, model=model, journal=journal, **sections)
+
+
+def lost_windows(capture: Capture, expected: set[tuple[str, int]]) -> tuple[int, int]:
+    """(windows with no alert, alerts received twice) for the expected (sensor_id, window_start_seq)."""
+    keys = [(alert["sensor_id"], alert["window_start_seq"]) for alert in capture.payloads("alerts/")]
+    return len(expected - set(keys)), len(keys) - len(set(keys))
+
+
+@contextmanager
+def crash_rig(broker: BrokerProcess, config: Path) -> Iterator[tuple[Capture, Sensors, list[DaemonProcess]]]:
+    """An alert capture, sensors and a ready daemon; on exit every daemon started (the list) is killed, and the
+    sensors, the capture and the broker are closed."""
+    capture = Capture(broker.port, ["alerts/#"])
+    sensors = Sensors(broker.port, inflight=1000)
+    started = [DaemonProcess(config)]
+    try:
+        started[0].wait_for_event("ready", timeout=60)
+        yield capture, sensors, started
+    finally:
+        for process in started:
+            process.kill()
+        sensors.close()
+        capture.close()
+        broker.stop(kill=True)
+
+
+def kill_once_busy(daemon: DaemonProcess, scored: float, gauge: str) -> float:
+    """SIGKILL the daemon once it has scored `scored` windows of a burst; returns `gauge` read just before."""
+    wait_until(
+        lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= scored, 60, what="the burst being scored"
+    )
+    value = metric(daemon.scrape(), gauge)
+    daemon.kill()
+    return value
+
+
+def restart_and_make_up(
+    config: Path,
+    sensors: Sensors,
+    capture: Capture,
+    expected: set[tuple[str, int]],
+    started: list[DaemonProcess],
+    not_before: float = 0.0,
+) -> tuple[int, int]:
+    """After a kill: once the broker took every sensor message, and not before the monotonic time `not_before`, start
+    the daemon again (appended to `started`, for the teardown) and wait up to 120 s until every expected window has
+    its alert; returns `lost_windows`."""
+    wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
+    time.sleep(max(0.0, not_before - time.monotonic()))
+    started.append(DaemonProcess(config))
+    with suppress(AssertionError):  # timed out: the caller asserts, with the count
+        wait_until(lambda: lost_windows(capture, expected)[0] == 0, 120, what="every window scored after the restart")
+    return lost_windows(capture, expected)
+
+
+@dataclass(frozen=True)
+class CrashOutcome:
+    """What `kill_9_mid_stream` measured."""
+
+    load: str
+    windows: int
+    lost: int
+    twice: int
+    replayed: int  # messages the restarted daemon replayed from its journal
+    queued: float | None  # busy: windows queued at the kill
+    duplicates: float  # input messages the restarted daemon ignored as duplicates, by the time all were alerted
+    gaps: float  # seq gaps the restarted daemon saw (each breaks windows)
+
+    def figure(self) -> tuple[str, str]:
+        detail = f"queued at the kill {self.queued:.0f}; " if self.queued is not None else ""
+        return (
+            "windows / lost / alerts twice / replayed messages / duplicate input, seq gaps after the restart",
+            f"{self.windows} / {self.lost} / {self.twice} / {detail}{self.replayed} / {self.duplicates:.0f}, "
+            f"{self.gaps:.0f}",
+        )
+
+
+def kill_9_mid_stream(
+    broker: BrokerProcess, config: Path, load: str, sensor_ids: list[str], restart_delay: float = 0.0
+) -> CrashOutcome:
+    """Sensors stream into a daemon (config: `restart_config`, a threshold-0 model of window WINDOW), which is
+    SIGKILLed and started again with the same config, at the earliest `restart_delay` seconds after the kill.
+    `warm`: 60 windows a sensor in 35-sample messages, paced, the kill half-way (partial windows in every sensor,
+    alerts in flight); `busy`: a burst of 100 full windows a sensor published at once, the kill once 200 are scored.
+    Every window should then have its alert."""
+    with crash_rig(broker, config) as (capture, sensors, started):
+        per_sensor, chunk = (60, 35) if load == "warm" else (100, WINDOW)
+        data = signal_samples(per_sensor * WINDOW)
+        expected = {(sensor_id, k * WINDOW) for sensor_id in sensor_ids for k in range(per_sensor)}
+        offsets = range(0, per_sensor * WINDOW, chunk)
+        for position, offset in enumerate(offsets):
+            if load == "warm" and position == len(offsets) // 2:
+                started[0].kill()  # mid-stream, with partial windows in every sensor and alerts in flight
+                killed_at = time.monotonic()
+            for sensor_id in sensor_ids:
+                sensors.send(sensor_id, offset, data[offset : offset + chunk])
+            if load == "warm":
+                time.sleep(0.01)
+        # busy: the whole burst is in the broker; kill once the daemon is busy with it
+        queued = kill_once_busy(started[0], 200, "monitor_queue_depth") if load == "busy" else None
+        killed_at = time.monotonic() if load == "busy" else killed_at
+        lost, twice = restart_and_make_up(config, sensors, capture, expected, started, killed_at + restart_delay)
+        replayed = started[-1].wait_for_event("journal_replayed")[0]["messages"]
+        samples = started[-1].scrape()
+    duplicates = metric(samples, "monitor_messages_received_total", outcome="duplicate")
+    gaps = metric(samples, "monitor_seq_gaps_total")
+    return CrashOutcome(load, len(expected), lost, twice, replayed, queued, duplicates, gaps)

@@ -12,7 +12,6 @@ import json
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,14 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import paho.mqtt.client as mqtt
 import psutil
 import pytest
 import structlog
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from prometheus_client import CollectorRegistry
 
 from monitor.artifact import ERROR_MEASURE, load_artifact, save_artifact
@@ -38,11 +35,10 @@ from monitor.metrics import Metrics
 from monitor.payload import Message, PayloadDecoder
 from monitor.scoring import Scorer
 from monitor.windowing import Window, WindowAssembler
-from tests.support import SPLITS, Broker, daemon_config, metric, wait_until
+from tests.support import SPLITS, WINDOW, Broker, Sensors, daemon_config, metric, wait_until
 
 pytestmark = pytest.mark.slow
 
-WINDOW = 140
 CHUNK = 35  # samples per sensor message: four messages a window
 
 
@@ -113,91 +109,6 @@ def expected_alerts(model: Path, streams: dict[str, np.ndarray]) -> set[tuple[st
 
 
 # --- the outside world: sensors, alert sinks, clocks ---
-
-
-class Sensors:
-    """Sensors as the contract has them: QoS 1 with seq, sent in order, kept while the broker is away.
-
-    While the client is disconnected, messages wait here, and they are handed to paho only once everything paho held
-    at the disconnect has been re-sent and acknowledged: paho sends a message published during the reconnect
-    handshake at once, ahead of the in-flight messages it re-sends after the CONNACK, so newer samples would overtake
-    older ones (a seq gap, then duplicates, at the daemon).
-    """
-
-    def __init__(self, port: int, inflight: int = 100) -> None:
-        self.lock = threading.Lock()
-        self.pump_lock = threading.Lock()
-        self.published = 0
-        self.acknowledged = 0
-        self.handed = 0  # messages handed to paho
-        self.connected = False
-        self.in_order = False  # connected and nothing paho held at the last disconnect is unacknowledged
-        self.backlog: deque[tuple[str, bytes]] = deque()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"sensors-{time.time_ns()}", protocol=mqtt.MQTTv311
-        )
-        self.client.max_inflight_messages_set(inflight)
-        self.client.max_queued_messages_set(0)  # unbounded: a sensor that retries never gives a sample up
-        self.client.reconnect_delay_set(1, 2)
-        self.client.on_publish = self._on_publish
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.connect_async("127.0.0.1", port)
-        self.client.loop_start()
-        self.closed = threading.Event()
-        self.pumper = threading.Thread(target=self._pump_until_closed, name="sensors-pump", daemon=True)
-        self.pumper.start()
-
-    def _pump_until_closed(self) -> None:
-        """What waits goes out once the client is connected and its re-sent messages acknowledged, sends or not."""
-        while not self.closed.wait(0.02):
-            self.pump()
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        with self.lock:
-            self.connected = not reason_code.is_failure
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        with self.lock:
-            self.connected = self.in_order = False
-
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self.lock:
-            self.acknowledged += 1
-
-    def send(self, sensor_id: str, seq: int | None, samples: np.ndarray, topic: str | None = None) -> None:
-        body = {"samples": samples.tolist()} if seq is None else {"seq": seq, "samples": samples.tolist()}
-        with self.lock:
-            self.backlog.append((topic or f"sensors/{sensor_id}/ecg", orjson.dumps(body)))
-            self.published += 1
-        self.pump()
-
-    def pump(self) -> None:
-        """Hand the waiting messages to paho, in order, when that cannot overtake anything (one thread at a time;
-        never under `lock` inside paho, whose network thread holds its own lock when it calls `_on_publish`)."""
-        with self.pump_lock:
-            with self.lock:
-                self.in_order = self.in_order or (self.connected and self.acknowledged >= self.handed)
-                if not self.in_order:
-                    return
-                batch = list(self.backlog)
-                self.backlog.clear()
-                self.handed += len(batch)
-            for topic, payload in batch:
-                info = self.client.publish(topic, payload, qos=1)
-                assert info.rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN), mqtt.error_string(
-                    info.rc
-                )
-
-    def all_acknowledged(self) -> bool:
-        with self.lock:
-            return not self.backlog and self.acknowledged >= self.published
-
-    def close(self) -> None:
-        self.closed.set()
-        self.pumper.join()
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture

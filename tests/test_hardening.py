@@ -13,7 +13,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,19 +27,30 @@ from monitor.beatdata import read_recording
 from monitor.beats import beat_spec
 from monitor.beatwindowing import BeatAssembler
 from monitor.payload import Message
-from tests.support import REPO, Broker, Capture, DaemonProcess, alert_all_model, daemon_config, metric, wait_until
-from tests.test_faults import WINDOW, Sensors, figure, make_model, rss_bytes
+from tests.support import (
+    REPO,
+    WINDOW,
+    Broker,
+    Capture,
+    DaemonProcess,
+    Sensors,
+    alert_all_model,
+    crash_rig,
+    daemon_config,
+    kill_9_mid_stream,
+    kill_once_busy,
+    metric,
+    restart_and_make_up,
+    restart_config,
+    signal_samples,
+    wait_until,
+)
+from tests.test_faults import figure, make_model, rss_bytes
 
 pytestmark = pytest.mark.slow
 
 METRICS_TIMEOUT_SECONDS = 1.0
 METRICS_MAX_CONNECTIONS = 8
-
-
-def signal_samples(count: int, seed: int = 0) -> np.ndarray:
-    """A synthetic ECG-like trace (what the model learnt does not matter with threshold 0)."""
-    rng = np.random.default_rng(seed)
-    return (np.sin(np.arange(count) * 2 * np.pi / WINDOW) + 0.1 * rng.normal(size=count)).astype(np.float32)
 
 
 class Setup:
@@ -370,90 +380,15 @@ def test_a_topic_that_is_not_utf8_is_counted_and_the_network_thread_lives_on(tmp
 # --- crash safety, health and signals: each with a daemon (and broker) of its own ---
 
 
-def restart_config(tmp_path: Path, port: int, model: Path, **sections) -> Path:
-    """A daemon config with a fixed client id (its session survives a restart) and the input journal on."""
-    journal = {"path": str(tmp_path / "journal"), **sections.pop("journal", {})}
-    return daemon_config(tmp_path / "m.yaml", port, model=model, journal=journal, **sections)
-
-
-def lost_windows(capture: Capture, expected: set[tuple[str, int]]) -> tuple[int, int]:
-    """(windows with no alert, alerts received twice) for the expected (sensor_id, window_start_seq)."""
-    keys = [(alert["sensor_id"], alert["window_start_seq"]) for alert in capture.payloads("alerts/")]
-    return len(expected - set(keys)), len(keys) - len(set(keys))
-
-
-@contextmanager
-def crash_rig(broker: Broker, config: Path) -> Iterator[tuple[Capture, Sensors, list[DaemonProcess]]]:
-    """An alert capture, sensors and a ready daemon; on exit every daemon started (the list) is killed, and the
-    sensors, the capture and the broker are closed."""
-    capture = Capture(broker.port, ["alerts/#"])
-    sensors = Sensors(broker.port, inflight=1000)
-    started = [DaemonProcess(config)]
-    try:
-        started[0].wait_for_event("ready", timeout=60)
-        yield capture, sensors, started
-    finally:
-        for process in started:
-            process.kill()
-        sensors.close()
-        capture.close()
-        broker.stop(kill=True)
-
-
-def kill_once_busy(daemon: DaemonProcess, scored: float, gauge: str) -> float:
-    """SIGKILL the daemon once it has scored `scored` windows of a burst; returns `gauge` read just before."""
-    wait_until(
-        lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= scored, 60, what="the burst being scored"
-    )
-    value = metric(daemon.scrape(), gauge)
-    daemon.kill()
-    return value
-
-
-def restart_and_make_up(
-    config: Path, sensors: Sensors, capture: Capture, expected: set[tuple[str, int]], started: list[DaemonProcess]
-) -> tuple[int, int]:
-    """After a kill: once the broker took every sensor message, start the daemon again (appended to `started`, for
-    the teardown) and wait until every expected window has its alert; returns `lost_windows`."""
-    wait_until(sensors.all_acknowledged, 60, what="the broker to acknowledge every sensor message")
-    started.append(DaemonProcess(config))
-    wait_until(lambda: lost_windows(capture, expected)[0] == 0, 120, what="every window scored after the restart")
-    return lost_windows(capture, expected)
-
-
 @pytest.mark.parametrize("load", ["warm", "busy"])
 def test_kill_9_loses_no_acknowledged_window(tmp_path, load):
     """Item 3: SIGKILL of a warm daemon (sensors streaming 35-sample messages, partial windows everywhere) and of a
     busy one (a burst of 2,000 windows queued); the restarted daemon must make up every window."""
     broker = Broker(tmp_path / "broker").start()
-    model = make_model(tmp_path / "alert_all", 4, 0.0)
-    config = restart_config(tmp_path, broker.port, model)
-    with crash_rig(broker, config) as (capture, sensors, started):
-        daemon = started[0]
-        count, per_sensor = 20, (60 if load == "warm" else 100)
-        chunk = 35 if load == "warm" else WINDOW
-        data = signal_samples(per_sensor * WINDOW)
-        expected = {(f"s{index:02d}", k * WINDOW) for index in range(count) for k in range(per_sensor)}
-        offsets = range(0, per_sensor * WINDOW, chunk)
-        kill_at = len(offsets) // 2 if load == "warm" else None
-        for position, offset in enumerate(offsets):
-            if position == kill_at:
-                daemon.kill()  # mid-stream, with partial windows in every sensor and alerts in flight
-            for index in range(count):
-                sensors.send(f"s{index:02d}", offset, data[offset : offset + chunk])
-            if load == "warm":
-                time.sleep(0.01)
-        if load == "busy":  # the whole burst is in the broker; kill once the daemon is busy with it
-            queued = kill_once_busy(daemon, 200, "monitor_queue_depth")
-        lost, twice = restart_and_make_up(config, sensors, capture, expected, started)
-        replayed = started[-1].wait_for_event("journal_replayed")[0]
-    assert lost == 0
-    detail = f"queued at the kill {queued:.0f}; " if load == "busy" else ""
-    figure(
-        f"kill_9_{load}",
-        "windows / lost / alerts twice / replayed messages",
-        f"{len(expected)} / {lost} / {twice} / {detail}{replayed['messages']}",
-    )
+    config = restart_config(tmp_path, broker.port, make_model(tmp_path / "alert_all", 4, 0.0))
+    outcome = kill_9_mid_stream(broker, config, load, [f"s{index:02d}" for index in range(20)])
+    assert outcome.lost == 0
+    figure(f"kill_9_{load}", *outcome.figure())
 
 
 def test_receive_maximum_bounds_the_unacknowledged_input(tmp_path):

@@ -23,8 +23,19 @@ from monitor.datasets import read_ucr
 from monitor.errors import ConfigError
 from monitor.replay import ReplayPlan, messages, plan_ucr
 from tests.nats import DEPLOYED_CONFIG, NatsServer, require_nats_server
-from tests.support import DEFAULT_MODEL, REPO, SPLITS, daemon_config, metric, run_cli, wait_until
+from tests.support import (
+    DEFAULT_MODEL,
+    REPO,
+    SPLITS,
+    daemon_config,
+    kill_9_mid_stream,
+    metric,
+    restart_config,
+    run_cli,
+    wait_until,
+)
 from tests.test_daemon_e2e import expected_alerts
+from tests.test_faults import figure, make_model
 
 PARTITIONS = 4
 INSTANCES = ("a", "b")  # deploy/nats/monitor-0.yaml and -1.yaml: one partition each (nats-server.conf says why)
@@ -224,6 +235,30 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
             True,
         )
     assert daemons["a"].stop() == 0 and daemons["b"].stop() == 0
+
+
+@pytest.mark.parametrize("load", ["warm", "busy"])
+def test_kill_9_behind_nats_loses_no_acknowledged_window(nats_factory, tmp_path, load):
+    """RELIABILITY.md rows 29 and 30 behind the shipped nats-server: instance 0's deployed config (MQTT 3.1.1, a
+    persistent session, partition 0 of 2) with the journal on, 20 sensors of that partition streaming; SIGKILL
+    mid-stream (warm) or while a burst is queued (busy); the instance restarted with the same config and client id
+    must make up every window from its journal and the session's redelivery."""
+    nats = nats_factory(len(INSTANCES))
+    deployed = deployed_config(0)
+    model = make_model(tmp_path / "alert_all", 4, 0.0)
+    config = restart_config(
+        tmp_path, nats.port, model, mqtt={**deployed["mqtt"], "port": nats.port}, partitions=deployed["partitions"]
+    )
+    ours = (f"s{index:03d}" for index in itertools.count())
+    sensor_ids = list(itertools.islice((s for s in ours if partition_of(s, len(INSTANCES)) == 0), 20))
+    # As systemd restarts a crashed instance: RestartSec after the crash, longer than the broker's ack_wait, so what
+    # the instance held unacknowledged is redelivered ahead of newer input (deploy/nats/nats-server.conf says why).
+    restart_delay = int(re.search(r"(?m)^RestartSec=(\d+)$", TEMPLATE_UNIT.read_text()).group(1))
+    ack_wait = int(re.search(r'ack_wait: "(\d+)s"', DEPLOYED_CONFIG.read_text()).group(1))
+    assert ack_wait < restart_delay, "the shipped ack_wait must be shorter than the unit's RestartSec"
+    outcome = kill_9_mid_stream(nats, config, load, sensor_ids, restart_delay)
+    figure(f"kill_9_nats_{load}", *outcome.figure())
+    assert outcome.lost == 0
 
 
 # --- configuration ---
