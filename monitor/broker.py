@@ -7,11 +7,12 @@ through `make_client`, so they speak the configured protocol and authenticate al
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import time
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from monitor.config import MqttSettings
 from monitor.errors import ConfigError
@@ -23,6 +24,45 @@ class _QuietReconnectLoop(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Client is not connected")
+
+
+class Client(mqtt.Client):
+    """paho's client, except that a broken connection loses no packet that had already arrived.
+
+    When a write fails (EPIPE or ECONNRESET: the broker died), paho closes the socket at once, although packets the
+    broker wrote before it died may still wait unread in the socket's receive buffer (paho reads one packet per turn
+    of its loop and writes in between). Closing discards them. A broker that was SIGKILLed may have acknowledged such
+    a message to its publisher and not yet saved it (Mosquitto saves every `autosave_interval`): the copy in our
+    receive buffer is then the only one left. So, before paho closes the socket after an error, the complete packets
+    already received are read and handled as usual (PUBLISHes reach `on_message`); it ends when no byte is left.
+    """
+
+    _draining = False
+
+    def _loop_rc_handle(self, rc: MQTTErrorCode) -> MQTTErrorCode:
+        if self._draining:  # a write of a packet handled while draining failed too: the drain closes once it ends
+            return rc
+        if rc == MQTTErrorCode.MQTT_ERR_CONN_LOST and self._sock is not None:
+            self._draining = True
+            try:
+                while self._sock is not None and _bytes_waiting(self._sock):
+                    if self._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN:  # the rest of a packet never came
+                        break
+            finally:
+                self._draining = False
+        return super()._loop_rc_handle(rc)
+
+
+def _bytes_waiting(sock: object) -> bool:
+    """Whether received bytes wait to be read, without reading them (a dead connection reads as EOF or error)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    if not isinstance(sock, socket.socket):
+        return False
+    try:  # the kernel's buffer, below TLS: `socket.socket.recv`, not SSLSocket's (which refuses flags)
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
 
 
 def client_id_for(settings: MqttSettings, role: str) -> str:
@@ -42,7 +82,7 @@ def make_client(
     False; v5: decided at connect time by the session expiry, so clean_session stays unset).
     """
     v5 = settings.protocol == "5"
-    client = mqtt.Client(
+    client = Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id if client_id is not None else settings.client_id,
         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,

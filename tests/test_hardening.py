@@ -7,9 +7,12 @@ received are exactly the windows scored. Each test prints the figure RELIABILITY
 
 from __future__ import annotations
 
+import fcntl
 import math
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from monitor.artifact import load_artifact
 from monitor.beatdata import read_recording
 from monitor.beats import beat_spec
 from monitor.beatwindowing import BeatAssembler
+from monitor.broker import make_client
 from monitor.payload import Message
 from tests.support import (
     REPO,
@@ -40,6 +44,7 @@ from tests.support import (
     kill_9_mid_stream,
     kill_once_busy,
     metric,
+    mqtt_settings,
     restart_and_make_up,
     restart_config,
     signal_samples,
@@ -282,13 +287,15 @@ class RawBroker(threading.Thread):
     (Mosquitto validates topics; a broker or bridge that does not would pass such a message on).
 
     It accepts one client, grants its subscription, sends the given (topic bytes, payload) PUBLISHes at QoS 1 and
-    records the client's PUBACKs and PUBLISHes (alerts, status)."""
+    records the client's PUBACKs and PUBLISHes (alerts, status). With `then_die`, it ends the connection right after
+    the PUBLISHes with a reset, as a broker SIGKILLed just after writing them does."""
 
-    def __init__(self, messages: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, messages: list[tuple[bytes, bytes]], then_die: bool = False) -> None:
         super().__init__(name="raw-broker", daemon=True)
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.messages = messages
+        self.then_die = then_die
         self.pubacks: list[int] = []
         self.published: list[str] = []
         self.error: BaseException | None = None
@@ -343,6 +350,12 @@ class RawBroker(threading.Thread):
                 for mid, (topic, payload) in enumerate(self.messages, start=1):
                     variable = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + b"\x00"
                     conn.sendall(self._packet(0x32, variable + payload))
+                if self.then_die:
+                    # Once the client's kernel has every byte (nothing left unacknowledged in our send queue), a
+                    # close with linger 0 sends a reset, as the kernel does for a killed process with unread input.
+                    wait_until(lambda: fcntl.ioctl(conn, termios.TIOCOUTQ, b"\0\0\0\0") == bytes(4), 10)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
             elif packet_type == 4:  # PUBACK from the client
                 self.pubacks.append(int.from_bytes(body[:2], "big"))
             elif packet_type == 3:  # the client's PUBLISH (status, alerts): acknowledge QoS 1
@@ -375,6 +388,33 @@ def test_a_topic_that_is_not_utf8_is_counted_and_the_network_thread_lives_on(tmp
         raw.server.close()
     assert raw.error is None
     figure("non_utf8_topic", "bad topic counted / next message scored and acknowledged", "1 / yes")
+
+
+def test_messages_a_dying_broker_sent_are_handled_not_discarded():
+    """A broker SIGKILLed right after writing messages: they wait in the client's receive buffer behind a reset.
+    paho closed the socket at the first failed write (its PUBACK), discarding them, and a broker that had not saved
+    them yet (Mosquitto saves periodically) never sent them again: acknowledged input lost (the flaky broker-kill test
+    of test_faults.py, one or two samples short). `monitor.broker.Client` reads what arrived before it closes."""
+    payloads = [orjson.dumps({"seq": 35 * k, "samples": [0.0] * 35}) for k in range(50)]
+    raw = RawBroker([(b"sensors/s/ecg", payload) for payload in payloads], then_die=True)
+    raw.start()
+    client = make_client(mqtt_settings(raw.port, protocol="5"), "drain-test")  # QoS 1 acknowledged by paho itself
+    received: list[bytes] = []
+    disconnected = threading.Event()
+    client.on_message = lambda c, u, message: received.append(message.payload)
+    client.on_disconnect = lambda *args: disconnected.set()
+    try:
+        client.connect("127.0.0.1", raw.port)  # CONNECT and SUBSCRIBE written before the client reads anything
+        client.subscribe("sensors/+/ecg", qos=1)
+        raw.join(10)  # CONNACK, SUBACK, the PUBLISHes and the reset wait in the client's socket
+        assert not raw.is_alive() and raw.error is None
+        client.loop_start()
+        assert disconnected.wait(10), "the client never saw the connection end"
+        assert received == payloads  # every one, in order (paho alone: 2 of 50, the rest discarded)
+    finally:
+        client.loop_stop()
+        raw.server.close()
+    figure("dying_broker", "messages written before the reset / handled", f"{len(payloads)} / {len(received)}")
 
 
 # --- crash safety, health and signals: each with a daemon (and broker) of its own ---
