@@ -19,7 +19,7 @@ configured sampling rate to the span's first sample.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +58,9 @@ class BeatFeedResult:
 
     windows: list[BeatWindow] = field(default_factory=list)
     beats_found: int = 0
-    unscorable: Counter = field(default_factory=Counter)  # reason -> beats
+    unscorable: dict[str, int] = field(
+        default_factory=dict
+    )  # reason -> beats (a dict: a Counter costs more per message)
     detector_resets: int = 0
     duplicate_samples: int = 0
     duplicate: bool = False
@@ -120,8 +122,8 @@ class BeatAssembler(SensorTable[_Sensor]):
         sensor.next_seq += len(samples)
         for beat in sensor.stream.feed(samples[:, 0]):
             result.beats_found += 1
-            if not beat.scorable:
-                result.unscorable[beat.reason] += 1
+            if beat.reason is not None:  # unscorable
+                result.unscorable[beat.reason] = result.unscorable.get(beat.reason, 0) + 1
                 continue
             start_ts = (
                 None if sensor.anchor is None else sensor.anchor[1] + (beat.start_seq - sensor.anchor[0]) / self.fs

@@ -149,10 +149,14 @@ class Ingest:
         return ready
 
     def _count_beats(self, sensor_id: str, result: BeatFeedResult, now: float) -> None:
+        if not result.beats_found and not result.detector_resets:
+            return  # most messages complete no beat: no counter to touch
         self.metrics.beats_found.inc(result.beats_found)
         if result.detector_resets:
             self.metrics.detector_resets.inc(result.detector_resets)
-        self.metrics.beats_noisy_stretch.inc(sum(window.error_scale > 1 for window in result.windows))
+        noisy = sum(window.error_scale > 1 for window in result.windows)
+        if noisy:
+            self.metrics.beats_noisy_stretch.inc(noisy)
         for reason, count in result.unscorable.items():
             self.metrics.beats_unscorable.labels(reason).inc(count)
             if reason != "warmup" and self._warnings.allow((sensor_id, "unscorable"), now):
