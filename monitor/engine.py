@@ -7,7 +7,7 @@ check is the model the daemon runs. A broken artifact or device raises a `Monito
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -21,6 +21,7 @@ from monitor.config import ModelSettings
 from monitor.drift import CalibrationScores
 from monitor.errors import ArtifactError, ConfigError, MonitorError
 from monitor.scoring import Scorer, Scores
+from monitor.windowing import Window
 
 Backend = Literal["torch", "onnx"]
 
@@ -59,6 +60,13 @@ class Engine:
 
     def score(self, windows: np.ndarray) -> Scores:
         return self.scorer.score(windows)
+
+    def score_windows(self, batch: Sequence[Window]) -> Scores:
+        """A batch of windows (fixed or beat) scored, each error divided by its window's `error_scale` (a beat's in
+        a noisy stretch: beats.py; 1 otherwise)."""
+        scores = self.scorer.score(np.stack([window.samples for window in batch]))
+        scales = np.fromiter((window.error_scale for window in batch), np.float64, len(batch))
+        return scores if (scales == 1.0).all() else Scores(scores.errors / scales, scores.profiles)
 
     def describe(self) -> dict[str, str | int | float]:
         """The engine as log fields."""

@@ -15,7 +15,7 @@ from monitor.alerts import ThresholdDecision
 from monitor.engine import Engine
 from monitor.metrics import Metrics
 from monitor.scoring import Scores
-from monitor.windowing import Window, scaled_errors
+from monitor.windowing import Window
 
 log = structlog.get_logger("monitor.shadow")
 
@@ -32,7 +32,7 @@ class ShadowComparison:
 
     def observe(self, batch: Sequence[Window], scores: Scores, anomalous: np.ndarray, engine: Engine) -> None:
         try:
-            errors = scaled_errors(batch, self.shadow.score(np.stack([window.samples for window in batch])).errors)
+            errors = self.shadow.score_windows(batch).errors
         except Exception:
             self.metrics.shadow_failures.inc()
             if time.monotonic() - self._failure_logged_at >= FAILURE_LOG_SECONDS:

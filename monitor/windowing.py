@@ -45,7 +45,7 @@ import base64
 import binascii
 import math
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -69,12 +69,6 @@ class Window:
     start_ts: float | None  # Unix seconds of the first sample, when the input carried ts
     completed_at: float  # the monotonic `now` given to feed() when the last sample arrived
     error_scale: ClassVar[float] = 1.0  # fixed windows are scored by their error as it is
-
-
-def scaled_errors(batch: Sequence[Window], errors: np.ndarray) -> np.ndarray:
-    """The batch's reconstruction errors divided by each window's `error_scale` (a beat's: beats.py; else 1)."""
-    scales = np.fromiter((window.error_scale for window in batch), np.float64, len(batch))
-    return errors if (scales == 1.0).all() else errors / scales
 
 
 @dataclass(slots=True)

@@ -26,7 +26,7 @@ from monitor.batching import MicroBatcher
 from monitor.engine import Engine
 from monitor.metrics import Metrics
 from monitor.scoring import Scores
-from monitor.windowing import Window, scaled_errors
+from monitor.windowing import Window
 
 log = structlog.get_logger("monitor.worker")
 
@@ -83,8 +83,7 @@ class ScoringWorker(threading.Thread):
         engine, sink = self._stage
         try:
             started = time.perf_counter()
-            scores = engine.score(np.stack([window.samples for window in batch]))
-            scores = Scores(scaled_errors(batch, scores.errors), scores.profiles)
+            scores = engine.score_windows(batch)
             self.metrics.inference_seconds.observe(time.perf_counter() - started)
         except Exception:
             log.exception("scoring_failed", batch=len(batch))
