@@ -121,14 +121,10 @@ def pca_scorer(train: np.ndarray, components: int = PCA_COMPONENTS) -> Score:
     return score
 
 
-def stretches(labelled: LabelledBeats) -> np.ndarray:
-    return np.array([beat.stretch for beat in labelled.beats])
-
-
 def false_alarm_causes(labelled: LabelledBeats, spec: BeatSpec, score: np.ndarray, threshold: float) -> dict[str, int]:
     """The normal beats flagged, by cause (module docstring): noisy stretch, else early, else other."""
     flagged = (labelled.classes == "N") & labelled.scorable & (score > threshold)
-    noisy = flagged & (stretches(labelled) > NOISY_STRETCH)
+    noisy = flagged & (labelled.stretch > NOISY_STRETCH)
     early = flagged & ~noisy & (labelled.windows[:, 0, spec.channels.index("prematurity")] > EARLY)
     return {
         "noisy_stretch": int(noisy.sum()),
@@ -223,10 +219,10 @@ def main() -> None:
         per_record: dict[str, Any] = {}
         pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for name, labelled in test_parts.items():
-            score = score_fn(labelled.windows) / spec.error_scale(stretches(labelled))
+            score = score_fn(labelled.windows) / spec.error_scale(labelled.stretch)
             scorable = labelled.scorable
             if args.context_gate is not None:
-                scorable = scorable & (stretches(labelled) <= args.context_gate)
+                scorable = scorable & (labelled.stretch <= args.context_gate)
             per_record[name] = beat_figures(score, labelled.classes, scorable, threshold)
             if kind == "model" and args.context_gate is None:
                 per_record[name]["false_alarm_causes"] = false_alarm_causes(labelled, spec, score, threshold)

@@ -159,6 +159,10 @@ class LabelledBeats:
     def r_seq(self) -> np.ndarray:
         return np.asarray([beat.r_seq for beat in self.beats], dtype=np.int64)
 
+    @property
+    def stretch(self) -> np.ndarray:
+        return np.asarray([beat.stretch for beat in self.beats], dtype=np.float64)
+
 
 def label_beats(recording: Recording, beats: list[Beat]) -> LabelledBeats:
     """Matches found beats to annotated ones (150 ms) and labels each found beat with its annotation."""

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from monitor.artifact import ModelArtifact, Normalisation, save_artifact
 from monitor.beatdata import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
-from monitor.beats import BeatSpec
+from monitor.beats import Beat, BeatSpec
 from monitor.calibration import calibrate, threshold_uncertainty
 from monitor.datasets import WindowSet
 from monitor.errors import DataError
@@ -150,33 +150,31 @@ def split_training_beats(
     minutes it was fitted on lower than later ones, and the daemon only ever scores later ones, so a threshold
     from beats drawn at random among the fit beats' neighbours flags more than its share of later normal beats.
     """
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("fit", "validation", "calibration", "fs", "cs")}
+    parts: dict[str, list[Beat]] = {"fit": [], "validation": [], "calibration": []}
     for _, beats in labelled:
         if isinstance(beats, LabelledBeats):
             kept = [beat for beat, symbol in zip(beats.beats, beats.symbols, strict=True) if symbol in normal_symbols]
         else:
             kept = list(beats)
         kept = [beat for beat in kept if beat.scorable]
-        if not kept:
-            continue
-        windows, stretch = np.stack([beat.window for beat in kept]), np.array([beat.stretch for beat in kept])
-        n = len(windows)
+        n = len(kept)
         n_cal, n_val = int(round(n * calibration_fraction)), int(round(n * validation_fraction))
         fit_end = n - n_val - n_cal
-        parts["fit"].append(windows[:fit_end])
-        parts["validation"].append(windows[fit_end : n - n_cal])
-        parts["calibration"].append(windows[n - n_cal :])
-        parts["fs"].append(stretch[:fit_end])
-        parts["cs"].append(stretch[n - n_cal :])
+        parts["fit"] += kept[:fit_end]
+        parts["validation"] += kept[fit_end : n - n_cal]
+        parts["calibration"] += kept[n - n_cal :]
     if not parts["fit"]:
         raise DataError("no scorable training beats found in the recordings")
-    split = TrainingBeats(*(np.concatenate(parts[name]) for name in ("fit", "validation", "calibration", "fs", "cs")))
-    if len(split.fit) < 2 or len(split.validation) < 1 or len(split.calibration) < 10:
+    fit, validation, calibration = parts["fit"], parts["validation"], parts["calibration"]
+    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
         raise DataError(
-            f"{len(split.fit)}/{len(split.validation)}/{len(split.calibration)} scorable normal beats are too few to "
+            f"{len(fit)}/{len(validation)}/{len(calibration)} scorable normal beats are too few to "
             "train/validate/calibrate"
         )
-    return split
+    return TrainingBeats(
+        *(np.stack([beat.window for beat in part]) for part in (fit, validation, calibration)),
+        *(np.array([beat.stretch for beat in part]) for part in (fit, calibration)),
+    )
 
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
@@ -276,7 +274,7 @@ def evaluate_beats(
             windows.append(beats.windows)
             classes.append(beats.classes)
             scorable.append(beats.scorable)
-            stretches.append(np.array([beat.stretch for beat in beats.beats]))
+            stretches.append(beats.stretch)
     if not windows:
         raise DataError("no beats found in the evaluation recordings")
     all_classes = np.concatenate(classes)

@@ -191,7 +191,7 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
     expected: dict[str, list[np.ndarray]] = {name: [] for name in ("fit", "validation", "calibration", "fs", "cs")}
     for _, beats in labelled:
         keep = beats.scorable & (beats.symbols == "N")
-        windows, stretch = beats.windows[keep], np.array([beat.stretch for beat in beats.beats])[keep]
+        windows, stretch = beats.windows[keep], beats.stretch[keep]
         n = len(windows)
         n_cal, n_val = round(0.15 * n), round(0.15 * n)
         expected["fit"].append(windows[: n - n_val - n_cal])
