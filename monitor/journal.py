@@ -103,7 +103,7 @@ def decode_windows(items: list[list[Any]], now: float) -> list[Window | BeatWind
                     ts,
                     now,
                     float(scale[0]) if scale else 1.0,
-                )  # fmt: skip
+                )
             )
         else:
             windows.append(Window(str(sensor_id), int(start_seq), array, ts, now))
