@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "receive-maximum-results.json")
     args = parser.parse_args(argv)
-    version = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.splitlines()[0]
+    mosquitto = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True).stdout.splitlines()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="receive-maximum-") as root:
         for index, (name, (lines, version)) in enumerate(BROKERS.items()):
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python -m bench.receive_maximum "
         f"--receive-maximum {args.receive_maximum} --messages {args.messages}",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "mosquitto": version,
+        "mosquitto": mosquitto,
         "paho_mqtt": metadata.version("paho-mqtt"),
         "receive_maximum": args.receive_maximum,
         "messages": args.messages,
