@@ -11,7 +11,7 @@ windows, which `baseline: sensor` does not score); the anchor also on every test
   variance, threshold at the 0.99 quantile of the scores of the last 15 % of the training windows.
 - PCA pooled, computed the same way on all machines' train windows, with `baseline: model` (one pooled
   z-score) and `baseline: sensor` (each recording normalised by its own first N windows).
-- The LSTM autoencoder, one model for all machines, trained with `monitor.training.train` exactly as
+- The LSTM autoencoder, one model for all machines, trained with `monitor.training.trainer.train` exactly as
   `monitor train --train-data A B C D --window 30 --stride 10 [--baseline sensor --baseline-windows N]`,
   scored as `monitor evaluate` scores; threshold global (the artifact's: 0.99 quantile of the last 15 %
   of every training recording) or per sensor (0.99 quantile of the sensor's own warm-up windows).
@@ -35,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.artifact import Normalisation
-from monitor.baseline import ABSOLUTE_FLOOR, CLIP, MAD_TO_STD, RELATIVE_FLOOR, SensorBaseline
-from monitor.datasets import Recording, read_labelled_recording
-from monitor.evaluation import evaluate_scores
-from monitor.recordings import ScoredRecording, score_recording, segment_figures
-from monitor.scoring import Scorer
-from monitor.training import TrainSettings, train
+from monitor.model.artifact import Normalisation
+from monitor.model.baseline import ABSOLUTE_FLOOR, CLIP, MAD_TO_STD, RELATIVE_FLOOR, SensorBaseline
+from monitor.model.scoring import Scorer
+from monitor.training.datasets import Recording, read_labelled_recording
+from monitor.training.evaluation import evaluate_scores
+from monitor.training.recordings import ScoredRecording, score_recording, segment_figures
+from monitor.training.trainer import TrainSettings, train
 
 MACHINES = ("machine-1-3", "machine-2-1", "machine-2-4", "machine-3-10")
 WINDOW, STRIDE = 30, 10

@@ -45,12 +45,12 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from monitor.artifact import Normalisation, load_artifact  # noqa: E402
-from monitor.beatdata import LabelledBeats, Recording, cut_recording, label_beats, read_recording  # noqa: E402
-from monitor.beats import BeatSpec, beat_spec  # noqa: E402
-from monitor.beattraining import split_training_beats  # noqa: E402
-from monitor.evaluation import roc_auc  # noqa: E402
-from monitor.scoring import Scorer  # noqa: E402
+from monitor.ecg.beats import BeatSpec, beat_spec  # noqa: E402
+from monitor.model.artifact import Normalisation, load_artifact  # noqa: E402
+from monitor.model.scoring import Scorer  # noqa: E402
+from monitor.training.beat_data import LabelledBeats, Recording, cut_recording, label_beats, read_recording  # noqa: E402
+from monitor.training.beat_trainer import split_training_beats  # noqa: E402
+from monitor.training.evaluation import roc_auc  # noqa: E402
 
 RECORDS = ("105", "108", "114", "116", "121", "123", "208_excerpt")
 RESERVED = {"100", "106", "119", "200", "223"}

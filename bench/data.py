@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from monitor.datasets import WindowSet, read_ucr
+from monitor.training.datasets import WindowSet, read_ucr
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "data" / "ecg5000"

@@ -22,7 +22,7 @@ import yaml
 from bench import loadgen, targets
 from bench.data import REPO
 from bench.records import CpuCores, LoadSummary, Run, RunConfig, Step
-from monitor.scrape import histogram_quantile
+from monitor.telemetry.scrape import histogram_quantile
 from tests.support import Broker, DaemonProcess, daemon_config
 
 LATENCY = "monitor_decision_latency_seconds"

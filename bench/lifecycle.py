@@ -1,6 +1,6 @@
 """`python -m bench.lifecycle`: what episodes, the drift statistic and a shadow model make of the ECG5000 replay.
 
-In process, on the decisions the daemon would make (tests/test_lifecycle_e2e.py shows the daemon publishes the
+In process, on the decisions the daemon would make (tests/e2e/test_lifecycle_e2e.py shows the daemon publishes the
 same episode events and counts the same shadow disagreements through Mosquitto):
 - per-window alerts against episode events, for a few lifecycle policies, with the test split's beats dealt
   round-robin to 20 sensors as `monitor replay --sensors 20` does;
@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from monitor.config import DriftSettings, LifecycleSettings, ModelSettings
-from monitor.datasets import read_ucr
-from monitor.drift import DriftMonitor
-from monitor.engine import Engine, load_engine
-from monitor.episodes import Decision, EpisodeTracker
+from monitor.alerts.drift import DriftMonitor
+from monitor.alerts.episodes import Decision, EpisodeTracker
+from monitor.config.schema import DriftSettings, LifecycleSettings, ModelSettings
+from monitor.model.engine import Engine, load_engine
+from monitor.training.datasets import read_ucr
 
 SENSORS = 20
 POLICIES = [

@@ -34,11 +34,11 @@ from bench.records import (
     Stamp,
     TorchDecisions,
 )
-from monitor.artifact import ModelArtifact, Normalisation, load_artifact
-from monitor.autoencoder import LSTMAutoencoder
-from monitor.evaluation import evaluate_scores
-from monitor.scoring import Scorer, ScoringGraph
-from monitor.settings import read_yaml, validate
+from monitor.config.loading import read_yaml, validate
+from monitor.model.artifact import ModelArtifact, Normalisation, load_artifact
+from monitor.model.autoencoder import LSTMAutoencoder
+from monitor.model.scoring import Scorer, ScoringGraph
+from monitor.training.evaluation import evaluate_scores
 
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
@@ -252,7 +252,7 @@ def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable
         return sharded(Scorer.from_artifact(artifact).score, threads)
     if backend == "onnx-int8":
         return int8_scorer(artifact, threads).score
-    from monitor.onnx_backend import OnnxScorer
+    from monitor.model.onnx_backend import OnnxScorer
 
     return OnnxScorer(artifact, threads=threads).score
 
@@ -349,7 +349,7 @@ def gil_contention(
 
 def train_settings(**overrides: Any):
     """The default model's training recipe (configs/train-ecg5000.yaml), paths from the repository root."""
-    from monitor.training import TrainSettings
+    from monitor.training.trainer import TrainSettings
 
     data = read_yaml(TRAIN_CONFIG)
     for key in ("train_data", "calibration_data", "evaluate_data", "output"):
@@ -361,7 +361,7 @@ def train_settings(**overrides: Any):
 
 def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
     """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
-    from monitor.training import fit_model, split_normal
+    from monitor.training.trainer import fit_model, split_normal
 
     fit, validation, _, _ = split_normal(settings)
     normalisation = Normalisation.fit(fit.windows)
@@ -382,7 +382,7 @@ def recipe_training(model: Path) -> FullTraining:
 
     Training is deterministic given the seed and thread count, so the weights should be byte-identical
     to the shipped model's: that is checked and reported."""
-    from monitor.training import train
+    from monitor.training.trainer import train
 
     with tempfile.TemporaryDirectory(prefix="bench-train-") as directory:
         settings = train_settings(output=directory, report=False)
@@ -422,7 +422,7 @@ def accuracy(
     stamp: Stamp, artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool
 ) -> Accuracy:
     """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
-    from monitor.onnx_backend import OnnxScorer
+    from monitor.model.onnx_backend import OnnxScorer
 
     threshold = artifact.threshold
     reference = Scorer.from_artifact(artifact).score_all(windows)
@@ -458,7 +458,7 @@ def model_table(
     backends: tuple[str, ...] = ("torch", "onnx"),
 ) -> ModelTable:
     """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
-    from monitor.training import train
+    from monitor.training.trainer import train
 
     rows = []
     recipe = train_settings()

@@ -11,8 +11,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from monitor.artifact import ModelArtifact
-from monitor.onnx_backend import OnnxScorer, export_onnx, session_options
+from monitor.model.artifact import ModelArtifact
+from monitor.model.onnx_backend import OnnxScorer, export_onnx, session_options
 
 
 def quantize_int8(model_bytes: bytes) -> bytes:

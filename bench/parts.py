@@ -29,7 +29,7 @@ from bench.records import (
     Transport,
     Tutorial,
 )
-from monitor.artifact import ModelArtifact
+from monitor.model.artifact import ModelArtifact
 
 CEILING_BATCHES = (64, 128, 256)  # batch sizes at which the model's own matmuls are timed (the best counts)
 

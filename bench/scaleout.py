@@ -23,7 +23,7 @@ import orjson
 from bench import loadgen, targets
 from bench.e2e import counter_sum, cpu_seconds, histogram, histogram_delta
 from bench.records import ScaleOut, ScaleRun, ScaleStep, Stamp
-from monitor.scrape import histogram_quantile
+from monitor.telemetry.scrape import histogram_quantile
 from tests.nats import NatsServer
 from tests.support import REPO, DaemonProcess, daemon_config, wait_until
 

@@ -29,15 +29,15 @@ from prometheus_client import CollectorRegistry
 from bench import targets
 from bench.data import read_split
 from bench.records import TransportRow
-from monitor.acks import InOrderAcks, PendingWindows, Receipt
-from monitor.batching import WindowQueue
-from monitor.config import MqttSettings
-from monitor.ingest import Ingest
-from monitor.log import configure_logging
-from monitor.metrics import Metrics
-from monitor.payload import PayloadDecoder
-from monitor.source import MqttConnection
-from monitor.windowing import WindowAssembler
+from monitor.config.schema import MqttSettings
+from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
+from monitor.ingest.batching import WindowQueue
+from monitor.ingest.payload import PayloadDecoder
+from monitor.ingest.stage import Ingest
+from monitor.ingest.windowing import WindowAssembler
+from monitor.mqtt.connection import MqttConnection
+from monitor.telemetry.log import configure_logging
+from monitor.telemetry.metrics import Metrics
 from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"

@@ -13,8 +13,8 @@ from monitor import __version__
 from monitor.errors import MonitorError
 
 if TYPE_CHECKING:
-    from monitor.artifact import ModelArtifact
-    from monitor.scoring import BatchScorer
+    from monitor.model.artifact import ModelArtifact
+    from monitor.model.scoring import BatchScorer
 
 EXIT_USER_ERROR = 2
 
@@ -47,8 +47,8 @@ def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     """`monitor train`: every flag's help ends with its default, taken from the settings themselves."""
-    from monitor.calibration import DEFAULT_PARAMS
-    from monitor.training_settings import TrainSettings
+    from monitor.model.calibration import DEFAULT_PARAMS
+    from monitor.training.settings import TrainSettings
 
     fields = TrainSettings.model_fields
     defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
@@ -214,19 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from monitor import signals
+    from monitor.runtime import signals
 
     signals.install()  # before importing torch: a SIGHUP in the first seconds must not end the process
-    from monitor.daemon import run
+    from monitor.runtime.daemon import run
 
     return run(args.config)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from monitor.beattraining import BeatTrainSettings, train_beats
-    from monitor.log import configure_logging
-    from monitor.settings import read_yaml, validate
-    from monitor.training import TrainSettings, refuse_overwrite, train
+    from monitor.config.loading import read_yaml, validate
+    from monitor.telemetry.log import configure_logging
+    from monitor.training.beat_trainer import BeatTrainSettings, train_beats
+    from monitor.training.trainer import TrainSettings, refuse_overwrite, train
 
     configure_logging("info", "auto")
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
@@ -278,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         result = train(settings)
     if settings.report:
-        from monitor.report import write_report
+        from monitor.training.report import write_report
 
         written = write_report(result, settings.output / "report")
         if written:
@@ -288,23 +288,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{result.calibration.method}, best epoch {result.best_epoch}, {result.seconds:.0f} s)"
     )
     if beat_evaluation is not None:
-        from monitor.beattraining import format_beat_evaluation
+        from monitor.training.beat_trainer import format_beat_evaluation
 
         print(format_beat_evaluation(beat_evaluation))
     elif result.evaluation is not None:
-        from monitor.evaluation import format_evaluation
+        from monitor.training.evaluation import format_evaluation
 
         print(format_evaluation(result.evaluation))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from monitor.artifact import load_artifact
-    from monitor.beats import beat_spec
-    from monitor.datasets import read_ucr, require_window
-    from monitor.engine import resolve_device
-    from monitor.evaluation import evaluate_scores, format_evaluation
-    from monitor.scoring import Scorer
+    from monitor.ecg.beats import beat_spec
+    from monitor.model.artifact import load_artifact
+    from monitor.model.engine import resolve_device
+    from monitor.model.scoring import Scorer
+    from monitor.training.datasets import read_ucr, require_window
+    from monitor.training.evaluation import evaluate_scores, format_evaluation
 
     device = resolve_device(args.device)
     artifact = load_artifact(args.model, device)
@@ -334,10 +334,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scorer: BatchScorer) -> int:
-    from monitor.baseline import resolve_baseline, trained_baseline
-    from monitor.datasets import read_labelled_recording
-    from monitor.evaluation import format_evaluation
-    from monitor.recordings import evaluate_recording, pooled_evaluation, score_recording
+    from monitor.model.baseline import resolve_baseline, trained_baseline
+    from monitor.training.datasets import read_labelled_recording
+    from monitor.training.evaluation import format_evaluation
+    from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
 
     if len(args.labels) != len(args.data):
         raise MonitorError(f"--labels: {len(args.labels)} label files for {len(args.data)} recordings (one each)")
@@ -389,8 +389,8 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
 
 
 def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: Any, header: dict[str, Any]) -> int:
-    from monitor.beatdata import pair_files
-    from monitor.beattraining import evaluate_beats, format_beat_evaluation
+    from monitor.training.beat_data import pair_files
+    from monitor.training.beat_trainer import evaluate_beats, format_beat_evaluation
 
     if not args.annotations:
         raise MonitorError(f"{args.model}: a beat-mode model; evaluation needs --annotations, one file per recording")
@@ -407,9 +407,9 @@ def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: 
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from monitor.config import load_config
-    from monitor.log import configure_logging
-    from monitor.replay import Replayer, load_plan, write_labels
+    from monitor.config.schema import load_config
+    from monitor.telemetry.log import configure_logging
+    from monitor.tools.replay import Replayer, load_plan, write_labels
 
     config = load_config(args.config, check_model=False)
     configure_logging(config.logging.level, config.logging.format)
@@ -429,8 +429,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from monitor.config import load_config
-    from monitor.watch import watch
+    from monitor.config.schema import load_config
+    from monitor.tools.watch import watch
 
     config = load_config(args.config, check_model=False)
     print(
@@ -440,11 +440,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from monitor.beatwindowing import check_mode
-    from monitor.config import load_config
-    from monitor.daemon import warm_up_windows
-    from monitor.engine import load_engine, load_shadow_engine
+    from monitor.config.schema import load_config
     from monitor.errors import ArtifactError, MonitorError
+    from monitor.ingest.beat_windowing import check_mode
+    from monitor.model.engine import load_engine, load_shadow_engine
+    from monitor.runtime.daemon import warm_up_windows
 
     config = load_config(args.file)
     try:

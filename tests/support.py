@@ -28,8 +28,8 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor.broker import make_client
-from monitor.config import MqttSettings
+from monitor.config.schema import MqttSettings
+from monitor.mqtt.client import make_client
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data" / "ecg5000"
@@ -353,7 +353,7 @@ class BrokerProcess(Protocol):
     def stop(self, kill: bool = False) -> None: ...
 
 
-WINDOW = 140  # the window of the tests' models (tests/test_faults.py, make_model)
+WINDOW = 140  # the window of the tests' models (tests/e2e/test_faults.py, make_model)
 
 
 class Sensors:

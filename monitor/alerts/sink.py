@@ -1,0 +1,186 @@
+"""The alert stage: decide (score above the threshold), build the payload (contract section 4), publish, count, log.
+
+`AlertSink.handle` takes one scored window. It publishes through a `Publisher`, which either queues the
+message or raises `PublishRefused` with one of `DROP_REASONS`; any other exception counts as
+`publish_error`, so the `reason` label set stays closed whatever the transport raises.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol, get_args
+
+import numpy as np
+import orjson
+import structlog
+
+from monitor.config.schema import AlertSettings
+from monitor.ingest.beat_windowing import BeatWindow
+from monitor.ingest.windowing import Window
+from monitor.model.engine import Engine, ModelIdentity
+from monitor.model.scoring import Scores
+from monitor.telemetry.metrics import Metrics
+
+log = structlog.get_logger("monitor.alerts")
+
+DropReason = Literal["queue_full", "publish_error"]
+DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)  # the `reason` labels of monitor_alerts_dropped_total
+
+
+class PublishRefused(Exception):
+    """The transport would not take the message; `reason` is one of `DROP_REASONS`."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason: DropReason = reason
+
+
+class Publisher(Protocol):
+    """Queues one message for the broker and returns its packet id, or raises `PublishRefused`."""
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int: ...
+
+
+class DecisionObserver(Protocol):
+    """A stage that sees every decided batch after its alerts went out (episodes, drift, the shadow model)."""
+
+    def observe(self, batch: Sequence[Window], scores: Scores, anomalous: np.ndarray, engine: Engine) -> None: ...
+
+
+class ThresholdDecision:
+    """A window is anomalous when its score is strictly above the threshold, as in `monitor evaluate`."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = float(threshold)
+
+    def anomalous(self, errors: np.ndarray) -> np.ndarray:
+        return np.asarray(errors) > self.threshold
+
+
+def build_alert(
+    sensor_id: str,
+    start_seq: int,
+    window: int,
+    score: float,
+    profile: np.ndarray,
+    threshold: float,
+    model: ModelIdentity,
+    start_ts: float | None = None,
+    top_timesteps: int = 5,
+    include_profile: bool = False,
+    detected_at: float | None = None,
+    baseline: str = "model",
+    beat: BeatWindow | None = None,
+) -> dict[str, Any]:
+    """The JSON alert for one anomalous window; for a beat (beat mode) with its span, `beat_seq` and `rr_seconds`.
+
+    `top_timesteps` lists the offsets within the window with the largest error (highest first),
+    so a subscriber can see where in the window the anomaly lies.
+    """
+    alert: dict[str, Any] = {
+        "sensor_id": sensor_id,
+        "window_start_seq": int(start_seq),
+        "window_end_seq": int(start_seq + window if beat is None else beat.end_seq),
+        "score": float(score),
+        "threshold": float(threshold),
+        "baseline": baseline,
+        "model": model.to_dict(),
+        "detected_at": time.time() if detected_at is None else detected_at,
+    }
+    if beat is not None:
+        alert["beat_seq"] = beat.beat_seq
+        alert["rr_seconds"] = beat.rr_seconds
+    if start_ts is not None:
+        alert["window_start_ts"] = float(start_ts)
+    if top_timesteps:
+        top = np.argsort(-profile, kind="stable")[:top_timesteps]
+        alert["top_timesteps"] = [{"offset": int(i), "error": round(float(profile[i]), 6)} for i in top]
+    if include_profile:
+        alert["error_profile"] = [round(float(value), 6) for value in profile]
+    return alert
+
+
+class AlertSink:
+    """Decides, builds, publishes, counts and logs the alert for each anomalous window of a scored batch, then
+    hands the decisions to the observers. With `alerts.lifecycle` on and `per_window_alerts` off, the per-window
+    alerts are only counted (`monitor_anomalies_total`), not published."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        topic_template: str,
+        qos: int,
+        settings: AlertSettings,
+        metrics: Metrics,
+        observers: Sequence[DecisionObserver] = (),
+    ) -> None:
+        self.publisher = publisher
+        self.topic_template = topic_template
+        self.qos = qos
+        self.settings = settings
+        self.metrics = metrics
+        self.observers = tuple(observers)
+
+    def handle(self, batch: Sequence[Window], scores: Scores, engine: Engine) -> dict[int, int]:
+        """Publish an alert for each anomalous window; returns {index in the batch: packet id} of those queued.
+        Never raises."""
+        anomalous = ThresholdDecision(engine.threshold).anomalous(scores.errors)
+        flagged = np.flatnonzero(anomalous)
+        self.metrics.anomalies.inc(len(flagged))
+        queued = {}
+        if self.settings.per_window:
+            for index in flagged:
+                mid = self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+                if mid is not None:
+                    queued[int(index)] = mid
+        for observer in self.observers:
+            try:
+                observer.observe(batch, scores, anomalous, engine)
+            except Exception:
+                log.exception("decision_observer_failed", stage=type(observer).__name__, batch=len(batch))
+        return queued
+
+    def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> int | None:
+        alert = build_alert(
+            window.sensor_id,
+            window.start_seq,
+            engine.window,
+            score,
+            profile,
+            engine.threshold,
+            engine.model,
+            window.start_ts,
+            self.settings.top_timesteps,
+            self.settings.include_profile,
+            baseline=engine.baseline[0],
+            beat=window if isinstance(window, BeatWindow) else None,
+        )
+        topic = self.topic_template.format(sensor_id=window.sensor_id)
+        reason: DropReason
+        try:
+            mid = self.publisher.publish(topic, orjson.dumps(alert), self.qos)
+        except PublishRefused as error:
+            reason, detail = error.reason, str(error)
+        except Exception as error:  # noqa: BLE001 - whatever the transport raises, the label set stays closed
+            reason, detail = "publish_error", f"{type(error).__name__}: {error}"
+        else:
+            self.metrics.alerts_published.inc()
+            log.info(
+                "alert_published",
+                sensor_id=window.sensor_id,
+                window_start_seq=window.start_seq,
+                score=round(score, 5),
+                threshold=round(engine.threshold, 5),
+            )
+            return mid
+        self.metrics.alerts_dropped.labels(reason).inc()
+        log.error(
+            "alert_dropped",
+            reason=reason,
+            sensor_id=window.sensor_id,
+            window_start_seq=window.start_seq,
+            score=score,
+            error=detail[:300],
+        )
+        return None

@@ -1,0 +1,230 @@
+"""The input stage, on paho's network thread: message -> sensor id -> payload -> windowing -> bounded queue.
+
+`Ingest.handle` runs for every message: decode, window, enqueue; it never blocks and never raises, and
+every outcome is counted. `housekeeping` evicts idle sensors; the gauges of live state are read when
+scraped (`watch_gauges`). With a journal, every message fed is appended to it under the windowing's lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+
+from monitor.errors import PayloadError
+from monitor.ingest.acks import PendingWindows, Receipt
+from monitor.ingest.batching import WindowQueue
+from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult, BeatWindow
+from monitor.ingest.journal import Journal, Replayed, encode_windows
+from monitor.ingest.payload import PayloadDecoder, sensor_id_from_topic
+from monitor.ingest.windowing import FeedResult, Window, WindowAssembler
+from monitor.model.baseline import SensorBaselines
+from monitor.telemetry.log import RateLimiter
+from monitor.telemetry.metrics import Metrics
+
+log = structlog.get_logger("monitor.ingest")
+
+
+class Ingest:
+    """Message -> sensor id -> samples -> windows -> scoring queue, with every outcome counted."""
+
+    def __init__(
+        self,
+        decoder: PayloadDecoder,
+        assembler: WindowAssembler | BeatAssembler,
+        windows: WindowQueue[Window | BeatWindow],
+        metrics: Metrics,
+        sensor_id_level: int,
+        warnings: RateLimiter | None = None,
+        sensor_id_pattern: str | None = None,
+        pending: PendingWindows | None = None,
+        journal: Journal | None = None,
+        baselines: SensorBaselines | None = None,
+    ) -> None:
+        """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
+        optional: without them a crash loses the windows in memory, see RELIABILITY.md)."""
+        self.decoder = decoder
+        self.assembler = assembler
+        self.windows = windows
+        self.metrics = metrics
+        self.sensor_id_level = sensor_id_level
+        self.baselines = baselines  # with `baseline: sensor`: warm-ups and per-sensor normalisation, under the lock
+        self.lock = threading.Lock()  # the assembler is touched by paho's thread and by housekeeping
+        self._warnings = warnings or RateLimiter(60.0)
+        self.sensor_id_pattern = re.compile(sensor_id_pattern) if sensor_id_pattern else None
+        self.pending = pending
+        self.journal = journal
+        self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
+        self._evicted_counted = 0
+        self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
+
+    def handle(
+        self, topic: str, payload: bytes, now: float, receipt: Receipt | None = None, redelivered: bool = False
+    ) -> None:
+        """Process one message; any failure is counted and logged, never raised into paho.
+
+        With a `receipt`, the message's acknowledgement waits for its journal record to be on disk and for the
+        windows it completed to be decided; without one (a replay), it is not journaled again.
+        """
+        sensor_id = None
+        try:
+            sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
+            message = self.decoder.decode(payload)
+            with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
+                result: FeedResult | BeatFeedResult = self.assembler.feed(sensor_id, message, now, redelivered)
+                windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
+                journal, pending = self.journal, self.pending
+                if receipt is not None and journal is not None and pending is not None and not result.duplicate:
+                    pending.acks.hold(receipt)  # released by the journal once the record is fsynced
+                    journal.append(topic, payload, receipt)
+                if pending is not None:
+                    for window in windows:
+                        pending.add(window, receipt)
+        except PayloadError as error:
+            self.metrics.messages.labels(error.reason).inc()
+            if self._warnings.allow((sensor_id or topic, error.reason), now):
+                log.warning(
+                    "message_dropped",
+                    sensor_id=sensor_id,
+                    topic=topic[:200],
+                    reason=error.reason,
+                    detail=error.detail[:200],
+                    bytes=len(payload),
+                )
+            return
+        except Exception:
+            self.metrics.messages.labels("internal_error").inc()
+            if self._warnings.allow(("internal_error", sensor_id), now):
+                log.exception("message_failed", sensor_id=sensor_id, topic=topic[:200])
+            return
+        self._outcomes[result.duplicate].inc()  # the labelled children, looked up once
+        self.metrics.samples.inc(len(message.samples) - result.duplicate_samples if not result.duplicate else 0)
+        if result.duplicate_samples:
+            self.metrics.duplicate_samples.inc(result.duplicate_samples)
+        if result.restart_windows_dropped:
+            self.metrics.windows_dropped.labels("seq_restart").inc(result.restart_windows_dropped)
+        if result.restarted:
+            self.metrics.seq_restarts.inc()
+            if self._warnings.allow((sensor_id, "seq_restart"), now):
+                log.warning("seq_restart", sensor_id=sensor_id, seq=message.seq)
+        if result.gaps:
+            self.metrics.seq_gaps.inc(result.gaps)
+            if result.gap_windows_dropped:
+                self.metrics.windows_dropped.labels("seq_gap").inc(result.gap_windows_dropped)
+            if self._warnings.allow((sensor_id, "seq_gap"), now):
+                log.warning("seq_gap", sensor_id=sensor_id, seq=message.seq, windows_dropped=result.gap_windows_dropped)
+        if isinstance(result, BeatFeedResult):
+            self._count_beats(sensor_id, result, now)
+        for window in windows:
+            if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:
+                self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
+                self._decided(window)
+                continue
+            if not self.windows.offer(window):
+                self._decided(window)
+                self.metrics.windows_dropped.labels("queue_full").inc()
+                if self._warnings.allow(("queue_full",), now):
+                    log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+
+    def _decided(self, window: Window | BeatWindow) -> None:
+        if self.pending is not None:
+            self.pending.decided(window)
+
+    def _after_warm_up(self, windows: Sequence[Window | BeatWindow]) -> list[Window | BeatWindow]:
+        """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
+        assert self.baselines is not None
+        ready: list[Window | BeatWindow] = []
+        for window in windows:
+            normalised = self.baselines.admit(window.sensor_id, window.samples)
+            if normalised is None:
+                self.metrics.windows_warming_up.inc()
+            else:
+                ready.append(dataclasses.replace(window, samples=normalised))
+        return ready
+
+    def _count_beats(self, sensor_id: str, result: BeatFeedResult, now: float) -> None:
+        if not result.beats_found and not result.detector_resets:
+            return  # most messages complete no beat: no counter to touch
+        self.metrics.beats_found.inc(result.beats_found)
+        if result.detector_resets:
+            self.metrics.detector_resets.inc(result.detector_resets)
+        noisy = sum(window.error_scale > 1 for window in result.windows)
+        if noisy:
+            self.metrics.beats_noisy_stretch.inc(noisy)
+        for reason, count in result.unscorable.items():
+            self.metrics.beats_unscorable.labels(reason).inc(count)
+            if reason != "warmup" and self._warnings.allow((sensor_id, "unscorable"), now):
+                log.warning("beats_unscorable", sensor_id=sensor_id, reason=reason, beats=count)
+
+    def housekeeping(self, now: float) -> None:
+        """Evict idle sensors (called about once a second)."""
+        with self.lock:
+            self.assembler.evict_idle(now)
+            evicted = self.assembler.evicted_total - self._evicted_counted
+            active = self.assembler.active_sensors
+            warming = 0 if self.baselines is None else self.baselines.sensors_warming_up
+        if evicted:
+            self._evicted_counted += evicted
+            self.metrics.sensors_evicted.inc(evicted)
+            log.info("sensors_evicted", count=evicted, active=active)
+        self.metrics.sensors_warming_up.set(warming)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""
+        pending = self.pending.windows() if self.pending is not None else []
+        return {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
+
+    def checkpoint_if_due(self, now: float) -> None:
+        if self.journal is not None and self.journal.checkpoint_due(now):
+            with self.lock:
+                try:
+                    self.journal.checkpoint(self.checkpoint_state())
+                except OSError as error:  # the journal goes on in its current file
+                    log.error("journal_checkpoint_failed", path=str(self.journal.path), error=str(error))
+
+    def replay(self, replayed: Replayed, now: float) -> None:
+        """Rebuild the state a crash left in the journal: its checkpoint, its undecided windows (queued again,
+        waiting for room: the scorer is running, input is not yet), then its messages, fed again."""
+        if replayed.windowing is not None:
+            with self.lock:
+                self.assembler.restore(replayed.windowing, now)
+        self._replay_decided = replayed.decided
+        for window in replayed.pending:
+            if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:
+                self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
+                continue
+            if self.pending is not None:
+                self.pending.add(window, None)
+            while not self.windows.offer(window):
+                time.sleep(0.01)
+        for topic, payload in replayed.messages:
+            while self.windows.depth() > self.windows.capacity // 2:  # never drop a replayed window for room
+                time.sleep(0.01)
+            self.handle(topic, payload, now)
+        self._replay_decided = Counter()
+
+    def watch_gauges(self) -> None:
+        """Queue depth, active sensors, buffered samples, unacknowledged input and undecided windows are read when
+        scraped."""
+
+        def locked(read: Callable[[], float]) -> Callable[[], float]:
+            def under_lock() -> float:
+                with self.lock:
+                    return read()
+
+            return under_lock
+
+        assembler, pending = self.assembler, self.pending
+        self.metrics.watch(
+            self.windows.depth,
+            locked(lambda: assembler.active_sensors),
+            locked(assembler.buffered_samples),
+            (lambda: pending.acks.unacknowledged()) if pending is not None else (lambda: 0),
+            (lambda: len(pending)) if pending is not None else (lambda: 0),
+        )

@@ -1,0 +1,153 @@
+"""What the daemon scores with: `load_engine(settings)` resolves and places the device, loads and checks the
+artifact and builds the configured backend, into one typed, immutable `Engine`.
+
+`monitor run`, `monitor check-config` and the tests all load through here, so a model that passes the
+check is the model the daemon runs. A broken artifact or device raises a `MonitorError` naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from monitor.alerts.drift import CalibrationScores
+from monitor.config.schema import ModelSettings
+from monitor.ecg.beats import BeatSpec, beat_spec
+from monitor.errors import ArtifactError, ConfigError, MonitorError
+from monitor.ingest.windowing import Window
+from monitor.model.artifact import load_artifact
+from monitor.model.baseline import trained_baseline
+from monitor.model.scoring import Scorer, Scores
+
+Backend = Literal["torch", "onnx"]
+
+
+class WindowScorer(Protocol):
+    """A backend: scores one `[B, W, C]` batch in one pass."""
+
+    def score(self, windows: np.ndarray) -> Scores: ...
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """The model named in every alert and in the `monitor_model` info metric."""
+
+    name: str
+    version: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A loaded model ready to score: swapped as a whole on reload, never changed in place."""
+
+    scorer: WindowScorer
+    threshold: float
+    window: int
+    channels: int
+    model: ModelIdentity
+    backend: Backend
+    device: str
+    calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
+    baseline: tuple[str, int | None] = ("model", None)  # how the model was trained: (model | sensor, warm-up windows)
+    segmentation: BeatSpec | None = None  # how the model's beats are cut; None for a fixed-window model
+
+    def score(self, windows: np.ndarray) -> Scores:
+        return self.scorer.score(windows)
+
+    def score_windows(self, batch: Sequence[Window]) -> Scores:
+        """A batch of windows (fixed or beat) scored, each error divided by its window's `error_scale` (a beat's in
+        a noisy stretch: beats.py; 1 otherwise)."""
+        scores = self.scorer.score(np.stack([window.samples for window in batch]))
+        scales = np.fromiter((window.error_scale for window in batch), np.float64, len(batch))
+        return scores if (scales == 1.0).all() else Scores(scores.errors / scales, scores.profiles)
+
+    def describe(self) -> dict[str, str | int | float]:
+        """The engine as log fields."""
+        return {
+            "name": self.model.name,
+            "version": self.model.version,
+            "backend": self.backend,
+            "device": self.device,
+            "window": self.window,
+            "channels": self.channels,
+            "threshold": self.threshold,
+            "baseline": self.baseline[0],
+            "mode": "fixed" if self.segmentation is None else "beats",
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when a GPU is present, else the CPU; `cuda` without a GPU is an error (`model.device`)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and name != "cuda" and not name.startswith("cuda:"):
+        raise ConfigError(f"model.device: {name!r} is not one of auto, cpu, cuda, cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: {name!r} was asked for, but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"model.device: {name!r} is not a device ({error})") from None
+
+
+def load_engine(settings: ModelSettings) -> Engine:
+    """Load the artifact onto the resolved device and build the configured backend; raises a MonitorError."""
+    device = resolve_device(settings.device)
+    if settings.threads and settings.threads != torch.get_num_threads():
+        torch.set_num_threads(settings.threads)
+    artifact = load_artifact(settings.path, device)
+    scorer: WindowScorer
+    if settings.backend == "onnx":
+        if device.type != "cpu":
+            raise ConfigError(f"model.backend: onnx runs on the CPU, but model.device resolved to {device}")
+        from monitor.model.onnx_backend import OnnxScorer
+
+        scorer = OnnxScorer(artifact, threads=settings.threads)
+    else:
+        scorer = Scorer.from_artifact(artifact, device)
+    try:
+        calibration = CalibrationScores.from_metadata(artifact.metadata)
+    except ValueError as error:
+        raise ArtifactError(f"{settings.path}: {error}") from None
+    return Engine(
+        scorer=scorer,
+        threshold=artifact.threshold,
+        window=artifact.window,
+        channels=artifact.channels,
+        model=ModelIdentity(artifact.name, artifact.version),
+        backend=settings.backend,
+        device=str(device),
+        calibration=calibration,
+        baseline=trained_baseline(artifact.metadata),
+        segmentation=beat_spec(artifact.metadata, settings.path),
+    )
+
+
+def load_shadow_engine(
+    settings: ModelSettings, live: Engine, loader: Callable[[ModelSettings], Engine]
+) -> Engine | None:
+    """The engine of `model.shadow_path` (same device, backend and threads as the live one), or None without one."""
+    if settings.shadow_path is None:
+        return None
+    try:
+        shadow = loader(settings.model_copy(update={"path": settings.shadow_path, "shadow_path": None}))
+    except MonitorError as error:
+        raise type(error)(f"model.shadow_path: {error}") from None
+    if (shadow.window, shadow.channels) != (live.window, live.channels):
+        raise ConfigError(
+            f"model.shadow_path: the shadow model takes windows of {shadow.window}x{shadow.channels}, "
+            f"the live one {live.window}x{live.channels}"
+        )
+    if shadow.baseline[0] != live.baseline[0]:
+        raise ConfigError(
+            f"model.shadow_path: the shadow model was trained with baseline {shadow.baseline[0]!r}, "
+            f"the live one with {live.baseline[0]!r}"
+        )
+    return shadow

@@ -1,0 +1,146 @@
+"""The scoring pass: normalise a batch of windows, reconstruct it, the error of every window; one forward pass.
+
+Training (calibration and evaluation), `monitor evaluate`, the report, the benchmarks and the daemon all score
+through `Scorer`, so the same windows get the same scores everywhere. The threshold decision is not made here
+(see `alerts`); the device is resolved and checked in `engine`.
+
+`Scorer` runs the whole pass (`ScoringGraph`) as a TorchScript trace: one call from Python per batch, during
+which the GIL is released, where the pass run op by op from Python would take the GIL back after each of its
+~20 operations (bench/RESULTS.md, "GIL", has the measured difference next to a busy Python thread). The trace
+runs the same kernels on the same inputs, so its scores are the eager model's, bit for bit
+(tests/unit/model/test_autoencoder.py checks it).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from monitor.model.artifact import ModelArtifact, Normalisation
+from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
+
+
+@dataclass(frozen=True)
+class Scores:
+    """`errors[i]` is window i's score (mean absolute error); `profiles[i]` its error per timestep."""
+
+    errors: np.ndarray
+    profiles: np.ndarray
+
+
+class BatchScorer(ABC):
+    """What every backend shares: scoring any number of windows in batches. Subclasses implement `score`."""
+
+    @abstractmethod
+    def score(self, windows: np.ndarray) -> Scores:
+        """Score one `[B, W, C]` batch."""
+
+    def score_all(self, windows: np.ndarray, batch_size: int = 256) -> Scores:
+        """Score any number of windows in batches of `batch_size`."""
+        parts = [self.score(windows[start : start + batch_size]) for start in range(0, len(windows), batch_size)]
+        if not parts:
+            return Scores(np.zeros(0, np.float32), np.zeros((0, windows.shape[1]), np.float32))
+        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))
+
+
+class ScoringGraph(nn.Module):
+    """The whole scoring pass as one module: raw windows in, (mean error, per-timestep error profile) out."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, model: LSTMAutoencoder, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
+
+    def normalise(self, windows: torch.Tensor) -> torch.Tensor:
+        return (windows - self.mean) / self.std
+
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.normalise(windows)
+        profiles = reconstruction_errors(batch, self.model(batch))
+        return window_scores(profiles), profiles
+
+
+class Scorer(BatchScorer):
+    """Scores `[B, W, C]` float windows with a model and its normalisation on one device, any batch size."""
+
+    def __init__(
+        self, model: LSTMAutoencoder, normalisation: Normalisation, device: torch.device | str = "cpu"
+    ) -> None:
+        self.device = torch.device(device)
+        # Frozen as `load_artifact` leaves a model: with parameters that require grad, the traced pass can pick
+        # other kernels and differ in the last bit, so a freshly trained model would not score as its saved copy.
+        self.model = model.to(self.device).eval().requires_grad_(False)
+        self.normalisation = normalisation
+        self._graph = ScoringGraph(self.model, normalisation.mean, normalisation.std).to(self.device).eval()
+        self._traced: dict[int, torch.jit.ScriptModule] = {}
+
+    @classmethod
+    def from_artifact(cls, artifact: ModelArtifact, device: torch.device | str = "cpu") -> Scorer:
+        """A scorer for a loaded artifact, traced for its window length up front."""
+        scorer = cls(artifact.model, artifact.normalisation, device)
+        scorer._traced_for(artifact.window)
+        return scorer
+
+    def _traced_for(self, window: int) -> torch.jit.ScriptModule:
+        """The pass traced for one window length (the decoder repeats the embedding `window` times)."""
+        traced = self._traced.get(window)
+        if traced is None:
+            traced = self._traced[window] = _traced_copy(self._graph, window, self.model.channels, self.device)
+        return traced
+
+    def score(self, windows: np.ndarray) -> Scores:
+        """Score one batch in a single forward pass."""
+        with torch.inference_mode():
+            batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
+            errors, profiles = self._traced_for(batch.shape[1])(batch)
+            return Scores(errors.cpu().numpy(), profiles.cpu().numpy())
+
+    def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised windows and their reconstructions (the report's plots), by the scoring pass' own steps."""
+        with torch.inference_mode():
+            batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
+            normalised = self._graph.normalise(batch)
+            return normalised.cpu().numpy(), self.model(normalised).cpu().numpy()
+
+
+# Traced passes by shape, each used only as a template to copy. Every `torch.jit.trace` registers a new class in
+# TorchScript's global compilation unit that is never freed (about 0.5 MiB, and as much again for its optimised
+# plans once run), so tracing on every SIGHUP reload grew the daemon by ~0.9 MiB a reload. A copy of a traced
+# module is an instance of the same class: the same graph and plans, with the new model's weights loaded in.
+_TEMPLATES: OrderedDict[tuple, torch.jit.ScriptModule] = OrderedDict()
+_MAX_TEMPLATES = 4  # distinct model shapes kept; a fifth evicts the least recently used
+_TEMPLATES_LOCK = threading.Lock()
+
+
+def _traced_copy(graph: ScoringGraph, window: int, channels: int, device: torch.device) -> torch.jit.ScriptModule:
+    """`graph` traced for `window`: a copy of the template for its shape, holding `graph`'s weights."""
+    state = graph.state_dict()
+    key = (window, str(device), tuple((name, tuple(value.shape), value.dtype) for name, value in state.items()))
+    with _TEMPLATES_LOCK:
+        template = _TEMPLATES.get(key)
+        if template is None:
+            with torch.inference_mode(), warnings.catch_warnings():
+                # nn.LSTM's input and state shape checks warn when traced; they are checks, not computation, and the
+                # batch size is read from the input at run time (nn.LSTM sizes its state from it): any batch works.
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                example = torch.zeros(2, window, channels, device=device)
+                template = _TEMPLATES[key] = torch.jit.trace(graph, example, check_trace=False)
+            while len(_TEMPLATES) > _MAX_TEMPLATES:
+                _TEMPLATES.popitem(last=False)
+        _TEMPLATES.move_to_end(key)
+        traced = copy.deepcopy(template)
+    with torch.no_grad():
+        traced.load_state_dict(state)
+    return traced

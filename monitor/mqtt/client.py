@@ -1,0 +1,114 @@
+"""The one place that makes paho clients (paho-mqtt 2.x API): protocol, session, credentials, TLS, logger.
+
+The daemon's connection, `monitor replay`, `monitor watch`, the benchmarks and the tests all connect
+through `make_client`, so they speak the configured protocol and authenticate alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+
+from monitor.config.schema import MqttSettings
+from monitor.errors import ConfigError
+
+
+class _QuietReconnectLoop(logging.Filter):
+    """Drops paho's "Client is not connected" error, which it logs on every reconnect cycle:
+    `broker_connect_failed` already reports each attempt once, with its reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
+
+
+class Client(mqtt.Client):
+    """paho's client, except that a broken connection loses no packet that had already arrived.
+
+    When a write fails (EPIPE or ECONNRESET: the broker died), paho closes the socket at once, although packets the
+    broker wrote before it died may still wait unread in the socket's receive buffer (paho reads one packet per turn
+    of its loop and writes in between). Closing discards them. A broker that was SIGKILLed may have acknowledged such
+    a message to its publisher and not yet saved it (Mosquitto saves every `autosave_interval`): the copy in our
+    receive buffer is then the only one left. So, before paho closes the socket after an error, the complete packets
+    already received are read and handled as usual (PUBLISHes reach `on_message`); it ends when no byte is left.
+    """
+
+    _draining = False
+
+    def _loop_rc_handle(self, rc: MQTTErrorCode) -> MQTTErrorCode:
+        if self._draining:  # a write of a packet handled while draining failed too: the drain closes once it ends
+            return rc
+        if rc == MQTTErrorCode.MQTT_ERR_CONN_LOST and self._sock is not None:
+            self._draining = True
+            try:
+                while self._sock is not None and _bytes_waiting(self._sock):
+                    if self._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN:  # the rest of a packet never came
+                        break
+            finally:
+                self._draining = False
+        return super()._loop_rc_handle(rc)
+
+
+def _bytes_waiting(sock: object) -> bool:
+    """Whether received bytes wait to be read, without reading them (a dead connection reads as EOF or error)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    if not isinstance(sock, socket.socket):
+        return False
+    try:  # the kernel's buffer, below TLS: `socket.socket.recv`, not SSLSocket's (which refuses flags)
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:
+        return False
+
+
+def client_id_for(settings: MqttSettings, role: str) -> str:
+    """A client id of its own for a side client (replay, watch), so it never takes over the daemon's session."""
+    return f"{settings.client_id}-{role}-{time.time_ns() % 10**9}"
+
+
+def make_client(
+    settings: MqttSettings,
+    client_id: str | None = None,
+    persistent_session: bool = False,
+    manual_ack: bool = False,
+) -> mqtt.Client:
+    """A paho client for `settings`: its protocol (3.1.1 or 5), credentials and TLS, and paho's log routed to ours.
+
+    `persistent_session` asks for a session the broker keeps while the client is away (3.1.1: clean_session
+    False; v5: decided at connect time by the session expiry, so clean_session stays unset).
+    """
+    v5 = settings.protocol == "5"
+    client = Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id if client_id is not None else settings.client_id,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else not persistent_session,
+        manual_ack=manual_ack,
+    )
+    paho_log = logging.getLogger("paho.mqtt.client")
+    if not any(isinstance(existing, _QuietReconnectLoop) for existing in paho_log.filters):
+        paho_log.addFilter(_QuietReconnectLoop())
+    client.enable_logger(paho_log)
+    apply_credentials(client, settings)
+    return client
+
+
+def apply_credentials(client: mqtt.Client, settings: MqttSettings) -> None:
+    """Username/password and TLS (server verification, optional client certificate) from the config."""
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.resolve_password())
+    if settings.tls.enabled:
+        try:
+            client.tls_set(
+                ca_certs=str(settings.tls.ca_file) if settings.tls.ca_file else None,
+                certfile=str(settings.tls.cert_file) if settings.tls.cert_file else None,
+                keyfile=str(settings.tls.key_file) if settings.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(f"mqtt.tls: cannot load the certificates ({error})") from None
+        client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)

@@ -1,0 +1,315 @@
+"""The daemon's broker connection (paho-mqtt 2.x): input subscriptions, alert publishing
+(the alert sink's `Publisher`), status topic.
+
+paho runs its own network thread. Subscriptions are made in `on_connect`, so every reconnect
+resubscribes; a persistent session (MQTT v5 session expiry, or clean_session=False on 3.1.1)
+lets the broker keep QoS 1 input while the daemon is away. Alerts are published at QoS 1 whether
+or not the connection is up: paho keeps them (bounded by `max_queued_alerts`) and sends them on
+reconnect, so no home-made "connected" flag ever gates publishing.
+
+Input is acknowledged by the daemon, not here: each message gets a `Receipt` (monitor.ingest.acks) that is handed
+back once nothing of it can be lost, and `acknowledge` sends those PUBACKs in arrival order. Retained
+messages are stale input: MQTT 5 subscriptions ask the broker not to send them (retain handling 2), and any
+that come anyway (MQTT 3.1.1, a broker that ignores the option) are ignored and counted (`retained`).
+`_on_message` never raises: an exception there would end paho's network thread, and with it all input.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import orjson
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from monitor.alerts.sink import DropReason, PublishRefused
+from monitor.config.schema import MqttSettings, PartitionSettings
+from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
+from monitor.mqtt.client import make_client
+from monitor.telemetry.metrics import Metrics
+
+log = structlog.get_logger("monitor.mqtt")
+
+MessageHandler = Callable[[str, bytes, float, Receipt, bool], None]  # topic, payload, now, receipt, redelivered
+
+
+class MqttConnection:
+    """One paho client: subscribes to sensor topics, publishes alerts and the retained status."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        handler: MessageHandler,
+        metrics: Metrics,
+        acks: InOrderAcks,
+        pending: PendingWindows,
+        partitions: PartitionSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.metrics = metrics
+        self.acks = acks
+        self.pending = pending
+        self.partitions = partitions
+        self.status_topic = settings.status_topic.format(client_id=settings.client_id)
+        self.subscribed = threading.Event()
+        self._accepting = True
+        self._closing = False
+        self._input_lock = threading.Lock()  # a message is handled and acknowledged whole, or left to the broker
+        self._count_lock = threading.Lock()
+        self._published = 0
+        self._acknowledged = 0
+        self._status_mids: set[int] = set()
+        # MQTT 5: the broker must not send a QoS 1/2 message while this many wait for their PUBACK (3.1.1: unknown).
+        self._receive_maximum = settings.receive_maximum if settings.protocol == "5" else None
+        self._beyond_logged = False  # one warning a connection when the broker sends beyond it
+        self.client = self._make_client()
+
+    def _make_client(self) -> mqtt.Client:
+        settings = self.settings
+        client = make_client(settings, persistent_session=settings.persistent_session, manual_ack=True)
+        client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds))
+        )
+        client.max_queued_messages_set(settings.max_queued_alerts)
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        settings = self.settings
+        properties = None
+        clean_start: bool | Literal[3] = mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        if settings.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = settings.session_expiry_seconds if settings.persistent_session else 0
+            properties.ReceiveMaximum = settings.receive_maximum  # bounds the input waiting for its acknowledgement
+            clean_start = not settings.persistent_session
+        self.client.connect_async(
+            settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties
+        )
+        self.client.loop_start()
+        if self.client._thread is not None:
+            self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
+        log.info(
+            "broker_connecting",
+            host=settings.host,
+            port=settings.port,
+            client_id=settings.client_id,
+            tls=settings.tls.enabled,
+            persistent_session=settings.persistent_session,
+        )
+
+    def status(self, state: str) -> bytes:
+        """The retained status: online or offline, and which instance, partitions and subscriptions it is."""
+        partitions = sorted(self.partitions.consume) if self.partitions else None
+        document = {"status": state, "instance": self.settings.client_id, "partitions": partitions}
+        return orjson.dumps({**document, "subscriptions": self.settings.subscribe})
+
+    def _release_other_partitions(self, client: mqtt.Client, session_present: bool) -> None:
+        """A resumed session keeps the subscriptions of the last run: drop those of partitions no longer consumed
+        (after `partitions.consume` changed), or their input would keep arriving here."""
+        if not (session_present and self.partitions):
+            return
+        consumed, topic = self.partitions.consume, self.partitions.topic
+        others = [topic.format(partition=p) for p in range(self.partitions.count) if p not in consumed]
+        if others:
+            client.unsubscribe(others)
+
+    # paho callbacks: they run on paho's network thread, so they are short and never raise.
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker_refused_connection", reason=str(reason_code), host=self.settings.host)
+            return
+        self.metrics.broker_connected.set(1)
+        self.metrics.broker_connects.inc()
+        self._beyond_logged = False
+        self.acks.new_connection()
+        log.info(
+            "broker_connected",
+            host=self.settings.host,
+            port=self.settings.port,
+            session_present=bool(getattr(flags, "session_present", False)),
+        )
+        # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
+        status = client.publish(self.status_topic, self.status("online"), qos=1, retain=True)
+        if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # a refused one (queue full of alerts) never gets a PUBACK
+            self._status_mids.add(status.mid)
+        if self._accepting:
+            self._release_other_partitions(client, bool(getattr(flags, "session_present", False)))
+            client.subscribe([(topic, self._subscribe_options()) for topic in self.settings.subscribe])
+
+    def _subscribe_options(self) -> SubscribeOptions | int:
+        settings = self.settings
+        if settings.protocol != "5":
+            return settings.subscribe_qos
+        retain_handling = (
+            SubscribeOptions.RETAIN_DO_NOT_SEND
+            if settings.ignore_retained
+            else SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE
+        )
+        return SubscribeOptions(qos=settings.subscribe_qos, retainHandling=retain_handling)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError` (refused, unreachable, TLS handshake/verification failed).
+        error = sys.exc_info()[1]
+        log.warning(
+            "broker_connect_failed",
+            host=self.settings.host,
+            port=self.settings.port,
+            error=f"{type(error).__name__}: {error}" if error is not None else "unknown",
+            retry_within_seconds=self.settings.reconnect_max_seconds,
+        )
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.metrics.broker_connected.set(0)
+        self.metrics.broker_disconnects.inc()
+        self.subscribed.clear()
+        self.metrics.set_consuming(False)
+        level = log.warning if reason_code.is_failure else log.info
+        level("broker_disconnected", reason=str(reason_code), pending_alerts=self.pending_alerts())
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        failed = [str(code) for code in reason_codes if code.is_failure]
+        if failed:
+            log.error("subscription_refused", topics=self.settings.subscribe, reasons=failed)
+            return
+        log.info("subscribed", topics=self.settings.subscribe, qos=self.settings.subscribe_qos)
+        self.subscribed.set()
+        self.metrics.set_consuming(True)
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._input_lock:
+            if not self._accepting:
+                return  # left unacknowledged: the broker redelivers it to the next session
+            if message.qos and self._receive_maximum is not None:
+                self._check_receive_maximum(self._receive_maximum)
+            receipt = self.acks.received(message.mid, message.qos, bool(message.dup))
+            try:
+                if message.retain and self.settings.ignore_retained:
+                    self.metrics.messages.labels("retained").inc()
+                    return
+                # Not `message.topic`: it raises for a topic that is not UTF-8, which a broker that does not
+                # validate topics can pass on; the surrogates make it an invalid sensor id (bad_topic) instead.
+                topic = message._topic.decode("utf-8", "surrogateescape")
+                self.handler(topic, message.payload, time.monotonic(), receipt, bool(message.dup))
+            except Exception:  # noqa: BLE001 - paho's thread must live on; the handler itself never raises
+                self.metrics.messages.labels("internal_error").inc()
+                log.exception("message_failed", mid=message.mid)
+            finally:
+                self.acks.release(receipt)
+
+    def _check_receive_maximum(self, maximum: int) -> None:
+        """Count a QoS 1/2 message that arrives while `maximum` others first sent on this connection wait for their
+        PUBACK. The broker's count is at least that (`first_sent_unacknowledged`), so nothing is counted that it did
+        not send beyond the maximum. The daemon cannot hold the broker back (RELIABILITY.md, "Mosquitto settings"):
+        it handles the message, and says so."""
+        unacknowledged = self.acks.first_sent_unacknowledged()
+        if unacknowledged < maximum:
+            return
+        self.metrics.input_beyond_receive_maximum.inc()
+        if not self._beyond_logged:
+            self._beyond_logged = True
+            log.warning(
+                "broker_exceeds_receive_maximum",
+                receive_maximum=maximum,
+                unacknowledged=unacknowledged,
+                hint="the broker does not honour MQTT 5 Receive Maximum (Mosquitto 2.0 once acknowledgements flow); "
+                "see RELIABILITY.md, Mosquitto settings",
+            )
+
+    def acknowledge(self) -> int:
+        """Send the PUBACKs of the input messages that nothing holds back any more, in arrival order (one thread
+        only: the daemon's main loop). Returns how many."""
+        ready = self.acks.ready()
+        for receipt in ready:
+            self.client.ack(receipt.mid, receipt.qos)
+        return len(ready)
+
+    def network_thread_alive(self) -> bool:
+        thread = self.client._thread
+        return thread is not None and thread.is_alive()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if mid in self._status_mids or self._closing:  # status messages are not alerts
+            self._status_mids.discard(mid)
+            return
+        # paho holds its own message lock here: take ours only briefly and call nothing of paho's.
+        self.pending.alert_acknowledged(mid)
+        with self._count_lock:
+            self._acknowledged += 1
+            self.metrics.alerts_pending.set(self._published - self._acknowledged)
+        self.metrics.alerts_delivered.inc()
+
+    # used by the scoring thread and the lifecycle
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int:
+        """Queue an alert and return its mid; paho sends it now or after reconnecting. Raises PublishRefused when
+        it cannot.
+
+        Counted as pending before the call (its acknowledgement may be handled before `publish`
+        returns), and never under our lock while inside paho (paho's lock is held in `_on_publish`).
+        """
+        self._add_published(1)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        # While disconnected paho keeps a QoS 1/2 message for the reconnect, but discards a QoS 0 one.
+        if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
+            return info.mid
+        self._add_published(-1)
+        reason: DropReason = "queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error"
+        raise PublishRefused(reason, mqtt.error_string(info.rc))
+
+    def _add_published(self, count: int) -> None:
+        with self._count_lock:
+            self._published += count
+            self.metrics.alerts_pending.set(self._published - self._acknowledged)
+
+    def pending_alerts(self) -> int:
+        with self._count_lock:
+            return self._published - self._acknowledged
+
+    def stop_input(self) -> None:
+        """Take no more input. With a persistent session the subscription stays (unsubscribing would
+        end it) and messages that still arrive are left unacknowledged, so the broker redelivers them
+        to the next start; without one, unsubscribe."""
+        with self._input_lock:  # returns once a message being handled is done: no window arrives after this
+            self._accepting = False
+        self.metrics.set_consuming(False)
+        if not self.settings.persistent_session:
+            self.client.unsubscribe(self.settings.subscribe)
+
+    def wait_for_acknowledgements(self, timeout_seconds: float, stop_polling: float = 0.02) -> bool:
+        """Wait (bounded) until the broker acknowledged every alert; False if some are still pending."""
+        deadline = time.monotonic() + timeout_seconds
+        while self.pending_alerts() > 0 and time.monotonic() < deadline:
+            time.sleep(stop_polling)
+        return self.pending_alerts() == 0
+
+    def close(self) -> None:
+        """Say offline on the status topic (when connected), disconnect and stop paho's thread; never raises
+        for a broker that is down or a full alert queue."""
+        self._closing = True  # the offline status' PUBACK may come before its mid could be recorded
+        status = self.client.publish(self.status_topic, self.status("offline"), qos=1, retain=True)
+        if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+            status.wait_for_publish(timeout=1.0)
+        else:
+            log.warning("status_not_published", status="offline", reason=mqtt.error_string(status.rc))
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.metrics.broker_connected.set(0)

@@ -1,0 +1,153 @@
+"""`monitor replay`: publish a recorded stream to the broker as live sensors would.
+
+A UCR file's beats are dealt round-robin to N sensors and streamed back to back, so beat i is
+window i // N of sensor i % N (with stride = window length). A continuous recording is streamed
+as it is by each of the N sensors. Messages carry `seq` and `ts`, in chunks of `chunk` samples, paced
+at the sample rate times `speed` (0 = as fast as the broker takes them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import MQTTErrorCode
+
+from monitor.config.schema import MqttSettings
+from monitor.errors import DataError, MonitorError
+from monitor.mqtt.client import client_id_for, make_client
+from monitor.training.datasets import UCR_SUFFIXES, WindowSet, data_suffix, read_samples, read_ucr
+
+log = structlog.get_logger("monitor.replay")
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Per-sensor streams `[sensors][T, C]` and, for UCR data, the label of every (sensor, window)."""
+
+    streams: list[np.ndarray]
+    sensor_ids: list[str]
+    labels: dict[tuple[str, int], int]
+
+
+def sensor_topic(subscribe_filter: str, level: int, sensor_id: str) -> str:
+    """The topic a sensor publishes on: the subscription filter with its `+` at `level` filled in."""
+    levels = subscribe_filter.split("/")
+    if level >= len(levels) or levels[level] != "+":
+        raise MonitorError(f"mqtt.subscribe[0] {subscribe_filter!r} has no '+' at level {level} (mqtt.sensor_id_level)")
+    levels[level] = sensor_id
+    return "/".join(level_name.replace("+", "x").replace("#", "x") for level_name in levels)
+
+
+def plan_ucr(data: WindowSet, sensors: int, prefix: str = "sensor-") -> ReplayPlan:
+    """Deal beats round-robin: beat i is window i // sensors of sensor i % sensors."""
+    sensor_ids = [f"{prefix}{index:04d}" for index in range(sensors)]
+    window = data.window
+    streams, labels = [], {}
+    for index, sensor_id in enumerate(sensor_ids):
+        beats = data.windows[index::sensors]
+        streams.append(beats.reshape(-1, data.channels))
+        if data.labels is not None:
+            for position, label in enumerate(data.labels[index::sensors]):
+                labels[(sensor_id, position * window)] = int(label)
+    return ReplayPlan(streams, sensor_ids, labels)
+
+
+def plan_recording(recording: np.ndarray, sensors: int, prefix: str = "sensor-") -> ReplayPlan:
+    sensor_ids = [f"{prefix}{index:04d}" for index in range(sensors)]
+    return ReplayPlan([recording] * sensors, sensor_ids, {})
+
+
+def load_plan(path: str | Path, sensors: int) -> ReplayPlan:
+    path = Path(path)
+    if sensors < 1:
+        raise DataError("--sensors must be at least 1")
+    if data_suffix(path) in UCR_SUFFIXES:
+        return plan_ucr(read_ucr(path), sensors)
+    return plan_recording(read_samples(path), sensors)
+
+
+def messages(plan: ReplayPlan, chunk: int) -> Iterator[tuple[int, str, int, np.ndarray]]:
+    """(round, sensor id, seq, samples) in publishing order: every sensor's chunk r, then r + 1."""
+    longest = max(len(stream) for stream in plan.streams)
+    for round_index, start in enumerate(range(0, longest, chunk)):
+        for sensor_id, stream in zip(plan.sensor_ids, plan.streams, strict=True):
+            if start < len(stream):
+                yield round_index, sensor_id, start, stream[start : start + chunk]
+
+
+class Replayer:
+    """Publishes a plan with QoS 1 and waits until the broker has acknowledged every message."""
+
+    def __init__(self, settings: MqttSettings, topic_filter: str, sensor_id_level: int, qos: int = 1) -> None:
+        self.settings = settings
+        self.topic_filter = topic_filter
+        self.sensor_id_level = sensor_id_level
+        self.qos = qos
+        self.connected = threading.Event()
+        self.client = make_client(settings, client_id_for(settings, "replay"))
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.on_connect = lambda client, userdata, flags, code, props: (
+            None if code.is_failure else self.connected.set()
+        )
+
+    def connect(self, timeout_seconds: float = 10.0) -> None:
+        try:
+            self.client.connect(self.settings.host, self.settings.port, keepalive=30)
+        except (OSError, ValueError) as error:
+            raise MonitorError(
+                f"cannot reach the broker at {self.settings.host}:{self.settings.port} ({error})"
+            ) from None
+        self.client.loop_start()
+        if not self.connected.wait(timeout_seconds):
+            self.client.loop_stop()
+            raise MonitorError(f"the broker at {self.settings.host}:{self.settings.port} did not accept the connection")
+
+    def publish(self, plan: ReplayPlan, chunk: int, sample_rate_hz: float, speed: float) -> int:
+        """Publish everything; returns the number of messages. speed 0 = as fast as possible."""
+        start_wall = time.time()
+        start_clock = time.monotonic()
+        infos = []
+        topics = {
+            sensor_id: sensor_topic(self.topic_filter, self.sensor_id_level, sensor_id) for sensor_id in plan.sensor_ids
+        }
+        for round_index, sensor_id, seq, samples in messages(plan, chunk):
+            if speed > 0:
+                due = start_clock + round_index * chunk / sample_rate_hz / speed
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            body = {
+                "seq": seq,
+                "ts": start_wall + seq / sample_rate_hz,
+                "samples": samples[:, 0].tolist() if samples.shape[1] == 1 else samples.tolist(),
+            }
+            info = self.client.publish(topics[sensor_id], orjson.dumps(body), qos=self.qos)
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                raise MonitorError(f"publish failed: {mqtt.error_string(info.rc)}")
+            infos.append(info)
+        for info in infos:
+            info.wait_for_publish(timeout=60)
+        return len(infos)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def write_labels(plan: ReplayPlan, path: str | Path) -> None:
+    """Ground truth for the replayed windows, one JSON object a line (written whole, then renamed)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("wb") as handle:
+        for (sensor_id, start_seq), label in sorted(plan.labels.items()):
+            handle.write(orjson.dumps({"sensor_id": sensor_id, "window_start_seq": start_seq, "label": label}) + b"\n")
+    temporary.replace(path)

@@ -1,0 +1,323 @@
+"""Training and evaluation in beat mode (contract section 8): recordings in, one window per detected beat.
+
+`monitor train --segmentation beats` cuts every recording with the daemon's own code path (`beats.BeatStream`),
+keeps the scorable beats (with annotations: only those matched to a normal symbol), splits each recording's
+beats in time order into fit, validation and calibration beats, and trains, calibrates and writes the artifact as
+fixed mode does; the artifact's `segmentation` records how the beats were cut, so the daemon and `monitor evaluate` cut
+them the same way (and refuse a model of the other mode).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import structlog
+from pydantic import Field, field_validator, model_validator
+
+from monitor.config.loading import Strict
+from monitor.ecg.beats import Beat, BeatSpec
+from monitor.errors import DataError
+from monitor.model.artifact import ModelArtifact, Normalisation, save_artifact
+from monitor.model.calibration import calibrate, threshold_uncertainty
+from monitor.model.scoring import BatchScorer
+from monitor.training.beat_data import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
+from monitor.training.datasets import WindowSet
+from monitor.training.evaluation import Evaluation, evaluate_scores
+from monitor.training.trainer import TrainingResult, TrainSettings, fit_model
+from monitor.training.trainer import _metadata as training_metadata  # the fixed-mode record, extended below
+
+log = structlog.get_logger("monitor.beattraining")
+
+
+class BeatSettings(Strict):
+    """How beats are cut (`beats.BeatSpec`); the defaults are the measured ones (bench/beat_quality.py)."""
+
+    before_seconds: float = Field(default=0.25, gt=0, le=1)
+    after_seconds: float = Field(default=0.45, gt=0, le=1)
+    window: int = Field(default=64, ge=8, le=1024)
+    channels: list[Literal["beat", "template_diff", "rr", "prematurity"]] = Field(
+        default=["beat", "template_diff", "prematurity"], min_length=1
+    )
+    template_beats: int = Field(default=16, ge=1)
+    warmup_beats: int = Field(default=8, ge=0)
+    max_noise_ratio: float = Field(default=0.25, gt=0)
+    relative_noise: float = Field(default=2.0, gt=0)
+    align_seconds: float = Field(default=0.05, ge=0, le=0.2)
+    detrend: bool = True
+    # the stretch limit (beats.py) is this quantile of the fit beats' stretch; null: scores are not scaled
+    stretch_quantile: float | None = Field(default=0.95, gt=0, lt=1)
+
+    def spec(self) -> BeatSpec:
+        """The spec to cut with; its `stretch_limit` is set after cutting (`with_stretch_limit`)."""
+        try:
+            return BeatSpec(**{**self.model_dump(exclude={"stretch_quantile"}), "channels": tuple(self.channels)})
+        except ValueError as error:
+            raise DataError(f"beats: {error}") from None
+
+    def with_stretch_limit(self, spec: BeatSpec, fit_stretch: np.ndarray) -> BeatSpec:
+        if self.stretch_quantile is None:
+            return spec
+        limit = float(np.quantile(fit_stretch, self.stretch_quantile))
+        if not limit > 0:
+            raise DataError(f"beats: the fit beats' stretch at quantile {self.stretch_quantile} is {limit}, not > 0")
+        return replace(spec, stretch_limit=limit)
+
+
+class BeatTrainSettings(TrainSettings):
+    """`monitor train --segmentation beats`: several recordings (and annotation files) instead of one window file."""
+
+    segmentation: Literal["beats"] = "beats"
+    train_data: list[Path] = Field(min_length=1)
+    annotations: list[Path] | None = None
+    evaluate_data: list[Path] | None = None  # type: ignore[assignment]
+    evaluate_annotations: list[Path] | None = None
+    sample_rate: float = Field(gt=0)
+    normal_symbols: list[str] = Field(default_factory=lambda: list(DEFAULT_NORMAL_SYMBOLS), min_length=1)
+    beats: BeatSettings = Field(default_factory=BeatSettings)
+    embedding_dim: int = Field(default=32, ge=1, le=1024)
+    batch_size: int = Field(default=32, ge=1)
+
+    @property
+    def from_recordings(self) -> bool:
+        """Beat recordings are cut into beats, not fixed windows: fixed mode's recording rules do not apply."""
+        return False
+
+    @model_validator(mode="after")
+    def _no_fixed_mode_options(self) -> BeatTrainSettings:
+        if self.baseline != "model" or self.train_labels is not None:
+            raise ValueError(
+                "baseline/train_labels: not in beat mode (beats are normalised one by one, annotations label them)"
+            )
+        return self
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _detectable(cls, value: float) -> float:
+        if not 50 <= value <= 10000:
+            raise ValueError("must be between 50 and 10000 Hz (beat detection needs the QRS band, 5-15 Hz)")
+        return value
+
+
+@dataclass(frozen=True)
+class BeatEvaluation:
+    """Beat-mode figures: the detector's, then the beat-level ones on matched, scorable N/S/V/F beats."""
+
+    detector_sensitivity: float
+    detector_ppv: float
+    annotated_beats: int
+    found_beats: int
+    unscorable: dict[str, int]  # per AAMI class, matched beats the signal-quality measure left unscored
+    classes: dict[str, int]  # scored beats per AAMI class
+    flagged: dict[str, int]  # flagged beats per AAMI class
+    evaluation: Evaluation
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.evaluation.to_dict(),
+            "detector_sensitivity": self.detector_sensitivity,
+            "detector_ppv": self.detector_ppv,
+            "annotated_beats": self.annotated_beats,
+            "found_beats": self.found_beats,
+            "scored_by_class": self.classes,
+            "flagged_by_class": self.flagged,
+            "unscorable_by_class": self.unscorable,
+        }
+
+
+@dataclass(frozen=True)
+class TrainingBeats:
+    """Scorable training windows split in time order within each recording, with the fit and calibration beats'
+    stretch (`beats.Beat.stretch`)."""
+
+    fit: np.ndarray
+    validation: np.ndarray
+    calibration: np.ndarray
+    fit_stretch: np.ndarray
+    calibration_stretch: np.ndarray
+
+
+def split_training_beats(
+    labelled: list, normal_symbols: list[str], validation_fraction: float, calibration_fraction: float
+) -> TrainingBeats:
+    """(fit, validation, calibration) scorable training windows, split in time order within each recording.
+
+    With annotations only beats matched to a normal symbol. As for fixed-mode recordings, each recording's
+    validation beats come after its fit beats and its calibration beats last: a model scores beats of the
+    minutes it was fitted on lower than later ones, and the daemon only ever scores later ones, so a threshold
+    from beats drawn at random among the fit beats' neighbours flags more than its share of later normal beats.
+    """
+    parts: dict[str, list[Beat]] = {"fit": [], "validation": [], "calibration": []}
+    for _, beats in labelled:
+        if isinstance(beats, LabelledBeats):
+            kept = [beat for beat, symbol in zip(beats.beats, beats.symbols, strict=True) if symbol in normal_symbols]
+        else:
+            kept = list(beats)
+        kept = [beat for beat in kept if beat.scorable]
+        n = len(kept)
+        n_cal, n_val = int(round(n * calibration_fraction)), int(round(n * validation_fraction))
+        fit_end = n - n_val - n_cal
+        parts["fit"] += kept[:fit_end]
+        parts["validation"] += kept[fit_end : n - n_cal]
+        parts["calibration"] += kept[n - n_cal :]
+    if not parts["fit"]:
+        raise DataError("no scorable training beats found in the recordings")
+    fit, validation, calibration = parts["fit"], parts["validation"], parts["calibration"]
+    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
+        raise DataError(
+            f"{len(fit)}/{len(validation)}/{len(calibration)} scorable normal beats are too few to "
+            "train/validate/calibrate"
+        )
+    return TrainingBeats(
+        *(np.stack([beat.window for beat in part]) for part in (fit, validation, calibration)),
+        *(np.array([beat.stretch for beat in part]) for part in (fit, calibration)),
+    )
+
+
+def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
+    """Cut, split, train, calibrate, evaluate (with evaluation recordings) and write the artifact."""
+    import torch
+
+    from monitor.model.scoring import Scorer
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    spec = settings.beats.spec()
+    started = time.perf_counter()
+    labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
+    beats = split_training_beats(
+        labelled, settings.normal_symbols, settings.validation_fraction, settings.calibration_fraction
+    )
+    fit, validation, calibration_windows = beats.fit, beats.validation, beats.calibration
+    spec = settings.beats.with_stretch_limit(spec, beats.fit_stretch)
+    n_val, n_cal = len(validation), len(calibration_windows)
+    normalisation = Normalisation.fit(fit)
+    log.info(
+        "training_started",
+        beats=len(fit),
+        validation=n_val,
+        calibration=n_cal,
+        window=spec.window,
+        channels=len(spec.channels),
+    )
+    model, train_losses, val_losses, best_epoch = fit_model(
+        settings, normalisation.apply(fit), normalisation.apply(validation)
+    )
+    seconds = time.perf_counter() - started
+    scorer = Scorer(model, normalisation)
+    calibration_errors = scorer.score_all(calibration_windows).errors / spec.error_scale(beats.calibration_stretch)
+    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
+    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    evaluation, evaluation_data = None, None
+    if settings.evaluate_data:
+        files = pair_files(settings.evaluate_data, settings.evaluate_annotations)
+        if settings.evaluate_annotations is None:
+            raise DataError("evaluate_data in beat mode needs evaluate_annotations, one file per recording")
+        evaluation, evaluation_data = evaluate_beats(scorer, calibration.threshold, files, settings.sample_rate, spec)
+    sources = [str(path) for path in settings.train_data]
+    split = {
+        "validation": f"{n_val} beats: the {settings.validation_fraction:.0%} before each recording's calibration part",
+        "calibration": f"{n_cal} beats: the last {settings.calibration_fraction:.0%} of each recording's beats",
+    }
+    fit_set = WindowSet(fit, None, ", ".join(sources), "")
+    metadata = training_metadata(
+        settings, fit_set, normalisation, calibration, uncertainty, split, None, None,
+        train_losses, val_losses, best_epoch, seconds,
+    )  # fmt: skip
+    metadata["segmentation"] = {**spec.to_dict(), "trained_at_sample_rate_hz": settings.sample_rate}
+    metadata["training"].update(
+        data=sources,
+        data_sha256=[recording.sha256 for recording, _ in labelled],
+        annotations=[str(path) for path in settings.annotations or []],
+        normal_symbols=settings.normal_symbols,
+        beats=int(len(fit)),
+    )
+    metadata["training"].pop("normal_label", None)
+    metadata["training"].pop("windows", None)
+    if evaluation is not None:
+        metadata["evaluation"] = {
+            "data": [str(path) for path in settings.evaluate_data or []],
+            "annotations": [str(path) for path in settings.evaluate_annotations or []],
+            **evaluation.to_dict(),
+        }
+    save_artifact(settings.output, model, metadata)
+    artifact = ModelArtifact(
+        model, normalisation, calibration.threshold, spec.window, len(spec.channels), settings.name,
+        metadata["version"], metadata, settings.output,
+    )  # fmt: skip
+    log.info("model_written", path=str(settings.output), threshold=calibration.threshold, seconds=round(seconds, 1))
+    result = TrainingResult(
+        artifact, calibration, train_losses, val_losses, best_epoch, seconds, None, evaluation_data, calibration_windows
+    )
+    return result, evaluation
+
+
+def evaluate_beats(
+    scorer: BatchScorer, threshold: float, files: list[tuple[Path, Path | None]], fs: float, spec: BeatSpec
+) -> tuple[BeatEvaluation, WindowSet]:
+    """Detector figures and beat-level figures of recordings with annotations, pooled.
+
+    Returns the figures and the scored beats as a labelled WindowSet (label 1 normal, 0 anomalous).
+    """
+    labelled = load_labelled(files, fs, spec, "cutting beats")
+    detected = missed = extra = found = 0
+    windows, classes, scorable, stretches = [], [], [], []
+    for recording, beats in labelled:
+        if not isinstance(beats, LabelledBeats):
+            raise DataError(f"{recording.source}: evaluation needs its annotation file")
+        detected, missed, extra = detected + beats.detected, missed + beats.missed, extra + beats.extra
+        found += len(beats.beats)
+        if beats.beats:
+            windows.append(beats.windows)
+            classes.append(beats.classes)
+            scorable.append(beats.scorable)
+            stretches.append(beats.stretch)
+    if not windows:
+        raise DataError("no beats found in the evaluation recordings")
+    all_classes = np.concatenate(classes)
+    all_scorable = np.concatenate(scorable)
+    labelled_mask = np.isin(all_classes, ["N", "S", "V", "F"])
+    use = labelled_mask & all_scorable
+    scored_windows = np.concatenate(windows)[use]
+    scored_classes = all_classes[use]
+    scores = scorer.score_all(scored_windows).errors / spec.error_scale(np.concatenate(stretches)[use])
+    anomalous = scored_classes != "N"
+    result = evaluate_scores(scores, anomalous, threshold)
+    flagged = scores > threshold
+    names = ("N", "S", "V", "F")
+    beat_eval = BeatEvaluation(
+        detector_sensitivity=detected / max(1, detected + missed),
+        detector_ppv=detected / max(1, detected + extra),
+        annotated_beats=detected + missed,
+        found_beats=found,
+        unscorable={name: int((labelled_mask & ~all_scorable & (all_classes == name)).sum()) for name in names},
+        classes={name: int((scored_classes == name).sum()) for name in names},
+        flagged={name: int((flagged & (scored_classes == name)).sum()) for name in names},
+        evaluation=result,
+    )
+    data = WindowSet(
+        scored_windows, np.where(anomalous, 0, 1).astype(np.int64), ", ".join(str(p) for p, _ in files), ""
+    )
+    return beat_eval, data
+
+
+def format_beat_evaluation(result: BeatEvaluation) -> str:
+    """The detector's figures, the beats per class, then the usual report."""
+    from monitor.training.evaluation import format_evaluation
+
+    per_class = "   ".join(
+        f"{name}: {result.classes[name]} scored, {result.flagged[name]} flagged, {result.unscorable[name]} unscorable"
+        for name in result.classes
+    )
+    return "\n".join(
+        [
+            f"detector: sensitivity {result.detector_sensitivity:.4f}   "
+            f"positive predictivity {result.detector_ppv:.4f}   "
+            f"({result.annotated_beats} annotated beats, {result.found_beats} found, 150 ms match window)",
+            f"AAMI classes (anomalous = S, V, F): {per_class}",
+            format_evaluation(result.evaluation).replace("windows:", "beats:", 1),
+        ]
+    )

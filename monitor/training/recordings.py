@@ -1,0 +1,120 @@
+"""Continuous recordings as sensors: cut, normalise (model or per-sensor baseline), score, evaluate.
+
+Each recording is one sensor's stream. Window k covers samples [k*S, k*S + W), as in the daemon with
+`seq` starting at 0. With a per-sensor baseline the first N windows are the sensor's warm-up: they fit
+its baseline and are not scored, exactly as the daemon does (contract section 9). Window figures count
+the scored windows only; a window is anomalous when any of its samples is labelled anomalous.
+
+Segments are maximal runs of anomalous samples. A segment is caught when a flagged window overlaps it;
+its detection delay is the number of samples from the segment's first sample to the last sample of the
+first flagged window that overlaps it, inclusive (the daemon decides only once that window is complete),
+so at least 1. Segments that no scored window overlaps (inside the
+warm-up, or past the last window) are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from monitor.errors import DataError
+from monitor.model.baseline import SensorBaseline
+from monitor.model.scoring import BatchScorer
+from monitor.training.datasets import Recording
+from monitor.training.evaluation import Evaluation, evaluate_scores
+
+
+def recording_windows(
+    recording: Recording, window: int, stride: int, baseline_windows: int | None
+) -> tuple[np.ndarray, int]:
+    """The recording's windows as the model sees them and how many leading ones are warm-up.
+
+    `baseline_windows` None: raw windows (the model's own normalisation applies), no warm-up.
+    """
+    windows = recording.windows(window, stride)
+    if baseline_windows is None:
+        return windows, 0
+    if len(windows) <= baseline_windows:
+        raise DataError(
+            f"{recording.source}: {len(windows)} windows, "
+            f"not more than the {baseline_windows} baseline (warm-up) windows"
+        )
+    return SensorBaseline.fit(windows[:baseline_windows]).apply(windows), baseline_windows
+
+
+@dataclass(frozen=True)
+class ScoredRecording:
+    """The scored (post warm-up) windows of one recording."""
+
+    recording: Recording
+    window: int
+    stride: int
+    starts: np.ndarray  # [N] first sample of each scored window
+    scores: np.ndarray  # [N]
+    warm_up: int  # windows not scored at the start
+
+    def anomalous(self) -> np.ndarray:
+        return self.recording.window_anomalous(self.window, self.stride)[self.warm_up :]
+
+
+def score_recording(
+    scorer: BatchScorer, recording: Recording, window: int, stride: int, baseline_windows: int | None
+) -> ScoredRecording:
+    """Score the recording's windows after its warm-up, as the daemon would see them."""
+    windows, warm_up = recording_windows(recording, window, stride, baseline_windows)
+    starts = recording.window_starts(window, stride)[warm_up:]
+    scores = scorer.score_all(windows[warm_up:]).errors.astype(np.float64)
+    return ScoredRecording(recording, window, stride, starts, scores, warm_up)
+
+
+def segments(labels: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of True as [start, end) sample ranges."""
+    edges = np.diff(np.r_[0, labels.astype(np.int8), 0])
+    return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
+
+
+def segment_figures(labels: np.ndarray, starts: np.ndarray, window: int, flagged: np.ndarray) -> dict[str, Any]:
+    """Segments overlapped by a scored window, how many a flagged window caught, and their detection delays."""
+    counted, delays = 0, []
+    for seg_start, seg_end in segments(labels):
+        overlapping = (starts < seg_end) & (starts + window > seg_start)
+        if not overlapping.any():
+            continue
+        counted += 1
+        hits = np.flatnonzero(overlapping & flagged)
+        if hits.size:
+            delays.append(int(starts[hits[0]] + window - seg_start))
+    return {
+        "segments": counted,
+        "segments_caught": len(delays),
+        "delays_samples": delays,
+        "median_delay_samples": float(np.median(delays)) if delays else None,
+    }
+
+
+def evaluate_recording(scored: ScoredRecording, threshold: float) -> dict[str, Any]:
+    """Window figures and segment figures of one scored recording at `threshold`."""
+    anomalous = scored.anomalous()
+    figures = evaluate_scores(scored.scores, anomalous, threshold).to_dict()
+    labels = scored.recording.labels
+    assert labels is not None
+    flagged = scored.scores > threshold
+    seg = segment_figures(labels, scored.starts, scored.window, flagged)
+    return {
+        "data": scored.recording.source,
+        "warm_up_windows": scored.warm_up,
+        **figures,
+        **seg,
+        "flagged_window_starts": scored.starts[flagged].tolist(),
+    }
+
+
+def pooled_evaluation(scored: list[ScoredRecording], threshold: float) -> Evaluation:
+    """Window figures over the scored windows of all recordings together."""
+    return evaluate_scores(
+        np.concatenate([item.scores for item in scored]),
+        np.concatenate([item.anomalous() for item in scored]),
+        threshold,
+    )

@@ -1,0 +1,78 @@
+"""The settings of `monitor train`: kept apart from the trainer so the command line can show the
+defaults without importing torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from monitor.config.loading import Strict
+
+
+class ThresholdSettings(Strict):
+    method: Literal["quantile", "mean_std", "pot"] = "quantile"
+    params: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainSettings(Strict):
+    """Everything `monitor train` takes; flags override the YAML file key by key.
+
+    The defaults are the bundled model's recipe (configs/train-ecg5000.yaml) except `threads`, which
+    the recipe pins to 1 for repeatable runs.
+    """
+
+    train_data: list[Path] = Field(min_length=1)
+    train_labels: list[Path] | None = None
+    baseline: Literal["model", "sensor"] = "model"
+    baseline_windows: int | None = Field(default=None, ge=1)
+    calibration_data: Path | None = None
+    evaluate_data: Path | None = None
+    normal_label: int = 1
+    window: int | None = Field(default=None, ge=2)
+    stride: int | None = Field(default=None, ge=1)
+    output: Path = Path("models/model")
+    name: str = "model"
+    version: str | None = None
+    embedding_dim: int = Field(default=32, ge=1, le=1024)
+    epochs: int = Field(default=150, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    learning_rate: float = Field(default=0.002, gt=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    noise_std: float = Field(default=0.15, ge=0)
+    patience: int = Field(default=30, ge=1)
+    lr_patience: int = Field(default=5, ge=1)
+    lr_factor: float = Field(default=0.5, gt=0, le=1)
+    validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    calibration_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    seed: int = 0
+    threads: int = Field(default=0, ge=0)
+    threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
+    report: bool = True
+
+    @field_validator("train_data", "train_labels", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str | Path) else value
+
+    @model_validator(mode="after")
+    def _recordings_consistent(self) -> TrainSettings:
+        if self.train_labels is not None and len(self.train_labels) != len(self.train_data):
+            given, needed = len(self.train_labels), len(self.train_data)
+            raise ValueError(f"train_labels: {given} label files for {needed} recordings")
+        if self.baseline == "sensor" and self.baseline_windows is None:
+            raise ValueError("baseline_windows: required with baseline: sensor")
+        if self.baseline_windows is not None and self.baseline != "sensor":
+            raise ValueError("baseline_windows: only with baseline: sensor")
+        if self.from_recordings and (self.calibration_data is not None or self.evaluate_data is not None):
+            raise ValueError(
+                "calibration_data/evaluate_data: not with recordings (each recording's end calibrates; "
+                "evaluate with `monitor evaluate --data ... --labels ...`)"
+            )
+        return self
+
+    @property
+    def from_recordings(self) -> bool:
+        """Several recordings, labels or a per-sensor baseline: each file is one sensor's recording."""
+        return len(self.train_data) > 1 or self.train_labels is not None or self.baseline == "sensor"

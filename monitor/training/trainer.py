@@ -1,0 +1,369 @@
+"""Offline training: fit the autoencoder on normal windows, calibrate its threshold, write the artifact."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+from tqdm import tqdm
+
+from monitor import __version__
+from monitor.alerts.drift import CALIBRATION_KEY, CalibrationScores
+from monitor.errors import ArtifactError, DataError
+from monitor.model.artifact import (
+    ERROR_MEASURE,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    ModelArtifact,
+    Normalisation,
+    save_artifact,
+)
+from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
+from monitor.model.baseline import describe as describe_baseline
+from monitor.model.calibration import (
+    SMALL_CALIBRATION,
+    Calibration,
+    ThresholdUncertainty,
+    calibrate,
+    threshold_uncertainty,
+)
+from monitor.model.scoring import Scorer
+from monitor.training.datasets import WindowSet, read_labelled_recording, read_windows, require_window
+from monitor.training.evaluation import Evaluation, evaluate_scores
+from monitor.training.recordings import recording_windows
+from monitor.training.settings import TrainSettings
+
+log = structlog.get_logger("monitor.training")
+REPORT_DIRECTORY = "report"
+
+
+def refuse_overwrite(directory: Path) -> None:
+    """Refuse to train into a directory that already holds an artifact (`monitor train --force` skips this)."""
+    existing = [name for name in (METADATA_FILE, WEIGHTS_FILE) if (directory / name).exists()]
+    if existing:
+        raise ArtifactError(f"{directory}: holds a model already ({', '.join(existing)}); use --force to replace it")
+
+
+@dataclass
+class TrainingResult:
+    artifact: ModelArtifact
+    calibration: Calibration
+    train_losses: list[float]
+    validation_losses: list[float]
+    best_epoch: int
+    seconds: float
+    evaluation: Evaluation | None = None
+    evaluation_data: WindowSet | None = None
+    calibration_windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def _read(path: Path, settings: TrainSettings) -> WindowSet:
+    return read_windows(path, settings.window, settings.stride)
+
+
+def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Split every recording in time: the first windows train, the next validate, the last calibrate.
+
+    With `baseline: sensor` each recording is first normalised by its own first N windows (as the
+    daemon will); windows with a labelled anomalous sample are left out everywhere. Calibrating on the
+    end of every recording (not a random sample of overlapping windows) keeps the threshold honest.
+    """
+    if settings.window is None:
+        raise DataError("training on recordings needs --window (and --stride)")
+    stride = settings.stride or settings.window
+    labels: list[Path | None] = [*settings.train_labels] if settings.train_labels else [None] * len(settings.train_data)
+    parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
+    described: list[dict[str, Any]] = []
+    for path, label_path in zip(settings.train_data, labels, strict=True):
+        recording = read_labelled_recording(path, label_path)
+        windows, _ = recording_windows(recording, settings.window, stride, settings.baseline_windows)
+        n = len(windows)
+        keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
+        n_cal = int(round(n * settings.calibration_fraction))
+        n_val = int(round(n * settings.validation_fraction))
+        fit_end = n - n_val - n_cal
+        bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
+        for part, (start, end) in bounds.items():
+            parts[part].append(windows[start:end][keep[start:end]])
+        described.append(
+            {
+                "data": str(path),
+                "sha256": recording.sha256,
+                "labels": None if label_path is None else str(label_path),
+                "windows": n,
+                "anomalous_windows_left_out": int((~keep).sum()),
+            }
+        )
+    fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
+    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
+        raise DataError(
+            f"{len(fit)}/{len(validation)}/{len(calibration)} normal windows are too few to train/validate/calibrate"
+        )
+    digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
+    split = {
+        "recordings": described,
+        "validation": "the windows before each recording's calibration part",
+        "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
+    }
+    sources = ", ".join(str(path) for path in settings.train_data)
+    return WindowSet(fit, None, sources, digest), validation, calibration, split
+
+
+def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return (train data, validation windows, calibration windows, a description of the split).
+
+    With a separate calibration file, it serves both early stopping and calibration (the model
+    never trains on it). Without one, the normal training windows are split with the seed.
+    """
+    if settings.from_recordings:
+        return split_recordings(settings)
+    train = _read(settings.train_data[0], settings).normal(settings.normal_label)
+    if settings.calibration_data is not None:
+        held_out = _read(settings.calibration_data, settings).normal(settings.normal_label)
+        require_window(held_out, train.window, train.channels)
+        split = {
+            "validation": "calibration file",
+            "calibration_file": str(held_out.source),
+            "calibration_sha256": held_out.sha256,
+        }
+        return train, held_out.windows, held_out.windows, split
+    order = np.random.default_rng(settings.seed).permutation(len(train.windows))
+    n_val = int(round(len(order) * settings.validation_fraction))
+    n_cal = int(round(len(order) * settings.calibration_fraction))
+    if len(order) - n_val - n_cal < 2 or n_val < 1 or n_cal < 10:
+        raise DataError(
+            f"{train.source}: {len(order)} normal windows are too few to split train/validation/calibration"
+        )
+    val_idx, cal_idx, fit_idx = order[:n_val], order[n_val : n_val + n_cal], order[n_val + n_cal :]
+    fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256)
+    split = {
+        "validation": f"{n_val} windows split off the training data",
+        "calibration": f"{n_cal} windows split off (seed {settings.seed})",
+    }
+    return fit, train.windows[val_idx], train.windows[cal_idx], split
+
+
+def _mean_error(model: LSTMAutoencoder, windows: torch.Tensor, batch_size: int = 512) -> float:
+    model.eval()
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            total += float(window_scores(reconstruction_errors(batch, model(batch))).sum())
+    return total / len(windows)
+
+
+def fit_model(
+    settings: TrainSettings, train: np.ndarray, validation: np.ndarray
+) -> tuple[LSTMAutoencoder, list[float], list[float], int]:
+    """Mini-batch Adam on L1 loss with input noise; early stopping restores the best weights."""
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    model = LSTMAutoencoder(train.shape[2], settings.embedding_dim)
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, factor=settings.lr_factor, patience=settings.lr_patience
+    )
+    train_t = torch.from_numpy(train)
+    val_t = torch.from_numpy(validation)
+    best_state, best_loss, best_epoch = copy.deepcopy(model.state_dict()), float("inf"), 0
+    train_losses: list[float] = []
+    val_losses: list[float] = []
+    progress = tqdm(range(1, settings.epochs + 1), desc="training", unit="epoch", dynamic_ncols=True)
+    for epoch in progress:
+        model.train()
+        order = torch.randperm(len(train_t), generator=generator)
+        running = 0.0
+        for start in range(0, len(order), settings.batch_size):
+            clean = train_t[order[start : start + settings.batch_size]]
+            noisy = (
+                clean + settings.noise_std * torch.randn(clean.shape, generator=generator)
+                if settings.noise_std
+                else clean
+            )
+            loss = (model(noisy) - clean).abs().mean()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimiser.step()
+            running += loss.item() * len(clean)
+        train_losses.append(running / len(train_t))
+        val_losses.append(_mean_error(model, val_t))
+        scheduler.step(val_losses[-1])
+        if val_losses[-1] < best_loss:
+            best_state, best_loss, best_epoch = copy.deepcopy(model.state_dict()), val_losses[-1], epoch
+        progress.set_postfix(
+            train=f"{train_losses[-1]:.4f}", val=f"{val_losses[-1]:.4f}", best=f"{best_loss:.4f}@{best_epoch}"
+        )
+        if epoch - best_epoch >= settings.patience:
+            break
+    progress.close()
+    model.load_state_dict(best_state)
+    return model.eval(), train_losses, val_losses, best_epoch
+
+
+def train(settings: TrainSettings) -> TrainingResult:
+    """Train, calibrate, evaluate (when labelled data is given) and write the artifact directory."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    fit, validation, calibration_windows, split = split_normal(settings)
+    # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
+    sensor = settings.baseline == "sensor"
+    normalisation = Normalisation.identity(fit.channels) if sensor else Normalisation.fit(fit.windows)
+    log.info(
+        "training_started",
+        windows=len(fit.windows),
+        validation=len(validation),
+        calibration=len(calibration_windows),
+        window=fit.window,
+        channels=fit.channels,
+        embedding_dim=settings.embedding_dim,
+    )
+    model, train_losses, val_losses, best_epoch = fit_model(
+        settings, normalisation.apply(fit.windows), normalisation.apply(validation)
+    )
+    seconds = time.perf_counter() - started
+    scorer = Scorer(model, normalisation)
+    calibration_errors = scorer.score_all(calibration_windows).errors
+    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
+    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    if calibration.n_windows < SMALL_CALIBRATION:
+        log.warning(
+            "calibration_set_small",
+            windows=calibration.n_windows,
+            below=SMALL_CALIBRATION,
+            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
+        )
+    evaluation, evaluation_data = None, None
+    if settings.evaluate_data is not None:
+        evaluation_data = read_windows(settings.evaluate_data, settings.window, settings.stride)
+        require_window(evaluation_data, fit.window, fit.channels)
+        scores = scorer.score_all(evaluation_data.windows).errors
+        evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
+    metadata = _metadata(
+        settings,
+        fit,
+        normalisation,
+        calibration,
+        uncertainty,
+        split,
+        evaluation,
+        evaluation_data,
+        train_losses,
+        val_losses,
+        best_epoch,
+        seconds,
+    )
+    metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
+    # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
+    shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)
+    save_artifact(settings.output, model, metadata)
+    artifact = ModelArtifact(
+        model,
+        normalisation,
+        calibration.threshold,
+        fit.window,
+        fit.channels,
+        settings.name,
+        metadata["version"],
+        metadata,
+        settings.output,
+    )
+    log.info(
+        "model_written",
+        path=str(settings.output),
+        threshold=calibration.threshold,
+        best_epoch=best_epoch,
+        seconds=round(seconds, 1),
+        **({"auc": round(evaluation.auc, 4)} if evaluation else {}),
+    )
+    return TrainingResult(
+        artifact,
+        calibration,
+        train_losses,
+        val_losses,
+        best_epoch,
+        seconds,
+        evaluation,
+        evaluation_data,
+        calibration_windows,
+    )
+
+
+def _metadata(
+    settings: TrainSettings,
+    fit: WindowSet,
+    normalisation: Normalisation,
+    calibration: Calibration,
+    uncertainty: ThresholdUncertainty,
+    split: dict[str, Any],
+    evaluation: Evaluation | None,
+    evaluation_data: WindowSet | None,
+    train_losses: list[float],
+    val_losses: list[float],
+    best_epoch: int,
+    seconds: float,
+) -> dict[str, Any]:
+    now = dt.datetime.now(dt.UTC)
+    excluded = {
+        "train_data",
+        "train_labels",
+        "calibration_data",
+        "evaluate_data",
+        "output",
+        "name",
+        "version",
+        "report",
+    }
+    hyper = settings.model_dump(mode="json", exclude=excluded)
+    return {
+        "name": settings.name,
+        "version": settings.version or now.strftime("%Y.%m.%d"),
+        "created_at": now.isoformat(timespec="seconds"),
+        "created_by": f"monitor {__version__}, torch {torch.__version__}",
+        "architecture": {
+            "type": "lstm_autoencoder",
+            "window": fit.window,
+            "channels": fit.channels,
+            "embedding_dim": settings.embedding_dim,
+        },
+        "normalisation": normalisation.to_dict(),
+        "baseline": describe_baseline(settings.baseline_windows) if settings.baseline_windows else {"type": "model"},
+        "error_measure": ERROR_MEASURE,
+        "error_measure_note": "mean over the window of |x - reconstruction|, in normalised units, channels averaged",
+        "threshold": {
+            "value": calibration.threshold,
+            "decision": "anomaly when score > value",
+            **calibration.to_dict(),
+            "uncertainty": uncertainty.to_dict(),
+        },
+        "training": {
+            "data": ", ".join(str(path) for path in settings.train_data),
+            "data_sha256": fit.sha256,
+            "normal_label": settings.normal_label,
+            "windows": int(len(fit.windows)),
+            **split,
+            "hyperparameters": hyper,
+            "epochs_run": len(train_losses),
+            "best_epoch": best_epoch,
+            "best_validation_loss": min(val_losses),
+            "seconds": round(seconds, 1),
+        },
+        "evaluation": None
+        if evaluation is None
+        else {
+            "data": str(settings.evaluate_data),
+            "data_sha256": evaluation_data.sha256 if evaluation_data else None,
+            **evaluation.to_dict(),
+        },
+    }

@@ -1,0 +1,251 @@
+"""The streaming R-peak detector and the beat windows: synthetic ECG with known peaks, a vendored MIT-BIH record,
+chunking and restarts that must not change a single beat, and the signal-quality measure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from monitor.ecg.beats import BeatSpec, BeatStream, cut_beats
+from monitor.ecg.qrs import QRSDetector, match_beats
+from monitor.training.beat_data import label_beats, read_recording
+from tests.support import REPO
+
+VENDORED = REPO / "data" / "mitdb-dev"
+
+
+def synthetic_ecg(fs: float, seconds: float, seed: int = 0, wide_every: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A lead of sums of Gaussian waves (P, Q, R, S, T) with a varying RR interval; returns (signal, R indices).
+
+    With `wide_every`, every such beat is a wide, premature, inverted-T "ventricular" beat.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * fs)) / fs
+    signal = np.zeros_like(t)
+    peaks = []
+    beat_time, number = 0.5, 0
+    while beat_time < seconds - 0.6:
+        number += 1
+        wide = wide_every and number % wide_every == 0
+        waves = [(0.15, -0.2, 0.025), (-0.1, -0.03, 0.01), (1.0, 0.0, 0.012), (-0.25, 0.03, 0.01), (0.3, 0.25, 0.05)]
+        if wide:
+            waves = [(1.3, 0.0, 0.035), (-0.4, 0.08, 0.03), (-0.45, 0.3, 0.07)]
+        for amplitude, offset, width in waves:
+            signal += amplitude * np.exp(-0.5 * ((t - beat_time - offset) / width) ** 2)
+        peaks.append(int(round(beat_time * fs)))
+        beat_time += rng.uniform(0.8, 1.0) * (0.7 if wide_every and (number + 1) % wide_every == 0 else 1.0)
+    return signal, np.asarray(peaks)
+
+
+def detect(signal: np.ndarray, fs: float, chunks: int | None = None, seed: int = 0) -> np.ndarray:
+    detector = QRSDetector(fs)
+    if chunks is None:
+        return np.asarray(detector.feed(signal))
+    rng = np.random.default_rng(seed)
+    found, start = [], 0
+    while start < len(signal):
+        size = int(rng.integers(1, chunks))
+        found += detector.feed(signal[start : start + size])
+        start += size
+    return np.asarray(found)
+
+
+def scores(found: np.ndarray, truth: np.ndarray, fs: float) -> tuple[float, float, float]:
+    """(sensitivity, PPV, largest distance in seconds of a matched beat)."""
+    match, used = match_beats(found, truth, int(0.15 * fs))
+    distance = np.abs(found[match[match >= 0]] - truth[match >= 0]).max() / fs
+    return (match >= 0).mean(), used.mean(), float(distance)
+
+
+@pytest.mark.parametrize("fs", [250.0, 360.0, 500.0])
+def test_finds_every_synthetic_beat_at_any_rate(fs):
+    signal, truth = synthetic_ecg(fs, 120)
+    sensitivity, ppv, distance = scores(detect(signal, fs), truth, fs)
+    assert sensitivity == 1.0 and ppv == 1.0
+    assert distance <= 0.02  # on the R wave, not the S wave 30 ms later
+
+
+def test_noise_baseline_wander_amplitude_changes_and_inverted_polarity():
+    fs = 250.0
+    signal, truth = synthetic_ecg(fs, 300, seed=1)
+    t = np.arange(len(signal)) / fs
+    rng = np.random.default_rng(2)
+    amplitude = np.where(t < 100, 1.0, np.where(t < 200, 0.2, 3.0))  # a 5x drop, then a 15x rise
+    wander = 1.5 * np.sin(2 * np.pi * 0.15 * t) + 0.5 * np.sin(2 * np.pi * 0.4 * t)  # breathing, larger than the QRS
+    noisy = amplitude * signal + wander + rng.normal(0, 0.03, len(signal)) + 0.05 * np.sin(2 * np.pi * 50 * t)
+    for lead in (noisy, -noisy):  # and an inverted lead
+        found = detect(lead, fs)
+        match, used = match_beats(found, truth, int(0.15 * fs))
+        missed = truth[match < 0] / fs
+        assert used.mean() >= 0.99
+        # a sudden change of gain costs the beats of a few seconds while the thresholds adapt, nothing else
+        assert (((missed > 100) & (missed < 110)) | ((missed > 199) & (missed < 210))).all(), missed
+        assert len(missed) <= 10
+
+
+def test_recovers_after_a_dropout():
+    fs = 250.0
+    signal, truth = synthetic_ecg(fs, 120, seed=3)
+    dropped = (truth > 40 * fs) & (truth < 45 * fs)
+    signal[int(40 * fs) : int(45 * fs)] = 0.0  # the lead falls off for 5 s
+    found = detect(signal, fs)
+    match, used = match_beats(found, truth, int(0.15 * fs))
+    after = truth > 47 * fs  # once a beat or two have re-taught the thresholds
+    assert (match[after] >= 0).all()
+    extra = found[~used] / fs
+    assert not ((extra > 40.2) & (extra < 44.8)).any()  # nothing invented in the flat stretch (its edges are steps)
+    assert (match[dropped] < 0).all()
+
+
+def test_small_beats_between_tall_ones_and_a_stream_starting_off_zero():
+    """Beats alternating 1 : 0.3 in amplitude (the integrated signal 1 : 0.09, as in lead V5) are all found, on a
+    lead whose first sample is far from zero (the filters start as if the lead had been there: no step)."""
+    fs = 360.0
+    signal, truth = synthetic_ecg(fs, 120, seed=13)
+    gain = np.ones(len(signal))
+    for number, (start, end) in enumerate(zip(truth[:-1], truth[1:], strict=True)):
+        if number % 2:
+            gain[(start + end) // 2 - (end - start) : (start + end) // 2] = 0.3
+    lead = 5.0 + gain * signal + np.random.default_rng(14).normal(0, 0.01, len(signal))
+    found = detect(lead, fs)
+    sensitivity, ppv, _ = scores(found, truth, fs)
+    assert sensitivity == 1.0 and ppv == 1.0
+
+
+def test_chunking_does_not_change_a_single_beat():
+    fs = 360.0
+    signal, _ = synthetic_ecg(fs, 90, seed=4)
+    signal = signal + np.random.default_rng(5).normal(0, 0.05, len(signal))
+    whole = detect(signal, fs)
+    assert np.array_equal(whole, detect(signal, fs, chunks=7, seed=1))
+    assert np.array_equal(whole, detect(signal, fs, chunks=900, seed=2))
+
+
+def test_lookahead_is_bounded():
+    fs = 250.0
+    signal, _ = synthetic_ecg(fs, 60, seed=6)
+    detector = QRSDetector(fs)
+    assert detector.lookahead_seconds <= 0.5
+    latest_delay = 0
+    for start in range(0, len(signal)):
+        for peak in detector.feed(signal[start : start + 1]):
+            if peak > 2 * fs:  # after the 2 s learning phase
+                latest_delay = max(latest_delay, start - peak)
+    assert 0 < latest_delay / fs <= detector.lookahead_seconds
+
+
+def test_on_a_vendored_mitdb_record_against_its_annotations():
+    recording = read_recording(VENDORED / "test" / "123.npy", 360, VENDORED / "test" / "123.csv")
+    labelled = label_beats(recording, cut_beats(recording.signal, 360, BeatSpec()))
+    sensitivity = labelled.detected / (labelled.detected + labelled.missed)
+    ppv = labelled.detected / (labelled.detected + labelled.extra)
+    assert sensitivity >= 0.995 and ppv >= 0.995
+
+
+def test_beat_windows_do_not_depend_on_chunking_or_a_restart():
+    fs = 250.0
+    signal, _ = synthetic_ecg(fs, 60, seed=7, wide_every=5)
+    signal = signal + np.random.default_rng(8).normal(0, 0.02, len(signal))
+    spec = BeatSpec()
+    whole = cut_beats(signal, fs, spec)
+    stream, chunked, start = BeatStream(fs, spec), [], 0
+    rng = np.random.default_rng(9)
+    while start < len(signal):
+        size = int(rng.integers(1, 200))
+        chunked += stream.feed(signal[start : start + size])
+        start += size
+        if start > len(signal) // 2 and not getattr(stream, "restored", False):
+            stream = BeatStream.from_state(json.loads(json.dumps(stream.state())), spec)  # as across a SIGTERM restart
+            stream.restored = True
+    assert len(whole) == len(chunked) > 50
+    for a, b in zip(whole, chunked, strict=True):
+        assert (a.r_seq, a.rr_seconds, a.start_seq, a.end_seq, a.reason) == (
+            b.r_seq,
+            b.rr_seconds,
+            b.start_seq,
+            b.end_seq,
+            b.reason,
+        )
+        assert np.array_equal(a.window, b.window)
+
+
+def test_beat_windows_shape_warmup_and_rr():
+    fs = 250.0
+    signal, truth = synthetic_ecg(fs, 60, seed=10, wide_every=5)
+    beats = cut_beats(signal, fs, BeatSpec())
+    assert all(beat.window.shape == (64, 3) and beat.window.dtype == np.float32 for beat in beats)
+    assert [beat.reason for beat in beats[:8]] == ["warmup"] * 8 and beats[8].reason is None
+    assert beats[0].rr_seconds is None and beats[1].rr_seconds == pytest.approx((beats[1].r_seq - beats[0].r_seq) / fs)
+    shapes = np.stack([beat.window[:, 0] for beat in beats])
+    assert np.allclose(shapes.mean(axis=1), 0, atol=1e-5) and np.allclose(shapes.std(axis=1), 1, atol=1e-4)
+    found = np.asarray([beat.r_seq for beat in beats])
+    match, _ = match_beats(found, truth, int(0.15 * fs))
+    wide = np.zeros(len(truth), bool)
+    wide[4::5] = True
+    scorable = np.asarray([beat.scorable for beat in beats])
+    template_distance = np.asarray([np.abs(beat.window[:, 1]).mean() for beat in beats])
+    wide_found = match[wide & (match >= 0)]
+    normal_found = match[~wide & (match >= 0)]
+    wide_found, normal_found = wide_found[wide_found >= 8], normal_found[normal_found >= 8]
+    assert scorable[wide_found].all()  # a wide ectopic beat is not taken for noise
+    assert template_distance[wide_found].min() > 3 * template_distance[normal_found].max()
+    premature = np.asarray([beat.window[0, 2] for beat in beats])  # prematurity: how early, late beats 0
+    assert premature[wide_found].min() > 0.15 > premature[normal_found].max()
+    assert (premature >= 0).all() and (premature == 0).mean() > 0.3  # a beat later than usual is not premature
+
+
+def test_noise_makes_beats_unscorable_and_a_flat_lead_too():
+    fs = 250.0
+    signal, truth = synthetic_ecg(fs, 120, seed=11)
+    t = np.arange(len(signal)) / fs
+    burst = (t > 60) & (t < 70)
+    rng = np.random.default_rng(12)
+    noisy = signal + np.where(burst, rng.normal(0, 0.4, len(signal)), 0.0)  # muscle noise for 10 s
+    beats = cut_beats(noisy, fs, BeatSpec())
+    inside = [beat for beat in beats if 61 * fs < beat.r_seq < 69 * fs]
+    outside = [beat for beat in beats if beat.r_seq > 75 * fs or 10 * fs < beat.r_seq < 59 * fs]
+    assert inside and sum(beat.reason == "noise" for beat in inside) >= 0.9 * len(inside)
+    assert all(beat.scorable for beat in outside)
+
+
+def test_alignment_to_the_template_on_a_record_whose_fiducial_point_jumps():
+    """MIT-BIH 108 (large P waves, small QRS): the detector's fiducial point jumps by ~50 ms on some beats; aligned
+    to the template, the spans of its normal beats match the template far better, and no span moves further."""
+    recording = read_recording(VENDORED / "train" / "108.npy", 360, VENDORED / "train" / "108.csv")
+    distances = {}
+    for align in (0.0, 0.05):
+        spec = BeatSpec(align_seconds=align)
+        labelled = label_beats(recording, cut_beats(recording.signal, 360, spec))
+        normal = (labelled.classes == "N") & labelled.scorable
+        distances[align] = np.sqrt((labelled.windows[normal][:, :, 1] ** 2).mean(axis=1))
+        moved = np.asarray([b.start_seq - b.r_seq for b in labelled.beats[1:]]) + round(spec.before_seconds * 360)
+        assert np.abs(moved).max() <= round(align * 360)
+        assert np.array_equal(labelled.r_seq, [b.r_seq for b in labelled.beats])  # beat_seq stays the R peak
+    assert np.quantile(distances[0.05], 0.95) < 0.7 * np.quantile(distances[0.0], 0.95)
+
+
+def test_a_model_from_before_alignment_cuts_at_the_fiducial_point_without_detrending():
+    spec = BeatSpec.from_dict({"mode": "beats", "before_seconds": 0.25, "after_seconds": 0.45, "window": 64,
+                               "channels": ["beat", "template_diff", "rr"]})  # fmt: skip
+    assert spec.align_seconds == 0.0 and not spec.detrend and spec.channels == ("beat", "template_diff", "rr")
+    with pytest.raises(ValueError, match="align_seconds"):
+        BeatSpec(align_seconds=0.5)
+
+
+def test_detrending_removes_a_baseline_slope_from_the_beat_window():
+    fs = 360.0
+    signal, _ = synthetic_ecg(fs, 60, seed=15)
+    t = np.arange(len(signal)) / fs
+    drifting = signal + 0.8 * np.sin(2 * np.pi * 0.3 * t)  # electrode motion: the baseline moves by ~the QRS
+    for detrend, bound in ((True, 0.25), (False, None)):
+        spec = BeatSpec(detrend=detrend)
+        clean = {b.r_seq: b.window[:, 0] for b in cut_beats(signal, fs, spec)}
+        moved = {b.r_seq: b.window[:, 0] for b in cut_beats(drifting, fs, spec)}
+        common = sorted(set(clean) & set(moved))[10:]
+        difference = np.median([np.sqrt(np.mean((clean[r] - moved[r]) ** 2)) for r in common])
+        if bound is not None:
+            assert difference < bound
+        else:
+            assert difference > 0.6  # without: a tilted, rescaled beat (4 times further from the clean one)

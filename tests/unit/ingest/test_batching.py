@@ -1,0 +1,89 @@
+"""The micro-batcher: batches close at max_batch or at the first window's deadline, whichever first."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from monitor.ingest.batching import MicroBatcher, WindowQueue
+
+
+@dataclass
+class Item:
+    completed_at: float
+    name: int = 0
+
+
+def test_queue_refuses_beyond_capacity():
+    queue: WindowQueue[Item] = WindowQueue(3)
+    assert [queue.offer(Item(0.0, i)) for i in range(5)] == [True, True, True, False, False]
+    assert queue.depth() == 3
+
+
+class Clock:
+    """An injectable clock: returns `now`, counts its calls, and runs `on_call` (an arrival while the batcher waits)."""
+
+    def __init__(self, now: float, on_call: Callable[[int], float | None] | None = None) -> None:
+        self.now = now
+        self.calls = 0
+        self.on_call = on_call
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.on_call is not None:
+            moved = self.on_call(self.calls)
+            if moved is not None:
+                self.now = moved
+        return self.now
+
+
+def test_batch_closes_at_max_batch_without_waiting():
+    queue: WindowQueue[Item] = WindowQueue(100)
+    for i in range(10):
+        queue.offer(Item(100.0, i))
+    clock = Clock(100.0)
+    batcher = MicroBatcher(queue, max_batch=4, max_wait_seconds=3600.0, clock=clock)
+    full = [batcher.next_batch(threading.Event()) for _ in range(2)]
+    assert clock.calls == 0  # full batches never look at the deadline
+    clock.now = 100.0 + 3600.0  # the first window's deadline has come
+    short = batcher.next_batch(threading.Event())
+    assert [[item.name for item in batch] for batch in [*full, short]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_batch_closes_at_the_deadline_of_its_first_window():
+    queue: WindowQueue[Item] = WindowQueue(100)
+    queue.offer(Item(100.0, 1))
+
+    def arrivals(call: int) -> float | None:
+        if call == 1:
+            queue.offer(Item(100.05, 2))  # arrives while the batcher waits, within the deadline: joins the batch
+            return 100.05
+        if call == 2:
+            queue.offer(Item(100.25, 3))  # arrives after the deadline (100.2): the next batch
+            return 100.25
+        return None
+
+    batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=0.2, clock=Clock(100.0, arrivals))
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [1, 2]
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [3]
+
+
+def test_a_backlog_is_batched_without_waiting_for_deadlines():
+    queue: WindowQueue[Item] = WindowQueue(100)
+    for i in range(5):
+        queue.offer(Item(90.0, i))  # windows that have waited long already
+    clock = Clock(100.0)
+    batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=5.0, clock=clock)
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [0, 1, 2, 3, 4]
+    assert clock.calls == 1  # one look at the clock: the deadline has passed, nothing more is awaited
+
+
+def test_stop_returns_what_is_queued_then_nothing():
+    queue: WindowQueue[Item] = WindowQueue(100)
+    queue.offer(Item(100.0, 1))
+    stop = threading.Event()
+    stop.set()
+    batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=3600.0, clock=Clock(100.0))
+    assert [item.name for item in batcher.next_batch(stop)] == [1]  # stopping: no waiting for the deadline
+    assert batcher.next_batch(stop, poll_seconds=0.01) == []

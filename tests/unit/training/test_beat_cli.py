@@ -1,0 +1,210 @@
+"""`monitor train --segmentation beats` and `monitor evaluate --annotations` on vendored MIT-BIH data, and the one-line
+errors of bad input: an annotation file with bad rows, a bad sampling rate, a model of the other mode."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from monitor.ecg.beats import BeatSpec
+from monitor.model.artifact import read_metadata
+from monitor.training.beat_data import cut_recording, label_beats, read_recording
+from monitor.training.beat_trainer import split_training_beats
+from tests.support import DEFAULT_MODEL, REPO, run_cli
+
+TRAIN = REPO / "data" / "mitdb-dev" / "train"
+TEST = REPO / "data" / "mitdb-dev" / "test"
+BUNDLED = REPO / "models" / "mitdb-beats"
+
+
+@pytest.fixture(scope="module")
+def beat_model(tmp_path_factory):
+    output = tmp_path_factory.mktemp("beat-model") / "model"
+    result = run_cli(
+        "train",
+        "--segmentation",
+        "beats",
+        "--sample-rate",
+        "360",
+        "--train-data",
+        str(TRAIN / "123.npy"),
+        str(TRAIN / "121.npy"),
+        "--annotations",
+        str(TRAIN / "123.csv"),
+        str(TRAIN / "121.csv"),
+        "--output",
+        str(output),
+        "--epochs",
+        "2",
+        "--embedding-dim",
+        "8",
+        "--threads",
+        "1",
+        "--no-report",
+        env={"TQDM_DISABLE": ""},  # importing bench modules elsewhere in the session turns progress bars off
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cutting beats" in result.stderr  # the progress bar
+    return output
+
+
+def test_the_artifact_records_how_beats_were_cut(beat_model):
+    metadata = read_metadata(beat_model)
+    segmentation = metadata["segmentation"]
+    assert segmentation["mode"] == "beats" and segmentation["trained_at_sample_rate_hz"] == 360
+    assert (segmentation["before_seconds"], segmentation["after_seconds"], segmentation["window"]) == (0.25, 0.45, 64)
+    assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
+    assert segmentation["align_seconds"] == 0.05
+    assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
+    assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
+
+
+def test_evaluate_prints_detector_and_beat_figures(beat_model):
+    result = run_cli(
+        "evaluate",
+        "--model",
+        str(beat_model),
+        "--data",
+        str(TEST / "116.npy"),
+        str(TEST / "208_excerpt.npy"),
+        "--annotations",
+        str(TEST / "116.csv"),
+        str(TEST / "208_excerpt.csv"),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    for key in (
+        "auc",
+        "pr_auc",
+        "precision",
+        "recall",
+        "f1",
+        "tp",
+        "fp",
+        "fn",
+        "tn",
+        "detector_sensitivity",
+        "detector_ppv",
+    ):
+        assert key in figures
+    assert figures["detector_sensitivity"] > 0.98 and figures["detector_ppv"] > 0.99
+    assert figures["scored_by_class"]["V"] > 100 and figures["n_anomalies"] == sum(
+        figures["scored_by_class"][c] for c in "SVF"
+    )
+    text = run_cli(
+        "evaluate", "--model", str(beat_model), "--data", str(TEST / "123.npy"), "--annotations", str(TEST / "123.csv")
+    )
+    assert text.returncode == 0 and "detector: sensitivity" in text.stdout and "confusion matrix" in text.stdout
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("sample,symbol\n100,N\nabc,N\n", "line 3: sample 'abc' is not a whole number"),
+        ("sample,symbol\n100,N\n50,N\n", "line 3: sample 50 comes before the previous row's 100"),
+        ("sample,symbol\n100\n", "line 2: needs a sample and a symbol"),
+        ("time,label\n100,N\n", "line 1: the header must start with sample,symbol"),
+    ],
+)
+def test_an_annotation_file_with_bad_rows_is_one_line(beat_model, tmp_path, rows, message):
+    annotations = tmp_path / "bad.csv"
+    annotations.write_text(rows)
+    result = run_cli(
+        "evaluate", "--model", str(beat_model), "--data", str(TEST / "123.npy"), "--annotations", str(annotations)
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"monitor: error: {annotations}: {message}")
+
+
+def test_a_bad_sample_rate_is_one_line(tmp_path):
+    result = run_cli(
+        "train",
+        "--segmentation",
+        "beats",
+        "--sample-rate",
+        "20",
+        "--train-data",
+        str(TRAIN / "123.npy"),
+        "--output",
+        str(tmp_path / "m"),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sample_rate" in lines[0] and "between 50 and 10000 Hz" in lines[0]
+
+
+def test_a_model_of_the_other_mode_is_one_line(beat_model):
+    fixed = run_cli(
+        "evaluate",
+        "--model",
+        str(DEFAULT_MODEL),
+        "--data",
+        str(TEST / "123.npy"),
+        "--annotations",
+        str(TEST / "123.csv"),
+    )
+    assert fixed.returncode == 2
+    assert fixed.stderr.strip().splitlines() == [
+        f"monitor: error: {DEFAULT_MODEL}: a fixed-window model; "
+        "--annotations and --sample-rate are for beat-mode models"
+    ]
+    beats = run_cli("evaluate", "--model", str(beat_model), "--data", str(TEST / "123.npy"))
+    assert beats.returncode == 2
+    assert beats.stderr.strip().splitlines() == [
+        f"monitor: error: {beat_model}: a beat-mode model; evaluation needs --annotations, one file per recording"
+    ]
+
+
+@pytest.mark.skipif(not (BUNDLED / "model.json").is_file(), reason="the bundled beat model is not built")
+def test_the_bundled_beat_model_reproduces_its_recorded_figures():
+    metadata = read_metadata(BUNDLED)
+    files = [TEST / f"{name}.npy" for name in ("105", "108", "114", "116", "121", "123", "208_excerpt")]
+    result = run_cli(
+        "evaluate",
+        "--model",
+        str(BUNDLED),
+        "--data",
+        *map(str, files),
+        "--annotations",
+        *(str(f.with_suffix(".csv")) for f in files),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    recorded = metadata["evaluation"]
+    for key in ("auc", "f1", "tp", "fp", "fn", "tn", "detector_sensitivity", "detector_ppv"):
+        assert figures[key] == pytest.approx(recorded[key], abs=1e-9), key
+
+
+def test_training_beats_are_split_in_time_order_within_each_recording():
+    """Fit, validation and calibration beats are each recording's first, middle and last normal scorable beats."""
+    spec = BeatSpec()
+    labelled = []
+    for name in ("121", "123"):
+        recording = read_recording(TRAIN / f"{name}.npy", 360, TRAIN / f"{name}.csv")
+        labelled.append((recording, label_beats(recording, cut_recording(recording, spec))))
+    split = split_training_beats(labelled, ["N"], 0.15, 0.15)
+    expected: dict[str, list[np.ndarray]] = {name: [] for name in ("fit", "validation", "calibration", "fs", "cs")}
+    for _, beats in labelled:
+        keep = beats.scorable & (beats.symbols == "N")
+        windows, stretch = beats.windows[keep], beats.stretch[keep]
+        n = len(windows)
+        n_cal, n_val = round(0.15 * n), round(0.15 * n)
+        expected["fit"].append(windows[: n - n_val - n_cal])
+        expected["validation"].append(windows[n - n_val - n_cal : n - n_cal])
+        expected["calibration"].append(windows[n - n_cal :])
+        expected["fs"].append(stretch[: n - n_val - n_cal])
+        expected["cs"].append(stretch[n - n_cal :])
+    for name, got in (
+        ("fit", split.fit),
+        ("validation", split.validation),
+        ("calibration", split.calibration),
+        ("fs", split.fit_stretch),
+        ("cs", split.calibration_stretch),
+    ):
+        assert np.array_equal(got, np.concatenate(expected[name])), name
+    assert len(split.calibration) > 100
