@@ -1,4 +1,4 @@
-"""The `monitor` command line (contract section 1). A `MonitorError` is one line on stderr, exit 2."""
+"""The `monitor` command line. A `MonitorError` is one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from monitor.errors import MonitorError
 if TYPE_CHECKING:
     from monitor.model.artifact import ModelArtifact
     from monitor.model.scoring import BatchScorer
+    from monitor.training.settings import TrainSettings
 
 EXIT_USER_ERROR = 2
 
@@ -34,7 +35,7 @@ def _speed(text: str) -> float:
 
 
 def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) -> None:
-    """`--baseline` and `--baseline-windows` (contract section 9), their help ending with the given defaults."""
+    """`--baseline` and `--baseline-windows` (per-sensor baselines), their help ending with the given defaults."""
     parser.add_argument(
         "--baseline",
         choices=["model", "sensor"],
@@ -48,19 +49,21 @@ def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     """`monitor train`: every flag's help ends with its default, taken from the settings themselves."""
     from monitor.model.calibration import DEFAULT_PARAMS
-    from monitor.training.settings import TrainSettings
+    from monitor.training.settings import BEAT_DEFAULTS, TrainSettings
 
     fields = TrainSettings.model_fields
     defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
 
     def default(key: str, note: str = "") -> str:
-        return f" (default: {defaults[key]}{note})"
+        beats = f"; with --segmentation beats: {BEAT_DEFAULTS[key]}" if key in BEAT_DEFAULTS else ""
+        return f" (default: {defaults[key]}{beats}{note})"
 
     train = commands.add_parser(
         "train",
         help="train a model, calibrate its threshold, write an artifact",
         description="Train on normal windows; flags override the YAML config key by key. The defaults are the "
-        "bundled model's recipe (configs/train-ecg5000.yaml) except --threads, which the recipe sets to 1.",
+        "bundled models' recipes: configs/train-ecg5000.yaml in fixed mode, configs/train-mitdb-beats.yaml with "
+        "--segmentation beats (its epochs, batch size and patience), one torch thread in both.",
     )
     add = train.add_argument
     add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
@@ -82,7 +85,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add(
         "--segmentation",
         choices=["fixed", "beats"],
-        help="fixed windows, or one window per detected beat of a raw ECG lead (contract section 8) (default: fixed)",
+        help="fixed windows, or one window per detected beat of a raw ECG lead (default: fixed)",
     )
     add("--sample-rate", type=float, help="beat mode: the recordings' sampling rate in Hz (required in beat mode)")
     add(
@@ -101,7 +104,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
     add("--output", type=Path, help="artifact directory to write" + default("output"))
     add("--force", action="store_true", help="replace a model already in --output (default: refuse)")
-    add("--name", help="model name recorded in the artifact" + default("name"))
+    add("--name", help="model name recorded in the artifact (default: the --output directory's name)")
     add("--version", dest="model_version", help="model version recorded in the artifact (default: today's date)")
     add("--normal-label", type=int, help="class label of normal windows in UCR files" + default("normal_label"))
     add(
@@ -118,7 +121,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--patience", type=int, help="epochs without validation improvement before stopping" + default("patience"))
     add("--noise-std", type=float, help="std of the Gaussian training noise, normalised units" + default("noise_std"))
     add("--seed", type=int, help="random seed (training is deterministic given the seed)" + default("seed"))
-    add("--threads", type=int, help="torch threads, 0 = torch's default" + default("threads", "; the recipe: 1"))
+    add("--threads", type=int, help="torch threads, 0 = one per core" + default("threads"))
     add(
         "--threshold-method",
         choices=["quantile", "mean_std", "pot"],
@@ -134,7 +137,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     _baseline_flags(train, ("model", "none; required with --baseline sensor"))
     flags = {action.dest for action in train._actions} | {"version", "threshold"}
-    yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
+    yaml_only = ", ".join(
+        f"{key} {value}" + (f" (beats: {BEAT_DEFAULTS[key]})" if key in BEAT_DEFAULTS else "")
+        for key, value in defaults.items()
+        if key not in flags
+    )
     train.epilog = f"Keys of the YAML config without a flag, and their defaults: {yaml_only}."
 
 
@@ -148,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the daemon in the foreground",
-        description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model.",
+        description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model. A bad config or model is "
+        "one line and exit 2; an unreachable broker is not: the daemon logs it and retries with backoff until the "
+        "broker answers (it queues alerts meanwhile), as a service should.",
     )
     run.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/monitor.yaml)")
 
@@ -174,42 +183,67 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch threads, 0 = one per core (default 1)")
 
     replay = commands.add_parser(
         "replay",
         help="publish a recorded stream to the broker as sensors would",
-        description="Publish a UCR file (beats dealt to N sensors) or a continuous recording.",
+        description="Publish a UCR file (beats dealt to N sensors) or a continuous recording. An unreachable broker "
+        "is one line and exit 2.",
     )
     replay.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and topics)")
     replay.add_argument("--data", required=True, type=Path, help="UCR text file, or .npy/.csv continuous recording")
     replay.add_argument("--sensors", type=int, default=20, help="number of simulated sensors (default 20)")
     replay.add_argument("--chunk", type=int, default=35, help="samples per message (default 35)")
-    replay.add_argument("--sample-rate-hz", type=float, default=250.0, help="each sensor's sample rate (default 250)")
+    replay.add_argument(
+        "--sample-rate-hz",
+        type=float,
+        help="the recording's sample rate, sent with every message; one the config's windowing.sample_rate_hz "
+        "differs from is refused (default: windowing.sample_rate_hz, else 250)",
+    )
     replay.add_argument("--speed", type=_speed, default=1.0, help="realtime (default), a factor such as 10, or max")
     replay.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="publish QoS (default 1)")
-    replay.add_argument("--labels-out", type=Path, help="write the label of every replayed window here (JSON lines)")
+    replay.add_argument(
+        "--annotations",
+        type=Path,
+        help="the recording's beat annotations (sample,symbol CSV, WFDB codes): with --labels-out, `monitor watch "
+        "--labels` scores the alerts by beat (default: none)",
+    )
+    replay.add_argument(
+        "--labels-out",
+        type=Path,
+        help="write the ground truth here (JSON lines): the label of every UCR window, or with --annotations every "
+        "annotated beat (default: none)",
+    )
 
     watch = commands.add_parser(
         "watch",
         help="print alerts as they arrive; with --labels, precision and recall at the end",
         description="Subscribe to the alert topic and print each alert. "
         "With --labels (from `monitor replay --labels-out`) "
-        "it stops once every labelled window is scored and alerts went quiet, and prints a summary.",
+        "it stops once every labelled window is scored and alerts went quiet, and prints a summary. An unreachable "
+        "broker is one line and exit 2.",
     )
     watch.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and alert topic)")
     watch.add_argument("--labels", type=Path, help="labels of the replayed windows (JSON lines)")
     watch.add_argument("--metrics-url", help="the daemon's /metrics URL, for its counts and latency in the summary")
     watch.add_argument(
-        "--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored"
+        "--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored (default 3)"
     )
     watch.add_argument("--quiet", action="store_true", help="print only the summary")
 
     check = commands.add_parser(
         "check-config",
         help="validate a config file; one line per problem",
-        description="Validate a daemon config exactly as `monitor run` does, model included.",
+        description="Validate a daemon config exactly as `monitor run` does, model included. The broker is not "
+        "contacted unless --connect asks for it.",
     )
     check.add_argument("file", type=Path, help="YAML config file")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also connect to the broker with the configured protocol, credentials and TLS, once (default: not)",
+    )
     return parser
 
 
@@ -222,13 +256,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The settings `monitor train` runs with: the YAML config's keys, each flag given overriding its key, and the
+    defaults of the mode (`BeatTrainSettings` with --segmentation beats) for the rest."""
     from monitor.config.loading import read_yaml, validate
-    from monitor.telemetry.log import configure_logging
-    from monitor.training.beat_trainer import BeatTrainSettings, train_beats
-    from monitor.training.trainer import TrainSettings, refuse_overwrite, train
+    from monitor.training.beat_trainer import BeatTrainSettings
+    from monitor.training.settings import TrainSettings
 
-    configure_logging("info", "auto")
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
     beats = (args.segmentation or data.get("segmentation")) == "beats"
     flags = {
@@ -270,6 +304,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if data.pop("segmentation", "fixed") != "fixed" or any(key in data for key in beat_keys):
             raise MonitorError(f"{source}: sample_rate, annotations and normal_symbols belong to --segmentation beats")
         settings = validate(TrainSettings, data, source)
+    return settings
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from monitor.telemetry.log import configure_logging
+    from monitor.training.beat_trainer import BeatTrainSettings, train_beats
+    from monitor.training.trainer import refuse_overwrite, train
+
+    configure_logging("info", "auto")
+    settings = train_settings(args)
     if not args.force:
         refuse_overwrite(settings.output)
     beat_evaluation = None
@@ -301,11 +345,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from monitor.ecg.beats import beat_spec
     from monitor.model.artifact import load_artifact
-    from monitor.model.engine import resolve_device
+    from monitor.model.engine import resolve_device, use_threads
     from monitor.model.scoring import Scorer
     from monitor.training.datasets import read_ucr, require_window
     from monitor.training.evaluation import evaluate_scores, format_evaluation
 
+    if args.threads < 0:
+        raise MonitorError("--threads must be >= 0")
+    use_threads(args.threads)
     device = resolve_device(args.device)
     artifact = load_artifact(args.model, device)
     spec = beat_spec(artifact.metadata, args.model)
@@ -335,7 +382,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scorer: BatchScorer) -> int:
     from monitor.model.baseline import resolve_baseline, trained_baseline
-    from monitor.training.datasets import read_labelled_recording
+    from monitor.training.datasets import input_channel_names, read_labelled_recording
     from monitor.training.evaluation import format_evaluation
     from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
 
@@ -348,8 +395,9 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
     warm_up = resolve_baseline(trained_baseline(artifact.metadata), args.baseline, args.baseline_windows, "--baseline")
     stride = args.stride or artifact.window
     scored = []
+    names = input_channel_names(artifact.metadata)
     for data, labels in zip(args.data, args.labels, strict=True):
-        recording = read_labelled_recording(data, labels)
+        recording = read_labelled_recording(data, labels, names)
         if recording.samples.shape[1] != artifact.channels:
             raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
         scored.append(score_recording(scorer, recording, artifact.window, stride, warm_up))
@@ -391,13 +439,16 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
 def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: Any, header: dict[str, Any]) -> int:
     from monitor.training.beat_data import pair_files
     from monitor.training.beat_trainer import evaluate_beats, format_beat_evaluation
+    from monitor.training.datasets import input_channel_names
 
     if not args.annotations:
         raise MonitorError(f"{args.model}: a beat-mode model; evaluation needs --annotations, one file per recording")
     fs = args.sample_rate or artifact.metadata["segmentation"].get("trained_at_sample_rate_hz")
     if not fs or fs <= 0:
         raise MonitorError("--sample-rate: give the recordings' sampling rate in Hz")
-    result, _ = evaluate_beats(scorer, artifact.threshold, pair_files(args.data, args.annotations), float(fs), spec)
+    files = pair_files(args.data, args.annotations)
+    lead = input_channel_names(artifact.metadata)
+    result, _ = evaluate_beats(scorer, artifact.threshold, files, float(fs), spec, lead)
     if args.json:
         print(json.dumps({**header, "data": [str(path) for path in args.data], **result.to_dict()}))
     else:
@@ -409,22 +460,30 @@ def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: 
 def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.config.schema import load_config
     from monitor.telemetry.log import configure_logging
-    from monitor.tools.replay import Replayer, load_plan, write_labels
+    from monitor.tools.replay import Replayer, load_plan, model_channel_names, write_labels
 
     config = load_config(args.config, check_model=False)
     configure_logging(config.logging.level, config.logging.format)
-    if args.chunk < 1 or args.sample_rate_hz <= 0:
+    expected = config.windowing.sample_rate_hz
+    rate = args.sample_rate_hz or expected or 250.0
+    if args.chunk < 1 or rate <= 0:
         raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
-    plan = load_plan(args.data, args.sensors)
+    if expected is not None and rate != expected:
+        raise MonitorError(
+            f"--sample-rate-hz {rate:g}: the daemon's windowing.sample_rate_hz is {expected:g} "
+            f"(from {config.origin('windowing.sample_rate_hz')}); replay at the rate the daemon expects, or configure "
+            "the daemon for this recording's rate"
+        )
+    plan = load_plan(args.data, args.sensors, args.annotations, model_channel_names(config.model.path))
     if args.labels_out:
-        write_labels(plan, args.labels_out)
+        write_labels(plan, args.labels_out, rate)
     replayer = Replayer(config.mqtt, config.mqtt.subscribe[0], config.mqtt.sensor_id_level, args.qos)
     replayer.connect()
     try:
-        count = replayer.publish(plan, args.chunk, args.sample_rate_hz, args.speed)
+        count = replayer.publish(plan, args.chunk, rate, args.speed)
     finally:
         replayer.close()
-    print(f"published {count} messages from {len(plan.sensor_ids)} sensors")
+    print(f"published {count} messages from {len(plan.sensor_ids)} sensors at {rate:g} Hz")
     return 0
 
 
@@ -456,9 +515,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except MonitorError as error:  # already named: model.shadow_path
         raise type(error)(f"{args.file}: {error}") from None
     warm_up_windows(live, config.windowing, str(args.file))
-    check_mode(config.windowing, live, config.model.path)
+    check_mode(config.windowing, live, config.model.path, config.origin)
     config.mqtt.resolve_password()
-    print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
+    broker = f"{config.mqtt.host}:{config.mqtt.port}"
+    if args.connect:
+        from monitor.mqtt.client import check_broker
+
+        check_broker(config.mqtt)
+        reached = f"broker {broker} connected to and accepted the client"
+    else:
+        reached = f"broker {broker} not contacted (--connect tries it)"
+    mode = "beats" if live.segmentation is not None else f"{live.window}-sample windows"
+    print(
+        f"{args.file}: ok: keys, values and MONITOR_ variables valid; model {config.model.path} loaded ({mode}, "
+        f"matches windowing.mode); {reached}"
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The alert stage: decide (score above the threshold), build the payload (contract section 4), publish, count, log.
+"""The alert stage: decide (score above the threshold), build the payload (README, "Alerts"), publish, count, log.
 
 `AlertSink.handle` takes one scored window. It publishes through a `Publisher`, which either queues the
 message or raises `PublishRefused` with one of `DROP_REASONS`; any other exception counts as
@@ -114,7 +114,11 @@ class AlertSink:
         settings: AlertSettings,
         metrics: Metrics,
         observers: Sequence[DecisionObserver] = (),
+        instance: str | None = None,
     ) -> None:
+        """`instance` (the daemon's MQTT client id) goes into every alert, so that a subscriber can tell the alerts
+        of several instances apart (`monitor watch` counts duplicates by it)."""
+        self.instance = instance
         self.publisher = publisher
         self.topic_template = topic_template
         self.qos = qos
@@ -156,6 +160,8 @@ class AlertSink:
             baseline=engine.baseline[0],
             beat=window if isinstance(window, BeatWindow) else None,
         )
+        if self.instance is not None:
+            alert["instance"] = self.instance
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason
         try:

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 
 from monitor.alerts.episodes import EpisodePolicy
 from monitor.config.loading import (
@@ -24,6 +24,7 @@ from monitor.config.loading import (
     environment_overrides,
     read_yaml,
     source_of,
+    unknown_variables,
     validate,
 )
 from monitor.errors import ConfigError
@@ -432,6 +433,12 @@ class Config(Strict):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     partitions: PartitionSettings | None = None
+    # where the values came from: the file's name and the `MONITOR_` variables by key path (`load_config` sets it)
+    _sources: tuple[str, dict[tuple[str, ...], str]] = PrivateAttr(default=("config", {}))
+
+    def origin(self, key: str) -> str:
+        """Where `key` (`model.path`) came from: the `MONITOR_` variable that set it, else the file."""
+        return source_of(tuple(key.split(".")), *self._sources)
 
     @model_validator(mode="after")
     def _subscribe_to_partitions(self) -> Config:
@@ -473,7 +480,7 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None, 
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     names = environment_names(environ)
     data = deep_merge(data, environment_overrides(environ))
-    problems = removed_and_conflicting(data, source)
+    problems = unknown_variables(environ, list(Config.model_fields)) + removed_and_conflicting(data, source)
     config = None
     try:
         config = validate(Config, {key: value for key, value in data.items() if key != "shard"}, source, names)
@@ -489,6 +496,7 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None, 
     if problems:
         raise ConfigError("\n".join(problems))
     assert config is not None and model_path is not None  # a valid config always has a model path
+    config._sources = (source, names)
     config.model.path = model_path
     if path is not None and config.model.shadow_path is not None:
         config.model.shadow_path = _beside(config.model.shadow_path, path)

@@ -1,7 +1,8 @@
 """Sensor payloads: bytes -> validated samples, or a `PayloadError` whose reason is one of `REJECT_REASONS`.
 
 The payload is a UTF-8 JSON object (contract section 3):
-`{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
+`{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>, "sample_rate_hz": <optional>}`; other
+keys are ignored. `sample_rate_hz` is not checked here: the input stage compares it with the configured rate.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
 invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,
 bad_samples (content), wrong_channels, non_finite, value_out_of_range, bad_seq, bad_ts.
@@ -52,6 +53,7 @@ class Message:
     samples: np.ndarray  # [n, C] float32, finite, read-only, 1 <= n <= max_samples
     seq: int | None  # index of samples[0] in the sensor's stream, 0 <= seq < 2**53
     ts: float | None  # Unix seconds of samples[0], finite, >= 0
+    sample_rate_hz: float | None = None  # the rate the sensor says it samples at; NaN when given but not a number
 
 
 class PayloadDecoder:
@@ -92,7 +94,8 @@ class PayloadDecoder:
         if "samples" not in document:
             raise PayloadError("missing_samples")
         samples = self._samples(document["samples"], payload)
-        return Message(samples=samples, seq=_seq(document.get("seq")), ts=_ts(document.get("ts")))
+        seq, ts = _seq(document.get("seq")), _ts(document.get("ts"))
+        return Message(samples=samples, seq=seq, ts=ts, sample_rate_hz=_rate(document.get("sample_rate_hz")))
 
     def _samples(self, raw: object, payload: bytes) -> np.ndarray:
         if type(raw) is not list or not raw:
@@ -155,6 +158,13 @@ def _ts(raw: object) -> float | None:
     if not math.isfinite(ts) or ts < 0:
         raise PayloadError("bad_ts", repr(raw)[:40])
     return ts
+
+
+def _rate(raw: object) -> float | None:
+    """`null` counts as absent; anything else that is not a number is NaN, which matches no configured rate."""
+    if raw is None:
+        return None
+    return float(raw) if type(raw) is int or type(raw) is float else math.nan
 
 
 def sensor_id_from_topic(topic: str, level: int, pattern: re.Pattern[str] | None = None) -> str:

@@ -22,13 +22,14 @@ from monitor.ingest.acks import PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult, BeatWindow
 from monitor.ingest.journal import Journal, Replayed, encode_windows
-from monitor.ingest.payload import PayloadDecoder, sensor_id_from_topic
+from monitor.ingest.payload import Message, PayloadDecoder, sensor_id_from_topic
 from monitor.ingest.windowing import FeedResult, Window, WindowAssembler
 from monitor.model.baseline import SensorBaselines
 from monitor.telemetry.log import RateLimiter
 from monitor.telemetry.metrics import Metrics
 
 log = structlog.get_logger("monitor.ingest")
+RATE_TOLERANCE = 0.005  # a message's sample_rate_hz within 0.5 % of the configured rate is the same rate
 
 
 class Ingest:
@@ -46,10 +47,13 @@ class Ingest:
         pending: PendingWindows | None = None,
         journal: Journal | None = None,
         baselines: SensorBaselines | None = None,
+        sample_rate_hz: float | None = None,
     ) -> None:
         """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
-        optional: without them a crash loses the windows in memory, see RELIABILITY.md)."""
+        optional: without them a crash loses the windows in memory, see RELIABILITY.md); with `sample_rate_hz`
+        (`windowing.sample_rate_hz`) a message that gives another rate is dropped as `wrong_sample_rate`."""
         self.decoder = decoder
+        self.sample_rate_hz = sample_rate_hz
         self.assembler = assembler
         self.windows = windows
         self.metrics = metrics
@@ -76,6 +80,7 @@ class Ingest:
         try:
             sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
             message = self.decoder.decode(payload)
+            self._check_rate(message)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
                 result: FeedResult | BeatFeedResult = self.assembler.feed(sensor_id, message, now, redelivered)
                 windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
@@ -131,6 +136,15 @@ class Ingest:
                 self.metrics.windows_dropped.labels("queue_full").inc()
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+
+    def _check_rate(self, message: Message) -> None:
+        """A stream sampled at another rate than the configured one would be cut and scored wrongly (beats too long
+        or too short), without a sign: refused instead, counted and logged."""
+        given, expected = message.sample_rate_hz, self.sample_rate_hz
+        if given is None or expected is None:
+            return
+        if not abs(given - expected) <= RATE_TOLERANCE * expected:  # NaN too
+            raise PayloadError("wrong_sample_rate", f"{given:g} Hz, windowing.sample_rate_hz is {expected:g}")
 
     def _decided(self, window: Window | BeatWindow) -> None:
         if self.pending is not None:

@@ -156,7 +156,7 @@ class Daemon:
 
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
-        check_mode(self.config.windowing, self.engine, self.config.model.path)
+        check_mode(self.config.windowing, self.engine, self.config.model.path, self.config.origin)
         self.warm_up = warm_up_windows(self.engine, self.config.windowing, str(self.config_path or "config"))
         log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
         self.shadow = load_shadow_engine(self.config.model, self.engine, self.load_engine)
@@ -221,6 +221,7 @@ class Daemon:
             self.pending,
             self.journal,
             baselines,
+            sample_rate_hz=windowing.sample_rate_hz,
         )
         self.ingest.watch_gauges()
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
@@ -301,7 +302,15 @@ class Daemon:
         mqtt = config.mqtt
         shadow = None if self.shadow is None else ShadowComparison(self.shadow, self.metrics)
         observers = [stage for stage in (self.episodes, self.drift, shadow) if stage is not None]
-        return AlertSink(self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers)
+        return AlertSink(
+            self.connection,
+            mqtt.alert_topic,
+            mqtt.alert_qos,
+            config.alerts,
+            self.metrics,
+            observers,
+            instance=config.instance_name,
+        )
 
     def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
         """The drift stage for this engine, or None when off or when the artifact records no calibration scores."""
@@ -422,7 +431,7 @@ class Daemon:
         try:
             config = load_config(self.config_path) if self.config_path else self.config
             engine = self.load_engine(config.model)
-            check_mode(self.started_config.windowing, engine, config.model.path)
+            check_mode(self.started_config.windowing, engine, config.model.path, config.origin)
             if engine.segmentation != self.engine.segmentation:
                 raise ConfigError("the new model cuts beats differently from the running one: restart the daemon")
             if (engine.window, engine.channels) != (self.engine.window, self.engine.channels):

@@ -1,4 +1,4 @@
-"""Training and evaluation in beat mode (contract section 8): recordings in, one window per detected beat.
+"""Training and evaluation in beat mode: recordings in, one window per detected beat.
 
 `monitor train --segmentation beats` cuts every recording with the daemon's own code path (`beats.BeatStream`),
 keeps the scorable beats (with annotations: only those matched to a normal symbol), splits each recording's
@@ -10,6 +10,7 @@ them the same way (and refuse a model of the other mode).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -24,10 +25,17 @@ from monitor.errors import DataError
 from monitor.model.artifact import ModelArtifact, Normalisation, save_artifact
 from monitor.model.calibration import calibrate, threshold_uncertainty
 from monitor.model.scoring import BatchScorer
-from monitor.training.beat_data import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
-from monitor.training.datasets import WindowSet
+from monitor.training.beat_data import (
+    DEFAULT_NORMAL_SYMBOLS,
+    SCORED_CLASSES,
+    LabelledBeats,
+    load_labelled,
+    pair_files,
+)
+from monitor.training.datasets import INPUT_CHANNEL_NAMES, WindowSet, same_channel_names
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.trainer import TrainingResult, TrainSettings, fit_model
+from monitor.training.settings import BEAT_DEFAULTS
+from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, warn_small_calibration
 from monitor.training.trainer import _metadata as training_metadata  # the fixed-mode record, extended below
 
 log = structlog.get_logger("monitor.beattraining")
@@ -78,8 +86,10 @@ class BeatTrainSettings(TrainSettings):
     sample_rate: float = Field(gt=0)
     normal_symbols: list[str] = Field(default_factory=lambda: list(DEFAULT_NORMAL_SYMBOLS), min_length=1)
     beats: BeatSettings = Field(default_factory=BeatSettings)
-    embedding_dim: int = Field(default=32, ge=1, le=1024)
-    batch_size: int = Field(default=32, ge=1)
+    epochs: int = Field(default=BEAT_DEFAULTS["epochs"], ge=1)
+    batch_size: int = Field(default=BEAT_DEFAULTS["batch_size"], ge=1)
+    patience: int = Field(default=BEAT_DEFAULTS["patience"], ge=1)
+    lr_patience: int = Field(default=BEAT_DEFAULTS["lr_patience"], ge=1)
 
     @property
     def from_recordings(self) -> bool:
@@ -179,15 +189,14 @@ def split_training_beats(
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
     """Cut, split, train, calibrate, evaluate (with evaluation recordings) and write the artifact."""
-    import torch
-
+    from monitor.model.engine import use_threads
     from monitor.model.scoring import Scorer
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    use_threads(settings.threads)
     spec = settings.beats.spec()
     started = time.perf_counter()
     labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
+    lead = same_channel_names([(recording.source, recording.channel_names) for recording, _ in labelled])
     beats = split_training_beats(
         labelled, settings.normal_symbols, settings.validation_fraction, settings.calibration_fraction
     )
@@ -211,12 +220,15 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     calibration_errors = scorer.score_all(calibration_windows).errors / spec.error_scale(beats.calibration_stretch)
     calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
     uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    warn_small_calibration(calibration, uncertainty, "beats")
     evaluation, evaluation_data = None, None
     if settings.evaluate_data:
         files = pair_files(settings.evaluate_data, settings.evaluate_annotations)
         if settings.evaluate_annotations is None:
             raise DataError("evaluate_data in beat mode needs evaluate_annotations, one file per recording")
-        evaluation, evaluation_data = evaluate_beats(scorer, calibration.threshold, files, settings.sample_rate, spec)
+        evaluation, evaluation_data = evaluate_beats(
+            scorer, calibration.threshold, files, settings.sample_rate, spec, lead
+        )
     sources = [str(path) for path in settings.train_data]
     split = {
         "validation": f"{n_val} beats: the {settings.validation_fraction:.0%} before each recording's calibration part",
@@ -228,6 +240,8 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
         train_losses, val_losses, best_epoch, seconds,
     )  # fmt: skip
     metadata["segmentation"] = {**spec.to_dict(), "trained_at_sample_rate_hz": settings.sample_rate}
+    if lead is not None:
+        metadata["architecture"][INPUT_CHANNEL_NAMES] = list(lead)
     metadata["training"].update(
         data=sources,
         data_sha256=[recording.sha256 for recording, _ in labelled],
@@ -256,13 +270,19 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
 
 
 def evaluate_beats(
-    scorer: BatchScorer, threshold: float, files: list[tuple[Path, Path | None]], fs: float, spec: BeatSpec
+    scorer: BatchScorer,
+    threshold: float,
+    files: list[tuple[Path, Path | None]],
+    fs: float,
+    spec: BeatSpec,
+    lead: Sequence[str] | None = None,
 ) -> tuple[BeatEvaluation, WindowSet]:
-    """Detector figures and beat-level figures of recordings with annotations, pooled.
+    """Detector figures and beat-level figures of recordings with annotations, pooled; a CSV recording's header must
+    name the model's `lead` when it recorded one.
 
     Returns the figures and the scored beats as a labelled WindowSet (label 1 normal, 0 anomalous).
     """
-    labelled = load_labelled(files, fs, spec, "cutting beats")
+    labelled = load_labelled(files, fs, spec, "cutting beats", lead)
     detected = missed = extra = found = 0
     windows, classes, scorable, stretches = [], [], [], []
     for recording, beats in labelled:
@@ -279,7 +299,7 @@ def evaluate_beats(
         raise DataError("no beats found in the evaluation recordings")
     all_classes = np.concatenate(classes)
     all_scorable = np.concatenate(scorable)
-    labelled_mask = np.isin(all_classes, ["N", "S", "V", "F"])
+    labelled_mask = np.isin(all_classes, SCORED_CLASSES)
     use = labelled_mask & all_scorable
     scored_windows = np.concatenate(windows)[use]
     scored_classes = all_classes[use]
@@ -287,7 +307,7 @@ def evaluate_beats(
     anomalous = scored_classes != "N"
     result = evaluate_scores(scores, anomalous, threshold)
     flagged = scores > threshold
-    names = ("N", "S", "V", "F")
+    names = SCORED_CLASSES
     beat_eval = BeatEvaluation(
         detector_sensitivity=detected / max(1, detected + missed),
         detector_ppv=detected / max(1, detected + extra),

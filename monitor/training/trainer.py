@@ -36,8 +36,16 @@ from monitor.model.calibration import (
     calibrate,
     threshold_uncertainty,
 )
+from monitor.model.engine import use_threads
 from monitor.model.scoring import Scorer
-from monitor.training.datasets import WindowSet, read_labelled_recording, read_windows, require_window
+from monitor.training.datasets import (
+    INPUT_CHANNEL_NAMES,
+    WindowSet,
+    read_labelled_recording,
+    read_windows,
+    require_window,
+    same_channel_names,
+)
 from monitor.training.evaluation import Evaluation, evaluate_scores
 from monitor.training.recordings import recording_windows
 from monitor.training.settings import TrainSettings
@@ -66,8 +74,8 @@ class TrainingResult:
     calibration_windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def _read(path: Path, settings: TrainSettings) -> WindowSet:
-    return read_windows(path, settings.window, settings.stride)
+def _read(path: Path, settings: TrainSettings, channel_names: tuple[str, ...] | None = None) -> WindowSet:
+    return read_windows(path, settings.window, settings.stride, channel_names)
 
 
 def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -83,8 +91,10 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     labels: list[Path | None] = [*settings.train_labels] if settings.train_labels else [None] * len(settings.train_data)
     parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     described: list[dict[str, Any]] = []
+    named: list[tuple[str, tuple[str, ...] | None]] = []
     for path, label_path in zip(settings.train_data, labels, strict=True):
         recording = read_labelled_recording(path, label_path)
+        named.append((recording.source, recording.channel_names))
         windows, _ = recording_windows(recording, settings.window, stride, settings.baseline_windows)
         n = len(windows)
         keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
@@ -115,7 +125,7 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
         "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
-    return WindowSet(fit, None, sources, digest), validation, calibration, split
+    return WindowSet(fit, None, sources, digest, same_channel_names(named)), validation, calibration, split
 
 
 def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -128,7 +138,7 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
         return split_recordings(settings)
     train = _read(settings.train_data[0], settings).normal(settings.normal_label)
     if settings.calibration_data is not None:
-        held_out = _read(settings.calibration_data, settings).normal(settings.normal_label)
+        held_out = _read(settings.calibration_data, settings, train.channel_names).normal(settings.normal_label)
         require_window(held_out, train.window, train.channels)
         split = {
             "validation": "calibration file",
@@ -144,7 +154,7 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
             f"{train.source}: {len(order)} normal windows are too few to split train/validation/calibration"
         )
     val_idx, cal_idx, fit_idx = order[:n_val], order[n_val : n_val + n_cal], order[n_val + n_cal :]
-    fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256)
+    fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256, train.channel_names)
     split = {
         "validation": f"{n_val} windows split off the training data",
         "calibration": f"{n_cal} windows split off (seed {settings.seed})",
@@ -211,10 +221,21 @@ def fit_model(
     return model.eval(), train_losses, val_losses, best_epoch
 
 
+def warn_small_calibration(calibration: Calibration, uncertainty: ThresholdUncertainty, unit: str) -> None:
+    """Below `SMALL_CALIBRATION` calibration windows (or beats) the threshold's false-alarm rate is uncertain: say
+    how much, in both modes."""
+    if calibration.n_windows < SMALL_CALIBRATION:
+        log.warning(
+            "calibration_set_small",
+            **{unit: calibration.n_windows},
+            below=SMALL_CALIBRATION,
+            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
+        )
+
+
 def train(settings: TrainSettings) -> TrainingResult:
     """Train, calibrate, evaluate (when labelled data is given) and write the artifact directory."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    use_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split = split_normal(settings)
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
@@ -237,16 +258,10 @@ def train(settings: TrainSettings) -> TrainingResult:
     calibration_errors = scorer.score_all(calibration_windows).errors
     calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
     uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
-    if calibration.n_windows < SMALL_CALIBRATION:
-        log.warning(
-            "calibration_set_small",
-            windows=calibration.n_windows,
-            below=SMALL_CALIBRATION,
-            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
-        )
+    warn_small_calibration(calibration, uncertainty, "windows")
     evaluation, evaluation_data = None, None
     if settings.evaluate_data is not None:
-        evaluation_data = read_windows(settings.evaluate_data, settings.window, settings.stride)
+        evaluation_data = _read(settings.evaluate_data, settings, fit.channel_names)
         require_window(evaluation_data, fit.window, fit.channels)
         scores = scorer.score_all(evaluation_data.windows).errors
         evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
@@ -336,6 +351,7 @@ def _metadata(
             "window": fit.window,
             "channels": fit.channels,
             "embedding_dim": settings.embedding_dim,
+            **({} if fit.channel_names is None else {INPUT_CHANNEL_NAMES: list(fit.channel_names)}),
         },
         "normalisation": normalisation.to_dict(),
         "baseline": describe_baseline(settings.baseline_windows) if settings.baseline_windows else {"type": "model"},

@@ -31,14 +31,14 @@ def config_file(tmp_path):
 def test_an_override_error_is_blamed_on_its_variable_not_the_file(config_file):
     path = config_file(f"model:\n  path: {DEFAULT_MODEL}\nmqtt:\n  port: 1883\n")
     assert problems(path, {"MONITOR_MQTT__PORT": "99999"}) == [
-        "environment variable MONITOR_MQTT__PORT: mqtt.port: Input should be less than or equal to 65535 (got 99999)"
+        "environment variable MONITOR_MQTT__PORT: mqtt.port: must be less than or equal to 65535 (got 99999)"
     ]
 
 
 def test_a_file_error_is_blamed_on_the_file_next_to_a_valid_override(config_file):
     path = config_file(f"model:\n  path: {DEFAULT_MODEL}\nbatching:\n  max_batch: 0\n")
     assert problems(path, {"MONITOR_MQTT__PORT": "1884"}) == [
-        f"{path}: batching.max_batch: Input should be greater than or equal to 1 (got 0)"
+        f"{path}: batching.max_batch: must be greater than or equal to 1 (got 0)"
     ]
 
 
@@ -48,7 +48,7 @@ def test_field_errors_and_a_missing_model_are_reported_in_one_run(config_file, t
     assert problems(path, {"MONITOR_LOGGING__LEVEL": "loud"}) == [
         f"{path}: mqtt.prot: unknown key (misspelt?)",
         "environment variable MONITOR_LOGGING__LEVEL: logging.level: "
-        "Input should be 'debug', 'info', 'warning' or 'error' (got 'loud')",
+        "must be 'debug', 'info', 'warning' or 'error' (got 'loud')",
         f"{path}: model.path: '{missing}': no such model directory",
     ]
 
