@@ -35,8 +35,7 @@ from monitor.training.beat_data import (
 from monitor.training.datasets import INPUT_CHANNEL_NAMES, WindowSet, same_channel_names
 from monitor.training.evaluation import Evaluation, evaluate_scores
 from monitor.training.settings import BEAT_DEFAULTS
-from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, warn_small_calibration
-from monitor.training.trainer import _metadata as training_metadata  # the fixed-mode record, extended below
+from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record, warn_small_calibration
 
 log = structlog.get_logger("monitor.beattraining")
 
@@ -235,7 +234,7 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
         "calibration": f"{n_cal} beats: the last {settings.calibration_fraction:.0%} of each recording's beats",
     }
     fit_set = WindowSet(fit, None, ", ".join(sources), "")
-    metadata = training_metadata(
+    metadata = model_record(
         settings, fit_set, normalisation, calibration, uncertainty, split, None, None,
         train_losses, val_losses, best_epoch, seconds,
     )  # fmt: skip

@@ -12,6 +12,7 @@ import pytest
 from monitor.cli import main
 from monitor.config.schema import load_config
 from monitor.errors import ConfigError
+from monitor.model.artifact import artifact_problem
 from tests.support import DEFAULT_MODEL, REPO, free_port, run_cli
 
 BEAT_MODEL = REPO / "models" / "mitdb-beats"
@@ -19,7 +20,7 @@ BEAT_MODEL = REPO / "models" / "mitdb-beats"
 
 def problems(path, environ=None) -> list[str]:
     with pytest.raises(ConfigError) as error:
-        load_config(path, environ=environ or {})
+        load_config(path, environ=environ or {}, check_model=artifact_problem)
     return str(error.value).splitlines()
 
 
@@ -87,7 +88,7 @@ def test_a_broken_model_is_blamed_on_model_path_by_check_config(config_file, tmp
 def test_replay_and_watch_do_not_need_the_model(config_file, tmp_path):
     # They only talk to the broker: a machine without the model can still replay data or watch alerts.
     path = config_file(f"model:\n  path: {tmp_path / 'absent'}\n")
-    assert load_config(path, environ={}, check_model=False).model.path == tmp_path / "absent"
+    assert load_config(path, environ={}).model.path == tmp_path / "absent"
 
 
 def test_a_check_across_keys_names_the_key_in_words_and_every_source(config_file):
