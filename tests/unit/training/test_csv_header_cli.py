@@ -45,7 +45,9 @@ def test_header_names_recorded_by_train_and_checked_by_evaluate(tmp_path, capsys
         assert read_metadata(model)["name"] == "pumps"
         capsys.readouterr()
         evaluate = ["evaluate", "--model", str(model), "--labels", str(tmp_path / "labels.txt"), "--json", "--data"]
+        torch.set_num_threads(2)
         assert main([*evaluate, str(tmp_path / "test.csv")]) == 0
+        assert torch.get_num_threads() == 1  # evaluate's default, as train's
         assert main([*evaluate, str(tmp_path / "other.csv")]) == 2
     finally:
         torch.set_num_threads(previous)
