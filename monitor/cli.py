@@ -1,4 +1,4 @@
-"""The `monitor` command line. A `MonitorError` is one line on stderr, exit 2."""
+"""The `monitor` command line (docs/user-guide.md). A `MonitorError` is one line on stderr, exit 2."""
 
 from __future__ import annotations
 
