@@ -24,8 +24,10 @@ from monitor.alerts.episodes import EVENT_KINDS
 from monitor.ecg.beats import UNSCORABLE_REASONS
 from monitor.ingest.payload import REJECT_REASONS
 
-MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS)
-WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
+# control: a Sparkplug B message without samples (BIRTH, DEATH, a command, a host's state)
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "control", "sensor_limit", "internal_error", *REJECT_REASONS)
+# stream_ended: partial windows of a sensor whose Sparkplug B DEATH ended its stream
+WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "stream_ended", "queue_full", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
 EPISODE_STATES = ("open", "flapping")
