@@ -318,6 +318,9 @@ class EdgeNode:
         self.seq = 0
         self._aliases: dict[tuple[str | None, str], int] = {}  # unique over the node and its devices
 
+    def _alias(self, device: str | None, name: str) -> int:
+        return self._aliases.setdefault((device, name), len(self._aliases) + 1)
+
     def topic(self, kind: str, device: str | None = None) -> str:
         return f"{NAMESPACE}/{self.group}/{kind}/{self.node}" + (f"/{device}" if device is not None else "")
 
@@ -349,8 +352,9 @@ class EdgeNode:
         payload = self._payload(timestamp_ms)
         payload.metrics.add(name="Properties/Status", timestamp=timestamp_ms, datatype=schema.STRING, string_value="ok")
         for name in channels:
-            alias = self._aliases.setdefault((device, name), len(self._aliases) + 1)
-            metric = payload.metrics.add(name=name, alias=alias, timestamp=timestamp_ms, datatype=datatype)
+            metric = payload.metrics.add(
+                name=name, alias=self._alias(device, name), timestamp=timestamp_ms, datatype=datatype
+            )
             metric.float_value = 0.0  # the current value, as births carry
         return self.topic("DBIRTH", device), payload.SerializeToString()
 
@@ -361,7 +365,7 @@ class EdgeNode:
         rows = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
         stamps = [round(first_ms + row * period_ms) for row in range(len(rows))]
         payload = self._payload(stamps[-1])
-        aliases = [self._aliases[(device, name)] for name in channels]
+        aliases = [self._alias(device, name) for name in channels]
         for stamp, row in zip(stamps, rows.tolist(), strict=True):
             for alias, value in zip(aliases, row, strict=True):
                 payload.metrics.add(alias=alias, timestamp=stamp, float_value=value)

@@ -68,7 +68,7 @@ def header(**fields: object) -> bytes:
     [
         (b"", "bad_frame"),
         (b"MF\x01\x02", "bad_frame"),
-        (header(magic=b"{\""), "bad_frame"),
+        (header(magic=b'{"'), "bad_frame"),
         (header(version=2) + b"\0" * 4, "bad_frame"),
         (header(kind=3) + b"\0" * 4, "bad_frame"),
         (header() + b"\0" * 3, "bad_frame"),

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from monitor.errors import PayloadError
+from monitor.ingest.frame import FRAME_ONLY_REASONS
 from monitor.ingest.payload import (
     MAX_SENSOR_ID_CHARS,
     MAX_SEQ,
@@ -29,7 +30,6 @@ from monitor.ingest.payload import (
     PayloadDecoder,
     sensor_id_from_topic,
 )
-from monitor.ingest.frame import FRAME_ONLY_REASONS
 from monitor.ingest.sparkplug import SPARKPLUG_ONLY_REASONS
 from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, Window, WindowAssembler
 

@@ -11,9 +11,9 @@ import orjson
 import pytest
 
 import monitor.ingest.payload as payload_module
-from monitor.ingest import frame, sparkplug
 from monitor.config.schema import MqttSettings
 from monitor.errors import PayloadError
+from monitor.ingest import frame, sparkplug
 from monitor.ingest.payload import (
     MAX_SENSOR_ID_CHARS,
     MAX_SEQ,
