@@ -117,7 +117,8 @@ def test_replayed_multichannel_recording_as_sparkplug_ddata_alerts_what_evaluate
     )
     daemon = daemon_factory(config, env=ONE_THREAD)
     alerts = capture_factory(broker.port, ["alerts/#"])
-    result = run_cli(*replay_args(config, SMD.with_name(SMD.name + "_test.npy"), 1, "--chunk", "50"))
+    recording = SMD.with_name(SMD.name + "_test.npy")
+    result = run_cli(*replay_args(config, recording, 1, "--chunk", "50", "--format", "sparkplug_b"))
     assert result.returncode == 0, result.stderr
     windows = (1500 - SMD_WINDOW) // SMD_STRIDE + 1
     wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= windows, 120, what="all scored")
