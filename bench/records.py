@@ -483,6 +483,7 @@ class Results:
     e2e: EndToEnd | None = None
     scaleout: ScaleOut | None = None
     beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode (issue 12)
+    formats_e2e: EndToEnd | None = None  # JSON and binary frames of 140 samples, fixed and beat mode
     model_table: ModelTable | None = None
 
 

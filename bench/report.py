@@ -6,7 +6,7 @@ Every figure compared against comes from bench/targets.py.
 from __future__ import annotations
 
 from bench import targets
-from bench.records import EngineRow, ModelMatmul, Results, Run, RunConfig, Stamp, Step
+from bench.records import EndToEnd, EngineRow, ModelMatmul, Results, Run, RunConfig, Stamp, Step
 
 FP32 = ("torch", "onnx")  # what the daemon can run (model.backend); torch-shards is a bench-only variant
 BACKEND_ORDER = ("torch", "torch-shards", "onnx", "onnx-int8")
@@ -37,6 +37,7 @@ def render(results: Results) -> str:
         e2e_section,
         scaleout_section,
         beat_e2e_section,
+        formats_e2e_section,
         transport_section,
         training_section,
         model_table_section,
@@ -707,10 +708,32 @@ def beat_e2e_section(results: Results) -> list[str]:
         "is max_wait + 50 ms in fixed mode, 1 s from a beat's last sample to its decision in beat mode.",
         "",
     ]
-    for run in beat.runs:
+    return lines + runs_lines(beat)
+
+
+def runs_lines(section: EndToEnd) -> list[str]:
+    """Each run's steps and the sensors it carried."""
+    lines = []
+    for run in section.runs:
         lines += [f"### {run.config.label}", "", *table(E2E_HEADER, [step_row(step) for step in run.steps])]
         lines += [f"Sensors carried: **{run.sensors_carried}** on all criteria ({saturation(run)}).", ""]
     return lines
+
+
+def formats_e2e_section(results: Results) -> list[str]:
+    section = results.formats_e2e
+    if section is None:
+        return []
+    lines = ["## Payload formats end to end: JSON and binary frames of 140 samples", "", when(section.stamp), ""]
+    lines += [
+        f"{section.sample_rate_hz:.0f} Hz sensors sending 140 samples a message, as JSON objects or as binary frames "
+        "(float32, docs/payload-formats.md); fixed mode streams ECG5000 beats, beat mode record 116 of "
+        f"data/mitdb-dev resampled to 250 Hz (as in the beat-mode section). Each step {section.warmup_seconds:.0f} s "
+        f"of load, then {section.measure_seconds:.0f} s measured; the p99 limit is max_wait + 50 ms in fixed mode, "
+        "1 s in beat mode. The MQTT thread's CPU per message of each format is in the transport section.",
+        "",
+    ]
+    return lines + runs_lines(section)
 
 
 def transport_section(results: Results) -> list[str]:
