@@ -31,7 +31,8 @@ from monitor.ingest.payload import (
     sensor_id_from_topic,
 )
 from monitor.ingest.sparkplug import SPARKPLUG_ONLY_REASONS
-from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, Window, WindowAssembler
+from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, WindowAssembler
+from monitor.window import Window
 
 PAYLOADS_PER_EXAMPLE = 100
 EXAMPLES = 1050
