@@ -214,6 +214,20 @@ class SparkplugSettings(Strict):
     )
     rebirth_interval_seconds: float = Field(default=10.0, gt=0, description="per edge node, at most one request per")
 
+    def alert_sources(self) -> dict[str, dict[str, Any]]:
+        """Per sensor id, the `sparkplug` field of its alerts: group, edge node, device and the channels' metrics."""
+        return {
+            device.sensor: {
+                "sparkplug": {
+                    "group": device.group,
+                    "node": device.node,
+                    "device": device.device,
+                    "metrics": list(device.channels),
+                }
+            }
+            for device in self.devices
+        }
+
     @model_validator(mode="after")
     def _unique(self) -> SparkplugSettings:
         sensors = [device.sensor for device in self.devices]

@@ -302,7 +302,10 @@ class Daemon:
         mqtt = config.mqtt
         shadow = None if self.shadow is None else ShadowComparison(self.shadow, self.metrics)
         observers = [stage for stage in (self.episodes, self.drift, shadow) if stage is not None]
-        return AlertSink(self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers)
+        sources = config.input.sparkplug.alert_sources() if config.input.uses("sparkplug_b") else {}
+        return AlertSink(
+            self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers, sources
+        )
 
     def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
         """The drift stage for this engine, or None when off or when the artifact records no calibration scores."""

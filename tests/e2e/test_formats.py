@@ -126,6 +126,8 @@ def test_replayed_multichannel_recording_as_sparkplug_ddata_alerts_what_evaluate
     payloads = alerts.payloads("alerts/")
     assert {alert["window_start_seq"] for alert in payloads} == flagged and len(payloads) == len(flagged)
     assert {alert["sensor_id"] for alert in payloads} == {"lead-1"}
+    source = {"group": "plant", "node": "edge1", "device": "lead1", "metrics": channels}
+    assert all(alert["sparkplug"] == source for alert in payloads)
     samples = daemon.scrape()
     assert metric(samples, "monitor_windows_scored_total") == windows
     assert metric(samples, "monitor_messages_received_total", outcome="control") == 2  # NBIRTH, DBIRTH
