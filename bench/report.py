@@ -5,6 +5,8 @@ Every figure compared against comes from bench/targets.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bench import targets
 from bench.records import EndToEnd, EngineRow, ModelMatmul, Results, Run, RunConfig, Stamp, Step
 
@@ -696,19 +698,24 @@ def scaleout_section(results: Results) -> list[str]:
 
 
 def beat_e2e_section(results: Results) -> list[str]:
-    beat = results.beat_e2e
-    if beat is None:
+    return runs_section(
+        results.beat_e2e,
+        "## Beat mode next to fixed mode, end to end (issue 12)",
+        lambda beat: (
+            f"{beat.sample_rate_hz:.0f} Hz sensors; fixed mode streams ECG5000 beats (one 140-sample window "
+            "each), beat mode streams record 116 of data/mitdb-dev resampled to 250 Hz (about 1.3 beats/s): the daemon "
+            "finds the beats and scores one window per scorable beat, so 'offered' is the beats found minus the "
+            f"unscorable ones. Each step {beat.warmup_seconds:.0f} s of load, then {beat.measure_seconds:.0f} s measured; "
+            "the p99 limit is max_wait + 50 ms in fixed mode, 1 s from a beat's last sample to its decision in beat mode."
+        ),
+    )
+
+
+def runs_section(section: EndToEnd | None, title: str, describe: Callable[[EndToEnd], str]) -> list[str]:
+    """A section of end-to-end runs: its title, when, what it measured, and each run's steps."""
+    if section is None:
         return []
-    lines = ["## Beat mode next to fixed mode, end to end (issue 12)", "", when(beat.stamp), ""]
-    lines += [
-        f"{beat.sample_rate_hz:.0f} Hz sensors; fixed mode streams ECG5000 beats (one 140-sample window each), beat "
-        "mode streams record 116 of data/mitdb-dev resampled to 250 Hz (about 1.3 beats/s): the daemon finds the "
-        "beats and scores one window per scorable beat, so 'offered' is the beats found minus the unscorable ones. "
-        f"Each step {beat.warmup_seconds:.0f} s of load, then {beat.measure_seconds:.0f} s measured; the p99 limit "
-        "is max_wait + 50 ms in fixed mode, 1 s from a beat's last sample to its decision in beat mode.",
-        "",
-    ]
-    return lines + runs_lines(beat)
+    return [title, "", when(section.stamp), "", describe(section), "", *runs_lines(section)]
 
 
 def runs_lines(section: EndToEnd) -> list[str]:
@@ -721,19 +728,11 @@ def runs_lines(section: EndToEnd) -> list[str]:
 
 
 def formats_e2e_section(results: Results) -> list[str]:
-    section = results.formats_e2e
-    if section is None:
-        return []
-    lines = ["## Payload formats end to end: JSON and binary frames of 140 samples", "", when(section.stamp), ""]
-    lines += [
-        f"{section.sample_rate_hz:.0f} Hz sensors sending 140 samples a message, as JSON objects or as binary frames "
-        "(float32, docs/payload-formats.md); fixed mode streams ECG5000 beats, beat mode record 116 of "
-        f"data/mitdb-dev resampled to 250 Hz (as in the beat-mode section). Each step {section.warmup_seconds:.0f} s "
-        f"of load, then {section.measure_seconds:.0f} s measured; the p99 limit is max_wait + 50 ms in fixed mode, "
-        "1 s in beat mode. The MQTT thread's CPU per message of each format is in the transport section.",
-        "",
-    ]
-    return lines + runs_lines(section)
+    text = (
+        "Sensors and criteria as in the beat-mode section, with 140 samples a message, sent as JSON objects or as "
+        "binary frames (float32, docs/payload-formats.md); each format's CPU per message is in the transport section."
+    )
+    return runs_section(results.formats_e2e, "## Payload formats end to end (140 samples a message)", lambda _: text)
 
 
 def transport_section(results: Results) -> list[str]:

@@ -4,7 +4,6 @@ DEATH, a rebirth, a lost message and an unknown alias."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ from monitor.ingest.frame import encode_frame
 from monitor.ingest.sparkplug import REBIRTH_METRIC, EdgeNode
 from monitor.training.datasets import read_ucr
 from tests.e2e.test_daemon_e2e import expected_alerts, flagged_beats
-from tests.support import REPO, SPLITS, daemon_config, metric, replay_args, run_cli, wait_until
+from tests.support import REPO, SPLITS, daemon_config, metric, replay_args, run_cli, train_and_evaluate, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -76,28 +75,9 @@ def smd_model(tmp_path_factory):
     """A small 38-channel model trained on the SMD excerpt, and the windows `monitor evaluate` flags on a labelled
     test recording."""
     root = tmp_path_factory.mktemp("formats-smd")
-    trained = run_cli(
-        "train",
-        "--train-data",
-        f"{SMD}_train.npy",
-        "--window",
-        str(SMD_WINDOW),
-        "--stride",
-        str(SMD_STRIDE),
-        *("--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report"),
-        "--output",
-        str(root / "model"),
-        env=ONE_THREAD,
-    )
-    assert trained.returncode == 0, trained.stderr
-    evaluated = run_cli(
-        "evaluate",
-        *("--model", str(root / "model"), "--data", f"{SMD}_test.npy", "--labels", f"{SMD}_test_labels.npy"),
-        *("--stride", str(SMD_STRIDE), "--json"),
-        env=ONE_THREAD,
-    )
-    assert evaluated.returncode == 0, evaluated.stderr
-    flagged = set(json.loads(evaluated.stdout)["recordings"][0]["flagged_window_starts"])
+    paths = [SMD.with_name(SMD.name + suffix) for suffix in ("_train.npy", "_test.npy", "_test_labels.npy")]
+    report = train_and_evaluate(root / "model", paths[:1], paths[1:2], paths[2:], SMD_WINDOW, SMD_STRIDE)
+    flagged = set(report["recordings"][0]["flagged_window_starts"])
     assert flagged, "the test recording must have flagged windows for the comparison to mean something"
     return root / "model", flagged
 
