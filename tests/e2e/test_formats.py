@@ -61,11 +61,11 @@ def test_replayed_frames_alert_exactly_what_evaluate_flags(broker, capture_facto
     publish.single("sensors/y/ecg", encode_frame(np.zeros(4)), qos=1, hostname="127.0.0.1", port=broker.port)
     wait_until(
         lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="bad_frame") == 1,
-        10,
+        30,
         what="the truncated frame counted",
     )
     wait_until(  # a frame on a JSON topic is bad JSON (not UTF-8 here)
-        lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="invalid_utf8") == 1, 10
+        lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="invalid_utf8") == 1, 30
     )
     assert daemon.stop() == 0
 
@@ -155,8 +155,8 @@ def test_edge_node_birth_data_death_and_rebirth(broker, capture_factory, daemon_
     beats, t0 = anomalous_beats(2), 1_700_000_000_000.0
     try:
         edge.send(edge.node.ddata("lead1", ["ECG"], beats[:140], t0, 4.0))
-        wait_until(lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="no_birth") == 1, 10)
-        wait_until(lambda: commands.messages, 10, what="a rebirth request")
+        wait_until(lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="no_birth") == 1, 30)
+        wait_until(lambda: commands.messages, 30, what="a rebirth request")
         command = schema.Payload.FromString(commands.messages[0][1])
         assert commands.messages[0][0] == "spBv1.0/plant/NCMD/edge1"
         assert [(m.name, m.boolean_value) for m in command.metrics] == [(REBIRTH_METRIC, True)]
@@ -170,7 +170,7 @@ def test_edge_node_birth_data_death_and_rebirth(broker, capture_factory, daemon_
         edge.send(edge.node.ddeath("lead1", int(t0) + 840))
         alerts.wait_for(
             lambda c: any(e.get("reason") == "stream_ended" for e in c.payloads("alerts/lead-1/events")),
-            10,
+            30,
             what="the episode resolved by the DDEATH",
         )
         samples = daemon.scrape()
@@ -178,7 +178,7 @@ def test_edge_node_birth_data_death_and_rebirth(broker, capture_factory, daemon_
 
         edge.send(edge.node.dbirth("lead1", ["ECG"], int(t0) + 2000))
         edge.send(edge.node.ddata("lead1", ["ECG"], beats[140:280], t0 + 2000, 4.0))
-        wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 2, 10, what="scored again")
+        wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 2, 30, what="scored again")
     finally:
         edge.close()
     assert daemon.stop() == 0
@@ -199,15 +199,16 @@ def test_edge_node_seq_gap_and_unknown_alias(broker, daemon_factory, tmp_path):
         edge.send(edge.node.ddata("lead1", ["ECG"], beats[:100], t0, 4.0))
         edge.node.ddata("lead1", ["ECG"], beats[100:140], t0 + 400, 4.0)  # lost: never published
         edge.send(edge.node.ddata("lead1", ["ECG"], beats[140:420], t0 + 560, 4.0))
-        wait_until(lambda: metric(daemon.scrape(), "monitor_seq_gaps_total") == 1, 10, what="the gap")
-        wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 2, 10, what="2 windows")
+        wait_until(lambda: metric(daemon.scrape(), "monitor_seq_gaps_total") == 1, 30, what="the gap")
+        wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") == 2, 30, what="2 windows")
         samples = daemon.scrape()
         assert metric(samples, "monitor_windows_dropped_total", reason="seq_gap") == 1
 
         unknown = schema.Payload(seq=edge.node.seq, timestamp=int(t0) + 2000)
         unknown.metrics.add(alias=77, timestamp=int(t0) + 2000, float_value=1.0)
         edge.send((edge.node.topic("DDATA", "lead1"), unknown.SerializeToString()))
-        wait_until(lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="unknown_alias") == 1, 10)
+        wait_until(lambda: metric(daemon.scrape(), "monitor_messages_received_total", outcome="unknown_alias") == 1, 30)
+        wait_until(lambda: daemon.events("message_dropped"), 30, what="the refusal logged")
         assert daemon.events("message_dropped")[-1]["reason"] == "unknown_alias"
     finally:
         edge.close()
