@@ -109,8 +109,8 @@ SPARKPLUG_DEVICE = "{group: plant, node: edge1, device: pump1, channels: [X], sa
             "a Sparkplug id cannot contain",
         ),
         (
-            "input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{group: plant, node: edge1, sensor_id: 'pump 1', "
-            "channels: [X], sample_rate_hz: 250}]\n",
+            "input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{group: plant, node: edge1, "
+            "sensor_id: 'pump 1', channels: [X], sample_rate_hz: 250}]\n",
             "does not match mqtt.sensor_id_pattern",
         ),
     ],
