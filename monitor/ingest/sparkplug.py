@@ -2,7 +2,8 @@
 
 Topics are `spBv1.0/<group>/<type>/<edge node>[/<device>]`. `input.sparkplug.devices` maps a node (its own
 metrics, NBIRTH/NDATA/NDEATH) or one of its devices (DBIRTH/DDATA/DDEATH) to a sensor id, names the metrics that
-are its channels, in order, and gives their nominal sample rate. Messages of devices not mapped are ignored.
+are its channels, in order, and gives their nominal sample rate. Messages of devices not mapped are ignored, and
+no state is kept for a node none of whose devices is mapped (memory is bounded by the mapping).
 
 - BIRTH: defines the device's metrics; the channels' aliases are taken from it. A channel missing from it, or
   not numeric, refuses it (`bad_samples`). A BIRTH for a live device (a rebirth) keeps its stream going.
@@ -109,6 +110,7 @@ class SparkplugReader:
         if wrong:
             raise ValueError(f"sensors {wrong} do not have the model's {channels} channels")
         self.mappings = {(m.group, m.node, m.device): m for m in mappings}
+        self._mapped_nodes = {(m.group, m.node) for m in mappings}  # state is kept for these nodes only
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.max_abs_value = max_abs_value
@@ -121,8 +123,8 @@ class SparkplugReader:
     def read(self, topic: str, payload: bytes, now: float) -> SparkplugOutcome:
         """Handle one message; raises `PayloadError` for one that is refused (after any rebirth request)."""
         group, kind, node_name, device_name = _parse_topic(topic)
-        if kind is None or kind.endswith("CMD"):
-            return SparkplugOutcome()  # host STATE and commands carry no samples
+        if kind is None or kind.endswith("CMD") or (group, node_name) not in self._mapped_nodes:
+            return SparkplugOutcome()  # host STATE, commands and other nodes carry no samples of a sensor
         if len(payload) > self.max_bytes:
             raise PayloadError("too_large", f"{len(payload)} bytes > {self.max_bytes}")
         try:

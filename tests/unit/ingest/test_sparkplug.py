@@ -4,6 +4,7 @@ unknown aliases, every refusal; the stage ending a stream; and a fuzz of the rea
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -225,6 +226,18 @@ def test_other_nodes_devices_host_state_and_commands_are_control_messages() -> N
     ):
         outcome = spb.read(topic, payload, 0.0)
         assert outcome.message is None and outcome.ended == []
+    assert spb._nodes == {}  # nothing kept for a node that is not mapped
+
+
+def test_a_mapped_nodes_other_devices_count_in_its_seq() -> None:
+    """A message of an unmapped device of a mapped node still carries the node's seq: no gap after it."""
+    spb, node = reader(), EdgeNode("plant", "edge1")
+    born(spb, node)
+    assert spb.read(*node.dbirth("valve9", CHANNELS, T0), now=0.0).message is None
+    spb.read(*node.ddata("pump1", CHANNELS, rows(5), T0, PERIOD_MS), now=0.0)
+    spb.read(*node.ddata("valve9", CHANNELS, rows(5), T0, PERIOD_MS), now=0.0)
+    after = spb.read(*node.ddata("pump1", CHANNELS, rows(5, 5), T0 + 20, PERIOD_MS), now=0.0)
+    assert after.message is not None and after.message.seq == 5
 
 
 def test_the_stage_counts_a_death_and_drops_the_partial_windows() -> None:
@@ -265,12 +278,23 @@ def test_the_stage_counts_a_death_and_drops_the_partial_windows() -> None:
     assert ingest.assembler.active_sensors == 1
 
 
-@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
-@given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 12))
-def test_fuzz_reader(seed: int, steps: int) -> None:
+def test_fuzz_reader() -> None:
     """An edge node's messages, some dropped, cut, corrupted or sent on another message type's topic: each is read or
-    refused with a listed reason, never another exception; accepted samples have the model's shape."""
-    rng = random.Random(seed)
+    refused with a listed reason, never another exception; accepted samples have the model's shape. The run must
+    reach accepted data, streams ended and the Sparkplug refusals."""
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+    @given(seed=st.integers(0, 2**32 - 1), steps=st.integers(1, 12))
+    def fuzz(seed: int, steps: int) -> None:
+        fuzz_node(random.Random(seed), steps, outcomes)
+
+    fuzz()
+    for outcome in ("accepted", "ended", "no_birth", "invalid_protobuf", "bad_seq"):
+        assert outcomes[outcome] > 0, (outcome, outcomes)
+
+
+def fuzz_node(rng: random.Random, steps: int, outcomes: Counter[str]) -> None:
     spb, node = reader(rebirth=True), EdgeNode("plant", "edge1")
     spb.publish = lambda topic, payload: None
     t = float(T0)
@@ -297,7 +321,10 @@ def test_fuzz_reader(seed: int, steps: int) -> None:
             outcome = spb.read(topic, bytes(data), 0.0)
         except PayloadError as error:
             assert error.reason in REJECT_REASONS
+            outcomes[error.reason] += 1
             continue
+        outcomes["ended"] += bool(outcome.ended)
         if outcome.message is not None:
+            outcomes["accepted"] += 1
             assert outcome.message.samples.shape[1] == 2 and np.isfinite(outcome.message.samples).all()
             assert outcome.message.seq is not None and outcome.message.seq >= 0
