@@ -8,7 +8,7 @@ message or raises `PublishRefused` with one of `DROP_REASONS`; any other excepti
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -97,12 +97,16 @@ class AlertSink:
         settings: AlertSettings,
         metrics: Metrics,
         observers: Sequence[DecisionObserver] = (),
+        sources: Mapping[str, Mapping[str, Any]] | None = None,
         instance: str | None = None,
     ) -> None:
-        """`instance` (the daemon's MQTT client id) goes into every alert, so that a subscriber can tell the alerts
-        of several instances apart (`monitor watch` counts duplicates by it)."""
+        """`sources`: fields added to the alerts of some sensors, saying where their data comes from (a Sparkplug B
+        device's group, node, device and metric names). `instance` (the daemon's MQTT client id) goes into every
+        alert, so that a subscriber can tell the alerts of several instances apart (`monitor watch` counts
+        duplicates by it)."""
         self.instance = instance
         self.publisher = publisher
+        self.sources = dict(sources or {})
         self.topic_template = topic_template
         self.qos = qos
         self.settings = settings
@@ -143,6 +147,7 @@ class AlertSink:
             baseline=engine.baseline[0],
             beat=window.beat,
         )
+        alert.update(self.sources.get(window.sensor_id, {}))
         if self.instance is not None:
             alert["instance"] = self.instance
         topic = self.topic_template.format(sensor_id=window.sensor_id)

@@ -9,7 +9,7 @@ import pytest
 
 from monitor.cli import main
 from monitor.errors import DataError
-from monitor.tools.replay import load_plan, plan_ucr, write_labels
+from monitor.tools.replay import load_plan, plan_ucr, sensor_names, write_labels
 from monitor.tools.watch import AlertLog, BeatLabels, format_alert, read_labels, summary
 from monitor.training.datasets import WindowSet
 from tests.support import REPO, free_port
@@ -37,7 +37,7 @@ def test_duplicates_are_counted_by_identity_and_a_restarted_stream_is_new():
 
 def test_window_labels_round_trip_and_summary(tmp_path):
     windows = np.zeros((4, 140, 1), np.float32)
-    plan = plan_ucr(WindowSet(windows, np.array([1, 2, 1, 2]), "x", ""), sensors=2)
+    plan = plan_ucr(WindowSet(windows, np.array([1, 2, 1, 2]), "x", ""), sensor_names(2))
     write_labels(plan, tmp_path / "labels.jsonl", 250.0)
     labels = read_labels(tmp_path / "labels.jsonl")
     assert labels == {("sensor-0000", 0): 1, ("sensor-0001", 0): 2, ("sensor-0000", 140): 1, ("sensor-0001", 140): 2}
@@ -50,7 +50,7 @@ def test_window_labels_round_trip_and_summary(tmp_path):
 
 
 def test_an_annotated_recording_labels_its_beats_and_watch_scores_them_by_beat(tmp_path):
-    plan = load_plan(RECORD.with_suffix(".npy"), 2, RECORD.with_suffix(".csv"))
+    plan = load_plan(RECORD.with_suffix(".npy"), 2, annotations=RECORD.with_suffix(".csv"))
     write_labels(plan, tmp_path / "beats.jsonl", 360.0)
     labels = read_labels(tmp_path / "beats.jsonl")
     assert isinstance(labels, BeatLabels)
