@@ -146,7 +146,7 @@ SPARKPLUG_DEVICE = "{group: plant, node: edge1, device: pump1, channels: [X], sa
     [
         ("input:\n  format: sparkplug_b\n", "sparkplug_b input needs sparkplug.devices"),
         ("input:\n  formats: [{filter: 'a/+/#/b', format: frame}]\n", "'#' must be the last level"),
-        ("input:\n  format: protobuf\n", "Input should be 'json', 'frame' or 'sparkplug_b'"),
+        ("input:\n  format: protobuf\n", "must be 'json', 'frame' or 'sparkplug_b'"),
         (
             f"input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{SPARKPLUG_DEVICE}, {SPARKPLUG_DEVICE}]\n",
             "each mapped device needs its own sensor id",
