@@ -1,42 +1,27 @@
-"""In-process measurements: the matmul limit, model FLOPs, the tutorial loop, the scoring engine,
-training time per epoch, ONNX-vs-torch agreement and the model-size table."""
+"""In-process measurements: the matmul limit, model FLOPs, the tutorial loop, the scoring engine, the GIL,
+training time per epoch, ONNX-vs-torch agreement and the model-size table; each returns its record as a dict."""
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
 import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.data import REPO, read_split
-from bench.onnx_int8 import int8_scorer
-from bench.records import (
-    Accuracy,
-    Agreement,
-    DefaultModel,
-    EngineRow,
-    EpochTiming,
-    FullTraining,
-    Gil,
-    MatmulRate,
-    ModelMatmul,
-    ModelTable,
-    Rate,
-    SizeRow,
-    Stamp,
-    TorchDecisions,
-)
+from bench.harness import REPO, repo_relative
 from monitor.config.loading import read_yaml, validate
 from monitor.model.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.model.autoencoder import LSTMAutoencoder
+from monitor.model.onnx_backend import OnnxScorer, export_onnx, session_options
 from monitor.model.scoring import Scorer, ScoringGraph
 from monitor.training.evaluation import evaluate_scores
 
@@ -64,6 +49,16 @@ def flops_per_window(embedding_dim: int, window: int, channels: int) -> int:
     per_step = sum(8 * hidden * (inputs + hidden) for inputs, hidden in lstm_layers(embedding_dim, channels))
     per_step += 2 * (2 * embedding_dim) * channels
     return window * per_step
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Items per second of a timed call: median and best of the runs, and the warm-up call's duration."""
+
+    median: float
+    best: float
+    runs: list[float]
+    call_seconds: float
 
 
 def measure_rate(
@@ -106,7 +101,7 @@ class threads_set:
         torch.set_num_threads(self.previous)
 
 
-def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...]) -> MatmulRate:
+def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...]) -> dict[str, Any]:
     """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size.
 
     The limit is what the machine can do, and other processes only ever lower a run's rate, so the
@@ -121,21 +116,20 @@ def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ..
     return best_by_size(threads, per_size)
 
 
-def best_by_size(threads: int, per_size: dict[int, float]) -> MatmulRate:
+def best_by_size(threads: int, per_size: dict[int, float]) -> dict[str, Any]:
     best = max(per_size, key=lambda size: per_size[size])
-    return MatmulRate(threads, per_size[best], best, per_size)
+    return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": per_size}
 
 
-def best_rate(first: MatmulRate, second: MatmulRate) -> MatmulRate:
+def best_rate(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     """Two `matmul_rate` measurements merged: the better rate of each size, and the best size overall."""
-    return best_by_size(
-        first.threads, {size: max(rate, second.by_size.get(size, 0.0)) for size, rate in first.by_size.items()}
-    )
+    by_size = {size: max(rate, second["by_size"].get(size, 0.0)) for size, rate in first["by_size"].items()}
+    return best_by_size(first["threads"], by_size)
 
 
 def model_matmul_rate(
     embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int
-) -> ModelMatmul:
+) -> dict[str, Any]:
     """windows/s of the model's matmuls alone, at the shapes a batch of `batch` windows gives them.
 
     Per LSTM layer: the input projection of all W steps as one [B*W, I] x [I, 4H] matmul (as oneDNN
@@ -164,13 +158,14 @@ def model_matmul_rate(
 
         rate = measure_rate(run, batch, seconds, max(repeats, 5), warmup=2)
     flops = flops_per_window(embedding_dim, window, channels)
-    return ModelMatmul(embedding_dim, batch, threads, rate.best, rate.best * flops / 1e9)
-
-
-def load_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Windows `[N, W, 1]` of the test split and whether each is an anomaly (label != 1)."""
-    data = read_split(path)
-    return data.windows, data.is_anomaly(1)
+    gflops = rate.best * flops / 1e9
+    return {
+        "embedding_dim": embedding_dim,
+        "batch": batch,
+        "threads": threads,
+        "windows_per_second": rate.best,
+        "gflops": gflops,
+    }
 
 
 def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0) -> ModelArtifact:
@@ -252,9 +247,29 @@ def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable
         return sharded(Scorer.from_artifact(artifact).score, threads)
     if backend == "onnx-int8":
         return int8_scorer(artifact, threads).score
-    from monitor.model.onnx_backend import OnnxScorer
-
     return OnnxScorer(artifact, threads=threads).score
+
+
+def int8_scorer(artifact: ModelArtifact, threads: int = 0) -> OnnxScorer:
+    """The artifact's scoring graph quantised to dynamic int8 (int8 weights, activations quantised per batch).
+
+    Never used by the daemon and not a drop-in: a window's score depends on the rest of its batch (the
+    activation scales are per run), which the accuracy part measures."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="monitor-onnx-") as directory:
+        source, target = Path(directory) / "fp32.onnx", Path(directory) / "int8.onnx"
+        source.write_bytes(export_onnx(artifact))
+        logging.disable(logging.WARNING)  # quantize_dynamic advises "pre-processing" on the root logger: not for LSTMs
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        model = onnx.load_model(str(target)).SerializeToString()
+    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    return OnnxScorer(artifact, threads=threads, session=session)
 
 
 def engine_sweep(
@@ -265,9 +280,9 @@ def engine_sweep(
     batches: tuple[int, ...],
     seconds: float,
     repeats: int,
-) -> list[EngineRow]:
+) -> list[dict[str, Any]]:
     """windows/s of the scoring engine for every backend x threads x batch size."""
-    rows: list[EngineRow] = []
+    rows: list[dict[str, Any]] = []
     e = artifact.model.embedding_dim
     for backend in backends:
         for threads in threads_list:
@@ -280,14 +295,16 @@ def engine_sweep(
                     last = rows[-1] if rows else None
                     if (
                         last
-                        and (last.backend, last.threads) == (backend, threads)
-                        and last.rate.call_seconds > SLOW_CALL_SECONDS
+                        and (last["backend"], last["threads"]) == (backend, threads)
+                        and last["rate"].call_seconds > SLOW_CALL_SECONDS
                     ):
                         print(f"{label}: batch {batch_size} and up skipped (too slow now)")
                         break
                     batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
                     rate = measure_rate(lambda batch=batch, score=score: score(batch), batch_size, seconds, repeats)
-                    rows.append(EngineRow(e, backend, threads, batch_size, rate))
+                    rows.append(
+                        {"embedding_dim": e, "backend": backend, "threads": threads, "batch": batch_size, "rate": rate}
+                    )
                     print(f"{label} batch={batch_size:4d}: {rate.median:9.1f} windows/s", flush=True)
             del score
     return rows
@@ -302,8 +319,8 @@ def busy_python_thread(stop: threading.Event) -> None:
 
 
 def gil_contention(
-    stamp: Stamp, artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int
-) -> Gil:
+    artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int
+) -> dict[str, Any]:
     """windows/s of the scoring pass op by op from Python (eager) and as the Scorer's TorchScript trace, on one
     thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation.
 
@@ -337,14 +354,13 @@ def gil_contention(
             for name, busy in cases:
                 cases[name, busy].append(timed(eager if name == "eager" else lambda: traced(batch), busy))
     median = {case: statistics.median(rates) for case, rates in cases.items()}
-    return Gil(
-        stamp,
-        batch_size,
-        median["eager", False],
-        median["eager", True],
-        median["traced", False],
-        median["traced", True],
-    )
+    return {
+        "batch": batch_size,
+        "eager_alone": median["eager", False],
+        "eager_busy_thread": median["eager", True],
+        "traced_alone": median["traced", False],
+        "traced_busy_thread": median["traced", True],
+    }
 
 
 def train_settings(**overrides: Any):
@@ -359,7 +375,7 @@ def train_settings(**overrides: Any):
     return validate(TrainSettings, data, str(TRAIN_CONFIG))
 
 
-def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
+def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
     """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
     from monitor.training.trainer import fit_model, split_normal
 
@@ -372,12 +388,17 @@ def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
         started = time.perf_counter()
         fit_model(short, train_x, val_x)
         elapsed = time.perf_counter() - started
-    return EpochTiming(
-        settings.embedding_dim, threads, epochs, elapsed / epochs, int(len(train_x)), settings.batch_size
-    )
+    return {
+        "embedding_dim": settings.embedding_dim,
+        "threads": threads,
+        "epochs": epochs,
+        "seconds_per_epoch": elapsed / epochs,
+        "windows": len(train_x),
+        "batch_size": settings.batch_size,
+    }
 
 
-def recipe_training(model: Path) -> FullTraining:
+def recipe_training(model: Path) -> dict[str, Any]:
     """Train the default model from scratch with its recipe, as `monitor train` does, and time it.
 
     Training is deterministic given the seed and thread count, so the weights should be byte-identical
@@ -390,18 +411,25 @@ def recipe_training(model: Path) -> FullTraining:
         result = train(settings)
         wall = time.perf_counter() - started
         same = (Path(directory) / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-    auc = result.evaluation.auc if result.evaluation else None
-    return FullTraining(settings.threads, len(result.train_losses), result.best_epoch, result.seconds, wall, auc, same)
+    return {
+        "threads": settings.threads,
+        "epochs_run": len(result.train_losses),
+        "best_epoch": result.best_epoch,
+        "fit_seconds": result.seconds,
+        "seconds": wall,
+        "auc": result.evaluation.auc if result.evaluation else None,
+        "same_weights_as_shipped": same,
+    }
 
 
-def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> Agreement:
+def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> dict[str, Any]:
     """How far `other` scores are from `reference` and whether the same windows are flagged."""
     diff = np.abs(other.errors.astype(np.float64) - reference.errors)
     profile_diff = np.abs(other.profiles.astype(np.float64) - reference.profiles)
     flagged_ref, flagged = reference.errors > threshold, other.errors > threshold
     evaluation = evaluate_scores(other.errors, anomalous, threshold)
     relative = diff / np.abs(reference.errors)
-    return Agreement(
+    return dict(
         windows=int(len(diff)),
         error_max_abs_diff=float(diff.max()),
         error_max_rel_diff=float(relative.max()),
@@ -419,21 +447,18 @@ def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.n
 
 
 def accuracy(
-    stamp: Stamp, artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool
-) -> Accuracy:
+    artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool
+) -> dict[str, Any]:
     """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
-    from monitor.model.onnx_backend import OnnxScorer
-
     threshold = artifact.threshold
     reference = Scorer.from_artifact(artifact).score_all(windows)
     ref_eval = evaluate_scores(reference.errors, anomalous, threshold)
     flagged = int((reference.errors > threshold).sum())
-    return Accuracy(
-        stamp,
+    return dict(
         data=repo_relative(data),
         threshold=threshold,
         closest_score_to_threshold=float(np.abs(reference.errors - threshold).min()),
-        torch=TorchDecisions(flagged, ref_eval.auc, ref_eval.recall, ref_eval.fpr),
+        torch={"flagged": flagged, "auc": ref_eval.auc, "recall": ref_eval.recall, "fpr": ref_eval.fpr},
         onnx=compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), threshold, anomalous),
         onnx_int8=compare_scores(reference, int8_scorer(artifact, 1).score_all(windows), threshold, anomalous)
         if int8
@@ -441,14 +466,7 @@ def accuracy(
     )
 
 
-def repo_relative(path: Path) -> str:
-    """`path` as written from the repository root when it is inside it."""
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
 def model_table(
-    stamp: Stamp,
     embedding_dims: tuple[int, ...],
     budget_seconds: float,
     windows: np.ndarray,
@@ -456,7 +474,7 @@ def model_table(
     seconds: float,
     repeats: int,
     backends: tuple[str, ...] = ("torch", "onnx"),
-) -> ModelTable:
+) -> dict[str, Any]:
     """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
     from monitor.training.trainer import train
 
@@ -464,7 +482,7 @@ def model_table(
     recipe = train_settings()
     for embedding_dim in embedding_dims:
         with tempfile.TemporaryDirectory(prefix=f"bench-e{embedding_dim}-") as directory:
-            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1).seconds_per_epoch
+            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1)["seconds_per_epoch"]
             epochs = max(1, min(recipe.epochs, math.floor(budget_seconds / probe)))
             print(
                 f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in {budget_seconds:.0f} s",
@@ -491,7 +509,7 @@ def model_table(
                         call = lambda score=score, batch=batch: score(batch)  # noqa: E731
                         speed[f"{backend}_b64_t{threads}"] = measure_rate(call, 64, seconds, repeats).median
             rows.append(
-                SizeRow(
+                dict(
                     embedding_dim=embedding_dim,
                     flops_per_window=flops_per_window(embedding_dim, artifact.window, artifact.channels),
                     parameters=sum(p.numel() for p in artifact.model.parameters()),
@@ -509,16 +527,16 @@ def model_table(
                     windows_per_second=speed,
                 )
             )
-    return ModelTable(stamp, budget_seconds, repo_relative(TRAIN_CONFIG), rows)
+    return {"budget_seconds": budget_seconds, "recipe": repo_relative(TRAIN_CONFIG), "rows": rows}
 
 
-def default_model_summary(path: Path) -> DefaultModel:
+def default_model_summary(path: Path) -> dict[str, Any]:
     """What the shipped default model's own metadata says about its training and quality."""
     artifact = load_artifact(path)
-    meta = copy.deepcopy(artifact.metadata)
+    meta = artifact.metadata
     training = meta.get("training", {})
     evaluation = meta.get("evaluation") or {}
-    return DefaultModel(
+    return dict(
         path=repo_relative(path),
         embedding_dim=artifact.model.embedding_dim,
         window=artifact.window,

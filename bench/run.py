@@ -1,15 +1,14 @@
 """`python -m bench.run`: the monitor's benchmark, side by side in one process on one machine.
 
 `--list` names the parts; bench/README.md says what each measures, how long a run takes and how to read
-bench/RESULTS.md. Results are merged into bench/results.json (parts not run keep their previous section,
-each with its own date) and the tables of bench/RESULTS.md are regenerated from it. `--quick` is a smoke
-run (short timings, few steps); its figures are marked as such.
+bench/RESULTS.md. Results are merged into bench/results.json (parts not run keep their previous record,
+each with its own date) and bench/RESULTS.md is regenerated from it. `--quick` is a smoke run (short
+timings, few steps); its figures are marked as such.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -22,10 +21,11 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from bench import data, measure, records  # noqa: E402
+from bench import measure, results  # noqa: E402
+from bench.e2e import RunConfig  # noqa: E402
+from bench.harness import DATA_DIR, TEST, TRAIN_NORMAL, split_path  # noqa: E402
 from bench.parts import PARTS, Context  # noqa: E402
-from bench.records import Flops, LastRun, Machine, RunConfig, Stamp  # noqa: E402
-from bench.report import render  # noqa: E402
+from monitor.training.datasets import read_ucr  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_PARTS = tuple(name for name, part in PARTS.items() if part.default)
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--data-dir",
         type=Path,
-        default=data.DATA_DIR,
+        default=DATA_DIR,
         help="the ECG5000 data, splits/*.txt[.xz|.gz] (default data/ecg5000)",
     )
     add(
@@ -133,7 +133,7 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(item) for item in text.split(",") if item.strip())
 
 
-def machine() -> Machine:
+def machine() -> dict[str, object]:
     import onnxruntime
     import paho.mqtt
 
@@ -146,7 +146,7 @@ def machine() -> Machine:
                 flags = line + " "
     except OSError:
         pass
-    return Machine(
+    return dict(
         cpu=cpu_model,
         cores=psutil.cpu_count(logical=True),
         physical_cores=psutil.cpu_count(logical=False),
@@ -177,37 +177,47 @@ def main(argv: list[str] | None = None) -> int:
         print(list_parts())
         return 0
     results_path, report_path = args.output_dir / "results.json", args.output_dir / "RESULTS.md"
-    results = records.load(results_path)
-    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    results.machine, results.last_run = machine(), LastRun(command.strip(), Stamp.now(args.quick))
-    started = time.perf_counter()
+    recorded = results.load(results_path)
+    command = ("python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    started_at, started = results.stamp(args.quick, command), time.perf_counter()
     artifact = measure.load_artifact(args.model)
     default_e = artifact.model.embedding_dim
     sizes = args.size_list or ((default_e,) if args.quick else tuple(sorted({default_e, 32, 64, 128})))
-    test_data = data.split_path(args.data_dir, data.TEST)
-    windows, anomalous = measure.load_test(test_data)
-    results.default_model = measure.default_model_summary(args.model)
-    flops = {
+    test_data, normal_data = split_path(args.data_dir, TEST), split_path(args.data_dir, TRAIN_NORMAL)
+    test = read_ucr(test_data)
+    per_window = {
         e: measure.flops_per_window(e, artifact.window, artifact.channels)
         for e in sorted({*sizes, *args.table_size_list, default_e})
     }
-    results.flops = Flops(measure.FLOPS_FORMULA, flops, artifact.window, artifact.channels)
-    normal_data = data.split_path(args.data_dir, data.TRAIN_NORMAL)
-    context = Context(args, artifact, sizes, windows, anomalous, test_data, normal_data)
+    recorded |= {
+        "machine": machine(),
+        "default_model": measure.default_model_summary(args.model),
+        "flops": {
+            "formula": measure.FLOPS_FORMULA,
+            "per_window": per_window,
+            "window": artifact.window,
+            "channels": artifact.channels,
+        },
+    }
+    context = Context(args, artifact, sizes, test.windows, test.is_anomaly(1), test_data, normal_data)
     print(
         f"bench: model {args.model} (E={default_e}), parts {args.part_list or 'none'}{' (quick)' if args.quick else ''}"
     )
     for name in args.part_list:
         part = PARTS[name]
         print(f"  {name}: {part.summary}", flush=True)
-        setattr(results, part.field, part.measure(context))
-    results.last_run = dataclasses.replace(
-        results.last_run, seconds=round(time.perf_counter() - started, 1), load_average_1m_end=os.getloadavg()[0]
-    )
+        recorded[part.field] = {"stamp": results.stamp(args.quick, command), **part.measure(context)}
+    seconds = round(time.perf_counter() - started, 1)
+    recorded["last_run"] = {
+        "command": command,
+        "stamp": started_at,
+        "seconds": seconds,
+        "load_average_1m_end": os.getloadavg()[0],
+    }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    records.save(results, results_path)
-    report_path.write_text(render(results), encoding="utf-8")
-    print(f"bench: wrote {results_path} and {report_path} in {results.last_run.seconds:.0f} s", flush=True)
+    results.save(recorded, results_path)
+    report_path.write_text(results.render(results.load(results_path), PARTS.values()), encoding="utf-8")
+    print(f"bench: wrote {results_path} and {report_path} in {seconds:.0f} s", flush=True)
     return 0
 
 

@@ -38,21 +38,21 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.data import DATA_DIR, REPO
+from bench import loadgen
+from bench.harness import DATA_DIR, REPO
 from tests.support import Broker, DaemonProcess, alert_all_model, daemon_config, metric
 
-WINDOW, CHUNK = 140, 35
-SLOTS_PER_PERIOD = 28  # bench.loadgen's spreading of sensors over a message period
+CHUNK = 35
 
 
 def expected_windows(sensors: int, rounds: int, chunk: int = CHUNK) -> int:
     """Windows the generator's streams make: sensor s publishes chunks offset_s .. offset_s + rounds - 1."""
-    per_window = WINDOW // chunk
+    per_window = loadgen.WINDOW // chunk
     total = 0
     for sensor in range(sensors):
-        offset = (sensor // SLOTS_PER_PERIOD) % per_window
+        offset = (sensor // loadgen.SLOTS_PER_PERIOD) % per_window  # as the generator spreads the sensors
         first, end = offset * chunk, (offset + rounds) * chunk
-        total += end // WINDOW - -(-first // WINDOW)
+        total += end // loadgen.WINDOW - -(-first // loadgen.WINDOW)
     return total
 
 
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--data",
-        default=str(DATA_DIR / "ECG5000_TRAIN.txt.xz"),
+        type=Path,
+        default=DATA_DIR / "ECG5000_TRAIN.txt.xz",
         help="UCR file whose normal beats the generator streams (default: the vendored ECG5000 train file)",
     )
     parser.add_argument(
@@ -182,25 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     process = psutil.Process(daemon.process.pid)
     prefix = "soak-"
     generator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--port",
-            str(broker.port),
-            "--sensors",
-            str(args.sensors),
-            "--seconds",
-            str(seconds),
-            "--rate",
-            str(args.rate),
-            "--chunk",
-            str(args.chunk),
-            "--prefix",
-            prefix,
-            "--data",
-            args.data,
-        ],
+        loadgen.command(broker.port, args.sensors, seconds, args.rate, args.chunk, 1, args.data, prefix=prefix),
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,

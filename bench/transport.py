@@ -26,9 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry
 
-from bench import targets
-from bench.data import read_split
-from bench.records import TransportRow
+from bench.harness import WINDOW_SAMPLES as WINDOW
 from monitor.config.schema import MqttSettings
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
@@ -38,16 +36,16 @@ from monitor.ingest.windowing import WindowAssembler
 from monitor.mqtt.connection import MqttConnection
 from monitor.telemetry.log import configure_logging
 from monitor.telemetry.metrics import Metrics
+from monitor.training.datasets import read_ucr
 from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"
 SENSORS = 500
-WINDOW = targets.WINDOW_SAMPLES
 
 
 def payloads(normal_data: Path, count: int, chunk: int) -> list[tuple[str, bytes]]:
     """`count` messages of `chunk` samples, round-robin over SENSORS sensors, each sensor's seq contiguous."""
-    beats = read_split(normal_data).windows[:, :, 0].reshape(-1)
+    beats = read_ucr(normal_data).windows[:, :, 0].reshape(-1)
     out = []
     for index in range(count):
         sensor, round_index = index % SENSORS, index // SENSORS
@@ -112,7 +110,7 @@ def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> 
 CLIENTS = {"paho": PahoClient, "daemon": daemon_ingest}
 
 
-def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> TransportRow:
+def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> dict:
     """Wall and CPU seconds for one client to take the queued `messages` (of `chunk` samples each)."""
     count = len(messages)
     broker = Broker(work / f"mosquitto-{kind}-{chunk}").start()
@@ -139,10 +137,17 @@ def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, 
         client.close()
     finally:
         broker.stop()
-    return TransportRow(kind, chunk, received[0], finished, received[0] / wall, cpu * 1e6 / max(received[0], 1))
+    return {
+        "client": kind,
+        "chunk_samples": chunk,
+        "messages": received[0],
+        "complete": finished,
+        "messages_per_second": received[0] / wall,
+        "cpu_us_per_message": cpu * 1e6 / max(received[0], 1),
+    }
 
 
-def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int) -> list[TransportRow]:
+def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int) -> list[dict]:
     """`drain` for both clients and every message size; the best (lowest-CPU) of `repeats` runs each."""
     configure_logging("error")  # the daemon's ingest logs its connections; the bench prints its own lines
     rows = []
@@ -151,10 +156,6 @@ def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repe
             messages = payloads(normal_data, count, chunk)
             for kind in CLIENTS:
                 runs = [drain(kind, messages, chunk, Path(directory) / f"run{index}") for index in range(repeats)]
-                rows.append(min(runs, key=lambda run: run.cpu_us_per_message))
-                print(
-                    f"    {kind:6s} {chunk:3d} samples/message: {rows[-1].messages_per_second:8.0f} messages/s, "
-                    f"{rows[-1].cpu_us_per_message:.0f} µs CPU/message",
-                    flush=True,
-                )
+                rows.append(min(runs, key=lambda run: run["cpu_us_per_message"]))
+                print(f"    {rows[-1]}", flush=True)
     return rows
