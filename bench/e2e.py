@@ -108,6 +108,9 @@ class RunConfig:
         return BEAT_LATENCY_LIMIT_SECONDS if self.mode == "beats" else self.max_wait + LATENCY_MARGIN_SECONDS
 
 
+SCALE_OUT = RunConfig(protocol="3.1.1")  # the daemons' defaults, MQTT 3.1.1 as nats-server's MQTT speaks it
+
+
 @contextmanager
 def daemons(configs: list[Path]) -> Iterator[list[DaemonProcess]]:
     """`monitor run` for each config, ready; shut down on leaving."""
@@ -123,7 +126,7 @@ def daemons(configs: list[Path]) -> Iterator[list[DaemonProcess]]:
 
 
 def sweep(model: Path, normal_data: Path, run: RunConfig, steps: list[int], warmup: float, measure: float) -> dict:
-    """One daemon behind a fresh Mosquitto, stepped through `steps` sensors (bench/harness.py, `step_up`)."""
+    """One daemon behind a fresh Mosquitto, stepped through `steps` sensors; a failed step is tried twice."""
     beats = run.mode == "beats"
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as directory:
         work = Path(directory)
@@ -135,37 +138,21 @@ def sweep(model: Path, normal_data: Path, run: RunConfig, steps: list[int], warm
             model=BEAT_MODEL if beats else model,
             windowing=windowing,
             batching={"max_batch": run.max_batch, "max_wait_seconds": run.max_wait, "queue_capacity": 4096},
-            mqtt={
-                "client_id": f"bench-{run.backend}-t{run.threads}-{time.time_ns() % 10**9}",
-                "protocol": run.protocol,
-            },
+            mqtt={"client_id": f"bench-{run.text}-{time.time_ns() % 10**9}", "protocol": run.protocol},
         )
         settings = yaml.safe_load(config.read_text())
         settings["model"].update(backend=run.backend, threads=run.threads)
         config.write_text(yaml.safe_dump(settings))
         try:
-            with daemons([config]) as (daemon,):
-                data = BEAT_RECORDING if beats else normal_data
-
-                def step(sensors: int) -> dict[str, Any]:
-                    generator = loadgen.command(
-                        broker.port, sensors, warmup + measure + 1, SAMPLE_RATE_HZ, run.chunk, run.qos, data, beats
-                    )
-                    pids = {"daemon": daemon.process.pid, "broker": broker.process.pid}
-                    row = e2e_step(run, sensors, measure_load(generator, [daemon], pids, warmup, measure))
-                    drain(daemon)
-                    return row
-
-                rows = step_up(step, steps, retry=True)
+            rows = stepped(broker, [config], run, BEAT_RECORDING if beats else normal_data, steps, warmup, measure)
         finally:
             broker.stop()
-    carried = [row["sensors"] for row in rows if row["keeps_up"]]
     throughput = [row["sensors"] for row in rows if row["throughput_ok"] and row["generator_on_time"]]
     return {
         "config": asdict(run),
         "latency_limit_seconds": run.latency_limit,
         "steps": rows,
-        "sensors_carried": max(carried, default=0),
+        "sensors_carried": max((row["sensors"] for row in rows if row["keeps_up"]), default=0),
         "sensors_carried_throughput_only": max(throughput, default=0),
         "max_scored_windows_per_second": max((row["scored_windows_per_second"] for row in rows), default=0.0),
         "saturated": bool(rows) and not rows[-1]["throughput_ok"] and rows[-1]["generator_on_time"],
@@ -173,9 +160,31 @@ def sweep(model: Path, normal_data: Path, run: RunConfig, steps: list[int], warm
     }
 
 
-def e2e_step(run: RunConfig, sensors: int, measured: Measured) -> dict[str, Any]:
-    """A step's figures; in beat mode one window is offered per scorable beat the detector found, and throughput
-    needs every sample to have got in."""
+def stepped(
+    broker: Broker | NatsServer, configs: list[Path], run: RunConfig, data: Path, steps: list[int], *times: float
+) -> list[dict[str, Any]]:
+    """The daemons of `configs` behind `broker`, stepped through `steps` sensors (bench/harness.py, `step_up`):
+    one daemon has a failed step tried twice; several are warmed up first by an unmeasured step."""
+    warmup, measure = times
+    with daemons(configs) as started:
+        pids = {f"daemon{index}" if len(started) > 1 else "daemon": d.process.pid for index, d in enumerate(started)}
+
+        def step(sensors: int) -> dict[str, Any]:
+            rate, beats = SAMPLE_RATE_HZ, run.mode == "beats"
+            command = loadgen.command(broker.port, sensors, warmup + measure + 1, rate, run.chunk, run.qos, data, beats)
+            measured = measure_load(command, started, pids | {"broker": broker.process.pid}, warmup, measure)
+            for daemon in started:
+                drain(daemon)
+            return step_figures(run, sensors, measured)
+
+        if len(started) > 1:
+            step(steps[0])  # unmeasured: the first batches are slow
+        return step_up(step, steps, retry=len(started) == 1)
+
+
+def step_figures(run: RunConfig, sensors: int, measured: Measured) -> dict[str, Any]:
+    """A step's figures, summed over the daemons (latency histograms merged); in beat mode one window is offered
+    per scorable beat the detector found, and throughput needs every sample to have got in."""
     seconds = measured.seconds
     offered = sensors * SENSOR_WINDOWS_PER_SECOND
     if run.mode == "beats":
@@ -191,11 +200,13 @@ def e2e_step(run: RunConfig, sensors: int, measured: Measured) -> dict[str, Any]
     if run.mode == "beats":
         throughput_ok = throughput_ok and received >= SCORED_FRACTION_OF_OFFERED * sensors * SAMPLE_RATE_HZ
     latency_ok = p99 is not None and p99 <= run.latency_limit
+    per_daemon = measured.increases("monitor_windows_scored_total")
     row = {
         "sensors": sensors,
         "offered_windows_per_second": offered,
         "received_windows_per_second": received / WINDOW_SAMPLES,
         "scored_windows_per_second": scored,
+        "scored_share_per_instance": [round(value / max(sum(per_daemon), 1.0), 3) for value in per_daemon],
         "messages_per_second": measured.rate("monitor_messages_received_total"),
         "dropped_windows": dropped,
         "latency_p50_seconds": measured.quantile(0.5, LATENCY),
@@ -203,13 +214,8 @@ def e2e_step(run: RunConfig, sensors: int, measured: Measured) -> dict[str, Any]
         "latency_mean_seconds": measured.mean(LATENCY),
         "mean_batch": measured.mean("monitor_inference_batch_size"),
         "mean_inference_seconds": measured.mean("monitor_inference_seconds"),
-        "queue_depth_at_end": counter(measured.after.scrapes[0], "monitor_queue_depth"),
-        "cpu_cores": {
-            **cores,
-            "whole_machine": machine,
-            "others": max(machine - sum(cores.values()), 0.0),
-            "daemon_busiest_threads": measured.busiest_threads(),
-        },
+        "queue_depth_at_end": sum(counter(scrape, "monitor_queue_depth") for scrape in measured.after.scrapes),
+        "cpu_cores": cores | {"whole_machine": machine, "others": max(machine - sum(cores.values()), 0.0)},
         "generator": measured.load,
         "generator_on_time": on_time,
         "throughput_ok": throughput_ok,
@@ -217,11 +223,11 @@ def e2e_step(run: RunConfig, sensors: int, measured: Measured) -> dict[str, Any]
         "keeps_up": throughput_ok and latency_ok and on_time,
         "measured_seconds": seconds,
     }
+    row["cpu_cores"]["daemon_busiest_threads"] = measured.busiest_threads()
+    cpu = ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
+    verdict = "ok" if row["keeps_up"] else "NOT KEEPING UP"
     print(
-        f"    sensors={sensors:5d}: offered {offered:7.1f} scored {scored:7.1f} windows/s, p99 {p99}, dropped "
-        f"{dropped:.0f}, cpu {', '.join(f'{name} {value:.2f}' for name, value in cores.items())} "
-        f"{'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
-        flush=True,
+        f"    {sensors} sensors: {scored:.1f} of {offered:.1f} windows/s, p99 {p99}, cpu {cpu}: {verdict}", flush=True
     )
     return row
 
@@ -230,30 +236,24 @@ def scale_out(model: Path, data: Path, steps: list[int], warmup: float, measure:
     """One instance, then two, each behind a fresh nats-server, stepped through the same sensor counts."""
     runs = [scale_run(instances, steps, data, model, warmup, measure) for instances in (1, 2)]
     one, two = (run["sensors_carried"] for run in runs)
-    kept = [row for run in runs for row in run["steps"] if row["keeps_up"] and row["generator_messages_per_second"]]
-    busiest = max(kept, key=lambda row: row["generator_messages_per_second"], default=None)
+    kept = [row for run in runs for row in run["steps"] if row["keeps_up"]]
+    busiest = max(kept, key=lambda row: row["generator"]["messages_per_second"], default=None)
     return {
-        "latency_limit_seconds": RunConfig().latency_limit,
+        "latency_limit_seconds": SCALE_OUT.latency_limit,
         "warmup_seconds": warmup,
         "measure_seconds": measure,
         "runs": runs,
         "ratio_two_over_one": round(two / one, 2) if one else None,
         # nats-server's CPU (cores) per 1,000 messages/s routed, at the busiest step that kept up
-        "broker_cores_per_1000_messages_per_second": round(
-            1000 * busiest["cpu_cores"]["broker"] / busiest["generator_messages_per_second"], 3
-        )
-        if busiest
-        else None,
+        "broker_cores_per_1000_messages_per_second": busiest
+        and round(1000 * busiest["cpu_cores"]["broker"] / busiest["generator"]["messages_per_second"], 3),
         "load_average_1m_end": os.getloadavg()[0],  # other processes on the machine take CPU from the instances
     }
 
 
 def scale_run(instances: int, steps: list[int], data: Path, model: Path, warmup: float, measure: float) -> dict:
-    """`instances` daemons behind a fresh nats-server; an unmeasured first step warms them up."""
-    base = {
-        "batching": {"max_batch": 64, "max_wait_seconds": RunConfig().max_wait},
-        "windowing": {"max_sensors": 10**5},
-    }
+    """`instances` daemons behind a fresh nats-server: one subscribed to both partitions, or one partition each."""
+    base = {"batching": {"max_batch": 64, "max_wait_seconds": SCALE_OUT.max_wait}, "windowing": {"max_sensors": 10**5}}
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as directory:
         work = Path(directory)
         nats = NatsServer(work / "nats", partitions=PARTITIONS).start()
@@ -266,69 +266,18 @@ def scale_run(instances: int, steps: list[int], data: Path, model: Path, warmup:
                 sections = {**base, "mqtt": mqtt, "partitions": {"count": PARTITIONS, "consume": [index]}}
             configs.append(daemon_config(work / f"monitor-{index}.yaml", nats.port, model=model, **sections))
         try:
-            with daemons(configs) as started:
-
-                def step(sensors: int) -> dict[str, Any]:
-                    generator = loadgen.command(nats.port, sensors, warmup + measure + 1, SAMPLE_RATE_HZ, 35, 1, data)
-                    pids = {f"daemon{index}": daemon.process.pid for index, daemon in enumerate(started)}
-                    row = scale_step(
-                        instances,
-                        sensors,
-                        measure_load(generator, started, pids | {"broker": nats.process.pid}, warmup, measure),
-                    )
-                    for daemon in started:
-                        drain(daemon)
-                    return row
-
-                step(steps[0])  # unmeasured: the first batches are slow
-                rows = step_up(step, steps, retry=False)
+            rows = stepped(nats, configs, SCALE_OUT, data, steps, warmup, measure)
         finally:
             nats.stop()
     kept = [row for row in rows if row["throughput_ok"] and row["scored_windows_per_second"]]
     busiest = max(kept, key=lambda row: row["scored_windows_per_second"], default=None)
-    daemon_cores = (
-        sum(value for name, value in busiest["cpu_cores"].items() if name.startswith("daemon")) if busiest else 0
-    )
+    cores = busiest and sum(value for name, value in busiest["cpu_cores"].items() if name.startswith("daemon"))
     return {
         "instances": instances,
         "steps": rows,
         "sensors_carried": max((row["sensors"] for row in rows if row["keeps_up"]), default=0),
         # CPU ms the instances spent per window scored (MQTT, windowing and scoring) at the busiest step whose
         # throughput kept up: what a core carries, whatever share of the machine the instances got
-        "daemon_cpu_ms_per_window": round(1000 * daemon_cores / busiest["scored_windows_per_second"], 3)
-        if busiest
-        else None,
+        "daemon_cpu_ms_per_window": busiest and round(1000 * cores / busiest["scored_windows_per_second"], 3),
         "generator_limited": bool(rows) and not rows[-1]["generator_on_time"],
     }
-
-
-def scale_step(instances: int, sensors: int, measured: Measured) -> dict[str, Any]:
-    """A step's figures summed over the instances, their latency histograms merged."""
-    offered = sensors * SENSOR_WINDOWS_PER_SECOND
-    scored = measured.rate("monitor_windows_scored_total")
-    dropped = sum(measured.increases("monitor_windows_dropped_total"))
-    per_instance = measured.increases("monitor_windows_scored_total")
-    p99 = measured.quantile(0.99, LATENCY)
-    on_time = measured.generator_on_time()
-    throughput_ok = scored >= SCORED_FRACTION_OF_OFFERED * offered and dropped == 0
-    latency_ok = p99 is not None and p99 <= RunConfig().latency_limit
-    row = {
-        "sensors": sensors,
-        "offered_windows_per_second": round(offered, 1),
-        "scored_windows_per_second": round(scored, 1),
-        "scored_share_per_instance": [round(value / max(sum(per_instance), 1.0), 3) for value in per_instance],
-        "dropped_windows": dropped,
-        "latency_p99_seconds": p99,
-        "generator_messages_per_second": round(measured.load.get("messages_per_second", 0.0), 1),
-        "generator_on_time": on_time,
-        "cpu_cores": {name: round(value, 2) for name, value in measured.cores().items()},
-        "throughput_ok": throughput_ok,
-        "latency_ok": latency_ok,
-        "keeps_up": throughput_ok and latency_ok and on_time,
-    }
-    print(
-        f"    {instances} instance(s), {sensors:5d} sensors: scored {scored:7.1f} of {offered:7.1f} windows/s, "
-        f"p99 {p99}, cpu {row['cpu_cores']} {'ok' if row['keeps_up'] else 'NOT KEEPING UP'}",
-        flush=True,
-    )
-    return row

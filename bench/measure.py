@@ -9,7 +9,9 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from argparse import Namespace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,8 @@ from monitor.training.evaluation import evaluate_scores
 
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
-BATCHES = (1, 8, 32, 64, 128, 256, 512)
 MIN_SHARD = 16  # torch-shards splits a batch only into slices of at least this many windows
+Record = dict[str, Any]
 SLOW_CALL_SECONDS = 5.0  # a configuration whose batch takes longer is not tried at larger batches
 FLOPS_FORMULA = (
     "FLOPs/window = W * (sum over the 4 LSTM layers of 8*H*(I+H) + 2*(2E)*C), layers (I->H) = (C->2E), (2E->E), "
@@ -86,50 +88,41 @@ def measure_rate(
     return Rate(statistics.median(runs), max(runs), [round(run, 2) for run in runs], call_seconds)
 
 
-class threads_set:
-    """Context manager: torch intra-op threads for the block, restored afterwards."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def __enter__(self) -> threads_set:
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.previous)
+@contextmanager
+def threads_set(threads: int) -> Iterator[None]:
+    """torch intra-op threads for the block, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
-def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...]) -> dict[str, Any]:
-    """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size.
+def batch_of(windows: np.ndarray, size: int) -> np.ndarray:
+    """`size` windows (repeated when there are fewer), contiguous as the daemon's batches are."""
+    return np.ascontiguousarray(np.resize(windows, (size, *windows.shape[1:])))
+
+
+def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...], earlier: Record | None) -> Record:
+    """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size (and of `earlier`).
 
     The limit is what the machine can do, and other processes only ever lower a run's rate, so the
     best of `max(repeats, 5)` runs is taken (the engine's figures are medians: the fractions err low)."""
-    per_size = {}
+    per_size = {size: 0.0 for size in sizes} | (earlier["by_size"] if earlier else {})
     with threads_set(threads), torch.inference_mode():
         for size in sizes:
-            a, b = torch.randn(size, size), torch.randn(size, size)
-            out = torch.empty(size, size)
+            a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
             call = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)  # noqa: E731
-            per_size[size] = measure_rate(call, 2 * size**3, seconds, max(repeats, 5), warmup=2).best / 1e9
-    return best_by_size(threads, per_size)
-
-
-def best_by_size(threads: int, per_size: dict[int, float]) -> dict[str, Any]:
+            rate = measure_rate(call, 2 * size**3, seconds, max(repeats, 5), warmup=2).best / 1e9
+            per_size[size] = max(per_size[size], rate)
     best = max(per_size, key=lambda size: per_size[size])
     return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": per_size}
 
 
-def best_rate(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
-    """Two `matmul_rate` measurements merged: the better rate of each size, and the best size overall."""
-    by_size = {size: max(rate, second["by_size"].get(size, 0.0)) for size, rate in first["by_size"].items()}
-    return best_by_size(first["threads"], by_size)
-
-
 def model_matmul_rate(
     embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int
-) -> dict[str, Any]:
+) -> Record:
     """windows/s of the model's matmuls alone, at the shapes a batch of `batch` windows gives them.
 
     Per LSTM layer: the input projection of all W steps as one [B*W, I] x [I, 4H] matmul (as oneDNN
@@ -157,12 +150,8 @@ def model_matmul_rate(
             torch.mm(hidden, output_weights)
 
         rate = measure_rate(run, batch, seconds, max(repeats, 5), warmup=2)
-    flops = flops_per_window(embedding_dim, window, channels)
-    gflops = rate.best * flops / 1e9
-    return {
-        "embedding_dim": embedding_dim,
-        "batch": batch,
-        "threads": threads,
+    gflops = rate.best * flops_per_window(embedding_dim, window, channels) / 1e9
+    return {"embedding_dim": embedding_dim, "batch": batch, "threads": threads} | {
         "windows_per_second": rate.best,
         "gflops": gflops,
     }
@@ -177,16 +166,9 @@ def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0)
         return reference
     torch.manual_seed(seed)
     model = LSTMAutoencoder(reference.channels, embedding_dim).eval().requires_grad_(False)
-    return ModelArtifact(
-        model,
-        reference.normalisation,
-        reference.threshold,
-        reference.window,
-        reference.channels,
-        f"random-e{embedding_dim}",
-        "0",
-        {},
-    )
+    name = f"random-e{embedding_dim}"
+    reference_shape = (reference.normalisation, reference.threshold, reference.window, reference.channels)
+    return ModelArtifact(model, *reference_shape, name, "0", {})
 
 
 def tutorial_loop(artifact: ModelArtifact, windows: np.ndarray) -> Callable[[], list[float]]:
@@ -210,12 +192,11 @@ def tutorial_rates(
     artifact: ModelArtifact, windows: np.ndarray, threads_list: tuple[int, ...], seconds: float, repeats: int
 ) -> dict[int, Rate]:
     """windows/s of the tutorial loop over 32 windows, by thread count."""
-    chunk = windows[:32]
-    out = {}
+    rates = {}
     for threads in threads_list:
         with threads_set(threads):
-            out[threads] = measure_rate(tutorial_loop(artifact, chunk), len(chunk), seconds, repeats)
-    return out
+            rates[threads] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats)
+    return rates
 
 
 def sharded(score: Callable[[np.ndarray], object], workers: int) -> Callable[[np.ndarray], object]:
@@ -272,40 +253,24 @@ def int8_scorer(artifact: ModelArtifact, threads: int = 0) -> OnnxScorer:
     return OnnxScorer(artifact, threads=threads, session=session)
 
 
-def engine_sweep(
-    artifact: ModelArtifact,
-    windows: np.ndarray,
-    backends: tuple[str, ...],
-    threads_list: tuple[int, ...],
-    batches: tuple[int, ...],
-    seconds: float,
-    repeats: int,
-) -> list[dict[str, Any]]:
-    """windows/s of the scoring engine for every backend x threads x batch size."""
-    rows: list[dict[str, Any]] = []
-    e = artifact.model.embedding_dim
-    for backend in backends:
-        for threads in threads_list:
+def engine_sweep(reference: ModelArtifact, e: int, windows: np.ndarray, options: Namespace) -> list[Record]:
+    """windows/s of the scoring engine at E=`e` for every backend x threads x batch size of the run's `options`."""
+    rows: list[Record] = []
+    artifact, seconds, repeats = random_artifact(reference, e), options.seconds, options.repeats
+    for backend in options.backends:
+        for threads in options.threads:
             if backend == "torch-shards" and threads < 2:
                 continue  # one shard is plain torch on one thread
             with threads_set(1 if backend == "torch-shards" else threads):
                 score = make_scorer(artifact, backend, threads)
-                label = f"    engine E={e} {backend:9s} threads={threads}"
-                for batch_size in batches:
-                    last = rows[-1] if rows else None
-                    if (
-                        last
-                        and (last["backend"], last["threads"]) == (backend, threads)
-                        and last["rate"].call_seconds > SLOW_CALL_SECONDS
-                    ):
-                        print(f"{label}: batch {batch_size} and up skipped (too slow now)")
-                        break
-                    batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
-                    rate = measure_rate(lambda batch=batch, score=score: score(batch), batch_size, seconds, repeats)
-                    rows.append(
-                        {"embedding_dim": e, "backend": backend, "threads": threads, "batch": batch_size, "rate": rate}
-                    )
-                    print(f"{label} batch={batch_size:4d}: {rate.median:9.1f} windows/s", flush=True)
+                for size in options.batches:
+                    batch = batch_of(windows, size)
+                    rate = measure_rate(lambda batch=batch, score=score: score(batch), size, seconds, repeats)
+                    rows.append({"embedding_dim": e, "backend": backend, "threads": threads, "batch": size})
+                    rows[-1]["rate"] = rate
+                    print(f"    E={e} {backend} {threads}T batch {size}: {rate.median:.1f} windows/s", flush=True)
+                    if rate.call_seconds > SLOW_CALL_SECONDS:
+                        break  # too slow now: larger batches are not tried
             del score
     return rows
 
@@ -320,7 +285,7 @@ def busy_python_thread(stop: threading.Event) -> None:
 
 def gil_contention(
     artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int
-) -> dict[str, Any]:
+) -> Record:
     """windows/s of the scoring pass op by op from Python (eager) and as the Scorer's TorchScript trace, on one
     thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation.
 
@@ -328,7 +293,7 @@ def gil_contention(
     during the measurement hits all four alike."""
     graph = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
     traced = Scorer.from_artifact(artifact).score
-    batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
+    batch = batch_of(windows, batch_size)
 
     def eager(batch: np.ndarray = batch) -> None:
         with torch.inference_mode():
@@ -346,24 +311,16 @@ def gil_contention(
             if busy:
                 worker.join()
 
-    cases: dict[tuple[str, bool], list[float]] = {
-        (name, busy): [] for name in ("eager", "traced") for busy in (False, True)
-    }
+    cases: dict[str, list[float]] = {f"{name}_{when}": [] for name in ("eager", "traced") for when in ("alone", "busy")}
     with threads_set(1):
         for _ in range(max(repeats, 3)):
-            for name, busy in cases:
-                cases[name, busy].append(timed(eager if name == "eager" else lambda: traced(batch), busy))
-    median = {case: statistics.median(rates) for case, rates in cases.items()}
-    return {
-        "batch": batch_size,
-        "eager_alone": median["eager", False],
-        "eager_busy_thread": median["eager", True],
-        "traced_alone": median["traced", False],
-        "traced_busy_thread": median["traced", True],
-    }
+            for case, rates in cases.items():
+                rates.append(timed(eager if case.startswith("eager") else lambda: traced(batch), case.endswith("busy")))
+    median = {f"{case}_thread" if case.endswith("busy") else case: statistics.median(r) for case, r in cases.items()}
+    return {"batch": batch_size, **median}
 
 
-def train_settings(**overrides: Any):
+def train_settings(**overrides: Any) -> Any:
     """The default model's training recipe (configs/train-ecg5000.yaml), paths from the repository root."""
     from monitor.training.trainer import TrainSettings
 
@@ -375,7 +332,7 @@ def train_settings(**overrides: Any):
     return validate(TrainSettings, data, str(TRAIN_CONFIG))
 
 
-def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
+def epoch_seconds(settings: Any, epochs: int) -> Record:
     """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
     from monitor.training.trainer import fit_model, split_normal
 
@@ -398,7 +355,7 @@ def epoch_seconds(settings: Any, epochs: int) -> dict[str, Any]:
     }
 
 
-def recipe_training(model: Path) -> dict[str, Any]:
+def recipe_training(model: Path) -> Record:
     """Train the default model from scratch with its recipe, as `monitor train` does, and time it.
 
     Training is deterministic given the seed and thread count, so the weights should be byte-identical
@@ -422,7 +379,7 @@ def recipe_training(model: Path) -> dict[str, Any]:
     }
 
 
-def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> dict[str, Any]:
+def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> Record:
     """How far `other` scores are from `reference` and whether the same windows are flagged."""
     diff = np.abs(other.errors.astype(np.float64) - reference.errors)
     profile_diff = np.abs(other.profiles.astype(np.float64) - reference.profiles)
@@ -440,15 +397,15 @@ def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.n
         flagged_reference=int(flagged_ref.sum()),
         flagged=int(flagged.sum()),
         decisions_differ=int((flagged_ref != flagged).sum()),
-        auc=evaluation.auc,
-        recall=evaluation.recall,
-        fpr=evaluation.fpr,
+        **quality(evaluation),
     )
 
 
-def accuracy(
-    artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool
-) -> dict[str, Any]:
+def quality(evaluation: Any, keys: tuple[str, ...] = ("auc", "recall", "fpr")) -> Record:
+    return {key: getattr(evaluation, key) for key in keys}
+
+
+def accuracy(artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool) -> Record:
     """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
     threshold = artifact.threshold
     reference = Scorer.from_artifact(artifact).score_all(windows)
@@ -458,7 +415,7 @@ def accuracy(
         data=repo_relative(data),
         threshold=threshold,
         closest_score_to_threshold=float(np.abs(reference.errors - threshold).min()),
-        torch={"flagged": flagged, "auc": ref_eval.auc, "recall": ref_eval.recall, "fpr": ref_eval.fpr},
+        torch={"flagged": flagged, **quality(ref_eval)},
         onnx=compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), threshold, anomalous),
         onnx_int8=compare_scores(reference, int8_scorer(artifact, 1).score_all(windows), threshold, anomalous)
         if int8
@@ -474,7 +431,7 @@ def model_table(
     seconds: float,
     repeats: int,
     backends: tuple[str, ...] = ("torch", "onnx"),
-) -> dict[str, Any]:
+) -> Record:
     """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
     from monitor.training.trainer import train
 
@@ -498,16 +455,13 @@ def model_table(
             result = train(settings)
             artifact = load_artifact(directory)
             evaluation = result.evaluation
-            speed = {}
-            with threads_set(1):
-                speed["tutorial_t1"] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats).median
+            speed = {"tutorial_t1": tutorial_rates(artifact, windows, (1,), seconds, repeats)[1].median}
             for backend in backends:
                 for threads in (1, 2):
                     with threads_set(threads):
-                        score = make_scorer(artifact, backend, threads)
-                        batch = np.ascontiguousarray(windows[:64])
-                        call = lambda score=score, batch=batch: score(batch)  # noqa: E731
-                        speed[f"{backend}_b64_t{threads}"] = measure_rate(call, 64, seconds, repeats).median
+                        score, batch = make_scorer(artifact, backend, threads), batch_of(windows, 64)
+                        rate = measure_rate(lambda score=score, batch=batch: score(batch), 64, seconds, repeats)
+                        speed[f"{backend}_b64_t{threads}"] = rate.median
             rows.append(
                 dict(
                     embedding_dim=embedding_dim,
@@ -519,34 +473,21 @@ def model_table(
                     best_epoch=result.best_epoch,
                     train_seconds=result.seconds,
                     threshold=artifact.threshold,
-                    auc=evaluation.auc,
-                    pr_auc=evaluation.pr_auc,
-                    recall=evaluation.recall,
-                    fpr=evaluation.fpr,
-                    precision=evaluation.precision,
+                    **quality(evaluation, ("auc", "pr_auc", "recall", "fpr", "precision")),
                     windows_per_second=speed,
                 )
             )
     return {"budget_seconds": budget_seconds, "recipe": repo_relative(TRAIN_CONFIG), "rows": rows}
 
 
-def default_model_summary(path: Path) -> dict[str, Any]:
+def default_model_summary(path: Path) -> Record:
     """What the shipped default model's own metadata says about its training and quality."""
     artifact = load_artifact(path)
-    meta = artifact.metadata
-    training = meta.get("training", {})
-    evaluation = meta.get("evaluation") or {}
-    return dict(
-        path=repo_relative(path),
-        embedding_dim=artifact.model.embedding_dim,
-        window=artifact.window,
-        channels=artifact.channels,
-        threshold=artifact.threshold,
-        epochs_run=training.get("epochs_run"),
-        best_epoch=training.get("best_epoch"),
-        train_seconds_recorded=training.get("seconds"),
-        auc=evaluation.get("auc"),
-        recall=evaluation.get("recall"),
-        fpr=evaluation.get("fpr"),
-        precision=evaluation.get("precision"),
-    )
+    training, evaluation = artifact.metadata.get("training", {}), artifact.metadata.get("evaluation") or {}
+    shape = {"embedding_dim": artifact.model.embedding_dim, "window": artifact.window, "channels": artifact.channels}
+    return {"path": repo_relative(path), **shape, "threshold": artifact.threshold} | {
+        "epochs_run": training.get("epochs_run"),
+        "best_epoch": training.get("best_epoch"),
+        "train_seconds_recorded": training.get("seconds"),
+        **{key: evaluation.get(key) for key in ("auc", "recall", "fpr", "precision")},
+    }

@@ -1,5 +1,6 @@
-"""The benchmark's parts: a registry of name -> what it measures (a function of the run's `Context` returning its
-record, a dict) and how its record is shown (a function returning the rows of its table in bench/RESULTS.md).
+"""The benchmark's parts: a registry of name -> a function of the run's `Context` returning the part's record (a
+dict), and a function returning the rows of its table in bench/RESULTS.md. A part's docstring gives its heading
+(first line) and what it measures (the rest).
 
 A part's record goes to bench/results.json under the part's name (`-` read as `_`); bench/README.md says what each
 part measures and how to read it. A new part is one `@part` function here.
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench import measure
-from bench.e2e import RunConfig
+from bench import measure, transport
+from bench.e2e import RunConfig, scale_out, sweep
 from bench.harness import BEAT_WARMUP_SECONDS, SAMPLE_RATE_HZ, repo_relative
 from bench.results import cell
 from monitor.model.artifact import ModelArtifact
@@ -25,6 +26,7 @@ from monitor.model.artifact import ModelArtifact
 CEILING_BATCHES = (64, 128, 256)  # batch sizes at which the model's own matmuls are timed (the best counts)
 Record = dict[str, Any]
 Rows = list[dict[str, Any]]
+Measure = Callable[["Context"], Record]
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,7 @@ class Context:
 @dataclass(frozen=True)
 class Part:
     name: str
-    title: str
-    summary: str
-    measure: Callable[[Context], Record]
+    measure: Measure
     table: Callable[[Record], Rows]
     default: bool
 
@@ -54,17 +54,23 @@ class Part:
         """The results file's key for this part's record."""
         return self.name.replace("-", "_")
 
+    @property
+    def title(self) -> str:
+        return (self.measure.__doc__ or self.name).split("\n")[0].strip()
+
+    @property
+    def summary(self) -> str:
+        return " ".join((self.measure.__doc__ or "").split("\n\n", 1)[-1].split())
+
 
 PARTS: dict[str, Part] = {}
 
 
-def part(
-    name: str, title: str, summary: str, table: Callable[[Record], Rows], default: bool = True
-) -> Callable[[Callable[[Context], Record]], Callable[[Context], Record]]:
+def part(name: str, table: Callable[[Record], Rows], default: bool = True) -> Callable[[Measure], Measure]:
     """Registers a part; `default=False` parts run only when `--parts` names them."""
 
-    def register(function: Callable[[Context], Record]) -> Callable[[Context], Record]:
-        PARTS[name] = Part(name, title, summary, function, table, default)
+    def register(function: Measure) -> Measure:
+        PARTS[name] = Part(name, function, table, default)
         return function
 
     return register
@@ -75,64 +81,59 @@ def ms(seconds: float | None) -> float | None:
 
 
 def limit_rows(record: Record) -> Rows:
-    dense = [
-        {"matmuls": "dense torch.mm, best square size", "threads": m["threads"], "GFLOP/s": m["gflops"], **m["by_size"]}
-        for m in record["matmul"].values()
-    ]
-    return dense + [
-        {"matmuls": f"the model's at E={m['embedding_dim']}, batch {m['batch']}", "threads": m["threads"]}
-        | {"GFLOP/s": m["gflops"], "windows/s": m["windows_per_second"]}
-        for m in record["model_matmuls"]
-    ]
+    rows = []
+    for m in (*record["matmul"].values(), *record["model_matmuls"]):
+        if "batch" in m:  # the model's own
+            matmuls = f"the model's, E={m['embedding_dim']} batch {m['batch']}"
+            rows.append({"matmuls": matmuls, "threads": m["threads"], "GFLOP/s": m["gflops"]})
+            rows[-1]["windows/s"] = m["windows_per_second"]
+        else:
+            rows.append({"matmuls": "dense", "threads": m["threads"], "GFLOP/s": m["gflops"], **m["by_size"]})
+    return rows
 
 
-@part("limit", "(a) The limit: dense fp32 matmul", "dense fp32 matmul GFLOP/s and the model's own matmuls", limit_rows)
+@part("limit", limit_rows)
 def limit(ctx: Context) -> Record:
+    """(a) The limit: dense fp32 matmul, and the model's own matmuls
+
+    Dense fp32 `torch.mm` GFLOP/s by thread count (the best run of the best square size, measured before and after
+    the rest), and the model's own matmuls alone at the shapes a batch gives them."""
     args, artifact = ctx.args, ctx.artifact
     sizes_mm = (1024, 2048) if args.quick else (1024, 2048, 4096)
-    thread_counts = sorted({1, torch.get_num_threads(), *args.thread_list})
-    rates = {threads: measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm) for threads in thread_counts}
+    thread_counts = sorted({1, torch.get_num_threads(), *args.threads})
+    rates = {t: measure.matmul_rate(t, args.seconds, args.repeats, sizes_mm, None) for t in thread_counts}
     ceilings = []
     for e in ctx.sizes:
-        for threads in args.thread_list:
+        for threads in args.threads:
             for batch in CEILING_BATCHES:
-                ceilings.append(
-                    measure.model_matmul_rate(
-                        e, artifact.window, artifact.channels, batch, threads, args.seconds, args.repeats
-                    )
-                )
-                print(f"    E={e} {threads} thread(s) batch {batch}: {ceilings[-1]['gflops']:.1f} GFLOP/s", flush=True)
+                shape = (e, artifact.window, artifact.channels, batch, threads)
+                ceilings.append(measure.model_matmul_rate(*shape, args.seconds, args.repeats))
+                print(f"    E={e} {threads}T batch {batch}: {ceilings[-1]['gflops']:.1f} GFLOP/s", flush=True)
     # The dense rate again: a VM's neighbours can slow one measurement for a while; the limit is what it can do.
     for threads in thread_counts:
-        again = measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm)
-        rates[threads] = measure.best_rate(rates[threads], again)
+        rates[threads] = measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm, rates[threads])
         print(f"    dense, {threads} thread(s): {rates[threads]['gflops']:.1f} GFLOP/s", flush=True)
     best = max(rates, key=lambda threads: rates[threads]["gflops"])
-    return {
-        "all_threads": torch.get_num_threads(),
-        "matmul": rates,
-        "limit_threads": best,
-        "limit_gflops": rates[best]["gflops"],
-        "model_matmuls": ceilings,
-    }
+    limit = {"limit_threads": best, "limit_gflops": rates[best]["gflops"]}
+    return {"all_threads": torch.get_num_threads(), "matmul": rates, **limit, "model_matmuls": ceilings}
 
 
 @part(
     "tutorial",
-    "(b) The tutorial loop",
-    "the tutorial-style loop: one window at a time, batch 1, torch, by thread count",
     lambda record: [
-        {"E": int(e), "threads": int(t), "windows/s": rate["median"], "best": rate["best"]}
+        {"E": int(e), "threads": int(threads), "windows/s": rate["median"], "best": rate["best"]}
         for e, by_threads in record["by_embedding"].items()
-        for t, rate in by_threads.items()
+        for threads, rate in by_threads.items()
     ],
 )
 def tutorial(ctx: Context) -> Record:
-    by_embedding = {}
+    """(b) The tutorial loop
+
+    The tutorial-style loop: one window at a time, batch 1, torch, by thread count."""
+    by_embedding, args = {}, ctx.args
     for e in ctx.sizes:
         model = measure.random_artifact(ctx.artifact, e)
-        args = ctx.args
-        by_embedding[e] = measure.tutorial_rates(model, ctx.windows, args.thread_list, args.seconds, args.repeats)
+        by_embedding[e] = measure.tutorial_rates(model, ctx.windows, args.threads, args.seconds, args.repeats)
         print(f"    E={e}: " + ", ".join(f"{t}T {r.median:.1f}" for t, r in by_embedding[e].items()), flush=True)
     return {"by_embedding": by_embedding}
 
@@ -146,26 +147,17 @@ def engine_rows(record: Record) -> Rows:
     return list(rows.values())
 
 
-@part(
-    "engine",
-    "(c) The scoring engine alone",
-    "the scoring engine alone: backends x threads x batch sizes, for each model size (medians)",
-    engine_rows,
-)
+@part("engine", engine_rows)
 def engine(ctx: Context) -> Record:
-    args, rows = ctx.args, []
-    for e in ctx.sizes:
-        model = measure.random_artifact(ctx.artifact, e)
-        rows += measure.engine_sweep(
-            model, ctx.windows, args.backend_list, args.thread_list, args.batch_list, args.seconds, args.repeats
-        )
-    return {"rows": rows}
+    """(c) The scoring engine alone
+
+    The scoring engine alone (normalisation and error profile included): backends x threads x batch sizes, for each
+    model size; medians. Sizes other than the default model's are untrained: speed does not depend on the weights."""
+    return {"rows": [row for e in ctx.sizes for row in measure.engine_sweep(ctx.artifact, e, ctx.windows, ctx.args)]}
 
 
 @part(
     "gil",
-    "GIL: the engine next to a busy Python thread",
-    "the scoring pass at batch 64 on one thread, eager and traced, alone and next to a busy Python thread",
     lambda r: [
         {
             "scoring pass": name,
@@ -175,6 +167,10 @@ def engine(ctx: Context) -> Record:
     ],
 )
 def gil(ctx: Context) -> Record:
+    """GIL: the engine next to a busy Python thread
+
+    The default model's scoring pass at batch 64 on one thread, eager and traced, alone and next to a busy Python
+    thread (windows/s)."""
     result = measure.gil_contention(ctx.artifact, 64, ctx.windows, ctx.args.seconds, ctx.args.repeats)
     print(f"    {result}", flush=True)
     return result
@@ -182,20 +178,22 @@ def gil(ctx: Context) -> Record:
 
 @part(
     "accuracy",
-    "ONNX Runtime against torch: scores and decisions",
-    "ONNX Runtime's scores (fp32 and int8) against torch's on every test window",
     lambda record: [
         {"backend": "torch", **record["torch"]},
         *({"backend": name, **record[name]} for name in ("onnx", "onnx_int8") if record.get(name)),
     ],
 )
 def accuracy(ctx: Context) -> Record:
-    int8 = "onnx-int8" in ctx.args.backend_list
+    """ONNX Runtime against torch: scores and decisions
+
+    ONNX Runtime's scores (fp32, and dynamic int8 when that backend is asked for) against torch's on every test
+    window, and the windows flagged at the default model's threshold."""
+    int8 = "onnx-int8" in ctx.args.backends
     return measure.accuracy(ctx.artifact, ctx.test_data, ctx.windows, ctx.anomalous, int8)
 
 
 def training_rows(record: Record) -> Rows:
-    timing, full = record["timing"], record["full_run"]
+    timing, full, other = record["timing"], record["full_run"], record["seconds_per_epoch_other_threads"]
     rows = [
         {
             "run": f"{timing['epochs']} epoch(s) timed",
@@ -203,10 +201,7 @@ def training_rows(record: Record) -> Rows:
             "s/epoch": timing["seconds_per_epoch"],
         }
     ]
-    rows += [
-        {"run": "timed", "threads": int(threads), "s/epoch": seconds}
-        for threads, seconds in record["seconds_per_epoch_other_threads"].items()
-    ]
+    rows += [{"run": "timed", "threads": int(threads), "s/epoch": seconds} for threads, seconds in other.items()]
     if full:
         rows.append(
             {"run": "the whole recipe", "threads": full["threads"], "s/epoch": full["seconds"] / full["epochs_run"]}
@@ -217,43 +212,34 @@ def training_rows(record: Record) -> Rows:
     return rows
 
 
-@part(
-    "training",
-    "(e) Training time",
-    "seconds per epoch of the default recipe; not with --quick: the whole recipe from scratch",
-    training_rows,
-)
+@part("training", training_rows)
 def training(ctx: Context) -> Record:
+    """(e) Training time
+
+    Seconds per epoch of the default recipe (training and validation pass) by thread count; not with --quick: the
+    whole recipe from scratch, its weights compared byte for byte with the shipped model's."""
     args = ctx.args
     recipe = measure.train_settings()
     timing = measure.epoch_seconds(recipe, args.training_epochs)
     other_threads = {}
-    for threads in args.thread_list:
-        if threads != timing["threads"]:
-            other = measure.epoch_seconds(measure.train_settings(threads=threads), args.training_epochs)
-            other_threads[threads] = other["seconds_per_epoch"]
+    for threads in set(args.threads) - {timing["threads"]}:
+        other = measure.epoch_seconds(measure.train_settings(threads=threads), args.training_epochs)
+        other_threads[threads] = other["seconds_per_epoch"]
     print(f"    {timing['seconds_per_epoch']:.2f} s/epoch ({timing['threads']} thread(s)); {other_threads}", flush=True)
     full = None if args.quick else measure.recipe_training(args.model)
-    return {
-        "timing": timing,
-        "full_run": full,
-        "recipe": repo_relative(measure.TRAIN_CONFIG),
-        "max_epochs": recipe.epochs,
-        "patience": recipe.patience,
-        "seconds_per_epoch_other_threads": other_threads,
+    recipe_figures = {"recipe": repo_relative(measure.TRAIN_CONFIG), "max_epochs": recipe.epochs}
+    return {"timing": timing, "full_run": full, **recipe_figures, "patience": recipe.patience} | {
+        "seconds_per_epoch_other_threads": other_threads
     }
 
 
-@part(
-    "transport",
-    "MQTT ingest alone, on one core",
-    "MQTT ingest alone on one core: a QoS 1 backlog drained by bare paho and by the daemon's ingest",
-    lambda record: record["rows"],
-)
-def transport(ctx: Context) -> Record:
-    from bench import transport
+@part("transport", lambda record: record["rows"])
+def transport_part(ctx: Context) -> Record:
+    """MQTT ingest alone, on one core
 
-    chunks = tuple(sorted({config.chunk for config in ctx.args.e2e_config_list}))
+    A backlog of QoS 1 messages (500 sensors) drained as fast as one process can, by bare paho doing nothing but
+    acknowledge and by the daemon's own connection and ingest (no scoring); the lowest CPU per message of the runs."""
+    chunks = tuple(sorted({config.chunk for config in ctx.args.e2e_configs}))
     count = 5000 if ctx.args.quick else 20000
     return {"messages": count, "rows": transport.transport_rates(ctx.normal_data, chunks, count, ctx.args.repeats)}
 
@@ -265,126 +251,94 @@ def verdict(step: Record) -> str:
     return (", ".join(failed) or "ok") + tries
 
 
+COLUMNS = {"sensors": "sensors", "offered w/s": "offered_windows_per_second", "scored w/s": "scored_windows_per_second"}
+
+
 def e2e_rows(record: Record) -> Rows:
     rows = []
     for run in record["runs"]:
-        for index, step in enumerate(run["steps"]):
+        carried = f"{run['sensors_carried']} ({run['sensors_carried_throughput_only']})"
+        for step in run["steps"]:
             cpu = step["cpu_cores"]
-            rows.append(
-                {
-                    "config": RunConfig(**run["config"]).text,
-                    "carried (throughput only)": ""
-                    if index
-                    else f"{run['sensors_carried']} ({run['sensors_carried_throughput_only']})",
-                    "sensors": step["sensors"],
-                    "offered w/s": step["offered_windows_per_second"],
-                    "scored w/s": step["scored_windows_per_second"],
-                    "msgs/s": step["messages_per_second"],
-                    "p50 ms": ms(step["latency_p50_seconds"]),
-                    "p99 ms": ms(step["latency_p99_seconds"]),
-                    "dropped": step["dropped_windows"],
-                    "mean batch": step["mean_batch"],
-                    "CPU daemon (busiest threads)": f"{cell(cpu['daemon'])} ({cell(cpu['daemon_busiest_threads'])})",
-                    "CPU generator": cpu["generator"],
-                    "CPU broker": cpu["broker"],
-                    "CPU others": cpu["others"],
-                    "verdict": verdict(step),
-                }
-            )
+            rows.append({"config": RunConfig(**run["config"]).text, "carried (throughput only)": carried})
+            rows[-1] |= {header: step[key] for header, key in COLUMNS.items()} | {
+                "msgs/s": step["messages_per_second"],
+                "p50 ms": ms(step["latency_p50_seconds"]),
+                "p99 ms": ms(step["latency_p99_seconds"]),
+                "dropped": step["dropped_windows"],
+                "mean batch": step["mean_batch"],
+                "CPU daemon (busiest threads)": f"{cell(cpu['daemon'])} ({cell(cpu['daemon_busiest_threads'])})",
+                "CPU generator, broker, others": [cpu["generator"], cpu["broker"], cpu["others"]],
+                "verdict": verdict(step),
+            }
+            carried = ""
     return rows
 
 
-@part(
-    "e2e",
-    "(d) The daemon end to end through Mosquitto",
-    "the daemon end to end through Mosquitto, sensors stepped up until it no longer keeps up",
-    e2e_rows,
-)
-def e2e(ctx: Context) -> Record:
-    from bench.e2e import sweep
-
+def end_to_end(ctx: Context, configs: list[RunConfig], warmup: float) -> Record:
     args, runs = ctx.args, []
-    for config in args.e2e_config_list:
+    for config in configs:
         print(f"   daemon: {config.label}", flush=True)
-        runs.append(sweep(args.model, ctx.normal_data, config, args.e2e_step_list, args.e2e_warmup, args.e2e_measure))
-    return end_to_end(ctx, args.e2e_warmup, runs)
+        runs.append(sweep(args.model, ctx.normal_data, config, args.e2e_steps, warmup, args.e2e_measure))
+    measured = {"warmup_seconds": warmup, "measure_seconds": args.e2e_measure, "runs": runs}
+    return {"sample_rate_hz": SAMPLE_RATE_HZ, "window": ctx.artifact.window, **measured}
 
 
-def end_to_end(ctx: Context, warmup: float, runs: list[Record]) -> Record:
-    window, measured = ctx.artifact.window, ctx.args.e2e_measure
-    return {
-        "sample_rate_hz": SAMPLE_RATE_HZ,
-        "window": window,
-        "warmup_seconds": warmup,
-        "measure_seconds": measured,
-        "runs": runs,
-    }
+@part("e2e", e2e_rows)
+def e2e(ctx: Context) -> Record:
+    """(d) The daemon end to end through Mosquitto
+
+    `monitor run` behind a real Mosquitto and a load generator in its own process, 250 Hz sensors stepped up until
+    the daemon no longer keeps up, for each configuration of --e2e-configs; a failed step is tried twice."""
+    return end_to_end(ctx, ctx.args.e2e_configs, ctx.args.e2e_warmup)
 
 
 def scaleout_rows(record: Record) -> Rows:
     rows = []
     for run in record["runs"]:
-        for index, step in enumerate(run["steps"]):
-            carried = f"{run['sensors_carried']} ({cell(run['daemon_cpu_ms_per_window'])} ms CPU/window)"
-            rows.append(
-                {
-                    "instances": run["instances"],
-                    "carried": "" if index else carried,
-                    "sensors": step["sensors"],
-                    "offered w/s": step["offered_windows_per_second"],
-                    "scored w/s": step["scored_windows_per_second"],
-                    "p99 ms": ms(step["latency_p99_seconds"]),
-                    "dropped": step["dropped_windows"],
-                    "CPU cores": step["cpu_cores"],
-                    "keeps up": step["keeps_up"],
-                }
-            )
+        carried = f"{run['sensors_carried']} ({cell(run['daemon_cpu_ms_per_window'])} ms CPU/window)"
+        for step in run["steps"]:
+            cpu = step["cpu_cores"]
+            daemons = [value for name, value in sorted(cpu.items()) if name.startswith("daemon") and name[6:].isdigit()]
+            rows.append({"instances": run["instances"], "carried": carried} | {h: step[k] for h, k in COLUMNS.items()})
+            rows[-1] |= {"p99 ms": ms(step["latency_p99_seconds"]), "dropped": step["dropped_windows"]} | {
+                "CPU daemons": daemons or [cpu.get("daemon")],
+                "CPU broker": cpu["broker"],
+                "keeps up": step["keeps_up"],
+            }
+            carried = ""
     return rows
 
 
-@part(
-    "scaleout",
-    "One instance against two behind a partitioning broker",
-    "one instance against two behind the same partitioning nats-server, with the same load generator",
-    scaleout_rows,
-)
+@part("scaleout", scaleout_rows)
 def scaleout(ctx: Context) -> Record:
-    from bench.e2e import scale_out
+    """One instance against two behind a partitioning broker
 
+    The e2e measurement behind nats-server (deploy/nats, 2 partitions, MQTT 3.1.1): one instance subscribed to both
+    partitions, then two with one partition each, with the same load generator and steps."""
     args = ctx.args
-    return scale_out(args.model, ctx.normal_data, args.e2e_step_list, args.e2e_warmup, args.e2e_measure)
+    return scale_out(args.model, ctx.normal_data, args.e2e_steps, args.e2e_warmup, args.e2e_measure)
 
 
-@part(
-    "beat-e2e",
-    "Beat mode next to fixed mode, end to end",
-    "beat mode (raw ECG, record 116 of data/mitdb-dev at 250 Hz, one window per beat) next to fixed mode",
-    e2e_rows,
-    default=False,
-)
+@part("beat-e2e", e2e_rows, default=False)
 def beat_e2e(ctx: Context) -> Record:
-    from bench.e2e import sweep
+    """Beat mode next to fixed mode, end to end
 
-    args, runs = ctx.args, []
-    for text in ("torch:1", "torch:1:beats"):
-        config = RunConfig.parse(text, args.e2e_qos)
-        print(f"   daemon: {config.label}", flush=True)
-        runs.append(
-            sweep(args.model, ctx.normal_data, config, args.e2e_step_list, BEAT_WARMUP_SECONDS, args.e2e_measure)
-        )
-    return end_to_end(ctx, BEAT_WARMUP_SECONDS, runs)
+    The e2e measurement in fixed mode and in beat mode (models/mitdb-beats; sensors stream record 116 of
+    data/mitdb-dev resampled to 250 Hz, the daemon finds the beats and offers one window per scorable beat)."""
+    return end_to_end(
+        ctx, [RunConfig.parse(text, ctx.args.e2e_qos) for text in ("torch:1", "torch:1:beats")], BEAT_WARMUP_SECONDS
+    )
 
 
-@part(
-    "model-table",
-    "(f) Model size: quality against speed",
-    "trains E in --table-sizes within --table-budget each: quality against speed",
-    lambda record: record["rows"],
-    default=False,
-)
+@part("model-table", lambda record: record["rows"], default=False)
 def model_table(ctx: Context) -> Record:
+    """(f) Model size: quality against speed
+
+    Each E in --table-sizes trained with the default recipe, its epochs capped to fit --table-budget seconds;
+    quality on the test split and the engine's and tutorial loop's windows/s."""
     args = ctx.args
-    print(f"    E in {args.table_size_list}, {args.table_budget:.0f} s training budget each", flush=True)
+    print(f"    E in {args.table_sizes}, {args.table_budget:.0f} s training budget each", flush=True)
     return measure.model_table(
-        args.table_size_list, args.table_budget, ctx.windows, ctx.anomalous, args.seconds, args.repeats
+        args.table_sizes, args.table_budget, ctx.windows, ctx.anomalous, args.seconds, args.repeats
     )
