@@ -1,4 +1,4 @@
-"""Soak: hundreds of sensors for minutes, with the attacks of issue 14 mixed in; every legitimate window must be
+"""Soak: hundreds of sensors for minutes, with attacks mixed in; every legitimate window must be
 scored and the daemon's memory and file descriptors must stay flat.
 
     python -m bench.soak --minutes 10 --sensors 500 --chunk 140
@@ -8,11 +8,11 @@ threshold set to 0, so every window scored is an alert that must be acknowledged
 generator of `bench.loadgen` in its own process (sensors at 250 Hz, `--chunk` samples a message: 35 = 3,571
 messages/s for 500 sensors, 140 = 893/s with the same samples and windows), and in this process:
 
-- item 1: every 2 s, a message with a seq near 2**53 on a legitimate sensor's topic (round robin);
-- item 2: every second, 50 messages on distinct topics whose sensor id is 60 KB long (refused as bad_topic);
-- item 4: every 5 s, 200 connections to /metrics held open without a request for 3 s, and one client dripping a
+- every 2 s, a message with a seq near 2**53 on a legitimate sensor's topic (round robin);
+- every second, 50 messages on distinct topics whose sensor id is 60 KB long (refused as bad_topic);
+- every 5 s, 200 connections to /metrics held open without a request for 3 s, and one client dripping a
   request a byte at a time;
-- item 8: retained messages on legitimate sensors' topics (one sample, a stale seq), and half-way through a
+- retained messages on legitimate sensors' topics (one sample, a stale seq), and half-way through a
   restart of the broker, so that the daemon subscribes again and is offered them.
 
 The attack messages carry no complete window, so windows scored must equal exactly the windows the generator's
@@ -57,7 +57,7 @@ def expected_windows(sensors: int, rounds: int, chunk: int = CHUNK) -> int:
 
 
 class Attacks(threading.Thread):
-    """The attacks of items 1, 2, 4 and 8, on their own schedule, until stopped."""
+    """The attacks of the module docstring, on their own schedule, until stopped."""
 
     def __init__(self, broker_port: int, metrics_port: int, sensors: int, prefix: str) -> None:
         super().__init__(name="attacks", daemon=True)
