@@ -232,6 +232,11 @@ def step_figures(run: RunConfig, sensors: int, measured: Measured) -> dict[str, 
     return row
 
 
+def daemon_cores(cpu: dict[str, Any]) -> list[float]:
+    """The daemons' CPU in a step's `cpu_cores` (`daemon`, or `daemon0`, `daemon1`, ...)."""
+    return [value for name, value in sorted(cpu.items()) if name == "daemon" or name.removeprefix("daemon").isdigit()]
+
+
 def scale_out(model: Path, data: Path, steps: list[int], warmup: float, measure: float) -> dict[str, Any]:
     """One instance, then two, each behind a fresh nats-server, stepped through the same sensor counts."""
     runs = [scale_run(instances, steps, data, model, warmup, measure) for instances in (1, 2)]
@@ -271,7 +276,7 @@ def scale_run(instances: int, steps: list[int], data: Path, model: Path, warmup:
             nats.stop()
     kept = [row for row in rows if row["throughput_ok"] and row["scored_windows_per_second"]]
     busiest = max(kept, key=lambda row: row["scored_windows_per_second"], default=None)
-    cores = busiest and sum(value for name, value in busiest["cpu_cores"].items() if name.startswith("daemon"))
+    cores = busiest and sum(daemon_cores(busiest["cpu_cores"]))
     return {
         "instances": instances,
         "steps": rows,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bench import measure, transport
-from bench.e2e import RunConfig, scale_out, sweep
+from bench.e2e import RunConfig, daemon_cores, scale_out, sweep
 from bench.harness import BEAT_WARMUP_SECONDS, SAMPLE_RATE_HZ, repo_relative
 from bench.results import cell
 from monitor.model.artifact import ModelArtifact
@@ -299,10 +299,9 @@ def scaleout_rows(record: Record) -> Rows:
         carried = f"{run['sensors_carried']} ({cell(run['daemon_cpu_ms_per_window'])} ms CPU/window)"
         for step in run["steps"]:
             cpu = step["cpu_cores"]
-            daemons = [value for name, value in sorted(cpu.items()) if name.startswith("daemon") and name[6:].isdigit()]
             rows.append({"instances": run["instances"], "carried": carried} | {h: step[k] for h, k in COLUMNS.items()})
             rows[-1] |= {"p99 ms": ms(step["latency_p99_seconds"]), "dropped": step["dropped_windows"]} | {
-                "CPU daemons": daemons or [cpu.get("daemon")],
+                "CPU daemons": daemon_cores(cpu),
                 "CPU broker": cpu["broker"],
                 "keeps up": step["keeps_up"],
             }

@@ -103,7 +103,7 @@ def section(part: Part, record: dict[str, Any]) -> list[str]:
     return [
         f"## {part.title}",
         "",
-        f"{part.summary[0].upper()}{part.summary[1:]}. `{command}`, measured {when['measured_at']}, "
+        f"{part.summary.rstrip('.')}. `{command}`, measured {when['measured_at']}, "
         f"load average {cell(when['load_average_1m'])}{quick}.",
         "",
         *([details, ""] if details else []),
