@@ -1,14 +1,11 @@
 """Load generator: N sensors streaming ECG at a sample rate through MQTT, in a process of its own.
 
-`python -m bench.loadgen --port P --sensors N --seconds S` publishes, for every sensor, a message
-of `--chunk` samples every chunk/rate seconds (35 samples at 250 Hz: one message per 140 ms, about
-7 a second), with `seq` and `ts` as sensors do. The sensors are spread evenly over the message
-period so the load is smooth. The samples are normal ECG5000 beats (the training split), so about
-1 % of windows raise an alert, as in a healthy deployment. Payloads are pre-encoded JSON fragments,
-so the generator spends its time in paho, not in encoding. It runs in its own process so that it
-does not share the daemon's GIL; the bench measures its CPU use, since on a 2-core machine it
-competes with the daemon and the broker. On exit it prints one JSON line: what it published and
-how late it was against the schedule.
+`python -m bench.loadgen --port P --sensors N --seconds S` publishes, for every sensor, a message of `--chunk`
+samples every chunk/rate seconds, with `seq` and `ts` as sensors do, the sensors spread evenly over the message
+period. The samples are normal ECG5000 beats (about 1 % of windows alert, as in a healthy deployment), or with
+`--recording` a raw ECG lead (beat mode); payloads are pre-encoded, so the time goes to paho. Its own process keeps
+it off the daemon's GIL, and the bench measures its CPU. On exit it prints one JSON line: what it published and how
+late it was against the schedule.
 
 No message is given up and none overtakes another (`OrderedPublisher`): while the broker is away, messages wait
 in the generator, and when `MAX_UNACKNOWLEDGED` messages wait for the broker's acknowledgement (its packet ids are
@@ -171,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         streams = recording_fragments(args.recording, args.rate, args.chunk)
     else:
         streams = fragments(args.data, args.chunk)
-    topics = [args.topic.format(sensor_id=f"{args.prefix}{index:05d}").encode() for index in range(args.sensors)]
-    topics_str = [topic.decode() for topic in topics]
+    topics = [args.topic.format(sensor_id=f"{args.prefix}{index:05d}") for index in range(args.sensors)]
     period = args.chunk / args.rate
     slots = [list(range(slot, args.sensors, SLOTS_PER_PERIOD)) for slot in range(SLOTS_PER_PERIOD)]
     # Sensor s starts `offset[s]` chunks into the window grid, so window completions are spread over
@@ -215,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 stream = streams[sensor % STREAMS]
                 fragment = stream[(position + chunks_per_window * sensor) % len(stream)]
                 payload = b'{"seq":%d,"ts":%.4f,"samples":%b}' % (seq, start_wall + round_index * period, fragment)
-                publisher.publish(topics_str[sensor], payload)
+                publisher.publish(topics[sensor], payload)
                 published += 1
         round_index += 1
     finished = time.monotonic()

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-
-class Part(Protocol):
-    name: str
-    title: str
-    summary: str
-    table: Callable[[dict[str, Any]], list[dict[str, Any]]]
-
-    @property
-    def field(self) -> str: ...
+if TYPE_CHECKING:
+    from bench.parts import Part
 
 
 def stamp(quick: bool, command: str) -> dict[str, Any]:
