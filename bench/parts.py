@@ -251,28 +251,45 @@ def verdict(step: Record) -> str:
     return (", ".join(failed) or "ok") + tries
 
 
-COLUMNS = {"sensors": "sensors", "offered w/s": "offered_windows_per_second", "scored w/s": "scored_windows_per_second"}
+def step_rows(record: Record, run_cells: Callable[[Record], Record], step_cells: Callable[[Record], Record]) -> Rows:
+    """One row per step of every run: the run's first cell on each of its rows, its other cells on the first."""
+    rows = []
+    for run in record["runs"]:
+        cells = run_cells(run)
+        for index, step in enumerate(run["steps"]):
+            lead = (
+                cells
+                if index == 0
+                else {key: value if key == next(iter(cells)) else "" for key, value in cells.items()}
+            )
+            rows.append(lead | {"sensors": step["sensors"], "offered w/s": step["offered_windows_per_second"]})
+            rows[-1] |= {"scored w/s": step["scored_windows_per_second"]} | step_cells(step)
+    return rows
+
+
+def e2e_step_cells(step: Record) -> Record:
+    cpu = step["cpu_cores"]
+    return {
+        "msgs/s": step["messages_per_second"],
+        "p50 ms": ms(step["latency_p50_seconds"]),
+        "p99 ms": ms(step["latency_p99_seconds"]),
+        "dropped": step["dropped_windows"],
+        "mean batch": step["mean_batch"],
+        "CPU daemon (busiest threads)": f"{cell(cpu['daemon'])} ({cell(cpu['daemon_busiest_threads'])})",
+        "CPU generator, broker, others": [cpu["generator"], cpu["broker"], cpu["others"]],
+        "verdict": verdict(step),
+    }
 
 
 def e2e_rows(record: Record) -> Rows:
-    rows = []
-    for run in record["runs"]:
-        carried = f"{run['sensors_carried']} ({run['sensors_carried_throughput_only']})"
-        for step in run["steps"]:
-            cpu = step["cpu_cores"]
-            rows.append({"config": RunConfig(**run["config"]).text, "carried (throughput only)": carried})
-            rows[-1] |= {header: step[key] for header, key in COLUMNS.items()} | {
-                "msgs/s": step["messages_per_second"],
-                "p50 ms": ms(step["latency_p50_seconds"]),
-                "p99 ms": ms(step["latency_p99_seconds"]),
-                "dropped": step["dropped_windows"],
-                "mean batch": step["mean_batch"],
-                "CPU daemon (busiest threads)": f"{cell(cpu['daemon'])} ({cell(cpu['daemon_busiest_threads'])})",
-                "CPU generator, broker, others": [cpu["generator"], cpu["broker"], cpu["others"]],
-                "verdict": verdict(step),
-            }
-            carried = ""
-    return rows
+    return step_rows(
+        record,
+        lambda run: {
+            "config": RunConfig(**run["config"]).text,
+            "carried (throughput only)": f"{run['sensors_carried']} ({run['sensors_carried_throughput_only']})",
+        },
+        e2e_step_cells,
+    )
 
 
 def end_to_end(ctx: Context, configs: list[RunConfig], warmup: float) -> Record:
@@ -294,19 +311,20 @@ def e2e(ctx: Context) -> Record:
 
 
 def scaleout_rows(record: Record) -> Rows:
-    rows = []
-    for run in record["runs"]:
-        carried = f"{run['sensors_carried']} ({cell(run['daemon_cpu_ms_per_window'])} ms CPU/window)"
-        for step in run["steps"]:
-            cpu = step["cpu_cores"]
-            rows.append({"instances": run["instances"], "carried": carried} | {h: step[k] for h, k in COLUMNS.items()})
-            rows[-1] |= {"p99 ms": ms(step["latency_p99_seconds"]), "dropped": step["dropped_windows"]} | {
-                "CPU daemons": daemon_cores(cpu),
-                "CPU broker": cpu["broker"],
-                "keeps up": step["keeps_up"],
-            }
-            carried = ""
-    return rows
+    return step_rows(
+        record,
+        lambda run: {
+            "instances": run["instances"],
+            "carried": f"{run['sensors_carried']} ({cell(run['daemon_cpu_ms_per_window'])} ms CPU/window)",
+        },
+        lambda step: {
+            "p99 ms": ms(step["latency_p99_seconds"]),
+            "dropped": step["dropped_windows"],
+            "CPU daemons": daemon_cores(step["cpu_cores"]),
+            "CPU broker": step["cpu_cores"]["broker"],
+            "keeps up": step["keeps_up"],
+        },
+    )
 
 
 @part("scaleout", scaleout_rows)
