@@ -423,49 +423,29 @@ def accuracy(artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous
     )
 
 
-def model_table(
-    embedding_dims: tuple[int, ...],
-    budget_seconds: float,
-    windows: np.ndarray,
-    anomalous: np.ndarray,
-    seconds: float,
-    repeats: int,
-    backends: tuple[str, ...] = ("torch", "onnx"),
-) -> Record:
-    """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
+def model_table(windows: np.ndarray, options: Namespace) -> Record:
+    """Train each of `options.table_sizes` with the default recipe, epochs capped to fit `options.table_budget`
+    seconds; its quality (the recipe's evaluation) and speed (the tutorial loop, the engine at batch 64)."""
     from monitor.training.trainer import train
 
-    rows = []
-    recipe = train_settings()
-    for embedding_dim in embedding_dims:
-        with tempfile.TemporaryDirectory(prefix=f"bench-e{embedding_dim}-") as directory:
-            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1)["seconds_per_epoch"]
-            epochs = max(1, min(recipe.epochs, math.floor(budget_seconds / probe)))
-            print(
-                f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in {budget_seconds:.0f} s",
-                flush=True,
+    rows, budget = [], options.table_budget
+    speed_options = Namespace(**{**vars(options), "backends": ("torch", "onnx"), "threads": (1, 2), "batches": (64,)})
+    for e in options.table_sizes:
+        with tempfile.TemporaryDirectory(prefix=f"bench-e{e}-") as directory:
+            probe = epoch_seconds(train_settings(embedding_dim=e), 1)["seconds_per_epoch"]
+            epochs = max(1, min(train_settings().epochs, math.floor(budget / probe)))
+            print(f"  model table: E={e}: {probe:.1f} s/epoch -> {epochs} epochs in {budget:.0f} s", flush=True)
+            result = train(
+                train_settings(embedding_dim=e, epochs=epochs, output=directory, report=False, name=f"bench-e{e}")
             )
-            settings = train_settings(
-                embedding_dim=embedding_dim,
-                epochs=epochs,
-                output=directory,
-                report=False,
-                name=f"bench-e{embedding_dim}",
-            )
-            result = train(settings)
             artifact = load_artifact(directory)
-            evaluation = result.evaluation
-            speed = {"tutorial_t1": tutorial_rates(artifact, windows, (1,), seconds, repeats)[1].median}
-            for backend in backends:
-                for threads in (1, 2):
-                    with threads_set(threads):
-                        score, batch = make_scorer(artifact, backend, threads), batch_of(windows, 64)
-                        rate = measure_rate(lambda score=score, batch=batch: score(batch), 64, seconds, repeats)
-                        speed[f"{backend}_b64_t{threads}"] = rate.median
+            speed = {"tutorial_t1": tutorial_rates(artifact, windows, (1,), options.seconds, options.repeats)[1].median}
+            for row in engine_sweep(artifact, e, windows, speed_options):
+                speed[f"{row['backend']}_b64_t{row['threads']}"] = row["rate"].median
             rows.append(
                 dict(
-                    embedding_dim=embedding_dim,
-                    flops_per_window=flops_per_window(embedding_dim, artifact.window, artifact.channels),
+                    embedding_dim=e,
+                    flops_per_window=flops_per_window(e, artifact.window, artifact.channels),
                     parameters=sum(p.numel() for p in artifact.model.parameters()),
                     seconds_per_epoch_probe=probe,
                     epochs_cap=epochs,
@@ -473,11 +453,11 @@ def model_table(
                     best_epoch=result.best_epoch,
                     train_seconds=result.seconds,
                     threshold=artifact.threshold,
-                    **quality(evaluation, ("auc", "pr_auc", "recall", "fpr", "precision")),
+                    **quality(result.evaluation, ("auc", "pr_auc", "recall", "fpr", "precision")),
                     windows_per_second=speed,
                 )
             )
-    return {"budget_seconds": budget_seconds, "recipe": repo_relative(TRAIN_CONFIG), "rows": rows}
+    return {"budget_seconds": budget, "recipe": repo_relative(TRAIN_CONFIG), "rows": rows}
 
 
 def default_model_summary(path: Path) -> Record:

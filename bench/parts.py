@@ -354,8 +354,5 @@ def model_table(ctx: Context) -> Record:
 
     Each E in --table-sizes trained with the default recipe, its epochs capped to fit --table-budget seconds;
     quality on the test split and the engine's and tutorial loop's windows/s."""
-    args = ctx.args
-    print(f"    E in {args.table_sizes}, {args.table_budget:.0f} s training budget each", flush=True)
-    return measure.model_table(
-        args.table_sizes, args.table_budget, ctx.windows, ctx.anomalous, args.seconds, args.repeats
-    )
+    print(f"    E in {ctx.args.table_sizes}, {ctx.args.table_budget:.0f} s training budget each", flush=True)
+    return measure.model_table(ctx.windows, ctx.args)
