@@ -120,6 +120,7 @@ def test_stepping_retries_a_failed_step_and_stops_at_a_throughput_failure() -> N
     assert "other_attempt" not in rows[0] and not rows[2]["other_attempt"]["keeps_up"]
 
 
+@pytest.mark.slow
 def test_load_generator_summary_is_read_by_the_bench(broker: Broker) -> None:
     """The generator's closing line (a real run against a real broker) must fit the record the e2e bench reads."""
     command = loadgen.command(broker.port, 4, 1.0, 250.0, 35, 1, split_path(DATA_DIR, TRAIN_NORMAL))
