@@ -102,3 +102,10 @@ def section(part: Part, record: dict[str, Any]) -> list[str]:
         *([details, ""] if details else []),
         *table(part.table(record)),
     ]
+
+
+if __name__ == "__main__":  # `python -m bench.results`: RESULTS.md again from results.json, nothing measured
+    from bench.parts import PARTS
+
+    bench = Path(__file__).resolve().parent
+    (bench / "RESULTS.md").write_text(render(load(bench / "results.json"), PARTS.values()), encoding="utf-8")
