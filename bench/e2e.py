@@ -46,12 +46,12 @@ PARTITIONS = 2
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One daemon configuration to step through; written `backend:threads[:qosN][:bN][:wN][:cN][:p311][:beats]`.
+    """One daemon configuration to step through; `backend:threads[:qosN][:bN][:wN][:cN][:p311][:beats][:frame]`.
 
     e.g. `torch:1` (the daemon's defaults), `torch:1:qos0` (sensors publish at QoS 0),
     `torch:1:b32` (max_batch 32), `onnx:1:w25` (max_wait 25 ms), `torch:1:c140` (140 samples a message),
     `torch:1:p311` (the daemon speaks MQTT 3.1.1 instead of its default 5), `torch:1:beats` (beat mode: the beat
-    model, sensors stream a raw MIT-BIH lead).
+    model, sensors stream a raw MIT-BIH lead), `torch:1:c140:frame` (sensors send binary frames instead of JSON).
     """
 
     backend: str = "torch"
@@ -62,6 +62,7 @@ class RunConfig:
     chunk: int = 35
     protocol: str = "5"
     mode: str = "fixed"
+    input_format: str = "json"  # `frame`: sensors send binary frames (float32)
 
     @classmethod
     def parse(cls, text: str, qos: int = 1) -> RunConfig:
@@ -76,6 +77,8 @@ class RunConfig:
                 values["mode"] = "beats"
             elif token == "p311":
                 values["protocol"] = "3.1.1"
+            elif token == "frame":
+                values["input_format"] = "frame"
             elif prefix is not None:
                 number = int(token[len(prefix) :])
                 values[numbers[prefix]] = number / 1000 if prefix == "w" else number
@@ -88,7 +91,9 @@ class RunConfig:
         return (
             f"{self.backend}, {self.threads} thread(s), max_batch {self.max_batch}, "
             f"max_wait {self.max_wait * 1000:.0f} ms, input QoS {self.qos}, {self.chunk} samples/message, "
-            f"MQTT {self.protocol}" + (", beat mode" if self.mode == "beats" else "")
+            f"MQTT {self.protocol}"
+            + (", beat mode" if self.mode == "beats" else "")
+            + (", binary frames" if self.input_format == "frame" else "")
         )
 
     @property
@@ -100,6 +105,7 @@ class RunConfig:
             f"c{self.chunk}" if self.chunk != 35 else "",
         ]
         options += ["p311" if self.protocol == "3.1.1" else "", "beats" if self.mode == "beats" else ""]
+        options += ["frame" if self.input_format == "frame" else ""]
         return ":".join([self.backend, str(self.threads), *filter(None, options)])
 
     @property
@@ -139,6 +145,7 @@ def sweep(model: Path, normal_data: Path, run: RunConfig, steps: list[int], warm
             windowing=windowing,
             batching={"max_batch": run.max_batch, "max_wait_seconds": run.max_wait, "queue_capacity": 4096},
             mqtt={"client_id": f"bench-{run.text}-{time.time_ns() % 10**9}", "protocol": run.protocol},
+            input={"format": run.input_format},  # the generator's sensor topics carry this one format
         )
         settings = yaml.safe_load(config.read_text())
         settings["model"].update(backend=run.backend, threads=run.threads)
@@ -171,7 +178,8 @@ def stepped(
 
         def step(sensors: int) -> dict[str, Any]:
             rate, beats = SAMPLE_RATE_HZ, run.mode == "beats"
-            command = loadgen.command(broker.port, sensors, warmup + measure + 1, rate, run.chunk, run.qos, data, beats)
+            timing = (warmup + measure + 1, rate, run.chunk, run.qos)
+            command = loadgen.command(broker.port, sensors, *timing, data, beats, run.input_format)
             measured = measure_load(command, started, pids | {"broker": broker.process.pid}, warmup, measure)
             for daemon in started:
                 drain(daemon)

@@ -43,7 +43,12 @@ BY_MODE = {  # option -> (type, default, default with --quick, help)
     "--batches": (ints, "1,8,32,64,128,256,512", "1,64,256", "engine batch sizes"),
     "--seconds": (float, "0.6", "0.15", "seconds per timing run"),
     "--repeats": (int, "3", "1", "timing runs per figure, the median is reported"),
-    "--e2e-configs": (str, FULL_E2E, "torch:1", "daemon runs as backend:threads[:qosN][:bN][:wMS][:cN][:p311][:beats]"),
+    "--e2e-configs": (
+        str,
+        FULL_E2E,
+        "torch:1",
+        "daemon runs as backend:threads[:qosN][:bN][:wMS][:cN][:p311][:beats][:frame]",
+    ),
     "--e2e-steps": (ints, "100,200,400,600,800,1000,1200,1600,2000,2400,3200", "100,400", "sensor counts to step"),
     "--e2e-warmup": (float, "4", "3", "seconds of load before measuring each step"),
     "--e2e-measure": (float, "10", "5", "seconds measured per step"),
