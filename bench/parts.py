@@ -238,7 +238,8 @@ def transport_part(ctx: Context) -> Record:
     """MQTT ingest alone, on one core
 
     A backlog of QoS 1 messages (500 sensors) drained as fast as one process can, by bare paho doing nothing but
-    acknowledge and by the daemon's own connection and ingest (no scoring); the lowest CPU per message of the runs."""
+    acknowledge and by the daemon's own connection and ingest (no scoring) for each payload format (JSON, binary
+    frames, Sparkplug B); the lowest CPU per message of the runs."""
     chunks = tuple(sorted({config.chunk for config in ctx.args.e2e_configs}))
     count = 5000 if ctx.args.quick else 20000
     return {"messages": count, "rows": transport.transport_rates(ctx.normal_data, chunks, count, ctx.args.repeats)}
