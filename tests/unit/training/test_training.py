@@ -343,7 +343,11 @@ def test_train_help_shows_every_default():
         if action.option_strings and action.dest != "help":
             assert "(default" in action.help or "(required" in action.help, action.option_strings
     text = " ".join(train_parser.format_help().split())
-    assert "(default: 32)" in text and "(default: 150)" in text and "(default: 0.002)" in text
+    assert (
+        "(default: 32)" in text
+        and "(default: 150; with --segmentation beats: 60)" in text
+        and "(default: 0.002)" in text
+    )
     assert "grad_clip 1.0" in text  # keys without a flag are listed with their defaults
     # The defaults are the bundled recipe's (configs/train-ecg5000.yaml), its one thread included.
     recipe = yaml.safe_load((REPO / "configs" / "train-ecg5000.yaml").read_text())
