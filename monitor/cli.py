@@ -15,6 +15,7 @@ from monitor.errors import MonitorError
 if TYPE_CHECKING:
     from monitor.model.artifact import ModelArtifact
     from monitor.model.scoring import BatchScorer
+    from monitor.training.trainer import TrainingResult
 
 EXIT_USER_ERROR = 2
 
@@ -112,6 +113,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     add("--stride", type=int, help="samples between window starts in a recording (default: the window)")
     add("--embedding-dim", type=int, help="embedding size E (LSTMs of E and 2E units)" + default("embedding_dim"))
+    add(
+        "--channel-names",
+        help="comma-separated names of the channels, in order, recorded in the artifact: alerts name their top "
+        "channels with them (default: none; channels are named by index only)",
+    )
     add("--epochs", type=int, help="maximum number of epochs" + default("epochs"))
     add("--batch-size", type=int, help="mini-batch size" + default("batch_size"))
     add("--learning-rate", type=float, help="Adam learning rate" + default("learning_rate"))
@@ -257,6 +263,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "sample_rate": args.sample_rate,
         "annotations": args.annotations,
         "normal_symbols": args.normal_symbols.split(",") if args.normal_symbols else None,
+        "channel_names": args.channel_names.split(",") if args.channel_names else None,
     }
     data.update({key: value for key, value in flags.items() if value is not None})
     if args.threshold_method and data.get("threshold", {}).get("method") != args.threshold_method:
@@ -291,11 +298,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         from monitor.training.beat_trainer import format_beat_evaluation
 
         print(format_beat_evaluation(beat_evaluation))
-    elif result.evaluation is not None:
-        from monitor.training.evaluation import format_evaluation
-
-        print(format_evaluation(result.evaluation))
+        return 0
+    _print_yardstick(result)
     return 0
+
+
+def _print_yardstick(result: TrainingResult) -> None:
+    """The LSTM's figures beside its PCA yardstick's: false alarms on held-out normal windows, evaluation data."""
+    from monitor.training.evaluation import format_evaluation, format_false_alarms, format_side_by_side
+
+    metadata = result.artifact.metadata
+    pca = metadata.get("yardstick")
+    if pca is None:
+        if result.evaluation is not None:
+            print(format_evaluation(result.evaluation))
+        return
+    print(
+        f"PCA yardstick: {pca['components']} components on the same windows, threshold {pca['threshold']['value']:.6g}"
+    )
+    print(format_false_alarms(metadata["held_out_false_alarms"]))
+    if result.evaluation is not None and result.pca_evaluation is not None:
+        print(format_evaluation(result.evaluation))
+        print(format_side_by_side({"lstm": result.evaluation, "pca": result.pca_evaluation}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -334,7 +358,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scorer: BatchScorer) -> int:
-    from monitor.model.baseline import resolve_baseline, trained_baseline
+    from monitor.model.artifact import channel_names
+    from monitor.model.baseline import follow_rate, resolve_baseline, trained_baseline
+    from monitor.model.pca import PcaModel
     from monitor.training.datasets import read_labelled_recording
     from monitor.training.evaluation import format_evaluation
     from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
@@ -346,15 +372,31 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
     if args.stride is not None and args.stride < 1:
         raise MonitorError("--stride must be >= 1")
     warm_up = resolve_baseline(trained_baseline(artifact.metadata), args.baseline, args.baseline_windows, "--baseline")
+    rate = follow_rate(artifact.metadata)
     stride = args.stride or artifact.window
-    scored = []
+    models: dict[str, tuple[BatchScorer, float]] = {"lstm": (scorer, artifact.threshold)}
+    pca = PcaModel.load(artifact)
+    if pca is not None:
+        models["pca"] = (pca, float(artifact.metadata["yardstick"]["threshold"]["value"]))
+    recordings = []
     for data, labels in zip(args.data, args.labels, strict=True):
         recording = read_labelled_recording(data, labels)
         if recording.samples.shape[1] != artifact.channels:
             raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
-        scored.append(score_recording(scorer, recording, artifact.window, stride, warm_up))
-    pooled = pooled_evaluation(scored, artifact.threshold)
-    per_recording = [evaluate_recording(item, artifact.threshold) for item in scored]
+        recordings.append(recording)
+    scored = {
+        name: [score_recording(model, item, artifact.window, stride, warm_up, rate) for item in recordings]
+        for name, (model, _) in models.items()
+    }
+    names = channel_names(artifact.metadata, artifact.channels)
+    figures = {
+        name: (
+            pooled_evaluation(scored[name], threshold),
+            [evaluate_recording(item, threshold, names) for item in scored[name]],
+        )
+        for name, (_, threshold) in models.items()
+    }
+    pooled, per_recording = figures["lstm"]
     caught = sum(item["segments_caught"] for item in per_recording)
     counted = sum(item["segments"] for item in per_recording)
     summary = {
@@ -364,11 +406,21 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
         "stride": stride,
         "baseline": "model" if warm_up is None else "sensor",
         "baseline_windows": warm_up,
+        "baseline_follow_rate": rate if warm_up is not None else None,
+        "nominal_false_alarm_rate": _nominal_false_alarms(artifact.metadata, "lstm"),
         **pooled.to_dict(),
         "segments": counted,
         "segments_caught": caught,
         "recordings": per_recording,
     }
+    if "pca" in figures:
+        pca_pooled, pca_recordings = figures["pca"]
+        summary["pca"] = {
+            "components": int(len(models["pca"][0].components)),  # type: ignore[attr-defined]
+            "nominal_false_alarm_rate": _nominal_false_alarms(artifact.metadata, "pca"),
+            **pca_pooled.to_dict(),
+            "recordings": [{key: item[key] for key in RECORDING_FIGURES} for item in pca_recordings],
+        }
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -379,13 +431,36 @@ def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scor
     )
     print(format_evaluation(pooled))
     print(f"\nanomaly segments caught: {caught} of {counted}")
+    nominal = summary["nominal_false_alarm_rate"]
+    if nominal is not None:
+        print(f"nominal false-alarm rate {nominal:.2%}; per recording, the realised one is its false-positive rate")
     for item in per_recording:
         delay = item["median_delay_samples"]
         delay_note = f", median delay {delay:g} samples" if delay is not None else ""
         segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
-        figures = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
-        print(f"  {item['data']}: {figures}  {segments}")
+        figures_text = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
+        clipped = f"  at the clip {item['clipped_share']:.2%}" if "clipped_share" in item else ""
+        print(f"  {item['data']}: {figures_text}  {segments}{clipped}")
+    if "pca" in figures:
+        from monitor.training.evaluation import format_side_by_side
+
+        print(f"\nbeside the PCA yardstick ({summary['pca']['components']} components), same windows:")
+        print(format_side_by_side({"lstm": pooled, "pca": figures["pca"][0]}))
+        for lstm_item, pca_item in zip(per_recording, figures["pca"][1], strict=True):
+            print(
+                f"  {lstm_item['data']}: ROC AUC lstm {lstm_item['auc']:.4f} pca {pca_item['auc']:.4f}, "
+                f"false-positive rate lstm {lstm_item['fpr']:.4f} pca {pca_item['fpr']:.4f}"
+            )
     return 0
+
+
+RECORDING_FIGURES = ("data", "auc", "pr_auc", "f1", "precision", "recall", "fpr", "segments", "segments_caught")
+
+
+def _nominal_false_alarms(metadata: dict[str, Any], model: str) -> float | None:
+    """The share of calibration windows above the threshold, as training recorded it (None for older artifacts)."""
+    held_out = metadata.get("held_out_false_alarms")
+    return held_out["nominal"].get(model) if isinstance(held_out, dict) else None
 
 
 def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: Any, header: dict[str, Any]) -> int:
