@@ -218,9 +218,9 @@ class SensorBaselines:
     """The daemon's per-sensor baseline state: the warm-up windows still being collected, and fitted baselines.
 
     A sensor's first `warm_up` windows are collected (not scored); the last of them fits its baseline (the
-    anchor) and every later window is normalised with it, as it follows (`FollowingBaseline`). `forget` drops a sensor (idle eviction), so a sensor that
-    comes back starts a new warm-up. Memory: a warming sensor holds up to `warm_up` x W x C float32 values.
-    Not thread-safe: the caller serialises access (the ingest lock).
+    anchor) and every later window is normalised with it, as it follows (`FollowingBaseline`). `forget` drops
+    a sensor (idle eviction), so a sensor that comes back starts a new warm-up. Memory: a warming sensor holds
+    up to `warm_up` x W x C float32 values. Not thread-safe: the caller serialises access (the ingest lock).
     """
 
     def __init__(self, warm_up: int, window: int, channels: int, follow_rate: float = 0.0) -> None:

@@ -11,6 +11,7 @@ this simplest reconstruction model is not yet worth its cost. The daemon does no
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 
 from monitor.errors import ArtifactError

@@ -326,7 +326,9 @@ class Daemon:
         if not lifecycle.enabled:
             return
         tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors)
-        self.episodes = EpisodeSink(tracker, self.connection, lifecycle, self.metrics, self.engine)
+        self.episodes = EpisodeSink(
+            tracker, self.connection, lifecycle, self.metrics, self.engine, top_channels=config.alerts.top_channels
+        )
         if lifecycle.resume_timeout_seconds <= 0:
             return
         topic_filter = state_filter(lifecycle.state_topic)

@@ -26,7 +26,6 @@ from monitor.model.scoring import BatchScorer, top_channels
 from monitor.training.datasets import Recording
 from monitor.training.evaluation import Evaluation, evaluate_scores
 
-
 TOP_CHANNELS = 3  # as many as an alert lists by default (alerts.top_channels)
 
 
@@ -60,7 +59,7 @@ class ScoredRecording:
     starts: np.ndarray  # [N] first sample of each scored window
     scores: np.ndarray  # [N]
     warm_up: int  # windows not scored at the start
-    channel_errors: np.ndarray  # [N, C] each channel's mean absolute error over the window
+    channel_errors: np.ndarray | None  # [N, C] each channel's mean absolute error over the window
     clipped: np.ndarray | None  # [N, C] share of each channel's values at the baseline's clip (baseline: sensor)
 
     def anomalous(self) -> np.ndarray:
@@ -127,18 +126,20 @@ def evaluate_recording(
     assert labels is not None
     flagged = scored.scores > threshold
     seg = segment_figures(labels, scored.starts, scored.window, flagged)
-    clip: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    if scored.channel_errors is not None:
+        extra["flagged_top_channels"] = [top_channels(row, channels, names) for row in scored.channel_errors[flagged]]
     if scored.clipped is not None:
         by_channel = scored.clipped.mean(axis=0) if len(scored.clipped) else np.zeros(scored.clipped.shape[1])
-        clip = {"clipped_share": float(by_channel.mean()), "clipped_share_by_channel": by_channel.round(6).tolist()}
+        extra["clipped_share"] = float(by_channel.mean())
+        extra["clipped_share_by_channel"] = by_channel.round(6).tolist()
     return {
         "data": scored.recording.source,
         "warm_up_windows": scored.warm_up,
         **figures,
         **seg,
-        **clip,
         "flagged_window_starts": scored.starts[flagged].tolist(),
-        "flagged_top_channels": [top_channels(errors, channels, names) for errors in scored.channel_errors[flagged]],
+        **extra,
     }
 
 
