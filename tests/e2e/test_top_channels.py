@@ -4,13 +4,11 @@ by index and by name, and agree window by window."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from tests.e2e.test_baseline_daemon import EXCERPT, ONE_THREAD, STRIDE, WARM_UP, WINDOW, publish
-from tests.support import daemon_config, metric, run_cli, wait_until
+from tests.e2e.test_baseline_daemon import EXCERPT, STRIDE, WARM_UP, WINDOW, publish
+from tests.support import daemon_config, metric, train_and_evaluate, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,40 +20,28 @@ NAMES = [f"metric-{index:02d}" for index in range(38)]
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory):
     """A small sensor-baseline model with channel names; machine-2-4's test excerpt with channel 17 pushed far off
-    its range over rows 300-499. One channel of 38 at the clip adds only about CLIP / 38 to a window's mean error,
-    so the threshold here is the calibration windows' 1st percentile: the faulted windows must alert, and the
-    test is about which channels the alerts name."""
+    its range over rows 300-499, and what `monitor evaluate --json` reports on it. One channel of 38 at the clip adds
+    only about CLIP / 38 to a window's mean error, so the threshold here is the calibration windows' 1st
+    percentile: faulted windows must alert, and the test is about which channels the alerts name."""
     root = tmp_path_factory.mktemp("top-channels")
     (root / "train.yaml").write_text("threshold:\n  method: quantile\n  params:\n    q: 0.01\n")
-    trained = run_cli(
-        "train",
-        "--config",
-        str(root / "train.yaml"),
-        "--train-data",
-        *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES),
-        "--window",
-        str(WINDOW),
-        "--stride",
-        str(STRIDE),
-        "--baseline",
-        "sensor",
-        "--baseline-windows",
-        str(WARM_UP),
-        "--channel-names",
-        ",".join(NAMES),
-        *("--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report"),
-        "--output",
-        str(root / "model"),
-        env=ONE_THREAD,
-    )
-    assert trained.returncode == 0, trained.stderr
     rows = np.load(EXCERPT / "machine-2-4_test.npy")
     rows[FAULT_ROWS[0] : FAULT_ROWS[1], FAULT_CHANNEL] += 5.0  # SMD values lie in [0, 1]
     labels = np.zeros(len(rows), np.int8)
     labels[FAULT_ROWS[0] : FAULT_ROWS[1]] = 1
     np.save(root / "faulted.npy", rows)
     np.save(root / "labels.npy", labels)
-    return root, rows
+    report = train_and_evaluate(
+        root / "model",
+        [EXCERPT / f"{m}_train.npy" for m in MACHINES],
+        [root / "faulted.npy"],
+        [root / "labels.npy"],
+        WINDOW,
+        STRIDE,
+        *("--config", str(root / "train.yaml"), "--baseline", "sensor", "--baseline-windows", str(WARM_UP)),
+        *("--channel-names", ",".join(NAMES)),
+    )
+    return root, rows, report["recordings"][0]
 
 
 def inside_fault(start: int) -> bool:
@@ -63,15 +49,7 @@ def inside_fault(start: int) -> bool:
 
 
 def test_alerts_name_the_faulty_channel_first_as_evaluate_does(faulted, broker, capture_factory, daemon_factory):
-    root, rows = faulted
-    evaluated = run_cli(
-        "evaluate",
-        *("--model", str(root / "model"), "--data", str(root / "faulted.npy"), "--labels", str(root / "labels.npy")),
-        *("--stride", str(STRIDE), "--json"),
-        env=ONE_THREAD,
-    )
-    assert evaluated.returncode == 0, evaluated.stderr
-    report = json.loads(evaluated.stdout)["recordings"][0]
+    root, rows, report = faulted
     offline = dict(zip(report["flagged_window_starts"], report["flagged_top_channels"], strict=True))
     in_fault = [start for start in offline if inside_fault(start)]
     assert len(in_fault) >= 3, "faulted windows must alert"  # 4 of the 18 with this seed: the fault is diluted
