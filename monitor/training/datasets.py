@@ -32,7 +32,8 @@ DECOMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".xz": lzma.op
 # A `.npy` of shape [N, W] with W below this is a [T, C] recording (no model has 3-sample windows):
 # refused without --window rather than trained on as windows.
 MIN_NPY_WINDOW = 4
-# The key of `model.json`'s `architecture` that names the input channels, when the training CSVs had a header.
+# The key of a beat model's `architecture` that names its input lead, when the training CSVs had a header (its
+# `channel_names` would be the derived channels'); a fixed-window model records its names as `channel_names`.
 INPUT_CHANNEL_NAMES = "input_channel_names"
 # What a damaged or mislabelled compressed file raises while it is read.
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
@@ -225,8 +226,9 @@ def csv_header(line: str, path: Path) -> tuple[str, ...] | None:
 
 
 def input_channel_names(metadata: dict[str, Any]) -> tuple[str, ...] | None:
-    """The input channel names a model recorded (from its training CSVs' header), or None."""
-    names = metadata.get("architecture", {}).get(INPUT_CHANNEL_NAMES)
+    """The input channel names a model recorded (`--channel-names`, or its training CSVs' header), or None."""
+    architecture = metadata.get("architecture", {})
+    names = architecture.get(INPUT_CHANNEL_NAMES, architecture.get("channel_names"))
     return None if names is None else tuple(str(name) for name in names)
 
 

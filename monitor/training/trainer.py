@@ -38,9 +38,10 @@ from monitor.model.calibration import (
     threshold_uncertainty,
 )
 from monitor.model.engine import use_threads
-from monitor.model.scoring import Scorer
+from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
+from monitor.model.pca import PCA_FILE, VARIANCE, PcaModel
+from monitor.model.scoring import BatchScorer, Scorer
 from monitor.training.datasets import (
-    INPUT_CHANNEL_NAMES,
     WindowSet,
     read_labelled_recording,
     read_windows,
@@ -73,6 +74,7 @@ class TrainingResult:
     evaluation: Evaluation | None = None
     evaluation_data: WindowSet | None = None
     calibration_windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pca_evaluation: Evaluation | None = None
 
 
 def _read(path: Path, settings: TrainSettings, channel_names: tuple[str, ...] | None = None) -> WindowSet:
@@ -92,11 +94,14 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     labels: list[Path | None] = [*settings.train_labels] if settings.train_labels else [None] * len(settings.train_data)
     parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     described: list[dict[str, Any]] = []
+    validation_start = 0
     named: list[tuple[str, tuple[str, ...] | None]] = []
     for path, label_path in zip(settings.train_data, labels, strict=True):
         recording = read_labelled_recording(path, label_path)
         named.append((recording.source, recording.channel_names))
-        windows, _ = recording_windows(recording, settings.window, stride, settings.baseline_windows)
+        windows, _, clipped = recording_windows(
+            recording, settings.window, stride, settings.baseline_windows, settings.baseline_follow_rate
+        )
         n = len(windows)
         keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
         n_cal = int(round(n * settings.calibration_fraction))
@@ -105,6 +110,7 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
         bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
         for part, (start, end) in bounds.items():
             parts[part].append(windows[start:end][keep[start:end]])
+        validation_end = validation_start + len(parts["validation"][-1])
         described.append(
             {
                 "data": str(path),
@@ -112,8 +118,11 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
                 "labels": None if label_path is None else str(label_path),
                 "windows": n,
                 "anomalous_windows_left_out": int((~keep).sum()),
+                "validation_windows": [validation_start, validation_end],
+                **({} if clipped is None else {"calibration_clipped_share": float(clipped[n - n_cal :].mean())}),
             }
         )
+        validation_start = validation_end
     fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
     if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
         raise DataError(
@@ -122,7 +131,8 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
     split = {
         "recordings": described,
-        "validation": "the windows before each recording's calibration part",
+        "validation": "the windows before each recording's calibration part (validation_windows: [start, end) of "
+        "each recording's in the validation set)",
         "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
@@ -239,6 +249,9 @@ def train(settings: TrainSettings) -> TrainingResult:
     use_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split = split_normal(settings)
+    if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
+        raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
+    recorded_channel_names(settings, fit)  # refused before training, not after
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
     sensor = settings.baseline == "sensor"
     normalisation = Normalisation.identity(fit.channels) if sensor else Normalisation.fit(fit.windows)
@@ -260,12 +273,27 @@ def train(settings: TrainSettings) -> TrainingResult:
     calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
     uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
     warn_small_calibration(calibration, uncertainty, "windows")
-    evaluation, evaluation_data = None, None
+    pca = PcaModel.fit(fit.windows, normalisation)
+    pca_errors = pca.score_all(calibration_windows).errors
+    pca_calibration = calibrate(pca_errors, settings.threshold.method, settings.threshold.params)
+    evaluation, evaluation_data, pca_evaluation = None, None, None
     if settings.evaluate_data is not None:
         evaluation_data = _read(settings.evaluate_data, settings, fit.channel_names)
         require_window(evaluation_data, fit.window, fit.channels)
+        anomalous = evaluation_data.is_anomaly(settings.normal_label)
         scores = scorer.score_all(evaluation_data.windows).errors
-        evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
+        evaluation = evaluate_scores(scores, anomalous, calibration.threshold)
+        pca_evaluation = evaluate_scores(
+            pca.score_all(evaluation_data.windows).errors, anomalous, pca_calibration.threshold
+        )
+    held_out = held_out_false_alarms(
+        split,
+        {
+            "lstm": (scorer, calibration_errors, calibration.threshold),
+            "pca": (pca, pca_errors, pca_calibration.threshold),
+        },
+        validation,
+    )
     metadata = model_record(
         settings,
         fit,
@@ -281,8 +309,19 @@ def train(settings: TrainSettings) -> TrainingResult:
         seconds,
     )
     metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
+    metadata["held_out_false_alarms"] = held_out
+    metadata[PCA_METADATA_KEY] = {
+        "type": "pca",
+        "file": PCA_FILE,
+        "fitted_on": "the model's training windows, normalised as the model sees them",
+        "variance": VARIANCE,
+        "components": int(len(pca.components)),
+        "threshold": {"value": pca_calibration.threshold, **pca_calibration.to_dict()},
+        "evaluation": None if pca_evaluation is None else pca_evaluation.to_dict(),
+    }
     # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
     shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)
+    pca.save(settings.output)  # before model.json, which is written last: an artifact naming its PCA part has it
     save_artifact(settings.output, model, metadata)
     artifact = ModelArtifact(
         model,
@@ -313,7 +352,36 @@ def train(settings: TrainSettings) -> TrainingResult:
         evaluation,
         evaluation_data,
         calibration_windows,
+        pca_evaluation,
     )
+
+
+def held_out_false_alarms(
+    split: dict[str, Any], models: dict[str, tuple[BatchScorer, np.ndarray, float]], validation: np.ndarray
+) -> dict[str, Any]:
+    """Each model's nominal false-alarm rate (the share of calibration windows above its threshold) beside the
+    realised one on held-out normal windows: each recording's validation windows, which no threshold saw."""
+    scores = {name: scorer.score_all(validation).errors for name, (scorer, _, _) in models.items()}
+    nominal = {name: float((errors > threshold).mean()) for name, (_, errors, threshold) in models.items()}
+    recordings = []
+    for item in split.get("recordings", []):
+        start, end = item["validation_windows"]
+        if end > start:
+            realised = {name: float((scores[name][start:end] > models[name][2]).mean()) for name in models}
+            recordings.append({"data": item["data"], "windows": end - start, "realised": realised})
+    pooled = {name: float((scores[name] > models[name][2]).mean()) for name in models}
+    return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
+
+
+def recorded_channel_names(settings: TrainSettings, fit: WindowSet) -> list[str] | None:
+    """The channel names the model records: `--channel-names`, else the training CSVs' header; both must agree."""
+    given = tuple(settings.channel_names) if settings.channel_names else None
+    if given and fit.channel_names and given != fit.channel_names:
+        raise DataError(
+            f"--channel-names {','.join(given)}: the training CSVs' header names {','.join(fit.channel_names)}"
+        )
+    chosen = given or fit.channel_names
+    return list(chosen) if chosen else None
 
 
 def model_record(
@@ -333,6 +401,7 @@ def model_record(
     """The `model.json` record of a fixed-window model (beat training extends it with its segmentation)."""
     now = dt.datetime.now(dt.UTC)
     excluded = {
+        "channel_names",
         "train_data",
         "train_labels",
         "calibration_data",
@@ -343,6 +412,7 @@ def model_record(
         "report",
     }
     hyper = settings.model_dump(mode="json", exclude=excluded)
+    names = recorded_channel_names(settings, fit)
     return {
         "name": settings.name,
         "version": settings.version or now.strftime("%Y.%m.%d"),
@@ -353,10 +423,12 @@ def model_record(
             "window": fit.window,
             "channels": fit.channels,
             "embedding_dim": settings.embedding_dim,
-            **({} if fit.channel_names is None else {INPUT_CHANNEL_NAMES: list(fit.channel_names)}),
+            **({"channel_names": names} if names else {}),
         },
         "normalisation": normalisation.to_dict(),
-        "baseline": describe_baseline(settings.baseline_windows) if settings.baseline_windows else {"type": "model"},
+        "baseline": describe_baseline(settings.baseline_windows, settings.baseline_follow_rate)
+        if settings.baseline_windows
+        else {"type": "model"},
         "error_measure": ERROR_MEASURE,
         "error_measure_note": "mean over the window of |x - reconstruction|, in normalised units, channels averaged",
         "threshold": {

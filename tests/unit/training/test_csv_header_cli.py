@@ -41,7 +41,7 @@ def test_header_names_recorded_by_train_and_checked_by_evaluate(tmp_path, capsys
             )
             == 0
         )
-        assert read_metadata(model)["architecture"]["input_channel_names"] == ["flow", "pressure"]
+        assert read_metadata(model)["architecture"]["channel_names"] == ["flow", "pressure"]
         assert read_metadata(model)["name"] == "pumps"
         capsys.readouterr()
         evaluate = ["evaluate", "--model", str(model), "--labels", str(tmp_path / "labels.txt"), "--json", "--data"]
