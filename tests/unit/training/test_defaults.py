@@ -8,13 +8,15 @@ import re
 
 import numpy as np
 import pytest
+import structlog
 import torch
 import yaml
-from structlog.testing import capture_logs
+from structlog.testing import LogCapture
 
 from monitor.cli import build_parser, train_settings
 from monitor.model.artifact import read_metadata
 from monitor.model.calibration import DEFAULT_PARAMS
+from monitor.training import trainer
 from monitor.training.beat_trainer import BeatTrainSettings, train_beats
 from monitor.training.trainer import TrainSettings, train
 from tests.support import REPO
@@ -103,7 +105,7 @@ def test_training_runs_on_one_thread_and_records_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_beat_training_warns_of_a_small_calibration_set(tmp_path):
+def test_beat_training_warns_of_a_small_calibration_set(tmp_path, monkeypatch):
     signal = np.load(TRAIN / "123.npy")[: 150 * 360]
     np.save(tmp_path / "short.npy", signal)
     annotations = [line for line in (TRAIN / "123.csv").read_text().splitlines()]
@@ -118,8 +120,9 @@ def test_beat_training_warns_of_a_small_calibration_set(tmp_path):
         epochs=1,
         report=False,
     )
-    with capture_logs() as logs:
-        result, _ = train_beats(settings)
-    warnings = [entry for entry in logs if entry["event"] == "calibration_set_small"]
+    logs = LogCapture()  # the trainer's own logger, whatever an earlier test configured structlog to
+    monkeypatch.setattr(trainer, "log", structlog.wrap_logger(None, processors=[logs]))
+    result, _ = train_beats(settings)
+    warnings = [entry for entry in logs.entries if entry["event"] == "calibration_set_small"]
     assert len(warnings) == 1 and warnings[0]["beats"] == result.calibration.n_windows < 200
     assert "calibration windows" in warnings[0]["message"]
