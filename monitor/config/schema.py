@@ -340,6 +340,13 @@ class JournalSettings(Strict):
         default=30.0, gt=0, description="... or after this long, bounding a replay's duplicates"
     )
 
+    @field_validator("path")
+    @classmethod
+    def _not_a_directory(cls, path: Path | None) -> Path | None:
+        if path is not None and path.is_dir():
+            raise ValueError(f"{path} is a directory: name the journal file in it, e.g. {path / 'journal'}")
+        return path
+
 
 class HealthSettings(Strict):
     stall_seconds: float = Field(

@@ -17,6 +17,7 @@ The systemd watchdog is fed only while the scoring thread makes progress (see `S
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -142,7 +143,8 @@ class Daemon:
         self.init_metrics()
         self.init_ingest()
         self.start_scoring()
-        self.replay_journal()
+        if not self.replay_journal():
+            return self.abandon()
         self.start_mqtt()
         self.main_loop()
         code = self.drain()
@@ -165,6 +167,8 @@ class Daemon:
 
     def init_metrics(self) -> None:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
+        if self.journal is not None:
+            self.journal.metrics = self.metrics
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
         count = self.config.partitions.count if self.config.partitions else None
@@ -226,28 +230,76 @@ class Daemon:
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
             self.restore_windows()
 
-    def replay_journal(self) -> None:
-        """Take back what the journal holds (a crash or a stop left it), then start a fresh one from that state."""
-        if self.journal is None:
-            return
+    def replay_journal(self) -> bool:
+        """Take back what the journal holds (a crash or a stop left it), then start a fresh one from that state.
+        A damaged file is renamed aside (kept, never overwritten) and what could be read of it replayed. False, after
+        one error line, when the journal cannot be read or written at all (a directory, unreadable, a full disk)."""
+        journal = self.journal
+        if journal is None:
+            return True
         now = time.monotonic()
         try:
-            replayed = self.journal.load(now)
-        except (OSError, ValueError) as error:
-            log.error("journal_discarded", path=str(self.journal.path), error=str(error)[:300])
+            if journal.path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "journal.path is a directory", str(journal.path))
+            replayed = journal.load(now)
+        except OSError as error:
+            log.error("journal_unusable", path=str(journal.path), error=str(error), exit_code=1)
+            return False
+        except ValueError as error:
             replayed = None
+            size = journal.path.stat().st_size
+            self.metrics.journal_discarded.labels("unreadable").inc(size)
+            if not self.set_journal_aside("journal_unreadable", error=str(error)[:300], bytes=size):
+                return False
         if replayed is not None:
             self.ingest.replay(replayed, now)
+            self.metrics.journal_replayed.inc(len(replayed.messages))
+            self.metrics.journal_discarded.labels("torn").inc(replayed.torn_bytes)
+            self.metrics.journal_discarded.labels("damaged").inc(replayed.damaged_bytes)
+            if replayed.damaged_spans and not self.set_journal_aside(
+                "journal_damaged",
+                damaged_bytes=replayed.damaged_bytes,
+                damaged_spans=replayed.damaged_spans,
+                checkpoint_lost=replayed.checkpoint_lost,
+                messages_replayed=len(replayed.messages),
+            ):
+                return False
             log.info(
                 "journal_replayed",
-                path=str(self.journal.path),
+                path=str(journal.path),
                 pending_windows=len(replayed.pending),
                 messages=len(replayed.messages),
-                truncated=replayed.truncated,
+                torn_bytes=replayed.torn_bytes,
+                damaged_bytes=replayed.damaged_bytes,
                 sensors=self.ingest.assembler.active_sensors,
             )
         with self.ingest.lock:
-            self.journal.start(self.ingest.checkpoint_state())
+            try:
+                journal.start(self.ingest.checkpoint_state())
+            except OSError as error:  # the file the last run left is still in place: the next start replays it
+                log.error("journal_unusable", path=str(journal.path), error=str(error), exit_code=1)
+                return False
+        return True
+
+    def set_journal_aside(self, event: str, **details: object) -> bool:
+        """Log a damaged or unreadable journal at error level and rename it aside; False when it cannot be moved."""
+        assert self.journal is not None
+        try:
+            aside = self.journal.set_aside()
+        except OSError as error:
+            log.error(event, path=str(self.journal.path), kept_as=None, **details)
+            log.error("journal_unusable", path=str(self.journal.path), error=str(error), exit_code=1)
+            return False
+        log.error(event, path=str(self.journal.path), kept_as=str(aside), **details)
+        return True
+
+    def abandon(self) -> int:
+        """End a start that cannot go on (the input was never taken): exit code 1, for systemd to try again."""
+        self.stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        log.info("stopped", drain_seconds=0.0, exit_code=1)
+        return 1
 
     def restore_windows(self) -> None:
         """Take back the partial windows the last drain saved; a file that does not fit is logged and ignored."""
@@ -479,8 +531,9 @@ class Daemon:
         if not self.connection.wait_for_acknowledgements(wait):
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
         if self.journal is not None:
-            with self.ingest.lock:
-                self.journal.close(self.ingest.checkpoint_state())  # fsyncs: the last records are released too
+            with self.ingest.lock:  # fsyncs: the last records are released too
+                if not self.journal.close(self.ingest.checkpoint_state()):
+                    self.exit_code = 1  # the last run's file is kept: the next start replays it
         else:
             self.save_windows()
         self.connection.acknowledge()

@@ -28,6 +28,8 @@ MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "intern
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
+JOURNAL_OPERATIONS = ("write", "fsync", "checkpoint")
+JOURNAL_DISCARD_REASONS = ("torn", "damaged", "unreadable")
 EPISODE_STATES = ("open", "flapping")
 DRIFT_SHARE_LEVELS = (0.5, 0.9, 0.99)  # calibration quantiles whose exceedance share is exported
 SHADOW_DISAGREEMENTS = ("live_only", "shadow_only")  # which of the two models called the window anomalous
@@ -172,6 +174,7 @@ class Metrics:
             "Metrics connections closed because metrics.max_connections were open",
             registry=registry,
         )
+        self._journal_metrics(registry)
         self.instance_info = Info(
             "monitor_instance",
             "This instance: its name (the MQTT client id) and the broker partitions it consumes",
@@ -198,6 +201,48 @@ class Metrics:
         self._episode_metrics(registry)
         self._drift_metrics(registry)
         self._shadow_metrics(registry)
+
+    def _journal_metrics(self, registry: CollectorRegistry) -> None:
+        self.journal_bytes = Counter(
+            "monitor_journal_bytes_total",
+            "Bytes written to the input journal (records and checkpoints)",
+            registry=registry,
+        )
+        self.journal_records = Counter(
+            "monitor_journal_records_total",
+            "Message and decided-window records written to the journal",
+            registry=registry,
+        )
+        self.journal_errors = Counter(
+            "monitor_journal_errors_total",
+            "Journal writes, fsyncs and checkpoints that failed",
+            ["operation"],
+            registry=registry,
+        )
+        self.journal_checkpoints = Counter(
+            "monitor_journal_checkpoints_total",
+            "Journal checkpoints written (start, periodic, recovery, stop)",
+            registry=registry,
+        )
+        self.journal_failing = Gauge(
+            "monitor_journal_failing",
+            "1 while journal writes fail: no input is acknowledged until a checkpoint can be written",
+            registry=registry,
+        )
+        self.journal_replayed = Counter(
+            "monitor_journal_replayed_messages_total", "Messages replayed from the journal at start", registry=registry
+        )
+        self.journal_discarded = Counter(
+            "monitor_journal_discarded_bytes_total",
+            "Journal bytes not replayed at start: a torn last record (never acknowledged), damaged records, or a file "
+            "with no readable checkpoint",
+            ["reason"],
+            registry=registry,
+        )
+        for operation in JOURNAL_OPERATIONS:
+            self.journal_errors.labels(operation)
+        for reason in JOURNAL_DISCARD_REASONS:
+            self.journal_discarded.labels(reason)
 
     def _episode_metrics(self, registry: CollectorRegistry) -> None:
         self.episode_events = Counter(
