@@ -22,6 +22,7 @@ from monitor.config.schema import load_config, partition_of
 from monitor.errors import ConfigError
 from monitor.tools.replay import ReplayPlan, messages, plan_ucr
 from monitor.training.datasets import read_ucr
+from tests.e2e.test_faults import figure, make_model
 from tests.nats import DEPLOYED_CONFIG, NatsServer, require_nats_server
 from tests.support import (
     DEFAULT_MODEL,
@@ -35,7 +36,6 @@ from tests.support import (
     wait_until,
 )
 from tests.test_daemon_e2e import expected_alerts
-from tests.test_faults import figure, make_model
 
 PARTITIONS = 4
 INSTANCES = ("a", "b")  # deploy/nats/monitor-0.yaml and -1.yaml: one partition each (nats-server.conf says why)
