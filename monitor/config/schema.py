@@ -230,6 +230,20 @@ class BatchingSettings(Strict):
     max_batch: int = Field(default=64, ge=1, le=4096)
     max_wait_seconds: float = Field(default=0.05, ge=0, le=10)
     queue_capacity: int = Field(default=4096, ge=1)
+    max_queued_per_sensor: int = Field(
+        default=64,
+        ge=1,
+        description="a sensor holding this many queued windows, and more than twice the average of the sensors "
+        "queued, floods: its further windows are dropped (sensor_share) and no other sensor waits for them; at least "
+        "the windows one message can complete",
+    )
+    admission_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=60,
+        description="with the queue full, input waits this long for room (read no further: it waits at the broker) "
+        "before the window is dropped (queue_full); keep it below 1.5 x mqtt.keepalive_seconds",
+    )
 
 
 class LifecycleSettings(Strict):

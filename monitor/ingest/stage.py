@@ -46,9 +46,13 @@ class Ingest:
         pending: PendingWindows | None = None,
         journal: Journal | None = None,
         baselines: SensorBaselines | None = None,
+        max_queued_per_sensor: int | None = None,
+        admission_wait_seconds: float = 0.0,
     ) -> None:
         """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
-        optional: without them a crash loses the windows in memory, see RELIABILITY.md)."""
+        optional: without them a crash loses the windows in memory, see RELIABILITY.md). A sensor may hold at most
+        `max_queued_per_sensor` windows in `windows` (which must count them by sensor id), and a window waits up to
+        `admission_wait_seconds` for room before it is dropped."""
         self.decoder = decoder
         self.assembler = assembler
         self.windows = windows
@@ -60,6 +64,9 @@ class Ingest:
         self.sensor_id_pattern = re.compile(sensor_id_pattern) if sensor_id_pattern else None
         self.pending = pending
         self.journal = journal
+        self.max_queued_per_sensor = max_queued_per_sensor or windows.capacity
+        self.admission_wait_seconds = admission_wait_seconds
+        self._share_drops: Counter[str] = Counter()  # by sensor, since its last `sensor_over_share` line
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
         self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
@@ -126,11 +133,48 @@ class Ingest:
                 self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
                 self._decided(window)
                 continue
-            if not self.windows.offer(window):
+            reason = self._admit(window)
+            if reason is not None:
                 self._decided(window)
-                self.metrics.windows_dropped.labels("queue_full").inc()
-                if self._warnings.allow(("queue_full",), now):
-                    log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+                self.metrics.windows_dropped.labels(reason).inc()
+                self._log_drop(reason, sensor_id, now)
+
+    def _admit(self, window: Window | BeatWindow) -> str | None:
+        """Queue the window, or say why not: its sensor floods the queue (at least `max_queued_per_sensor` windows and
+        more than twice the average of the sensors queued: dropped at once, so that no other sensor waits for it), or
+        the queue stayed full for `admission_wait_seconds` (meanwhile paho's thread reads nothing: the input waits at
+        the broker)."""
+        windows = self.windows
+        if windows.over_share(window.sensor_id, self.max_queued_per_sensor):
+            return "sensor_share"
+        if windows.offer(window):
+            return None
+        started = time.monotonic()
+        queued = windows.offer(window, self.admission_wait_seconds)
+        self.metrics.input_waits.inc()
+        self.metrics.input_wait_seconds.inc(time.monotonic() - started)
+        return None if queued else "queue_full"
+
+    def _log_drop(self, reason: str, sensor_id: str, now: float) -> None:
+        """Rate-limited: the queue being full once per interval, a sensor over its share once per sensor and interval
+        (with its windows dropped since its last line)."""
+        if reason == "queue_full":
+            if self._warnings.allow(("queue_full",), now):
+                log.warning(
+                    "scoring_queue_full",
+                    capacity=self.windows.capacity,
+                    waited_seconds=self.admission_wait_seconds,
+                    sensor_id=sensor_id,
+                )
+            return
+        self._share_drops[sensor_id] += 1
+        if self._warnings.allow((sensor_id, "sensor_share"), now):
+            log.warning(
+                "sensor_over_share",
+                sensor_id=sensor_id,
+                windows_dropped=self._share_drops.pop(sensor_id),
+                max_queued_per_sensor=self.max_queued_per_sensor,
+            )
 
     def _decided(self, window: Window | BeatWindow) -> None:
         if self.pending is not None:

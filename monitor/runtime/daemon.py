@@ -203,7 +203,7 @@ class Daemon:
         baselines = (
             None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
         )
-        self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
+        self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity, key=lambda window: window.sensor_id)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
         self.ingest = Ingest(
             PayloadDecoder(
@@ -225,6 +225,8 @@ class Daemon:
             self.pending,
             self.journal,
             baselines,
+            config.batching.max_queued_per_sensor,
+            config.batching.admission_wait_seconds,
         )
         self.ingest.watch_gauges()
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more

@@ -25,7 +25,7 @@ from monitor.ecg.beats import UNSCORABLE_REASONS
 from monitor.ingest.payload import REJECT_REASONS
 
 MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS)
-WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
+WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "sensor_share", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
 JOURNAL_OPERATIONS = ("write", "fsync", "checkpoint")
@@ -34,6 +34,7 @@ EPISODE_STATES = ("open", "flapping")
 DRIFT_SHARE_LEVELS = (0.5, 0.9, 0.99)  # calibration quantiles whose exceedance share is exported
 SHADOW_DISAGREEMENTS = ("live_only", "shadow_only")  # which of the two models called the window anomalous
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+AGE_BUCKETS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 INFERENCE_BUCKETS_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ERROR_BUCKET_FACTORS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -108,6 +109,22 @@ class Metrics:
             "From the arrival of a window's last sample to its decision",
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=registry,
+        )
+        self.window_age_seconds = Histogram(
+            "monitor_window_age_seconds",
+            "From a window's first sample (its ts, when the sensor sends one) to its decision, wall clock: includes "
+            "the time its input waited at the broker",
+            buckets=AGE_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.input_wait_seconds = Counter(
+            "monitor_input_wait_seconds_total",
+            "Time the input stage waited for room in the scoring queue (no input read meanwhile: it waits at the "
+            "broker)",
+            registry=registry,
+        )
+        self.input_waits = Counter(
+            "monitor_input_waits_total", "Windows that waited for room in the scoring queue", registry=registry
         )
         self.reconstruction_error = self._error_histogram(threshold)
         # beat mode (windowing.mode: beats); in it, monitor_windows_scored_total counts the beats scored
