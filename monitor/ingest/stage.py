@@ -1,7 +1,10 @@
 """The input stage, on paho's network thread: message -> sensor id -> payload -> windowing -> bounded queue.
 
-`Ingest.handle` runs for every message: decode, window, enqueue; it never blocks and never raises, and
-every outcome is counted. `housekeeping` evicts idle sensors; the gauges of live state are read when
+`Ingest.handle` runs for every message: decode, window, enqueue; it never raises, and every outcome is counted.
+It blocks only while the scoring queue is full, for at most `admission_wait_seconds` a window (the input then waits
+at the broker); a sensor flooding the queue has its messages dropped before they are decoded, and its windows
+beyond its share, so that it costs the others neither room nor waiting.
+`housekeeping` evicts idle sensors; the gauges of live state are read when
 scraped (`watch_gauges`). With a journal, every message fed is appended to it under the windowing's lock.
 """
 
@@ -82,6 +85,8 @@ class Ingest:
         sensor_id = None
         try:
             sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
+            if self.windows.over_share(sensor_id, self.max_queued_per_sensor):  # before the cost of decoding it
+                raise PayloadError("sensor_share", "the sensor's windows fill its share of the scoring queue")
             message = self.decoder.decode(payload)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
                 result: FeedResult | BeatFeedResult = self.assembler.feed(sensor_id, message, now, redelivered)
@@ -168,7 +173,7 @@ class Ingest:
                 )
             return
         self._share_drops[sensor_id] += 1
-        if self._warnings.allow((sensor_id, "sensor_share"), now):
+        if self._warnings.allow((sensor_id, "over_share"), now):  # apart from its messages dropped (sensor_share)
             log.warning(
                 "sensor_over_share",
                 sensor_id=sensor_id,

@@ -24,7 +24,15 @@ from monitor.alerts.episodes import EVENT_KINDS
 from monitor.ecg.beats import UNSCORABLE_REASONS
 from monitor.ingest.payload import REJECT_REASONS
 
-MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS)
+MESSAGE_OUTCOMES = (
+    "accepted",
+    "duplicate",
+    "retained",
+    "sensor_limit",
+    "sensor_share",
+    "internal_error",
+    *REJECT_REASONS,
+)
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "sensor_share", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")

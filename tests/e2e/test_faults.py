@@ -554,7 +554,9 @@ def test_overload_drops_are_counted_memory_stays_flat_and_the_daemon_recovers(
         tmp_path / "m.yaml",
         broker.port,
         model=models.slow,
-        batching={"queue_capacity": capacity, "max_batch": 4, "max_wait_seconds": 0.01},
+        # No waiting for room: what a full queue costs when the input cannot wait (the default waits, at the broker:
+        # test_admission.py)
+        batching={"queue_capacity": capacity, "max_batch": 4, "max_wait_seconds": 0.01, "admission_wait_seconds": 0},
     )
     daemon = daemon_factory(config)
     sensors = sensors_factory(broker.port, inflight=1000)

@@ -52,9 +52,13 @@ def test_a_flooding_sensor_loses_its_own_excess_and_is_named():
         for index in range(10):
             send(ingest, f"calm{index}", W, 1)
     assert queue.queued_for("flood") == 4 and all(queue.queued_for(f"calm{i}") == 2 for i in range(10))
-    assert dropped(registry, "sensor_share") == 10 and dropped(registry, "queue_full") == 0
+    assert dropped(registry, "sensor_share") == 3 and dropped(registry, "queue_full") == 0
+    # the second message is dropped before it is decoded: the flooder has its share queued
+    assert registry.get_sample_value("monitor_messages_received_total", {"outcome": "sensor_share"}) == 1
     lines = [entry for entry in logs if entry["event"] == "sensor_over_share"]
     assert [(line["sensor_id"], line["windows_dropped"]) for line in lines] == [("flood", 1)]  # rate-limited
+    messages = [entry for entry in logs if entry["event"] == "message_dropped"]
+    assert [(line["sensor_id"], line["reason"]) for line in messages] == [("flood", "sensor_share")]
 
 
 def test_a_backlog_of_many_sensors_fills_the_queue_evenly_and_nobody_is_dropped():
