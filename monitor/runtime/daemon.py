@@ -376,7 +376,7 @@ class Daemon:
         lifecycle = config.alerts.lifecycle
         if not lifecycle.enabled:
             return
-        tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors)
+        tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors, tick=time.monotonic)
         self.episodes = EpisodeSink(tracker, self.connection, lifecycle, self.metrics, self.engine)
         if lifecycle.resume_timeout_seconds <= 0:
             return
