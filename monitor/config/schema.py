@@ -27,6 +27,7 @@ from monitor.config.loading import (
     validate,
 )
 from monitor.errors import ConfigError
+from monitor.ingest.payload import PLAUSIBLE_TS
 
 CREDENTIAL_PASSWORD = "mqtt_password"
 
@@ -191,6 +192,14 @@ class WindowingSettings(Strict):
         ge=0,
         description="seq jump (samples) beyond which a message ahead, or back near 0, restarts the sensor's stream",
     )
+    ts_range: tuple[float, float] = Field(
+        default=PLAUSIBLE_TS,
+        description="plausible sensor ts (Unix seconds, inclusive); others are ignored and counted, the samples kept",
+    )
+
+    ts_tolerance_seconds: float = Field(
+        default=1.0, ge=0, description="how far a later message's ts may go back before it is ignored (fixed mode)"
+    )
     max_abs_value: float = Field(
         default=1e6, gt=0, description="samples with a larger magnitude reject the message (value_out_of_range)"
     )
@@ -209,6 +218,13 @@ class WindowingSettings(Strict):
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows is only for baseline: sensor")
         return self
+
+    @field_validator("ts_range")
+    @classmethod
+    def _ordered(cls, ts_range: tuple[float, float]) -> tuple[float, float]:
+        if not ts_range[0] < ts_range[1]:
+            raise ValueError(f"the first bound must be below the second, got {list(ts_range)}")
+        return ts_range
 
     @field_validator("sample_rate_hz")
     @classmethod

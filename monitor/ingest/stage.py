@@ -116,6 +116,13 @@ class Ingest:
                 log.exception("message_failed", sensor_id=sensor_id, topic=topic[:200])
             return
         self._outcomes[result.duplicate].inc()  # the labelled children, looked up once
+        ts_ignored = message.ts_ignored or (
+            "backwards" if isinstance(result, FeedResult) and result.ts_backwards else None
+        )
+        if ts_ignored is not None:
+            self.metrics.ts_ignored.labels(ts_ignored).inc()
+            if self._warnings.allow((sensor_id, "ts_ignored"), now):
+                log.warning("ts_ignored", sensor_id=sensor_id, reason=ts_ignored, seq=message.seq)
         self.metrics.samples.inc(len(message.samples) - result.duplicate_samples if not result.duplicate else 0)
         if result.duplicate_samples:
             self.metrics.duplicate_samples.inc(result.duplicate_samples)

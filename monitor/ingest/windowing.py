@@ -82,6 +82,7 @@ class FeedResult:
     gaps: int = 0  # seq gaps seen in this message (0 or 1)
     restarted: bool = False  # the seq jumped beyond the tolerance: a new stream started at it
     restart_windows_dropped: int = 0  # partial windows of a stream dropped after a jump
+    ts_backwards: bool = False  # the message's ts went back beyond the tolerance: ignored
 
 
 class _Anchor:
@@ -267,10 +268,12 @@ class WindowAssembler(SensorTable[_Stream]):
         idle_seconds: float,
         on_evict: Callable[[str], None] | None = None,
         seq_tolerance: int = 1024,
+        ts_tolerance_seconds: float = 1.0,
     ) -> None:
         """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction;
         on_evict, called with each evicted sensor's id; seq_tolerance, the seq jump beyond which a message far
-        ahead, or back near 0, restarts the stream (module docstring)."""
+        ahead, or back near 0, restarts the stream (module docstring); ts_tolerance_seconds, how far a later
+        message's ts may go back before it is ignored."""
         if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
             raise ValueError(
                 f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}"
@@ -279,6 +282,7 @@ class WindowAssembler(SensorTable[_Stream]):
         self.window = window
         self.stride = stride
         self.channels = channels
+        self.ts_tolerance_seconds = ts_tolerance_seconds
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
 
@@ -372,7 +376,9 @@ class WindowAssembler(SensorTable[_Stream]):
             result.gaps = 1
             result.gap_windows_dropped = self._restart_after_gap(stream, seq)
         if message.ts is not None:
-            self._anchor(stream, seq, message.ts, seq + len(message.samples))
+            result.ts_backwards = self._backwards(stream, seq, message.ts)
+            if not result.ts_backwards:
+                self._anchor(stream, seq, message.ts, seq + len(message.samples))
         self._append(sensor_id, stream, samples, now, result.windows)
         return result
 
@@ -398,6 +404,12 @@ class WindowAssembler(SensorTable[_Stream]):
         stream.fill = 0
         stream.anchors.clear()
         return dropped
+
+    def _backwards(self, stream: _Stream, seq: int, ts: float) -> bool:
+        """A later message (higher seq) whose ts is more than `ts_tolerance_seconds` before the last one's: its ts
+        is ignored, so no window time is extrapolated from it."""
+        last = stream.last_anchor
+        return last is not None and seq > last[0] and ts < last[1] - self.ts_tolerance_seconds
 
     def _anchor(self, stream: _Stream, seq: int, ts: float, end: int) -> None:
         """Records the message's (seq, ts): it updates the period and timestamps the samples it delivers."""

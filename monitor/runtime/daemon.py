@@ -211,6 +211,7 @@ class Daemon:
                 windowing.max_samples_per_message,
                 windowing.max_payload_bytes,
                 windowing.max_abs_value,
+                windowing.ts_range,
             ),
             assembler,
             self.queue,

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from monitor.alerts.episodes import EVENT_KINDS
 from monitor.ecg.beats import UNSCORABLE_REASONS
-from monitor.ingest.payload import REJECT_REASONS
+from monitor.ingest.payload import REJECT_REASONS, TS_IGNORED_REASONS
 
 MESSAGE_OUTCOMES = (
     "accepted",
@@ -131,6 +131,15 @@ class Metrics:
             "broker)",
             registry=registry,
         )
+        self.ts_ignored = Counter(
+            "monitor_ts_ignored_total",
+            "Sensor ts values ignored (their samples kept), by reason: not a number, outside windowing.ts_range, or "
+            "back by more than windowing.ts_tolerance_seconds",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in TS_IGNORED_REASONS:
+            self.ts_ignored.labels(reason)
         self.input_waits = Counter(
             "monitor_input_waits_total", "Windows that waited for room in the scoring queue", registry=registry
         )
