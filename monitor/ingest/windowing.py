@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 import numpy as np
 
 from monitor.errors import PayloadError
-from monitor.ingest.payload import Message
+from monitor.ingest.payload import MAX_SEQ, Message
 
 SENSOR_LIMIT_REASON = "sensor_limit"
 STATE_FORMAT = "monitor-window-state"
@@ -283,6 +283,7 @@ class WindowAssembler(SensorTable[_Stream]):
         self.stride = stride
         self.channels = channels
         self.ts_tolerance_seconds = ts_tolerance_seconds
+        self.refused: list[str] = []  # ids of the sensor entries the last `restore` left out
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
 
@@ -307,11 +308,13 @@ class WindowAssembler(SensorTable[_Stream]):
         shape = {"window": self.window, "stride": self.stride, "channels": self.channels}
         return {"format": STATE_FORMAT, "version": STATE_VERSION, **shape, "sensors": sensors}
 
-    def restore(self, state: Any, now: float) -> int:
+    def restore(self, state: Any, now: float, max_abs_value: float = math.inf) -> int:
         """Replaces all sensors' state with a `snapshot()`; returns how many sensors it holds.
 
-        Raises ValueError, and changes nothing, for a snapshot of another shape or one that is not consistent.
-        At most `max_sensors` are taken (the most recently seen); all count as seen at `now`.
+        Raises ValueError, and changes nothing, for a snapshot of another shape. A sensor entry that is not consistent
+        (or holds a sample beyond `max_abs_value`, or a position beyond a message's) is left out: its id goes into
+        `refused`, the others are taken. At most `max_sensors` are taken (the most recently seen); all count as seen
+        at `now`.
         """
         shape = (self.window, self.stride, self.channels)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
@@ -321,16 +324,20 @@ class WindowAssembler(SensorTable[_Stream]):
                 f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, "
                 f"{state.get('channels')}, not {shape}"
             )
+        items = state.get("sensors")
+        if not isinstance(items, list):
+            raise ValueError("the snapshot has no list of sensors")
         streams: OrderedDict[str, _Stream] = OrderedDict()
-        try:
-            for item in state["sensors"][-self.max_sensors :]:
-                streams[str(item["id"])] = self._restored_stream(item, now)
-        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as error:
-            raise ValueError(f"inconsistent sensor state ({type(error).__name__}: {error})") from None
+        self.refused = []
+        for item in items[-self.max_sensors :]:
+            try:
+                streams[str(item["id"])] = self._restored_stream(item, now, max_abs_value)
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError, binascii.Error):
+                self.refused.append(str(item.get("id"))[:128] if isinstance(item, dict) else "?")
         self._streams = streams
         return len(streams)
 
-    def _restored_stream(self, item: dict[str, Any], now: float) -> _Stream:
+    def _restored_stream(self, item: dict[str, Any], now: float, max_abs_value: float) -> _Stream:
         samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(
             -1, self.channels
         )
@@ -339,7 +346,8 @@ class WindowAssembler(SensorTable[_Stream]):
         if (
             stream.fill != max(0, stream.next_seq - stream.next_k * self.stride)
             or stream.fill >= self.window
-            or not np.isfinite(samples).all()
+            or not 0 <= stream.next_seq < MAX_SEQ
+            or not np.abs(samples).max(initial=0.0) <= max_abs_value  # NaN fails it too
         ):
             raise ValueError(
                 f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, "
@@ -351,6 +359,9 @@ class WindowAssembler(SensorTable[_Stream]):
         )
         if item["last_anchor"] is not None:
             stream.last_anchor = (int(item["last_anchor"][0]), float(item["last_anchor"][1]))
+        times = [anchor.ts for anchor in stream.anchors] + [stream.last_anchor[1] if stream.last_anchor else 0.0]
+        if not all(math.isfinite(ts) for ts in times):
+            raise ValueError(f"sensor {item['id']!r}: a time that is not finite")
         stream.period_seconds = None if item["period_seconds"] is None else float(item["period_seconds"])
         return stream
 

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -45,6 +44,8 @@ from monitor.ingest.beat_windowing import check_mode, make_assembler
 from monitor.ingest.journal import Journal
 from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
+from monitor.ingest.state_file import read_state, write_state
+from monitor.ingest.windowing import WindowAssembler
 from monitor.model.baseline import SensorBaselines, resolve_baseline
 from monitor.model.engine import Engine, load_engine, load_shadow_engine
 from monitor.mqtt.connection import MqttConnection
@@ -232,6 +233,12 @@ class Daemon:
         self.ingest.watch_gauges()
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
             self.restore_windows()
+        elif windowing.state_file is not None and windowing.state_file.exists():
+            log.warning(
+                "window_state_ignored",
+                path=str(windowing.state_file),
+                reason="journal.path is set: the journal holds the partial windows; the file is left as it is",
+            )
 
     def replay_journal(self) -> bool:
         """Take back what the journal holds (a crash or a stop left it), then start a fresh one from that state.
@@ -311,9 +318,21 @@ class Daemon:
             return
         assembler, baselines = self.ingest.assembler, self.ingest.baselines
         try:
-            state = orjson.loads(path.read_bytes())
-            sensors = assembler.restore(state, time.monotonic())
+            state, damaged = read_state(path)
+            if isinstance(assembler, WindowAssembler):
+                sensors = assembler.restore(state, time.monotonic(), self.config.windowing.max_abs_value)
+                refused = assembler.refused
+            else:
+                sensors, refused = assembler.restore(state, time.monotonic()), []
             log.info("window_state_restored", path=str(path), sensors=sensors, samples=assembler.buffered_samples())
+            if damaged or refused:
+                log.warning(
+                    "window_state_entries_discarded",
+                    path=str(path),
+                    damaged_lines=damaged,
+                    refused_sensors=len(refused),
+                    refused=refused[:10],
+                )
         except (OSError, ValueError) as error:
             log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
         else:
@@ -342,10 +361,8 @@ class Daemon:
         state = self.ingest.assembler.snapshot()
         if self.ingest.baselines is not None:
             state["baselines"] = self.ingest.baselines.snapshot()
-        temp = path.with_name(f".{path.name}.tmp")
         try:
-            temp.write_bytes(orjson.dumps(state))
-            os.replace(temp, path)
+            write_state(path, state)
         except OSError as error:
             log.error("window_state_not_saved", path=str(path), error=str(error))
             return
