@@ -23,9 +23,9 @@ from tests.e2e.test_faults import figure, make_model
 from tests.support import (
     WINDOW,
     Broker,
-    Capture,
     DaemonProcess,
     Sensors,
+    crash_rig,
     lost_windows,
     metric,
     restart_config,
@@ -104,6 +104,14 @@ class PacedSensors(threading.Thread):
         self.running.set()
         time.sleep(seconds)
 
+    def __enter__(self) -> PacedSensors:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Never leaves the thread waiting (the test's teardown)."""
+        self.halt.set()
+        self.running.set()
+
     def stop(self) -> set[tuple[str, int]]:
         """Finish the last window; returns every (sensor_id, window_start_seq) sent."""
         self.running.set()
@@ -129,13 +137,8 @@ def test_a_full_disk_holds_acknowledgements_and_loses_nothing_through_kill_9(tmp
     broker = Broker(tmp_path / "broker").start()
     journal = {"path": str(small_disk / "journal"), "max_bytes": 2**16, "checkpoint_seconds": 1}
     config = restart_config(tmp_path, broker.port, make_model(tmp_path / "alert_all", 4, 0.0), journal=journal)
-    capture = Capture(broker.port, ["alerts/#"])
-    sensors = Sensors(broker.port, inflight=1000)
-    stream = PacedSensors(sensors, 20)
-    daemons = [DaemonProcess(config)]
-    try:
+    with crash_rig(broker, config) as (capture, sensors, daemons), PacedSensors(sensors, 20) as stream:
         first = daemons[0]
-        first.wait_for_event("ready", timeout=60)
         stream.start()
         stream.stream_for(2)
         fill(small_disk, leave=8192)
@@ -185,14 +188,6 @@ def test_a_full_disk_holds_acknowledgements_and_loses_nothing_through_kill_9(tmp
         lost, twice = lost_windows(capture, expected)
         assert lost == 0 and no_traceback(daemons[-1])
         figure("full_disk", "windows / lost / alerted twice", f"{len(expected)} / {lost} / {twice}")
-    finally:
-        stream.halt.set()
-        stream.running.set()
-        for daemon in daemons:
-            daemon.kill()
-        sensors.close()
-        capture.close()
-        broker.stop(kill=True)
 
 
 def damage(path: Path, offset: int, size: int) -> None:
@@ -208,11 +203,7 @@ def test_a_damaged_journal_replays_around_the_damage_and_is_kept(tmp_path):
     broker = Broker(tmp_path / "broker").start()
     journal = {"path": str(tmp_path / "journal"), "checkpoint_seconds": 3600}
     config = restart_config(tmp_path, broker.port, make_model(tmp_path / "alert_all", 4, 0.0), journal=journal)
-    sensors = Sensors(broker.port, inflight=1000)
-    stream = PacedSensors(sensors, 20, round_seconds=0.01)
-    daemons = [DaemonProcess(config)]
-    try:
-        daemons[0].wait_for_event("ready", timeout=60)
+    with crash_rig(broker, config) as (_, sensors, daemons), PacedSensors(sensors, 20, 0.01) as stream:
         stream.start()
         stream.stream_for(2)
         stream.running.clear()
@@ -249,10 +240,3 @@ def test_a_damaged_journal_replays_around_the_damage_and_is_kept(tmp_path):
         path.mkdir()
         result = run_cli("run", "--config", str(config), timeout=120)
         assert result.returncode == 2 and "journal.path" in result.stderr and "Traceback" not in result.stderr
-    finally:
-        stream.halt.set()
-        stream.running.set()
-        for daemon in daemons:
-            daemon.kill()
-        sensors.close()
-        broker.stop(kill=True)
