@@ -20,16 +20,18 @@ from typing import Any
 
 import structlog
 
+from monitor.ecg.beats import UNSCORABLE_REASONS
 from monitor.errors import PayloadError
 from monitor.ingest.acks import PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
-from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult, BeatWindow
+from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult
 from monitor.ingest.journal import Journal, Replayed, encode_windows
-from monitor.ingest.payload import PayloadDecoder, sensor_id_from_topic
-from monitor.ingest.windowing import FeedResult, Window, WindowAssembler
+from monitor.ingest.payload import REJECT_REASONS, TS_IGNORED_REASONS, PayloadDecoder, sensor_id_from_topic
+from monitor.ingest.windowing import FeedResult, WindowAssembler
 from monitor.model.baseline import SensorBaselines
 from monitor.telemetry.log import RateLimiter
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 
 log = structlog.get_logger("monitor.ingest")
 
@@ -41,7 +43,7 @@ class Ingest:
         self,
         decoder: PayloadDecoder,
         assembler: WindowAssembler | BeatAssembler,
-        windows: WindowQueue[Window | BeatWindow],
+        windows: WindowQueue[Window],
         metrics: Metrics,
         sensor_id_level: int,
         warnings: RateLimiter | None = None,
@@ -72,6 +74,9 @@ class Ingest:
         self._share_drops: Counter[str] = Counter()  # by sensor, since its last `sensor_over_share` line
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
+        metrics.declare(metrics.messages, REJECT_REASONS)
+        metrics.declare(metrics.ts_ignored, TS_IGNORED_REASONS)
+        metrics.declare(metrics.beats_unscorable, UNSCORABLE_REASONS)
         self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
 
     def handle(
@@ -151,7 +156,7 @@ class Ingest:
                 self.metrics.windows_dropped.labels(reason).inc()
                 self._log_drop(reason, sensor_id, now)
 
-    def _admit(self, window: Window | BeatWindow) -> str | None:
+    def _admit(self, window: Window) -> str | None:
         """Queue the window, or say why not: its sensor floods the queue (at least `max_queued_per_sensor` windows and
         more than twice the average of the sensors queued: dropped at once, so that no other sensor waits for it), or
         the queue stayed full for `admission_wait_seconds` (meanwhile paho's thread reads nothing: the input waits at
@@ -188,14 +193,14 @@ class Ingest:
                 max_queued_per_sensor=self.max_queued_per_sensor,
             )
 
-    def _decided(self, window: Window | BeatWindow) -> None:
+    def _decided(self, window: Window) -> None:
         if self.pending is not None:
             self.pending.decided(window)
 
-    def _after_warm_up(self, windows: Sequence[Window | BeatWindow]) -> list[Window | BeatWindow]:
+    def _after_warm_up(self, windows: Sequence[Window]) -> list[Window]:
         """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
         assert self.baselines is not None
-        ready: list[Window | BeatWindow] = []
+        ready: list[Window] = []
         for window in windows:
             normalised = self.baselines.admit(window.sensor_id, window.samples)
             if normalised is None:
@@ -231,7 +236,7 @@ class Ingest:
             log.info("sensors_evicted", count=evicted, active=active)
         self.metrics.sensors_warming_up.set(warming)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""
         pending = self.pending.windows() if self.pending is not None else []
         return {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
@@ -239,7 +244,7 @@ class Ingest:
     def checkpoint_if_due(self, now: float) -> None:
         if self.journal is not None and self.journal.checkpoint_due(now):
             with self.lock:  # a failure is counted and logged by the journal, and retried at the next call
-                self.journal.checkpoint(self.checkpoint_state())
+                self.journal.checkpoint(self.snapshot())
 
     def replay(self, replayed: Replayed, now: float) -> None:
         """Rebuild the state a crash left in the journal: its checkpoint, its undecided windows (queued again,

@@ -46,6 +46,7 @@ from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
 from monitor.ingest.state_file import read_state, write_state
 from monitor.ingest.windowing import WindowAssembler
+from monitor.model.artifact import artifact_problem
 from monitor.model.baseline import SensorBaselines, resolve_baseline
 from monitor.model.engine import Engine, load_engine, load_shadow_engine
 from monitor.mqtt.connection import MqttConnection
@@ -285,7 +286,7 @@ class Daemon:
             )
         with self.ingest.lock:
             try:
-                journal.start(self.ingest.checkpoint_state())
+                journal.start(self.ingest.snapshot())
             except OSError as error:  # the file the last run left is still in place: the next start replays it
                 log.error("journal_unusable", path=str(journal.path), error=str(error), exit_code=1)
                 return False
@@ -492,7 +493,7 @@ class Daemon:
         """Re-read config and model; apply the live settings, log the others by key; keep the old ones if broken."""
         systemd.reloading()
         try:
-            config = load_config(self.config_path) if self.config_path else self.config
+            config = load_config(self.config_path, check_model=artifact_problem) if self.config_path else self.config
             engine = self.load_engine(config.model)
             check_mode(self.started_config.windowing, engine, config.model.path)
             if engine.segmentation != self.engine.segmentation:
@@ -552,7 +553,7 @@ class Daemon:
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
         if self.journal is not None:
             with self.ingest.lock:  # fsyncs: the last records are released too
-                if not self.journal.close(self.ingest.checkpoint_state()):
+                if not self.journal.close(self.ingest.snapshot()):
                     self.exit_code = 1  # the last run's file is kept: the next start replays it
         else:
             self.save_windows()
@@ -586,6 +587,6 @@ def instance_context(config: Config) -> dict[str, object]:
 
 
 def run(config_path: str | Path) -> int:
-    config = load_config(config_path)
+    config = load_config(config_path, check_model=artifact_problem)
     configure_logging(config.logging.level, config.logging.format, instance_context(config))
     return Daemon(config, config_path).run()

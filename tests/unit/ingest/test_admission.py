@@ -12,8 +12,9 @@ from structlog.testing import capture_logs
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
-from monitor.ingest.windowing import Window, WindowAssembler
+from monitor.ingest.windowing import WindowAssembler
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 
 W = 8
 

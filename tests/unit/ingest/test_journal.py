@@ -13,8 +13,8 @@ from structlog.testing import capture_logs
 
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.journal import Journal, encode_windows, read_journal
-from monitor.ingest.windowing import Window
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 from tests.support import wait_until
 
 
