@@ -18,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from tests.e2e.test_faults import figure
+from tests.e2e.test_journal_faults import START_SECONDS
 from tests.support import SPLITS, WINDOW, alert_all_model, daemon_config, metric, wait_until
 from tests.support import Sensors as OrderedSensors
 
@@ -35,7 +36,8 @@ def test_a_backlog_burst_waits_at_the_broker_and_is_scored_in_full(broker_factor
     them (as a broker delivers a persistent session's backlog): with the default queue (4,096) the daemon is behind,
     its input waits (counted) instead of being dropped, and every window is scored."""
     broker = broker_factory().start()
-    daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port))
+    daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port), ready=False)
+    daemon.wait_for_event("ready", timeout=START_SECONDS)
     beats = np.loadtxt(SPLITS / "test.txt.xz", dtype=np.float32, ndmin=2)[:, 1:]
     windows = np.concatenate([beats] * 4)
     sensors = OrderedSensors(broker.port, inflight=1000)
@@ -149,7 +151,8 @@ def test_a_flooding_sensor_loses_only_its_own_excess(broker_factory, daemon_fact
     excess is dropped as `sensor_share`, logged by its name."""
     broker = broker_factory().start()
     model = alert_all_model(tmp_path)
-    daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port, model=model))
+    daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port, model=model), ready=False)
+    daemon.wait_for_event("ready", timeout=START_SECONDS)
     alerts = AlertTimes(broker.port)
     sensors = OrderedSensors(broker.port, inflight=1000)
     ids = [f"calm{index:03d}" for index in range(100)]
