@@ -166,6 +166,8 @@ class Ingest:
             return "sensor_share"
         if windows.offer(window):
             return None
+        if self.admission_wait_seconds <= 0:
+            return "queue_full"
         started = time.monotonic()
         queued = windows.offer(window, self.admission_wait_seconds)
         self.metrics.input_waits.inc()

@@ -746,9 +746,9 @@ class CountingQueue(WindowQueue):
         super().__init__(capacity)
         self.offered = 0
 
-    def offer(self, item: Window) -> bool:
+    def offer(self, item: Window, wait_seconds: float = 0.0) -> bool:
         self.offered += 1
-        return super().offer(item)
+        return super().offer(item, wait_seconds)
 
 
 FUZZ_WINDOW = 8
