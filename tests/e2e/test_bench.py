@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from prometheus_client import CollectorRegistry
 
 from bench import loadgen, records
 from bench.data import DATA_DIR, TRAIN_NORMAL, read_split, split_path
@@ -16,6 +17,13 @@ from bench.parts import PARTS
 from bench.records import RunConfig
 from bench.report import render
 from bench.run import list_parts, parse_args
+from monitor.config.schema import InputSettings
+from monitor.ingest.batching import WindowQueue
+from monitor.ingest.formats import InputFormats
+from monitor.ingest.payload import PayloadDecoder
+from monitor.ingest.stage import Ingest
+from monitor.ingest.windowing import WindowAssembler
+from monitor.telemetry.metrics import Metrics
 from tests.support import Broker
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results.json"
@@ -63,6 +71,7 @@ def test_run_config_parses_every_option() -> None:
     config = RunConfig.parse("onnx:2:qos0:b32:w25:c140:p311")
     assert config == RunConfig("onnx", 2, 0, 32, 0.025, 140, "3.1.1")
     assert RunConfig.parse("torch:1") == RunConfig()
+    assert RunConfig.parse("torch:1:c140:beats:frame") == RunConfig(chunk=140, mode="beats", input_format="frame")
     with pytest.raises(ValueError, match="unknown option"):
         RunConfig.parse("torch:1:x9")
     with pytest.raises(ValueError, match="backend"):
@@ -86,3 +95,32 @@ def test_load_generator_summary_is_read_by_the_bench(broker: Broker) -> None:
     summary = records.LoadSummary(**orjson.loads(result.stdout.strip().splitlines()[-1]))
     assert summary.error is None
     assert summary.messages > 0 and summary.publish_errors == 0 and summary.unacknowledged == 0
+
+
+@pytest.mark.parametrize("input_format", ["json", "frame", "sparkplug_b"])
+def test_load_generator_sends_each_format_as_the_daemon_reads_it(broker: Broker, capture_factory, input_format) -> None:
+    """Every message the generator sends in a format is accepted by the daemon's reader of that format."""
+    capture = capture_factory(broker.port, ["sensors/#", "spBv1.0/#"])
+    topic = "sensors/{sensor_id}/ecg"
+    command = loadgen.command(
+        broker.port, 3, 1.0, 250.0, 35, 1, split_path(DATA_DIR, TRAIN_NORMAL), False, input_format, topic
+    )
+    subprocess.run(command, capture_output=True, text=True, timeout=60, check=True, cwd=RESULTS.parents[1])
+    capture.wait_for(lambda c: len(c.messages) >= 12, 10)
+    births = [topic.split("/") for topic, _, _ in capture.messages if "/DBIRTH/" in topic]
+    devices = [
+        {"group": group, "node": node, "device": device, "channels": list(loadgen.CHANNELS), "sample_rate_hz": 250}
+        for _, group, _, node, device in births
+    ]
+    settings = InputSettings.model_validate({"format": input_format, "sparkplug": {"devices": devices}})
+    decoder = PayloadDecoder(1)
+    registry = CollectorRegistry()
+    assembler = WindowAssembler(140, 140, 1, 10, 60.0)
+    ingest = Ingest(
+        decoder, assembler, WindowQueue(100), Metrics(registry, 4, 1.0), 1, formats=InputFormats(settings, decoder)
+    )
+    for topic_name, payload, _ in capture.messages:
+        ingest.handle(topic_name, payload, 0.0)
+    data = len(capture.messages) - (len(births) + 1 if input_format == "sparkplug_b" else 0)
+    assert registry.get_sample_value("monitor_messages_received_total", {"outcome": "accepted"}) == data >= 12
+    assert assembler.active_sensors == 3
