@@ -54,6 +54,7 @@ class Decision:
     start_ts: float | None
     score: float
     anomalous: bool
+    channels: list[dict[str, Any]] | None = None  # an anomalous window's top channels, as its alert lists them
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Episode:
     opened_at: float
     last_event_at: float  # on the tracker's tick clock (wall clock in the state payload)
     reported_windows: int  # anomalous_windows as of the last event
+    peak_channels: list[dict[str, Any]] | None = None  # the top channels of the window with the peak score
 
     def add(self, decision: Decision) -> None:
         self.windows += 1
@@ -82,6 +84,7 @@ class Episode:
         self.end_seq, self.end_ts = decision.end_seq, decision.start_ts
         if decision.score > self.peak_score:
             self.peak_score, self.peak_seq = decision.score, decision.start_seq
+            self.peak_channels = decision.channels
 
     def public(self) -> dict[str, Any]:
         """The fields an event carries."""
@@ -220,6 +223,7 @@ class EpisodeTracker:
             now,
             tick,
             0,
+            start.channels,
         )
         for item in run[first:]:
             episode.add(item)
