@@ -204,6 +204,7 @@ def make_assembler(
             windowing.idle_eviction_seconds,
             on_evict,
             windowing.seq_tolerance,
+            windowing.ts_tolerance_seconds,
         )
     assert windowing.sample_rate_hz is not None  # the config requires it in beat mode
     return BeatAssembler(
