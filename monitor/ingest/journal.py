@@ -72,14 +72,14 @@ class Replayed:
 
 
 def encode_windows(windows: Sequence[Window | BeatWindow]) -> list[list[Any]]:
-    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval and its error
-    scale."""
+    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval, its error
+    scale and its timing score."""
     items = []
     for w in windows:
         samples = base64.b64encode(w.samples.astype("<f4").tobytes()).decode()
         item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), samples]
         if isinstance(w, BeatWindow):
-            item += [w.end_seq, w.beat_seq, w.rr_seconds, w.error_scale]
+            item += [w.end_seq, w.beat_seq, w.rr_seconds, w.error_scale, w.timing_score]
         items.append(item)
     return items
 
@@ -90,7 +90,8 @@ def decode_windows(items: list[list[Any]], now: float) -> list[Window | BeatWind
         array = np.frombuffer(base64.b64decode(samples, validate=True), dtype="<f4").reshape(shape).astype(np.float32)
         ts = None if start_ts is None else float(start_ts)
         if beat:
-            end_seq, beat_seq, rr_seconds, *scale = beat  # no scale in records written before stretch scaling
+            # no scale in records written before stretch scaling, no timing score before timing scores
+            end_seq, beat_seq, rr_seconds, *scored = beat
             rr = None if rr_seconds is None else float(rr_seconds)
             windows.append(
                 BeatWindow(
@@ -102,7 +103,8 @@ def decode_windows(items: list[list[Any]], now: float) -> list[Window | BeatWind
                     array,
                     ts,
                     now,
-                    float(scale[0]) if scale else 1.0,
+                    float(scored[0]) if scored else 1.0,
+                    float(scored[1]) if len(scored) > 1 else 0.0,
                 )
             )
         else:

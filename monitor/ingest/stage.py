@@ -154,6 +154,9 @@ class Ingest:
         self.metrics.beats_found.inc(result.beats_found)
         if result.detector_resets:
             self.metrics.detector_resets.inc(result.detector_resets)
+        if result.relearns:
+            self.metrics.beat_relearns.inc(result.relearns)
+            log.info("beat_rhythm_relearned", sensor_id=sensor_id, relearns=result.relearns)
         noisy = sum(window.error_scale > 1 for window in result.windows)
         if noisy:
             self.metrics.beats_noisy_stretch.inc(noisy)

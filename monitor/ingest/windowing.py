@@ -69,6 +69,7 @@ class Window:
     start_ts: float | None  # Unix seconds of the first sample, when the input carried ts
     completed_at: float  # the monotonic `now` given to feed() when the last sample arrived
     error_scale: ClassVar[float] = 1.0  # fixed windows are scored by their error as it is
+    timing_score: ClassVar[float] = 0.0  # ... with no least score from a beat's timing
 
 
 @dataclass(slots=True)
