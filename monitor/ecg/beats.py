@@ -36,8 +36,8 @@ beat feeds neither. A template of every clean beat sits between the normal and t
 - Warm-up: the first `warmup_beats` clean beats are held; the template starts as the largest group among them, the
   beats within `normal_distance` of the beat with most such neighbours (its RR reference from the intervals before
   them), so a stream starting in trigeminy learns its normal beats; in bigeminy, where both groups are as large,
-  the group whose beats came later after the beat before them (ectopic beats come early). A stream starting inside a longer
-  ectopic run learns the run, and gets out of it by the relearn below.
+  the group whose beats came later after the beat before them (ectopic beats come early). A stream starting
+  inside a longer ectopic run learns the run, and gets out of it by the relearn below.
 - Relearn (the way out): when fewer than `relearn_share` of the last `relearn_beats` clean beats were judged
   normal, the template and the RR reference are forgotten and the warm-up starts again (`BeatStream.relearns`,
   counted and logged by the daemon). A lead moved or a morphology that really changed then becomes the new
