@@ -196,7 +196,10 @@ class Ingest:
         waiting for room: the scorer is running, input is not yet), then its messages, fed again."""
         if replayed.windowing is not None:
             with self.lock:
-                self.assembler.restore(replayed.windowing, now)
+                try:
+                    self.assembler.restore(replayed.windowing, now)
+                except ValueError as error:  # another model's or an older format's: its sensors start afresh
+                    log.warning("journal_checkpoint_state_discarded", error=str(error)[:300])
         self._replay_decided = replayed.decided
         for window in replayed.pending:
             if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:

@@ -4,6 +4,7 @@ are trimmed, and a snapshot carries every sensor across a restart."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import orjson
@@ -15,7 +16,7 @@ from monitor.errors import PayloadError
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.beat_windowing import BeatAssembler
-from monitor.ingest.journal import Journal, decode_windows, encode_windows
+from monitor.ingest.journal import Journal, Replayed, decode_windows, encode_windows
 from monitor.ingest.payload import Message, PayloadDecoder
 from monitor.ingest.stage import Ingest
 from monitor.telemetry.metrics import Metrics
@@ -171,6 +172,15 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     released += [receipt.mid for receipt in acks.ready()]
     journal.close(ingest.checkpoint_state())
     assert released == received and len(pending) == 0
+    old = {**ingest.checkpoint_state()["windowing"], "version": 1}  # a checkpoint from before the dominant rhythm
+    messages = [
+        ("sensors/b/ecg", orjson.dumps({"seq": offset, "samples": signal[offset : offset + chunk, None].tolist()}))
+        for offset in range(0, 20 * chunk, chunk)
+    ]
+    fresh = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
+    replaying = Ingest(PayloadDecoder(1, 4096), fresh, WindowQueue(10_000), Metrics(CollectorRegistry(), 4, 1.0), 1)
+    replaying.replay(Replayed(old, [], messages, Counter(), False), 0.0)  # the old state is discarded, not fatal
+    assert list(fresh.sensor_ids()) == ["b"] and replaying.windows.depth() > 10
 
 
 def test_the_fast_median_gives_numpys_values_exactly():
