@@ -353,9 +353,9 @@ class BeatStream:
         close = distances <= self.spec.normal_distance
         # the beat with the most neighbours; of equal ones (bigeminy), that whose neighbours came latest (the
         # ectopic beats of a pattern are the premature ones)
-        rr = np.array([0 if rr is None else rr for _, rr in self._warm], dtype=np.float64)
+        before = np.array([0 if rr is None else rr for _, rr in self._warm], dtype=np.float64)
         sizes = close.sum(axis=1)
-        lateness = np.array([np.median(rr[members]) for members in close])
+        lateness = np.array([np.median(before[members]) for members in close])
         group = close[max(range(len(close)), key=lambda i: (sizes[i], lateness[i]))]
         self._templates.extend(shapes[group])
         self._rr.extend(rr for (_, rr), member in zip(self._warm, group, strict=True) if member and rr is not None)
