@@ -27,14 +27,13 @@ from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from bench.beat_quality import whole  # noqa: E402
 from monitor.config.loading import read_yaml, validate  # noqa: E402
 from monitor.ecg.beats import BeatSpec  # noqa: E402
 from monitor.training.beat_data import (  # noqa: E402
-    Recording,
     aami_counts,
     aami_figures,
     cut_recording,
@@ -45,20 +44,6 @@ from monitor.training.beat_data import (  # noqa: E402
 from monitor.training.beat_trainer import BeatTrainSettings, aami_table, fit_beats, flag_beats  # noqa: E402
 
 RECORDS = ("105", "108", "114", "116", "121", "123", "208_excerpt")
-
-
-def whole(train: Recording, test: Recording) -> Recording:
-    """The record as one stream: the train part, then the test part (its annotations moved along)."""
-    assert train.ann_samples is not None and test.ann_samples is not None
-    assert train.ann_symbols is not None and test.ann_symbols is not None
-    return Recording(
-        np.concatenate((train.signal, test.signal)),
-        train.fs,
-        train.source.replace("/train/", "/"),
-        "",
-        np.concatenate((train.ann_samples, test.ann_samples + len(train.signal))),
-        np.concatenate((train.ann_symbols, test.ann_symbols)),
-    )
 
 
 def settings_of(config: Path, epochs: int | None, overrides: list[str]) -> BeatTrainSettings:
