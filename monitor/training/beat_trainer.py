@@ -36,8 +36,7 @@ from monitor.training.beat_data import (
 )
 from monitor.training.datasets import WindowSet
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.trainer import TrainingResult, TrainSettings, fit_model
-from monitor.training.trainer import _metadata as training_metadata  # the fixed-mode record, extended below
+from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record
 
 log = structlog.get_logger("monitor.beattraining")
 
@@ -282,7 +281,7 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     }
     fit_set = WindowSet(fit, None, ", ".join(sources), "")
     model, normalisation = fitted.scorer.model, fitted.scorer.normalisation
-    metadata = training_metadata(
+    metadata = model_record(
         settings, fit_set, normalisation, calibration, fitted.uncertainty, split, None, None,
         fitted.train_losses, fitted.val_losses, fitted.best_epoch, seconds,
     )  # fmt: skip

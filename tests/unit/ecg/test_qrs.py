@@ -157,7 +157,7 @@ def test_beat_windows_do_not_depend_on_chunking_or_a_restart():
         chunked += stream.feed(signal[start : start + size])
         start += size
         if start > len(signal) // 2 and not getattr(stream, "restored", False):
-            stream = BeatStream.from_state(json.loads(json.dumps(stream.state())), spec)  # as across a SIGTERM restart
+            stream = BeatStream.restore(json.loads(json.dumps(stream.snapshot())), spec)  # as across a SIGTERM restart
             stream.restored = True
     assert len(whole) == len(chunked) > 50
     for a, b in zip(whole, chunked, strict=True):
@@ -291,8 +291,8 @@ def test_the_dominant_rhythm_is_learned_again_when_the_morphology_really_changes
     relearned = next(index for index, beat in enumerate(after) if beat.reason == "warmup")
     assert 24 <= relearned <= 32 and not any(beat.normal for beat in after[:relearned])
     assert all(beat.normal for beat in after[relearned + 10 :] if beat.scorable)
-    state = json.loads(json.dumps(stream.state()))
-    assert BeatStream.from_state(state, spec).relearns == 1
+    state = json.loads(json.dumps(stream.snapshot()))
+    assert BeatStream.restore(state, spec).relearns == 1
 
 
 def test_timing_scores_a_premature_beat_at_least_by_its_prematurity():
