@@ -172,7 +172,7 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     released += [receipt.mid for receipt in acks.ready()]
     journal.close(ingest.snapshot())
     assert released == received and len(pending) == 0
-    old = {**ingest.checkpoint_state()["windowing"], "version": 1}  # a checkpoint from before the dominant rhythm
+    old = {**ingest.snapshot()["windowing"], "version": 1}  # a checkpoint from before the dominant rhythm
     messages = [
         ("sensors/b/ecg", orjson.dumps({"seq": offset, "samples": signal[offset : offset + chunk, None].tolist()}))
         for offset in range(0, 20 * chunk, chunk)
