@@ -57,6 +57,7 @@ def test_the_artifact_records_how_beats_were_cut(beat_model):
     assert (segmentation["before_seconds"], segmentation["after_seconds"], segmentation["window"]) == (0.25, 0.45, 64)
     assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
     assert segmentation["align_seconds"] == 0.05
+    assert segmentation["dominant"] is True and segmentation["timing_gain"] > 0  # set from the fit beats' timing
     assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
     assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
 
