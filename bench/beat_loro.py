@@ -41,7 +41,7 @@ from monitor.training.beat_data import (  # noqa: E402
     label_beats,
     read_recording,
 )
-from monitor.training.beat_trainer import BeatTrainSettings, aami_table, fit_beats, flag_beats  # noqa: E402
+from monitor.training.beat_trainer import BeatTrainSettings, aami_table, fit_beats, score_beats  # noqa: E402
 
 RECORDS = ("105", "108", "114", "116", "121", "123", "208_excerpt")
 
@@ -64,7 +64,7 @@ def fold(
     started = time.perf_counter()
     fitted = fit_beats(settings, [train_parts[name] for name in RECORDS if name != held], spec)
     threshold = fitted.calibration.threshold
-    counts = aami_counts(records[held], flag_beats(fitted.scorer, threshold, fitted.spec, records[held]))
+    counts = aami_counts(records[held], score_beats(fitted.scorer, fitted.spec, records[held]) > threshold)
     return counts, {
         "threshold": threshold,
         "stretch_limit": fitted.spec.stretch_limit,

@@ -314,7 +314,7 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     return result, evaluation
 
 
-def flag_beats(scorer: BatchScorer, threshold: float, spec: BeatSpec, beats: LabelledBeats) -> np.ndarray:
+def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np.ndarray:
     """Scores a recording's scorable beats as the daemon does (`beats.BeatSpec.beat_scores`); NaN for the others."""
     scores = np.full(len(beats.beats), np.nan)
     use = beats.scorable
@@ -337,7 +337,7 @@ def evaluate_beats(
     for recording, beats in labelled:
         if not isinstance(beats, LabelledBeats):
             raise DataError(f"{recording.source}: evaluation needs its annotation file")
-        score = flag_beats(scorer, threshold, spec, beats)
+        score = score_beats(scorer, spec, beats)
         found += len(beats.beats)
         counts.append(aami_counts(beats, score > threshold))
         records[recording.source] = aami_figures(counts[-1])
