@@ -10,7 +10,7 @@ one needs `onnxscript`, which is not a dependency of this project. Scores agree 
 `Scorer` to about 1e-6 (tests/unit/model/test_onnx_backend.py states the tolerance and checks that the same
 windows of the ECG5000 test split are flagged).
 
-The benchmark's int8 variant lives in `bench/onnx_int8.py`; it passes its own session in.
+The benchmark's int8 variant (`bench/measure.py`, `int8_scorer`) passes its own session in.
 
 Requires the `onnx` extra: `pip install -e '.[onnx]'`.
 """
