@@ -22,6 +22,7 @@ from monitor.ingest.stage import Ingest
 from monitor.telemetry.metrics import Metrics
 from monitor.training.beat_data import read_recording
 from tests.support import REPO, wait_until
+from tests.unit.ecg.test_qrs import synthetic_ecg
 
 RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
 FS = 360.0
@@ -190,3 +191,16 @@ def test_the_fast_median_gives_numpys_values_exactly():
     for shape in ((16, 64), (15, 64), (1, 64), (471,), (470,)):
         values = rng.normal(size=shape)
         assert np.array_equal(_median(values), np.median(values, axis=0)), shape
+
+
+def test_a_relearn_is_counted_in_the_daemons_metrics():
+    fs = 250.0
+    signal, _ = synthetic_ecg(fs, 120, seed=4)
+    signal[int(40 * fs) :] *= -1  # the lead's beats change shape for good
+    spec = BeatSpec(dominant=True, relearn_beats=32, relearn_share=0.1)
+    metrics = Metrics(CollectorRegistry(), 4, 1.0)
+    ingest = Ingest(PayloadDecoder(1, 4096), BeatAssembler(spec, fs, 10, 60), WindowQueue(10_000), metrics, 1)
+    for offset in range(0, len(signal), 250):
+        payload = orjson.dumps({"seq": offset, "samples": signal[offset : offset + 250].tolist()})
+        ingest.handle("sensors/a/ecg", payload, 0.0)
+    assert metrics.beat_relearns._value.get() == 1
