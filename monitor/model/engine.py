@@ -17,8 +17,8 @@ import torch
 from monitor.config.schema import ModelSettings
 from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import ArtifactError, ConfigError, MonitorError
-from monitor.model.artifact import load_artifact
-from monitor.model.baseline import trained_baseline
+from monitor.model.artifact import channel_names, load_artifact
+from monitor.model.baseline import follow_rate, trained_baseline
 from monitor.model.calibration import CalibrationScores
 from monitor.model.scoring import Scorer, Scores
 from monitor.window import Window
@@ -56,6 +56,8 @@ class Engine:
     device: str
     calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
     baseline: tuple[str, int | None] = ("model", None)  # how the model was trained: (model | sensor, warm-up windows)
+    baseline_follow_rate: float = 0.0  # how fast its sensor baselines follow drift (0: fixed)
+    channel_names: tuple[str, ...] | None = None  # the channels' names, when the model was trained with them
     segmentation: BeatSpec | None = None  # how the model's beats are cut; None for a fixed-window model
 
     def score(self, windows: np.ndarray) -> Scores:
@@ -69,7 +71,7 @@ class Engine:
         floors = np.fromiter((window.timing_score for window in batch), np.float64, len(batch))
         if (scales == 1.0).all() and (floors == 0.0).all():
             return scores
-        return Scores(np.maximum(scores.errors / scales, floors), scores.profiles)
+        return Scores(np.maximum(scores.errors / scales, floors), scores.profiles, scores.channels)
 
     def describe(self) -> dict[str, str | int | float]:
         """The engine as log fields."""
@@ -129,6 +131,8 @@ def load_engine(settings: ModelSettings) -> Engine:
         device=str(device),
         calibration=calibration,
         baseline=trained_baseline(artifact.metadata),
+        baseline_follow_rate=follow_rate(artifact.metadata),
+        channel_names=channel_names(artifact.metadata, artifact.channels),
         segmentation=beat_spec(artifact.metadata, settings.path),
     )
 
