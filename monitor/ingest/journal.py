@@ -83,13 +83,13 @@ class Replayed:
 
 
 def encode_windows(windows: Sequence[Window]) -> list[list[Any]]:
-    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval and its error
-    scale."""
+    """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval, its error
+    scale and its timing score."""
     items = []
     for w in windows:
         item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), encode_array(w.samples)]
         if w.beat is not None:
-            item += [w.beat.end_seq, w.beat.beat_seq, w.beat.rr_seconds, w.error_scale]
+            item += [w.beat.end_seq, w.beat.beat_seq, w.beat.rr_seconds, w.error_scale, w.timing_score]
         items.append(item)
     return items
 
@@ -100,11 +100,21 @@ def decode_windows(items: list[list[Any]], now: float) -> list[Window]:
         array = decode_array(samples).reshape(shape)
         ts = None if start_ts is None else float(start_ts)
         if beat:
-            end_seq, beat_seq, rr_seconds, *scale = beat  # no scale in records written before stretch scaling
+            # no scale in records written before stretch scaling, no timing score before timing scores
+            end_seq, beat_seq, rr_seconds, *scored = beat
             rr = None if rr_seconds is None else float(rr_seconds)
             mark = BeatMark(int(end_seq), int(beat_seq), rr)
             windows.append(
-                Window(str(sensor_id), int(start_seq), array, ts, now, float(scale[0]) if scale else 1.0, mark)
+                Window(
+                    str(sensor_id),
+                    int(start_seq),
+                    array,
+                    ts,
+                    now,
+                    float(scored[0]) if scored else 1.0,
+                    float(scored[1]) if len(scored) > 1 else 0.0,
+                    mark,
+                )
             )
         else:
             windows.append(Window(str(sensor_id), int(start_seq), array, ts, now))

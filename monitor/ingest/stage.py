@@ -252,6 +252,9 @@ class Ingest:
         self.metrics.beats_found.inc(result.beats_found)
         if result.detector_resets:
             self.metrics.detector_resets.inc(result.detector_resets)
+        if result.relearns:
+            self.metrics.beat_relearns.inc(result.relearns)
+            log.info("beat_rhythm_relearned", sensor_id=sensor_id, relearns=result.relearns)
         noisy = sum(window.error_scale > 1 for window in result.windows)
         if noisy:
             self.metrics.beats_noisy_stretch.inc(noisy)
@@ -290,7 +293,10 @@ class Ingest:
         waiting for room: the scorer is running, input is not yet), then its messages, fed again."""
         if replayed.windowing is not None:
             with self.lock:
-                self.assembler.restore(replayed.windowing, now)
+                try:
+                    self.assembler.restore(replayed.windowing, now)
+                except ValueError as error:  # another model's or an older format's: its sensors start afresh
+                    log.warning("journal_checkpoint_state_discarded", error=str(error)[:300])
         self._replay_decided = replayed.decided
         for window in replayed.pending:
             if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:

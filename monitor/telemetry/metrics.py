@@ -145,6 +145,11 @@ class Metrics:
             "Beats scored in a noisy stretch: their error divided by a scale above 1 (the model's stretch limit)",
             registry=registry,
         )
+        self.beat_relearns = Counter(
+            "monitor_beat_relearns_total",
+            "Sensors' dominant rhythm (beat template and RR reference) forgotten and learned again",
+            registry=registry,
+        )
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
         self.queue_capacity = Gauge("monitor_queue_capacity", "Bound of the scoring queue", registry=registry)
         self.active_sensors = Gauge("monitor_active_sensors", "Sensors with a live buffer", registry=registry)
