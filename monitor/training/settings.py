@@ -19,7 +19,7 @@ class ThresholdSettings(Strict):
 
 # Where beat mode's recipe (configs/train-mitdb-beats.yaml) differs from the fixed-mode one: `monitor train
 # --segmentation beats` with only data arguments trains as the bundled beat model was trained.
-BEAT_DEFAULTS: dict[str, int] = {"epochs": 60, "batch_size": 32, "patience": 10, "lr_patience": 4}
+BEAT_DEFAULTS: dict[str, int] = {"epochs": 30, "batch_size": 32, "patience": 10, "lr_patience": 4}
 
 
 class TrainSettings(Strict):

@@ -52,7 +52,7 @@ def test_beat_mode_with_only_data_arguments_trains_as_the_bundled_beat_recipe():
     assert settings.beats.model_dump() == recipe["beats"]
     assert settings.threshold.method == recipe["threshold"]["method"]
     assert DEFAULT_PARAMS[settings.threshold.method] == recipe["threshold"]["params"]
-    assert (settings.epochs, settings.patience, settings.batch_size, settings.noise_std) == (60, 10, 32, 0.15)
+    assert (settings.epochs, settings.patience, settings.batch_size, settings.noise_std) == (30, 10, 32, 0.15)
     # the recipe with the data overridden on the command line gives the same settings
     overridden = settings_of("--config", str(BEAT_RECIPE), "--train-data", "a.npy", "--annotations", "a.csv")
     same = DATA_AND_IDENTITY | {"threshold"}  # {} and the recipe's {q: 0.99} are the same quantile
@@ -70,7 +70,7 @@ def test_help_gives_the_defaults_of_both_modes_and_cites_no_missing_document():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
     train_help = " ".join(commands["train"].format_help().split())
-    assert "(default: 150; with --segmentation beats: 60)" in train_help
+    assert "(default: 150; with --segmentation beats: 30)" in train_help
     assert "(default: 30; with --segmentation beats: 10)" in train_help
     assert "0 = one per core (default: 1)" in train_help
     evaluate_help = " ".join(commands["evaluate"].format_help().split())

@@ -349,7 +349,7 @@ def test_train_help_shows_every_default():
     text = " ".join(train_parser.format_help().split())
     assert (
         "(default: 32)" in text
-        and "(default: 150; with --segmentation beats: 60)" in text
+        and "(default: 150; with --segmentation beats: 30)" in text
         and "(default: 0.002)" in text
     )
     assert "grad_clip 1.0" in text  # keys without a flag are listed with their defaults
