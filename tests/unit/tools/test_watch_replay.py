@@ -17,6 +17,13 @@ from tests.support import REPO, free_port
 RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt"
 
 
+@pytest.fixture(autouse=True)
+def unconfigured_logging(monkeypatch):
+    """The commands run in this process would configure structlog for the whole session (its loggers cache that
+    configuration), and later tests that capture log lines would see none."""
+    monkeypatch.setattr("monitor.telemetry.log.configure_logging", lambda *args, **kwargs: None)
+
+
 def alert(sensor: str, start: int, ts: float | None, beat: int | None = None, instance: str = "monitor-a") -> dict:
     record = {"sensor_id": sensor, "window_start_seq": start, "window_end_seq": start + 140, "score": 0.5}
     record |= {"threshold": 0.3, "instance": instance, "window_start_ts": ts}

@@ -4,10 +4,18 @@ channel names are recorded in the model, and a recording whose header names othe
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from monitor.cli import main
 from monitor.model.artifact import read_metadata
+
+
+@pytest.fixture(autouse=True)
+def unconfigured_logging(monkeypatch):
+    """The commands run in this process would configure structlog for the whole session (its loggers cache that
+    configuration), and later tests that capture log lines would see none."""
+    monkeypatch.setattr("monitor.telemetry.log.configure_logging", lambda *args, **kwargs: None)
 
 
 def write_csv(path, header: str | None, samples: np.ndarray) -> None:
