@@ -1,6 +1,7 @@
 """Test helpers that tests and bench/ share: a real Mosquitto on a free loopback port, an MQTT capture,
 sensors publishing in order, the daemon as a real process, metrics scraped over HTTP, the committed default model,
-process teardown that escalates TERM -> wait -> KILL, and the kill -9 scenario run behind Mosquitto and nats-server."""
+process teardown that escalates TERM -> wait -> KILL, the kill -9 scenario run behind Mosquitto and nats-server, and
+the guard that keeps tests not marked slow from starting a broker, daemon, nats-server or Prometheus."""
 
 from __future__ import annotations
 
@@ -36,6 +37,27 @@ DATA = REPO / "data" / "ecg5000"
 SPLITS = DATA / "splits"
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+class ProcessNotAllowed(RuntimeError):
+    """A test not marked slow tried to start a broker, daemon, nats-server or Prometheus."""
+
+
+_forbidden_because: str | None = None  # set by tests/conftest.py for the test running now; None outside pytest
+
+
+def forbid_processes(reason: str | None) -> None:
+    """From now on `spawn` refuses with `reason` (None: allowed again)."""
+    global _forbidden_because
+    _forbidden_because = reason
+
+
+def spawn(what: str, command: list[str], **options: Any) -> subprocess.Popen:
+    """Start a long-running service process (`what`: "mosquitto", "the daemon", ...) unless the current test may
+    not: `pytest -m "not slow"` is promised to start none, and this is where that promise is kept."""
+    if _forbidden_because is not None:
+        raise ProcessNotAllowed(f"{what} not started: {_forbidden_because}")
+    return subprocess.Popen(command, **options)
 
 
 def terminate(process: subprocess.Popen, timeout: float = 10.0, first: int = signal.SIGTERM) -> int | None:
@@ -146,9 +168,7 @@ class Broker:
 
     def start(self) -> Broker:
         config = self.write_config()
-        self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.process = spawn("mosquitto", [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 10, what="mosquitto to listen")
         if self.process.poll() is not None:
             raise RuntimeError(f"mosquitto failed: {self.process.stderr.read().decode()}")
@@ -255,7 +275,8 @@ class DaemonProcess:
         self.lines: list[str] = []
         self.wait_ready = True  # daemon_factory: wait for the `ready` event after starting
         self.lock = threading.Lock()
-        self.process = subprocess.Popen(
+        self.process = spawn(
+            "the daemon",
             [sys.executable, "-m", "monitor", "run", "--config", str(config)],
             cwd=REPO,
             stdout=subprocess.PIPE,

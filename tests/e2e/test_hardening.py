@@ -50,7 +50,7 @@ from tests.support import (
     signal_samples,
     wait_until,
 )
-from tests.test_faults import figure, make_model, rss_bytes
+from tests.e2e.test_faults import figure, make_model, rss_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,17 @@ import pytest
 import yaml
 
 from monitor.config.schema import Config
-from tests.support import SPLITS, DaemonProcess, daemon_config, free_port, metric, replay_args, terminate, wait_until
+from tests.support import (
+    SPLITS,
+    DaemonProcess,
+    daemon_config,
+    free_port,
+    metric,
+    replay_args,
+    spawn,
+    terminate,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "monitor.service"
@@ -248,7 +258,8 @@ def metrics_target(broker, tmp_path_factory) -> Iterator[str]:
     replay = None
     try:
         daemon.wait_for_event("ready", timeout=60)
-        replay = subprocess.Popen(
+        replay = spawn(
+            "monitor replay",
             [sys.executable, "-m", "monitor", *replay_args(config, SPLITS / "test.txt.xz", 20, speed="1")],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
@@ -293,7 +304,8 @@ def prometheus(tmp_path_factory, metrics_target) -> Iterator[str]:
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{free_port()}"
     with open(workdir / "prometheus.log", "wb") as log:
-        process = subprocess.Popen(
+        process = spawn(
+            "Prometheus",
             [
                 binary,
                 f"--config.file={workdir / 'prometheus.yml'}",

@@ -34,8 +34,8 @@ from tests.support import (
     run_cli,
     wait_until,
 )
-from tests.test_daemon_e2e import expected_alerts
-from tests.test_faults import figure, make_model
+from tests.e2e.test_daemon_e2e import expected_alerts
+from tests.e2e.test_faults import figure, make_model
 
 PARTITIONS = 4
 INSTANCES = ("a", "b")  # deploy/nats/monitor-0.yaml and -1.yaml: one partition each (nats-server.conf says why)
