@@ -1,4 +1,4 @@
-"""Per-sensor baselines on the Server Machine Dataset (issue 13): window-level quality per machine and pooled.
+"""Per-sensor baselines on the Server Machine Dataset: window-level quality per machine and pooled.
 
     python -m bench.baseline_smd --data-dir PATH/TO/smd-dev --output bench/baseline_smd.json
 

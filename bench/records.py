@@ -476,7 +476,7 @@ class Results:
     transport: Transport | None = None
     e2e: EndToEnd | None = None
     scaleout: ScaleOut | None = None
-    beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode (issue 12)
+    beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode
     model_table: ModelTable | None = None
 
 

@@ -698,7 +698,7 @@ def beat_e2e_section(results: Results) -> list[str]:
     beat = results.beat_e2e
     if beat is None:
         return []
-    lines = ["## Beat mode next to fixed mode, end to end (issue 12)", "", when(beat.stamp), ""]
+    lines = ["## Beat mode next to fixed mode, end to end", "", when(beat.stamp), ""]
     lines += [
         f"{beat.sample_rate_hz:.0f} Hz sensors; fixed mode streams ECG5000 beats (one 140-sample window each), beat "
         "mode streams record 116 of data/mitdb-dev resampled to 250 Hz (about 1.3 beats/s): the daemon finds the "

@@ -1,4 +1,4 @@
-"""Soak: hundreds of sensors for minutes, with the attacks of issue 14 mixed in; every legitimate window must be
+"""Soak: hundreds of sensors for minutes, with hostile input mixed in; every legitimate window must be
 scored and the daemon's memory and file descriptors must stay flat.
 
     python -m bench.soak --minutes 10 --sensors 500 --chunk 140

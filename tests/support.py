@@ -378,7 +378,7 @@ WINDOW = 140  # the window of the tests' models (tests/e2e/test_faults.py, make_
 
 
 class Sensors:
-    """Sensors as the contract has them: QoS 1 with seq, sent in order, kept while the broker is away.
+    """Sensors as docs/interface.md has them: QoS 1 with seq, sent in order, kept while the broker is away.
 
     While the client is disconnected, messages wait here, and they are handed to paho only once everything paho held
     at the disconnect has been re-sent and acknowledged: paho sends a message published during the reconnect

@@ -1,6 +1,6 @@
 """Sensor payloads: bytes -> validated samples, or a `PayloadError` whose reason is one of `REJECT_REASONS`.
 
-The payload is a UTF-8 JSON object (contract section 3):
+The payload is a UTF-8 JSON object (docs/interface.md):
 `{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
 invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,

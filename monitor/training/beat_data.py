@@ -4,7 +4,7 @@ An annotation file is CSV with the header `sample,symbol` (more columns are allo
 annotation; `sample` indexes the recording, `symbol` is the WFDB code. Found beats are matched to annotated
 beats within 150 ms (the standard window of ANSI/AAMI EC57), each used once, nearest first.
 
-AAMI classes (contract section 8): normal N = `N L R e j`; anomalous S = `A a J S`, V = `V E`, F = `F`;
+AAMI classes: normal N = `N L R e j`; anomalous S = `A a J S`, V = `V E`, F = `F`;
 Q = `/ f Q ?` and unmatched beats are not scored.
 """
 

@@ -68,7 +68,7 @@ def test_unit_exposure():
     assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
 
 
-def test_unit_keeps_its_contract():
+def test_unit_keeps_the_settings_others_rely_on():
     """The settings other parts rely on: sd_notify and watchdog, the config check, the credential, reload by SIGHUP."""
     expected = {
         "Type=notify",

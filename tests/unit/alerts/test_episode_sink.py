@@ -1,5 +1,5 @@
 """The episode stage in process: what it publishes where, failures counted, resume filtered by partition, and the
-README's event and state payloads held to what the code produces."""
+docs/interface.md's event and state payloads held to what the code produces."""
 
 from __future__ import annotations
 
@@ -156,13 +156,13 @@ def test_state_filter_matches_every_sensor():
         LifecycleSettings(event_topic="a/{sensor_id}", state_topic="a/{sensor_id}")
 
 
-# --- the README's payloads ---
+# --- the documented payloads ---
 
 
-def readme_examples() -> tuple[dict, dict]:
-    """The JSON blocks of the README's "Alert episodes" section: (event, state)."""
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("## Alert episodes") :]
+def documented_examples() -> tuple[dict, dict]:
+    """The JSON blocks of docs/interface.md's "Episode events and states" section: (event, state)."""
+    text = (REPO / "docs" / "interface.md").read_text()
+    section = text[text.index("## Episode events and states") :]
     section = section[: section.index("\n## ", 1)]
     event, state = (orjson.loads(block) for block in re.findall(r"```json\n(.*?)```", section, flags=re.S))
     return event, state
@@ -180,20 +180,20 @@ def keys(payload: dict, path: str = "") -> set[str]:
     return found
 
 
-def test_the_readme_event_is_what_the_daemon_publishes(engine):
+def test_the_documented_event_is_what_the_daemon_publishes(engine):
     stage, publisher, _, _ = make_stage(engine)
     feed(stage, engine, "s1", "AANN")
-    documented, _ = readme_examples()
+    documented, _ = documented_examples()
     opened, resolved = publisher.on("/events")
     assert keys(resolved) == keys(documented)
     assert keys(opened) == keys(documented) - {"reason"}  # only a resolve has a reason
     assert documented["event"] == documented["state"] == "resolved"
 
 
-def test_the_readme_state_is_what_the_daemon_retains_and_resumes_from(engine):
+def test_the_documented_state_is_what_the_daemon_retains_and_resumes_from(engine):
     stage, publisher, _, _ = make_stage(engine)
     feed(stage, engine, "s1", "NAA")
-    _, documented = readme_examples()
+    _, documented = documented_examples()
     retained = publisher.on("/state")[-1]
     assert keys(retained) == keys(documented)
     tracker = EpisodeTracker(LIFECYCLE.policy())
