@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import orjson
@@ -52,12 +52,27 @@ def forbid_processes(reason: str | None) -> None:
     _forbidden_because = reason
 
 
+def missing_tool(tool: str, package: str) -> NoReturn:
+    """A tool a test needs is not installed: skip the test, but fail it where the environment variable CI is set
+    (.ci/run sets it), because scripts/test.sh installs every such tool and a skip there would hide a check."""
+    import pytest  # here, not at the top: bench/ imports this module without pytest's test extras in mind
+
+    reason = f"{tool} is not installed (Debian package {package}; scripts/test.sh installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set", pytrace=False)
+    pytest.skip(reason)
+
+
 def spawn(what: str, command: list[str], **options: Any) -> subprocess.Popen:
     """Start a long-running service process (`what`: "mosquitto", "the daemon", ...) unless the current test may
     not: `pytest -m "not slow"` is promised to start none, and this is where that promise is kept."""
+    refuse_if_forbidden(what)
+    return subprocess.Popen(command, **options)
+
+
+def refuse_if_forbidden(what: str) -> None:
     if _forbidden_because is not None:
         raise ProcessNotAllowed(f"{what} not started: {_forbidden_because}")
-    return subprocess.Popen(command, **options)
 
 
 def terminate(process: subprocess.Popen, timeout: float = 10.0, first: int = signal.SIGTERM) -> int | None:
@@ -168,7 +183,9 @@ class Broker:
 
     def start(self) -> Broker:
         config = self.write_config()
-        self.process = spawn("mosquitto", [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = spawn(
+            "mosquitto", [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 10, what="mosquitto to listen")
         if self.process.poll() is not None:
             raise RuntimeError(f"mosquitto failed: {self.process.stderr.read().decode()}")
@@ -355,7 +372,10 @@ def replay_args(config: Path, data: Path, sensors: int, *options: str, speed: st
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m monitor ARGS` from the repository root and capture its output."""
+    """Run `python -m monitor ARGS` from the repository root and capture its output (`run`, the daemon, only where
+    `spawn` may start one)."""
+    if args[:1] == ("run",):
+        refuse_if_forbidden("the daemon")
     return subprocess.run(
         [sys.executable, "-m", "monitor", *args],
         cwd=REPO,

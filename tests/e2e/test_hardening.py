@@ -31,6 +31,7 @@ from monitor.ingest.payload import Message
 from monitor.model.artifact import load_artifact
 from monitor.mqtt.client import make_client
 from monitor.training.beat_data import read_recording
+from tests.e2e.test_faults import figure, make_model, rss_bytes
 from tests.support import (
     REPO,
     WINDOW,
@@ -50,7 +51,6 @@ from tests.support import (
     signal_samples,
     wait_until,
 )
-from tests.e2e.test_faults import figure, make_model, rss_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,6 @@ from monitor.config.schema import AlertSettings, LifecycleSettings, ModelSetting
 from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine, load_engine
 from monitor.model.scoring import Scores
-from monitor.mqtt.client import make_client
 from monitor.telemetry.metrics import Metrics
 from tests.support import DEFAULT_MODEL, REPO, free_port, mqtt_settings
 
@@ -199,25 +198,6 @@ def test_the_documented_state_is_what_the_daemon_retains_and_resumes_from(engine
     tracker = EpisodeTracker(LIFECYCLE.policy())
     assert tracker.restore(documented, time.time()) == "sensor-0007"
     assert tracker.status("sensor-0007", time.time()) == "open"
-
-
-def test_the_retained_states_are_read_once_from_a_real_broker(broker_factory):
-    broker = broker_factory().start()
-    settings = mqtt_settings(broker.port)
-    writer = make_client(settings, "state-writer")
-    writer.connect("127.0.0.1", broker.port)
-    writer.loop_start()
-    try:
-        for sensor in ("a", "b"):
-            writer.publish(
-                f"alerts/{sensor}/state", b'{"sensor_id": "%s"}' % sensor.encode(), qos=1, retain=True
-            ).wait_for_publish(10)
-        writer.publish("alerts/c/events", b"{}", qos=1).wait_for_publish(10)  # neither retained nor a state
-    finally:
-        writer.disconnect()
-        writer.loop_stop()
-    payloads = read_retained(settings, "alerts/+/state", timeout_seconds=10, quiet_seconds=0.3)
-    assert sorted(orjson.loads(payload)["sensor_id"] for payload in payloads) == ["a", "b"]
 
 
 def test_an_unreachable_broker_leaves_nothing_to_resume_and_does_not_block():

@@ -59,7 +59,8 @@ def ecg5000_evaluation() -> str:
         f"On the {e['n_windows']} beats of `{e['data']}` ({e['n_anomalies']} anomalous; "
         f"`models/ecg5000/model.json`, `evaluation`, model {meta['version']} made {day(meta['created_at'])}): "
         f"ROC AUC {e['auc']:.3f}, PR AUC {e['pr_auc']:.3f}, precision {e['precision']:.4f}, recall {e['recall']:.4f}, "
-        f"F1 {e['f1']:.4f}, false-positive rate {e['fpr']:.4f} (tp {e['tp']}, fp {e['fp']}, fn {e['fn']}, tn {e['tn']})."
+        f"F1 {e['f1']:.4f}, false-positive rate {e['fpr']:.4f} "
+        f"(tp {e['tp']}, fp {e['fp']}, fn {e['fn']}, tn {e['tn']})."
     )
 
 
@@ -82,7 +83,8 @@ def training_time() -> str:
     same = "byte-identical to" if run["same_weights_as_shipped"] else "different from"
     return (
         f"`make train` retrains the bundled model from the same data into `runs/ecg5000/` (about "
-        f"{run['seconds'] / 60:.0f} minutes; on {run['threads']} thread its `model.safetensors` is {same} the shipped one"
+        f"{run['seconds'] / 60:.0f} minutes; on {run['threads']} thread its `model.safetensors` is {same} the "
+        "shipped one"
     )
 
 
@@ -96,9 +98,11 @@ def mitdb_evaluation() -> str:
     classes = ", ".join(f"{c} {flagged[c]} of {scored[c]}" for c in ("V", "S", "F"))
     return (
         f"`models/mitdb-beats/model.json` (`evaluation`, model {meta['version']} made {day(meta['created_at'])}): "
-        f"detector sensitivity {percent(e['detector_sensitivity'])}, positive predictivity {percent(e['detector_ppv'])}; "
+        f"detector sensitivity {percent(e['detector_sensitivity'])}, "
+        f"positive predictivity {percent(e['detector_ppv'])}; "
         f"beat-level ROC AUC {e['auc']:.3f}, F1 {e['f1']:.2f} (precision {e['precision']:.2f}, recall "
-        f"{e['recall']:.2f}), {percent(e['fpr'], 1)} of scored normal beats flagged; anomalous beats flagged: {classes}."
+        f"{e['recall']:.2f}), {percent(e['fpr'], 1)} of scored normal beats flagged; "
+        f"anomalous beats flagged: {classes}."
     )
 
 
@@ -130,7 +134,9 @@ def beat_quality_table() -> str:
     rows = []
     for key, name in BEAT_RECORDS.items():
         detector = quality["detector_whole_records"][key]
-        model, pca, channels = (quality["scorers"][s]["records"][key] for s in ("model", "pca_beat", "pca_model_channels"))
+        model, pca, channels = (
+            quality["scorers"][s]["records"][key] for s in ("model", "pca_beat", "pca_model_channels")
+        )
         causes = model["false_alarm_causes"]
         rows.append(
             row(
@@ -155,8 +161,10 @@ def beat_aims() -> str:
     over = [key for key in BEAT_RECORDS if key != "pooled" and records[key]["normal_flagged"] > 0.01]
     met = "met" if detector["sensitivity"] >= 0.995 and detector["ppv"] >= 0.995 else "not met"
     auc_met = "met" if records["pooled"]["auc"] >= 0.97 else "not met"
-    flagged = "met" if not over else "not met: " + ", ".join(
-        f"{key} {percent(records[key]['normal_flagged'])}" for key in over
+    flagged = (
+        "met"
+        if not over
+        else "not met: " + ", ".join(f"{key} {percent(records[key]['normal_flagged'])}" for key in over)
     )
     return (
         f"Aims: detector >= 99.5 % pooled on whole records: {met} ({percent(detector['sensitivity'])} / "
@@ -257,7 +265,8 @@ def beat_e2e() -> str:
     part = results()["beat_e2e"]
     beat, fixed = (next(r for r in part["runs"] if r["config"]["mode"] == mode) for mode in ("beats", "fixed"))
     return (
-        f"Beat mode next to fixed mode (`bench/results.json`, `beat_e2e`, measured {day(part['stamp']['measured_at'])}): "
+        "Beat mode next to fixed mode "
+        f"(`bench/results.json`, `beat_e2e`, measured {day(part['stamp']['measured_at'])}): "
         f"beat mode carried {beat['sensors_carried']} sensors (p99 from a beat's last sample to its decision within "
         f"{beat['latency_limit_seconds']:.0f} s), fixed mode {fixed['sensors_carried']} in the same run."
     )
@@ -274,7 +283,8 @@ def speed_summary() -> str:
     return (
         f"the daemon's defaults scored at most {default['max_scored_windows_per_second']:,.0f} windows/s through "
         f"the broker against the engine's {engine:,.0f} on one thread; receiving a 35-sample message costs the "
-        f"daemon's MQTT thread {daemon['cpu_us_per_message']:.0f} µs of CPU, paho alone {paho['cpu_us_per_message']:.0f} µs"
+        f"daemon's MQTT thread {daemon['cpu_us_per_message']:.0f} µs of CPU, "
+        f"paho alone {paho['cpu_us_per_message']:.0f} µs"
     )
 
 
