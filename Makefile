@@ -26,5 +26,5 @@ bench:  ## the benchmark suite; writes bench/RESULTS.md and bench/results.json
 lint:
 	$(VENV)/bin/ruff check monitor tests bench
 
-install-service:  ## install as a systemd service (see README, "Running it as a service")
+install-service:  ## install as a systemd service (see docs/operations.md)
 	systemd/install.sh
