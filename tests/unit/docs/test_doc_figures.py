@@ -288,6 +288,14 @@ def speed_summary() -> str:
     )
 
 
+def onnx_decisions() -> str:
+    onnx = results()["accuracy"]["onnx"]
+    return (
+        f"ONNX Runtime gives the same decisions ({onnx['decisions_differ']} of {onnx['windows']} differ, scores within "
+        f"{onnx['error_max_abs_diff']:.0e}; `accuracy` in the same file)"
+    )
+
+
 def gil() -> str:
     part = results()["gil"]
     return (
@@ -376,6 +384,7 @@ FIGURES: dict[str, tuple[str, Callable[[], str | list[str]]]] = {
     "e2e table": (QUALITY, e2e_table),
     "speed summary": (QUALITY, speed_summary),
     "gil": (QUALITY, gil),
+    "onnx decisions": (QUALITY, onnx_decisions),
     "beat e2e": (QUALITY, beat_e2e),
     "scaleout table": (QUALITY, scaleout_table),
     "scaleout summary": (QUALITY, scaleout_summary),
