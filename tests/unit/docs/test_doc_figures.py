@@ -363,7 +363,8 @@ def fast_suite() -> str:
     run = load("bench/test-suite.json")
     failures = f"; failed at that load: {', '.join(f'`{name}`' for name in run['failures'])}" if run["failures"] else ""
     return (
-        f"`{run['command']}` took {run['seconds'] / 60:.1f} minutes on the project's {run['cores']}-core machine "
+        f"`{run['command']}` took {run['seconds'] / 60:.1f} minutes ({run['cpu_seconds'] / 60:.1f} minutes of CPU) on "
+        f"the project's {run['cores']}-core machine "
         f"while other work kept its load average at {run['load_average_1m']:.0f} to {run['load_average_1m_end']:.0f} "
         f"({run['summary']}{failures}; `bench/test-suite.json`, {day(run['measured_at'])})"
     )
