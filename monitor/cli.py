@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from monitor import __version__
 from monitor.errors import MonitorError
-
-if TYPE_CHECKING:
-    from monitor.model.artifact import ModelArtifact
-    from monitor.model.scoring import BatchScorer
 
 EXIT_USER_ERROR = 2
 
@@ -299,110 +294,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from monitor.ecg.beats import beat_spec
-    from monitor.model.artifact import load_artifact
-    from monitor.model.engine import resolve_device
-    from monitor.model.scoring import Scorer
-    from monitor.training.datasets import read_ucr, require_window
-    from monitor.training.evaluation import evaluate_scores, format_evaluation
+    from monitor.training.evaluate import EvaluateRequest, evaluate
 
-    device = resolve_device(args.device)
-    artifact = load_artifact(args.model, device)
-    spec = beat_spec(artifact.metadata, args.model)
-    header = {"model": {"name": artifact.name, "version": artifact.version}}
-    if spec is not None:
-        return _evaluate_beats(args, artifact, spec, Scorer.from_artifact(artifact, device), header)
-    if args.annotations or args.sample_rate:
-        raise MonitorError(
-            f"{args.model}: a fixed-window model; --annotations and --sample-rate are for beat-mode models"
-        )
-    if args.labels is not None:
-        return _evaluate_recordings(args, artifact, Scorer.from_artifact(artifact, device))
-    if len(args.data) != 1 or args.window or args.stride or args.baseline or args.baseline_windows:
-        raise MonitorError("several --data files, --window, --stride and --baseline are for recordings with --labels")
-    path = args.data[0]
-    data = read_ucr(path)
-    require_window(data, artifact.window, artifact.channels)
-    scores = Scorer.from_artifact(artifact, device).score_all(data.windows).errors
-    result = evaluate_scores(scores, data.is_anomaly(args.normal_label), artifact.threshold)
-    if args.json:
-        print(json.dumps({**header, "data": str(path), **result.to_dict()}))
-    else:
-        print(f"model {artifact.name} {artifact.version} on {path}")
-        print(format_evaluation(result))
-    return 0
-
-
-def _evaluate_recordings(args: argparse.Namespace, artifact: ModelArtifact, scorer: BatchScorer) -> int:
-    from monitor.model.baseline import resolve_baseline, trained_baseline
-    from monitor.training.datasets import read_labelled_recording
-    from monitor.training.evaluation import format_evaluation
-    from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
-
-    if len(args.labels) != len(args.data):
-        raise MonitorError(f"--labels: {len(args.labels)} label files for {len(args.data)} recordings (one each)")
-    if args.window is not None and args.window != artifact.window:
-        raise MonitorError(f"--window {args.window}: the model takes windows of {artifact.window}")
-    if args.stride is not None and args.stride < 1:
-        raise MonitorError("--stride must be >= 1")
-    warm_up = resolve_baseline(trained_baseline(artifact.metadata), args.baseline, args.baseline_windows, "--baseline")
-    stride = args.stride or artifact.window
-    scored = []
-    for data, labels in zip(args.data, args.labels, strict=True):
-        recording = read_labelled_recording(data, labels)
-        if recording.samples.shape[1] != artifact.channels:
-            raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
-        scored.append(score_recording(scorer, recording, artifact.window, stride, warm_up))
-    pooled = pooled_evaluation(scored, artifact.threshold)
-    per_recording = [evaluate_recording(item, artifact.threshold) for item in scored]
-    caught = sum(item["segments_caught"] for item in per_recording)
-    counted = sum(item["segments"] for item in per_recording)
-    summary = {
-        "model": {"name": artifact.name, "version": artifact.version},
-        "data": [str(path) for path in args.data],
-        "window": artifact.window,
-        "stride": stride,
-        "baseline": "model" if warm_up is None else "sensor",
-        "baseline_windows": warm_up,
-        **pooled.to_dict(),
-        "segments": counted,
-        "segments_caught": caught,
-        "recordings": per_recording,
-    }
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    warm_up_note = f" ({warm_up} warm-up windows per recording, not scored)" if warm_up else ""
-    print(
-        f"model {artifact.name} {artifact.version}, window {artifact.window}, stride {stride}, "
-        f"baseline {summary['baseline']}{warm_up_note}"
-    )
-    print(format_evaluation(pooled))
-    print(f"\nanomaly segments caught: {caught} of {counted}")
-    for item in per_recording:
-        delay = item["median_delay_samples"]
-        delay_note = f", median delay {delay:g} samples" if delay is not None else ""
-        segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
-        figures = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
-        print(f"  {item['data']}: {figures}  {segments}")
-    return 0
-
-
-def _evaluate_beats(args: argparse.Namespace, artifact: Any, spec: Any, scorer: Any, header: dict[str, Any]) -> int:
-    from monitor.training.beat_data import pair_files
-    from monitor.training.beat_trainer import evaluate_beats, format_beat_evaluation
-
-    if not args.annotations:
-        raise MonitorError(f"{args.model}: a beat-mode model; evaluation needs --annotations, one file per recording")
-    fs = args.sample_rate or artifact.metadata["segmentation"].get("trained_at_sample_rate_hz")
-    if not fs or fs <= 0:
-        raise MonitorError("--sample-rate: give the recordings' sampling rate in Hz")
-    result, _ = evaluate_beats(scorer, artifact.threshold, pair_files(args.data, args.annotations), float(fs), spec)
-    if args.json:
-        print(json.dumps({**header, "data": [str(path) for path in args.data], **result.to_dict()}))
-    else:
-        print(f"model {artifact.name} {artifact.version} on {len(args.data)} recording(s) at {fs:g} Hz")
-        print(format_beat_evaluation(result))
+    options = vars(args)
+    fields = EvaluateRequest.__dataclass_fields__
+    report = evaluate(EvaluateRequest(**{name: options[name] for name in fields if name in options}))
+    print(report.render(args.json))
     return 0
 
 
@@ -411,7 +308,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.telemetry.log import configure_logging
     from monitor.tools.replay import Replayer, load_plan, write_labels
 
-    config = load_config(args.config, check_model=False)
+    config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
     if args.chunk < 1 or args.sample_rate_hz <= 0:
         raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
@@ -432,7 +329,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from monitor.config.schema import load_config
     from monitor.tools.watch import watch
 
-    config = load_config(args.config, check_model=False)
+    config = load_config(args.config)
     print(
         watch(config.mqtt, config.mqtt.alert_topic, args.labels, args.metrics_url, args.idle_seconds, quiet=args.quiet)
     )
@@ -443,10 +340,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from monitor.config.schema import load_config
     from monitor.errors import ArtifactError, MonitorError
     from monitor.ingest.beat_windowing import check_mode
+    from monitor.model.artifact import artifact_problem
     from monitor.model.engine import load_engine, load_shadow_engine
     from monitor.runtime.daemon import warm_up_windows
 
-    config = load_config(args.file)
+    config = load_config(args.file, check_model=artifact_problem)
     try:
         live = load_engine(config.model)
     except ArtifactError as error:

@@ -16,14 +16,14 @@ import numpy as np
 import orjson
 import structlog
 
-from monitor.alerts.episodes import Decision, EpisodeEvent, EpisodeTracker
-from monitor.alerts.sink import DropReason, Publisher, PublishRefused
+from monitor.alerts.episodes import EVENT_KINDS, Decision, EpisodeEvent, EpisodeTracker
 from monitor.config.schema import LifecycleSettings, MqttSettings
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine
 from monitor.model.scoring import Scores
 from monitor.mqtt.client import client_id_for, make_client
+from monitor.mqtt.publisher import DropReason, Publisher, PublishRefused
 from monitor.telemetry.metrics import EPISODE_STATES, Metrics
+from monitor.window import Window
 
 log = structlog.get_logger("monitor.episodes")
 
@@ -46,6 +46,7 @@ class EpisodeSink:
         self.publisher = publisher
         self.settings = settings
         self.metrics = metrics
+        metrics.declare(metrics.episode_events, EVENT_KINDS)
         self.engine = engine  # the model named in events; the latest one that decided
         self.clock = clock
         self.lock = threading.Lock()

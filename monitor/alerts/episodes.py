@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from monitor.alerts.sensor_table import SensorTable
+from monitor.config.schema import EpisodePolicy
 
 STATE_FORMAT = "monitor-episode-state"
 STATE_VERSION = 1
@@ -39,31 +40,6 @@ EVENT_KINDS = ("opened", "flapping", "updated", "resolved")
 RESOLVE_REASONS = ("normal", "flapping_ended", "sensor_idle", "sensor_limit")
 
 EpisodeState = Literal["open", "flapping"]
-
-
-@dataclass(frozen=True)
-class EpisodePolicy:
-    """When episodes open, resolve, pause and count as flapping (see the module docstring)."""
-
-    open_anomalous: int = 3
-    open_window: int = 5
-    resolve_normal: int = 10
-    cooldown_seconds: float = 0.0
-    update_interval_seconds: float = 30.0
-    flapping_transitions: int = 6  # 0 turns flapping detection off
-    flapping_window: int = 100
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.open_anomalous <= self.open_window:
-            raise ValueError(f"open_anomalous must be between 1 and open_window ({self.open_window})")
-        if self.resolve_normal < 1:
-            raise ValueError("resolve_normal must be at least 1")
-        if self.cooldown_seconds < 0 or self.update_interval_seconds < 0:
-            raise ValueError("cooldown_seconds and update_interval_seconds must be >= 0")
-        if self.flapping_transitions == 1 or self.flapping_transitions < 0:
-            raise ValueError("flapping_transitions must be 0 (off) or at least 2")
-        if self.flapping_transitions > self.flapping_window:
-            raise ValueError("flapping_transitions cannot exceed flapping_window")
 
 
 @dataclass(frozen=True, slots=True)

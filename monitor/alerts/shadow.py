@@ -12,10 +12,10 @@ import numpy as np
 import structlog
 
 from monitor.alerts.sink import ThresholdDecision
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine
 from monitor.model.scoring import Scores
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 
 log = structlog.get_logger("monitor.shadow")
 

@@ -9,37 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 import structlog
 
 from monitor.config.schema import AlertSettings
-from monitor.ingest.beat_windowing import BeatWindow
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine, ModelIdentity
 from monitor.model.scoring import Scores
+from monitor.mqtt.publisher import DropReason, Publisher, PublishRefused
 from monitor.telemetry.metrics import Metrics
+from monitor.window import BeatMark, Window
 
 log = structlog.get_logger("monitor.alerts")
-
-DropReason = Literal["queue_full", "publish_error"]
-DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)  # the `reason` labels of monitor_alerts_dropped_total
-
-
-class PublishRefused(Exception):
-    """The transport would not take the message; `reason` is one of `DROP_REASONS`."""
-
-    def __init__(self, reason: DropReason, detail: str = "") -> None:
-        super().__init__(f"{reason} ({detail})" if detail else reason)
-        self.reason: DropReason = reason
-
-
-class Publisher(Protocol):
-    """Queues one message for the broker and returns its packet id, or raises `PublishRefused`."""
-
-    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> int: ...
 
 
 class DecisionObserver(Protocol):
@@ -71,7 +54,7 @@ def build_alert(
     include_profile: bool = False,
     detected_at: float | None = None,
     baseline: str = "model",
-    beat: BeatWindow | None = None,
+    beat: BeatMark | None = None,
 ) -> dict[str, Any]:
     """The JSON alert for one anomalous window; for a beat (beat mode) with its span, `beat_seq` and `rr_seconds`.
 
@@ -154,7 +137,7 @@ class AlertSink:
             self.settings.top_timesteps,
             self.settings.include_profile,
             baseline=engine.baseline[0],
-            beat=window if isinstance(window, BeatWindow) else None,
+            beat=window.beat,
         )
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason

@@ -11,12 +11,13 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 
-from monitor.alerts.episodes import EpisodePolicy
 from monitor.config.loading import (
     Strict,
     deep_merge,
@@ -230,6 +231,31 @@ class BatchingSettings(Strict):
     max_batch: int = Field(default=64, ge=1, le=4096)
     max_wait_seconds: float = Field(default=0.05, ge=0, le=10)
     queue_capacity: int = Field(default=4096, ge=1)
+
+
+@dataclass(frozen=True)
+class EpisodePolicy:
+    """When episodes open, resolve, pause and count as flapping (see `monitor.alerts.episodes`)."""
+
+    open_anomalous: int = 3
+    open_window: int = 5
+    resolve_normal: int = 10
+    cooldown_seconds: float = 0.0
+    update_interval_seconds: float = 30.0
+    flapping_transitions: int = 6  # 0 turns flapping detection off
+    flapping_window: int = 100
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.open_anomalous <= self.open_window:
+            raise ValueError(f"open_anomalous must be between 1 and open_window ({self.open_window})")
+        if self.resolve_normal < 1:
+            raise ValueError("resolve_normal must be at least 1")
+        if self.cooldown_seconds < 0 or self.update_interval_seconds < 0:
+            raise ValueError("cooldown_seconds and update_interval_seconds must be >= 0")
+        if self.flapping_transitions == 1 or self.flapping_transitions < 0:
+            raise ValueError("flapping_transitions must be 0 (off) or at least 2")
+        if self.flapping_transitions > self.flapping_window:
+            raise ValueError("flapping_transitions cannot exceed flapping_window")
 
 
 class LifecycleSettings(Strict):
@@ -463,11 +489,15 @@ def removed_and_conflicting(data: dict[str, Any], source: str) -> list[str]:
     return problems
 
 
-def load_config(path: str | Path | None, environ: dict[str, str] | None = None, check_model: bool = True) -> Config:
+def load_config(
+    path: str | Path | None,
+    environ: dict[str, str] | None = None,
+    check_model: Callable[[Path], str | None] | None = None,
+) -> Config:
     """Read YAML (or none), apply `MONITOR_` overrides, validate; relative model paths resolve from the file.
 
     Every problem is one line naming its key and its source (the file or the `MONITOR_` variable); with
-    `check_model`, a `model.path` that holds no model is one of them, reported with the others.
+    `check_model` (`model.artifact.artifact_problem`), a `model.path` that holds no model is one of them.
     """
     source = str(path or "config")
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
@@ -482,8 +512,8 @@ def load_config(path: str | Path | None, environ: dict[str, str] | None = None, 
     model_path = config.model.path if config else _raw_model_path(data)
     if path is not None and model_path is not None:
         model_path = _beside(model_path, path)
-    if check_model and model_path is not None:
-        problem = _model_problem(model_path)
+    if check_model is not None and model_path is not None:
+        problem = check_model(model_path)
         if problem:
             problems.append(f"{source_of(('model', 'path'), source, names)}: model.path: {problem}")
     if problems:
@@ -508,15 +538,3 @@ def _raw_model_path(data: dict[str, Any]) -> Path | None:
     section = data.get("model", {})
     value = section.get("path", ModelSettings.model_fields["path"].default) if isinstance(section, dict) else None
     return Path(value) if isinstance(value, (str, Path)) and value else None
-
-
-def _model_problem(directory: Path) -> str | None:
-    """Why `directory` is not a model artifact (the cheap part of the check), or None."""
-    from monitor.model.artifact import METADATA_FILE, WEIGHTS_FILE
-
-    if not directory.is_dir():
-        return f"{str(directory)!r}: no such model directory"
-    missing = [name for name in (METADATA_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
-    if missing:
-        return f"{str(directory)!r}: not a model artifact ({' and '.join(missing)} missing)"
-    return None

@@ -54,7 +54,7 @@ in bench/beat_quality.py's results.
 
 from __future__ import annotations
 
-import base64
+import functools
 import statistics
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -65,6 +65,7 @@ import numpy as np
 
 from monitor.ecg.qrs import QRSDetector
 from monitor.errors import ArtifactError
+from monitor.window import decode_array, encode_array
 
 CHANNELS = ("beat", "template_diff", "rr", "prematurity")
 QRS_HALF_SECONDS = 0.06
@@ -320,13 +321,13 @@ class BeatStream:
             self._raw, self._band = self._raw[drop:], self._band[drop:]
             self._raw_start += drop
 
-    def state(self) -> dict[str, Any]:
-        """JSON-ready state; `from_state` continues the stream exactly."""
-        encode = _encode
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready state; `restore` continues the stream exactly."""
+        encode = functools.partial(encode_array, dtype="<f8")
         return {
             "fs": self.fs,
             "origin": self.origin,
-            "detector": self.detector.state(),
+            "detector": self.detector.snapshot(),
             "raw": encode(self._raw),
             "band": encode(self._band),
             "raw_start": self._raw_start,
@@ -341,14 +342,14 @@ class BeatStream:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], spec: BeatSpec) -> BeatStream:
-        """Rebuilds a stream from `state()`; raises ValueError, KeyError or TypeError for one that does not fit."""
+    def restore(cls, state: dict[str, Any], spec: BeatSpec) -> BeatStream:
+        """Rebuilds a stream from `snapshot()`; raises ValueError, KeyError or TypeError for one that does not fit."""
         stream = cls(float(state["fs"]), spec, int(state["origin"]))
-        stream.detector = QRSDetector.from_state(state["detector"])
-        stream._raw, stream._band = _decode(state["raw"]), _decode(state["band"])
+        stream.detector = QRSDetector.restore(state["detector"])
+        stream._raw, stream._band = decode_array(state["raw"], "<f8"), decode_array(state["band"], "<f8")
         stream._raw_start = int(state["raw_start"])
         stream._pending = deque(int(r) for r in state["pending"])
-        templates = [_decode(text) for text in state["templates"]]
+        templates = [decode_array(text, "<f8") for text in state["templates"]]
         if any(template.shape != (spec.window,) for template in templates):
             raise ValueError(f"beat templates do not have {spec.window} points")
         stream._templates.extend(templates)
@@ -371,14 +372,6 @@ def _median(values: np.ndarray) -> np.ndarray:
         return np.partition(values, half, axis=0)[half]
     middle = np.partition(values, (half - 1, half), axis=0)
     return (middle[half - 1] + middle[half]) / 2
-
-
-def _encode(values: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(values, dtype="<f8").tobytes()).decode("ascii")
-
-
-def _decode(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8").astype(np.float64)
 
 
 def cut_beats(recording: np.ndarray, fs: float, spec: BeatSpec) -> list[Beat]:

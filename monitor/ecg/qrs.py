@@ -41,17 +41,18 @@ a look-ahead of `lookahead_seconds` (about 0.42 s: the filter delays plus the 20
 
 The detector is a pure function of the sample sequence: the filters carry their state (the last inputs),
 candidates are decided in sample order once their look-ahead has arrived, so cutting the stream into
-messages of any size gives identical beats. `state()`/`from_state()` carry it across a restart.
+messages of any size gives identical beats. `snapshot()`/`restore()` carry it across a restart.
 """
 
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.signal import firwin
+
+from monitor.window import decode_array, encode_array
 
 LEARNING_SECONDS = 2.0
 REFRACTORY_SECONDS = 0.2  # non-maximum suppression half-width
@@ -231,16 +232,14 @@ class QRSDetector:
             self._band, self._slope, self._integ = self._band[drop:], self._slope[drop:], self._integ[drop:]
             self._start += drop
 
-    def state(self) -> dict[str, Any]:
-        """JSON-ready state; `from_state` rebuilds a detector that continues exactly where this one is."""
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready state; `restore` rebuilds a detector that continues exactly where this one is."""
         arrays = {
             name: getattr(self, name) for name in ("_zi_band", "_zi_deriv", "_zi_integ", "_band", "_slope", "_integ")
         }
         return {
             "fs": self.filters.fs,
-            "arrays": {
-                name: base64.b64encode(value.astype("<f8").tobytes()).decode("ascii") for name, value in arrays.items()
-            },
+            "arrays": {name: encode_array(value, "<f8") for name, value in arrays.items()},
             "received": self.received,
             "start": self._start,
             "next_candidate": self._next_candidate,
@@ -253,13 +252,13 @@ class QRSDetector:
         }
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> QRSDetector:
-        """Rebuilds a detector from `state()`; ValueError (or KeyError/TypeError) for a state that does not fit."""
+    def restore(cls, state: dict[str, Any]) -> QRSDetector:
+        """Rebuilds a detector from `snapshot()`; ValueError (or KeyError/TypeError) for a state that does not fit."""
         detector = cls(float(state["fs"]))
         for name, text in state["arrays"].items():
             if name not in ("_zi_band", "_zi_deriv", "_zi_integ", "_band", "_slope", "_integ"):
                 raise ValueError(f"unknown detector array {name!r}")
-            value = np.frombuffer(base64.b64decode(text, validate=True), dtype="<f8").astype(np.float64)
+            value = decode_array(text, "<f8")
             if name.startswith("_zi") and value.shape != getattr(detector, name).shape:
                 raise ValueError(f"detector state {name} has {value.size} values, not {getattr(detector, name).size}")
             setattr(detector, name, value)

@@ -18,10 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from monitor.ingest.beat_windowing import BeatWindow
-from monitor.ingest.windowing import Window
-
-AnyWindow = Window | BeatWindow  # fixed windows and beat windows are tracked alike
+from monitor.window import Window
 
 EARLY_ACK_SECONDS = 5.0  # an acknowledgement may precede `alert_sent` by microseconds; never by this long
 
@@ -101,24 +98,24 @@ class InOrderAcks:
 class PendingWindows:
     """Windows cut and not yet decided, with the receipt of the message that completed each (None when replayed)."""
 
-    def __init__(self, acks: InOrderAcks, on_decided: Callable[[AnyWindow], None] | None = None) -> None:
+    def __init__(self, acks: InOrderAcks, on_decided: Callable[[Window], None] | None = None) -> None:
         """`on_decided(window)` is told of each tracked window decided (the journal records it)."""
         self.acks = acks
         self.on_decided = on_decided
         self._lock = threading.Lock()
-        self._windows: dict[int, tuple[AnyWindow, Receipt | None]] = {}  # by id(window): the window is kept alive here
-        self._alerts: dict[int, AnyWindow] = {}  # alert mid -> its window, until the broker acknowledges the alert
+        self._windows: dict[int, tuple[Window, Receipt | None]] = {}  # by id(window): the window is kept alive here
+        self._alerts: dict[int, Window] = {}  # alert mid -> its window, until the broker acknowledges the alert
         # Alert mids acknowledged before `alert_sent` could record them, with when: acknowledgements of other messages
         # (episode events) land here too, so entries expire long before paho could reuse their mid.
         self._early_acks: dict[int, float] = {}
 
-    def add(self, window: AnyWindow, receipt: Receipt | None) -> None:
+    def add(self, window: Window, receipt: Receipt | None) -> None:
         if receipt is not None:
             self.acks.hold(receipt)
         with self._lock:
             self._windows[id(window)] = (window, receipt)
 
-    def decided(self, window: AnyWindow) -> None:
+    def decided(self, window: Window) -> None:
         """The window needs nothing more (not anomalous, alert acknowledged, or dropped and counted)."""
         with self._lock:
             entry = self._windows.pop(id(window), None)
@@ -129,7 +126,7 @@ class PendingWindows:
         if entry[1] is not None:
             self.acks.release(entry[1])
 
-    def alert_sent(self, window: AnyWindow, mid: int) -> None:
+    def alert_sent(self, window: Window, mid: int) -> None:
         """The window's alert was queued as `mid`; the window is decided when the broker acknowledges it."""
         with self._lock:
             early = time.monotonic() - self._early_acks.pop(mid, float("-inf")) < EARLY_ACK_SECONDS
@@ -150,7 +147,7 @@ class PendingWindows:
         if window is not None:
             self.decided(window)
 
-    def windows(self) -> list[AnyWindow]:
+    def windows(self) -> list[Window]:
         with self._lock:
             return [window for window, _ in self._windows.values()]
 

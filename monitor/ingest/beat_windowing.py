@@ -13,7 +13,7 @@ message with n samples starting at q (its `seq`, or the sensor's next expected i
   template warm-up. Beats whose span the gap cut are lost.
 
 Every beat found is counted; unscorable ones (`beats.UNSCORABLE_REASONS`) are counted by reason and never
-scored, so never alerted. `BeatWindow.start_ts` is the ts of the last message carrying one, moved by the
+scored, so never alerted. A beat window's `start_ts` is the ts of the last message carrying one, moved by the
 configured sampling rate to the span's first sample.
 """
 
@@ -24,39 +24,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from monitor.config.schema import WindowingSettings
 from monitor.ecg.beats import BeatSpec, BeatStream
 from monitor.errors import ConfigError
 from monitor.ingest.payload import Message
-from monitor.ingest.windowing import SensorTable, WindowAssembler
+from monitor.ingest.windowing import SensorStreams, WindowAssembler
 from monitor.model.engine import Engine
+from monitor.window import BeatMark, Window
 
 STATE_FORMAT = "monitor-beat-state"
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class BeatWindow:
-    """One scorable beat's window, shaped like `windowing.Window` for the batcher, with the beat's position."""
-
-    sensor_id: str
-    start_seq: int  # first sample of the span the window was resampled from
-    end_seq: int  # exclusive end of that span
-    beat_seq: int  # the R peak's sample index in the sensor's stream
-    rr_seconds: float | None  # since the previous beat's R peak; None for the first beat after a start or reset
-    samples: np.ndarray  # [W, C] float32
-    start_ts: float | None
-    completed_at: float
-    error_scale: float = 1.0  # the beat's reconstruction error is divided by this (beats.BeatSpec.error_scale)
 
 
 @dataclass(slots=True)
 class BeatFeedResult:
     """What one message did; the counters feed the metrics."""
 
-    windows: list[BeatWindow] = field(default_factory=list)
+    windows: list[Window] = field(default_factory=list)
     beats_found: int = 0
     # reason -> beats; a plain dict, because a Counter made for every message cost measurably in the network thread
     unscorable: dict[str, int] = field(default_factory=dict)
@@ -80,7 +64,7 @@ class _Sensor:
         self.aside: _Sensor | None = None  # the sensor's state before a seq jump, until the next message decides
 
 
-class BeatAssembler(SensorTable[_Sensor]):
+class BeatAssembler(SensorStreams[_Sensor]):
     """Cuts each sensor's single-lead stream into beat windows (see the module docstring). Not thread-safe."""
 
     def __init__(
@@ -128,16 +112,14 @@ class BeatAssembler(SensorTable[_Sensor]):
                 None if sensor.anchor is None else sensor.anchor[1] + (beat.start_seq - sensor.anchor[0]) / self.fs
             )
             result.windows.append(
-                BeatWindow(
+                Window(
                     sensor_id,
                     beat.start_seq,
-                    beat.end_seq,
-                    beat.r_seq,
-                    beat.rr_seconds,
                     beat.window,
                     start_ts,
                     now,
                     float(self.spec.error_scale(beat.stretch)),
+                    BeatMark(beat.end_seq, beat.r_seq, beat.rr_seconds),
                 )
             )
         return result
@@ -155,7 +137,7 @@ class BeatAssembler(SensorTable[_Sensor]):
                 "id": sensor_id,
                 "next_seq": sensor.next_seq,
                 "anchor": list(sensor.anchor) if sensor.anchor else None,
-                "stream": sensor.stream.state(),
+                "stream": sensor.stream.snapshot(),
             }
             for sensor_id, sensor in self._streams.items()
         ]
@@ -178,7 +160,7 @@ class BeatAssembler(SensorTable[_Sensor]):
         sensors: OrderedDict[str, _Sensor] = OrderedDict()
         try:
             for item in state["sensors"][-self.max_sensors :]:
-                stream = BeatStream.from_state(item["stream"], self.spec)
+                stream = BeatStream.restore(item["stream"], self.spec)
                 if stream.fs != self.fs or int(item["next_seq"]) != stream.origin + stream.received:
                     raise ValueError(f"sensor {item['id']!r}: position {item['next_seq']} does not fit its stream")
                 sensor = _Sensor(stream, int(item["next_seq"]), now)

@@ -33,7 +33,6 @@ checkpoint succeeds again, rather than holding every acknowledgement (and with t
 
 from __future__ import annotations
 
-import base64
 import os
 import struct
 import threading
@@ -45,12 +44,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import orjson
 import structlog
 
-from monitor.ingest.beat_windowing import BeatWindow
-from monitor.ingest.windowing import Window
+from monitor.window import BeatMark, Window, decode_array, encode_array
 
 log = structlog.get_logger("monitor.journal")
 
@@ -65,45 +62,35 @@ class Replayed:
     """What a journal held: the checkpoint's state, its pending windows, then the messages after it."""
 
     windowing: dict[str, Any] | None
-    pending: list[Window | BeatWindow]
+    pending: list[Window]
     messages: list[tuple[str, bytes]]
     decided: Counter[tuple[str, int]]  # (sensor_id, window_start_seq) of windows decided after the checkpoint
     truncated: bool  # the last record was cut off (a crash while it was written)
 
 
-def encode_windows(windows: Sequence[Window | BeatWindow]) -> list[list[Any]]:
+def encode_windows(windows: Sequence[Window]) -> list[list[Any]]:
     """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval and its error
     scale."""
     items = []
     for w in windows:
-        samples = base64.b64encode(w.samples.astype("<f4").tobytes()).decode()
-        item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), samples]
-        if isinstance(w, BeatWindow):
-            item += [w.end_seq, w.beat_seq, w.rr_seconds, w.error_scale]
+        item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), encode_array(w.samples)]
+        if w.beat is not None:
+            item += [w.beat.end_seq, w.beat.beat_seq, w.beat.rr_seconds, w.error_scale]
         items.append(item)
     return items
 
 
-def decode_windows(items: list[list[Any]], now: float) -> list[Window | BeatWindow]:
-    windows: list[Window | BeatWindow] = []
+def decode_windows(items: list[list[Any]], now: float) -> list[Window]:
+    windows: list[Window] = []
     for sensor_id, start_seq, start_ts, shape, samples, *beat in items:
-        array = np.frombuffer(base64.b64decode(samples, validate=True), dtype="<f4").reshape(shape).astype(np.float32)
+        array = decode_array(samples).reshape(shape)
         ts = None if start_ts is None else float(start_ts)
         if beat:
             end_seq, beat_seq, rr_seconds, *scale = beat  # no scale in records written before stretch scaling
             rr = None if rr_seconds is None else float(rr_seconds)
+            mark = BeatMark(int(end_seq), int(beat_seq), rr)
             windows.append(
-                BeatWindow(
-                    str(sensor_id),
-                    int(start_seq),
-                    int(end_seq),
-                    int(beat_seq),
-                    rr,
-                    array,
-                    ts,
-                    now,
-                    float(scale[0]) if scale else 1.0,
-                )
+                Window(str(sensor_id), int(start_seq), array, ts, now, float(scale[0]) if scale else 1.0, mark)
             )
         else:
             windows.append(Window(str(sensor_id), int(start_seq), array, ts, now))
@@ -184,7 +171,7 @@ class Journal:
             self._written += len(record)
             self._waiting.append((self._written, token))
 
-    def mark_decided(self, window: Window | BeatWindow) -> None:
+    def mark_decided(self, window: Window) -> None:
         """Record that `window` needs nothing more (any thread; written with the next batch, never waited for)."""
         record = _record(DECIDED, _START_SEQ.pack(window.start_seq) + window.sensor_id.encode("utf-8"))
         with self._lock:

@@ -17,16 +17,18 @@ from typing import Any
 
 import structlog
 
+from monitor.ecg.beats import UNSCORABLE_REASONS
 from monitor.errors import PayloadError
 from monitor.ingest.acks import PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
-from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult, BeatWindow
+from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult
 from monitor.ingest.journal import Journal, Replayed, encode_windows
-from monitor.ingest.payload import PayloadDecoder, sensor_id_from_topic
-from monitor.ingest.windowing import FeedResult, Window, WindowAssembler
+from monitor.ingest.payload import REJECT_REASONS, PayloadDecoder, sensor_id_from_topic
+from monitor.ingest.windowing import FeedResult, WindowAssembler
 from monitor.model.baseline import SensorBaselines
 from monitor.telemetry.log import RateLimiter
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 
 log = structlog.get_logger("monitor.ingest")
 
@@ -38,7 +40,7 @@ class Ingest:
         self,
         decoder: PayloadDecoder,
         assembler: WindowAssembler | BeatAssembler,
-        windows: WindowQueue[Window | BeatWindow],
+        windows: WindowQueue[Window],
         metrics: Metrics,
         sensor_id_level: int,
         warnings: RateLimiter | None = None,
@@ -62,6 +64,8 @@ class Ingest:
         self.journal = journal
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
+        metrics.declare(metrics.messages, REJECT_REASONS)
+        metrics.declare(metrics.beats_unscorable, UNSCORABLE_REASONS)
         self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
 
     def handle(
@@ -132,14 +136,14 @@ class Ingest:
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
 
-    def _decided(self, window: Window | BeatWindow) -> None:
+    def _decided(self, window: Window) -> None:
         if self.pending is not None:
             self.pending.decided(window)
 
-    def _after_warm_up(self, windows: Sequence[Window | BeatWindow]) -> list[Window | BeatWindow]:
+    def _after_warm_up(self, windows: Sequence[Window]) -> list[Window]:
         """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
         assert self.baselines is not None
-        ready: list[Window | BeatWindow] = []
+        ready: list[Window] = []
         for window in windows:
             normalised = self.baselines.admit(window.sensor_id, window.samples)
             if normalised is None:
@@ -175,7 +179,7 @@ class Ingest:
             log.info("sensors_evicted", count=evicted, active=active)
         self.metrics.sensors_warming_up.set(warming)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""
         pending = self.pending.windows() if self.pending is not None else []
         return {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
@@ -184,7 +188,7 @@ class Ingest:
         if self.journal is not None and self.journal.checkpoint_due(now):
             with self.lock:
                 try:
-                    self.journal.checkpoint(self.checkpoint_state())
+                    self.journal.checkpoint(self.snapshot())
                 except OSError as error:  # the journal goes on in its current file
                     log.error("journal_checkpoint_failed", path=str(self.journal.path), error=str(error))
 

@@ -41,34 +41,21 @@ Not thread-safe by design: one caller (the MQTT network thread) serialises acces
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from monitor.errors import PayloadError
 from monitor.ingest.payload import Message
+from monitor.window import Window, decode_array, encode_array
 
 SENSOR_LIMIT_REASON = "sensor_limit"
 STATE_FORMAT = "monitor-window-state"
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Window:
-    """One complete window; compared by identity because arrays have no single truth value."""
-
-    sensor_id: str
-    start_seq: int  # absolute index of the first sample; the window ends (exclusive) at start_seq + W
-    samples: np.ndarray  # [W, C] float32, a copy owned by this window
-    start_ts: float | None  # Unix seconds of the first sample, when the input carried ts
-    completed_at: float  # the monotonic `now` given to feed() when the last sample arrived
-    error_scale: ClassVar[float] = 1.0  # fixed windows are scored by their error as it is
 
 
 @dataclass(slots=True)
@@ -132,8 +119,10 @@ class _Sensor(Protocol):
 SensorState = TypeVar("SensorState", bound=_Sensor)
 
 
-class SensorTable(Generic[SensorState]):
-    """Per-sensor state, least recently seen first: at most `max_sensors`, idle ones evicted (fixed and beat mode).
+class SensorStreams(Generic[SensorState]):
+    """The seq policy both assemblers share, over per-sensor stream state: least recently seen first, at most
+    `max_sensors`, idle ones evicted (fixed and beat mode). The decision-side stages keep their per-sensor records
+    in `alerts.sensor_table.SensorTable` instead.
 
     `on_evict` is called with each evicted sensor's id, so per-sensor state kept elsewhere goes with it.
     """
@@ -255,7 +244,7 @@ class SensorTable(Generic[SensorState]):
                 raise PayloadError(SENSOR_LIMIT_REASON, f"{self.max_sensors} sensors active")
 
 
-class WindowAssembler(SensorTable[_Stream]):
+class WindowAssembler(SensorStreams[_Stream]):
     """Cuts each sensor's stream into windows of W samples every S samples (see the module docstring)."""
 
     def __init__(
@@ -293,7 +282,7 @@ class WindowAssembler(SensorTable[_Stream]):
                 "id": sensor_id,
                 "next_seq": stream.next_seq,
                 "next_k": stream.next_k,
-                "samples": base64.b64encode(stream.buffer[: stream.fill].astype("<f4").tobytes()).decode("ascii"),
+                "samples": encode_array(stream.buffer[: stream.fill]),
                 "anchors": [[anchor.start, anchor.end, anchor.seq, anchor.ts] for anchor in stream.anchors],
                 "last_anchor": list(stream.last_anchor) if stream.last_anchor is not None else None,
                 "period_seconds": stream.period_seconds,
@@ -321,15 +310,13 @@ class WindowAssembler(SensorTable[_Stream]):
         try:
             for item in state["sensors"][-self.max_sensors :]:
                 streams[str(item["id"])] = self._restored_stream(item, now)
-        except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as error:
+        except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(f"inconsistent sensor state ({type(error).__name__}: {error})") from None
         self._streams = streams
         return len(streams)
 
     def _restored_stream(self, item: dict[str, Any], now: float) -> _Stream:
-        samples = np.frombuffer(base64.b64decode(item["samples"], validate=True), dtype="<f4").reshape(
-            -1, self.channels
-        )
+        samples = decode_array(item["samples"]).reshape(-1, self.channels)
         stream = _Stream(0, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
         stream.next_seq, stream.next_k, stream.fill = int(item["next_seq"]), int(item["next_k"]), len(samples)
         if (

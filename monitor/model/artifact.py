@@ -172,3 +172,13 @@ def load_artifact(directory: str | Path, device: torch.device | str = "cpu") -> 
         metadata=metadata,
         path=directory,
     )
+
+
+def artifact_problem(directory: Path) -> str | None:
+    """Why `directory` is not a model artifact (the cheap part of the check), or None."""
+    if not directory.is_dir():
+        return f"{str(directory)!r}: no such model directory"
+    missing = [name for name in (METADATA_FILE, WEIGHTS_FILE) if not (directory / name).is_file()]
+    if missing:
+        return f"{str(directory)!r}: not a model artifact ({' and '.join(missing)} missing)"
+    return None

@@ -25,8 +25,6 @@ ROC AUC): this estimator 0.830, MAD alone 0.788, trimmed mean/std 0.794, mean/st
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import ConfigError
+from monitor.window import decode_array, encode_array
 
 MAD_TO_STD = 1.4826
 SPREAD_FLOOR = 0.5
@@ -170,10 +169,7 @@ class SensorBaselines:
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready: fitted baselines, and warm-up windows as base64 of little-endian float32 `[n, W, C]`."""
-        warming = {
-            sid: base64.b64encode(np.stack(windows).astype("<f4").tobytes()).decode("ascii")
-            for sid, windows in self._warming.items()
-        }
+        warming = {sid: encode_array(np.stack(windows)) for sid, windows in self._warming.items()}
         fitted = {sid: baseline.to_dict() for sid, baseline in self._fitted.items()}
         return {
             "format": STATE_FORMAT,
@@ -206,12 +202,12 @@ class SensorBaselines:
                     fitted[sid] = SensorBaseline.from_dict(data, self.channels)
             for sid, encoded in state["warming"].items():
                 if sid in keep:
-                    raw = np.frombuffer(base64.b64decode(encoded, validate=True), dtype="<f4").astype(np.float32)
+                    raw = decode_array(encoded)
                     windows = raw.reshape(-1, self.window, self.channels)
                     if not np.isfinite(windows).all():
                         raise ValueError(f"sensor {sid!r}: warm-up windows are not finite")
                     warming[sid] = [window for window in windows]
-        except (AttributeError, KeyError, TypeError, ValueError, binascii.Error) as error:
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
             raise ValueError(f"inconsistent baseline state ({type(error).__name__}: {error})") from None
         for sid, collected in list(warming.items()):
             if len(collected) >= self.warm_up:

@@ -152,3 +152,65 @@ def threshold_uncertainty(
     low = float(ordered[low_rank - 1]) if low_rank >= 1 else -math.inf
     high = float(ordered[high_rank - 1]) if high_rank <= n else math.inf
     return ThresholdUncertainty(n, level, false_alarms, (low, high), confidence)
+
+
+CALIBRATION_KEY = "calibration_scores"
+QUANTILE_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class CalibrationScores:
+    """The distribution of the calibration windows' scores, as `model.json` records it under `calibration_scores`."""
+
+    levels: tuple[float, ...]
+    quantiles: tuple[float, ...]
+    above_threshold: float  # share of calibration windows whose score is above the threshold
+    n_windows: int
+
+    @classmethod
+    def from_errors(
+        cls, errors: np.ndarray, threshold: float, levels: tuple[float, ...] = QUANTILE_LEVELS
+    ) -> CalibrationScores:
+        errors = np.asarray(errors, dtype=np.float64)
+        quantiles = tuple(float(value) for value in np.quantile(errors, levels))
+        return cls(tuple(levels), quantiles, float(np.mean(errors > threshold)), int(errors.size))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "note": "scores of the calibration windows: quantiles at these levels, share above the threshold",
+            "n_windows": self.n_windows,
+            "levels": list(self.levels),
+            "quantiles": list(self.quantiles),
+            "above_threshold": self.above_threshold,
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> CalibrationScores | None:
+        """What an artifact recorded; None for an artifact made before it was recorded. Raises ValueError if broken."""
+        data = metadata.get(CALIBRATION_KEY)
+        if data is None:
+            return None
+        try:
+            levels = tuple(float(value) for value in data["levels"])
+            quantiles = tuple(float(value) for value in data["quantiles"])
+            scores = cls(levels, quantiles, float(data["above_threshold"]), int(data["n_windows"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{CALIBRATION_KEY}: unreadable ({error})") from None
+        if (
+            not levels
+            or len(levels) != len(quantiles)
+            or not all(0 < level < 1 for level in levels)
+            or any(b <= a for a, b in zip(levels, levels[1:], strict=False))
+            or any(b < a for a, b in zip(quantiles, quantiles[1:], strict=False))
+            or not all(math.isfinite(value) for value in quantiles)
+            or not 0 <= scores.above_threshold <= 1
+            or scores.n_windows < 1
+        ):
+            raise ValueError(
+                f"{CALIBRATION_KEY}: levels must rise within (0, 1), quantiles must not fall, one per level"
+            )
+        return scores
+
+    def bin_shares(self) -> np.ndarray:
+        """The calibration share of each bin the quantiles cut (below the first, between each pair, above the last)."""
+        return np.diff(np.concatenate([[0.0], self.levels, [1.0]]))

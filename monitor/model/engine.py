@@ -14,14 +14,14 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from monitor.alerts.drift import CalibrationScores
 from monitor.config.schema import ModelSettings
 from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import ArtifactError, ConfigError, MonitorError
-from monitor.ingest.windowing import Window
 from monitor.model.artifact import load_artifact
 from monitor.model.baseline import trained_baseline
+from monitor.model.calibration import CalibrationScores
 from monitor.model.scoring import Scorer, Scores
+from monitor.window import Window
 
 Backend = Literal["torch", "onnx"]
 

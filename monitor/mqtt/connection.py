@@ -30,10 +30,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from monitor.alerts.sink import DropReason, PublishRefused
 from monitor.config.schema import MqttSettings, PartitionSettings
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.mqtt.client import make_client
+from monitor.mqtt.publisher import DropReason, PublishRefused
 from monitor.telemetry.metrics import Metrics
 
 log = structlog.get_logger("monitor.mqtt")

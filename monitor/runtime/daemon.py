@@ -44,6 +44,7 @@ from monitor.ingest.beat_windowing import check_mode, make_assembler
 from monitor.ingest.journal import Journal
 from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
+from monitor.model.artifact import artifact_problem
 from monitor.model.baseline import SensorBaselines, resolve_baseline
 from monitor.model.engine import Engine, load_engine, load_shadow_engine
 from monitor.mqtt.connection import MqttConnection
@@ -247,7 +248,7 @@ class Daemon:
                 sensors=self.ingest.assembler.active_sensors,
             )
         with self.ingest.lock:
-            self.journal.start(self.ingest.checkpoint_state())
+            self.journal.start(self.ingest.snapshot())
 
     def restore_windows(self) -> None:
         """Take back the partial windows the last drain saved; a file that does not fit is logged and ignored."""
@@ -420,7 +421,7 @@ class Daemon:
         """Re-read config and model; apply the live settings, log the others by key; keep the old ones if broken."""
         systemd.reloading()
         try:
-            config = load_config(self.config_path) if self.config_path else self.config
+            config = load_config(self.config_path, check_model=artifact_problem) if self.config_path else self.config
             engine = self.load_engine(config.model)
             check_mode(self.started_config.windowing, engine, config.model.path)
             if engine.segmentation != self.engine.segmentation:
@@ -480,7 +481,7 @@ class Daemon:
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
         if self.journal is not None:
             with self.ingest.lock:
-                self.journal.close(self.ingest.checkpoint_state())  # fsyncs: the last records are released too
+                self.journal.close(self.ingest.snapshot())  # fsyncs: the last records are released too
         else:
             self.save_windows()
         self.connection.acknowledge()
@@ -513,6 +514,6 @@ def instance_context(config: Config) -> dict[str, object]:
 
 
 def run(config_path: str | Path) -> int:
-    config = load_config(config_path)
+    config = load_config(config_path, check_model=artifact_problem)
     configure_logging(config.logging.level, config.logging.format, instance_context(config))
     return Daemon(config, config_path).run()

@@ -23,10 +23,10 @@ import structlog
 from monitor.alerts.sink import AlertSink
 from monitor.ingest.acks import PendingWindows
 from monitor.ingest.batching import MicroBatcher
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine
 from monitor.model.scoring import Scores
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 
 log = structlog.get_logger("monitor.worker")
 

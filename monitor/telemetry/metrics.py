@@ -14,17 +14,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from monitor.alerts.episodes import EVENT_KINDS
-from monitor.ecg.beats import UNSCORABLE_REASONS
-from monitor.ingest.payload import REJECT_REASONS
-
-MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error", *REJECT_REASONS)
+# Outcomes the daemon itself gives a message; the stages add their own label values (payload rejections, beats
+# found unscorable, episode events) with `declare`, so every label is exported from the start at 0.
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error")
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
@@ -190,14 +188,18 @@ class Metrics:
             self.windows_dropped.labels(reason)
         for reason in ALERT_DROP_REASONS:
             self.alerts_dropped.labels(reason)
-        for reason in UNSCORABLE_REASONS:
-            self.beats_unscorable.labels(reason)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.threshold.set(threshold)
         self._episode_metrics(registry)
         self._drift_metrics(registry)
         self._shadow_metrics(registry)
+
+    @staticmethod
+    def declare(metric: Counter | Gauge, values: Iterable[str]) -> None:
+        """Creates the children of a one-label metric for `values`, so they are exported (at 0) before first use."""
+        for value in values:
+            metric.labels(value)
 
     def _episode_metrics(self, registry: CollectorRegistry) -> None:
         self.episode_events = Counter(
@@ -212,8 +214,6 @@ class Metrics:
         self.episodes_open = Gauge(
             "monitor_episodes_open", "Sensors with an episode, by state", ["state"], registry=registry
         )
-        for event in EVENT_KINDS:
-            self.episode_events.labels(event)
         for reason in ALERT_DROP_REASONS:
             self.episode_messages_dropped.labels(reason)
         for state in EPISODE_STATES:

@@ -27,8 +27,7 @@ from monitor.model.scoring import BatchScorer
 from monitor.training.beat_data import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
 from monitor.training.datasets import WindowSet
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.trainer import TrainingResult, TrainSettings, fit_model
-from monitor.training.trainer import _metadata as training_metadata  # the fixed-mode record, extended below
+from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record
 
 log = structlog.get_logger("monitor.beattraining")
 
@@ -223,7 +222,7 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
         "calibration": f"{n_cal} beats: the last {settings.calibration_fraction:.0%} of each recording's beats",
     }
     fit_set = WindowSet(fit, None, ", ".join(sources), "")
-    metadata = training_metadata(
+    metadata = model_record(
         settings, fit_set, normalisation, calibration, uncertainty, split, None, None,
         train_losses, val_losses, best_epoch, seconds,
     )  # fmt: skip

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from monitor import __version__
-from monitor.alerts.drift import CALIBRATION_KEY, CalibrationScores
 from monitor.errors import ArtifactError, DataError
 from monitor.model.artifact import (
     ERROR_MEASURE,
@@ -30,8 +29,10 @@ from monitor.model.artifact import (
 from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
 from monitor.model.baseline import describe as describe_baseline
 from monitor.model.calibration import (
+    CALIBRATION_KEY,
     SMALL_CALIBRATION,
     Calibration,
+    CalibrationScores,
     ThresholdUncertainty,
     calibrate,
     threshold_uncertainty,
@@ -250,7 +251,7 @@ def train(settings: TrainSettings) -> TrainingResult:
         require_window(evaluation_data, fit.window, fit.channels)
         scores = scorer.score_all(evaluation_data.windows).errors
         evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
-    metadata = _metadata(
+    metadata = model_record(
         settings,
         fit,
         normalisation,
@@ -300,7 +301,7 @@ def train(settings: TrainSettings) -> TrainingResult:
     )
 
 
-def _metadata(
+def model_record(
     settings: TrainSettings,
     fit: WindowSet,
     normalisation: Normalisation,
@@ -314,6 +315,7 @@ def _metadata(
     best_epoch: int,
     seconds: float,
 ) -> dict[str, Any]:
+    """The `model.json` record of a fixed-window model (beat training extends it with its segmentation)."""
     now = dt.datetime.now(dt.UTC)
     excluded = {
         "train_data",

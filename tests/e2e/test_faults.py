@@ -30,11 +30,12 @@ from prometheus_client import CollectorRegistry
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.payload import Message, PayloadDecoder
 from monitor.ingest.stage import Ingest
-from monitor.ingest.windowing import Window, WindowAssembler
+from monitor.ingest.windowing import WindowAssembler
 from monitor.model.artifact import ERROR_MEASURE, load_artifact, save_artifact
 from monitor.model.autoencoder import LSTMAutoencoder
 from monitor.model.scoring import Scorer
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 from tests.support import SPLITS, WINDOW, Broker, Sensors, daemon_config, metric, wait_until
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from monitor.alerts.episode_sink import read_retained
-from monitor.alerts.episodes import Decision, EpisodePolicy, EpisodeTracker
-from monitor.config.schema import ModelSettings
+from monitor.alerts.episodes import Decision, EpisodeTracker
+from monitor.config.schema import EpisodePolicy, ModelSettings
 from monitor.model.engine import Engine, load_engine
 from monitor.mqtt.client import make_client
 from monitor.training.datasets import read_ucr

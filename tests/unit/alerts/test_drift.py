@@ -11,10 +11,11 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from monitor.alerts.drift import AnomalyRates, CalibrationScores, DriftMonitor, critical_counts
+from monitor.alerts.drift import AnomalyRates, DriftMonitor, critical_counts
 from monitor.config.schema import ModelSettings
 from monitor.errors import ArtifactError
 from monitor.model.artifact import load_artifact
+from monitor.model.calibration import CalibrationScores
 from monitor.model.engine import load_engine
 from monitor.model.scoring import Scorer
 from monitor.training.datasets import read_ucr

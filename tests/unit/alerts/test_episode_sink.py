@@ -13,12 +13,13 @@ from prometheus_client import CollectorRegistry
 
 from monitor.alerts.episode_sink import EpisodeSink, read_retained, state_filter
 from monitor.alerts.episodes import EpisodeTracker
-from monitor.alerts.sink import AlertSink, PublishRefused
+from monitor.alerts.sink import AlertSink
 from monitor.config.schema import AlertSettings, LifecycleSettings, ModelSettings
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine, load_engine
 from monitor.model.scoring import Scores
+from monitor.mqtt.publisher import PublishRefused
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 from tests.support import DEFAULT_MODEL, REPO, free_port, mqtt_settings
 
 LIFECYCLE = LifecycleSettings(

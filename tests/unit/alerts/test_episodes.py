@@ -7,7 +7,8 @@ import itertools
 import orjson
 import pytest
 
-from monitor.alerts.episodes import Decision, EpisodePolicy, EpisodeTracker
+from monitor.alerts.episodes import Decision, EpisodeTracker
+from monitor.config.schema import EpisodePolicy
 
 WINDOW = 140
 

@@ -15,18 +15,19 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.alerts.sink import DROP_REASONS, AlertSink, DropReason, PublishRefused
+from monitor.alerts.sink import AlertSink
 from monitor.config.schema import AlertSettings, ModelSettings, load_config
 from monitor.errors import ConfigError
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.batching import MicroBatcher, WindowQueue
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine, load_engine
+from monitor.mqtt.publisher import DROP_REASONS, DropReason, PublishRefused
 from monitor.runtime.worker import ScoringWorker
 from monitor.telemetry.log import RateLimiter
 from monitor.telemetry.metrics import ALERT_DROP_REASONS, Metrics
 from monitor.telemetry.scrape import histogram_quantile
 from monitor.training.datasets import read_ucr
+from monitor.window import Window
 from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, wait_until
 
 

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 from monitor.alerts.shadow import ShadowComparison
 from monitor.config.schema import ModelSettings
 from monitor.errors import ArtifactError, ConfigError
-from monitor.ingest.windowing import Window
 from monitor.model.engine import Engine, load_engine, load_shadow_engine
 from monitor.model.scoring import Scores
 from monitor.telemetry.metrics import Metrics
+from monitor.window import Window
 from tests.support import DEFAULT_MODEL
 
 

@@ -9,12 +9,13 @@ import pytest
 
 from monitor.config.schema import load_config
 from monitor.errors import ConfigError
+from monitor.model.artifact import artifact_problem
 from tests.support import DEFAULT_MODEL, run_cli
 
 
 def problems(path, environ=None) -> list[str]:
     with pytest.raises(ConfigError) as error:
-        load_config(path, environ=environ or {})
+        load_config(path, environ=environ or {}, check_model=artifact_problem)
     return str(error.value).splitlines()
 
 
@@ -82,4 +83,4 @@ def test_a_broken_model_is_blamed_on_model_path_by_check_config(config_file, tmp
 def test_replay_and_watch_do_not_need_the_model(config_file, tmp_path):
     # They only talk to the broker: a machine without the model can still replay data or watch alerts.
     path = config_file(f"model:\n  path: {tmp_path / 'absent'}\n")
-    assert load_config(path, environ={}, check_model=False).model.path == tmp_path / "absent"
+    assert load_config(path, environ={}).model.path == tmp_path / "absent"

@@ -53,12 +53,12 @@ def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
     scorable = [beat for beat in offline if beat.scorable]
     assert found == len(offline) and unscorable == len(offline) - len(scorable) and len(windows) == len(scorable) > 100
     for beat, window in zip(scorable, windows, strict=True):
-        assert (window.beat_seq, window.start_seq, window.end_seq) == (
+        assert (window.beat.beat_seq, window.start_seq, window.end_seq) == (
             beat.r_seq + 1000,
             beat.start_seq + 1000,
             beat.end_seq + 1000,
         )
-        assert window.rr_seconds == beat.rr_seconds
+        assert window.beat.rr_seconds == beat.rr_seconds
         assert np.array_equal(window.samples, beat.window)
         assert window.error_scale == spec.error_scale(beat.stretch) == max(1.0, beat.stretch / 0.3)
     assert any(window.error_scale > 1 for window in windows) and any(window.error_scale == 1 for window in windows)
@@ -81,13 +81,13 @@ def test_a_seq_gap_resets_the_detector_and_duplicates_are_trimmed(signal):
     # after the reset the stream starts afresh at 10800: its first beat has no RR interval and warms up again
     restarted = cut_beats(signal[10800:].astype(np.float32).astype(np.float64), FS, BeatSpec())
     expected = [beat for beat in restarted if beat.scorable and beat.end_seq + 10800 > 14400]
-    got = [window for window in gap.windows + later if window.beat_seq >= 10800]
-    assert [w.beat_seq for w in got][-len(expected) :] == [beat.r_seq + 10800 for beat in expected]
+    got = [window for window in gap.windows + later if window.beat.beat_seq >= 10800]
+    assert [w.beat.beat_seq for w in got][-len(expected) :] == [beat.r_seq + 10800 for beat in expected]
     assert first.beats_found > 0
 
 
 def test_one_message_far_ahead_cannot_silence_a_sensor_and_a_reboot_to_zero_is_followed(signal):
-    """The seq jump policy in beat mode: the seq policy is fixed mode's (`SensorTable`), so a poisoned seq near 2**53
+    """The seq jump policy in beat mode: the seq policy is fixed mode's (`SensorStreams`), so a poisoned seq near 2**53
     costs the sensor nothing (its beats are exactly those of an untouched stream) and a reboot is scored at once."""
     spec, half = BeatSpec(), int(60 * FS)
     untouched = stream(BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60), "s1", signal, chunk=360)[0]
@@ -96,9 +96,9 @@ def test_one_message_far_ahead_cannot_silence_a_sensor_and_a_reboot_to_zero_is_f
     poison = assembler.feed("s1", message(signal[:1], 2**53 - 10), 0.0)
     assert poison.restarted and not poison.gaps and not poison.windows
     after = stream(assembler, "s1", signal[half:], chunk=360, start=half)[0]
-    assert [w.beat_seq for w in before + after] == [w.beat_seq for w in untouched] and len(after) > 40
+    assert [w.beat.beat_seq for w in before + after] == [w.beat.beat_seq for w in untouched] and len(after) > 40
     rebooted = stream(assembler, "s1", signal, chunk=360)[0]  # the sensor restarts its seq at 0
-    assert [w.beat_seq for w in rebooted] == [w.beat_seq for w in untouched]
+    assert [w.beat.beat_seq for w in rebooted] == [w.beat.beat_seq for w in untouched]
 
 
 def test_state_survives_a_restart_exactly(signal):
@@ -112,7 +112,7 @@ def test_state_survives_a_restart_exactly(signal):
     restarted = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
     assert restarted.restore(state, 0.0) == 1
     after = stream(restarted, "a", signal[half:], chunk=100, start=half)[0]
-    assert [w.beat_seq for w in before + after] == [w.beat_seq for w in expected]
+    assert [w.beat.beat_seq for w in before + after] == [w.beat.beat_seq for w in expected]
     assert all(np.array_equal(a.samples, b.samples) for a, b in zip(before + after, expected, strict=True))
     assert [w.error_scale for w in before + after] == [w.error_scale for w in expected]  # the stretch history too
     other_rate = BeatAssembler(spec, 250.0, max_sensors=10, idle_seconds=60)
@@ -147,7 +147,7 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     ingest = Ingest(
         PayloadDecoder(1, 4096), assembler, queue, Metrics(CollectorRegistry(), 4, 1.0), 1, None, None, pending, journal
     )
-    journal.start(ingest.checkpoint_state())
+    journal.start(ingest.snapshot())
     chunk, received = 360, []
     for mid, offset in enumerate(range(0, 30 * chunk, chunk), start=1):
         payload = orjson.dumps({"seq": offset, "samples": signal[offset : offset + chunk, None].tolist()})
@@ -162,7 +162,7 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     while queue.depth():
         pending.decided(queue.get(1.0))  # scored, not anomalous
     released += [receipt.mid for receipt in acks.ready()]
-    journal.close(ingest.checkpoint_state())
+    journal.close(ingest.snapshot())
     assert released == received and len(pending) == 0
 
 

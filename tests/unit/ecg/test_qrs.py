@@ -157,7 +157,7 @@ def test_beat_windows_do_not_depend_on_chunking_or_a_restart():
         chunked += stream.feed(signal[start : start + size])
         start += size
         if start > len(signal) // 2 and not getattr(stream, "restored", False):
-            stream = BeatStream.from_state(json.loads(json.dumps(stream.state())), spec)  # as across a SIGTERM restart
+            stream = BeatStream.restore(json.loads(json.dumps(stream.snapshot())), spec)  # as across a SIGTERM restart
             stream.restored = True
     assert len(whole) == len(chunked) > 50
     for a, b in zip(whole, chunked, strict=True):

@@ -29,7 +29,8 @@ from monitor.ingest.payload import (
     PayloadDecoder,
     sensor_id_from_topic,
 )
-from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, Window, WindowAssembler
+from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, WindowAssembler
+from monitor.window import Window
 
 PAYLOADS_PER_EXAMPLE = 100
 EXAMPLES = 1050

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.journal import Journal, encode_windows, read_journal
-from monitor.ingest.windowing import Window
+from monitor.window import Window
 from tests.support import wait_until
 
 

@@ -9,7 +9,8 @@ import pytest
 
 from monitor.errors import PayloadError
 from monitor.ingest.payload import REJECT_REASONS, Message
-from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, Window, WindowAssembler
+from monitor.ingest.windowing import SENSOR_LIMIT_REASON, FeedResult, WindowAssembler
+from monitor.window import Window
 
 
 def signal(samples: int, channels: int = 1, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ from monitor.errors import ConfigError, DataError
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.payload import Message, PayloadDecoder
 from monitor.ingest.stage import Ingest
-from monitor.ingest.windowing import Window, WindowAssembler
+from monitor.ingest.windowing import WindowAssembler
 from monitor.model.artifact import load_artifact
 from monitor.model.baseline import (
     ABSOLUTE_FLOOR,
@@ -31,6 +31,7 @@ from monitor.telemetry.metrics import Metrics
 from monitor.training.datasets import read_labelled_recording
 from monitor.training.recordings import segment_figures, segments
 from monitor.training.trainer import TrainSettings, train
+from monitor.window import Window
 from tests.support import REPO, run_cli
 
 EXCERPT = REPO / "data" / "smd-excerpt"

@@ -1,0 +1,158 @@
+"""`monitor evaluate`: score labelled data with a trained artifact, the way the daemon would, and report.
+
+Three kinds of data, chosen by the model and the files given: UCR-style labelled windows (one file), continuous
+recordings with per-sample labels (fixed-window models, optionally with per-sensor baselines), and recordings
+with beat annotations (beat-mode models). Each returns a `Report`: the JSON summary and the text a person reads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from monitor.ecg.beats import BeatSpec, beat_spec
+from monitor.errors import MonitorError
+from monitor.model.artifact import ModelArtifact, load_artifact
+from monitor.model.baseline import resolve_baseline, trained_baseline
+from monitor.model.engine import resolve_device
+from monitor.model.scoring import BatchScorer, Scorer
+from monitor.training.beat_data import pair_files
+from monitor.training.beat_trainer import evaluate_beats, format_beat_evaluation
+from monitor.training.datasets import read_labelled_recording, read_ucr, require_window
+from monitor.training.evaluation import evaluate_scores, format_evaluation
+from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """What to evaluate: the command line's options, without argparse."""
+
+    model: Path
+    data: list[Path]
+    labels: list[Path] | None = None  # per-sample labels, one file per recording
+    window: int | None = None
+    stride: int | None = None
+    baseline: str | None = None
+    baseline_windows: int | None = None
+    annotations: list[Path] | None = None  # beat mode: sample,symbol CSV per recording
+    sample_rate: float | None = None  # beat mode
+    normal_label: int = 1
+    device: str = "cpu"
+
+
+@dataclass
+class Report:
+    """One evaluation: `summary` is what `--json` prints, `lines` the human-readable report."""
+
+    summary: dict[str, Any]
+    lines: list[str] = field(default_factory=list)
+
+    def render(self, as_json: bool) -> str:
+        return json.dumps(self.summary) if as_json else "\n".join(self.lines)
+
+
+def evaluate(request: EvaluateRequest) -> Report:
+    """Loads the artifact and evaluates the data the request names; a `MonitorError` for a mismatch."""
+    device = resolve_device(request.device)
+    artifact = load_artifact(request.model, device)
+    spec = beat_spec(artifact.metadata, request.model)
+    scorer = Scorer.from_artifact(artifact, device)
+    if spec is not None:
+        return evaluate_beat_recordings(request, artifact, spec, scorer)
+    if request.annotations or request.sample_rate:
+        raise MonitorError(
+            f"{request.model}: a fixed-window model; --annotations and --sample-rate are for beat-mode models"
+        )
+    if request.labels is not None:
+        return evaluate_recordings(request, artifact, scorer)
+    if len(request.data) != 1 or request.window or request.stride or request.baseline or request.baseline_windows:
+        raise MonitorError("several --data files, --window, --stride and --baseline are for recordings with --labels")
+    return evaluate_windows(request, artifact, scorer)
+
+
+def _header(artifact: ModelArtifact) -> dict[str, Any]:
+    return {"model": {"name": artifact.name, "version": artifact.version}}
+
+
+def evaluate_windows(request: EvaluateRequest, artifact: ModelArtifact, scorer: BatchScorer) -> Report:
+    """Labelled windows (UCR text): ROC/PR AUC and the confusion at the model's threshold."""
+    path = request.data[0]
+    data = read_ucr(path)
+    require_window(data, artifact.window, artifact.channels)
+    result = evaluate_scores(
+        scorer.score_all(data.windows).errors, data.is_anomaly(request.normal_label), artifact.threshold
+    )
+    lines = [f"model {artifact.name} {artifact.version} on {path}", format_evaluation(result)]
+    return Report({**_header(artifact), "data": str(path), **result.to_dict()}, lines)
+
+
+def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, scorer: BatchScorer) -> Report:
+    """Continuous recordings with per-sample labels, cut and normalised as the daemon cuts them."""
+    labels = request.labels or []
+    if len(labels) != len(request.data):
+        raise MonitorError(f"--labels: {len(labels)} label files for {len(request.data)} recordings (one each)")
+    if request.window is not None and request.window != artifact.window:
+        raise MonitorError(f"--window {request.window}: the model takes windows of {artifact.window}")
+    if request.stride is not None and request.stride < 1:
+        raise MonitorError("--stride must be >= 1")
+    baseline = trained_baseline(artifact.metadata)
+    warm_up = resolve_baseline(baseline, request.baseline, request.baseline_windows, "--baseline")
+    stride = request.stride or artifact.window
+    scored = []
+    for data, label_file in zip(request.data, labels, strict=True):
+        recording = read_labelled_recording(data, label_file)
+        if recording.samples.shape[1] != artifact.channels:
+            raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
+        scored.append(score_recording(scorer, recording, artifact.window, stride, warm_up))
+    pooled = pooled_evaluation(scored, artifact.threshold)
+    per_recording = [evaluate_recording(item, artifact.threshold) for item in scored]
+    caught = sum(item["segments_caught"] for item in per_recording)
+    counted = sum(item["segments"] for item in per_recording)
+    summary = {
+        **_header(artifact),
+        "data": [str(path) for path in request.data],
+        "window": artifact.window,
+        "stride": stride,
+        "baseline": "model" if warm_up is None else "sensor",
+        "baseline_windows": warm_up,
+        **pooled.to_dict(),
+        "segments": counted,
+        "segments_caught": caught,
+        "recordings": per_recording,
+    }
+    warm_up_note = f" ({warm_up} warm-up windows per recording, not scored)" if warm_up else ""
+    lines = [
+        f"model {artifact.name} {artifact.version}, window {artifact.window}, stride {stride}, "
+        f"baseline {summary['baseline']}{warm_up_note}",
+        format_evaluation(pooled),
+        f"\nanomaly segments caught: {caught} of {counted}",
+    ]
+    for item in per_recording:
+        delay = item["median_delay_samples"]
+        delay_note = f", median delay {delay:g} samples" if delay is not None else ""
+        segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
+        figures = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
+        lines.append(f"  {item['data']}: {figures}  {segments}")
+    return Report(summary, lines)
+
+
+def evaluate_beat_recordings(
+    request: EvaluateRequest, artifact: ModelArtifact, spec: BeatSpec, scorer: BatchScorer
+) -> Report:
+    """Recordings with beat annotations, cut beat by beat as the daemon cuts them (beat-mode models)."""
+    if not request.annotations:
+        raise MonitorError(
+            f"{request.model}: a beat-mode model; evaluation needs --annotations, one file per recording"
+        )
+    fs = request.sample_rate or artifact.metadata["segmentation"].get("trained_at_sample_rate_hz")
+    if not fs or fs <= 0:
+        raise MonitorError("--sample-rate: give the recordings' sampling rate in Hz")
+    pairs = pair_files(request.data, request.annotations)
+    result, _ = evaluate_beats(scorer, artifact.threshold, pairs, float(fs), spec)
+    lines = [
+        f"model {artifact.name} {artifact.version} on {len(request.data)} recording(s) at {fs:g} Hz",
+        format_beat_evaluation(result),
+    ]
+    return Report({**_header(artifact), "data": [str(path) for path in request.data], **result.to_dict()}, lines)
