@@ -96,6 +96,7 @@ class EndToEnd:
         config["batching"] = {"max_batch": max_batch, "max_wait_seconds": max_wait, "queue_capacity": 4096}
         config["mqtt"]["client_id"] = f"bench-{backend}-t{threads}-{time.time_ns() % 10**9}"
         config["mqtt"]["protocol"] = run.protocol
+        config["input"] = {"format": run.input_format}  # the generator's sensor topics carry this one format
         config_path.write_text(yaml.safe_dump(config))
         self.config = config
         self.daemon = None
@@ -140,6 +141,7 @@ class EndToEnd:
                 self.run.qos,
                 BEAT_RECORDING if beats else self.normal_data,
                 recording=beats,
+                input_format=self.run.input_format,
             ),
             cwd=REPO,
             stdout=subprocess.PIPE,

@@ -5,8 +5,10 @@ of `--chunk` samples every chunk/rate seconds (35 samples at 250 Hz: one message
 7 a second), with `seq` and `ts` as sensors do. The sensors are spread evenly over the message
 period so the load is smooth. The samples are normal ECG5000 beats (the training split), so about
 1 % of windows raise an alert, as in a healthy deployment. Payloads are pre-encoded JSON fragments,
-so the generator spends its time in paho, not in encoding. It runs in its own process so that it
-does not share the daemon's GIL; the bench measures its CPU use, since on a 2-core machine it
+so the generator spends its time in paho, not in encoding. `--format frame` sends binary frames (float32) instead,
+`--format sparkplug_b` Sparkplug B: one edge node whose devices are the sensors, each born (NBIRTH, DBIRTH) before
+its first DDATA (protobuf encoded per message: the generator's own CPU grows with it). It runs in its own process so
+that it does not share the daemon's GIL; the bench measures its CPU use, since on a 2-core machine it
 competes with the daemon and the broker. On exit it prints one JSON line: what it published and
 how late it was against the schedule.
 
@@ -31,12 +33,15 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from bench import targets
 from bench.data import read_split
+from monitor.ingest.frame import encode_frame
+from monitor.ingest.sparkplug import EdgeNode
 
 SLOTS_PER_PERIOD = 28
 STREAMS = 16
 BEATS_PER_STREAM = 20
 WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
 RECORDING_RATE = 360  # Hz of the raw recordings --recording takes (MIT-BIH, data/mitdb-dev)
+CHANNELS = ("ECG",)  # the Sparkplug B metric of each device
 MAX_UNACKNOWLEDGED = 60_000  # below MQTT's 65,535 packet ids: beyond it paho refuses a QoS 1 message
 
 
@@ -97,20 +102,29 @@ class OrderedPublisher:
 
 
 def command(
-    port: int, sensors: int, seconds: float, rate: float, chunk: int, qos: int, data: Path, recording: bool = False
+    port: int,
+    sensors: int,
+    seconds: float,
+    rate: float,
+    chunk: int,
+    qos: int,
+    data: Path,
+    recording: bool = False,
+    input_format: str = "json",
+    topic: str = "sensors/{sensor_id}/ecg",
 ) -> list[str]:
     """The command line that runs this generator in a process of its own, with sensor ids unique to the call;
     `data` is a UCR split of beats, or with `recording` a raw ECG lead (beat mode)."""
     options = {"--port": port, "--sensors": sensors, "--seconds": seconds}
-    options |= {"--rate": rate, "--chunk": chunk, "--qos": qos}
+    options |= {"--rate": rate, "--chunk": chunk, "--qos": qos, "--format": input_format, "--topic": topic}
     arguments = [str(item) for pair in options.items() for item in pair]
     prefix = f"n{sensors}-{time.time_ns() % 10**6}-"
     source = "--recording" if recording else "--data"
     return [sys.executable, "-m", "bench.loadgen", *arguments, "--prefix", prefix, source, str(data)]
 
 
-def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
-    """`STREAMS` looped streams of normal beats, each as its chunks' JSON arrays of samples."""
+def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[np.ndarray]]:
+    """`STREAMS` looped streams of normal beats, each as its chunks of samples."""
     data = read_split(data_path).normal(1)
     beats = data.windows[:, :, 0]
     window = beats.shape[1]
@@ -121,16 +135,14 @@ def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[bytes]]:
     rng = np.random.default_rng(seed)
     streams = []
     for _ in range(STREAMS):
-        stream = beats[rng.choice(len(beats), BEATS_PER_STREAM, replace=False)].reshape(-1)
-        streams.append(
-            [orjson.dumps(np.round(stream[i : i + chunk], 5).tolist()) for i in range(0, len(stream), chunk)]
-        )
+        stream = np.round(beats[rng.choice(len(beats), BEATS_PER_STREAM, replace=False)].reshape(-1), 5)
+        streams.append([stream[i : i + chunk] for i in range(0, len(stream), chunk)])
     return streams
 
 
-def recording_fragments(path: Path, rate: float, chunk: int) -> list[list[bytes]]:
+def recording_fragments(path: Path, rate: float, chunk: int) -> list[list[np.ndarray]]:
     """`STREAMS` looped copies of a raw 360 Hz ECG lead (.npy) resampled to `rate`, each starting elsewhere in it,
-    as chunks' JSON arrays (beat mode: the daemon finds the beats itself)."""
+    as chunks (beat mode: the daemon finds the beats itself)."""
     from scipy.signal import resample_poly
 
     lead = resample_poly(np.load(path).astype(np.float64), int(round(rate)), RECORDING_RATE)
@@ -139,8 +151,40 @@ def recording_fragments(path: Path, rate: float, chunk: int) -> list[list[bytes]
     for index in range(STREAMS):
         rolled = np.roll(lead, -index * len(lead) // STREAMS)
         chunks = range(0, len(rolled), chunk)
-        streams.append([orjson.dumps(np.round(rolled[i : i + chunk], 3).tolist()) for i in chunks])
+        streams.append([np.round(rolled[i : i + chunk], 3) for i in chunks])
     return streams
+
+
+class Encoder:
+    """A sensor message in the chosen format; JSON arrays are encoded once per fragment at the start."""
+
+    def __init__(
+        self, input_format: str, topic: str, prefix: str, sensors: int, rate: float, streams: list[list[np.ndarray]]
+    ) -> None:
+        self.format = input_format
+        self.rate = rate
+        self.streams = streams
+        self.sensor_ids = [f"{prefix}{index:05d}" for index in range(sensors)]
+        self.topics = [topic.format(sensor_id=sensor_id) for sensor_id in self.sensor_ids]
+        self.node = EdgeNode("bench", f"edge-{prefix.strip('-')}")
+        self.json = (
+            [[orjson.dumps(chunk.tolist()) for chunk in stream] for stream in streams] if input_format == "json" else []
+        )
+
+    def births(self, start_wall: float) -> list[tuple[str, bytes]]:
+        if self.format != "sparkplug_b":
+            return []
+        stamp = int(start_wall * 1000)
+        return [self.node.nbirth(stamp)] + [self.node.dbirth(device, CHANNELS, stamp) for device in self.sensor_ids]
+
+    def message(self, sensor: int, stream: int, index: int, seq: int, ts: float) -> tuple[str, bytes]:
+        """Sensor `sensor`'s message of fragment `index` of stream `stream`."""
+        if self.format == "frame":
+            return self.topics[sensor], encode_frame(self.streams[stream][index], seq, ts)
+        if self.format == "sparkplug_b":
+            fragment = self.streams[stream][index]
+            return self.node.ddata(self.sensor_ids[sensor], CHANNELS, fragment, ts * 1000, 1000 / self.rate)
+        return self.topics[sensor], b'{"seq":%d,"ts":%.4f,"samples":%b}' % (seq, ts, self.json[stream][index])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=35, help="samples per message")
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")
-    parser.add_argument("--topic", default="sensors/{sensor_id}/ecg")
+    parser.add_argument("--topic", default="sensors/{sensor_id}/ecg", help="sensor topic (not for sparkplug_b)")
+    parser.add_argument("--format", default="json", choices=("json", "frame", "sparkplug_b"), help="payload format")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="UCR file (.txt, .txt.xz or .txt.gz) whose normal beats are streamed")
     source.add_argument("--recording", type=Path, help="raw 360 Hz ECG lead (.npy) streamed at --rate (beat mode)")
@@ -163,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         streams = recording_fragments(args.recording, args.rate, args.chunk)
     else:
         streams = fragments(args.data, args.chunk)
-    topics = [args.topic.format(sensor_id=f"{args.prefix}{index:05d}").encode() for index in range(args.sensors)]
-    topics_str = [topic.decode() for topic in topics]
+    encoder = Encoder(args.format, args.topic, args.prefix, args.sensors, args.rate, streams)
     period = args.chunk / args.rate
     slots = [list(range(slot, args.sensors, SLOTS_PER_PERIOD)) for slot in range(SLOTS_PER_PERIOD)]
     # Sensor s starts `offset[s]` chunks into the window grid, so window completions are spread over
@@ -187,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     published = 0
     lags = []
     start_wall = time.time()
+    for topic, payload in encoder.births(start_wall):
+        publisher.publish(topic, payload)
     start = time.monotonic() + 0.05
     end = start + args.seconds
     round_index = 0
@@ -204,10 +250,9 @@ def main(argv: list[str] | None = None) -> int:
             for sensor in members:
                 position = round_index + offset[sensor]
                 seq = position * args.chunk
-                stream = streams[sensor % STREAMS]
-                fragment = stream[(position + chunks_per_window * sensor) % len(stream)]
-                payload = b'{"seq":%d,"ts":%.4f,"samples":%b}' % (seq, start_wall + round_index * period, fragment)
-                publisher.publish(topics_str[sensor], payload)
+                stream = sensor % STREAMS
+                index = (position + chunks_per_window * sensor) % len(streams[stream])
+                publisher.publish(*encoder.message(sensor, stream, index, seq, start_wall + round_index * period))
                 published += 1
         round_index += 1
     finished = time.monotonic()

@@ -233,6 +233,25 @@ def beat_e2e(ctx: Context) -> EndToEnd:
     return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, ctx.artifact.window, warmup, args.e2e_measure, runs)
 
 
+FORMATS_E2E = ("torch:1:c140", "torch:1:c140:frame", "torch:1:c140:beats:frame")
+
+
+@part("formats-e2e", "140-sample messages as JSON and as binary frames, fixed and beat mode, end to end", default=False)
+def formats_e2e(ctx: Context) -> EndToEnd:
+    """The configurations of `FORMATS_E2E`, stepped as the e2e part steps, each after beat mode's warm-up."""
+    from bench import e2e, targets
+    from bench.records import RunConfig
+
+    args, stamp = ctx.args, ctx.stamp()
+    warmup = targets.BEAT_WARMUP_SECONDS
+    runs = []
+    for text in FORMATS_E2E:
+        config = RunConfig.parse(text, args.e2e_qos)
+        print(f"   daemon: {config.label}", flush=True)
+        runs.append(e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, warmup, args.e2e_measure))
+    return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, ctx.artifact.window, warmup, args.e2e_measure, runs)
+
+
 @part("model-table", "trains E in --table-sizes within --table-budget each: quality against speed", default=False)
 def model_table(ctx: Context) -> ModelTable:
     args = ctx.args

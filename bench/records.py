@@ -236,11 +236,12 @@ class Transport:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One daemon configuration to step through; written `backend:threads[:qosN][:bN][:wN][:cN][:p311]`.
+    """One daemon configuration to step through; written `backend:threads[:qosN][:bN][:wN][:cN][:p311][:frame]`.
 
     e.g. `torch:1` (the daemon's defaults), `torch:1:qos0` (sensors publish at QoS 0),
     `torch:1:b32` (max_batch 32), `onnx:1:w25` (max_wait 25 ms), `torch:1:c140` (140 samples a message),
-    `torch:1:p311` (the daemon speaks MQTT 3.1.1 instead of its default 5).
+    `torch:1:p311` (the daemon speaks MQTT 3.1.1 instead of its default 5), `torch:1:c140:frame` (sensors send
+    binary frames instead of JSON).
     """
 
     backend: str = "torch"
@@ -251,16 +252,19 @@ class RunConfig:
     chunk: int = 35
     protocol: str = "5"
     mode: str = "fixed"  # `beats`: windowing.mode beats, the beat model, sensors stream a raw MIT-BIH lead
+    input_format: str = "json"  # `frame`: sensors send binary frames (float32)
 
     @classmethod
     def parse(cls, text: str, qos: int = 1) -> RunConfig:
         fields = text.strip().split(":")
         if len(fields) < 2 or fields[0] not in ("torch", "onnx"):
-            raise ValueError(f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:p311], backend torch or onnx")
+            raise ValueError(f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:p311][:frame]: torch or onnx")
         values: dict = {"backend": fields[0], "threads": int(fields[1]), "qos": qos}
         for token in fields[2:]:
             if token == "beats":
                 values["mode"] = "beats"
+            elif token == "frame":
+                values["input_format"] = "frame"
             elif token.startswith("qos"):
                 values["qos"] = int(token[3:])
             elif token.startswith("b"):
@@ -280,7 +284,9 @@ class RunConfig:
         return (
             f"{self.backend}, {self.threads} thread(s), max_batch {self.max_batch}, "
             f"max_wait {self.max_wait * 1000:.0f} ms, input QoS {self.qos}, {self.chunk} samples/message, "
-            f"MQTT {self.protocol}" + (", beat mode" if self.mode == "beats" else "")
+            f"MQTT {self.protocol}"
+            + (", beat mode" if self.mode == "beats" else "")
+            + (", binary frames" if self.input_format == "frame" else "")
         )
 
 
@@ -477,6 +483,7 @@ class Results:
     e2e: EndToEnd | None = None
     scaleout: ScaleOut | None = None
     beat_e2e: EndToEnd | None = None  # beat mode next to fixed mode
+    formats_e2e: EndToEnd | None = None  # JSON and binary frames of 140 samples, fixed and beat mode
     model_table: ModelTable | None = None
 
 

@@ -5,8 +5,10 @@ Every figure compared against comes from bench/targets.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bench import targets
-from bench.records import EngineRow, ModelMatmul, Results, Run, RunConfig, Stamp, Step
+from bench.records import EndToEnd, EngineRow, ModelMatmul, Results, Run, RunConfig, Stamp, Step
 
 FP32 = ("torch", "onnx")  # what the daemon can run (model.backend); torch-shards is a bench-only variant
 BACKEND_ORDER = ("torch", "torch-shards", "onnx", "onnx-int8")
@@ -37,6 +39,7 @@ def render(results: Results) -> str:
         e2e_section,
         scaleout_section,
         beat_e2e_section,
+        formats_e2e_section,
         transport_section,
         training_section,
         model_table_section,
@@ -695,22 +698,41 @@ def scaleout_section(results: Results) -> list[str]:
 
 
 def beat_e2e_section(results: Results) -> list[str]:
-    beat = results.beat_e2e
-    if beat is None:
-        return []
-    lines = ["## Beat mode next to fixed mode, end to end", "", when(beat.stamp), ""]
-    lines += [
+    return runs_section(results.beat_e2e, "## Beat mode next to fixed mode, end to end", describe_beat_e2e)
+
+
+def describe_beat_e2e(beat: EndToEnd) -> str:
+    return (
         f"{beat.sample_rate_hz:.0f} Hz sensors; fixed mode streams ECG5000 beats (one 140-sample window each), beat "
         "mode streams record 116 of data/mitdb-dev resampled to 250 Hz (about 1.3 beats/s): the daemon finds the "
         "beats and scores one window per scorable beat, so 'offered' is the beats found minus the unscorable ones. "
         f"Each step {beat.warmup_seconds:.0f} s of load, then {beat.measure_seconds:.0f} s measured; the p99 limit "
-        "is max_wait + 50 ms in fixed mode, 1 s from a beat's last sample to its decision in beat mode.",
-        "",
-    ]
-    for run in beat.runs:
+        "is max_wait + 50 ms in fixed mode, 1 s from a beat's last sample to its decision in beat mode."
+    )
+
+
+def runs_section(section: EndToEnd | None, title: str, describe: Callable[[EndToEnd], str]) -> list[str]:
+    """A section of end-to-end runs: its title, when, what it measured, and each run's steps."""
+    if section is None:
+        return []
+    return [title, "", when(section.stamp), "", describe(section), "", *runs_lines(section)]
+
+
+def runs_lines(section: EndToEnd) -> list[str]:
+    """Each run's steps and the sensors it carried."""
+    lines = []
+    for run in section.runs:
         lines += [f"### {run.config.label}", "", *table(E2E_HEADER, [step_row(step) for step in run.steps])]
         lines += [f"Sensors carried: **{run.sensors_carried}** on all criteria ({saturation(run)}).", ""]
     return lines
+
+
+def formats_e2e_section(results: Results) -> list[str]:
+    text = (
+        "Sensors and criteria as in the beat-mode section, with 140 samples a message, sent as JSON objects or as "
+        "binary frames (float32, docs/payload-formats.md); each format's CPU per message is in the transport section."
+    )
+    return runs_section(results.formats_e2e, "## Payload formats end to end (140 samples a message)", lambda _: text)
 
 
 def transport_section(results: Results) -> list[str]:

@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add(
         "--e2e-configs",
         default=None,
-        help="daemon runs as backend:threads[:qosN][:bMAX_BATCH][:wMAX_WAIT_MS][:cSAMPLES_PER_MESSAGE][:p311] "
+        help="daemon runs as backend:threads[:qosN][:bMAX_BATCH][:wMAX_WAIT_MS][:cSAMPLES_PER_MESSAGE][:p311][:frame] "
         f"(default {','.join(FULL_E2E)}; quick torch:1)",
     )
     add(

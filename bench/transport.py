@@ -5,7 +5,9 @@ away; then the client connects and drains it as fast as it can. Two clients are 
 - `paho`: bare paho-mqtt as the daemon configures it (MQTT 5, manual acknowledgements), doing nothing
   with a message but acknowledge it;
 - `daemon`: the daemon's own ingest, `MqttConnection` + `Ingest` (decode, validate, window, queue the
-  windows; nothing scores them).
+  windows; nothing scores them), for each input format: JSON (`daemon`), binary frames (`daemon-frame`) and
+  Sparkplug B (`daemon-sparkplug_b`: one edge node whose devices are the sensors; its backlog starts with their
+  BIRTH messages, counted among the messages).
 CPU seconds of the process per message is the floor of what one message costs the daemon's MQTT
 thread: in the running daemon it only goes up (the scoring thread's share of the GIL, cold caches
 after every wake-up).
@@ -13,12 +15,14 @@ after every wake-up).
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -29,10 +33,13 @@ from prometheus_client import CollectorRegistry
 from bench import targets
 from bench.data import read_split
 from bench.records import TransportRow
-from monitor.config.schema import MqttSettings
+from monitor.config.schema import InputSettings, MqttSettings, SparkplugDevice, SparkplugSettings
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
+from monitor.ingest.formats import InputFormats
+from monitor.ingest.frame import encode_frame
 from monitor.ingest.payload import PayloadDecoder
+from monitor.ingest.sparkplug import EdgeNode
 from monitor.ingest.stage import Ingest
 from monitor.ingest.windowing import WindowAssembler
 from monitor.mqtt.connection import MqttConnection
@@ -41,20 +48,32 @@ from monitor.telemetry.metrics import Metrics
 from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"
+GROUP, NODE, CHANNELS = "bench", "edge", ("ECG",)
+FILTERS = ("sensors/+/ecg", f"spBv1.0/{GROUP}/#")
 SENSORS = 500
 WINDOW = targets.WINDOW_SAMPLES
 
 
-def payloads(normal_data: Path, count: int, chunk: int) -> list[tuple[str, bytes]]:
-    """`count` messages of `chunk` samples, round-robin over SENSORS sensors, each sensor's seq contiguous."""
+def payloads(normal_data: Path, count: int, chunk: int, input_format: str = "json") -> list[tuple[str, bytes]]:
+    """`count` messages of `chunk` samples, round-robin over SENSORS sensors, each sensor's seq contiguous (with
+    Sparkplug B, the node's and its devices' births first, then `count` less as many DDATA messages)."""
     beats = read_split(normal_data).windows[:, :, 0].reshape(-1)
-    out = []
-    for index in range(count):
+    node = EdgeNode(GROUP, NODE)
+    births = [node.nbirth(0)] + [node.dbirth(f"s{s:04d}", CHANNELS, 0) for s in range(SENSORS)]
+    out = births if input_format == "sparkplug_b" else []
+    for index in range(count - len(out)):
         sensor, round_index = index % SENSORS, index // SENSORS
         start = (round_index * chunk + sensor * 997) % (len(beats) - chunk)
-        samples = orjson.dumps([round(float(value), 4) for value in beats[start : start + chunk]])
-        payload = b'{"seq":%d,"ts":%.3f,"samples":%b}' % (round_index * chunk, 1.7e9 + round_index, samples)
-        out.append((TOPIC.format(sensor_id=f"s{sensor:04d}"), payload))
+        values = np.round(beats[start : start + chunk].astype(np.float64), 4)
+        seq, ts = round_index * chunk, 1.7e9 + round_index
+        topic = TOPIC.format(sensor_id=f"s{sensor:04d}")
+        if input_format == "sparkplug_b":
+            out.append(node.ddata(f"s{sensor:04d}", CHANNELS, values, ts * 1000, 4.0))
+        elif input_format == "frame":
+            out.append((topic, encode_frame(values, seq, ts)))
+        else:
+            samples = orjson.dumps(values.tolist())
+            out.append((topic, b'{"seq":%d,"ts":%.3f,"samples":%b}' % (seq, ts, samples)))
     return out
 
 
@@ -77,7 +96,9 @@ class PahoClient:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5, manual_ack=True
         )
-        self.client.on_connect = lambda client, userdata, flags, reason, props: client.subscribe("sensors/+/ecg", qos=1)
+        self.client.on_connect = lambda client, userdata, flags, reason, props: client.subscribe(
+            [(topic_filter, 1) for topic_filter in FILTERS]
+        )
         self.client.on_message = lambda client, userdata, message: (on_message(), client.ack(message.mid, message.qos))
         self.port = port
 
@@ -92,11 +113,20 @@ class PahoClient:
         self.client.loop_stop()
 
 
-def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> MqttConnection:
+def daemon_ingest(
+    port: int, client_id: str, on_message: Callable[[], None], input_format: str = "json"
+) -> MqttConnection:
     """The daemon's MQTT connection feeding its `Ingest` (windows are queued, nothing scores them)."""
     metrics = Metrics(CollectorRegistry(), 64, 1.0)
     assembler = WindowAssembler(WINDOW, WINDOW, 1, 10 * SENSORS, 3600.0)
-    ingest = Ingest(PayloadDecoder(1), assembler, WindowQueue(10**7), metrics, 1)
+    decoder = PayloadDecoder(1)
+    devices = [
+        SparkplugDevice(group=GROUP, node=NODE, device=f"s{s:04d}", channels=list(CHANNELS), sample_rate_hz=250.0)
+        for s in range(SENSORS)
+    ]
+    settings_ = InputSettings(format=input_format, sparkplug=SparkplugSettings(devices=devices))
+    formats = None if settings_.json_only else InputFormats(settings_, decoder)
+    ingest = Ingest(decoder, assembler, WindowQueue(10**7), metrics, 1, formats=formats)
 
     def handle(topic: str, payload: bytes, now: float, receipt: Receipt, redelivered: bool) -> None:
         ingest.handle(topic, payload, now, receipt, redelivered)
@@ -104,12 +134,18 @@ def daemon_ingest(port: int, client_id: str, on_message: Callable[[], None]) -> 
         on_message()
 
     acks = InOrderAcks()
-    settings = MqttSettings(port=port, client_id=client_id)
+    settings = MqttSettings(port=port, client_id=client_id, subscribe=list(FILTERS))
     connection = MqttConnection(settings, handle, metrics, acks, PendingWindows(acks))
     return connection
 
 
-CLIENTS = {"paho": PahoClient, "daemon": daemon_ingest}
+CLIENTS: dict[str, Callable[[int, str, Callable[[], None]], PahoClient | MqttConnection]] = {
+    "paho": PahoClient,
+    "daemon": daemon_ingest,
+    "daemon-frame": functools.partial(daemon_ingest, input_format="frame"),
+    "daemon-sparkplug_b": functools.partial(daemon_ingest, input_format="sparkplug_b"),
+}
+FORMATS = {"paho": "json", "daemon": "json", "daemon-frame": "frame", "daemon-sparkplug_b": "sparkplug_b"}
 
 
 def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> TransportRow:
@@ -148,8 +184,8 @@ def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repe
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as directory:
         for chunk in chunks:
-            messages = payloads(normal_data, count, chunk)
             for kind in CLIENTS:
+                messages = payloads(normal_data, count, chunk, FORMATS[kind])
                 runs = [drain(kind, messages, chunk, Path(directory) / f"run{index}") for index in range(repeats)]
                 rows.append(min(runs, key=lambda run: run.cpu_us_per_message))
                 print(

@@ -182,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--sample-rate-hz", type=float, default=250.0, help="each sensor's sample rate (default 250)")
     replay.add_argument("--speed", type=_speed, default=1.0, help="realtime (default), a factor such as 10, or max")
     replay.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="publish QoS (default 1)")
+    replay.add_argument(
+        "--format",
+        choices=["json", "frame", "sparkplug_b"],
+        help="payload format (default: the config's input.format); frame: on the first input.formats filter for "
+        "frames; sparkplug_b: the sensors are input.sparkplug.devices (--sensors is ignored)",
+    )
     replay.add_argument("--labels-out", type=Path, help="write the label of every replayed window here (JSON lines)")
 
     watch = commands.add_parser(
@@ -312,10 +318,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     configure_logging(config.logging.level, config.logging.format)
     if args.chunk < 1 or args.sample_rate_hz <= 0:
         raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
-    plan = load_plan(args.data, args.sensors)
+    input_format = args.format or config.input.format
+    devices = config.input.sparkplug.devices if input_format == "sparkplug_b" else []
+    if input_format == "sparkplug_b" and not devices:
+        raise MonitorError("--format sparkplug_b needs input.sparkplug.devices in the config")
+    sensor_ids = [device.sensor for device in devices]
+    plan = load_plan(args.data, len(sensor_ids) or args.sensors, sensor_ids or None)
     if args.labels_out:
         write_labels(plan, args.labels_out)
-    replayer = Replayer(config.mqtt, config.mqtt.subscribe[0], config.mqtt.sensor_id_level, args.qos)
+    filters = [rule.filter for rule in config.input.formats if rule.format == input_format]
+    topic_filter = filters[0] if filters and input_format == "frame" else config.mqtt.subscribe[0]
+    replayer = Replayer(config.mqtt, topic_filter, config.mqtt.sensor_id_level, args.qos, input_format, devices)
     replayer.connect()
     try:
         count = replayer.publish(plan, args.chunk, args.sample_rate_hz, args.speed)

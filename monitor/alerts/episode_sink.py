@@ -71,6 +71,14 @@ class EpisodeSink:
             self._emit(events, now)
             self._count_open()
 
+    def end_streams(self, sensor_ids: Sequence[str]) -> None:
+        """Resolve the episodes of sensors whose stream ended (reason `stream_ended`) and forget those sensors."""
+        now = self.clock()
+        with self.lock:
+            for sensor_id in sensor_ids:
+                self._emit(self.tracker.end_stream(sensor_id, now), now)
+            self._count_open()
+
     def publish_open_states(self) -> int:
         """Publish the state of every sensor with an episode (at drain, so the next start resumes them exactly)."""
         now = self.clock()

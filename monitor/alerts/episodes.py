@@ -37,7 +37,7 @@ from monitor.config.schema import EpisodePolicy
 STATE_FORMAT = "monitor-episode-state"
 STATE_VERSION = 1
 EVENT_KINDS = ("opened", "flapping", "updated", "resolved")
-RESOLVE_REASONS = ("normal", "flapping_ended", "sensor_idle", "sensor_limit")
+RESOLVE_REASONS = ("normal", "flapping_ended", "sensor_idle", "sensor_limit", "stream_ended")
 
 EpisodeState = Literal["open", "flapping"]
 
@@ -241,6 +241,11 @@ class EpisodeTracker:
         """
         expired = self.sensors.expire(now, idle_seconds)
         return self._close_all(expired, now, "sensor_idle"), [sensor_id for sensor_id, _ in expired]
+
+    def end_stream(self, sensor_id: str, now: float) -> list[EpisodeEvent]:
+        """Forget a sensor whose source ended its stream (a Sparkplug DEATH), resolving its episode (`stream_ended`)."""
+        record = self.sensors.pop(sensor_id)
+        return [] if record is None else self._close_all([(sensor_id, record)], now, "stream_ended")
 
     def open_episodes(self) -> list[str]:
         """The sensors with an open or flapping episode (whose state a drain should publish)."""

@@ -56,6 +56,11 @@ class SensorTable(Generic[RecordT]):
         self._records[sensor_id] = record
         return evicted
 
+    def pop(self, sensor_id: str) -> RecordT | None:
+        """Remove and return the sensor's record (None without one)."""
+        self._seen.pop(sensor_id, None)
+        return self._records.pop(sensor_id, None)
+
     def expire(self, now: float, idle_seconds: float) -> list[tuple[str, RecordT]]:
         """Remove and return the records not touched for `idle_seconds`."""
         expired = []

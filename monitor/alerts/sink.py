@@ -8,7 +8,7 @@ message or raises `PublishRefused` with one of `DROP_REASONS`; any other excepti
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -97,8 +97,12 @@ class AlertSink:
         settings: AlertSettings,
         metrics: Metrics,
         observers: Sequence[DecisionObserver] = (),
+        sources: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        """`sources`: fields added to the alerts of some sensors, saying where their data comes from (a Sparkplug B
+        device's group, node, device and metric names)."""
         self.publisher = publisher
+        self.sources = dict(sources or {})
         self.topic_template = topic_template
         self.qos = qos
         self.settings = settings
@@ -139,6 +143,7 @@ class AlertSink:
             baseline=engine.baseline[0],
             beat=window.beat,
         )
+        alert.update(self.sources.get(window.sensor_id, {}))
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason
         try:

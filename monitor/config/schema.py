@@ -45,6 +45,16 @@ def topic_template(template: str, need_sensor_id: bool = False) -> str:
     return template
 
 
+def topic_filter_valid(topic_filter: str) -> str:
+    """Check an MQTT topic filter: `+` and `#` only as whole levels, `#` only last."""
+    levels = topic_filter.split("/")
+    if not topic_filter or any(("#" in level and level != "#") or ("+" in level and level != "+") for level in levels):
+        raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter")
+    if "#" in levels[:-1]:
+        raise ValueError(f"{topic_filter!r}: '#' must be the last level")
+    return topic_filter
+
+
 class TlsSettings(Strict):
     enabled: bool = False
     ca_file: Path | None = None
@@ -116,15 +126,7 @@ class MqttSettings(Strict):
     @field_validator("subscribe")
     @classmethod
     def _filters_valid(cls, filters: list[str]) -> list[str]:
-        for topic_filter in filters:
-            levels = topic_filter.split("/")
-            if not topic_filter or any(
-                ("#" in level and level != "#") or ("+" in level and level != "+") for level in levels
-            ):
-                raise ValueError(f"{topic_filter!r} is not a valid MQTT topic filter")
-            if "#" in levels[:-1]:
-                raise ValueError(f"{topic_filter!r}: '#' must be the last level")
-        return filters
+        return [topic_filter_valid(topic_filter) for topic_filter in filters]
 
     @field_validator("sensor_id_pattern")
     @classmethod
@@ -163,6 +165,97 @@ class MqttSettings(Strict):
         if self.password_file is not None:
             raise ConfigError(f"mqtt.password_file: {str(self.password_file)!r} does not exist")
         return None
+
+
+InputFormat = Literal["json", "frame", "sparkplug_b"]
+
+
+class FormatRule(Strict):
+    """Messages on topics matching `filter` are in `format`."""
+
+    filter: str
+    format: InputFormat
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_valid(cls, topic_filter: str) -> str:
+        return topic_filter_valid(topic_filter)
+
+
+class SparkplugDevice(Strict):
+    """A Sparkplug B edge node's device (or, without `device`, the node's own metrics) that is a sensor."""
+
+    group: str = Field(min_length=1)
+    node: str = Field(min_length=1)
+    device: str | None = Field(default=None, min_length=1)
+    sensor_id: str | None = Field(default=None, description="default: the device name (the node name without one)")
+    channels: list[str] = Field(min_length=1, description="the metric names that are the sensor's channels, in order")
+    sample_rate_hz: float = Field(
+        gt=0, le=1000, description="the channels' nominal rate (Sparkplug timestamps are whole milliseconds)"
+    )
+
+    @field_validator("group", "node", "device")
+    @classmethod
+    def _topic_level(cls, name: str | None) -> str | None:
+        if name is not None and any(character in name for character in "/+#"):
+            raise ValueError(f"{name!r}: a Sparkplug id cannot contain '/', '+' or '#'")
+        return name
+
+    @property
+    def sensor(self) -> str:
+        return self.sensor_id or self.device or self.node
+
+
+class SparkplugSettings(Strict):
+    devices: list[SparkplugDevice] = Field(default_factory=list)
+    rebirth: bool = Field(
+        default=False,
+        description="request a rebirth (NCMD Node Control/Rebirth) on DATA before BIRTH or an unknown alias",
+    )
+    rebirth_interval_seconds: float = Field(default=10.0, gt=0, description="per edge node, at most one request per")
+
+    def alert_sources(self) -> dict[str, dict[str, Any]]:
+        """Per sensor id, the `sparkplug` field of its alerts: group, edge node, device and the channels' metrics."""
+        return {
+            device.sensor: {
+                "sparkplug": {
+                    "group": device.group,
+                    "node": device.node,
+                    "device": device.device,
+                    "metrics": list(device.channels),
+                }
+            }
+            for device in self.devices
+        }
+
+    @model_validator(mode="after")
+    def _unique(self) -> SparkplugSettings:
+        sensors = [device.sensor for device in self.devices]
+        places = [(device.group, device.node, device.device) for device in self.devices]
+        if len(set(sensors)) != len(sensors) or len(set(places)) != len(places):
+            raise ValueError("each mapped device needs its own sensor id and its own group/node/device")
+        return self
+
+
+class InputSettings(Strict):
+    """Which payload format each sensor topic carries (docs/payload-formats.md); JSON unless a rule says otherwise."""
+
+    format: InputFormat = Field(default="json", description="the format of topics no rule in `formats` matches")
+    formats: list[FormatRule] = Field(default_factory=list, description="the first rule whose filter matches applies")
+    sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings)
+
+    @property
+    def json_only(self) -> bool:
+        return not self.formats and self.format == "json"
+
+    def uses(self, input_format: str) -> bool:
+        return self.format == input_format or any(rule.format == input_format for rule in self.formats)
+
+    @model_validator(mode="after")
+    def _sparkplug_mapped(self) -> InputSettings:
+        if self.uses("sparkplug_b") and not self.sparkplug.devices:
+            raise ValueError("sparkplug_b input needs sparkplug.devices (which devices are sensors)")
+        return self
 
 
 class ModelSettings(Strict):
@@ -448,6 +541,7 @@ SHARD_REMOVED = (
 
 class Config(Strict):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    input: InputSettings = Field(default_factory=InputSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     windowing: WindowingSettings = Field(default_factory=WindowingSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
@@ -458,6 +552,18 @@ class Config(Strict):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     partitions: PartitionSettings | None = None
+
+    @model_validator(mode="after")
+    def _sparkplug_fits(self) -> Config:
+        if not self.input.uses("sparkplug_b"):
+            return self
+        if self.journal.path is not None:
+            raise ValueError("input: sparkplug_b with journal.path is not supported (a replay would lack the BIRTHs)")
+        pattern = self.mqtt.sensor_id_pattern
+        for device in self.input.sparkplug.devices:
+            if pattern is not None and re.fullmatch(pattern, device.sensor) is None:
+                raise ValueError(f"input.sparkplug: sensor id {device.sensor!r} does not match mqtt.sensor_id_pattern")
+        return self
 
     @model_validator(mode="after")
     def _subscribe_to_partitions(self) -> Config:

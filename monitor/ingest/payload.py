@@ -1,6 +1,7 @@
 """Sensor payloads: bytes -> validated samples, or a `PayloadError` whose reason is one of `REJECT_REASONS`.
 
-The payload is a UTF-8 JSON object (docs/interface.md):
+The default input format is a UTF-8 JSON object (docs/interface.md; the binary frame and Sparkplug B are read by
+monitor.ingest.frame and monitor.ingest.sparkplug, which share the reasons and the value checks here):
 `{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
 invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,
@@ -36,6 +37,10 @@ REJECT_REASONS: tuple[str, ...] = (
     "bad_seq",
     "bad_ts",
     "bad_topic",
+    "bad_frame",  # binary frame: header, length or scale (monitor.ingest.frame)
+    "invalid_protobuf",  # Sparkplug B (monitor.ingest.sparkplug) ...
+    "no_birth",  # ... DATA from a device before its BIRTH
+    "unknown_alias",  # ... a metric alias its BIRTH did not define
 )
 
 MAX_SEQ = 2**53  # exclusive: above this a float64 (JSON consumers, alerts) no longer holds every integer
@@ -92,7 +97,8 @@ class PayloadDecoder:
         if "samples" not in document:
             raise PayloadError("missing_samples")
         samples = self._samples(document["samples"], payload)
-        return Message(samples=samples, seq=_seq(document.get("seq")), ts=_ts(document.get("ts")))
+        seq, ts = document.get("seq"), document.get("ts")
+        return Message(samples, None if seq is None else check_seq(seq), None if ts is None else check_ts(ts))
 
     def _samples(self, raw: object, payload: bytes) -> np.ndarray:
         if type(raw) is not list or not raw:
@@ -115,15 +121,21 @@ class PayloadDecoder:
             array = array.reshape(-1, 1)
         elif array.shape[1] != self.channels:
             raise PayloadError("wrong_channels", f"{array.shape[1]} != {self.channels}")
-        # Comparing |x| <= max also rejects NaN; integers from JSON (< 2**64) always fit in float32 (the bound applies).
-        largest = np.abs(array).max() if array.dtype.kind == "f" else max(abs(int(array.max())), abs(int(array.min())))
-        if array.dtype.kind == "f" and not largest <= _FLOAT32_MAX:
-            raise PayloadError("non_finite")
-        if largest > self.max_abs_value:
-            raise PayloadError("value_out_of_range", f"|x| up to {float(largest):.3g} > {self.max_abs_value:g}")
-        samples = array.astype(np.float32)
-        samples.flags.writeable = False
-        return samples
+        return checked_samples(array, self.max_abs_value)
+
+
+def checked_samples(array: np.ndarray, max_abs_value: float) -> np.ndarray:
+    """The value checks every input format shares: [n, C] numbers -> read-only float32, or `non_finite` /
+    `value_out_of_range`."""
+    # Comparing |x| <= max also rejects NaN; integers from JSON (< 2**64) always fit in float32 (the bound applies).
+    largest = np.abs(array).max() if array.dtype.kind == "f" else max(abs(int(array.max())), abs(int(array.min())))
+    if array.dtype.kind == "f" and not largest <= _FLOAT32_MAX:
+        raise PayloadError("non_finite")
+    if largest > max_abs_value:
+        raise PayloadError("value_out_of_range", f"|x| up to {float(largest):.3g} > {max_abs_value:g}")
+    samples = array.astype(np.float32)
+    samples.flags.writeable = False
+    return samples
 
 
 def _has_bool(raw: list) -> bool:
@@ -136,19 +148,15 @@ def _has_bool(raw: list) -> bool:
     return False
 
 
-def _seq(raw: object) -> int | None:
-    """`null` counts as absent: encoders often write optional fields that way."""
-    if raw is None:
-        return None
+def check_seq(raw: object) -> int:
+    """A seq must be an integer in [0, MAX_SEQ) (a JSON `null` counts as absent: encoders often write it so)."""
     if type(raw) is not int or not 0 <= raw < MAX_SEQ:  # type() rather than isinstance() rejects bools
         raise PayloadError("bad_seq", repr(raw)[:40])
     return raw
 
 
-def _ts(raw: object) -> float | None:
-    """`null` counts as absent, as for seq."""
-    if raw is None:
-        return None
+def check_ts(raw: object) -> float:
+    """A ts must be a finite, non-negative number of Unix seconds (`null` counts as absent, as for seq)."""
     if type(raw) is not float and type(raw) is not int:
         raise PayloadError("bad_ts", type(raw).__name__)
     ts = float(raw)

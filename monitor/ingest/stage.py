@@ -22,6 +22,7 @@ from monitor.errors import PayloadError
 from monitor.ingest.acks import PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult
+from monitor.ingest.formats import InputFormats
 from monitor.ingest.journal import Journal, Replayed, encode_windows
 from monitor.ingest.payload import REJECT_REASONS, PayloadDecoder, sensor_id_from_topic
 from monitor.ingest.windowing import FeedResult, WindowAssembler
@@ -48,10 +49,14 @@ class Ingest:
         pending: PendingWindows | None = None,
         journal: Journal | None = None,
         baselines: SensorBaselines | None = None,
+        formats: InputFormats | None = None,
     ) -> None:
         """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
-        optional: without them a crash loses the windows in memory, see RELIABILITY.md)."""
+        optional: without them a crash loses the windows in memory, see RELIABILITY.md); `formats` chooses the
+        format of each topic (without it every message is JSON, read by `decoder`)."""
         self.decoder = decoder
+        self.formats = formats
+        self.ended_streams: list[str] = []  # sensors a Sparkplug DEATH ended, until the housekeeping takes them
         self.assembler = assembler
         self.windows = windows
         self.metrics = metrics
@@ -64,7 +69,8 @@ class Ingest:
         self.journal = journal
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
-        metrics.declare(metrics.messages, REJECT_REASONS)
+        metrics.declare(metrics.messages, (*REJECT_REASONS, "control"))  # control: Sparkplug B without samples
+        metrics.declare(metrics.windows_dropped, ("stream_ended",))  # partial windows a Sparkplug B DEATH ended
         metrics.declare(metrics.beats_unscorable, UNSCORABLE_REASONS)
         self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
 
@@ -78,8 +84,18 @@ class Ingest:
         """
         sensor_id = None
         try:
-            sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
-            message = self.decoder.decode(payload)
+            input_format = "json" if self.formats is None else self.formats.format_of(topic)
+            if input_format == "sparkplug_b":
+                assert self.formats is not None and self.formats.sparkplug is not None
+                outcome = self.formats.sparkplug.read(topic, payload, now)
+                if outcome.message is None or outcome.sensor_id is None:
+                    self._control(outcome.ended, now)
+                    return
+                sensor_id, message = outcome.sensor_id, outcome.message
+            else:
+                sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
+                decoder = self.decoder if self.formats is None or input_format == "json" else self.formats.frame
+                message = decoder.decode(payload)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
                 result: FeedResult | BeatFeedResult = self.assembler.feed(sensor_id, message, now, redelivered)
                 windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
@@ -135,6 +151,24 @@ class Ingest:
                 self.metrics.windows_dropped.labels("queue_full").inc()
                 if self._warnings.allow(("queue_full",), now):
                     log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+
+    def _control(self, ended: list[str], now: float) -> None:
+        """A message without samples (a Sparkplug BIRTH, DEATH, command or host state); a DEATH ends the streams of
+        its sensors: their partial windows are dropped, and the episode stage is told at the next housekeeping."""
+        self.metrics.messages.labels("control").inc()
+        for sensor_id in ended:
+            with self.lock:
+                dropped = self.assembler.end_stream(sensor_id)
+                self.ended_streams.append(sensor_id)
+            if dropped:
+                self.metrics.windows_dropped.labels("stream_ended").inc(dropped)
+            log.info("stream_ended", sensor_id=sensor_id, windows_dropped=dropped)
+
+    def take_ended_streams(self) -> list[str]:
+        """The sensors whose stream ended since the last call."""
+        with self.lock:
+            ended, self.ended_streams = self.ended_streams, []
+        return ended
 
     def _decided(self, window: Window) -> None:
         if self.pending is not None:

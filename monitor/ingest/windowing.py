@@ -166,6 +166,14 @@ class SensorStreams(Generic[SensorState]):
         self.evicted_total += evicted
         return evicted
 
+    def end_stream(self, sensor_id: str) -> int:
+        """Forget a sensor whose source said its stream ended (a Sparkplug DEATH); returns the partial windows
+        dropped with it (its stream's and a stream kept aside's). Its per-sensor state elsewhere stays."""
+        state = self._streams.pop(sensor_id, None)
+        if state is None:
+            return 0
+        return self._partial_windows(state) + (0 if state.aside is None else self._partial_windows(state.aside))
+
     def _seen(self, sensor_id: str, now: float) -> SensorState | None:
         """The sensor's state, marked as seen now; None for a sensor without state."""
         stream = self._streams.get(sensor_id)

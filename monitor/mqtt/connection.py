@@ -275,6 +275,11 @@ class MqttConnection:
         reason: DropReason = "queue_full" if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE else "publish_error"
         raise PublishRefused(reason, mqtt.error_string(info.rc))
 
+    def send_command(self, topic: str, payload: bytes) -> None:
+        """Publish a command to a device (a Sparkplug rebirth request) at QoS 0: not an alert, never counted as one;
+        a command lost with the connection is asked again by the next message that needs it."""
+        self.client.publish(topic, payload, qos=0)
+
     def _add_published(self, count: int) -> None:
         with self._count_lock:
             self._published += count

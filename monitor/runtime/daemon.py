@@ -41,6 +41,7 @@ from monitor.errors import ConfigError, MonitorError
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.batching import MicroBatcher, WindowQueue
 from monitor.ingest.beat_windowing import check_mode, make_assembler
+from monitor.ingest.formats import InputFormats
 from monitor.ingest.journal import Journal
 from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
@@ -202,13 +203,11 @@ class Daemon:
         )
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
+        decoder = PayloadDecoder(
+            assembler.channels, windowing.max_samples_per_message, windowing.max_payload_bytes, windowing.max_abs_value
+        )
         self.ingest = Ingest(
-            PayloadDecoder(
-                assembler.channels,
-                windowing.max_samples_per_message,
-                windowing.max_payload_bytes,
-                windowing.max_abs_value,
-            ),
+            decoder,
             assembler,
             self.queue,
             self.metrics,
@@ -222,6 +221,7 @@ class Daemon:
             self.pending,
             self.journal,
             baselines,
+            None if config.input.json_only else InputFormats(config.input, decoder),
         )
         self.ingest.watch_gauges()
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
@@ -302,7 +302,10 @@ class Daemon:
         mqtt = config.mqtt
         shadow = None if self.shadow is None else ShadowComparison(self.shadow, self.metrics)
         observers = [stage for stage in (self.episodes, self.drift, shadow) if stage is not None]
-        return AlertSink(self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers)
+        sources = config.input.sparkplug.alert_sources() if config.input.uses("sparkplug_b") else {}
+        return AlertSink(
+            self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers, sources
+        )
 
     def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
         """The drift stage for this engine, or None when off or when the artifact records no calibration scores."""
@@ -349,6 +352,9 @@ class Daemon:
         self.connection = MqttConnection(
             self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending, self.config.partitions
         )
+        sparkplug = self.ingest.formats.sparkplug if self.ingest.formats is not None else None
+        if sparkplug is not None:
+            sparkplug.publish = self.connection.send_command
         self.init_episodes()
         self.drift = self.make_drift(self.config, self.engine)
         self.worker = ScoringWorker(
@@ -387,6 +393,9 @@ class Daemon:
     def housekeeping(self, now: float) -> None:
         """Evict idle sensors, refresh gauges, and feed the watchdog only while the scorer makes progress."""
         self.ingest.housekeeping(now)
+        ended = self.ingest.take_ended_streams()
+        if ended and self.episodes is not None:
+            self.episodes.end_streams(ended)
         idle_seconds = self.started_config.windowing.idle_eviction_seconds
         for stage in (self.episodes, self.drift):
             if stage is not None:

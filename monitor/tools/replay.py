@@ -4,13 +4,17 @@ A UCR file's beats are dealt round-robin to N sensors and streamed back to back,
 window i // N of sensor i % N (with stride = window length). A continuous recording is streamed
 as it is by each of the N sensors. Messages carry `seq` and `ts`, in chunks of `chunk` samples, paced
 at the sample rate times `speed` (0 = as fast as the broker takes them).
+
+Every input format can be sent: JSON objects, binary frames (float32) on the sensor topics, or Sparkplug B, where
+the sensors are the devices `input.sparkplug.devices` maps: each edge node sends its NBIRTH, each device its
+DBIRTH, then DDATA with the samples by alias and timestamp.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +24,10 @@ import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
-from monitor.config.schema import MqttSettings
+from monitor.config.schema import InputFormat, MqttSettings, SparkplugDevice
 from monitor.errors import DataError, MonitorError
+from monitor.ingest.frame import FLOAT32, encode_frame
+from monitor.ingest.sparkplug import EdgeNode
 from monitor.mqtt.client import client_id_for, make_client
 from monitor.training.datasets import UCR_SUFFIXES, WindowSet, data_suffix, read_samples, read_ucr
 
@@ -46,9 +52,13 @@ def sensor_topic(subscribe_filter: str, level: int, sensor_id: str) -> str:
     return "/".join(level_name.replace("+", "x").replace("#", "x") for level_name in levels)
 
 
-def plan_ucr(data: WindowSet, sensors: int, prefix: str = "sensor-") -> ReplayPlan:
+def sensor_names(sensors: int, prefix: str = "sensor-") -> list[str]:
+    return [f"{prefix}{index:04d}" for index in range(sensors)]
+
+
+def plan_ucr(data: WindowSet, sensor_ids: list[str]) -> ReplayPlan:
     """Deal beats round-robin: beat i is window i // sensors of sensor i % sensors."""
-    sensor_ids = [f"{prefix}{index:04d}" for index in range(sensors)]
+    sensors = len(sensor_ids)
     window = data.window
     streams, labels = [], {}
     for index, sensor_id in enumerate(sensor_ids):
@@ -60,18 +70,19 @@ def plan_ucr(data: WindowSet, sensors: int, prefix: str = "sensor-") -> ReplayPl
     return ReplayPlan(streams, sensor_ids, labels)
 
 
-def plan_recording(recording: np.ndarray, sensors: int, prefix: str = "sensor-") -> ReplayPlan:
-    sensor_ids = [f"{prefix}{index:04d}" for index in range(sensors)]
-    return ReplayPlan([recording] * sensors, sensor_ids, {})
+def plan_recording(recording: np.ndarray, sensor_ids: list[str]) -> ReplayPlan:
+    return ReplayPlan([recording] * len(sensor_ids), sensor_ids, {})
 
 
-def load_plan(path: str | Path, sensors: int) -> ReplayPlan:
+def load_plan(path: str | Path, sensors: int, sensor_ids: list[str] | None = None) -> ReplayPlan:
+    """The plan for `sensors` sensors named sensor-0000..., or for the sensors named `sensor_ids`."""
     path = Path(path)
     if sensors < 1:
         raise DataError("--sensors must be at least 1")
+    names = sensor_ids or sensor_names(sensors)
     if data_suffix(path) in UCR_SUFFIXES:
-        return plan_ucr(read_ucr(path), sensors)
-    return plan_recording(read_samples(path), sensors)
+        return plan_ucr(read_ucr(path), names)
+    return plan_recording(read_samples(path), names)
 
 
 def messages(plan: ReplayPlan, chunk: int) -> Iterator[tuple[int, str, int, np.ndarray]]:
@@ -86,11 +97,23 @@ def messages(plan: ReplayPlan, chunk: int) -> Iterator[tuple[int, str, int, np.n
 class Replayer:
     """Publishes a plan with QoS 1 and waits until the broker has acknowledged every message."""
 
-    def __init__(self, settings: MqttSettings, topic_filter: str, sensor_id_level: int, qos: int = 1) -> None:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        topic_filter: str,
+        sensor_id_level: int,
+        qos: int = 1,
+        input_format: InputFormat = "json",
+        devices: Sequence[SparkplugDevice] = (),
+    ) -> None:
+        """`devices`: with Sparkplug B, the mapped devices the plan's sensors are (by sensor id)."""
         self.settings = settings
         self.topic_filter = topic_filter
         self.sensor_id_level = sensor_id_level
         self.qos = qos
+        self.input_format = input_format
+        self.devices = {device.sensor: device for device in devices}
+        self.nodes = {(device.group, device.node): EdgeNode(device.group, device.node) for device in devices}
         self.connected = threading.Event()
         self.client = make_client(settings, client_id_for(settings, "replay"))
         self.client.max_inflight_messages_set(1000)
@@ -115,32 +138,64 @@ class Replayer:
         """Publish everything; returns the number of messages. speed 0 = as fast as possible."""
         start_wall = time.time()
         start_clock = time.monotonic()
-        infos = []
-        topics = {
-            sensor_id: sensor_topic(self.topic_filter, self.sensor_id_level, sensor_id) for sensor_id in plan.sensor_ids
-        }
+        infos = [self._send(topic, payload) for topic, payload in self._births(plan, start_wall)]
+        topics = (
+            {}
+            if self.devices
+            else {
+                sensor_id: sensor_topic(self.topic_filter, self.sensor_id_level, sensor_id)
+                for sensor_id in plan.sensor_ids
+            }
+        )
         for round_index, sensor_id, seq, samples in messages(plan, chunk):
             if speed > 0:
                 due = start_clock + round_index * chunk / sample_rate_hz / speed
                 delay = due - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-            body = {
-                "seq": seq,
-                "ts": start_wall + seq / sample_rate_hz,
-                "samples": samples[:, 0].tolist() if samples.shape[1] == 1 else samples.tolist(),
-            }
-            info = self.client.publish(topics[sensor_id], orjson.dumps(body), qos=self.qos)
-            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                raise MonitorError(f"publish failed: {mqtt.error_string(info.rc)}")
-            infos.append(info)
+            ts = start_wall + seq / sample_rate_hz
+            if self.input_format == "sparkplug_b":
+                device = self.devices[sensor_id]
+                node = self.nodes[(device.group, device.node)]
+                assert device.device is not None  # _births refused node-level mappings
+                topic, payload = node.ddata(device.device, device.channels, samples, ts * 1000, 1000 / sample_rate_hz)
+                infos.append(self._send(topic, payload))
+            else:
+                infos.append(self._send(topics[sensor_id], encode_message(self.input_format, samples, seq, ts)))
         for info in infos:
             info.wait_for_publish(timeout=60)
         return len(infos)
 
+    def _births(self, plan: ReplayPlan, start_wall: float) -> list[tuple[str, bytes]]:
+        """Sparkplug B: each edge node's NBIRTH, then each device's DBIRTH (nothing for the other formats)."""
+        if self.input_format != "sparkplug_b":
+            return []
+        stamp = int(start_wall * 1000)
+        births = [node.nbirth(stamp) for node in self.nodes.values()]
+        for sensor_id in plan.sensor_ids:
+            device = self.devices[sensor_id]
+            if device.device is None:
+                raise MonitorError(f"sensor {sensor_id}: replay sends device data (DDATA); map a device, not a node")
+            births.append(self.nodes[(device.group, device.node)].dbirth(device.device, device.channels, stamp))
+        return births
+
+    def _send(self, topic: str, payload: bytes) -> mqtt.MQTTMessageInfo:
+        info = self.client.publish(topic, payload, qos=self.qos)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise MonitorError(f"publish failed: {mqtt.error_string(info.rc)}")
+        return info
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def encode_message(input_format: str, samples: np.ndarray, seq: int, ts: float) -> bytes:
+    """One sensor message of `samples` [n, C] as a JSON object or a binary frame (float32)."""
+    if input_format == "frame":
+        return encode_frame(samples, seq, ts, FLOAT32)
+    body = {"seq": seq, "ts": ts, "samples": samples[:, 0].tolist() if samples.shape[1] == 1 else samples.tolist()}
+    return orjson.dumps(body)
 
 
 def write_labels(plan: ReplayPlan, path: str | Path) -> None:

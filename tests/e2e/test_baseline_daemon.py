@@ -3,7 +3,6 @@ model trained with `--baseline sensor` on the SMD excerpt, and `monitor evaluate
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -12,54 +11,28 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support import REPO, daemon_config, metric, run_cli, wait_until
+from tests.support import REPO, daemon_config, metric, run_cli, train_and_evaluate, wait_until
 
 pytestmark = pytest.mark.slow
 
 EXCERPT = REPO / "data" / "smd-excerpt"
 MACHINES = ("machine-1-3", "machine-2-4")
 WINDOW, STRIDE, WARM_UP, CHUNK = 30, 10, 20, 50
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
 def sensor_model(tmp_path_factory):
     """A small model trained on both machines' train excerpts; what `monitor evaluate` flags on their test excerpts."""
     root = tmp_path_factory.mktemp("baseline-daemon")
-    shape = ["--window", str(WINDOW), "--stride", str(STRIDE)]
-    small = ["--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report"]
-    trained = run_cli(
-        "train",
-        "--train-data",
-        *(str(EXCERPT / f"{m}_train.npy") for m in MACHINES),
-        *shape,
-        "--baseline",
-        "sensor",
-        "--baseline-windows",
-        str(WARM_UP),
-        *small,
-        "--output",
-        str(root / "model"),
-        env=ONE_THREAD,
+    report = train_and_evaluate(
+        root / "model",
+        [EXCERPT / f"{m}_train.npy" for m in MACHINES],
+        [EXCERPT / f"{m}_test.npy" for m in MACHINES],
+        [EXCERPT / f"{m}_test_labels.npy" for m in MACHINES],
+        WINDOW,
+        STRIDE,
+        *("--baseline", "sensor", "--baseline-windows", str(WARM_UP)),
     )
-    assert trained.returncode == 0, trained.stderr
-    tests = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
-    labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
-    evaluated = run_cli(
-        "evaluate",
-        "--model",
-        str(root / "model"),
-        "--data",
-        *tests,
-        "--labels",
-        *labels,
-        "--stride",
-        str(STRIDE),
-        "--json",
-        env=ONE_THREAD,
-    )
-    assert evaluated.returncode == 0, evaluated.stderr
-    report = json.loads(evaluated.stdout)
     flagged = {
         (m, start)
         for m, item in zip(MACHINES, report["recordings"], strict=True)

@@ -18,7 +18,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from monitor.config.schema import partition_of
-from monitor.tools.replay import ReplayPlan, messages, plan_ucr
+from monitor.tools.replay import ReplayPlan, messages, plan_ucr, sensor_names
 from monitor.training.datasets import read_ucr
 from tests.e2e.test_daemon_e2e import expected_alerts
 from tests.e2e.test_faults import figure, make_model
@@ -143,7 +143,7 @@ def test_two_instances_score_every_window_once_a_killed_one_loses_only_its_strad
     configs = {name: instance_config(tmp_path / name, nats.port, index) for index, name in enumerate(INSTANCES)}
     daemons = {name: daemon_factory(config) for name, config in configs.items()}
     alerts = capture_factory(nats.port, ["alerts/#"])
-    plan = plan_ucr(read_ucr(SPLITS / "test.txt.xz"), SENSORS)
+    plan = plan_ucr(read_ucr(SPLITS / "test.txt.xz"), sensor_names(SENSORS))
     sensors_of = {
         name: {s for s in plan.sensor_ids if partition_of(s, len(INSTANCES)) in parts} for name, parts in owners.items()
     }

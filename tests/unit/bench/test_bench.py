@@ -60,6 +60,7 @@ def test_run_config_parses_every_option() -> None:
     config = RunConfig.parse("onnx:2:qos0:b32:w25:c140:p311")
     assert config == RunConfig("onnx", 2, 0, 32, 0.025, 140, "3.1.1")
     assert RunConfig.parse("torch:1") == RunConfig()
+    assert RunConfig.parse("torch:1:c140:beats:frame") == RunConfig(chunk=140, mode="beats", input_format="frame")
     with pytest.raises(ValueError, match="unknown option"):
         RunConfig.parse("torch:1:x9")
     with pytest.raises(ValueError, match="backend"):

@@ -84,3 +84,50 @@ def test_replay_and_watch_do_not_need_the_model(config_file, tmp_path):
     # They only talk to the broker: a machine without the model can still replay data or watch alerts.
     path = config_file(f"model:\n  path: {tmp_path / 'absent'}\n")
     assert load_config(path, environ={}).model.path == tmp_path / "absent"
+
+
+SPARKPLUG_DEVICE = "{group: plant, node: edge1, device: pump1, channels: [X], sample_rate_hz: 250}"
+
+
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ("input:\n  format: sparkplug_b\n", "sparkplug_b input needs sparkplug.devices"),
+        ("input:\n  formats: [{filter: 'a/+/#/b', format: frame}]\n", "'#' must be the last level"),
+        ("input:\n  format: protobuf\n", "Input should be 'json', 'frame' or 'sparkplug_b'"),
+        (
+            f"input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{SPARKPLUG_DEVICE}, {SPARKPLUG_DEVICE}]\n",
+            "each mapped device needs its own sensor id",
+        ),
+        (
+            f"input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{SPARKPLUG_DEVICE}]\njournal:\n  path: j\n",
+            "sparkplug_b with journal.path is not supported",
+        ),
+        (
+            "input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{group: plant, node: 'edge/1', channels: [X], "
+            "sample_rate_hz: 250}]\n",
+            "a Sparkplug id cannot contain",
+        ),
+        (
+            "input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{group: plant, node: edge1, "
+            "sensor_id: 'pump 1', channels: [X], sample_rate_hz: 250}]\n",
+            "does not match mqtt.sensor_id_pattern",
+        ),
+    ],
+)
+def test_input_formats_are_checked(config_file, section, expected):
+    found = problems(config_file(f"model:\n  path: {DEFAULT_MODEL}\n{section}"))
+    assert len(found) == 1 and expected in found[0], found
+
+
+def test_a_sparkplug_mapping_loads(config_file):
+    path = config_file(
+        f"model:\n  path: {DEFAULT_MODEL}\ninput:\n  formats: [{{filter: 'spBv1.0/#', format: sparkplug_b}}]\n"
+        f"  sparkplug:\n    devices: [{SPARKPLUG_DEVICE}]\n"
+    )
+    config = load_config(path, environ={}, check_model=artifact_problem)
+    assert config.input.uses("sparkplug_b") and not config.input.json_only
+    assert config.input.sparkplug.devices[0].sensor == "pump1"
+    assert config.input.sparkplug.alert_sources() == {
+        "pump1": {"sparkplug": {"group": "plant", "node": "edge1", "device": "pump1", "metrics": ["X"]}}
+    }
