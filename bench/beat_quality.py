@@ -14,7 +14,7 @@ segmentation; the train and test parts are separate streams, as `monitor train` 
   PCA (4 components) fitted on exactly the beats the model was fitted on (`beattraining.split_training_beats`: the
   normal scorable beats of the train parts, each recording's last beats held out) with its threshold the same
   quantile of its scores on the same calibration beats. Two anchors: PCA on the z-normalised beat alone (the
-  issue's anchor) and PCA on the model's channels.
+  anchor beat mode was asked to beat) and PCA on the model's channels.
 - Figures (anomalous = AAMI S, V, F; normal = N; Q and unmatched beats are left out): ROC AUC over the scorable
   beats; precision, recall and F1 at the threshold and the share of normal beats flagged, with unscorable beats
   counted as not flagged (what a user sees); unscorable share of the normal and of the anomalous beats (the

@@ -31,15 +31,15 @@ import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from bench import targets
-from bench.data import read_split
+from bench.harness import SAMPLE_RATE_HZ, WINDOW_SAMPLES
 from monitor.ingest.frame import encode_frame
 from monitor.ingest.sparkplug import EdgeNode
+from monitor.training.datasets import read_ucr
 
 SLOTS_PER_PERIOD = 28
 STREAMS = 16
 BEATS_PER_STREAM = 20
-WINDOW = targets.WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
+WINDOW = WINDOW_SAMPLES  # samples per ECG5000 beat, the default model's window
 RECORDING_RATE = 360  # Hz of the raw recordings --recording takes (MIT-BIH, data/mitdb-dev)
 CHANNELS = ("ECG",)  # the Sparkplug B metric of each device
 MAX_UNACKNOWLEDGED = 60_000  # below MQTT's 65,535 packet ids: beyond it paho refuses a QoS 1 message
@@ -112,20 +112,21 @@ def command(
     recording: bool = False,
     input_format: str = "json",
     topic: str = "sensors/{sensor_id}/ecg",
+    prefix: str | None = None,
 ) -> list[str]:
-    """The command line that runs this generator in a process of its own, with sensor ids unique to the call;
-    `data` is a UCR split of beats, or with `recording` a raw ECG lead (beat mode)."""
+    """The command line that runs this generator in a process of its own, with sensor ids unique to the call unless
+    `prefix` is given; `data` is a UCR split of beats, or with `recording` a raw ECG lead (beat mode)."""
     options = {"--port": port, "--sensors": sensors, "--seconds": seconds}
     options |= {"--rate": rate, "--chunk": chunk, "--qos": qos, "--format": input_format, "--topic": topic}
     arguments = [str(item) for pair in options.items() for item in pair]
-    prefix = f"n{sensors}-{time.time_ns() % 10**6}-"
+    prefix = prefix or f"n{sensors}-{time.time_ns() % 10**6}-"
     source = "--recording" if recording else "--data"
     return [sys.executable, "-m", "bench.loadgen", *arguments, "--prefix", prefix, source, str(data)]
 
 
 def fragments(data_path: Path, chunk: int, seed: int = 0) -> list[list[np.ndarray]]:
     """`STREAMS` looped streams of normal beats, each as its chunks of samples."""
-    data = read_split(data_path).normal(1)
+    data = read_ucr(data_path).normal(1)
     beats = data.windows[:, :, 0]
     window = beats.shape[1]
     if window != WINDOW or window % chunk:
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--sensors", type=int, required=True)
     parser.add_argument("--seconds", type=float, required=True, help="how long to publish")
-    parser.add_argument("--rate", type=float, default=targets.SAMPLE_RATE_HZ, help="samples per second per sensor")
+    parser.add_argument("--rate", type=float, default=SAMPLE_RATE_HZ, help="samples per second per sensor")
     parser.add_argument("--chunk", type=int, default=35, help="samples per message")
     parser.add_argument("--qos", type=int, default=1, choices=(0, 1))
     parser.add_argument("--prefix", default="bench-", help="sensor id prefix (sensor ids are PREFIX00000 ...)")

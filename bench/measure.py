@@ -1,49 +1,36 @@
-"""In-process measurements: the matmul limit, model FLOPs, the tutorial loop, the scoring engine,
-training time per epoch, ONNX-vs-torch agreement and the model-size table."""
+"""In-process measurements: the matmul limit, model FLOPs, the tutorial loop, the scoring engine, the GIL,
+training time per epoch, ONNX-vs-torch agreement and the model-size table; each returns its record as a dict."""
 
 from __future__ import annotations
 
-import copy
+import logging
 import math
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from argparse import Namespace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bench.data import REPO, read_split
-from bench.onnx_int8 import int8_scorer
-from bench.records import (
-    Accuracy,
-    Agreement,
-    DefaultModel,
-    EngineRow,
-    EpochTiming,
-    FullTraining,
-    Gil,
-    MatmulRate,
-    ModelMatmul,
-    ModelTable,
-    Rate,
-    SizeRow,
-    Stamp,
-    TorchDecisions,
-)
+from bench.harness import REPO, repo_relative
 from monitor.config.loading import read_yaml, validate
 from monitor.model.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.model.autoencoder import LSTMAutoencoder
+from monitor.model.onnx_backend import OnnxScorer, export_onnx, session_options
 from monitor.model.scoring import Scorer, ScoringGraph
 from monitor.training.evaluation import evaluate_scores
 
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
-BATCHES = (1, 8, 32, 64, 128, 256, 512)
 MIN_SHARD = 16  # torch-shards splits a batch only into slices of at least this many windows
+Record = dict[str, Any]
 SLOW_CALL_SECONDS = 5.0  # a configuration whose batch takes longer is not tried at larger batches
 FLOPS_FORMULA = (
     "FLOPs/window = W * (sum over the 4 LSTM layers of 8*H*(I+H) + 2*(2E)*C), layers (I->H) = (C->2E), (2E->E), "
@@ -64,6 +51,16 @@ def flops_per_window(embedding_dim: int, window: int, channels: int) -> int:
     per_step = sum(8 * hidden * (inputs + hidden) for inputs, hidden in lstm_layers(embedding_dim, channels))
     per_step += 2 * (2 * embedding_dim) * channels
     return window * per_step
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Items per second of a timed call: median and best of the runs, and the warm-up call's duration."""
+
+    median: float
+    best: float
+    runs: list[float]
+    call_seconds: float
 
 
 def measure_rate(
@@ -91,51 +88,41 @@ def measure_rate(
     return Rate(statistics.median(runs), max(runs), [round(run, 2) for run in runs], call_seconds)
 
 
-class threads_set:
-    """Context manager: torch intra-op threads for the block, restored afterwards."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def __enter__(self) -> threads_set:
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.previous)
+@contextmanager
+def threads_set(threads: int) -> Iterator[None]:
+    """torch intra-op threads for the block, restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
-def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...]) -> MatmulRate:
-    """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size.
+def batch_of(windows: np.ndarray, size: int) -> np.ndarray:
+    """`size` windows (repeated when there are fewer), contiguous as the daemon's batches are."""
+    return np.ascontiguousarray(np.resize(windows, (size, *windows.shape[1:])))
+
+
+def matmul_rate(threads: int, seconds: float, repeats: int, sizes: tuple[int, ...], earlier: Record | None) -> Record:
+    """Dense fp32 `torch.mm` GFLOP/s with `threads` threads: the best run of the best size (and of `earlier`).
 
     The limit is what the machine can do, and other processes only ever lower a run's rate, so the
     best of `max(repeats, 5)` runs is taken (the engine's figures are medians: the fractions err low)."""
-    per_size = {}
+    per_size = {size: 0.0 for size in sizes} | (earlier["by_size"] if earlier else {})
     with threads_set(threads), torch.inference_mode():
         for size in sizes:
-            a, b = torch.randn(size, size), torch.randn(size, size)
-            out = torch.empty(size, size)
+            a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
             call = lambda a=a, b=b, out=out: torch.mm(a, b, out=out)  # noqa: E731
-            per_size[size] = measure_rate(call, 2 * size**3, seconds, max(repeats, 5), warmup=2).best / 1e9
-    return best_by_size(threads, per_size)
-
-
-def best_by_size(threads: int, per_size: dict[int, float]) -> MatmulRate:
+            rate = measure_rate(call, 2 * size**3, seconds, max(repeats, 5), warmup=2).best / 1e9
+            per_size[size] = max(per_size[size], rate)
     best = max(per_size, key=lambda size: per_size[size])
-    return MatmulRate(threads, per_size[best], best, per_size)
-
-
-def best_rate(first: MatmulRate, second: MatmulRate) -> MatmulRate:
-    """Two `matmul_rate` measurements merged: the better rate of each size, and the best size overall."""
-    return best_by_size(
-        first.threads, {size: max(rate, second.by_size.get(size, 0.0)) for size, rate in first.by_size.items()}
-    )
+    return {"threads": threads, "gflops": per_size[best], "size": best, "by_size": per_size}
 
 
 def model_matmul_rate(
     embedding_dim: int, window: int, channels: int, batch: int, threads: int, seconds: float, repeats: int
-) -> ModelMatmul:
+) -> Record:
     """windows/s of the model's matmuls alone, at the shapes a batch of `batch` windows gives them.
 
     Per LSTM layer: the input projection of all W steps as one [B*W, I] x [I, 4H] matmul (as oneDNN
@@ -163,14 +150,11 @@ def model_matmul_rate(
             torch.mm(hidden, output_weights)
 
         rate = measure_rate(run, batch, seconds, max(repeats, 5), warmup=2)
-    flops = flops_per_window(embedding_dim, window, channels)
-    return ModelMatmul(embedding_dim, batch, threads, rate.best, rate.best * flops / 1e9)
-
-
-def load_test(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Windows `[N, W, 1]` of the test split and whether each is an anomaly (label != 1)."""
-    data = read_split(path)
-    return data.windows, data.is_anomaly(1)
+    gflops = rate.best * flops_per_window(embedding_dim, window, channels) / 1e9
+    return {"embedding_dim": embedding_dim, "batch": batch, "threads": threads} | {
+        "windows_per_second": rate.best,
+        "gflops": gflops,
+    }
 
 
 def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0) -> ModelArtifact:
@@ -182,16 +166,9 @@ def random_artifact(reference: ModelArtifact, embedding_dim: int, seed: int = 0)
         return reference
     torch.manual_seed(seed)
     model = LSTMAutoencoder(reference.channels, embedding_dim).eval().requires_grad_(False)
-    return ModelArtifact(
-        model,
-        reference.normalisation,
-        reference.threshold,
-        reference.window,
-        reference.channels,
-        f"random-e{embedding_dim}",
-        "0",
-        {},
-    )
+    name = f"random-e{embedding_dim}"
+    reference_shape = (reference.normalisation, reference.threshold, reference.window, reference.channels)
+    return ModelArtifact(model, *reference_shape, name, "0", {})
 
 
 def tutorial_loop(artifact: ModelArtifact, windows: np.ndarray) -> Callable[[], list[float]]:
@@ -215,12 +192,11 @@ def tutorial_rates(
     artifact: ModelArtifact, windows: np.ndarray, threads_list: tuple[int, ...], seconds: float, repeats: int
 ) -> dict[int, Rate]:
     """windows/s of the tutorial loop over 32 windows, by thread count."""
-    chunk = windows[:32]
-    out = {}
+    rates = {}
     for threads in threads_list:
         with threads_set(threads):
-            out[threads] = measure_rate(tutorial_loop(artifact, chunk), len(chunk), seconds, repeats)
-    return out
+            rates[threads] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats)
+    return rates
 
 
 def sharded(score: Callable[[np.ndarray], object], workers: int) -> Callable[[np.ndarray], object]:
@@ -252,43 +228,49 @@ def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable
         return sharded(Scorer.from_artifact(artifact).score, threads)
     if backend == "onnx-int8":
         return int8_scorer(artifact, threads).score
-    from monitor.model.onnx_backend import OnnxScorer
-
     return OnnxScorer(artifact, threads=threads).score
 
 
-def engine_sweep(
-    artifact: ModelArtifact,
-    windows: np.ndarray,
-    backends: tuple[str, ...],
-    threads_list: tuple[int, ...],
-    batches: tuple[int, ...],
-    seconds: float,
-    repeats: int,
-) -> list[EngineRow]:
-    """windows/s of the scoring engine for every backend x threads x batch size."""
-    rows: list[EngineRow] = []
-    e = artifact.model.embedding_dim
-    for backend in backends:
-        for threads in threads_list:
+def int8_scorer(artifact: ModelArtifact, threads: int = 0) -> OnnxScorer:
+    """The artifact's scoring graph quantised to dynamic int8 (int8 weights, activations quantised per batch).
+
+    Never used by the daemon and not a drop-in: a window's score depends on the rest of its batch (the
+    activation scales are per run), which the accuracy part measures."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory(prefix="monitor-onnx-") as directory:
+        source, target = Path(directory) / "fp32.onnx", Path(directory) / "int8.onnx"
+        source.write_bytes(export_onnx(artifact))
+        logging.disable(logging.WARNING)  # quantize_dynamic advises "pre-processing" on the root logger: not for LSTMs
+        try:
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(logging.NOTSET)
+        model = onnx.load_model(str(target)).SerializeToString()
+    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    return OnnxScorer(artifact, threads=threads, session=session)
+
+
+def engine_sweep(reference: ModelArtifact, e: int, windows: np.ndarray, options: Namespace) -> list[Record]:
+    """windows/s of the scoring engine at E=`e` for every backend x threads x batch size of the run's `options`."""
+    rows: list[Record] = []
+    artifact, seconds, repeats = random_artifact(reference, e), options.seconds, options.repeats
+    for backend in options.backends:
+        for threads in options.threads:
             if backend == "torch-shards" and threads < 2:
                 continue  # one shard is plain torch on one thread
             with threads_set(1 if backend == "torch-shards" else threads):
                 score = make_scorer(artifact, backend, threads)
-                label = f"    engine E={e} {backend:9s} threads={threads}"
-                for batch_size in batches:
-                    last = rows[-1] if rows else None
-                    if (
-                        last
-                        and (last.backend, last.threads) == (backend, threads)
-                        and last.rate.call_seconds > SLOW_CALL_SECONDS
-                    ):
-                        print(f"{label}: batch {batch_size} and up skipped (too slow now)")
-                        break
-                    batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
-                    rate = measure_rate(lambda batch=batch, score=score: score(batch), batch_size, seconds, repeats)
-                    rows.append(EngineRow(e, backend, threads, batch_size, rate))
-                    print(f"{label} batch={batch_size:4d}: {rate.median:9.1f} windows/s", flush=True)
+                for size in options.batches:
+                    batch = batch_of(windows, size)
+                    rate = measure_rate(lambda batch=batch, score=score: score(batch), size, seconds, repeats)
+                    rows.append({"embedding_dim": e, "backend": backend, "threads": threads, "batch": size})
+                    rows[-1]["rate"] = rate
+                    print(f"    E={e} {backend} {threads}T batch {size}: {rate.median:.1f} windows/s", flush=True)
+                    if rate.call_seconds > SLOW_CALL_SECONDS:
+                        break  # too slow now: larger batches are not tried
             del score
     return rows
 
@@ -302,8 +284,8 @@ def busy_python_thread(stop: threading.Event) -> None:
 
 
 def gil_contention(
-    stamp: Stamp, artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int
-) -> Gil:
+    artifact: ModelArtifact, batch_size: int, windows: np.ndarray, seconds: float, repeats: int
+) -> Record:
     """windows/s of the scoring pass op by op from Python (eager) and as the Scorer's TorchScript trace, on one
     thread, alone and next to a busy Python thread; the eager pass takes the GIL back after every operation.
 
@@ -311,7 +293,7 @@ def gil_contention(
     during the measurement hits all four alike."""
     graph = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
     traced = Scorer.from_artifact(artifact).score
-    batch = np.ascontiguousarray(np.resize(windows, (batch_size, *windows.shape[1:])))
+    batch = batch_of(windows, batch_size)
 
     def eager(batch: np.ndarray = batch) -> None:
         with torch.inference_mode():
@@ -329,25 +311,16 @@ def gil_contention(
             if busy:
                 worker.join()
 
-    cases: dict[tuple[str, bool], list[float]] = {
-        (name, busy): [] for name in ("eager", "traced") for busy in (False, True)
-    }
+    cases: dict[str, list[float]] = {f"{name}_{when}": [] for name in ("eager", "traced") for when in ("alone", "busy")}
     with threads_set(1):
         for _ in range(max(repeats, 3)):
-            for name, busy in cases:
-                cases[name, busy].append(timed(eager if name == "eager" else lambda: traced(batch), busy))
-    median = {case: statistics.median(rates) for case, rates in cases.items()}
-    return Gil(
-        stamp,
-        batch_size,
-        median["eager", False],
-        median["eager", True],
-        median["traced", False],
-        median["traced", True],
-    )
+            for case, rates in cases.items():
+                rates.append(timed(eager if case.startswith("eager") else lambda: traced(batch), case.endswith("busy")))
+    median = {f"{case}_thread" if case.endswith("busy") else case: statistics.median(r) for case, r in cases.items()}
+    return {"batch": batch_size, **median}
 
 
-def train_settings(**overrides: Any):
+def train_settings(**overrides: Any) -> Any:
     """The default model's training recipe (configs/train-ecg5000.yaml), paths from the repository root."""
     from monitor.training.trainer import TrainSettings
 
@@ -359,7 +332,7 @@ def train_settings(**overrides: Any):
     return validate(TrainSettings, data, str(TRAIN_CONFIG))
 
 
-def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
+def epoch_seconds(settings: Any, epochs: int) -> Record:
     """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
     from monitor.training.trainer import fit_model, split_normal
 
@@ -372,12 +345,17 @@ def epoch_seconds(settings: Any, epochs: int) -> EpochTiming:
         started = time.perf_counter()
         fit_model(short, train_x, val_x)
         elapsed = time.perf_counter() - started
-    return EpochTiming(
-        settings.embedding_dim, threads, epochs, elapsed / epochs, int(len(train_x)), settings.batch_size
-    )
+    return {
+        "embedding_dim": settings.embedding_dim,
+        "threads": threads,
+        "epochs": epochs,
+        "seconds_per_epoch": elapsed / epochs,
+        "windows": len(train_x),
+        "batch_size": settings.batch_size,
+    }
 
 
-def recipe_training(model: Path) -> FullTraining:
+def recipe_training(model: Path) -> Record:
     """Train the default model from scratch with its recipe, as `monitor train` does, and time it.
 
     Training is deterministic given the seed and thread count, so the weights should be byte-identical
@@ -390,18 +368,25 @@ def recipe_training(model: Path) -> FullTraining:
         result = train(settings)
         wall = time.perf_counter() - started
         same = (Path(directory) / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-    auc = result.evaluation.auc if result.evaluation else None
-    return FullTraining(settings.threads, len(result.train_losses), result.best_epoch, result.seconds, wall, auc, same)
+    return {
+        "threads": settings.threads,
+        "epochs_run": len(result.train_losses),
+        "best_epoch": result.best_epoch,
+        "fit_seconds": result.seconds,
+        "seconds": wall,
+        "auc": result.evaluation.auc if result.evaluation else None,
+        "same_weights_as_shipped": same,
+    }
 
 
-def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> Agreement:
+def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.ndarray) -> Record:
     """How far `other` scores are from `reference` and whether the same windows are flagged."""
     diff = np.abs(other.errors.astype(np.float64) - reference.errors)
     profile_diff = np.abs(other.profiles.astype(np.float64) - reference.profiles)
     flagged_ref, flagged = reference.errors > threshold, other.errors > threshold
     evaluation = evaluate_scores(other.errors, anomalous, threshold)
     relative = diff / np.abs(reference.errors)
-    return Agreement(
+    return dict(
         windows=int(len(diff)),
         error_max_abs_diff=float(diff.max()),
         error_max_rel_diff=float(relative.max()),
@@ -412,28 +397,25 @@ def compare_scores(reference: Any, other: Any, threshold: float, anomalous: np.n
         flagged_reference=int(flagged_ref.sum()),
         flagged=int(flagged.sum()),
         decisions_differ=int((flagged_ref != flagged).sum()),
-        auc=evaluation.auc,
-        recall=evaluation.recall,
-        fpr=evaluation.fpr,
+        **quality(evaluation),
     )
 
 
-def accuracy(
-    stamp: Stamp, artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool
-) -> Accuracy:
-    """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
-    from monitor.model.onnx_backend import OnnxScorer
+def quality(evaluation: Any, keys: tuple[str, ...] = ("auc", "recall", "fpr")) -> Record:
+    return {key: getattr(evaluation, key) for key in keys}
 
+
+def accuracy(artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool) -> Record:
+    """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
     threshold = artifact.threshold
     reference = Scorer.from_artifact(artifact).score_all(windows)
     ref_eval = evaluate_scores(reference.errors, anomalous, threshold)
     flagged = int((reference.errors > threshold).sum())
-    return Accuracy(
-        stamp,
+    return dict(
         data=repo_relative(data),
         threshold=threshold,
         closest_score_to_threshold=float(np.abs(reference.errors - threshold).min()),
-        torch=TorchDecisions(flagged, ref_eval.auc, ref_eval.recall, ref_eval.fpr),
+        torch={"flagged": flagged, **quality(ref_eval)},
         onnx=compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), threshold, anomalous),
         onnx_int8=compare_scores(reference, int8_scorer(artifact, 1).score_all(windows), threshold, anomalous)
         if int8
@@ -441,59 +423,29 @@ def accuracy(
     )
 
 
-def repo_relative(path: Path) -> str:
-    """`path` as written from the repository root when it is inside it."""
-    path = path.resolve()
-    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
-
-
-def model_table(
-    stamp: Stamp,
-    embedding_dims: tuple[int, ...],
-    budget_seconds: float,
-    windows: np.ndarray,
-    anomalous: np.ndarray,
-    seconds: float,
-    repeats: int,
-    backends: tuple[str, ...] = ("torch", "onnx"),
-) -> ModelTable:
-    """Train each size with the default recipe, epochs capped to fit `budget_seconds`; quality and speed."""
+def model_table(windows: np.ndarray, options: Namespace) -> Record:
+    """Train each of `options.table_sizes` with the default recipe, epochs capped to fit `options.table_budget`
+    seconds; its quality (the recipe's evaluation) and speed (the tutorial loop, the engine at batch 64)."""
     from monitor.training.trainer import train
 
-    rows = []
-    recipe = train_settings()
-    for embedding_dim in embedding_dims:
-        with tempfile.TemporaryDirectory(prefix=f"bench-e{embedding_dim}-") as directory:
-            probe = epoch_seconds(train_settings(embedding_dim=embedding_dim), 1).seconds_per_epoch
-            epochs = max(1, min(recipe.epochs, math.floor(budget_seconds / probe)))
-            print(
-                f"  model table: E={embedding_dim}: {probe:.1f} s/epoch -> {epochs} epochs in {budget_seconds:.0f} s",
-                flush=True,
+    rows, budget = [], options.table_budget
+    speed_options = Namespace(**{**vars(options), "backends": ("torch", "onnx"), "threads": (1, 2), "batches": (64,)})
+    for e in options.table_sizes:
+        with tempfile.TemporaryDirectory(prefix=f"bench-e{e}-") as directory:
+            probe = epoch_seconds(train_settings(embedding_dim=e), 1)["seconds_per_epoch"]
+            epochs = max(1, min(train_settings().epochs, math.floor(budget / probe)))
+            print(f"  model table: E={e}: {probe:.1f} s/epoch -> {epochs} epochs in {budget:.0f} s", flush=True)
+            result = train(
+                train_settings(embedding_dim=e, epochs=epochs, output=directory, report=False, name=f"bench-e{e}")
             )
-            settings = train_settings(
-                embedding_dim=embedding_dim,
-                epochs=epochs,
-                output=directory,
-                report=False,
-                name=f"bench-e{embedding_dim}",
-            )
-            result = train(settings)
             artifact = load_artifact(directory)
-            evaluation = result.evaluation
-            speed = {}
-            with threads_set(1):
-                speed["tutorial_t1"] = measure_rate(tutorial_loop(artifact, windows[:32]), 32, seconds, repeats).median
-            for backend in backends:
-                for threads in (1, 2):
-                    with threads_set(threads):
-                        score = make_scorer(artifact, backend, threads)
-                        batch = np.ascontiguousarray(windows[:64])
-                        call = lambda score=score, batch=batch: score(batch)  # noqa: E731
-                        speed[f"{backend}_b64_t{threads}"] = measure_rate(call, 64, seconds, repeats).median
+            speed = {"tutorial_t1": tutorial_rates(artifact, windows, (1,), options.seconds, options.repeats)[1].median}
+            for row in engine_sweep(artifact, e, windows, speed_options):
+                speed[f"{row['backend']}_b64_t{row['threads']}"] = row["rate"].median
             rows.append(
-                SizeRow(
-                    embedding_dim=embedding_dim,
-                    flops_per_window=flops_per_window(embedding_dim, artifact.window, artifact.channels),
+                dict(
+                    embedding_dim=e,
+                    flops_per_window=flops_per_window(e, artifact.window, artifact.channels),
                     parameters=sum(p.numel() for p in artifact.model.parameters()),
                     seconds_per_epoch_probe=probe,
                     epochs_cap=epochs,
@@ -501,34 +453,21 @@ def model_table(
                     best_epoch=result.best_epoch,
                     train_seconds=result.seconds,
                     threshold=artifact.threshold,
-                    auc=evaluation.auc,
-                    pr_auc=evaluation.pr_auc,
-                    recall=evaluation.recall,
-                    fpr=evaluation.fpr,
-                    precision=evaluation.precision,
+                    **quality(result.evaluation, ("auc", "pr_auc", "recall", "fpr", "precision")),
                     windows_per_second=speed,
                 )
             )
-    return ModelTable(stamp, budget_seconds, repo_relative(TRAIN_CONFIG), rows)
+    return {"budget_seconds": budget, "recipe": repo_relative(TRAIN_CONFIG), "rows": rows}
 
 
-def default_model_summary(path: Path) -> DefaultModel:
+def default_model_summary(path: Path) -> Record:
     """What the shipped default model's own metadata says about its training and quality."""
     artifact = load_artifact(path)
-    meta = copy.deepcopy(artifact.metadata)
-    training = meta.get("training", {})
-    evaluation = meta.get("evaluation") or {}
-    return DefaultModel(
-        path=repo_relative(path),
-        embedding_dim=artifact.model.embedding_dim,
-        window=artifact.window,
-        channels=artifact.channels,
-        threshold=artifact.threshold,
-        epochs_run=training.get("epochs_run"),
-        best_epoch=training.get("best_epoch"),
-        train_seconds_recorded=training.get("seconds"),
-        auc=evaluation.get("auc"),
-        recall=evaluation.get("recall"),
-        fpr=evaluation.get("fpr"),
-        precision=evaluation.get("precision"),
-    )
+    training, evaluation = artifact.metadata.get("training", {}), artifact.metadata.get("evaluation") or {}
+    shape = {"embedding_dim": artifact.model.embedding_dim, "window": artifact.window, "channels": artifact.channels}
+    return {"path": repo_relative(path), **shape, "threshold": artifact.threshold} | {
+        "epochs_run": training.get("epochs_run"),
+        "best_epoch": training.get("best_epoch"),
+        "train_seconds_recorded": training.get("seconds"),
+        **{key: evaluation.get(key) for key in ("auc", "recall", "fpr", "precision")},
+    }

@@ -1,7 +1,9 @@
-"""The benchmark's parts: a registry of name -> function of the run's `Context` returning its typed section.
+"""The benchmark's parts: a registry of name -> a function of the run's `Context` returning the part's record (a
+dict), and a function returning the rows of its table in bench/RESULTS.md. A part's docstring gives its heading
+(first line) and what it measures (the rest).
 
-Each part's section replaces the `Results` field of the same name (`-` read as `_`); bench/README.md says
-what each part measures and how to read it.
+A part's record goes to bench/results.json under the part's name (`-` read as `_`); bench/README.md says what each
+part measures and how to read it. A new part is one `@part` function here.
 """
 
 from __future__ import annotations
@@ -10,33 +12,26 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from bench import measure
-from bench.records import (
-    Accuracy,
-    EndToEnd,
-    Engine,
-    Gil,
-    Limit,
-    ModelMatmul,
-    ModelTable,
-    ScaleOut,
-    Stamp,
-    Training,
-    Transport,
-    Tutorial,
-)
+from bench import measure, transport
+from bench.e2e import RunConfig, daemon_cores, scale_out, sweep
+from bench.harness import BEAT_WARMUP_SECONDS, SAMPLE_RATE_HZ, repo_relative
+from bench.results import cell
 from monitor.model.artifact import ModelArtifact
 
 CEILING_BATCHES = (64, 128, 256)  # batch sizes at which the model's own matmuls are timed (the best counts)
+Record = dict[str, Any]
+Rows = list[dict[str, Any]]
+Measure = Callable[["Context"], Record]
 
 
 @dataclass(frozen=True)
 class Context:
-    """What every part may use: the options, the default model, the sizes to measure and the test split."""
+    """What every part may use: the options, the default model, the sizes to measure and the data."""
 
     args: argparse.Namespace
     artifact: ModelArtifact
@@ -46,216 +41,333 @@ class Context:
     test_data: Path
     normal_data: Path
 
-    def stamp(self) -> Stamp:
-        return Stamp.now(self.args.quick)
-
 
 @dataclass(frozen=True)
 class Part:
     name: str
-    summary: str
-    measure: Callable[[Context], object]
+    measure: Measure
+    table: Callable[[Record], Rows]
     default: bool
 
     @property
     def field(self) -> str:
-        """The `Results` field this part's section goes to."""
+        """The results file's key for this part's record."""
         return self.name.replace("-", "_")
+
+    @property
+    def title(self) -> str:
+        return (self.measure.__doc__ or self.name).split("\n")[0].strip()
+
+    @property
+    def summary(self) -> str:
+        return " ".join((self.measure.__doc__ or "").split("\n\n", 1)[-1].split())
 
 
 PARTS: dict[str, Part] = {}
 
 
-def part(
-    name: str, summary: str, default: bool = True
-) -> Callable[[Callable[[Context], object]], Callable[[Context], object]]:
+def part(name: str, table: Callable[[Record], Rows], default: bool = True) -> Callable[[Measure], Measure]:
     """Registers a part; `default=False` parts run only when `--parts` names them."""
 
-    def register(function: Callable[[Context], object]) -> Callable[[Context], object]:
-        PARTS[name] = Part(name, summary, function, default)
+    def register(function: Measure) -> Measure:
+        PARTS[name] = Part(name, function, table, default)
         return function
 
     return register
 
 
-@part("limit", "dense fp32 matmul GFLOP/s (the limit) and the model's own matmuls at their shapes")
-def limit(ctx: Context) -> Limit:
-    args, artifact, stamp = ctx.args, ctx.artifact, ctx.stamp()
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def limit_rows(record: Record) -> Rows:
+    rows = []
+    for m in (*record["matmul"].values(), *record["model_matmuls"]):
+        if "batch" in m:  # the model's own
+            matmuls = f"the model's, E={m['embedding_dim']} batch {m['batch']}"
+            rows.append({"matmuls": matmuls, "threads": m["threads"], "GFLOP/s": m["gflops"]})
+            rows[-1]["windows/s"] = m["windows_per_second"]
+        else:
+            rows.append({"matmuls": "dense", "threads": m["threads"], "GFLOP/s": m["gflops"], **m["by_size"]})
+    return rows
+
+
+@part("limit", limit_rows)
+def limit(ctx: Context) -> Record:
+    """(a) The limit: dense fp32 matmul, and the model's own matmuls
+
+    Dense fp32 `torch.mm` GFLOP/s by thread count (the best run of the best square size, measured before and after
+    the rest), and the model's own matmuls alone at the shapes a batch gives them."""
+    args, artifact = ctx.args, ctx.artifact
     sizes_mm = (1024, 2048) if args.quick else (1024, 2048, 4096)
-    thread_counts = sorted({1, torch.get_num_threads(), *args.thread_list})
-    rates = {threads: measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm) for threads in thread_counts}
-    print("    the model's own matmuls at its shapes (no gate work)", flush=True)
-    ceilings: list[ModelMatmul] = []
+    thread_counts = sorted({1, torch.get_num_threads(), *args.threads})
+    rates = {t: measure.matmul_rate(t, args.seconds, args.repeats, sizes_mm, None) for t in thread_counts}
+    ceilings = []
     for e in ctx.sizes:
-        for threads in args.thread_list:
+        for threads in args.threads:
             for batch in CEILING_BATCHES:
-                ceiling = measure.model_matmul_rate(
-                    e, artifact.window, artifact.channels, batch, threads, args.seconds, args.repeats
-                )
-                ceilings.append(ceiling)
-                print(f"    E={e} {threads} thread(s) batch {batch}: {ceiling.gflops:.1f} GFLOP/s", flush=True)
+                shape = (e, artifact.window, artifact.channels, batch, threads)
+                ceilings.append(measure.model_matmul_rate(*shape, args.seconds, args.repeats))
+                print(f"    E={e} {threads}T batch {batch}: {ceilings[-1]['gflops']:.1f} GFLOP/s", flush=True)
     # The dense rate again: a VM's neighbours can slow one measurement for a while; the limit is what it can do.
     for threads in thread_counts:
-        rates[threads] = measure.best_rate(
-            rates[threads], measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm)
-        )
-        print(
-            f"    dense, {threads} thread(s): {rates[threads].gflops:.1f} GFLOP/s (n={rates[threads].size})", flush=True
-        )
-    best = max(rates, key=lambda threads: rates[threads].gflops)
-    return Limit(stamp, torch.get_num_threads(), rates, best, rates[best].gflops, ceilings)
+        rates[threads] = measure.matmul_rate(threads, args.seconds, args.repeats, sizes_mm, rates[threads])
+        print(f"    dense, {threads} thread(s): {rates[threads]['gflops']:.1f} GFLOP/s", flush=True)
+    best = max(rates, key=lambda threads: rates[threads]["gflops"])
+    limit = {"limit_threads": best, "limit_gflops": rates[best]["gflops"]}
+    return {"all_threads": torch.get_num_threads(), "matmul": rates, **limit, "model_matmuls": ceilings}
 
 
-@part("tutorial", "the tutorial-style loop: one window at a time, batch 1, torch, by thread count")
-def tutorial(ctx: Context) -> Tutorial:
-    args, stamp = ctx.args, ctx.stamp()
-    by_embedding = {}
+@part(
+    "tutorial",
+    lambda record: [
+        {"E": int(e), "threads": int(threads), "windows/s": rate["median"], "best": rate["best"]}
+        for e, by_threads in record["by_embedding"].items()
+        for threads, rate in by_threads.items()
+    ],
+)
+def tutorial(ctx: Context) -> Record:
+    """(b) The tutorial loop
+
+    The tutorial-style loop: one window at a time, batch 1, torch, by thread count."""
+    by_embedding, args = {}, ctx.args
     for e in ctx.sizes:
         model = measure.random_artifact(ctx.artifact, e)
-        rates = measure.tutorial_rates(model, ctx.windows, args.thread_list, args.seconds, args.repeats)
-        by_embedding[e] = rates
-        print(
-            f"    E={e}: " + ", ".join(f"{t} thread(s) {r.median:.1f} windows/s" for t, r in rates.items()), flush=True
-        )
-    return Tutorial(stamp, by_embedding)
+        by_embedding[e] = measure.tutorial_rates(model, ctx.windows, args.threads, args.seconds, args.repeats)
+        print(f"    E={e}: " + ", ".join(f"{t}T {r.median:.1f}" for t, r in by_embedding[e].items()), flush=True)
+    return {"by_embedding": by_embedding}
 
 
-@part("engine", "the scoring engine alone: backends x threads x batch sizes, for each model size")
-def engine(ctx: Context) -> Engine:
-    args, stamp = ctx.args, ctx.stamp()
-    rows = []
-    for e in ctx.sizes:
-        model = measure.random_artifact(ctx.artifact, e)
-        rows += measure.engine_sweep(
-            model, ctx.windows, args.backend_list, args.thread_list, args.batch_list, args.seconds, args.repeats
-        )
-    return Engine(stamp, rows)
+def engine_rows(record: Record) -> Rows:
+    rows: dict[tuple, Record] = {}
+    for row in record["rows"]:
+        key = (row["embedding_dim"], row["backend"], row["threads"])
+        rows.setdefault(key, {"E": key[0], "backend": key[1], "threads": key[2], "windows/s by batch": {}})
+        rows[key]["windows/s by batch"][row["batch"]] = row["rate"]["median"]
+    return list(rows.values())
 
 
-@part("gil", "the scoring pass, eager and traced, alone and next to a busy Python thread")
-def gil(ctx: Context) -> Gil:
-    result = measure.gil_contention(ctx.stamp(), ctx.artifact, 64, ctx.windows, ctx.args.seconds, ctx.args.repeats)
-    print(
-        f"    batch 64, 1 thread: eager {result.eager_busy_thread:.0f} windows/s (alone {result.eager_alone:.0f}), "
-        f"traced {result.traced_busy_thread:.0f} (alone {result.traced_alone:.0f})",
-        flush=True,
-    )
+@part("engine", engine_rows)
+def engine(ctx: Context) -> Record:
+    """(c) The scoring engine alone
+
+    The scoring engine alone (normalisation and error profile included): backends x threads x batch sizes, for each
+    model size; medians. Sizes other than the default model's are untrained: speed does not depend on the weights."""
+    return {"rows": [row for e in ctx.sizes for row in measure.engine_sweep(ctx.artifact, e, ctx.windows, ctx.args)]}
+
+
+@part(
+    "gil",
+    lambda r: [
+        {
+            "scoring pass": name,
+            "share of its rate kept next to a busy thread": r[f"{key}_busy_thread"] / r[f"{key}_alone"],
+        }
+        for name, key in (("op by op from Python (eager)", "eager"), ("TorchScript trace (Scorer)", "traced"))
+    ],
+)
+def gil(ctx: Context) -> Record:
+    """GIL: the engine next to a busy Python thread
+
+    The default model's scoring pass at batch 64 on one thread, eager and traced, alone and next to a busy Python
+    thread (windows/s)."""
+    result = measure.gil_contention(ctx.artifact, 64, ctx.windows, ctx.args.seconds, ctx.args.repeats)
+    print(f"    {result}", flush=True)
     return result
 
 
-@part("accuracy", "ONNX Runtime's scores (fp32 and int8) against torch's on every test window")
-def accuracy(ctx: Context) -> Accuracy:
-    int8 = "onnx-int8" in ctx.args.backend_list
-    result = measure.accuracy(ctx.stamp(), ctx.artifact, ctx.test_data, ctx.windows, ctx.anomalous, int8)
-    for name, agreement in (("onnx", result.onnx), ("onnx-int8", result.onnx_int8)):
-        if agreement:
-            print(
-                f"    {name}: max |d score| {agreement.error_max_abs_diff:.2e}, "
-                f"decisions differing {agreement.decisions_differ}",
-                flush=True,
-            )
-    return result
+@part(
+    "accuracy",
+    lambda record: [
+        {"backend": "torch", **record["torch"]},
+        *({"backend": name, **record[name]} for name in ("onnx", "onnx_int8") if record.get(name)),
+    ],
+)
+def accuracy(ctx: Context) -> Record:
+    """ONNX Runtime against torch: scores and decisions
+
+    ONNX Runtime's scores (fp32, and dynamic int8 when that backend is asked for) against torch's on every test
+    window, and the windows flagged at the default model's threshold."""
+    int8 = "onnx-int8" in ctx.args.backends
+    return measure.accuracy(ctx.artifact, ctx.test_data, ctx.windows, ctx.anomalous, int8)
 
 
-@part("training", "seconds per epoch of the default recipe; not with --quick: the whole recipe from scratch")
-def training(ctx: Context) -> Training:
-    args, stamp = ctx.args, ctx.stamp()
+def training_rows(record: Record) -> Rows:
+    timing, full, other = record["timing"], record["full_run"], record["seconds_per_epoch_other_threads"]
+    rows = [
+        {
+            "run": f"{timing['epochs']} epoch(s) timed",
+            "threads": timing["threads"],
+            "s/epoch": timing["seconds_per_epoch"],
+        }
+    ]
+    rows += [{"run": "timed", "threads": int(threads), "s/epoch": seconds} for threads, seconds in other.items()]
+    if full:
+        rows.append(
+            {"run": "the whole recipe", "threads": full["threads"], "s/epoch": full["seconds"] / full["epochs_run"]}
+        )
+        rows[-1] |= {
+            key: full[key] for key in ("seconds", "epochs_run", "best_epoch", "auc", "same_weights_as_shipped")
+        }
+    return rows
+
+
+@part("training", training_rows)
+def training(ctx: Context) -> Record:
+    """(e) Training time
+
+    Seconds per epoch of the default recipe (training and validation pass) by thread count; not with --quick: the
+    whole recipe from scratch, its weights compared byte for byte with the shipped model's."""
+    args = ctx.args
     recipe = measure.train_settings()
     timing = measure.epoch_seconds(recipe, args.training_epochs)
-    print(f"    {timing.seconds_per_epoch:.2f} s/epoch ({timing.threads} thread(s), the recipe's)", flush=True)
     other_threads = {}
-    for threads in args.thread_list:
-        if threads != timing.threads:
-            other = measure.epoch_seconds(measure.train_settings(threads=threads), args.training_epochs)
-            other_threads[threads] = other.seconds_per_epoch
-            print(f"    {other.seconds_per_epoch:.2f} s/epoch ({threads} thread(s))", flush=True)
-    full = None
-    if not args.quick:
-        print("    training the default model from scratch with its recipe", flush=True)
-        full = measure.recipe_training(args.model)
-        print(
-            f"    {full.seconds:.0f} s, {full.epochs_run} epochs, "
-            f"weights identical to the shipped model: {full.same_weights_as_shipped}",
-            flush=True,
-        )
-    recipe_path = measure.repo_relative(measure.TRAIN_CONFIG)
-    return Training(stamp, timing, full, recipe_path, recipe.epochs, recipe.patience, other_threads)
+    for threads in set(args.threads) - {timing["threads"]}:
+        other = measure.epoch_seconds(measure.train_settings(threads=threads), args.training_epochs)
+        other_threads[threads] = other["seconds_per_epoch"]
+    print(f"    {timing['seconds_per_epoch']:.2f} s/epoch ({timing['threads']} thread(s)); {other_threads}", flush=True)
+    full = None if args.quick else measure.recipe_training(args.model)
+    recipe_figures = {"recipe": repo_relative(measure.TRAIN_CONFIG), "max_epochs": recipe.epochs}
+    return {"timing": timing, "full_run": full, **recipe_figures, "patience": recipe.patience} | {
+        "seconds_per_epoch_other_threads": other_threads
+    }
 
 
-@part("transport", "MQTT ingest alone on one core: a QoS 1 backlog drained by bare paho and by the daemon's ingest")
-def transport(ctx: Context) -> Transport:
-    from bench import transport
+@part("transport", lambda record: record["rows"])
+def transport_part(ctx: Context) -> Record:
+    """MQTT ingest alone, on one core
 
-    stamp = ctx.stamp()
-    chunks = tuple(sorted({config.chunk for config in ctx.args.e2e_config_list}))
+    A backlog of QoS 1 messages (500 sensors) drained as fast as one process can, by bare paho doing nothing but
+    acknowledge and by the daemon's own connection and ingest (no scoring) for each payload format (JSON, binary
+    frames, Sparkplug B); the lowest CPU per message of the runs."""
+    chunks = tuple(sorted({config.chunk for config in ctx.args.e2e_configs}))
     count = 5000 if ctx.args.quick else 20000
-    return Transport(stamp, count, transport.transport_rates(ctx.normal_data, chunks, count, ctx.args.repeats))
+    return {"messages": count, "rows": transport.transport_rates(ctx.normal_data, chunks, count, ctx.args.repeats)}
 
 
-@part("e2e", "the daemon end to end through Mosquitto, sensors stepped up until it no longer keeps up")
-def e2e(ctx: Context) -> EndToEnd:
-    from bench import e2e, targets
+def verdict(step: Record) -> str:
+    failed = [name for name in ("throughput", "latency") if not step[f"{name}_ok"]]
+    failed += [] if step["generator_on_time"] else ["generator late"]
+    tries = "" if not step.get("other_attempt") else " (2nd try)" if step["keeps_up"] else " (twice)"
+    return (", ".join(failed) or "ok") + tries
 
-    args, stamp = ctx.args, ctx.stamp()
-    runs = []
-    for config in args.e2e_config_list:
+
+def step_rows(record: Record, run_cells: Callable[[Record], Record], step_cells: Callable[[Record], Record]) -> Rows:
+    """One row per step of every run: the run's first cell on each of its rows, its other cells on the first."""
+    rows = []
+    for run in record["runs"]:
+        cells = run_cells(run)
+        for index, step in enumerate(run["steps"]):
+            lead = (
+                cells
+                if index == 0
+                else {key: value if key == next(iter(cells)) else "" for key, value in cells.items()}
+            )
+            rows.append(lead | {"sensors": step["sensors"], "offered w/s": step["offered_windows_per_second"]})
+            rows[-1] |= {"scored w/s": step["scored_windows_per_second"]} | step_cells(step)
+    return rows
+
+
+def e2e_step_cells(step: Record) -> Record:
+    cpu = step["cpu_cores"]
+    return {
+        "msgs/s": step["messages_per_second"],
+        "p50 ms": ms(step["latency_p50_seconds"]),
+        "p99 ms": ms(step["latency_p99_seconds"]),
+        "dropped": step["dropped_windows"],
+        "mean batch": step["mean_batch"],
+        "CPU daemon (busiest threads)": f"{cell(cpu['daemon'])} ({cell(cpu['daemon_busiest_threads'])})",
+        "CPU generator, broker, others": [cpu["generator"], cpu["broker"], cpu["others"]],
+        "verdict": verdict(step),
+    }
+
+
+def e2e_rows(record: Record) -> Rows:
+    return step_rows(
+        record,
+        lambda run: {
+            "config": RunConfig(**run["config"]).text,
+            "carried (throughput only)": f"{run['sensors_carried']} ({run['sensors_carried_throughput_only']})",
+        },
+        e2e_step_cells,
+    )
+
+
+def end_to_end(ctx: Context, configs: list[RunConfig], warmup: float) -> Record:
+    args, runs = ctx.args, []
+    for config in configs:
         print(f"   daemon: {config.label}", flush=True)
-        runs.append(
-            e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, args.e2e_warmup, args.e2e_measure)
-        )
-    window = ctx.artifact.window
-    return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, window, args.e2e_warmup, args.e2e_measure, runs)
+        runs.append(sweep(args.model, ctx.normal_data, config, args.e2e_steps, warmup, args.e2e_measure))
+    measured = {"warmup_seconds": warmup, "measure_seconds": args.e2e_measure, "runs": runs}
+    return {"sample_rate_hz": SAMPLE_RATE_HZ, "window": ctx.artifact.window, **measured}
 
 
-@part("scaleout", "one instance against two behind the same partitioning nats-server, with the same load generator")
-def scaleout(ctx: Context) -> ScaleOut:
-    from bench import scaleout
+@part("e2e", e2e_rows)
+def e2e(ctx: Context) -> Record:
+    """(d) The daemon end to end through Mosquitto
 
+    `monitor run` behind a real Mosquitto and a load generator in its own process, 250 Hz sensors stepped up until
+    the daemon no longer keeps up, for each configuration of --e2e-configs; a failed step is tried twice."""
+    return end_to_end(ctx, ctx.args.e2e_configs, ctx.args.e2e_warmup)
+
+
+def scaleout_rows(record: Record) -> Rows:
+    return step_rows(
+        record,
+        lambda run: {
+            "instances": run["instances"],
+            "carried": f"{run['sensors_carried']} ({cell(run['daemon_cpu_ms_per_window'])} ms CPU/window)",
+        },
+        lambda step: {
+            "p99 ms": ms(step["latency_p99_seconds"]),
+            "dropped": step["dropped_windows"],
+            "CPU daemons": daemon_cores(step["cpu_cores"]),
+            "CPU broker": step["cpu_cores"]["broker"],
+            "keeps up": step["keeps_up"],
+        },
+    )
+
+
+@part("scaleout", scaleout_rows)
+def scaleout(ctx: Context) -> Record:
+    """One instance against two behind a partitioning broker
+
+    The e2e measurement behind nats-server (deploy/nats, 2 partitions, MQTT 3.1.1): one instance subscribed to both
+    partitions, then two with one partition each, with the same load generator and steps."""
     args = ctx.args
-    steps = args.e2e_step_list
-    return scaleout.compare(ctx.stamp(), args.model, ctx.normal_data, steps, args.e2e_warmup, args.e2e_measure)
+    return scale_out(args.model, ctx.normal_data, args.e2e_steps, args.e2e_warmup, args.e2e_measure)
 
 
-@part("beat-e2e", "beat mode (raw ECG, one window per beat) next to fixed mode, end to end", default=False)
-def beat_e2e(ctx: Context) -> EndToEnd:
-    """Fixed mode (ECG5000 beats, the default model) and beat mode (record 116 of data/mitdb-dev resampled to
-    250 Hz, models/mitdb-beats), stepped as the e2e part steps, after a warm-up long enough for beat mode."""
-    from bench import e2e, targets
-    from bench.records import RunConfig
+@part("beat-e2e", e2e_rows, default=False)
+def beat_e2e(ctx: Context) -> Record:
+    """Beat mode next to fixed mode, end to end
 
-    args, stamp = ctx.args, ctx.stamp()
-    warmup = targets.BEAT_WARMUP_SECONDS
-    runs = []
-    for text in ("torch:1", "torch:1:beats"):
-        config = RunConfig.parse(text, args.e2e_qos)
-        print(f"   daemon: {config.label}", flush=True)
-        runs.append(e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, warmup, args.e2e_measure))
-    return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, ctx.artifact.window, warmup, args.e2e_measure, runs)
+    The e2e measurement in fixed mode and in beat mode (models/mitdb-beats; sensors stream record 116 of
+    data/mitdb-dev resampled to 250 Hz, the daemon finds the beats and offers one window per scorable beat)."""
+    return end_to_end(
+        ctx, [RunConfig.parse(text, ctx.args.e2e_qos) for text in ("torch:1", "torch:1:beats")], BEAT_WARMUP_SECONDS
+    )
 
 
 FORMATS_E2E = ("torch:1:c140", "torch:1:c140:frame", "torch:1:c140:beats:frame")
 
 
-@part("formats-e2e", "140-sample messages as JSON and as binary frames, fixed and beat mode, end to end", default=False)
-def formats_e2e(ctx: Context) -> EndToEnd:
-    """The configurations of `FORMATS_E2E`, stepped as the e2e part steps, each after beat mode's warm-up."""
-    from bench import e2e, targets
-    from bench.records import RunConfig
+@part("formats-e2e", e2e_rows, default=False)
+def formats_e2e(ctx: Context) -> Record:
+    """Payload formats end to end (140 samples a message)
 
-    args, stamp = ctx.args, ctx.stamp()
-    warmup = targets.BEAT_WARMUP_SECONDS
-    runs = []
-    for text in FORMATS_E2E:
-        config = RunConfig.parse(text, args.e2e_qos)
-        print(f"   daemon: {config.label}", flush=True)
-        runs.append(e2e.sweep(args.model, ctx.normal_data, config, args.e2e_step_list, warmup, args.e2e_measure))
-    return EndToEnd(stamp, targets.SAMPLE_RATE_HZ, ctx.artifact.window, warmup, args.e2e_measure, runs)
+    The e2e measurement for 140-sample messages as JSON, as binary frames (float32, docs/payload-formats.md) and as
+    binary frames in beat mode, each after beat mode's warm-up; each format's CPU per message is in the transport
+    part."""
+    configs = [RunConfig.parse(text, ctx.args.e2e_qos) for text in FORMATS_E2E]
+    return end_to_end(ctx, configs, BEAT_WARMUP_SECONDS)
 
 
-@part("model-table", "trains E in --table-sizes within --table-budget each: quality against speed", default=False)
-def model_table(ctx: Context) -> ModelTable:
-    args = ctx.args
-    print(f"    E in {args.table_size_list}, {args.table_budget:.0f} s training budget each", flush=True)
-    return measure.model_table(
-        ctx.stamp(), args.table_size_list, args.table_budget, ctx.windows, ctx.anomalous, args.seconds, args.repeats
-    )
+@part("model-table", lambda record: record["rows"], default=False)
+def model_table(ctx: Context) -> Record:
+    """(f) Model size: quality against speed
+
+    Each E in --table-sizes trained with the default recipe, its epochs capped to fit --table-budget seconds;
+    quality on the test split and the engine's and tutorial loop's windows/s."""
+    print(f"    E in {ctx.args.table_sizes}, {ctx.args.table_budget:.0f} s training budget each", flush=True)
+    return measure.model_table(ctx.windows, ctx.args)

@@ -1,15 +1,14 @@
 """`python -m bench.run`: the monitor's benchmark, side by side in one process on one machine.
 
 `--list` names the parts; bench/README.md says what each measures, how long a run takes and how to read
-bench/RESULTS.md. Results are merged into bench/results.json (parts not run keep their previous section,
-each with its own date) and the tables of bench/RESULTS.md are regenerated from it. `--quick` is a smoke
-run (short timings, few steps); its figures are marked as such.
+bench/RESULTS.md. Results are merged into bench/results.json (parts not run keep their previous record,
+each with its own date) and bench/RESULTS.md is regenerated from it. `--quick` is a smoke run (short
+timings, few steps); its figures are marked as such.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -22,26 +21,39 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from bench import data, measure, records  # noqa: E402
+from bench import measure, results  # noqa: E402
+from bench.e2e import RunConfig  # noqa: E402
+from bench.harness import DATA_DIR, TEST, TRAIN_NORMAL, split_path  # noqa: E402
 from bench.parts import PARTS, Context  # noqa: E402
-from bench.records import Flops, LastRun, Machine, RunConfig, Stamp  # noqa: E402
-from bench.report import render  # noqa: E402
+from monitor.training.datasets import read_ucr  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
-DEFAULT_PARTS = tuple(name for name, part in PARTS.items() if part.default)
-FULL_STEPS = (100, 200, 400, 600, 800, 1000, 1200, 1600, 2000, 2400, 3200)
+DEFAULT_PARTS = ",".join(name for name, part in PARTS.items() if part.default)
 # The daemon's defaults; smaller batches (latency); ONNX Runtime; two threads; then what lightens paho's
 # per-message work: MQTT 3.1.1 instead of 5, sensors at QoS 0, and 140-sample messages (a quarter of the messages).
-FULL_E2E = (
-    "torch:1",
-    "torch:1:b32",
-    "onnx:1:b32",
-    "torch:2",
-    "torch:1:b32:p311",
-    "torch:1:b32:qos0",
-    "torch:1:b32:c140",
-)
-QUICK_STEPS = (100, 400)
+FULL_E2E = "torch:1,torch:1:b32,onnx:1:b32,torch:2,torch:1:b32:p311,torch:1:b32:qos0,torch:1:b32:c140"
+
+
+def ints(text: str) -> tuple[int, ...]:
+    return tuple(int(item) for item in text.split(",") if item.strip())
+
+
+BY_MODE = {  # option -> (type, default, default with --quick, help)
+    "--sizes": (ints, "32,64,128", "", "embedding sizes of the limit, tutorial and engine parts (and the model's)"),
+    "--batches": (ints, "1,8,32,64,128,256,512", "1,64,256", "engine batch sizes"),
+    "--seconds": (float, "0.6", "0.15", "seconds per timing run"),
+    "--repeats": (int, "3", "1", "timing runs per figure, the median is reported"),
+    "--e2e-configs": (
+        str,
+        FULL_E2E,
+        "torch:1",
+        "daemon runs as backend:threads[:qosN][:bN][:wMS][:cN][:p311][:beats][:frame]",
+    ),
+    "--e2e-steps": (ints, "100,200,400,600,800,1000,1200,1600,2000,2400,3200", "100,400", "sensor counts to step"),
+    "--e2e-warmup": (float, "4", "3", "seconds of load before measuring each step"),
+    "--e2e-measure": (float, "10", "5", "seconds measured per step"),
+    "--training-epochs": (int, "3", "1", "epochs timed for the training part"),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -53,87 +65,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--list", action="store_true", help="list the parts and exit")
-    add("--quick", action="store_true", help="smoke mode: short timings, E=32 only, two e2e steps (about 2 minutes)")
+    add("--quick", action="store_true", help="smoke mode: short timings, the model's E only, two e2e steps")
+    add("--parts", default=DEFAULT_PARTS, help="comma-separated parts, or 'none' (default: %(default)s)")
     add(
-        "--parts",
-        default=",".join(DEFAULT_PARTS),
-        help=f"comma-separated parts, or 'none' (default: {','.join(DEFAULT_PARTS)})",
+        "--data-dir", type=Path, default=DATA_DIR, help="the ECG5000 data, splits/*.txt[.xz|.gz] (default data/ecg5000)"
     )
+    add("--model", type=Path, default=measure.DEFAULT_MODEL, help="the default model (default models/ecg5000)")
+    add("--backends", default="torch,torch-shards,onnx,onnx-int8", help="engine backends (default %(default)s)")
+    add("--threads", type=ints, default=(1, 2), help="thread counts of the limit, tutorial and engine (default 1,2)")
+    add("--e2e-qos", type=int, default=1, choices=(0, 1), help="the sensors' QoS unless a config says (default 1)")
+    add("--table-budget", type=float, default=300.0, help="model-table training seconds per model (default 300)")
     add(
-        "--data-dir",
-        type=Path,
-        default=data.DATA_DIR,
-        help="the ECG5000 data, splits/*.txt[.xz|.gz] (default data/ecg5000)",
+        "--table-sizes", type=ints, default=(32, 64, 128), help="embedding sizes of the model table (default 32,64,128)"
     )
-    add(
-        "--table-budget", type=float, default=300.0, help="model-table training budget per model, seconds (default 300)"
-    )
-    add("--table-sizes", default="32,64,128", help="embedding sizes of the model table")
-    add("--model", type=Path, default=measure.DEFAULT_MODEL, help="the default model artifact (default models/ecg5000)")
-    add(
-        "--sizes",
-        default=None,
-        help="embedding sizes for the tutorial/engine parts (default 32,64,128; quick: the model's)",
-    )
-    add(
-        "--backends",
-        default="torch,torch-shards,onnx,onnx-int8",
-        help="engine backends: torch, torch-shards, onnx, onnx-int8",
-    )
-    add("--batches", default=None, help="engine batch sizes (default 1,8,32,64,128,256,512; quick: 1,64,256)")
-    add("--threads", default="1,2", help="thread counts for the tutorial and engine parts")
-    add("--seconds", type=float, default=None, help="seconds per timing run (default 0.6; quick 0.15)")
-    add("--repeats", type=int, default=None, help="timing runs per figure, the median is reported (default 3; quick 1)")
-    add(
-        "--e2e-configs",
-        default=None,
-        help="daemon runs as backend:threads[:qosN][:bMAX_BATCH][:wMAX_WAIT_MS][:cSAMPLES_PER_MESSAGE][:p311][:frame] "
-        f"(default {','.join(FULL_E2E)}; quick torch:1)",
-    )
-    add(
-        "--e2e-steps",
-        default=None,
-        help=f"sensor counts to step through (default {','.join(map(str, FULL_STEPS))}; quick 100,400)",
-    )
-    add(
-        "--e2e-warmup", type=float, default=None, help="seconds of load before measuring each step (default 4; quick 3)"
-    )
-    add("--e2e-measure", type=float, default=None, help="seconds measured per step (default 10; quick 5)")
-    add("--e2e-qos", type=int, default=1, choices=(0, 1), help="load generator's QoS unless a config says (default 1)")
-    add("--training-epochs", type=int, default=None, help="epochs timed for the training part (default 3; quick 1)")
     add("--output-dir", type=Path, default=BENCH_DIR, help="where results.json and RESULTS.md go (default bench/)")
+    for flag, (_, full, quick, text) in BY_MODE.items():
+        add(flag, default=None, help=f"{text} (default {full}; with --quick {quick or 'none'})")
     args = parser.parse_args(argv)
-    quick = args.quick
-    args.part_list = (
-        [] if args.parts.strip() == "none" else [part.strip() for part in args.parts.split(",") if part.strip()]
-    )
+    for flag, (kind, full, quick, _) in BY_MODE.items():
+        dest = flag[2:].replace("-", "_")
+        setattr(args, dest, kind(getattr(args, dest) or (quick if args.quick else full)))
+    args.part_list = [] if args.parts.strip() == "none" else [name.strip() for name in args.parts.split(",")]
     unknown = set(args.part_list) - set(PARTS)
     if unknown:
         parser.error(f"unknown parts: {', '.join(sorted(unknown))} (known: {', '.join(PARTS)})")
-    args.size_list = ints(args.sizes) if args.sizes else None
-    args.backend_list = tuple(item.strip() for item in args.backends.split(",") if item.strip())
-    args.batch_list = ints(args.batches) if args.batches else ((1, 64, 256) if quick else measure.BATCHES)
-    args.thread_list = ints(args.threads)
-    args.seconds = args.seconds or (0.15 if quick else 0.6)
-    args.repeats = args.repeats or (1 if quick else 3)
-    configs = args.e2e_configs or ("torch:1" if quick else ",".join(FULL_E2E))
+    args.backends = tuple(item.strip() for item in args.backends.split(",") if item.strip())
     try:
-        args.e2e_config_list = [RunConfig.parse(item, args.e2e_qos) for item in configs.split(",") if item.strip()]
+        args.e2e_configs = [RunConfig.parse(item, args.e2e_qos) for item in args.e2e_configs.split(",") if item]
     except ValueError as error:
         parser.error(f"--e2e-configs: {error}")
-    args.e2e_step_list = list(ints(args.e2e_steps)) if args.e2e_steps else list(QUICK_STEPS if quick else FULL_STEPS)
-    args.e2e_warmup = args.e2e_warmup or (3.0 if quick else 4.0)
-    args.e2e_measure = args.e2e_measure or (5.0 if quick else 10.0)
-    args.training_epochs = args.training_epochs or (1 if quick else 3)
-    args.table_size_list = ints(args.table_sizes)
+    args.e2e_steps = list(args.e2e_steps)
     return args
 
 
-def ints(text: str) -> tuple[int, ...]:
-    return tuple(int(item) for item in text.split(",") if item.strip())
-
-
-def machine() -> Machine:
+def machine() -> dict[str, object]:
     import onnxruntime
     import paho.mqtt
 
@@ -146,7 +111,7 @@ def machine() -> Machine:
                 flags = line + " "
     except OSError:
         pass
-    return Machine(
+    return dict(
         cpu=cpu_model,
         cores=psutil.cpu_count(logical=True),
         physical_cores=psutil.cpu_count(logical=False),
@@ -177,37 +142,46 @@ def main(argv: list[str] | None = None) -> int:
         print(list_parts())
         return 0
     results_path, report_path = args.output_dir / "results.json", args.output_dir / "RESULTS.md"
-    results = records.load(results_path)
-    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
-    results.machine, results.last_run = machine(), LastRun(command.strip(), Stamp.now(args.quick))
-    started = time.perf_counter()
+    recorded = results.load(results_path)
+    command = ("python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    started_at, started = results.stamp(args.quick, command), time.perf_counter()
     artifact = measure.load_artifact(args.model)
     default_e = artifact.model.embedding_dim
-    sizes = args.size_list or ((default_e,) if args.quick else tuple(sorted({default_e, 32, 64, 128})))
-    test_data = data.split_path(args.data_dir, data.TEST)
-    windows, anomalous = measure.load_test(test_data)
-    results.default_model = measure.default_model_summary(args.model)
-    flops = {
-        e: measure.flops_per_window(e, artifact.window, artifact.channels)
-        for e in sorted({*sizes, *args.table_size_list, default_e})
+    sizes = tuple(sorted({*args.sizes, default_e}))
+    test_data, normal_data = split_path(args.data_dir, TEST), split_path(args.data_dir, TRAIN_NORMAL)
+    test = read_ucr(test_data)
+    per_window = {
+        e: measure.flops_per_window(e, artifact.window, artifact.channels) for e in sorted({*sizes, *args.table_sizes})
     }
-    results.flops = Flops(measure.FLOPS_FORMULA, flops, artifact.window, artifact.channels)
-    normal_data = data.split_path(args.data_dir, data.TRAIN_NORMAL)
-    context = Context(args, artifact, sizes, windows, anomalous, test_data, normal_data)
+    recorded |= {
+        "machine": machine(),
+        "default_model": measure.default_model_summary(args.model),
+        "flops": {
+            "formula": measure.FLOPS_FORMULA,
+            "per_window": per_window,
+            "window": artifact.window,
+            "channels": artifact.channels,
+        },
+    }
+    context = Context(args, artifact, sizes, test.windows, test.is_anomaly(1), test_data, normal_data)
     print(
         f"bench: model {args.model} (E={default_e}), parts {args.part_list or 'none'}{' (quick)' if args.quick else ''}"
     )
     for name in args.part_list:
         part = PARTS[name]
         print(f"  {name}: {part.summary}", flush=True)
-        setattr(results, part.field, part.measure(context))
-    results.last_run = dataclasses.replace(
-        results.last_run, seconds=round(time.perf_counter() - started, 1), load_average_1m_end=os.getloadavg()[0]
-    )
+        recorded[part.field] = {"stamp": results.stamp(args.quick, command), **part.measure(context)}
+    seconds = round(time.perf_counter() - started, 1)
+    recorded["last_run"] = {
+        "command": command,
+        "stamp": started_at,
+        "seconds": seconds,
+        "load_average_1m_end": os.getloadavg()[0],
+    }
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    records.save(results, results_path)
-    report_path.write_text(render(results), encoding="utf-8")
-    print(f"bench: wrote {results_path} and {report_path} in {results.last_run.seconds:.0f} s", flush=True)
+    results.save(recorded, results_path)
+    report_path.write_text(results.render(results.load(results_path), PARTS.values()), encoding="utf-8")
+    print(f"bench: wrote {results_path} and {report_path} in {seconds:.0f} s", flush=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Soak: hundreds of sensors for minutes, with hostile input mixed in; every legitimate window must be
+"""Soak: hundreds of sensors for minutes, with attacks mixed in; every legitimate window must be
 scored and the daemon's memory and file descriptors must stay flat.
 
     python -m bench.soak --minutes 10 --sensors 500 --chunk 140
@@ -8,11 +8,11 @@ threshold set to 0, so every window scored is an alert that must be acknowledged
 generator of `bench.loadgen` in its own process (sensors at 250 Hz, `--chunk` samples a message: 35 = 3,571
 messages/s for 500 sensors, 140 = 893/s with the same samples and windows), and in this process:
 
-- item 1: every 2 s, a message with a seq near 2**53 on a legitimate sensor's topic (round robin);
-- item 2: every second, 50 messages on distinct topics whose sensor id is 60 KB long (refused as bad_topic);
-- item 4: every 5 s, 200 connections to /metrics held open without a request for 3 s, and one client dripping a
+- every 2 s, a message with a seq near 2**53 on a legitimate sensor's topic (round robin);
+- every second, 50 messages on distinct topics whose sensor id is 60 KB long (refused as bad_topic);
+- every 5 s, 200 connections to /metrics held open without a request for 3 s, and one client dripping a
   request a byte at a time;
-- item 8: retained messages on legitimate sensors' topics (one sample, a stale seq), and half-way through a
+- retained messages on legitimate sensors' topics (one sample, a stale seq), and half-way through a
   restart of the broker, so that the daemon subscribes again and is offered them.
 
 The attack messages carry no complete window, so windows scored must equal exactly the windows the generator's
@@ -38,26 +38,26 @@ import paho.mqtt.client as mqtt
 import psutil
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.data import DATA_DIR, REPO
+from bench import loadgen
+from bench.harness import DATA_DIR, REPO
 from tests.support import Broker, DaemonProcess, alert_all_model, daemon_config, metric
 
-WINDOW, CHUNK = 140, 35
-SLOTS_PER_PERIOD = 28  # bench.loadgen's spreading of sensors over a message period
+CHUNK = 35
 
 
 def expected_windows(sensors: int, rounds: int, chunk: int = CHUNK) -> int:
     """Windows the generator's streams make: sensor s publishes chunks offset_s .. offset_s + rounds - 1."""
-    per_window = WINDOW // chunk
+    per_window = loadgen.WINDOW // chunk
     total = 0
     for sensor in range(sensors):
-        offset = (sensor // SLOTS_PER_PERIOD) % per_window
+        offset = (sensor // loadgen.SLOTS_PER_PERIOD) % per_window  # as the generator spreads the sensors
         first, end = offset * chunk, (offset + rounds) * chunk
-        total += end // WINDOW - -(-first // WINDOW)
+        total += end // loadgen.WINDOW - -(-first // loadgen.WINDOW)
     return total
 
 
 class Attacks(threading.Thread):
-    """The attacks of items 1, 2, 4 and 8, on their own schedule, until stopped."""
+    """The attacks of the module docstring, on their own schedule, until stopped."""
 
     def __init__(self, broker_port: int, metrics_port: int, sensors: int, prefix: str) -> None:
         super().__init__(name="attacks", daemon=True)
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--data",
-        default=str(DATA_DIR / "ECG5000_TRAIN.txt.xz"),
+        type=Path,
+        default=DATA_DIR / "ECG5000_TRAIN.txt.xz",
         help="UCR file whose normal beats the generator streams (default: the vendored ECG5000 train file)",
     )
     parser.add_argument(
@@ -182,25 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     process = psutil.Process(daemon.process.pid)
     prefix = "soak-"
     generator = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.loadgen",
-            "--port",
-            str(broker.port),
-            "--sensors",
-            str(args.sensors),
-            "--seconds",
-            str(seconds),
-            "--rate",
-            str(args.rate),
-            "--chunk",
-            str(args.chunk),
-            "--prefix",
-            prefix,
-            "--data",
-            args.data,
-        ],
+        loadgen.command(broker.port, args.sensors, seconds, args.rate, args.chunk, 1, args.data, prefix=prefix),
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,

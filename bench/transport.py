@@ -30,9 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry
 
-from bench import targets
-from bench.data import read_split
-from bench.records import TransportRow
+from bench.harness import WINDOW_SAMPLES as WINDOW
 from monitor.config.schema import InputSettings, MqttSettings, SparkplugDevice, SparkplugSettings
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
@@ -45,19 +43,19 @@ from monitor.ingest.windowing import WindowAssembler
 from monitor.mqtt.connection import MqttConnection
 from monitor.telemetry.log import configure_logging
 from monitor.telemetry.metrics import Metrics
+from monitor.training.datasets import read_ucr
 from tests.support import Broker
 
 TOPIC = "sensors/{sensor_id}/ecg"
 GROUP, NODE, CHANNELS = "bench", "edge", ("ECG",)
 FILTERS = ("sensors/+/ecg", f"spBv1.0/{GROUP}/#")
 SENSORS = 500
-WINDOW = targets.WINDOW_SAMPLES
 
 
 def payloads(normal_data: Path, count: int, chunk: int, input_format: str = "json") -> list[tuple[str, bytes]]:
     """`count` messages of `chunk` samples, round-robin over SENSORS sensors, each sensor's seq contiguous (with
     Sparkplug B, the node's and its devices' births first, then `count` less as many DDATA messages)."""
-    beats = read_split(normal_data).windows[:, :, 0].reshape(-1)
+    beats = read_ucr(normal_data).windows[:, :, 0].reshape(-1)
     node = EdgeNode(GROUP, NODE)
     births = [node.nbirth(0)] + [node.dbirth(f"s{s:04d}", CHANNELS, 0) for s in range(SENSORS)]
     out = births if input_format == "sparkplug_b" else []
@@ -148,7 +146,7 @@ CLIENTS: dict[str, Callable[[int, str, Callable[[], None]], PahoClient | MqttCon
 FORMATS = {"paho": "json", "daemon": "json", "daemon-frame": "frame", "daemon-sparkplug_b": "sparkplug_b"}
 
 
-def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> TransportRow:
+def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> dict:
     """Wall and CPU seconds for one client to take the queued `messages` (of `chunk` samples each)."""
     count = len(messages)
     broker = Broker(work / f"mosquitto-{kind}-{chunk}").start()
@@ -175,10 +173,17 @@ def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, 
         client.close()
     finally:
         broker.stop()
-    return TransportRow(kind, chunk, received[0], finished, received[0] / wall, cpu * 1e6 / max(received[0], 1))
+    return {
+        "client": kind,
+        "chunk_samples": chunk,
+        "messages": received[0],
+        "complete": finished,
+        "messages_per_second": received[0] / wall,
+        "cpu_us_per_message": cpu * 1e6 / max(received[0], 1),
+    }
 
 
-def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int) -> list[TransportRow]:
+def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int) -> list[dict]:
     """`drain` for both clients and every message size; the best (lowest-CPU) of `repeats` runs each."""
     configure_logging("error")  # the daemon's ingest logs its connections; the bench prints its own lines
     rows = []
@@ -187,10 +192,6 @@ def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repe
             for kind in CLIENTS:
                 messages = payloads(normal_data, count, chunk, FORMATS[kind])
                 runs = [drain(kind, messages, chunk, Path(directory) / f"run{index}") for index in range(repeats)]
-                rows.append(min(runs, key=lambda run: run.cpu_us_per_message))
-                print(
-                    f"    {kind:6s} {chunk:3d} samples/message: {rows[-1].messages_per_second:8.0f} messages/s, "
-                    f"{rows[-1].cpu_us_per_message:.0f} µs CPU/message",
-                    flush=True,
-                )
+                rows.append(min(runs, key=lambda run: run["cpu_us_per_message"]))
+                print(f"    {rows[-1]}", flush=True)
     return rows

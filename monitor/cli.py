@@ -6,10 +6,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from monitor import __version__
 from monitor.errors import MonitorError
+
+if TYPE_CHECKING:
+    from monitor.training.trainer import TrainingResult
 
 EXIT_USER_ERROR = 2
 
@@ -107,6 +110,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     add("--stride", type=int, help="samples between window starts in a recording (default: the window)")
     add("--embedding-dim", type=int, help="embedding size E (LSTMs of E and 2E units)" + default("embedding_dim"))
+    add(
+        "--channel-names",
+        help="comma-separated names of the channels, in order, recorded in the artifact: alerts name their top "
+        "channels with them (default: none; channels are named by index only)",
+    )
     add("--epochs", type=int, help="maximum number of epochs" + default("epochs"))
     add("--batch-size", type=int, help="mini-batch size" + default("batch_size"))
     add("--learning-rate", type=float, help="Adam learning rate" + default("learning_rate"))
@@ -258,6 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "sample_rate": args.sample_rate,
         "annotations": args.annotations,
         "normal_symbols": args.normal_symbols.split(",") if args.normal_symbols else None,
+        "channel_names": args.channel_names.split(",") if args.channel_names else None,
     }
     data.update({key: value for key, value in flags.items() if value is not None})
     if args.threshold_method and data.get("threshold", {}).get("method") != args.threshold_method:
@@ -292,11 +301,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         from monitor.training.beat_trainer import format_beat_evaluation
 
         print(format_beat_evaluation(beat_evaluation))
-    elif result.evaluation is not None:
-        from monitor.training.evaluation import format_evaluation
-
-        print(format_evaluation(result.evaluation))
+        return 0
+    _print_yardstick(result)
     return 0
+
+
+def _print_yardstick(result: TrainingResult) -> None:
+    """The LSTM's figures beside its PCA yardstick's: false alarms on held-out normal windows, evaluation data."""
+    from monitor.training.evaluation import format_evaluation, format_false_alarms, format_side_by_side
+
+    metadata = result.artifact.metadata
+    pca = metadata.get("yardstick")
+    if pca is None:
+        if result.evaluation is not None:
+            print(format_evaluation(result.evaluation))
+        return
+    print(
+        f"PCA yardstick: {pca['components']} components on the same windows, threshold {pca['threshold']['value']:.6g}"
+    )
+    print(format_false_alarms(metadata["held_out_false_alarms"]))
+    if result.evaluation is not None and result.pca_evaluation is not None:
+        print(format_evaluation(result.evaluation))
+        print(format_side_by_side({"lstm": result.evaluation, "pca": result.pca_evaluation}))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import orjson
 import structlog
 
 from monitor.alerts.episodes import EVENT_KINDS, Decision, EpisodeEvent, EpisodeTracker
+from monitor.alerts.sink import channels_of
 from monitor.config.schema import LifecycleSettings, MqttSettings
 from monitor.model.engine import Engine
 from monitor.model.scoring import Scores
@@ -41,8 +42,11 @@ class EpisodeSink:
         metrics: Metrics,
         engine: Engine,
         clock: Callable[[], float] = time.time,
+        top_channels: int = 3,
     ) -> None:
+        """`top_channels`: how many channels an episode names for its peak window (`alerts.top_channels`)."""
         self.tracker = tracker
+        self.top_channels = top_channels
         self.publisher = publisher
         self.settings = settings
         self.metrics = metrics
@@ -56,10 +60,10 @@ class EpisodeSink:
         with self.lock:
             self.engine = engine
             for index, window in enumerate(batch):
-                start = window.start_seq
-                decision = Decision(
-                    start, start + engine.window, window.start_ts, float(scores.errors[index]), bool(anomalous[index])
-                )
+                start, flagged = window.start_seq, bool(anomalous[index])
+                channels = channels_of(scores, index, self.top_channels, engine) if flagged else None
+                score = float(scores.errors[index])
+                decision = Decision(start, start + engine.window, window.start_ts, score, flagged, channels)
                 self._emit(self.tracker.decide(window.sensor_id, decision, now), now)
             self._count_open()
 

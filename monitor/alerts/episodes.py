@@ -51,6 +51,7 @@ class Decision:
     start_ts: float | None
     score: float
     anomalous: bool
+    channels: list[dict[str, Any]] | None = None  # an anomalous window's top channels, as its alert lists them
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Episode:
     opened_at: float
     last_event_at: float
     reported_windows: int  # anomalous_windows as of the last event
+    peak_channels: list[dict[str, Any]] | None = None  # the top channels of the window with the peak score
 
     def add(self, decision: Decision) -> None:
         self.windows += 1
@@ -79,6 +81,7 @@ class Episode:
         self.end_seq, self.end_ts = decision.end_seq, decision.start_ts
         if decision.score > self.peak_score:
             self.peak_score, self.peak_seq = decision.score, decision.start_seq
+            self.peak_channels = decision.channels
 
     def public(self) -> dict[str, Any]:
         """The fields an event carries."""
@@ -208,6 +211,7 @@ class EpisodeTracker:
             now,
             now,
             0,
+            start.channels,
         )
         for item in run[first:]:
             episode.add(item)

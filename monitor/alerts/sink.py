@@ -17,7 +17,7 @@ import structlog
 
 from monitor.config.schema import AlertSettings
 from monitor.model.engine import Engine, ModelIdentity
-from monitor.model.scoring import Scores
+from monitor.model.scoring import Scores, top_channels
 from monitor.mqtt.publisher import DropReason, Publisher, PublishRefused
 from monitor.telemetry.metrics import Metrics
 from monitor.window import BeatMark, Window
@@ -55,11 +55,13 @@ def build_alert(
     detected_at: float | None = None,
     baseline: str = "model",
     beat: BeatMark | None = None,
+    channels: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The JSON alert for one anomalous window; for a beat (beat mode) with its span, `beat_seq` and `rr_seconds`.
 
     `top_timesteps` lists the offsets within the window with the largest error (highest first),
-    so a subscriber can see where in the window the anomaly lies.
+    so a subscriber can see where in the window the anomaly lies; `channels` (`top_channels`) which of its
+    channels made the score.
     """
     alert: dict[str, Any] = {
         "sensor_id": sensor_id,
@@ -79,9 +81,18 @@ def build_alert(
     if top_timesteps:
         top = np.argsort(-profile, kind="stable")[:top_timesteps]
         alert["top_timesteps"] = [{"offset": int(i), "error": round(float(profile[i]), 6)} for i in top]
+    if channels:
+        alert["top_channels"] = channels
     if include_profile:
         alert["error_profile"] = [round(float(value), 6) for value in profile]
     return alert
+
+
+def channels_of(scores: Scores, index: int, count: int, engine: Engine) -> list[dict[str, Any]] | None:
+    """Window `index`'s top `count` channels, named when the model knows names (None without per-channel errors)."""
+    if scores.channels is None or not count:
+        return None
+    return top_channels(scores.channels[index], count, engine.channel_names)
 
 
 class AlertSink:
@@ -118,7 +129,7 @@ class AlertSink:
         queued = {}
         if self.settings.per_window:
             for index in flagged:
-                mid = self._alert(batch[int(index)], float(scores.errors[index]), scores.profiles[index], engine)
+                mid = self._alert(batch[int(index)], float(scores.errors[index]), scores, int(index), engine)
                 if mid is not None:
                     queued[int(index)] = mid
         for observer in self.observers:
@@ -128,13 +139,13 @@ class AlertSink:
                 log.exception("decision_observer_failed", stage=type(observer).__name__, batch=len(batch))
         return queued
 
-    def _alert(self, window: Window, score: float, profile: np.ndarray, engine: Engine) -> int | None:
+    def _alert(self, window: Window, score: float, scores: Scores, index: int, engine: Engine) -> int | None:
         alert = build_alert(
             window.sensor_id,
             window.start_seq,
             engine.window,
             score,
-            profile,
+            scores.profiles[index],
             engine.threshold,
             engine.model,
             window.start_ts,
@@ -142,6 +153,7 @@ class AlertSink:
             self.settings.include_profile,
             baseline=engine.baseline[0],
             beat=window.beat,
+            channels=channels_of(scores, index, self.settings.top_channels, engine),
         )
         alert.update(self.sources.get(window.sensor_id, {}))
         topic = self.topic_template.format(sensor_id=window.sensor_id)

@@ -397,6 +397,9 @@ class LifecycleSettings(Strict):
 class AlertSettings(Strict):
     top_timesteps: int = Field(default=5, ge=0, description="how many highest-error timesteps an alert lists")
     include_profile: bool = Field(default=False, description="add the whole per-timestep error profile")
+    top_channels: int = Field(
+        default=3, ge=0, description="how many channels with the highest error an alert and an episode list"
+    )
     lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
 
     @property

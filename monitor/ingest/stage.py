@@ -179,11 +179,12 @@ class Ingest:
         assert self.baselines is not None
         ready: list[Window] = []
         for window in windows:
-            normalised = self.baselines.admit(window.sensor_id, window.samples)
-            if normalised is None:
+            admitted = self.baselines.admit(window.sensor_id, window.samples)
+            if admitted is None:
                 self.metrics.windows_warming_up.inc()
             else:
-                ready.append(dataclasses.replace(window, samples=normalised))
+                self.metrics.baseline_clipped_share.observe(float(admitted[1].mean()))
+                ready.append(dataclasses.replace(window, samples=admitted[0]))
         return ready
 
     def _count_beats(self, sensor_id: str, result: BeatFeedResult, now: float) -> None:
@@ -207,11 +208,13 @@ class Ingest:
             evicted = self.assembler.evicted_total - self._evicted_counted
             active = self.assembler.active_sensors
             warming = 0 if self.baselines is None else self.baselines.sensors_warming_up
+            off_baseline = 0 if self.baselines is None else self.baselines.sensors_off_baseline
         if evicted:
             self._evicted_counted += evicted
             self.metrics.sensors_evicted.inc(evicted)
             log.info("sensors_evicted", count=evicted, active=active)
         self.metrics.sensors_warming_up.set(warming)
+        self.metrics.sensors_off_baseline.set(off_baseline)
 
     def snapshot(self) -> dict[str, Any]:
         """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""

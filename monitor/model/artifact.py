@@ -70,6 +70,14 @@ class ModelArtifact:
     path: Path | None = None
 
 
+def channel_names(metadata: dict[str, Any], channels: int) -> tuple[str, ...] | None:
+    """The names a model was trained with for its channels (`architecture.channel_names`), or None."""
+    names = metadata.get("architecture", {}).get("channel_names")
+    if isinstance(names, list) and len(names) == channels and all(isinstance(name, str) for name in names):
+        return tuple(names)
+    return None
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

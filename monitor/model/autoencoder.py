@@ -52,3 +52,8 @@ def reconstruction_errors(windows: torch.Tensor, reconstructions: torch.Tensor) 
 def window_scores(profiles: torch.Tensor) -> torch.Tensor:
     """A window's score `[B]`: the mean of its error profile over time, i.e. its mean absolute error."""
     return profiles.mean(dim=1)
+
+
+def channel_errors(windows: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
+    """Per-channel error `[B, C]`: absolute error averaged over the window; which channels make a window's score."""
+    return (windows - reconstructions).abs().mean(dim=1)

@@ -21,6 +21,19 @@ Estimator, per channel, over every sample of the warm-up windows:
 bench/baseline_smd.py measures the alternatives on SMD (bench/baseline_smd.md, pooled PCA, warm-up 150 windows,
 ROC AUC): this estimator 0.830, MAD alone 0.788, trimmed mean/std 0.794, mean/std 0.775; without the clip
 0.646 to 0.730.
+
+Following slow drift (`FollowingBaseline`, a model trained with a follow rate > 0): machines drift, and a baseline
+fitted once leaves a drifted channel at the clip for good (the share of values at the clip is the symptom, counted
+per window). After the warm-up, every window judged normal moves the sensor's centre and scale a bounded step
+towards its own level and spread, with the fitted warm-up as the anchor:
+- judged normal: at most `JUDGED_NORMAL_CLIPPED` of the window's values at the clip. A window the baseline cannot
+  represent (a fault, a jump) does not move it, so it keeps showing;
+- bounded: per window the centre moves `rate` x the window's median offset, the offset capped at `FOLLOW_STEP`
+  current scales, and the scale by the factor (window std / scale) ** rate, capped at `FOLLOW_STEP` ** rate. A
+  fault can pull the baseline only a little per window, as a slow drift does, and never by a jump;
+- anchored: the scale never goes below the warm-up's, so a quiet stretch cannot make every later move huge.
+The same window sequence gives the same numbers in training, `monitor evaluate` and the daemon (one class, float64
+state, windows in order). A model trained with rate 0 (or before following existed) keeps the fixed baseline.
 """
 
 from __future__ import annotations
@@ -41,6 +54,9 @@ RELATIVE_FLOOR = 0.01
 ABSOLUTE_FLOOR = 1e-6
 CLIP = 10.0
 ESTIMATOR = "median, max(1.4826 MAD, spread_floor x std winsorised)"
+FOLLOW_RATE = 0.02  # the training default (TrainSettings.baseline_follow_rate)
+FOLLOW_STEP = 3.0
+JUDGED_NORMAL_CLIPPED = 0.25
 STATE_FORMAT = "monitor-sensor-baselines"
 STATE_VERSION = 1
 
@@ -87,11 +103,72 @@ class SensorBaseline:
         return cls(centre, scale)
 
 
-def describe(windows: int) -> dict[str, Any]:
+class FollowingBaseline:
+    """One sensor's baseline after its warm-up: normalises each window, then follows it if it is judged normal."""
+
+    def __init__(self, anchor: SensorBaseline, rate: float) -> None:
+        self.anchor = anchor
+        self.rate = rate
+        self.centre = anchor.centre.astype(np.float64)
+        self.scale = anchor.scale.astype(np.float64)
+
+    def admit(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The `[W, C]` window normalised by the current baseline, and each channel's share of values at the clip."""
+        if self.rate == 0.0:
+            normalised = self.anchor.apply(samples)
+            return normalised, (np.abs(normalised) >= CLIP).mean(axis=0)
+        raw = np.asarray(samples, dtype=np.float64)
+        scaled = (raw - self.centre) / self.scale
+        clipped = (np.abs(scaled) >= CLIP).mean(axis=0)
+        if clipped.mean() <= JUDGED_NORMAL_CLIPPED:
+            offset = np.clip((np.median(raw, axis=0) - self.centre) / self.scale, -FOLLOW_STEP, FOLLOW_STEP)
+            self.centre = self.centre + self.rate * offset * self.scale
+            ratio = np.log(np.maximum(raw.std(axis=0), ABSOLUTE_FLOOR) / self.scale)
+            step = np.clip(ratio, -np.log(FOLLOW_STEP), np.log(FOLLOW_STEP))
+            self.scale = np.maximum(self.scale * np.exp(self.rate * step), self.anchor.scale)
+        return np.clip(scaled, -CLIP, CLIP).astype(np.float32), clipped
+
+    def to_dict(self) -> dict[str, Any]:
+        """The anchor, and where the baseline has followed to (float64 values, exact through JSON)."""
+        return {**self.anchor.to_dict(), "current": {"centre": self.centre.tolist(), "scale": self.scale.tolist()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, channels: int, rate: float) -> FollowingBaseline:
+        """Inverse of `to_dict`; a state without "current" (saved before following existed) starts at its anchor."""
+        restored = cls(SensorBaseline.from_dict(data, channels), rate)
+        current = data.get("current")
+        if current is not None:
+            SensorBaseline.from_dict(current, channels)  # the same checks: shape, finite values, scales > 0
+            restored.centre = np.asarray(current["centre"], np.float64)
+            restored.scale = np.maximum(np.asarray(current["scale"], np.float64), restored.anchor.scale)
+        return restored
+
+
+def normalise_recording(windows: np.ndarray, warm_up: int, rate: float) -> tuple[np.ndarray, np.ndarray]:
+    """A sensor's windows `[N, W, C]` as the daemon normalises them, and each window's per-channel share at the clip.
+
+    The first `warm_up` windows fit the anchor and are normalised by it; the later ones go through a
+    `FollowingBaseline` in order.
+    """
+    anchor = SensorBaseline.fit(windows[:warm_up])
+    follower = FollowingBaseline(anchor, rate)
+    normalised = np.empty(windows.shape, np.float32)
+    clipped = np.empty((len(windows), windows.shape[-1]), np.float64)
+    normalised[:warm_up] = anchor.apply(windows[:warm_up])
+    clipped[:warm_up] = (np.abs(normalised[:warm_up]) >= CLIP).mean(axis=1)
+    for index in range(warm_up, len(windows)):
+        normalised[index], clipped[index] = follower.admit(windows[index])
+    return normalised, clipped
+
+
+def describe(windows: int, follow_rate: float) -> dict[str, Any]:
     """How a sensor baseline is fitted, as recorded in the model artifact."""
     return {
         "type": "sensor",
         "windows": windows,
+        "follow_rate": follow_rate,
+        "follow_step": FOLLOW_STEP,
+        "judged_normal_clipped": JUDGED_NORMAL_CLIPPED,
         "estimator": ESTIMATOR,
         "spread_floor": SPREAD_FLOOR,
         "winsorise": WINSORISE,
@@ -108,6 +185,13 @@ def trained_baseline(metadata: dict[str, Any]) -> tuple[str, int | None]:
         return "model", None
     windows = trained.get("windows")
     return "sensor", windows if isinstance(windows, int) and not isinstance(windows, bool) and windows >= 1 else None
+
+
+def follow_rate(metadata: dict[str, Any]) -> float:
+    """The rate at which a model's sensor baselines follow drift (0: fixed, as for models trained before it)."""
+    trained = metadata.get("baseline")
+    rate = trained.get("follow_rate", 0.0) if isinstance(trained, dict) else 0.0
+    return float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and 0 <= rate <= 1 else 0.0
 
 
 def resolve_baseline(trained: tuple[str, int | None], asked: str | None, windows: int | None, where: str) -> int | None:
@@ -132,40 +216,54 @@ def resolve_baseline(trained: tuple[str, int | None], asked: str | None, windows
 class SensorBaselines:
     """The daemon's per-sensor baseline state: the warm-up windows still being collected, and fitted baselines.
 
-    A sensor's first `warm_up` windows are collected (not scored); the last of them fits its baseline and
-    every later window is normalised with it. `forget` drops a sensor (idle eviction), so a sensor that
-    comes back starts a new warm-up. Memory: a warming sensor holds up to `warm_up` x W x C float32 values.
-    Not thread-safe: the caller serialises access (the ingest lock).
+    A sensor's first `warm_up` windows are collected (not scored); the last of them fits its baseline (the
+    anchor) and every later window is normalised with it, as it follows (`FollowingBaseline`). `forget` drops
+    a sensor (idle eviction), so a sensor that comes back starts a new warm-up. Memory: a warming sensor holds
+    up to `warm_up` x W x C float32 values. Not thread-safe: the caller serialises access (the ingest lock).
     """
 
-    def __init__(self, warm_up: int, window: int, channels: int) -> None:
+    def __init__(self, warm_up: int, window: int, channels: int, follow_rate: float = 0.0) -> None:
         if warm_up < 1:
             raise ValueError(f"warm_up must be >= 1, got {warm_up}")
         self.warm_up = warm_up
         self.window = window
         self.channels = channels
+        self.follow_rate = follow_rate
         self._warming: dict[str, list[np.ndarray]] = {}
-        self._fitted: dict[str, SensorBaseline] = {}
+        self._fitted: dict[str, FollowingBaseline] = {}
+        self._off_baseline: set[str] = set()
 
     @property
     def sensors_warming_up(self) -> int:
         return len(self._warming)
 
-    def admit(self, sensor_id: str, samples: np.ndarray) -> np.ndarray | None:
-        """The window normalised by its sensor's baseline, or None while it is one of the sensor's warm-up windows."""
+    @property
+    def sensors_off_baseline(self) -> int:
+        """Sensors whose last window had more than `JUDGED_NORMAL_CLIPPED` of its values at the clip."""
+        return len(self._off_baseline)
+
+    def admit(self, sensor_id: str, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The window normalised by its sensor's baseline and its channels' shares at the clip, or None while it
+        is one of the sensor's warm-up windows."""
         baseline = self._fitted.get(sensor_id)
         if baseline is not None:
-            return baseline.apply(samples)
+            normalised, clipped = baseline.admit(samples)
+            if clipped.mean() > JUDGED_NORMAL_CLIPPED:
+                self._off_baseline.add(sensor_id)
+            else:
+                self._off_baseline.discard(sensor_id)
+            return normalised, clipped
         collected = self._warming.setdefault(sensor_id, [])
         collected.append(samples)
         if len(collected) >= self.warm_up:
-            self._fitted[sensor_id] = SensorBaseline.fit(np.stack(collected))
+            self._fitted[sensor_id] = FollowingBaseline(SensorBaseline.fit(np.stack(collected)), self.follow_rate)
             del self._warming[sensor_id]
         return None
 
     def forget(self, sensor_id: str) -> None:
         self._warming.pop(sensor_id, None)
         self._fitted.pop(sensor_id, None)
+        self._off_baseline.discard(sensor_id)
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready: fitted baselines, and warm-up windows as base64 of little-endian float32 `[n, W, C]`."""
@@ -195,11 +293,11 @@ class SensorBaselines:
             )
         keep = set(sensors)
         warming: dict[str, list[np.ndarray]] = {}
-        fitted: dict[str, SensorBaseline] = {}
+        fitted: dict[str, FollowingBaseline] = {}
         try:
             for sid, data in state["fitted"].items():
                 if sid in keep:
-                    fitted[sid] = SensorBaseline.from_dict(data, self.channels)
+                    fitted[sid] = FollowingBaseline.from_dict(data, self.channels, self.follow_rate)
             for sid, encoded in state["warming"].items():
                 if sid in keep:
                     raw = decode_array(encoded)
@@ -211,7 +309,7 @@ class SensorBaselines:
             raise ValueError(f"inconsistent baseline state ({type(error).__name__}: {error})") from None
         for sid, collected in list(warming.items()):
             if len(collected) >= self.warm_up:
-                fitted[sid] = SensorBaseline.fit(np.stack(collected))
+                fitted[sid] = FollowingBaseline(SensorBaseline.fit(np.stack(collected)), self.follow_rate)
                 del warming[sid]
         self._warming, self._fitted = warming, fitted
         return len(warming) + len(fitted)

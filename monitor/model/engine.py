@@ -17,8 +17,8 @@ import torch
 from monitor.config.schema import ModelSettings
 from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import ArtifactError, ConfigError, MonitorError
-from monitor.model.artifact import load_artifact
-from monitor.model.baseline import trained_baseline
+from monitor.model.artifact import channel_names, load_artifact
+from monitor.model.baseline import follow_rate, trained_baseline
 from monitor.model.calibration import CalibrationScores
 from monitor.model.scoring import Scorer, Scores
 from monitor.window import Window
@@ -56,6 +56,8 @@ class Engine:
     device: str
     calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
     baseline: tuple[str, int | None] = ("model", None)  # how the model was trained: (model | sensor, warm-up windows)
+    baseline_follow_rate: float = 0.0  # how fast its sensor baselines follow drift (0: fixed)
+    channel_names: tuple[str, ...] | None = None  # the channels' names, when the model was trained with them
     segmentation: BeatSpec | None = None  # how the model's beats are cut; None for a fixed-window model
 
     def score(self, windows: np.ndarray) -> Scores:
@@ -66,7 +68,7 @@ class Engine:
         a noisy stretch: beats.py; 1 otherwise)."""
         scores = self.scorer.score(np.stack([window.samples for window in batch]))
         scales = np.fromiter((window.error_scale for window in batch), np.float64, len(batch))
-        return scores if (scales == 1.0).all() else Scores(scores.errors / scales, scores.profiles)
+        return scores if (scales == 1.0).all() else Scores(scores.errors / scales, scores.profiles, scores.channels)
 
     def describe(self) -> dict[str, str | int | float]:
         """The engine as log fields."""
@@ -126,6 +128,8 @@ def load_engine(settings: ModelSettings) -> Engine:
         device=str(device),
         calibration=calibration,
         baseline=trained_baseline(artifact.metadata),
+        baseline_follow_rate=follow_rate(artifact.metadata),
+        channel_names=channel_names(artifact.metadata, artifact.channels),
         segmentation=beat_spec(artifact.metadata, settings.path),
     )
 

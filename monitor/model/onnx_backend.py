@@ -10,7 +10,7 @@ one needs `onnxscript`, which is not a dependency of this project. Scores agree 
 `Scorer` to about 1e-6 (tests/unit/model/test_onnx_backend.py states the tolerance and checks that the same
 windows of the ECG5000 test split are flagged).
 
-The benchmark's int8 variant lives in `bench/onnx_int8.py`; it passes its own session in.
+The benchmark's int8 variant (`bench/measure.py`, `int8_scorer`) passes its own session in.
 
 Requires the `onnx` extra: `pip install -e '.[onnx]'`.
 """
@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - depends on the installed extras
 OPSET = 17
 RUN_BATCH = 64  # larger batches run in slices of this size: ORT's LSTM slows beyond it (bench/RESULTS.md), same scores
 INPUT = "windows"
-OUTPUTS = ("errors", "profiles")
+OUTPUTS = ("errors", "profiles", "channels")
 
 
 def export_onnx(artifact: ModelArtifact) -> bytes:
@@ -57,7 +57,7 @@ def export_onnx(artifact: ModelArtifact) -> bytes:
             opset_version=OPSET,
             input_names=[INPUT],
             output_names=list(OUTPUTS),
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+            dynamic_axes={name: {0: "batch"} for name in (INPUT, *OUTPUTS)},
         )
     return buffer.getvalue()
 
@@ -100,10 +100,9 @@ class OnnxScorer(BatchScorer):
         slicing changes no score."""
         batch = np.ascontiguousarray(windows, dtype=np.float32)
         if len(batch) <= self.run_batch:
-            errors, profiles = self.session.run(self._outputs, {INPUT: batch})
-            return Scores(errors, profiles)
+            return Scores(*self.session.run(self._outputs, {INPUT: batch}))
         parts = [
             self.session.run(self._outputs, {INPUT: batch[start : start + self.run_batch]})
             for start in range(0, len(batch), self.run_batch)
         ]
-        return Scores(np.concatenate([part[0] for part in parts]), np.concatenate([part[1] for part in parts]))
+        return Scores(*(np.concatenate([part[index] for part in parts]) for index in range(len(OUTPUTS))))

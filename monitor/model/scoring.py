@@ -18,22 +18,40 @@ import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from monitor.model.artifact import ModelArtifact, Normalisation
-from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
+from monitor.model.autoencoder import LSTMAutoencoder, channel_errors, reconstruction_errors, window_scores
 
 
 @dataclass(frozen=True)
 class Scores:
-    """`errors[i]` is window i's score (mean absolute error); `profiles[i]` its error per timestep."""
+    """`errors[i]` is window i's score (mean absolute error); `profiles[i]` its error per timestep; `channels[i]`
+    its error per channel (mean over the window), None from a backend that does not give it."""
 
     errors: np.ndarray
     profiles: np.ndarray
+    channels: np.ndarray | None = None
+
+    def select(self, keep: np.ndarray) -> Scores:
+        """The scores of the windows `keep` selects (a mask or indices)."""
+        return Scores(self.errors[keep], self.profiles[keep], None if self.channels is None else self.channels[keep])
+
+
+def top_channels(errors: np.ndarray, count: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """The `count` channels with the largest error in one window (`errors`: `[C]`), largest first: which channels
+    made its score. Each is its index, its name when the model knows names, and its error."""
+    order = np.argsort(-np.asarray(errors), kind="stable")[:count]
+    return [
+        {"index": int(i), **({"name": names[int(i)]} if names else {}), "error": round(float(errors[i]), 6)}
+        for i in order
+    ]
 
 
 class BatchScorer(ABC):
@@ -47,8 +65,12 @@ class BatchScorer(ABC):
         """Score any number of windows in batches of `batch_size`."""
         parts = [self.score(windows[start : start + batch_size]) for start in range(0, len(windows), batch_size)]
         if not parts:
-            return Scores(np.zeros(0, np.float32), np.zeros((0, windows.shape[1]), np.float32))
-        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]))
+            shape = windows.shape
+            return Scores(
+                np.zeros(0, np.float32), np.zeros((0, shape[1]), np.float32), np.zeros((0, shape[2]), np.float32)
+            )
+        channels = None if any(p.channels is None for p in parts) else np.concatenate([p.channels for p in parts])
+        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]), channels)
 
 
 class ScoringGraph(nn.Module):
@@ -66,10 +88,11 @@ class ScoringGraph(nn.Module):
     def normalise(self, windows: torch.Tensor) -> torch.Tensor:
         return (windows - self.mean) / self.std
 
-    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = self.normalise(windows)
-        profiles = reconstruction_errors(batch, self.model(batch))
-        return window_scores(profiles), profiles
+        reconstruction = self.model(batch)
+        profiles = reconstruction_errors(batch, reconstruction)
+        return window_scores(profiles), profiles, channel_errors(batch, reconstruction)
 
 
 class Scorer(BatchScorer):
@@ -104,8 +127,8 @@ class Scorer(BatchScorer):
         """Score one batch in a single forward pass."""
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
-            errors, profiles = self._traced_for(batch.shape[1])(batch)
-            return Scores(errors.cpu().numpy(), profiles.cpu().numpy())
+            errors, profiles, channels = self._traced_for(batch.shape[1])(batch)
+            return Scores(errors.cpu().numpy(), profiles.cpu().numpy(), channels.cpu().numpy())
 
     def reconstruct(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalised windows and their reconstructions (the report's plots), by the scoring pass' own steps."""

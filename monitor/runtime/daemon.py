@@ -199,8 +199,11 @@ class Daemon:
     def init_ingest(self) -> None:
         config = self.config
         windowing = config.windowing
+        engine = self.engine
         baselines = (
-            None if self.warm_up is None else SensorBaselines(self.warm_up, self.engine.window, self.engine.channels)
+            None
+            if self.warm_up is None
+            else SensorBaselines(self.warm_up, engine.window, engine.channels, engine.baseline_follow_rate)
         )
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
@@ -328,7 +331,9 @@ class Daemon:
         if not lifecycle.enabled:
             return
         tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors)
-        self.episodes = EpisodeSink(tracker, self.connection, lifecycle, self.metrics, self.engine)
+        self.episodes = EpisodeSink(
+            tracker, self.connection, lifecycle, self.metrics, self.engine, top_channels=config.alerts.top_channels
+        )
         if lifecycle.resume_timeout_seconds <= 0:
             return
         topic_filter = state_filter(lifecycle.state_topic)
@@ -445,6 +450,11 @@ class Daemon:
                 raise ConfigError(
                     f"the new model was trained with baseline {engine.baseline[0]!r}, the running one with "
                     f"{self.engine.baseline[0]!r}: restart the daemon to change windowing.baseline"
+                )
+            if engine.baseline_follow_rate != self.engine.baseline_follow_rate:
+                raise ConfigError(
+                    f"the new model's sensor baselines follow drift at rate {engine.baseline_follow_rate}, the running "
+                    f"one's at {self.engine.baseline_follow_rate}: restart the daemon to change it"
                 )
             shadow = load_shadow_engine(config.model, engine, self.load_engine)
         except MonitorError as error:

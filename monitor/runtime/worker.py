@@ -111,9 +111,7 @@ class ScoringWorker(threading.Thread):
             window_start_seq=dropped[0].start_seq,
         )
         self._decided(dropped, {})
-        return [window for window, ok in zip(batch, finite, strict=True) if ok], Scores(
-            scores.errors[finite], scores.profiles[finite]
-        )
+        return [window for window, ok in zip(batch, finite, strict=True) if ok], scores.select(finite)
 
     def _decided(self, batch: list[Window], alerts: dict[int, int]) -> None:
         """Windows with a queued alert wait for its acknowledgement; the others are decided now."""

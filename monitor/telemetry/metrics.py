@@ -130,6 +130,17 @@ class Metrics:
         self.sensors_warming_up = Gauge(
             "monitor_sensors_warming_up", "Sensors still in their warm-up (baseline: sensor)", registry=registry
         )
+        self.baseline_clipped_share = Histogram(
+            "monitor_baseline_clipped_share",
+            "Per scored window (baseline: sensor), the share of its values at the baseline's clip",
+            buckets=(0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=registry,
+        )
+        self.sensors_off_baseline = Gauge(
+            "monitor_sensors_off_baseline",
+            "Sensors whose last window had over a quarter of its values at the baseline's clip (baseline: sensor)",
+            registry=registry,
+        )
         self.sensors_evicted = Counter(
             "monitor_sensors_evicted_total", "Sensors evicted after being idle", registry=registry
         )

@@ -14,14 +14,16 @@ from typing import Any
 
 from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import MonitorError
-from monitor.model.artifact import ModelArtifact, load_artifact
-from monitor.model.baseline import resolve_baseline, trained_baseline
+from monitor.model.artifact import ModelArtifact, channel_names, load_artifact
+from monitor.model.baseline import follow_rate, resolve_baseline, trained_baseline
 from monitor.model.engine import resolve_device
+from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
+from monitor.model.pca import PcaModel
 from monitor.model.scoring import BatchScorer, Scorer
 from monitor.training.beat_data import pair_files
 from monitor.training.beat_trainer import evaluate_beats, format_beat_evaluation
 from monitor.training.datasets import read_labelled_recording, read_ucr, require_window
-from monitor.training.evaluation import evaluate_scores, format_evaluation
+from monitor.training.evaluation import evaluate_scores, format_evaluation, format_side_by_side
 from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
 
 
@@ -89,7 +91,8 @@ def evaluate_windows(request: EvaluateRequest, artifact: ModelArtifact, scorer: 
 
 
 def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, scorer: BatchScorer) -> Report:
-    """Continuous recordings with per-sample labels, cut and normalised as the daemon cuts them."""
+    """Continuous recordings with per-sample labels, cut and normalised as the daemon cuts them; beside the model,
+    its PCA yardstick on the same windows when the artifact holds one."""
     labels = request.labels or []
     if len(labels) != len(request.data):
         raise MonitorError(f"--labels: {len(labels)} label files for {len(request.data)} recordings (one each)")
@@ -99,15 +102,27 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
         raise MonitorError("--stride must be >= 1")
     baseline = trained_baseline(artifact.metadata)
     warm_up = resolve_baseline(baseline, request.baseline, request.baseline_windows, "--baseline")
+    rate = follow_rate(artifact.metadata)
     stride = request.stride or artifact.window
-    scored = []
+    models: dict[str, tuple[BatchScorer, float]] = {"lstm": (scorer, artifact.threshold)}
+    pca = PcaModel.load(artifact)
+    if pca is not None:
+        models["pca"] = (pca, float(artifact.metadata[PCA_METADATA_KEY]["threshold"]["value"]))
+    recordings = []
     for data, label_file in zip(request.data, labels, strict=True):
         recording = read_labelled_recording(data, label_file)
         if recording.samples.shape[1] != artifact.channels:
             raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
-        scored.append(score_recording(scorer, recording, artifact.window, stride, warm_up))
-    pooled = pooled_evaluation(scored, artifact.threshold)
-    per_recording = [evaluate_recording(item, artifact.threshold) for item in scored]
+        recordings.append(recording)
+    names = channel_names(artifact.metadata, artifact.channels)
+    figures = {}
+    for name, (model, threshold) in models.items():
+        scored = [score_recording(model, item, artifact.window, stride, warm_up, rate) for item in recordings]
+        figures[name] = (
+            pooled_evaluation(scored, threshold),
+            [evaluate_recording(item, threshold, names) for item in scored],
+        )
+    pooled, per_recording = figures["lstm"]
     caught = sum(item["segments_caught"] for item in per_recording)
     counted = sum(item["segments"] for item in per_recording)
     summary = {
@@ -117,6 +132,8 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
         "stride": stride,
         "baseline": "model" if warm_up is None else "sensor",
         "baseline_windows": warm_up,
+        "baseline_follow_rate": None if warm_up is None else rate,
+        "nominal_false_alarm_rate": nominal_false_alarms(artifact.metadata, "lstm"),
         **pooled.to_dict(),
         "segments": counted,
         "segments_caught": caught,
@@ -129,13 +146,45 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
         format_evaluation(pooled),
         f"\nanomaly segments caught: {caught} of {counted}",
     ]
+    if summary["nominal_false_alarm_rate"] is not None:
+        lines.append(
+            f"nominal false-alarm rate {summary['nominal_false_alarm_rate']:.2%}; "
+            "a recording's realised one is its false-positive rate"
+        )
     for item in per_recording:
         delay = item["median_delay_samples"]
         delay_note = f", median delay {delay:g} samples" if delay is not None else ""
         segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
-        figures = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
-        lines.append(f"  {item['data']}: {figures}  {segments}")
+        numbers = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
+        clipped = f"  at the clip {item['clipped_share']:.2%}" if "clipped_share" in item else ""
+        lines.append(f"  {item['data']}: {numbers}  {segments}{clipped}")
+    if pca is not None:
+        pca_pooled, pca_recordings = figures["pca"]
+        summary["pca"] = {
+            "components": len(pca.components),
+            "nominal_false_alarm_rate": nominal_false_alarms(artifact.metadata, "pca"),
+            **pca_pooled.to_dict(),
+            "recordings": [{key: item[key] for key in RECORDING_FIGURES} for item in pca_recordings],
+        }
+        lines += [
+            f"\nbeside the PCA yardstick ({len(pca.components)} components), on the same windows:",
+            format_side_by_side({"lstm": pooled, "pca": pca_pooled}),
+        ]
+        for ours, yardstick in zip(per_recording, pca_recordings, strict=True):
+            lines.append(
+                f"  {ours['data']}: ROC AUC lstm {ours['auc']:.4f} pca {yardstick['auc']:.4f}, "
+                f"false-positive rate lstm {ours['fpr']:.4f} pca {yardstick['fpr']:.4f}"
+            )
     return Report(summary, lines)
+
+
+RECORDING_FIGURES = ("data", "auc", "pr_auc", "f1", "precision", "recall", "fpr", "segments", "segments_caught")
+
+
+def nominal_false_alarms(metadata: dict[str, Any], model: str) -> float | None:
+    """The share of calibration windows above the threshold, as training recorded it (None for older artifacts)."""
+    held_out = metadata.get("held_out_false_alarms")
+    return held_out["nominal"].get(model) if isinstance(held_out, dict) else None
 
 
 def evaluate_beat_recordings(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -109,3 +110,28 @@ def format_evaluation(result: Evaluation) -> str:
             f"  actual anomaly     {result.fn:>16}  {result.tp:>17}",
         ]
     )
+
+
+def format_side_by_side(results: dict[str, Evaluation]) -> str:
+    """Several models' figures on the same windows, one column each (the LSTM beside its PCA yardstick)."""
+    names = list(results)
+    rows = [("threshold", "threshold", ".6g"), ("ROC AUC", "auc", ".4f"), ("PR AUC", "pr_auc", ".4f")]
+    rows += [("precision", "precision", ".4f"), ("recall", "recall", ".4f"), ("F1", "f1", ".4f")]
+    rows += [("false-positive rate", "fpr", ".4f")]
+    lines = [f"{'':<20}" + "".join(f"{name:>14}" for name in names)]
+    for label, key, spec in rows:
+        lines.append(f"{label:<20}" + "".join(f"{getattr(results[name], key):>14{spec}}" for name in names))
+    return "\n".join(lines)
+
+
+def format_false_alarms(held_out: dict[str, Any]) -> str:
+    """Nominal against realised false-alarm rates per model, pooled and per recording (`held_out_false_alarms`)."""
+    names = list(held_out["nominal"])
+    lines = [f"false alarms on held-out normal windows ({held_out['data']}), nominal -> realised:"]
+    lines.append(
+        "  pooled: " + ", ".join(f"{n} {held_out['nominal'][n]:.2%} -> {held_out['realised'][n]:.2%}" for n in names)
+    )
+    for item in held_out["recordings"]:
+        realised = ", ".join(f"{n} {item['realised'][n]:.2%}" for n in names)
+        lines.append(f"  {item['data']} ({item['windows']} windows): {realised}")
+    return "\n".join(lines)

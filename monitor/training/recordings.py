@@ -14,34 +14,39 @@ warm-up, or past the last window) are not counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from monitor.errors import DataError
-from monitor.model.baseline import SensorBaseline
-from monitor.model.scoring import BatchScorer
+from monitor.model.baseline import normalise_recording
+from monitor.model.scoring import BatchScorer, top_channels
 from monitor.training.datasets import Recording
 from monitor.training.evaluation import Evaluation, evaluate_scores
 
+TOP_CHANNELS = 3  # as many as an alert lists by default (alerts.top_channels)
+
 
 def recording_windows(
-    recording: Recording, window: int, stride: int, baseline_windows: int | None
-) -> tuple[np.ndarray, int]:
-    """The recording's windows as the model sees them and how many leading ones are warm-up.
+    recording: Recording, window: int, stride: int, baseline_windows: int | None, follow_rate: float = 0.0
+) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """The recording's windows as the model sees them, how many leading ones are warm-up, and with a sensor
+    baseline each window's per-channel share of values at the clip (`[N, C]`).
 
-    `baseline_windows` None: raw windows (the model's own normalisation applies), no warm-up.
+    `baseline_windows` None: raw windows (the model's own normalisation applies), no warm-up, no clip.
     """
     windows = recording.windows(window, stride)
     if baseline_windows is None:
-        return windows, 0
+        return windows, 0, None
     if len(windows) <= baseline_windows:
         raise DataError(
             f"{recording.source}: {len(windows)} windows, "
             f"not more than the {baseline_windows} baseline (warm-up) windows"
         )
-    return SensorBaseline.fit(windows[:baseline_windows]).apply(windows), baseline_windows
+    normalised, clipped = normalise_recording(windows, baseline_windows, follow_rate)
+    return normalised, baseline_windows, clipped
 
 
 @dataclass(frozen=True)
@@ -54,19 +59,35 @@ class ScoredRecording:
     starts: np.ndarray  # [N] first sample of each scored window
     scores: np.ndarray  # [N]
     warm_up: int  # windows not scored at the start
+    channel_errors: np.ndarray | None  # [N, C] each channel's mean absolute error over the window
+    clipped: np.ndarray | None  # [N, C] share of each channel's values at the baseline's clip (baseline: sensor)
 
     def anomalous(self) -> np.ndarray:
         return self.recording.window_anomalous(self.window, self.stride)[self.warm_up :]
 
 
 def score_recording(
-    scorer: BatchScorer, recording: Recording, window: int, stride: int, baseline_windows: int | None
+    scorer: BatchScorer,
+    recording: Recording,
+    window: int,
+    stride: int,
+    baseline_windows: int | None,
+    follow_rate: float = 0.0,
 ) -> ScoredRecording:
     """Score the recording's windows after its warm-up, as the daemon would see them."""
-    windows, warm_up = recording_windows(recording, window, stride, baseline_windows)
+    windows, warm_up, clipped = recording_windows(recording, window, stride, baseline_windows, follow_rate)
     starts = recording.window_starts(window, stride)[warm_up:]
-    scores = scorer.score_all(windows[warm_up:]).errors.astype(np.float64)
-    return ScoredRecording(recording, window, stride, starts, scores, warm_up)
+    scored = scorer.score_all(windows[warm_up:])
+    return ScoredRecording(
+        recording,
+        window,
+        stride,
+        starts,
+        scored.errors.astype(np.float64),
+        warm_up,
+        scored.channels,
+        None if clipped is None else clipped[warm_up:],
+    )
 
 
 def segments(labels: np.ndarray) -> list[tuple[int, int]]:
@@ -94,20 +115,31 @@ def segment_figures(labels: np.ndarray, starts: np.ndarray, window: int, flagged
     }
 
 
-def evaluate_recording(scored: ScoredRecording, threshold: float) -> dict[str, Any]:
-    """Window figures and segment figures of one scored recording at `threshold`."""
+def evaluate_recording(
+    scored: ScoredRecording, threshold: float, names: Sequence[str] | None = None, channels: int = TOP_CHANNELS
+) -> dict[str, Any]:
+    """Window figures and segment figures of one scored recording at `threshold`; each flagged window's top
+    `channels` channels (as an alert names them) and, with a sensor baseline, the share of values at the clip."""
     anomalous = scored.anomalous()
     figures = evaluate_scores(scored.scores, anomalous, threshold).to_dict()
     labels = scored.recording.labels
     assert labels is not None
     flagged = scored.scores > threshold
     seg = segment_figures(labels, scored.starts, scored.window, flagged)
+    extra: dict[str, Any] = {}
+    if scored.channel_errors is not None:
+        extra["flagged_top_channels"] = [top_channels(row, channels, names) for row in scored.channel_errors[flagged]]
+    if scored.clipped is not None:
+        by_channel = scored.clipped.mean(axis=0) if len(scored.clipped) else np.zeros(scored.clipped.shape[1])
+        extra["clipped_share"] = float(by_channel.mean())
+        extra["clipped_share_by_channel"] = by_channel.round(6).tolist()
     return {
         "data": scored.recording.source,
         "warm_up_windows": scored.warm_up,
         **figures,
         **seg,
         "flagged_window_starts": scored.starts[flagged].tolist(),
+        **extra,
     }
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from monitor.model.scoring import Scorer
+from monitor.model.pca import PcaModel
+from monitor.model.scoring import BatchScorer, Scorer
 from monitor.training.trainer import TrainingResult
 
 log = structlog.get_logger("monitor.report")
@@ -41,21 +42,26 @@ def write_report(result: TrainingResult, directory: Path, normal_label: int = 1,
     axes.legend()
     written.append(_save(figure, directory / "loss.png"))
 
-    figure, axes = plt.subplots(figsize=(7, 4))
-    calibration_errors = scorer.score_all(result.calibration_windows).errors
-    groups = [("calibration (normal)", calibration_errors)]
     data = result.evaluation_data
-    if data is not None and data.labels is not None:
-        errors = scorer.score_all(data.windows).errors
-        anomalous = data.is_anomaly(normal_label)
-        groups += [("evaluation normal", errors[~anomalous]), ("evaluation anomalous", errors[anomalous])]
-    bins = np.linspace(0, np.quantile(np.concatenate([g[1] for g in groups]), 0.995), 80)
-    for label, values in groups:
-        axes.hist(values, bins=list(bins), alpha=0.5, density=True, label=f"{label} ({len(values)})")
-    axes.axvline(threshold, color="red", label=f"threshold {threshold:.4f} ({result.calibration.method})")
-    axes.set(xlabel="window score (mean absolute error)", ylabel="density", title="Reconstruction error")
-    axes.legend()
+    pca = PcaModel.load(result.artifact)
+    models: list[tuple[str, BatchScorer, float]] = [("LSTM", scorer, threshold)]
+    if pca is not None:
+        models.append(("PCA yardstick", pca, float(result.artifact.metadata["yardstick"]["threshold"]["value"])))
+    figure, panels = plt.subplots(1, len(models), figsize=(7 * len(models), 4), squeeze=False)
+    for axes, (name, model, cut) in zip(panels[0], models, strict=True):
+        groups = [("calibration (normal)", model.score_all(result.calibration_windows).errors)]
+        if data is not None and data.labels is not None:
+            errors = model.score_all(data.windows).errors
+            anomalous = data.is_anomaly(normal_label)
+            groups += [("evaluation normal", errors[~anomalous]), ("evaluation anomalous", errors[anomalous])]
+        bins = np.linspace(0, np.quantile(np.concatenate([g[1] for g in groups]), 0.995), 80)
+        for label, values in groups:
+            axes.hist(values, bins=list(bins), alpha=0.5, density=True, label=f"{label} ({len(values)})")
+        axes.axvline(cut, color="red", label=f"threshold {cut:.4f} ({result.calibration.method})")
+        axes.set(xlabel="window score (mean absolute error)", ylabel="density", title=f"Reconstruction error, {name}")
+        axes.legend()
     written.append(_save(figure, directory / "errors.png"))
+    calibration_errors = scorer.score_all(result.calibration_windows).errors
 
     if data is not None and data.labels is not None:
         anomalous = data.is_anomaly(normal_label)

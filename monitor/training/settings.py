@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from monitor.config.loading import Strict
+from monitor.model.baseline import FOLLOW_RATE
 
 
 class ThresholdSettings(Strict):
@@ -27,6 +28,8 @@ class TrainSettings(Strict):
     train_labels: list[Path] | None = None
     baseline: Literal["model", "sensor"] = "model"
     baseline_windows: int | None = Field(default=None, ge=1)
+    baseline_follow_rate: float = Field(default=FOLLOW_RATE, ge=0, le=1)
+    channel_names: list[str] | None = None  # recorded in the artifact; alerts name their top channels with them
     calibration_data: Path | None = None
     evaluate_data: Path | None = None
     normal_label: int = 1
@@ -58,6 +61,8 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _recordings_consistent(self) -> TrainSettings:
+        if self.channel_names is not None and len(set(self.channel_names)) != len(self.channel_names):
+            raise ValueError("channel_names: each name once")
         if self.train_labels is not None and len(self.train_labels) != len(self.train_data):
             given, needed = len(self.train_labels), len(self.train_data)
             raise ValueError(f"train_labels: {given} label files for {needed} recordings")

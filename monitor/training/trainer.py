@@ -37,7 +37,9 @@ from monitor.model.calibration import (
     calibrate,
     threshold_uncertainty,
 )
-from monitor.model.scoring import Scorer
+from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
+from monitor.model.pca import PCA_FILE, VARIANCE, PcaModel
+from monitor.model.scoring import BatchScorer, Scorer
 from monitor.training.datasets import WindowSet, read_labelled_recording, read_windows, require_window
 from monitor.training.evaluation import Evaluation, evaluate_scores
 from monitor.training.recordings import recording_windows
@@ -65,6 +67,7 @@ class TrainingResult:
     evaluation: Evaluation | None = None
     evaluation_data: WindowSet | None = None
     calibration_windows: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pca_evaluation: Evaluation | None = None
 
 
 def _read(path: Path, settings: TrainSettings) -> WindowSet:
@@ -84,9 +87,12 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     labels: list[Path | None] = [*settings.train_labels] if settings.train_labels else [None] * len(settings.train_data)
     parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     described: list[dict[str, Any]] = []
+    validation_start = 0
     for path, label_path in zip(settings.train_data, labels, strict=True):
         recording = read_labelled_recording(path, label_path)
-        windows, _ = recording_windows(recording, settings.window, stride, settings.baseline_windows)
+        windows, _, clipped = recording_windows(
+            recording, settings.window, stride, settings.baseline_windows, settings.baseline_follow_rate
+        )
         n = len(windows)
         keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
         n_cal = int(round(n * settings.calibration_fraction))
@@ -95,6 +101,7 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
         bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
         for part, (start, end) in bounds.items():
             parts[part].append(windows[start:end][keep[start:end]])
+        validation_end = validation_start + len(parts["validation"][-1])
         described.append(
             {
                 "data": str(path),
@@ -102,8 +109,11 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
                 "labels": None if label_path is None else str(label_path),
                 "windows": n,
                 "anomalous_windows_left_out": int((~keep).sum()),
+                "validation_windows": [validation_start, validation_end],
+                **({} if clipped is None else {"calibration_clipped_share": float(clipped[n - n_cal :].mean())}),
             }
         )
+        validation_start = validation_end
     fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
     if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
         raise DataError(
@@ -112,7 +122,8 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
     split = {
         "recordings": described,
-        "validation": "the windows before each recording's calibration part",
+        "validation": "the windows before each recording's calibration part (validation_windows: [start, end) of "
+        "each recording's in the validation set)",
         "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
@@ -218,6 +229,8 @@ def train(settings: TrainSettings) -> TrainingResult:
         torch.set_num_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split = split_normal(settings)
+    if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
+        raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
     sensor = settings.baseline == "sensor"
     normalisation = Normalisation.identity(fit.channels) if sensor else Normalisation.fit(fit.windows)
@@ -245,12 +258,27 @@ def train(settings: TrainSettings) -> TrainingResult:
             below=SMALL_CALIBRATION,
             message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
         )
-    evaluation, evaluation_data = None, None
+    pca = PcaModel.fit(fit.windows, normalisation)
+    pca_errors = pca.score_all(calibration_windows).errors
+    pca_calibration = calibrate(pca_errors, settings.threshold.method, settings.threshold.params)
+    evaluation, evaluation_data, pca_evaluation = None, None, None
     if settings.evaluate_data is not None:
         evaluation_data = read_windows(settings.evaluate_data, settings.window, settings.stride)
         require_window(evaluation_data, fit.window, fit.channels)
+        anomalous = evaluation_data.is_anomaly(settings.normal_label)
         scores = scorer.score_all(evaluation_data.windows).errors
-        evaluation = evaluate_scores(scores, evaluation_data.is_anomaly(settings.normal_label), calibration.threshold)
+        evaluation = evaluate_scores(scores, anomalous, calibration.threshold)
+        pca_evaluation = evaluate_scores(
+            pca.score_all(evaluation_data.windows).errors, anomalous, pca_calibration.threshold
+        )
+    held_out = held_out_false_alarms(
+        split,
+        {
+            "lstm": (scorer, calibration_errors, calibration.threshold),
+            "pca": (pca, pca_errors, pca_calibration.threshold),
+        },
+        validation,
+    )
     metadata = model_record(
         settings,
         fit,
@@ -266,8 +294,19 @@ def train(settings: TrainSettings) -> TrainingResult:
         seconds,
     )
     metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
+    metadata["held_out_false_alarms"] = held_out
+    metadata[PCA_METADATA_KEY] = {
+        "type": "pca",
+        "file": PCA_FILE,
+        "fitted_on": "the model's training windows, normalised as the model sees them",
+        "variance": VARIANCE,
+        "components": int(len(pca.components)),
+        "threshold": {"value": pca_calibration.threshold, **pca_calibration.to_dict()},
+        "evaluation": None if pca_evaluation is None else pca_evaluation.to_dict(),
+    }
     # The old report describes the old weights: gone before the new ones land, whether or not a new report follows.
     shutil.rmtree(settings.output / REPORT_DIRECTORY, ignore_errors=True)
+    pca.save(settings.output)  # before model.json, which is written last: an artifact naming its PCA part has it
     save_artifact(settings.output, model, metadata)
     artifact = ModelArtifact(
         model,
@@ -298,7 +337,25 @@ def train(settings: TrainSettings) -> TrainingResult:
         evaluation,
         evaluation_data,
         calibration_windows,
+        pca_evaluation,
     )
+
+
+def held_out_false_alarms(
+    split: dict[str, Any], models: dict[str, tuple[BatchScorer, np.ndarray, float]], validation: np.ndarray
+) -> dict[str, Any]:
+    """Each model's nominal false-alarm rate (the share of calibration windows above its threshold) beside the
+    realised one on held-out normal windows: each recording's validation windows, which no threshold saw."""
+    scores = {name: scorer.score_all(validation).errors for name, (scorer, _, _) in models.items()}
+    nominal = {name: float((errors > threshold).mean()) for name, (_, errors, threshold) in models.items()}
+    recordings = []
+    for item in split.get("recordings", []):
+        start, end = item["validation_windows"]
+        if end > start:
+            realised = {name: float((scores[name][start:end] > models[name][2]).mean()) for name in models}
+            recordings.append({"data": item["data"], "windows": end - start, "realised": realised})
+    pooled = {name: float((scores[name] > models[name][2]).mean()) for name in models}
+    return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
 
 
 def model_record(
@@ -318,6 +375,7 @@ def model_record(
     """The `model.json` record of a fixed-window model (beat training extends it with its segmentation)."""
     now = dt.datetime.now(dt.UTC)
     excluded = {
+        "channel_names",
         "train_data",
         "train_labels",
         "calibration_data",
@@ -338,9 +396,12 @@ def model_record(
             "window": fit.window,
             "channels": fit.channels,
             "embedding_dim": settings.embedding_dim,
+            **({"channel_names": settings.channel_names} if settings.channel_names else {}),
         },
         "normalisation": normalisation.to_dict(),
-        "baseline": describe_baseline(settings.baseline_windows) if settings.baseline_windows else {"type": "model"},
+        "baseline": describe_baseline(settings.baseline_windows, settings.baseline_follow_rate)
+        if settings.baseline_windows
+        else {"type": "model"},
         "error_measure": ERROR_MEASURE,
         "error_measure_note": "mean over the window of |x - reconstruction|, in normalised units, channels averaged",
         "threshold": {

@@ -64,12 +64,13 @@ def make_stage(engine: Engine, settings: LifecycleSettings = LIFECYCLE):
 
 
 def feed(stage: EpisodeSink, engine: Engine, sensor_id: str, marks: str, first: int = 0) -> None:
-    """One batch: `A` a window scored above the threshold, `N` one below."""
+    """One batch: `A` a window scored above the threshold, `N` one below (its one channel's error is its score)."""
     windows = [
         Window(sensor_id, (first + i) * 140, np.zeros((140, 1), np.float32), 50.0 + i, 0.0) for i in range(len(marks))
     ]
     errors = np.array([engine.threshold * (2.0 if mark == "A" else 0.5) for mark in marks], dtype=np.float32)
-    stage.observe(windows, Scores(errors, np.zeros((len(marks), 140), np.float32)), errors > engine.threshold, engine)
+    scores = Scores(errors, np.zeros((len(marks), 140), np.float32), errors[:, None])
+    stage.observe(windows, scores, errors > engine.threshold, engine)
 
 
 def test_events_go_to_the_event_topic_and_each_is_followed_by_the_retained_state(engine):
@@ -187,6 +188,8 @@ def test_the_documented_event_is_what_the_daemon_publishes(engine):
     opened, resolved = publisher.on("/events")
     assert keys(resolved) == keys(documented)
     assert keys(opened) == keys(documented) - {"reason"}  # only a resolve has a reason
+    peak = float(np.float32(engine.threshold * 2.0))
+    assert opened["peak_channels"] == [{"index": 0, "error": round(peak, 6)}]  # the peak window's top channel
     assert documented["event"] == documented["state"] == "resolved"
 
 

@@ -17,6 +17,7 @@ import torch
 from monitor.errors import ArtifactError
 from monitor.model.artifact import METADATA_FILE, WEIGHTS_FILE, load_artifact, read_metadata, save_artifact
 from monitor.model.autoencoder import LSTMAutoencoder
+from monitor.model.pca import PCA_FILE
 from monitor.model.scoring import Scorer
 from monitor.training.datasets import read_ucr
 from monitor.training.trainer import TrainSettings, train
@@ -80,7 +81,7 @@ def refusal(directory: Path, match: str) -> str:
 
 def test_round_trip_scores_and_metadata(trained, beats):
     result, directory = trained
-    assert sorted(p.name for p in directory.iterdir()) == [METADATA_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in directory.iterdir()) == [METADATA_FILE, WEIGHTS_FILE, PCA_FILE]
     loaded = load_artifact(directory)
     assert (loaded.window, loaded.channels, loaded.name, loaded.version) == (140, 1, "tiny", "0.0.1")
     assert loaded.threshold == result.calibration.threshold

@@ -161,10 +161,11 @@ def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
     for size in (1, 2, 13, 64, 256, len(windows)):
         batch = windows[:size]
         with torch.inference_mode():
-            errors, profiles = eager(torch.from_numpy(batch))
+            errors, profiles, channels = eager(torch.from_numpy(batch))
         traced = scorer.score(batch)
         np.testing.assert_array_equal(traced.errors, errors.numpy())
         np.testing.assert_array_equal(traced.profiles, profiles.numpy())
+        np.testing.assert_array_equal(traced.channels, channels.numpy())
         flagged = int((traced.errors > artifact.threshold).sum())
     assert flagged == 2021  # the shipped model's decisions on the whole test split (model.json: tp 2007 + fp 14)
 

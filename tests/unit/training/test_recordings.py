@@ -173,6 +173,7 @@ def two_channel(tmp_path_factory):
             stride=5,
             baseline="sensor",
             baseline_windows=20,
+            baseline_follow_rate=0.0,  # the fixed baseline, computed by hand below
             output=root / "model",
             embedding_dim=4,
             epochs=2,
@@ -264,7 +265,7 @@ def test_sensor_baselines_warm_up_then_normalise_and_forget():
     assert [state.admit("a", w) for w in windows[:3]] == [None, None, None]
     assert state.sensors_warming_up == 0
     expected = SensorBaseline.fit(windows[:3])
-    np.testing.assert_array_equal(state.admit("a", windows[3]), expected.apply(windows[3]))
+    np.testing.assert_array_equal(state.admit("a", windows[3])[0], expected.apply(windows[3]))
     assert state.admit("b", windows[0]) is None and state.sensors_warming_up == 1
     state.forget("a")
     assert state.admit("a", windows[4]) is None  # back after eviction: a new warm-up
@@ -280,10 +281,10 @@ def test_sensor_baselines_snapshot_restore():
     saved = json.loads(json.dumps(state.snapshot()))
     again = SensorBaselines(3, 5, 2)
     assert again.restore(saved, ["fitted", "warming", "other"]) == 2
-    np.testing.assert_array_equal(again.admit("fitted", windows[6]), state.admit("fitted", windows[6]))
+    np.testing.assert_array_equal(again.admit("fitted", windows[6])[0], state.admit("fitted", windows[6])[0])
     assert again.admit("warming", windows[6]) is None and again.admit("warming", windows[7]) is None
     np.testing.assert_array_equal(
-        again.admit("warming", windows[0]), SensorBaseline.fit(windows[[5, 6, 7]]).apply(windows[0])
+        again.admit("warming", windows[0])[0], SensorBaseline.fit(windows[[5, 6, 7]]).apply(windows[0])
     )
     assert SensorBaselines(3, 5, 2).restore(saved, ["warming"]) == 1  # only the sensors whose windows came back
     shorter = SensorBaselines(1, 5, 2)

@@ -145,7 +145,11 @@ def test_train_writes_an_artifact_without_report(runs):
     assert process.returncode == 0, process.stderr
     assert f"model written to {out}" in process.stdout
     assert "Traceback" not in process.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]  # --no-report: no report/
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.json",
+        "model.safetensors",
+        "pca.npz",
+    ]  # --no-report: no report/
     meta = metadata(out)
     assert meta["architecture"] == {"type": "lstm_autoencoder", "window": 140, "channels": 1, "embedding_dim": 8}
     training = meta["training"]
@@ -326,7 +330,7 @@ def test_force_replaces_the_model_and_clears_the_stale_report(runs, tmp_path):
     for name, process in done.items():
         assert process.returncode == 0, process.stderr
         assert metadata(tmp_path / name)["training"]["hyperparameters"]["seed"] == 5
-    assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == ["model.json", "model.safetensors", "pca.npz"]
     if "plotted" in done:
         report = tmp_path / "plotted" / "report"
         assert sorted(p.name for p in report.iterdir()) == ["errors.png", "loss.png", "reconstructions.png"]

@@ -1,0 +1,97 @@
+"""The PCA yardstick beside the LSTM: what `monitor train` records and `monitor evaluate` reports for it, checked
+against a direct computation (an eigendecomposition of the covariance, not the trainer's SVD), on the SMD excerpt."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from monitor.model.baseline import normalise_recording
+from monitor.training.trainer import TrainSettings, train
+from tests.support import REPO, run_cli
+
+EXCERPT = REPO / "data" / "smd-excerpt"
+MACHINES = ("machine-1-3", "machine-2-4")
+WINDOW, STRIDE, WARM_UP, RATE = 30, 10, 20, 0.02
+
+
+def cut(rows: np.ndarray) -> np.ndarray:
+    return np.stack([rows[start : start + WINDOW] for start in range(0, len(rows) - WINDOW + 1, STRIDE)])
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Every (anomalous, normal) pair: 1 when the anomalous window scores higher, a half for a tie."""
+    pos, neg = scores[positive][:, None], scores[~positive][None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("yardstick") / "model"
+    settings = TrainSettings(
+        train_data=[EXCERPT / f"{m}_train.npy" for m in MACHINES],
+        window=WINDOW,
+        stride=STRIDE,
+        baseline="sensor",
+        baseline_windows=WARM_UP,
+        baseline_follow_rate=RATE,
+        output=output,
+        embedding_dim=4,
+        epochs=1,
+        threads=1,
+        report=False,
+    )
+    return train(settings), output
+
+
+def test_pca_figures_match_a_direct_computation(trained):
+    result, output = trained
+    fit, calibration, validation = [], [], []
+    for machine in MACHINES:
+        windows, _ = normalise_recording(cut(np.load(EXCERPT / f"{machine}_train.npy")), WARM_UP, RATE)
+        n = len(windows)
+        n_cal = n_val = int(round(n * 0.15))
+        fit.append(windows[: n - n_val - n_cal])
+        validation.append(windows[n - n_val - n_cal : n - n_cal])
+        calibration.append(windows[n - n_cal :])
+    flat = np.concatenate(fit).reshape(-1, WINDOW * 38).astype(np.float64)
+    mean = flat.mean(axis=0)
+    values, vectors = np.linalg.eigh((flat - mean).T @ (flat - mean))
+    values, vectors = values[::-1], vectors[:, ::-1]
+    components = int(np.argmax(np.cumsum(values) / values.sum() >= 0.9)) + 1
+    basis = vectors[:, :components]
+
+    def score(windows: np.ndarray) -> np.ndarray:
+        centred = windows.reshape(len(windows), -1).astype(np.float64) - mean
+        return np.abs(centred - centred @ basis @ basis.T).mean(axis=1)
+
+    threshold = float(np.quantile(score(np.concatenate(calibration)), 0.99))
+    meta = result.artifact.metadata
+    assert meta["yardstick"]["components"] == components
+    assert meta["yardstick"]["threshold"]["value"] == pytest.approx(threshold, rel=1e-6)
+    held_out = meta["held_out_false_alarms"]
+    assert held_out["nominal"]["pca"] == pytest.approx(float((score(np.concatenate(calibration)) > threshold).mean()))
+    realised = [float((score(part) > threshold).mean()) for part in validation]
+    assert [item["realised"]["pca"] for item in held_out["recordings"]] == pytest.approx(realised)
+
+    data = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
+    labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
+    done = run_cli(
+        "evaluate", "--model", str(output), "--data", *data, "--labels", *labels, "--stride", str(STRIDE), "--json"
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    scores, anomalous = [], []
+    for machine, recording in zip(MACHINES, report["pca"]["recordings"], strict=True):
+        rows = np.load(EXCERPT / f"{machine}_test.npy")
+        windows, _ = normalise_recording(cut(rows), WARM_UP, RATE)
+        flags = cut(np.load(EXCERPT / f"{machine}_test_labels.npy")[:, None].astype(np.float32)).any(axis=(1, 2))
+        scores.append(score(windows[WARM_UP:]))
+        anomalous.append(flags[WARM_UP:])
+        assert recording["auc"] == pytest.approx(auc(scores[-1], anomalous[-1]), abs=1e-9)
+        normal = ~anomalous[-1]
+        assert recording["fpr"] == pytest.approx(float((scores[-1][normal] > threshold).mean()))
+    assert report["pca"]["auc"] == pytest.approx(auc(np.concatenate(scores), np.concatenate(anomalous)), abs=1e-9)
+    assert report["pca"]["components"] == components and "auc" in report  # the LSTM's figures beside it
