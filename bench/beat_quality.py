@@ -21,9 +21,10 @@ segmentation; the train and test parts are separate streams, as `monitor train` 
   signal-quality measure must not hide the anomalies).
 
 - Every score (model and anchors, test and calibration beats) is divided by the beat's error scale, as the daemon
-  does (`beats.BeatSpec.error_scale`: a model trained with a stretch limit scores beats in noisy stretches leniently).
+  does (`beats.BeatSpec.error_scale`: a model trained with a stretch limit scores beats in noisy stretches leniently);
+  the model's score is then at least the beat's timing score, as the daemon's (`beats.BeatSpec.beat_scores`).
 - Where the model's false alarms come from (normal beats flagged, test parts): in a noisy stretch (the beat's
-  `stretch`, the median distance from the template of the 4 beats before, is above 0.5: its neighbours differ from
+  `stretch`, the distance from the template of the 4 beats before, is above 0.5: its neighbours differ from
   the template too, so the stretch rather than the beat is odd), else early (prematurity above 0.15), else other.
 - `--context-gate TAU` (an experiment, not the product's rule): beats in a stretch whose distance is above TAU count
   as unscorable, for the model and the anchors alike; shows what such a signal-quality rule would cost.
@@ -220,6 +221,8 @@ def main() -> None:
         pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for name, labelled in test_parts.items():
             score = score_fn(labelled.windows) / spec.error_scale(labelled.stretch)
+            if kind == "model":  # the model's score as the daemon's: at least its timing score
+                score = np.maximum(score, spec.timing_score(labelled.prematurity))
             scorable = labelled.scorable
             if args.context_gate is not None:
                 scorable = scorable & (labelled.stretch <= args.context_gate)

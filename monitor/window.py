@@ -32,6 +32,7 @@ class Window:
     start_ts: float | None  # Unix seconds of the first sample, when the input carried ts
     completed_at: float  # the monotonic `now` given to feed() when the last sample arrived
     error_scale: float = 1.0  # the reconstruction error is divided by this (beat mode's noisy stretches)
+    timing_score: float = 0.0  # the score is at least this (beat mode: a premature beat's, beats.BeatSpec)
     beat: BeatMark | None = None  # set in beat mode
 
     @property

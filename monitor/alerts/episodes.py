@@ -17,8 +17,11 @@ went from flapping back to open) and `resolved` (with a `reason`). Every event o
 `episode_id`. `state_payload` is the sensor's whole state as JSON data (the retained message on the state
 topic); `restore` takes it back, so a restarted instance continues the same episode instead of opening another.
 
-Times are wall-clock Unix seconds given by the caller (`now`), so a cooldown and the update pacing survive a
-restart. Not thread-safe: the owner serialises access.
+`now` (given by the caller) is wall-clock Unix seconds, for the times people read (`opened_at`, `at`). Durations
+(cooldowns, the update pacing, idle sensors) are measured on `tick`, a monotonic clock (the daemon's:
+`time.monotonic`), so a step of the wall clock (NTP) changes no decision; the state payload converts them to
+wall-clock times and `restore` back, so a cooldown and the pacing survive a restart. Without `tick`, durations are
+measured on `now`. Not thread-safe: the owner serialises access.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ class Episode:
     peak_score: float
     peak_seq: int  # start seq of the window with the peak score
     opened_at: float
-    last_event_at: float
+    last_event_at: float  # on the tracker's tick clock (wall clock in the state payload)
     reported_windows: int  # anomalous_windows as of the last event
     peak_channels: list[dict[str, Any]] | None = None  # the top channels of the window with the peak score
 
@@ -117,7 +120,7 @@ class SensorEpisodes:
     decisions: int = 0
     transitions: deque[int] = field(default_factory=deque)  # decision numbers at which `active` changed
     episode: Episode | None = None
-    cooldown_until: float = 0.0
+    cooldown_until: float = 0.0  # on the tracker's tick clock (wall clock in the state payload)
 
 
 _RECORD = TypeAdapter(SensorEpisodes)
@@ -127,23 +130,32 @@ class EpisodeTracker:
     """Turns every sensor's decisions into episode events; bounded to `max_sensors` sensors."""
 
     def __init__(
-        self, policy: EpisodePolicy, max_sensors: int = 10000, new_id: Callable[[], str] | None = None
+        self,
+        policy: EpisodePolicy,
+        max_sensors: int = 10000,
+        new_id: Callable[[], str] | None = None,
+        tick: Callable[[], float] | None = None,
     ) -> None:
         self.policy = policy
         self.new_id = new_id or (lambda: uuid.uuid4().hex)
+        self.tick = tick
         self.sensors: SensorTable[SensorEpisodes] = SensorTable(max_sensors, self._new_record)
 
     def _new_record(self) -> SensorEpisodes:
         return SensorEpisodes(recent=deque(maxlen=self.policy.open_window))
 
+    def _tick(self, now: float) -> float:
+        return now if self.tick is None else self.tick()
+
     def decide(self, sensor_id: str, decision: Decision, now: float) -> list[EpisodeEvent]:
         """Take one decision (a sensor's decisions in seq order); returns the events it causes."""
-        record, evicted = self.sensors.touch(sensor_id, now)
-        events = self._close_all(evicted, now, "sensor_limit")
+        tick = self._tick(now)
+        record, evicted = self.sensors.touch(sensor_id, tick)
+        events = self._close_all(evicted, now, tick, "sensor_limit")
         policy = self.policy
         record.decisions += 1
         record.recent.append(decision)
-        changed = self._step_hysteresis(record, decision, now)
+        changed = self._step_hysteresis(record, decision, tick)
         if changed:
             record.transitions.append(record.decisions)
         while record.transitions and record.transitions[0] <= record.decisions - policy.flapping_window:
@@ -152,30 +164,30 @@ class EpisodeTracker:
         episode = record.episode
         if episode is None:
             if changed:  # `active` can only have come up here
-                record.episode = self._open(record, now, "flapping" if flapping else "open")
-                events.append(self._event("flapping" if flapping else "opened", sensor_id, record.episode, now))
+                record.episode = self._open(record, now, tick, "flapping" if flapping else "open")
+                events.append(self._event("flapping" if flapping else "opened", sensor_id, record.episode, now, tick))
             return events
         episode.add(decision)
         if episode.state == "open" and changed:  # `active` went down
             if flapping:
                 episode.state = "flapping"
-                events.append(self._event("flapping", sensor_id, episode, now))
+                events.append(self._event("flapping", sensor_id, episode, now, tick))
             else:
-                events.append(self._resolve(sensor_id, record, now, "normal"))
+                events.append(self._resolve(sensor_id, record, now, tick, "normal"))
         elif episode.state == "flapping" and not record.transitions:
             if record.active:
                 episode.state = "open"
-                events.append(self._event("updated", sensor_id, episode, now))
+                events.append(self._event("updated", sensor_id, episode, now, tick))
             else:
-                events.append(self._resolve(sensor_id, record, now, "flapping_ended"))
+                events.append(self._resolve(sensor_id, record, now, tick, "flapping_ended"))
         elif (
             episode.anomalous_windows > episode.reported_windows
-            and now - episode.last_event_at >= policy.update_interval_seconds
+            and tick - episode.last_event_at >= policy.update_interval_seconds
         ):
-            events.append(self._event("updated", sensor_id, episode, now))
+            events.append(self._event("updated", sensor_id, episode, now, tick))
         return events
 
-    def _step_hysteresis(self, record: SensorEpisodes, decision: Decision, now: float) -> bool:
+    def _step_hysteresis(self, record: SensorEpisodes, decision: Decision, tick: float) -> bool:
         """Advance `active` by one decision; True when it changed."""
         policy = self.policy
         if record.active:
@@ -185,14 +197,14 @@ class EpisodeTracker:
             record.active = False
             record.recent.clear()  # the next episode counts only decisions after this one ended
             return True
-        if not decision.anomalous or now < record.cooldown_until:
+        if not decision.anomalous or tick < record.cooldown_until:
             return False
         if sum(item.anomalous for item in record.recent) < policy.open_anomalous:
             return False
         record.active, record.normal_run = True, 0
         return True
 
-    def _open(self, record: SensorEpisodes, now: float, state: EpisodeState) -> Episode:
+    def _open(self, record: SensorEpisodes, now: float, tick: float, state: EpisodeState) -> Episode:
         """A new episode from the first anomalous decision of the run that opened it."""
         run = list(record.recent)
         first = next(index for index, item in enumerate(run) if item.anomalous)
@@ -209,7 +221,7 @@ class EpisodeTracker:
             start.score,
             start.start_seq,
             now,
-            now,
+            tick,
             0,
             start.channels,
         )
@@ -219,23 +231,27 @@ class EpisodeTracker:
         return episode
 
     def _event(
-        self, kind: str, sensor_id: str, episode: Episode, now: float, reason: str | None = None
+        self, kind: str, sensor_id: str, episode: Episode, now: float, tick: float, reason: str | None = None
     ) -> EpisodeEvent:
-        episode.last_event_at = now
+        episode.last_event_at = tick
         episode.reported_windows = episode.anomalous_windows
         return EpisodeEvent(kind, sensor_id, now, episode.public(), reason)
 
-    def _resolve(self, sensor_id: str, record: SensorEpisodes, now: float, reason: str) -> EpisodeEvent:
+    def _resolve(self, sensor_id: str, record: SensorEpisodes, now: float, tick: float, reason: str) -> EpisodeEvent:
         assert record.episode is not None
-        event = self._event("resolved", sensor_id, record.episode, now, reason)
+        event = self._event("resolved", sensor_id, record.episode, now, tick, reason)
         event.episode["state"] = "resolved"
         record.episode = None
-        record.cooldown_until = now + self.policy.cooldown_seconds
+        record.cooldown_until = tick + self.policy.cooldown_seconds
         return event
 
-    def _close_all(self, records: list[tuple[str, SensorEpisodes]], now: float, reason: str) -> list[EpisodeEvent]:
+    def _close_all(
+        self, records: list[tuple[str, SensorEpisodes]], now: float, tick: float, reason: str
+    ) -> list[EpisodeEvent]:
         return [
-            self._resolve(sensor_id, record, now, reason) for sensor_id, record in records if record.episode is not None
+            self._resolve(sensor_id, record, now, tick, reason)
+            for sensor_id, record in records
+            if record.episode is not None
         ]
 
     def expire(self, now: float, idle_seconds: float) -> tuple[list[EpisodeEvent], list[str]]:
@@ -243,13 +259,14 @@ class EpisodeTracker:
 
         Returns the events and the ids of the forgotten sensors.
         """
-        expired = self.sensors.expire(now, idle_seconds)
-        return self._close_all(expired, now, "sensor_idle"), [sensor_id for sensor_id, _ in expired]
+        tick = self._tick(now)
+        expired = self.sensors.expire(tick, idle_seconds)
+        return self._close_all(expired, now, tick, "sensor_idle"), [sensor_id for sensor_id, _ in expired]
 
     def end_stream(self, sensor_id: str, now: float) -> list[EpisodeEvent]:
         """Forget a sensor whose source ended its stream (a Sparkplug DEATH), resolving its episode (`stream_ended`)."""
         record = self.sensors.pop(sensor_id)
-        return [] if record is None else self._close_all([(sensor_id, record)], now, "stream_ended")
+        return [] if record is None else self._close_all([(sensor_id, record)], now, self._tick(now), "stream_ended")
 
     def open_episodes(self) -> list[str]:
         """The sensors with an open or flapping episode (whose state a drain should publish)."""
@@ -262,19 +279,24 @@ class EpisodeTracker:
             return "idle"
         if record.episode is not None:
             return record.episode.state
-        return "cooldown" if now < record.cooldown_until else "idle"
+        return "cooldown" if self._tick(now) < record.cooldown_until else "idle"
 
     def state_payload(self, sensor_id: str, now: float) -> dict[str, Any]:
         """The sensor's state as JSON data: the retained state message, and what `restore` takes back."""
         record = self.sensors.get(sensor_id) or self._new_record()
+        to_wall = now - self._tick(now)  # tick-clock times + this = wall-clock times, as of now
+        episode = None if record.episode is None else asdict(record.episode)
+        if episode is not None:
+            episode["last_event_at"] += to_wall
+        cooldown_until = record.cooldown_until + to_wall
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "sensor_id": sensor_id,
             "status": self.status(sensor_id, now),
             "at": now,
-            "episode": None if record.episode is None else asdict(record.episode),
-            "cooldown_until": record.cooldown_until if record.cooldown_until > now else None,
+            "episode": episode,
+            "cooldown_until": cooldown_until if cooldown_until > now else None,
             "tracker": {
                 "active": record.active,
                 "normal_run": record.normal_run,
@@ -301,5 +323,10 @@ class EpisodeTracker:
         except ValidationError as error:
             raise ValueError(f"invalid episode state: {error.errors()[0]['loc']} {error.errors()[0]['msg']}") from None
         record.recent = deque(record.recent, maxlen=self.policy.open_window)
-        self.sensors.put(sensor_id, record, now)
+        tick = self._tick(now)
+        if record.cooldown_until:
+            record.cooldown_until += tick - now  # wall-clock times in the payload, tick-clock times here
+        if record.episode is not None:
+            record.episode.last_event_at += tick - now
+        self.sensors.put(sensor_id, record, tick)
         return sensor_id

@@ -28,6 +28,7 @@ from monitor.config.loading import (
     validate,
 )
 from monitor.errors import ConfigError
+from monitor.ingest.payload import PLAUSIBLE_TS
 
 CREDENTIAL_PASSWORD = "mqtt_password"
 
@@ -285,6 +286,14 @@ class WindowingSettings(Strict):
         ge=0,
         description="seq jump (samples) beyond which a message ahead, or back near 0, restarts the sensor's stream",
     )
+    ts_range: tuple[float, float] = Field(
+        default=PLAUSIBLE_TS,
+        description="plausible sensor ts (Unix seconds, inclusive); others are ignored and counted, the samples kept",
+    )
+
+    ts_tolerance_seconds: float = Field(
+        default=1.0, ge=0, description="how far a later message's ts may go back before it is ignored (fixed mode)"
+    )
     max_abs_value: float = Field(
         default=1e6, gt=0, description="samples with a larger magnitude reject the message (value_out_of_range)"
     )
@@ -303,6 +312,13 @@ class WindowingSettings(Strict):
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows is only for baseline: sensor")
         return self
+
+    @field_validator("ts_range")
+    @classmethod
+    def _ordered(cls, ts_range: tuple[float, float]) -> tuple[float, float]:
+        if not ts_range[0] < ts_range[1]:
+            raise ValueError(f"the first bound must be below the second, got {list(ts_range)}")
+        return ts_range
 
     @field_validator("sample_rate_hz")
     @classmethod
@@ -324,6 +340,20 @@ class BatchingSettings(Strict):
     max_batch: int = Field(default=64, ge=1, le=4096)
     max_wait_seconds: float = Field(default=0.05, ge=0, le=10)
     queue_capacity: int = Field(default=4096, ge=1)
+    max_queued_per_sensor: int = Field(
+        default=64,
+        ge=1,
+        description="a sensor holding this many queued windows, and more than twice the average of the sensors "
+        "queued, floods: its further windows are dropped (sensor_share) and no other sensor waits for them; at least "
+        "the windows one message can complete",
+    )
+    admission_wait_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        le=60,
+        description="with the queue full, input waits this long for room (read no further: it waits at the broker) "
+        "before the window is dropped (queue_full); keep it below 1.5 x mqtt.keepalive_seconds",
+    )
 
 
 @dataclass(frozen=True)
@@ -461,6 +491,13 @@ class JournalSettings(Strict):
     checkpoint_seconds: float = Field(
         default=30.0, gt=0, description="... or after this long, bounding a replay's duplicates"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _not_a_directory(cls, path: Path | None) -> Path | None:
+        if path is not None and path.is_dir():
+            raise ValueError(f"{path} is a directory: name the journal file in it, e.g. {path / 'journal'}")
+        return path
 
 
 class HealthSettings(Strict):

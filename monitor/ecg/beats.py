@@ -9,10 +9,11 @@ to W points, so one model fits any sampling rate. Channels (`BeatSpec.channels`)
 
 - `beat`: the span z-normalised on its own (mean 0, std 1): amplitude and offset do not matter;
 - `template_diff`: `beat` minus the sensor's template, the point-wise median of its last `template_beats`
-  scorable beats (before this one). One patient's normal beat does not describe another's; the difference
-  from the sensor's own usual beat does (a median of recent beats is the usual beat while most beats are);
-- `rr`: RR / median of the sensor's last 8 RR intervals, minus 1, the same value at every point (0 for a
-  sensor's first beat). Premature supraventricular beats look normal but come early;
+  beats of its dominant rhythm (below; before this one). One patient's normal beat does not describe another's;
+  the difference from the sensor's own usual beat does;
+- `rr`: RR / the sensor's reference RR, minus 1, the same value at every point (0 for a sensor's first beat): the
+  reference is the median of the RR intervals before its last 8 dominant-rhythm beats. Premature
+  supraventricular beats look normal but come early;
 - `prematurity`: the same, but only how early a beat is, max(0, 1 - RR / median): a late beat is not
   abnormal by its timing (the normal beat after a PVC's compensatory pause is late by 30-70 %; with the signed
   `rr` channel those beats were most of the normal beats flagged on the 208 excerpt, bench/beat_quality.py).
@@ -28,9 +29,32 @@ to W points, so one model fits any sampling rate. Channels (`BeatSpec.channels`)
   class template before comparing (the template itself is the median of unaligned spans, see `_aligned`).
   The alerted `beat_seq` stays the detector's R peak.
 
+The dominant rhythm (`dominant`): the template and the reference RR are learned only from the beats judged
+normal, those whose distance from the template (RMS of `template_diff`) is at most `normal_distance`; an ectopic
+beat feeds neither. A template of every clean beat sits between the normal and the ectopic shape in bigeminy
+(ectopic beats are then about half of its beats): normal beats differ from it and ectopic beats less.
+- Warm-up: the first `warmup_beats` clean beats are held; the template starts as the largest group among them, the
+  beats within `normal_distance` of the beat with most such neighbours (its RR reference from the intervals before
+  them), so a stream starting in trigeminy learns its normal beats; in bigeminy, where both groups are as large,
+  the group whose beats came later after the beat before them (ectopic beats come early). A stream starting
+  inside a longer ectopic run learns the run, and gets out of it by the relearn below.
+- Relearn (the way out): when fewer than `relearn_share` of the last `relearn_beats` clean beats were judged
+  normal, the template and the RR reference are forgotten and the warm-up starts again (`BeatStream.relearns`,
+  counted and logged by the daemon). A lead moved or a morphology that really changed then becomes the new
+  dominant rhythm instead of every later beat being flagged; a run of ectopic beats as long as `relearn_beats`
+  does too, once it has been flagged that long.
+Without `dominant` (models from before it) the template and the RR history take every clean beat.
+
+Timing (`timing_gain`): the autoencoder reconstructs a constant prematurity channel well at small values, so a beat
+that is 15-25 % early scores little more than a normal one. A beat's score is therefore at least
+`timing_gain` * prematurity: training sets the gain so that the normal training beats' prematurity at
+`timing_quantile` scores as much as their reconstruction error at the threshold's quantile, then calibrates the
+threshold on the combined scores (`BeatSpec.beat_scores`).
+
 Signal quality: a beat is scored only if it is judged scorable:
 
-- `warmup`: the sensor has fewer than `warmup_beats` beats in its template (after a start or a reset);
+- `warmup`: the sensor has no template yet (`dominant`: its warm-up is not complete after a start, a reset or a
+  relearn; else fewer than `warmup_beats` beats in its template);
 - `flat`: the span has no variation (a disconnected lead);
 - `noise`: its noise ratio is above `max_noise_ratio`, or above `relative_noise` times the median noise ratio
   of the sensor's last `NOISE_HISTORY` beats. The noise ratio is the median |QRS-band signal| (the detector's
@@ -41,15 +65,16 @@ Signal quality: a beat is scored only if it is judged scorable:
   low, from being taken for noise. The absolute limit catches a sensor noisy from its start, the relative one
   a noisy stretch of a sensor whose usual floor is higher (lead V5, small QRS).
 
-Noisy stretches (`stretch_limit`): a beat's `stretch` is the median distance from the template (RMS of
-`template_diff`) of the STRETCH_BEATS beats before it. One odd beat among usual ones has a small stretch; a beat in
-a stretch where every beat differs from the template (electrode motion slower than the QRS band, which the noise
-ratio does not see) has a large one, and its reconstruction error is then mostly that disturbance. The score is the
-error divided by `error_scale` = max(1, stretch / stretch_limit), so the threshold rises in proportion in such a
-stretch instead of the beat going unscored: an ectopic beat there still alerts if it stands out by more. Training
-sets the limit to a quantile (`stretch_quantile`) of the stretch of its normal beats; the same division applies to
-calibration, `monitor evaluate` and the daemon. The false alarms it removes and the recall it costs on MIT-BIH are
-in bench/beat_quality.py's results.
+Noisy stretches (`stretch_limit`): a beat's `stretch` is the smallest distance from the template (RMS of
+`template_diff`) among the STRETCH_BEATS beats before it (with `dominant`; the median without). One odd beat among
+usual ones has a small stretch, and so has a beat in bigeminy or in couplets, since one of the beats before it is
+normal; a beat in a stretch where every beat differs from the template (electrode motion slower than the QRS band,
+which the noise ratio does not see) has a large one, and its reconstruction error is then mostly that disturbance.
+The score is the error divided by `error_scale` = max(1, stretch / stretch_limit), so the threshold rises in
+proportion in such a stretch instead of the beat going unscored: an ectopic beat there still alerts if it stands
+out by more. Training sets the limit to a quantile (`stretch_quantile`) of the stretch of its normal beats; the same
+division applies to calibration, `monitor evaluate` and the daemon. The false alarms it removes and the recall it
+costs on MIT-BIH are in bench/beat_quality.py's results.
 """
 
 from __future__ import annotations
@@ -94,6 +119,11 @@ class BeatSpec:
     align_seconds: float = 0.05  # template alignment search, +-; 0 = the detector's fiducial point as it is
     detrend: bool = True  # subtract the span's least-squares line before the z-score (baseline wander)
     stretch_limit: float | None = None  # set by training; None: scores are not scaled by the stretch (module doc)
+    dominant: bool = False  # template and RR reference from the beats judged normal only (module doc)
+    normal_distance: float = 0.5  # a beat at most this far from the template (RMS) is judged normal
+    relearn_beats: int = 64  # the relearn looks at this many last clean beats ...
+    relearn_share: float = 0.1  # ... and starts again when fewer than this share of them were judged normal
+    timing_gain: float | None = None  # set by training; a beat scores at least timing_gain * prematurity
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -112,10 +142,15 @@ class BeatSpec:
             or not self.relative_noise > 0
             or not 0 <= self.align_seconds <= 0.2
             or not (self.stretch_limit is None or self.stretch_limit > 0)
+            or not self.normal_distance > 0
+            or self.relearn_beats < 1
+            or not 0 <= self.relearn_share <= 1
+            or not (self.timing_gain is None or self.timing_gain >= 0)
         ):
             raise ValueError(
                 "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
-                "0 <= align_seconds <= 0.2 and stretch_limit > 0 (or none) are required"
+                "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
+                "0 <= relearn_share <= 1 and timing_gain >= 0 (or none) are required"
             )
 
     def error_scale(self, stretch: np.ndarray | float) -> np.ndarray:
@@ -123,6 +158,15 @@ class BeatSpec:
         (always 1 without a limit)."""
         stretch = np.asarray(stretch, dtype=np.float64)
         return np.ones_like(stretch) if self.stretch_limit is None else np.maximum(1.0, stretch / self.stretch_limit)
+
+    def timing_score(self, prematurity: np.ndarray | float) -> np.ndarray:
+        """The least score a beat gets from its timing alone: timing_gain * prematurity (0 without a gain)."""
+        prematurity = np.asarray(prematurity, dtype=np.float64)
+        return np.zeros_like(prematurity) if self.timing_gain is None else self.timing_gain * prematurity
+
+    def beat_scores(self, errors: np.ndarray, stretch: np.ndarray, prematurity: np.ndarray) -> np.ndarray:
+        """Beats' scores: reconstruction error / error scale, at least the timing score (module doc)."""
+        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(prematurity))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -143,6 +187,11 @@ class BeatSpec:
             "align_seconds",
             "detrend",
             "stretch_limit",
+            "dominant",
+            "normal_distance",
+            "relearn_beats",
+            "relearn_share",
+            "timing_gain",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -164,7 +213,9 @@ class Beat:
     window: np.ndarray
     reason: str | None
     noise_ratio: float
-    stretch: float  # median distance from the template of the STRETCH_BEATS beats before this one
+    stretch: float  # distance from the template of the STRETCH_BEATS beats before this one (module doc)
+    prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
+    normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
 
     @property
     def scorable(self) -> bool:
@@ -211,6 +262,9 @@ class BeatStream:
         self._distances: deque[float] = deque(maxlen=STRETCH_BEATS)  # the last beats' distances from the template
         self._last_r: int | None = None
         self.beats = 0
+        self._warm: list[tuple[np.ndarray, int | None]] = []  # dominant: clean warm-up beats (shape, RR before it)
+        self._judged: deque[bool] = deque(maxlen=self.spec.relearn_beats)  # dominant: the last clean beats, normal?
+        self.relearns = 0  # times the dominant rhythm was forgotten and learned again
 
     @property
     def received(self) -> int:
@@ -242,7 +296,9 @@ class BeatStream:
         template = _median(np.stack(self._templates)) if self._templates else None
         shift, shape, std, at_fiducial = self._aligned(r, template)
         noise, noisy = self._noise_ratio(r)
-        if len(self._templates) < self.spec.warmup_beats:
+        clean = std > 1e-9 and not noisy
+        warming = template is None if self.spec.dominant else len(self._templates) < self.spec.warmup_beats
+        if warming:
             reason = "warmup"
         elif std <= 1e-9:
             reason = "flat"
@@ -250,26 +306,77 @@ class BeatStream:
             reason = "noise"
         else:
             reason = None
-        template = shape if template is None else template
+        diff = shape - (shape if template is None else template)
+        distance = float(np.sqrt(np.mean(diff**2)))
         relative_rr = 0.0 if rr is None or not self._rr else rr / statistics.median(self._rr) - 1.0
         channels = {
             "beat": shape,
-            "template_diff": shape - template,
+            "template_diff": diff,
             "rr": np.full_like(shape, relative_rr),
             "prematurity": np.full_like(shape, max(0.0, -relative_rr)),
         }
         window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
-        stretch = statistics.median(self._distances) if self._distances else 0.0
-        self._distances.append(float(np.sqrt(np.mean(channels["template_diff"] ** 2))))
-        if std > 1e-9 and not noisy:
-            self._templates.append(at_fiducial)
-        if rr is not None:
-            self._rr.append(rr)
+        stretch = self._stretch()
+        self._distances.append(distance)
+        normal = False
+        if not self.spec.dominant:
+            if clean:
+                self._templates.append(at_fiducial)
+            if rr is not None:
+                self._rr.append(rr)
+        elif clean and template is None:
+            self._warm_up(at_fiducial, rr)
+        elif clean:
+            normal = self._judge(distance <= self.spec.normal_distance, at_fiducial, rr)
         index, self.beats = self.beats, self.beats + 1
         start = self.origin + r + shift - int(round(self.spec.before_seconds * self.fs))
         end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
         rr_seconds = None if rr is None else rr / self.fs
-        return Beat(index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch)
+        return Beat(
+            index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch,
+            max(0.0, -relative_rr), normal,
+        )  # fmt: skip
+
+    def _stretch(self) -> float:
+        """The stretch of the beat being cut (module doc): the smallest (dominant) or the median distance from the
+        template of the beats before it."""
+        if not self._distances:
+            return 0.0
+        return min(self._distances) if self.spec.dominant else statistics.median(self._distances)
+
+    def _warm_up(self, shape: np.ndarray, rr: int | None) -> None:
+        """Holds a clean warm-up beat; with `warmup_beats` of them, starts the template from their largest group."""
+        self._warm.append((shape, rr))
+        if len(self._warm) < max(1, self.spec.warmup_beats):
+            return
+        shapes = np.stack([held for held, _ in self._warm])
+        distances = np.sqrt(((shapes[:, None, :] - shapes[None, :, :]) ** 2).mean(axis=2))
+        close = distances <= self.spec.normal_distance
+        # the beat with the most neighbours; of equal ones (bigeminy), that whose neighbours came latest (the
+        # ectopic beats of a pattern are the premature ones)
+        before = np.array([0 if rr is None else rr for _, rr in self._warm], dtype=np.float64)
+        sizes = close.sum(axis=1)
+        lateness = np.array([np.median(before[members]) for members in close])
+        group = close[max(range(len(close)), key=lambda i: (sizes[i], lateness[i]))]
+        self._templates.extend(shapes[group])
+        self._rr.extend(rr for (_, rr), member in zip(self._warm, group, strict=True) if member and rr is not None)
+        self._warm.clear()
+
+    def _judge(self, normal: bool, shape: np.ndarray, rr: int | None) -> bool:
+        """Learns from a clean beat judged normal; forgets the dominant rhythm when too few recent ones were."""
+        self._judged.append(normal)
+        if normal:
+            self._templates.append(shape)
+            if rr is not None:
+                self._rr.append(rr)
+        elif len(self._judged) == self.spec.relearn_beats and sum(self._judged) < self.spec.relearn_share * len(
+            self._judged
+        ):
+            self.relearns += 1
+            self._templates.clear()
+            self._rr.clear()
+            self._judged.clear()
+        return normal
 
     def _aligned(self, r: int, template: np.ndarray | None) -> tuple[int, np.ndarray, float, np.ndarray]:
         """(shift, z-normalised span, its std, the z-normalised span at r itself) of the beat at r, its fiducial
@@ -339,6 +446,9 @@ class BeatStream:
             "distances": list(self._distances),
             "last_r": self._last_r,
             "beats": self.beats,
+            "warm": [[encode(shape), rr] for shape, rr in self._warm],
+            "judged": [int(normal) for normal in self._judged],
+            "relearns": self.relearns,
         }
 
     @classmethod
@@ -359,6 +469,11 @@ class BeatStream:
         stream._distances.extend(float(value) for value in state.get("distances", ()))  # absent before stretch scaling
         stream._last_r = None if state["last_r"] is None else int(state["last_r"])
         stream.beats = int(state["beats"])
+        stream._warm = [(decode_array(shape, "<f8"), None if rr is None else int(rr)) for shape, rr in state["warm"]]
+        stream._judged.extend(bool(normal) for normal in state["judged"])
+        stream.relearns = int(state["relearns"])
+        if any(shape.shape != (spec.window,) for shape, _ in stream._warm):
+            raise ValueError(f"beat warm-up shapes do not have {spec.window} points")
         if stream._raw_start + len(stream._raw) != stream.received or len(stream._band) > len(stream._raw):
             raise ValueError("beat stream buffers do not end at the samples received")
         return stream

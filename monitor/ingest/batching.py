@@ -1,7 +1,9 @@
 """The bounded window queue and the micro-batcher: up to `max_batch` windows or `max_wait_seconds`.
 
-The MQTT thread puts ready windows without ever blocking; a full queue refuses the window (the
-caller counts the drop). The scoring thread takes batches: it waits for a first window, then
+The MQTT thread puts ready windows; a full queue makes it wait, up to the caller's bound (the daemon is behind:
+while the MQTT thread waits it reads no input, which waits at the broker), then refuses the window (the caller
+counts the drop). With a `key` (the sensor id), the queue counts each key's windows, so the caller can bound one
+sensor's share of it. The scoring thread takes batches: it waits for a first window, then
 gathers more until the batch is full or the first window has waited `max_wait_seconds` since its
 last sample arrived, whichever comes first. Under a backlog the deadline has already passed, so
 batches are filled straight from the queue and no time is spent waiting.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -25,30 +28,66 @@ ItemT = TypeVar("ItemT", bound=Timed)
 
 
 class WindowQueue(Generic[ItemT]):
-    """A bounded FIFO of ready windows."""
+    """A bounded FIFO of ready windows, counted by `key` when one is given."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, key: Callable[[ItemT], str] | None = None) -> None:
         self.capacity = capacity
         self._queue: queue.Queue[ItemT] = queue.Queue(maxsize=capacity)
+        self._key = key
+        self._lock = threading.Lock()
+        self._by_key: Counter[str] = Counter()
+        self._counted = 0  # the sum of `_by_key`
 
-    def offer(self, item: ItemT) -> bool:
-        """Put without blocking; False when the queue is full."""
+    def offer(self, item: ItemT, wait_seconds: float = 0.0) -> bool:
+        """Put, waiting up to `wait_seconds` for room; False when the queue stayed full."""
+        key = None if self._key is None else self._key(item)
+        if key is not None:
+            with self._lock:  # counted before it can be taken, so a count is never below what is queued
+                self._by_key[key] += 1
+                self._counted += 1
         try:
-            self._queue.put_nowait(item)
+            self._queue.put(item, timeout=wait_seconds) if wait_seconds > 0 else self._queue.put_nowait(item)
         except queue.Full:
+            self._taken(key)
             return False
         return True
+
+    def queued_for(self, key: str) -> int:
+        """Windows of `key` queued (or being put)."""
+        with self._lock:
+            return self._by_key.get(key, 0)
+
+    def over_share(self, key: str, floor: int) -> bool:
+        """`key` holds at least `floor` windows and more than twice the average of the keys with windows queued: a
+        flood, where a burst of many keys (a backlog) fills the queue about evenly."""
+        with self._lock:
+            count = self._by_key.get(key, 0)
+            return count >= floor and count * len(self._by_key) > 2 * self._counted
 
     def depth(self) -> int:
         return self._queue.qsize()
 
     def get(self, timeout_seconds: float) -> ItemT | None:
         try:
-            return (
+            item = (
                 self._queue.get(timeout=max(timeout_seconds, 0.0)) if timeout_seconds > 0 else self._queue.get_nowait()
             )
         except queue.Empty:
             return None
+        if self._key is not None:
+            self._taken(self._key(item))
+        return item
+
+    def _taken(self, key: str | None) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._counted -= 1
+            left = self._by_key[key] - 1
+            if left:
+                self._by_key[key] = left
+            else:
+                del self._by_key[key]
 
 
 class MicroBatcher(Generic[ItemT]):

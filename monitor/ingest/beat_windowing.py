@@ -33,7 +33,7 @@ from monitor.model.engine import Engine
 from monitor.window import BeatMark, Window
 
 STATE_FORMAT = "monitor-beat-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the dominant rhythm's warm-up, judgements and relearns in each stream
 
 
 @dataclass(slots=True)
@@ -51,6 +51,7 @@ class BeatFeedResult:
     gap_windows_dropped: int = 0  # always 0: a gap loses beats, not windows the ingest could count
     restarted: bool = False  # the seq jumped beyond the tolerance: a new stream (and detector) started at it
     restart_windows_dropped: int = 0  # always 0: a stream given up loses beats in progress, not windows
+    relearns: int = 0  # the sensor's dominant rhythm forgotten and learned again (beats.BeatStream.relearns)
 
 
 class _Sensor:
@@ -103,7 +104,10 @@ class BeatAssembler(SensorStreams[_Sensor]):
         if message.ts is not None:
             sensor.anchor = (seq, message.ts)
         sensor.next_seq += len(samples)
-        for beat in sensor.stream.feed(samples[:, 0]):
+        relearns = sensor.stream.relearns
+        beats = sensor.stream.feed(samples[:, 0])
+        result.relearns = sensor.stream.relearns - relearns
+        for beat in beats:
             result.beats_found += 1
             if beat.reason is not None:  # unscorable
                 result.unscorable[beat.reason] = result.unscorable.get(beat.reason, 0) + 1
@@ -119,6 +123,7 @@ class BeatAssembler(SensorStreams[_Sensor]):
                     start_ts,
                     now,
                     float(self.spec.error_scale(beat.stretch)),
+                    float(self.spec.timing_score(beat.prematurity)),
                     BeatMark(beat.end_seq, beat.r_seq, beat.rr_seconds),
                 )
             )
@@ -204,6 +209,7 @@ def make_assembler(
             windowing.idle_eviction_seconds,
             on_evict,
             windowing.seq_tolerance,
+            windowing.ts_tolerance_seconds,
         )
     assert windowing.sample_rate_hz is not None  # the config requires it in beat mode
     return BeatAssembler(

@@ -68,10 +68,12 @@ class FrameDecoder(PayloadDecoder):
         raw = np.frombuffer(payload, dtype, count * channels, HEADER.size).reshape(count, channels)
         with np.errstate(over="ignore"):  # an overflow to inf is refused below, as non_finite
             values = raw.astype(np.float32) * np.float32(scale)
+        checked_ts, ts_ignored = check_ts(None if math.isnan(ts) else ts, self.ts_range)
         return Message(
             samples=checked_samples(values, self.max_abs_value),
             seq=None if seq == NO_SEQ else check_seq(seq),
-            ts=None if math.isnan(ts) else check_ts(ts),
+            ts=checked_ts,
+            ts_ignored=ts_ignored,
         )
 
 

@@ -5,7 +5,11 @@ monitor.ingest.frame and monitor.ingest.sparkplug, which share the reasons and t
 `{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
 invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,
-bad_samples (content), wrong_channels, non_finite, value_out_of_range, bad_seq, bad_ts.
+bad_samples (content), wrong_channels, non_finite, value_out_of_range, bad_seq.
+
+A `ts` that is not seconds since the epoch in the plausible range (`ts_range`: not a number, milliseconds, 0, a
+negative or an absurd value) refuses nothing: the samples are kept, the ts is ignored (`Message.ts` None) and the
+reason given in `Message.ts_ignored` for the caller to count (`TS_IGNORED_REASONS`).
 
 `value_out_of_range` bounds the magnitude of samples (`max_abs_value`): finite but extreme values (about 1e38)
 would overflow the model's float32 arithmetic into inf/NaN scores.
@@ -13,7 +17,6 @@ would overflow the model's float32 arithmetic into inf/NaN scores.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -35,7 +38,7 @@ REJECT_REASONS: tuple[str, ...] = (
     "value_out_of_range",
     "too_many_samples",
     "bad_seq",
-    "bad_ts",
+    "bad_ts",  # Sparkplug B: a channel metric without a timestamp (a JSON or frame ts is ignored, not refused)
     "bad_topic",
     "bad_frame",  # binary frame: header, length or scale (monitor.ingest.frame)
     "invalid_protobuf",  # Sparkplug B (monitor.ingest.sparkplug) ...
@@ -43,6 +46,8 @@ REJECT_REASONS: tuple[str, ...] = (
     "unknown_alias",  # ... a metric alias its BIRTH did not define
 )
 
+TS_IGNORED_REASONS = ("not_a_number", "out_of_range", "backwards")  # the last one is the windowing's
+PLAUSIBLE_TS = (946684800.0, 4102444800.0)  # 2000-01-01 and 2100-01-01 UTC, in seconds since the epoch
 MAX_SEQ = 2**53  # exclusive: above this a float64 (JSON consumers, alerts) no longer holds every integer
 MAX_SENSOR_ID_CHARS = 128
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -56,17 +61,23 @@ class Message:
 
     samples: np.ndarray  # [n, C] float32, finite, read-only, 1 <= n <= max_samples
     seq: int | None  # index of samples[0] in the sensor's stream, 0 <= seq < 2**53
-    ts: float | None  # Unix seconds of samples[0], finite, >= 0
+    ts: float | None  # Unix seconds of samples[0], within the decoder's plausible range
+    ts_ignored: str | None = None  # why a ts the message carried was ignored (one of TS_IGNORED_REASONS)
 
 
 class PayloadDecoder:
     """Decodes and validates payloads of one channel count; stateless, so safe to share between threads."""
 
     def __init__(
-        self, channels: int, max_samples: int = 4096, max_bytes: int = 262144, max_abs_value: float = 1e6
+        self,
+        channels: int,
+        max_samples: int = 4096,
+        max_bytes: int = 262144,
+        max_abs_value: float = 1e6,
+        ts_range: tuple[float, float] = PLAUSIBLE_TS,
     ) -> None:
         """Args: channels C per sample; max_samples per message; max_bytes of a payload, checked before decoding;
-        max_abs_value: the largest sample magnitude accepted."""
+        max_abs_value: the largest sample magnitude accepted; ts_range: the plausible `ts`, inclusive."""
         if channels < 1 or max_samples < 1 or max_bytes < 1 or not max_abs_value > 0:
             raise ValueError(
                 "channels, max_samples, max_bytes must be >= 1 and max_abs_value > 0, "
@@ -76,6 +87,7 @@ class PayloadDecoder:
         self.max_samples = max_samples
         self.max_bytes = max_bytes
         self.max_abs_value = max_abs_value
+        self.ts_range = ts_range
 
     def decode(self, payload: bytes | bytearray | memoryview) -> Message:
         """Returns the validated message; raises only `PayloadError`, for any input bytes."""
@@ -97,8 +109,9 @@ class PayloadDecoder:
         if "samples" not in document:
             raise PayloadError("missing_samples")
         samples = self._samples(document["samples"], payload)
-        seq, ts = document.get("seq"), document.get("ts")
-        return Message(samples, None if seq is None else check_seq(seq), None if ts is None else check_ts(ts))
+        seq = document.get("seq")
+        ts, ts_ignored = check_ts(document.get("ts"), self.ts_range)
+        return Message(samples, None if seq is None else check_seq(seq), ts, ts_ignored)
 
     def _samples(self, raw: object, payload: bytes) -> np.ndarray:
         if type(raw) is not list or not raw:
@@ -155,14 +168,19 @@ def check_seq(raw: object) -> int:
     return raw
 
 
-def check_ts(raw: object) -> float:
-    """A ts must be a finite, non-negative number of Unix seconds (`null` counts as absent, as for seq)."""
-    if type(raw) is not float and type(raw) is not int:
-        raise PayloadError("bad_ts", type(raw).__name__)
-    ts = float(raw)
-    if not math.isfinite(ts) or ts < 0:
-        raise PayloadError("bad_ts", repr(raw)[:40])
-    return ts
+def check_ts(raw: object, plausible: tuple[float, float]) -> tuple[float | None, str | None]:
+    """(ts, None), or (None, why it is ignored: one of TS_IGNORED_REASONS); `null` counts as absent, as for seq."""
+    if raw is None:
+        return None, None
+    if type(raw) is not float and type(raw) is not int:  # type() rather than isinstance() rejects bools
+        return None, "not_a_number"
+    try:
+        ts = float(raw)
+    except OverflowError:  # an integer beyond any float
+        return None, "out_of_range"
+    if not plausible[0] <= ts <= plausible[1]:  # also false for NaN
+        return None, "out_of_range"
+    return ts, None
 
 
 def sensor_id_from_topic(topic: str, level: int, pattern: re.Pattern[str] | None = None) -> str:

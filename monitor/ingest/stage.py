@@ -1,7 +1,10 @@
 """The input stage, on paho's network thread: message -> sensor id -> payload -> windowing -> bounded queue.
 
-`Ingest.handle` runs for every message: decode, window, enqueue; it never blocks and never raises, and
-every outcome is counted. `housekeeping` evicts idle sensors; the gauges of live state are read when
+`Ingest.handle` runs for every message: decode, window, enqueue; it never raises, and every outcome is counted.
+It blocks only while the scoring queue is full, for at most `admission_wait_seconds` a window (the input then waits
+at the broker); a sensor flooding the queue has its messages dropped before they are decoded, and its windows
+beyond its share, so that it costs the others neither room nor waiting.
+`housekeeping` evicts idle sensors; the gauges of live state are read when
 scraped (`watch_gauges`). With a journal, every message fed is appended to it under the windowing's lock.
 """
 
@@ -24,7 +27,7 @@ from monitor.ingest.batching import WindowQueue
 from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult
 from monitor.ingest.formats import InputFormats
 from monitor.ingest.journal import Journal, Replayed, encode_windows
-from monitor.ingest.payload import REJECT_REASONS, PayloadDecoder, sensor_id_from_topic
+from monitor.ingest.payload import REJECT_REASONS, TS_IGNORED_REASONS, PayloadDecoder, sensor_id_from_topic
 from monitor.ingest.windowing import FeedResult, WindowAssembler
 from monitor.model.baseline import SensorBaselines
 from monitor.telemetry.log import RateLimiter
@@ -50,10 +53,14 @@ class Ingest:
         journal: Journal | None = None,
         baselines: SensorBaselines | None = None,
         formats: InputFormats | None = None,
+        max_queued_per_sensor: int | None = None,
+        admission_wait_seconds: float = 0.0,
     ) -> None:
         """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
         optional: without them a crash loses the windows in memory, see RELIABILITY.md); `formats` chooses the
-        format of each topic (without it every message is JSON, read by `decoder`)."""
+        format of each topic (without it every message is JSON, read by `decoder`). A sensor may hold at most
+        `max_queued_per_sensor` windows in `windows` (which must count them by sensor id), and a window waits up to
+        `admission_wait_seconds` for room before it is dropped."""
         self.decoder = decoder
         self.formats = formats
         self.ended_streams: list[str] = []  # sensors a Sparkplug DEATH ended, until the housekeeping takes them
@@ -67,10 +74,14 @@ class Ingest:
         self.sensor_id_pattern = re.compile(sensor_id_pattern) if sensor_id_pattern else None
         self.pending = pending
         self.journal = journal
+        self.max_queued_per_sensor = max_queued_per_sensor or windows.capacity
+        self.admission_wait_seconds = admission_wait_seconds
+        self._share_drops: Counter[str] = Counter()  # by sensor, since its last `sensor_over_share` line
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
         metrics.declare(metrics.messages, (*REJECT_REASONS, "control"))  # control: Sparkplug B without samples
         metrics.declare(metrics.windows_dropped, ("stream_ended",))  # partial windows a Sparkplug B DEATH ended
+        metrics.declare(metrics.ts_ignored, TS_IGNORED_REASONS)
         metrics.declare(metrics.beats_unscorable, UNSCORABLE_REASONS)
         self._outcomes = {False: metrics.messages.labels("accepted"), True: metrics.messages.labels("duplicate")}
 
@@ -94,6 +105,8 @@ class Ingest:
                 sensor_id, message = outcome.sensor_id, outcome.message
             else:
                 sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
+                if self.windows.over_share(sensor_id, self.max_queued_per_sensor):  # before the cost of decoding it
+                    raise PayloadError("sensor_share", "the sensor's windows fill its share of the scoring queue")
                 decoder = self.decoder if self.formats is None or input_format == "json" else self.formats.frame
                 message = decoder.decode(payload)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
@@ -124,6 +137,13 @@ class Ingest:
                 log.exception("message_failed", sensor_id=sensor_id, topic=topic[:200])
             return
         self._outcomes[result.duplicate].inc()  # the labelled children, looked up once
+        ts_ignored = message.ts_ignored or (
+            "backwards" if isinstance(result, FeedResult) and result.ts_backwards else None
+        )
+        if ts_ignored is not None:
+            self.metrics.ts_ignored.labels(ts_ignored).inc()
+            if self._warnings.allow((sensor_id, "ts_ignored"), now):
+                log.warning("ts_ignored", sensor_id=sensor_id, reason=ts_ignored, seq=message.seq)
         self.metrics.samples.inc(len(message.samples) - result.duplicate_samples if not result.duplicate else 0)
         if result.duplicate_samples:
             self.metrics.duplicate_samples.inc(result.duplicate_samples)
@@ -146,11 +166,50 @@ class Ingest:
                 self._replay_decided[(window.sensor_id, window.start_seq)] -= 1
                 self._decided(window)
                 continue
-            if not self.windows.offer(window):
+            reason = self._admit(window)
+            if reason is not None:
                 self._decided(window)
-                self.metrics.windows_dropped.labels("queue_full").inc()
-                if self._warnings.allow(("queue_full",), now):
-                    log.warning("scoring_queue_full", capacity=self.windows.capacity, sensor_id=sensor_id)
+                self.metrics.windows_dropped.labels(reason).inc()
+                self._log_drop(reason, sensor_id, now)
+
+    def _admit(self, window: Window) -> str | None:
+        """Queue the window, or say why not: its sensor floods the queue (at least `max_queued_per_sensor` windows and
+        more than twice the average of the sensors queued: dropped at once, so that no other sensor waits for it), or
+        the queue stayed full for `admission_wait_seconds` (meanwhile paho's thread reads nothing: the input waits at
+        the broker)."""
+        windows = self.windows
+        if windows.over_share(window.sensor_id, self.max_queued_per_sensor):
+            return "sensor_share"
+        if windows.offer(window):
+            return None
+        if self.admission_wait_seconds <= 0:
+            return "queue_full"
+        started = time.monotonic()
+        queued = windows.offer(window, self.admission_wait_seconds)
+        self.metrics.input_waits.inc()
+        self.metrics.input_wait_seconds.inc(time.monotonic() - started)
+        return None if queued else "queue_full"
+
+    def _log_drop(self, reason: str, sensor_id: str, now: float) -> None:
+        """Rate-limited: the queue being full once per interval, a sensor over its share once per sensor and interval
+        (with its windows dropped since its last line)."""
+        if reason == "queue_full":
+            if self._warnings.allow(("queue_full",), now):
+                log.warning(
+                    "scoring_queue_full",
+                    capacity=self.windows.capacity,
+                    waited_seconds=self.admission_wait_seconds,
+                    sensor_id=sensor_id,
+                )
+            return
+        self._share_drops[sensor_id] += 1
+        if self._warnings.allow((sensor_id, "over_share"), now):  # apart from its messages dropped (sensor_share)
+            log.warning(
+                "sensor_over_share",
+                sensor_id=sensor_id,
+                windows_dropped=self._share_drops.pop(sensor_id),
+                max_queued_per_sensor=self.max_queued_per_sensor,
+            )
 
     def _control(self, ended: list[str], now: float) -> None:
         """A message without samples (a Sparkplug BIRTH, DEATH, command or host state); a DEATH ends the streams of
@@ -193,6 +252,9 @@ class Ingest:
         self.metrics.beats_found.inc(result.beats_found)
         if result.detector_resets:
             self.metrics.detector_resets.inc(result.detector_resets)
+        if result.relearns:
+            self.metrics.beat_relearns.inc(result.relearns)
+            log.info("beat_rhythm_relearned", sensor_id=sensor_id, relearns=result.relearns)
         noisy = sum(window.error_scale > 1 for window in result.windows)
         if noisy:
             self.metrics.beats_noisy_stretch.inc(noisy)
@@ -223,18 +285,18 @@ class Ingest:
 
     def checkpoint_if_due(self, now: float) -> None:
         if self.journal is not None and self.journal.checkpoint_due(now):
-            with self.lock:
-                try:
-                    self.journal.checkpoint(self.snapshot())
-                except OSError as error:  # the journal goes on in its current file
-                    log.error("journal_checkpoint_failed", path=str(self.journal.path), error=str(error))
+            with self.lock:  # a failure is counted and logged by the journal, and retried at the next call
+                self.journal.checkpoint(self.snapshot())
 
     def replay(self, replayed: Replayed, now: float) -> None:
         """Rebuild the state a crash left in the journal: its checkpoint, its undecided windows (queued again,
         waiting for room: the scorer is running, input is not yet), then its messages, fed again."""
         if replayed.windowing is not None:
             with self.lock:
-                self.assembler.restore(replayed.windowing, now)
+                try:
+                    self.assembler.restore(replayed.windowing, now)
+                except ValueError as error:  # another model's or an older format's: its sensors start afresh
+                    log.warning("journal_checkpoint_state_discarded", error=str(error)[:300])
         self._replay_decided = replayed.decided
         for window in replayed.pending:
             if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:

@@ -50,7 +50,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from monitor.errors import PayloadError
-from monitor.ingest.payload import Message
+from monitor.ingest.payload import MAX_SEQ, Message
 from monitor.window import Window, decode_array, encode_array
 
 SENSOR_LIMIT_REASON = "sensor_limit"
@@ -69,6 +69,7 @@ class FeedResult:
     gaps: int = 0  # seq gaps seen in this message (0 or 1)
     restarted: bool = False  # the seq jumped beyond the tolerance: a new stream started at it
     restart_windows_dropped: int = 0  # partial windows of a stream dropped after a jump
+    ts_backwards: bool = False  # the message's ts went back beyond the tolerance: ignored
 
 
 class _Anchor:
@@ -264,10 +265,12 @@ class WindowAssembler(SensorStreams[_Stream]):
         idle_seconds: float,
         on_evict: Callable[[str], None] | None = None,
         seq_tolerance: int = 1024,
+        ts_tolerance_seconds: float = 1.0,
     ) -> None:
         """Args: window W and stride S in samples; channels C; max_sensors held at once; idle_seconds before eviction;
         on_evict, called with each evicted sensor's id; seq_tolerance, the seq jump beyond which a message far
-        ahead, or back near 0, restarts the stream (module docstring)."""
+        ahead, or back near 0, restarts the stream (module docstring); ts_tolerance_seconds, how far a later
+        message's ts may go back before it is ignored."""
         if window < 1 or stride < 1 or channels < 1 or max_sensors < 1:
             raise ValueError(
                 f"window, stride, channels, max_sensors must be >= 1: {window}, {stride}, {channels}, {max_sensors}"
@@ -276,6 +279,8 @@ class WindowAssembler(SensorStreams[_Stream]):
         self.window = window
         self.stride = stride
         self.channels = channels
+        self.ts_tolerance_seconds = ts_tolerance_seconds
+        self.refused: list[str] = []  # ids of the sensor entries the last `restore` left out
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
 
@@ -300,11 +305,13 @@ class WindowAssembler(SensorStreams[_Stream]):
         shape = {"window": self.window, "stride": self.stride, "channels": self.channels}
         return {"format": STATE_FORMAT, "version": STATE_VERSION, **shape, "sensors": sensors}
 
-    def restore(self, state: Any, now: float) -> int:
+    def restore(self, state: Any, now: float, max_abs_value: float = math.inf) -> int:
         """Replaces all sensors' state with a `snapshot()`; returns how many sensors it holds.
 
-        Raises ValueError, and changes nothing, for a snapshot of another shape or one that is not consistent.
-        At most `max_sensors` are taken (the most recently seen); all count as seen at `now`.
+        Raises ValueError, and changes nothing, for a snapshot of another shape. A sensor entry that is not consistent
+        (or holds a sample beyond `max_abs_value`, or a position beyond a message's) is left out: its id goes into
+        `refused`, the others are taken. At most `max_sensors` are taken (the most recently seen); all count as seen
+        at `now`.
         """
         shape = (self.window, self.stride, self.channels)
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
@@ -314,23 +321,28 @@ class WindowAssembler(SensorStreams[_Stream]):
                 f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, "
                 f"{state.get('channels')}, not {shape}"
             )
+        items = state.get("sensors")
+        if not isinstance(items, list):
+            raise ValueError("the snapshot has no list of sensors")
         streams: OrderedDict[str, _Stream] = OrderedDict()
-        try:
-            for item in state["sensors"][-self.max_sensors :]:
-                streams[str(item["id"])] = self._restored_stream(item, now)
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise ValueError(f"inconsistent sensor state ({type(error).__name__}: {error})") from None
+        self.refused = []
+        for item in items[-self.max_sensors :]:
+            try:
+                streams[str(item["id"])] = self._restored_stream(item, now, max_abs_value)
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError):  # binascii.Error is a ValueError
+                self.refused.append(str(item.get("id"))[:128] if isinstance(item, dict) else "?")
         self._streams = streams
         return len(streams)
 
-    def _restored_stream(self, item: dict[str, Any], now: float) -> _Stream:
+    def _restored_stream(self, item: dict[str, Any], now: float, max_abs_value: float) -> _Stream:
         samples = decode_array(item["samples"]).reshape(-1, self.channels)
         stream = _Stream(0, self.stride, np.empty((self._buffer_rows, self.channels), dtype=np.float32), now)
         stream.next_seq, stream.next_k, stream.fill = int(item["next_seq"]), int(item["next_k"]), len(samples)
         if (
             stream.fill != max(0, stream.next_seq - stream.next_k * self.stride)
             or stream.fill >= self.window
-            or not np.isfinite(samples).all()
+            or not 0 <= stream.next_seq < MAX_SEQ
+            or not np.abs(samples).max(initial=0.0) <= max_abs_value  # NaN fails it too
         ):
             raise ValueError(
                 f"sensor {item['id']!r}: {stream.fill} samples do not fit next_seq {stream.next_seq}, "
@@ -342,6 +354,9 @@ class WindowAssembler(SensorStreams[_Stream]):
         )
         if item["last_anchor"] is not None:
             stream.last_anchor = (int(item["last_anchor"][0]), float(item["last_anchor"][1]))
+        times = [anchor.ts for anchor in stream.anchors] + [stream.last_anchor[1] if stream.last_anchor else 0.0]
+        if not all(math.isfinite(ts) for ts in times):
+            raise ValueError(f"sensor {item['id']!r}: a time that is not finite")
         stream.period_seconds = None if item["period_seconds"] is None else float(item["period_seconds"])
         return stream
 
@@ -367,7 +382,9 @@ class WindowAssembler(SensorStreams[_Stream]):
             result.gaps = 1
             result.gap_windows_dropped = self._restart_after_gap(stream, seq)
         if message.ts is not None:
-            self._anchor(stream, seq, message.ts, seq + len(message.samples))
+            result.ts_backwards = self._backwards(stream, seq, message.ts)
+            if not result.ts_backwards:
+                self._anchor(stream, seq, message.ts, seq + len(message.samples))
         self._append(sensor_id, stream, samples, now, result.windows)
         return result
 
@@ -393,6 +410,12 @@ class WindowAssembler(SensorStreams[_Stream]):
         stream.fill = 0
         stream.anchors.clear()
         return dropped
+
+    def _backwards(self, stream: _Stream, seq: int, ts: float) -> bool:
+        """A later message (higher seq) whose ts is more than `ts_tolerance_seconds` before the last one's: its ts
+        is ignored, so no window time is extrapolated from it."""
+        last = stream.last_anchor
+        return last is not None and seq > last[0] and ts < last[1] - self.ts_tolerance_seconds
 
     def _anchor(self, stream: _Stream, seq: int, ts: float, end: int) -> None:
         """Records the message's (seq, ts): it updates the period and timestamps the samples it delivers."""

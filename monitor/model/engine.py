@@ -65,10 +65,13 @@ class Engine:
 
     def score_windows(self, batch: Sequence[Window]) -> Scores:
         """A batch of windows (fixed or beat) scored, each error divided by its window's `error_scale` (a beat's in
-        a noisy stretch: beats.py; 1 otherwise)."""
+        a noisy stretch: beats.py; 1 otherwise) and raised to at least its `timing_score` (a premature beat's)."""
         scores = self.scorer.score(np.stack([window.samples for window in batch]))
         scales = np.fromiter((window.error_scale for window in batch), np.float64, len(batch))
-        return scores if (scales == 1.0).all() else Scores(scores.errors / scales, scores.profiles, scores.channels)
+        floors = np.fromiter((window.timing_score for window in batch), np.float64, len(batch))
+        if (scales == 1.0).all() and (floors == 0.0).all():
+            return scores
+        return Scores(np.maximum(scores.errors / scales, floors), scores.profiles, scores.channels)
 
     def describe(self) -> dict[str, str | int | float]:
         """The engine as log fields."""

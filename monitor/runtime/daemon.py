@@ -17,6 +17,7 @@ The systemd watchdog is fed only while the scoring thread makes progress (see `S
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -27,7 +28,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import structlog
 from prometheus_client import CollectorRegistry
 
@@ -45,6 +45,8 @@ from monitor.ingest.formats import InputFormats
 from monitor.ingest.journal import Journal
 from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
+from monitor.ingest.state_file import read_state, write_state
+from monitor.ingest.windowing import WindowAssembler
 from monitor.model.artifact import artifact_problem
 from monitor.model.baseline import SensorBaselines, resolve_baseline
 from monitor.model.engine import Engine, load_engine, load_shadow_engine
@@ -144,7 +146,8 @@ class Daemon:
         self.init_metrics()
         self.init_ingest()
         self.start_scoring()
-        self.replay_journal()
+        if not self.replay_journal():
+            return self.abandon()
         self.start_mqtt()
         self.main_loop()
         code = self.drain()
@@ -167,6 +170,8 @@ class Daemon:
 
     def init_metrics(self) -> None:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
+        if self.journal is not None:
+            self.journal.metrics = self.metrics
         self.metrics.declare(self.metrics.episode_events, EVENT_KINDS)  # exported at 0 with episodes off too
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
@@ -205,10 +210,14 @@ class Daemon:
             if self.warm_up is None
             else SensorBaselines(self.warm_up, engine.window, engine.channels, engine.baseline_follow_rate)
         )
-        self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity)
+        self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity, key=lambda window: window.sensor_id)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
         decoder = PayloadDecoder(
-            assembler.channels, windowing.max_samples_per_message, windowing.max_payload_bytes, windowing.max_abs_value
+            assembler.channels,
+            windowing.max_samples_per_message,
+            windowing.max_payload_bytes,
+            windowing.max_abs_value,
+            windowing.ts_range,
         )
         self.ingest = Ingest(
             decoder,
@@ -226,33 +235,89 @@ class Daemon:
             self.journal,
             baselines,
             None if config.input.json_only else InputFormats(config.input, decoder),
+            max_queued_per_sensor=config.batching.max_queued_per_sensor,
+            admission_wait_seconds=config.batching.admission_wait_seconds,
         )
         self.ingest.watch_gauges()
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
             self.restore_windows()
+        elif windowing.state_file is not None and windowing.state_file.exists():
+            log.warning(
+                "window_state_ignored",
+                path=str(windowing.state_file),
+                reason="journal.path is set: the journal holds the partial windows; the file is left as it is",
+            )
 
-    def replay_journal(self) -> None:
-        """Take back what the journal holds (a crash or a stop left it), then start a fresh one from that state."""
-        if self.journal is None:
-            return
+    def replay_journal(self) -> bool:
+        """Take back what the journal holds (a crash or a stop left it), then start a fresh one from that state.
+        A damaged file is renamed aside (kept, never overwritten) and what could be read of it replayed. False, after
+        one error line, when the journal cannot be read or written at all (a directory, unreadable, a full disk)."""
+        journal = self.journal
+        if journal is None:
+            return True
         now = time.monotonic()
         try:
-            replayed = self.journal.load(now)
-        except (OSError, ValueError) as error:
-            log.error("journal_discarded", path=str(self.journal.path), error=str(error)[:300])
+            if journal.path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, "journal.path is a directory", str(journal.path))
+            replayed = journal.load(now)
+        except OSError as error:
+            log.error("journal_unusable", path=str(journal.path), error=str(error), exit_code=1)
+            return False
+        except ValueError as error:
             replayed = None
+            size = journal.path.stat().st_size
+            self.metrics.journal_discarded.labels("unreadable").inc(size)
+            if not self.set_journal_aside("journal_unreadable", error=str(error)[:300], bytes=size):
+                return False
         if replayed is not None:
             self.ingest.replay(replayed, now)
+            self.metrics.journal_replayed.inc(len(replayed.messages))
+            self.metrics.journal_discarded.labels("torn").inc(replayed.torn_bytes)
+            self.metrics.journal_discarded.labels("damaged").inc(replayed.damaged_bytes)
+            if replayed.damaged_spans and not self.set_journal_aside(
+                "journal_damaged",
+                damaged_bytes=replayed.damaged_bytes,
+                damaged_spans=replayed.damaged_spans,
+                checkpoint_lost=replayed.checkpoint_lost,
+                messages_replayed=len(replayed.messages),
+            ):
+                return False
             log.info(
                 "journal_replayed",
-                path=str(self.journal.path),
+                path=str(journal.path),
                 pending_windows=len(replayed.pending),
                 messages=len(replayed.messages),
-                truncated=replayed.truncated,
+                torn_bytes=replayed.torn_bytes,
+                damaged_bytes=replayed.damaged_bytes,
                 sensors=self.ingest.assembler.active_sensors,
             )
         with self.ingest.lock:
-            self.journal.start(self.ingest.snapshot())
+            try:
+                journal.start(self.ingest.snapshot())
+            except OSError as error:  # the file the last run left is still in place: the next start replays it
+                log.error("journal_unusable", path=str(journal.path), error=str(error), exit_code=1)
+                return False
+        return True
+
+    def set_journal_aside(self, event: str, **details: object) -> bool:
+        """Log a damaged or unreadable journal at error level and rename it aside; False when it cannot be moved."""
+        assert self.journal is not None
+        try:
+            aside = self.journal.set_aside()
+        except OSError as error:
+            log.error(event, path=str(self.journal.path), kept_as=None, **details)
+            log.error("journal_unusable", path=str(self.journal.path), error=str(error), exit_code=1)
+            return False
+        log.error(event, path=str(self.journal.path), kept_as=str(aside), **details)
+        return True
+
+    def abandon(self) -> int:
+        """End a start that cannot go on (the input was never taken): exit code 1, for systemd to try again."""
+        self.stop.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        log.info("stopped", drain_seconds=0.0, exit_code=1)
+        return 1
 
     def restore_windows(self) -> None:
         """Take back the partial windows the last drain saved; a file that does not fit is logged and ignored."""
@@ -261,9 +326,21 @@ class Daemon:
             return
         assembler, baselines = self.ingest.assembler, self.ingest.baselines
         try:
-            state = orjson.loads(path.read_bytes())
-            sensors = assembler.restore(state, time.monotonic())
+            state, damaged = read_state(path)
+            if isinstance(assembler, WindowAssembler):
+                sensors = assembler.restore(state, time.monotonic(), self.config.windowing.max_abs_value)
+                refused = assembler.refused
+            else:
+                sensors, refused = assembler.restore(state, time.monotonic()), []
             log.info("window_state_restored", path=str(path), sensors=sensors, samples=assembler.buffered_samples())
+            if damaged or refused:
+                log.warning(
+                    "window_state_entries_discarded",
+                    path=str(path),
+                    damaged_lines=damaged,
+                    refused_sensors=len(refused),
+                    refused=refused[:10],
+                )
         except (OSError, ValueError) as error:
             log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
         else:
@@ -292,10 +369,8 @@ class Daemon:
         state = self.ingest.assembler.snapshot()
         if self.ingest.baselines is not None:
             state["baselines"] = self.ingest.baselines.snapshot()
-        temp = path.with_name(f".{path.name}.tmp")
         try:
-            temp.write_bytes(orjson.dumps(state))
-            os.replace(temp, path)
+            write_state(path, state)
         except OSError as error:
             log.error("window_state_not_saved", path=str(path), error=str(error))
             return
@@ -330,7 +405,7 @@ class Daemon:
         lifecycle = config.alerts.lifecycle
         if not lifecycle.enabled:
             return
-        tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors)
+        tracker = EpisodeTracker(lifecycle.policy(), config.windowing.max_sensors, tick=time.monotonic)
         self.episodes = EpisodeSink(
             tracker, self.connection, lifecycle, self.metrics, self.engine, top_channels=config.alerts.top_channels
         )
@@ -500,8 +575,9 @@ class Daemon:
         if not self.connection.wait_for_acknowledgements(wait):
             log.warning("alerts_unacknowledged_at_exit", pending=self.connection.pending_alerts())
         if self.journal is not None:
-            with self.ingest.lock:
-                self.journal.close(self.ingest.snapshot())  # fsyncs: the last records are released too
+            with self.ingest.lock:  # fsyncs: the last records are released too
+                if not self.journal.close(self.ingest.snapshot()):
+                    self.exit_code = 1  # the last run's file is kept: the next start replays it
         else:
             self.save_windows()
         self.connection.acknowledge()

@@ -96,8 +96,11 @@ class ScoringWorker(threading.Thread):
         if not finite.all():
             batch, scores = self._drop_non_finite(batch, scores, finite)
         self.metrics.windows_scored.inc(len(batch))
+        wall = time.time()
         for index, window in enumerate(batch):
             self.metrics.latency_seconds.observe(max(decided - window.completed_at, 0.0))
+            if window.start_ts is not None:
+                self.metrics.window_age_seconds.observe(max(wall - window.start_ts, 0.0))
             self.metrics.reconstruction_error.observe(float(scores.errors[index]))
         self._decided(batch, sink.handle(batch, scores, engine))
 

@@ -21,15 +21,18 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 # Outcomes the daemon itself gives a message; the stages add their own label values (payload rejections, beats
-# found unscorable, episode events) with `declare`, so every label is exported from the start at 0.
-MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "internal_error")
-WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "scoring_error", "non_finite_score")
+# found unscorable, episode events, ignored ts) with `declare`, so every label is exported from the start at 0.
+MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "sensor_share", "internal_error")
+WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "sensor_share", "scoring_error", "non_finite_score")
 ALERT_DROP_REASONS = ("queue_full", "publish_error")
 RELOAD_OUTCOMES = ("success", "failure")
+JOURNAL_OPERATIONS = ("write", "fsync", "checkpoint")
+JOURNAL_DISCARD_REASONS = ("torn", "damaged", "unreadable")
 EPISODE_STATES = ("open", "flapping")
 DRIFT_SHARE_LEVELS = (0.5, 0.9, 0.99)  # calibration quantiles whose exceedance share is exported
 SHADOW_DISAGREEMENTS = ("live_only", "shadow_only")  # which of the two models called the window anomalous
 LATENCY_BUCKETS_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+AGE_BUCKETS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 INFERENCE_BUCKETS_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ERROR_BUCKET_FACTORS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -105,6 +108,29 @@ class Metrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=registry,
         )
+        self.window_age_seconds = Histogram(
+            "monitor_window_age_seconds",
+            "From a window's first sample (its ts, when the sensor sends one) to its decision, wall clock: includes "
+            "the time its input waited at the broker",
+            buckets=AGE_BUCKETS_SECONDS,
+            registry=registry,
+        )
+        self.input_wait_seconds = Counter(
+            "monitor_input_wait_seconds_total",
+            "Time the input stage waited for room in the scoring queue (no input read meanwhile: it waits at the "
+            "broker)",
+            registry=registry,
+        )
+        self.ts_ignored = Counter(
+            "monitor_ts_ignored_total",
+            "Sensor ts values ignored (their samples kept), by reason: not a number, outside windowing.ts_range, or "
+            "back by more than windowing.ts_tolerance_seconds",
+            ["reason"],
+            registry=registry,
+        )
+        self.input_waits = Counter(
+            "monitor_input_waits_total", "Windows that waited for room in the scoring queue", registry=registry
+        )
         self.reconstruction_error = self._error_histogram(threshold)
         # beat mode (windowing.mode: beats); in it, monitor_windows_scored_total counts the beats scored
         self.beats_found = Counter("monitor_beats_found_total", "Beats the R-peak detector found", registry=registry)
@@ -117,6 +143,11 @@ class Metrics:
         self.beats_noisy_stretch = Counter(
             "monitor_beats_noisy_stretch_total",
             "Beats scored in a noisy stretch: their error divided by a scale above 1 (the model's stretch limit)",
+            registry=registry,
+        )
+        self.beat_relearns = Counter(
+            "monitor_beat_relearns_total",
+            "Sensors' dominant rhythm (beat template and RR reference) forgotten and learned again",
             registry=registry,
         )
         self.queue_depth = Gauge("monitor_queue_depth", "Windows waiting to be scored", registry=registry)
@@ -181,6 +212,7 @@ class Metrics:
             "Metrics connections closed because metrics.max_connections were open",
             registry=registry,
         )
+        self._journal_metrics(registry)
         self.instance_info = Info(
             "monitor_instance",
             "This instance: its name (the MQTT client id) and the broker partitions it consumes",
@@ -211,6 +243,46 @@ class Metrics:
         """Creates the children of a one-label metric for `values`, so they are exported (at 0) before first use."""
         for value in values:
             metric.labels(value)
+
+    def _journal_metrics(self, registry: CollectorRegistry) -> None:
+        self.journal_bytes = Counter(
+            "monitor_journal_bytes_total",
+            "Bytes written to the input journal (records and checkpoints)",
+            registry=registry,
+        )
+        self.journal_records = Counter(
+            "monitor_journal_records_total",
+            "Message and decided-window records written to the journal",
+            registry=registry,
+        )
+        self.journal_errors = Counter(
+            "monitor_journal_errors_total",
+            "Journal writes, fsyncs and checkpoints that failed",
+            ["operation"],
+            registry=registry,
+        )
+        self.journal_checkpoints = Counter(
+            "monitor_journal_checkpoints_total",
+            "Journal checkpoints written (start, periodic, recovery, stop)",
+            registry=registry,
+        )
+        self.journal_failing = Gauge(
+            "monitor_journal_failing",
+            "1 while journal writes fail: no input is acknowledged until a checkpoint can be written",
+            registry=registry,
+        )
+        self.journal_replayed = Counter(
+            "monitor_journal_replayed_messages_total", "Messages replayed from the journal at start", registry=registry
+        )
+        self.journal_discarded = Counter(
+            "monitor_journal_discarded_bytes_total",
+            "Journal bytes not replayed at start: a torn last record (never acknowledged), damaged records, or a file "
+            "with no readable checkpoint",
+            ["reason"],
+            registry=registry,
+        )
+        self.declare(self.journal_errors, JOURNAL_OPERATIONS)
+        self.declare(self.journal_discarded, JOURNAL_DISCARD_REASONS)
 
     def _episode_metrics(self, registry: CollectorRegistry) -> None:
         self.episode_events = Counter(

@@ -4,8 +4,11 @@ An annotation file is CSV with the header `sample,symbol` (more columns are allo
 annotation; `sample` indexes the recording, `symbol` is the WFDB code. Found beats are matched to annotated
 beats within 150 ms (the standard window of ANSI/AAMI EC57), each used once, nearest first.
 
-AAMI classes: normal N = `N L R e j`; anomalous S = `A a J S`, V = `V E`, F = `F`;
-Q = `/ f Q ?` and unmatched beats are not scored.
+AAMI classes (ANSI/AAMI EC57): normal N = `N L R e j`; anomalous S = `A a J S`, V = `V E`, F = `F`;
+Q = `/ f Q ?` and unmatched beats are not scored. The anomaly decision is one label, anomalous or not, so a class's
+sensitivity is the share of its beats flagged anomalous (whatever the class the model would have said), the
+normal class's figure the share of its beats flagged, and the alerts' positive predictivity the share of flagged
+beats that are S, V or F (`aami_figures`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from monitor.training.datasets import file_sha256, read_samples
 AAMI_CLASSES = {"N": "NLRej", "S": "AaJS", "V": "VE", "F": "F", "Q": "/fQ?"}
 BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")  # every WFDB beat code; the rest (+ ~ | x ...) are not beats
 DEFAULT_NORMAL_SYMBOLS = ("N", "L", "R", "e", "j")
+ANOMALOUS_CLASSES = ("S", "V", "F")
+SCORED_CLASSES = ("N", *ANOMALOUS_CLASSES)
 MATCH_SECONDS = 0.15
 CUT_CHUNK_SECONDS = 60.0  # recordings are fed in chunks of this length, so the progress bar moves
 
@@ -160,6 +165,10 @@ class LabelledBeats:
         return np.asarray([beat.r_seq for beat in self.beats], dtype=np.int64)
 
     @property
+    def prematurity(self) -> np.ndarray:
+        return np.asarray([beat.prematurity for beat in self.beats], dtype=np.float64)
+
+    @property
     def stretch(self) -> np.ndarray:
         return np.asarray([beat.stretch for beat in self.beats], dtype=np.float64)
 
@@ -192,3 +201,46 @@ def load_labelled(
             beats = cut_recording(recording, spec, bar)
             out.append((recording, beats if recording.ann_samples is None else label_beats(recording, beats)))
     return out
+
+
+def aami_counts(labelled: LabelledBeats, flagged: np.ndarray) -> dict[str, int]:
+    """One recording's counts in ANSI/AAMI EC57 terms (module docstring): the detector's annotated, detected and
+    extra beats; per class its matched beats, those flagged and those left unscored; every flagged found beat."""
+    classes = labelled.classes
+    unscorable = ~labelled.scorable
+    counts = {
+        "qrs_annotated": labelled.detected + labelled.missed,
+        "qrs_detected": labelled.detected,
+        "qrs_extra": labelled.extra,
+        "flagged": int(flagged.sum()),
+    }
+    for name in SCORED_CLASSES:
+        members = classes == name
+        counts[f"{name}_beats"] = int(members.sum())
+        counts[f"{name}_flagged"] = int((flagged & members).sum())
+        counts[f"{name}_unscorable"] = int((unscorable & members).sum())
+    return counts
+
+
+def aami_figures(counts: dict[str, int]) -> dict[str, float | int | None]:
+    """The counts with their rates (None where there is nothing to divide by): the detector's Se and +P, the Se of
+    each anomalous class (beats flagged, unscored beats counted as missed), the share of normal beats flagged, and
+    the +P of the alerts (flagged S, V and F beats / every flagged beat, Q and unmatched ones included)."""
+
+    def share(part: int, whole: int) -> float | None:
+        return part / whole if whole else None
+
+    ectopic = sum(counts[f"{name}_flagged"] for name in ANOMALOUS_CLASSES)
+    return {
+        **counts,
+        "qrs_se": share(counts["qrs_detected"], counts["qrs_annotated"]),
+        "qrs_ppv": share(counts["qrs_detected"], counts["qrs_detected"] + counts["qrs_extra"]),
+        **{f"{name}_se": share(counts[f"{name}_flagged"], counts[f"{name}_beats"]) for name in ANOMALOUS_CLASSES},
+        "normal_flagged": share(counts["N_flagged"], counts["N_beats"]),
+        "alert_ppv": share(ectopic, counts["flagged"]),
+    }
+
+
+def gross_counts(rows: Sequence[dict[str, int]]) -> dict[str, int]:
+    """Gross figures' counts: every recording's counts summed (EC57's gross statistics weight beats, not records)."""
+    return {key: sum(int(row[key]) for row in rows) for key in rows[0]}

@@ -22,9 +22,18 @@ from monitor.config.loading import Strict
 from monitor.ecg.beats import Beat, BeatSpec
 from monitor.errors import DataError
 from monitor.model.artifact import ModelArtifact, Normalisation, save_artifact
-from monitor.model.calibration import calibrate, threshold_uncertainty
-from monitor.model.scoring import BatchScorer
-from monitor.training.beat_data import DEFAULT_NORMAL_SYMBOLS, LabelledBeats, load_labelled, pair_files
+from monitor.model.calibration import Calibration, ThresholdUncertainty, calibrate, threshold_uncertainty
+from monitor.model.scoring import BatchScorer, Scorer
+from monitor.training.beat_data import (
+    DEFAULT_NORMAL_SYMBOLS,
+    SCORED_CLASSES,
+    LabelledBeats,
+    aami_counts,
+    aami_figures,
+    gross_counts,
+    load_labelled,
+    pair_files,
+)
 from monitor.training.datasets import WindowSet
 from monitor.training.evaluation import Evaluation, evaluate_scores
 from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record
@@ -49,11 +58,19 @@ class BeatSettings(Strict):
     detrend: bool = True
     # the stretch limit (beats.py) is this quantile of the fit beats' stretch; null: scores are not scaled
     stretch_quantile: float | None = Field(default=0.95, gt=0, lt=1)
+    dominant: bool = True  # template and RR reference from the beats judged normal (beats.py)
+    normal_distance: float = Field(default=0.5, gt=0)
+    relearn_beats: int = Field(default=64, ge=1)
+    relearn_share: float = Field(default=0.1, ge=0, le=1)
+    # the timing gain (beats.py) scores the fit beats' prematurity at this quantile as the threshold's error;
+    # null: no timing score
+    timing_quantile: float | None = Field(default=0.99, gt=0, lt=1)
 
     def spec(self) -> BeatSpec:
-        """The spec to cut with; its `stretch_limit` is set after cutting (`with_stretch_limit`)."""
+        """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""
+        values = self.model_dump(exclude={"stretch_quantile", "timing_quantile"})
         try:
-            return BeatSpec(**{**self.model_dump(exclude={"stretch_quantile"}), "channels": tuple(self.channels)})
+            return BeatSpec(**{**values, "channels": tuple(self.channels)})
         except ValueError as error:
             raise DataError(f"beats: {error}") from None
 
@@ -64,6 +81,16 @@ class BeatSettings(Strict):
         if not limit > 0:
             raise DataError(f"beats: the fit beats' stretch at quantile {self.stretch_quantile} is {limit}, not > 0")
         return replace(spec, stretch_limit=limit)
+
+    def with_timing_gain(self, spec: BeatSpec, threshold: float, fit_prematurity: np.ndarray) -> BeatSpec:
+        """The spec with its timing gain: the reconstruction errors' threshold over the fit beats' prematurity at
+        `timing_quantile`, so that prematurity scores as much as that error (unchanged without a quantile)."""
+        if self.timing_quantile is None:
+            return spec
+        early = float(np.quantile(fit_prematurity, self.timing_quantile))
+        if not early > 0:
+            raise DataError(f"beats: the fit beats' prematurity at quantile {self.timing_quantile} is {early}, not > 0")
+        return replace(spec, timing_gain=threshold / early)
 
 
 class BeatTrainSettings(TrainSettings):
@@ -113,9 +140,12 @@ class BeatEvaluation:
     classes: dict[str, int]  # scored beats per AAMI class
     flagged: dict[str, int]  # flagged beats per AAMI class
     evaluation: Evaluation
+    records: dict[str, dict[str, Any]]  # per recording, its figures in ANSI/AAMI EC57 terms (beat_data.aami_figures)
+    gross: dict[str, Any]  # the same over every recording's beats
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "aami": {"records": self.records, "gross": self.gross},
             **self.evaluation.to_dict(),
             "detector_sensitivity": self.detector_sensitivity,
             "detector_ppv": self.detector_ppv,
@@ -137,6 +167,8 @@ class TrainingBeats:
     calibration: np.ndarray
     fit_stretch: np.ndarray
     calibration_stretch: np.ndarray
+    fit_prematurity: np.ndarray
+    calibration_prematurity: np.ndarray
 
 
 def split_training_beats(
@@ -173,58 +205,85 @@ def split_training_beats(
     return TrainingBeats(
         *(np.stack([beat.window for beat in part]) for part in (fit, validation, calibration)),
         *(np.array([beat.stretch for beat in part]) for part in (fit, calibration)),
+        *(np.array([beat.prematurity for beat in part]) for part in (fit, calibration)),
     )
+
+
+@dataclass(frozen=True)
+class FittedBeats:
+    """A model fitted on training beats, with the spec it scores by and its calibrated threshold."""
+
+    scorer: Scorer
+    spec: BeatSpec  # with the stretch limit and timing gain training set
+    calibration: Calibration
+    uncertainty: ThresholdUncertainty
+    beats: TrainingBeats
+    train_losses: list[float]
+    val_losses: list[float]
+    best_epoch: int
+
+
+def fit_beats(settings: BeatTrainSettings, labelled: list, spec: BeatSpec) -> FittedBeats:
+    """Splits the cut recordings' beats, fits the model on the fit beats, sets the spec's stretch limit and timing
+    gain, and calibrates the threshold on the calibration beats' scores (`beats.BeatSpec.beat_scores`)."""
+    beats = split_training_beats(
+        labelled, settings.normal_symbols, settings.validation_fraction, settings.calibration_fraction
+    )
+    spec = settings.beats.with_stretch_limit(spec, beats.fit_stretch)
+    normalisation = Normalisation.fit(beats.fit)
+    log.info(
+        "training_started",
+        beats=len(beats.fit),
+        validation=len(beats.validation),
+        calibration=len(beats.calibration),
+        window=spec.window,
+        channels=len(spec.channels),
+    )
+    model, train_losses, val_losses, best_epoch = fit_model(
+        settings, normalisation.apply(beats.fit), normalisation.apply(beats.validation)
+    )
+    scorer = Scorer(model, normalisation)
+    errors = scorer.score_all(beats.calibration).errors
+    method, params = settings.threshold.method, settings.threshold.params
+    morphology = calibrate(errors / spec.error_scale(beats.calibration_stretch), method, params)
+    spec = settings.beats.with_timing_gain(spec, morphology.threshold, beats.fit_prematurity)
+    scores = spec.beat_scores(errors, beats.calibration_stretch, beats.calibration_prematurity)
+    calibration = calibrate(scores, method, params)
+    uncertainty = threshold_uncertainty(scores, calibration.threshold, calibration.params.get("q"))
+    return FittedBeats(scorer, spec, calibration, uncertainty, beats, train_losses, val_losses, best_epoch)
 
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
     """Cut, split, train, calibrate, evaluate (with evaluation recordings) and write the artifact."""
     import torch
 
-    from monitor.model.scoring import Scorer
-
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    spec = settings.beats.spec()
     started = time.perf_counter()
+    spec = settings.beats.spec()
     labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
-    beats = split_training_beats(
-        labelled, settings.normal_symbols, settings.validation_fraction, settings.calibration_fraction
-    )
-    fit, validation, calibration_windows = beats.fit, beats.validation, beats.calibration
-    spec = settings.beats.with_stretch_limit(spec, beats.fit_stretch)
-    n_val, n_cal = len(validation), len(calibration_windows)
-    normalisation = Normalisation.fit(fit)
-    log.info(
-        "training_started",
-        beats=len(fit),
-        validation=n_val,
-        calibration=n_cal,
-        window=spec.window,
-        channels=len(spec.channels),
-    )
-    model, train_losses, val_losses, best_epoch = fit_model(
-        settings, normalisation.apply(fit), normalisation.apply(validation)
-    )
+    fitted = fit_beats(settings, labelled, spec)
     seconds = time.perf_counter() - started
-    scorer = Scorer(model, normalisation)
-    calibration_errors = scorer.score_all(calibration_windows).errors / spec.error_scale(beats.calibration_stretch)
-    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
-    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    spec, calibration, beats = fitted.spec, fitted.calibration, fitted.beats
+    fit, n_val, n_cal = beats.fit, len(beats.validation), len(beats.calibration)
     evaluation, evaluation_data = None, None
     if settings.evaluate_data:
         files = pair_files(settings.evaluate_data, settings.evaluate_annotations)
         if settings.evaluate_annotations is None:
             raise DataError("evaluate_data in beat mode needs evaluate_annotations, one file per recording")
-        evaluation, evaluation_data = evaluate_beats(scorer, calibration.threshold, files, settings.sample_rate, spec)
+        evaluation, evaluation_data = evaluate_beats(
+            fitted.scorer, calibration.threshold, files, settings.sample_rate, spec
+        )
     sources = [str(path) for path in settings.train_data]
     split = {
         "validation": f"{n_val} beats: the {settings.validation_fraction:.0%} before each recording's calibration part",
         "calibration": f"{n_cal} beats: the last {settings.calibration_fraction:.0%} of each recording's beats",
     }
     fit_set = WindowSet(fit, None, ", ".join(sources), "")
+    model, normalisation = fitted.scorer.model, fitted.scorer.normalisation
     metadata = model_record(
-        settings, fit_set, normalisation, calibration, uncertainty, split, None, None,
-        train_losses, val_losses, best_epoch, seconds,
+        settings, fit_set, normalisation, calibration, fitted.uncertainty, split, None, None,
+        fitted.train_losses, fitted.val_losses, fitted.best_epoch, seconds,
     )  # fmt: skip
     metadata["segmentation"] = {**spec.to_dict(), "trained_at_sample_rate_hz": settings.sample_rate}
     metadata["training"].update(
@@ -249,58 +308,81 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
     )  # fmt: skip
     log.info("model_written", path=str(settings.output), threshold=calibration.threshold, seconds=round(seconds, 1))
     result = TrainingResult(
-        artifact, calibration, train_losses, val_losses, best_epoch, seconds, None, evaluation_data, calibration_windows
-    )
+        artifact, calibration, fitted.train_losses, fitted.val_losses, fitted.best_epoch, seconds, None,
+        evaluation_data, beats.calibration,
+    )  # fmt: skip
     return result, evaluation
+
+
+def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np.ndarray:
+    """Scores a recording's scorable beats as the daemon does (`beats.BeatSpec.beat_scores`); NaN for the others."""
+    scores = np.full(len(beats.beats), np.nan)
+    use = beats.scorable
+    if use.any():
+        errors = scorer.score_all(beats.windows[use]).errors
+        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.prematurity[use])
+    return scores
 
 
 def evaluate_beats(
     scorer: BatchScorer, threshold: float, files: list[tuple[Path, Path | None]], fs: float, spec: BeatSpec
 ) -> tuple[BeatEvaluation, WindowSet]:
-    """Detector figures and beat-level figures of recordings with annotations, pooled.
+    """Detector figures and beat-level figures of recordings with annotations, per recording and pooled.
 
     Returns the figures and the scored beats as a labelled WindowSet (label 1 normal, 0 anomalous).
     """
     labelled = load_labelled(files, fs, spec, "cutting beats")
-    detected = missed = extra = found = 0
-    windows, classes, scorable, stretches = [], [], [], []
+    records: dict[str, dict[str, Any]] = {}
+    counts, windows, classes, scores, found = [], [], [], [], 0
     for recording, beats in labelled:
         if not isinstance(beats, LabelledBeats):
             raise DataError(f"{recording.source}: evaluation needs its annotation file")
-        detected, missed, extra = detected + beats.detected, missed + beats.missed, extra + beats.extra
+        score = score_beats(scorer, spec, beats)
         found += len(beats.beats)
-        if beats.beats:
-            windows.append(beats.windows)
-            classes.append(beats.classes)
-            scorable.append(beats.scorable)
-            stretches.append(beats.stretch)
+        counts.append(aami_counts(beats, score > threshold))
+        records[recording.source] = aami_figures(counts[-1])
+        use = np.isin(beats.classes, SCORED_CLASSES) & beats.scorable
+        if use.any():
+            windows.append(beats.windows[use])
+            classes.append(beats.classes[use])
+            scores.append(score[use])
     if not windows:
-        raise DataError("no beats found in the evaluation recordings")
-    all_classes = np.concatenate(classes)
-    all_scorable = np.concatenate(scorable)
-    labelled_mask = np.isin(all_classes, ["N", "S", "V", "F"])
-    use = labelled_mask & all_scorable
-    scored_windows = np.concatenate(windows)[use]
-    scored_classes = all_classes[use]
-    scores = scorer.score_all(scored_windows).errors / spec.error_scale(np.concatenate(stretches)[use])
+        raise DataError("no scorable N, S, V or F beats in the evaluation recordings")
+    total = gross_counts(counts)
+    scored_classes, all_scores = np.concatenate(classes), np.concatenate(scores)
     anomalous = scored_classes != "N"
-    result = evaluate_scores(scores, anomalous, threshold)
-    flagged = scores > threshold
-    names = ("N", "S", "V", "F")
+    flagged = all_scores > threshold
     beat_eval = BeatEvaluation(
-        detector_sensitivity=detected / max(1, detected + missed),
-        detector_ppv=detected / max(1, detected + extra),
-        annotated_beats=detected + missed,
+        detector_sensitivity=total["qrs_detected"] / max(1, total["qrs_annotated"]),
+        detector_ppv=total["qrs_detected"] / max(1, total["qrs_detected"] + total["qrs_extra"]),
+        annotated_beats=total["qrs_annotated"],
         found_beats=found,
-        unscorable={name: int((labelled_mask & ~all_scorable & (all_classes == name)).sum()) for name in names},
-        classes={name: int((scored_classes == name).sum()) for name in names},
-        flagged={name: int((flagged & (scored_classes == name)).sum()) for name in names},
-        evaluation=result,
+        unscorable={name: total[f"{name}_unscorable"] for name in SCORED_CLASSES},
+        classes={name: int((scored_classes == name).sum()) for name in SCORED_CLASSES},
+        flagged={name: int((flagged & (scored_classes == name)).sum()) for name in SCORED_CLASSES},
+        evaluation=evaluate_scores(all_scores, anomalous, threshold),
+        records=records,
+        gross=aami_figures(total),
     )
     data = WindowSet(
-        scored_windows, np.where(anomalous, 0, 1).astype(np.int64), ", ".join(str(p) for p, _ in files), ""
+        np.concatenate(windows), np.where(anomalous, 0, 1).astype(np.int64), ", ".join(str(p) for p, _ in files), ""
     )
     return beat_eval, data
+
+
+def aami_table(records: dict[str, dict[str, Any]], gross: dict[str, Any]) -> str:
+    """Per recording and gross, in the style of an ANSI/AAMI EC57 report (percentages; '-' where undefined)."""
+
+    def pct(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    head = "record", "beats", "QRS Se", "QRS +P", "V Se", "S Se", "F Se", "N flagged", "alert +P"
+    rows = [" | ".join(head)]
+    for name, row in (*records.items(), ("gross", gross)):
+        cells = [Path(name).name if name != "gross" else name, str(row["qrs_annotated"])]
+        cells += [pct(row[key]) for key in ("qrs_se", "qrs_ppv", "V_se", "S_se", "F_se", "normal_flagged", "alert_ppv")]
+        rows.append(" | ".join(cells))
+    return "\n".join(rows)
 
 
 def format_beat_evaluation(result: BeatEvaluation) -> str:
@@ -318,5 +400,7 @@ def format_beat_evaluation(result: BeatEvaluation) -> str:
             f"({result.annotated_beats} annotated beats, {result.found_beats} found, 150 ms match window)",
             f"AAMI classes (anomalous = S, V, F): {per_class}",
             format_evaluation(result.evaluation).replace("windows:", "beats:", 1),
+            "ANSI/AAMI EC57 terms (%; a class's Se: its beats flagged; alert +P: flagged S, V, F beats / flagged):",
+            aami_table(result.records, result.gross),
         ]
     )

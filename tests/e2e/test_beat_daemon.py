@@ -31,11 +31,11 @@ def offline(signal: np.ndarray) -> tuple[int, int, set[int], float, int]:
     beats = cut_beats(signal, FS, spec)
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
-    scales = spec.error_scale(np.array([beat.stretch for beat in scorable]))
-    scaled = errors / scales
-    flagged = {beat.r_seq for beat, error in zip(scorable, scaled, strict=True) if error > artifact.threshold}
+    stretch = np.array([beat.stretch for beat in scorable])
+    scores = spec.beat_scores(errors, stretch, np.array([beat.prematurity for beat in scorable]))
+    flagged = {beat.r_seq for beat, score in zip(scorable, scores, strict=True) if score > artifact.threshold}
     assert flagged != {beat.r_seq for beat, error in zip(scorable, errors, strict=True) if error > artifact.threshold}
-    return len(beats), len(scorable), flagged, artifact.threshold, int((scales > 1).sum())
+    return len(beats), len(scorable), flagged, artifact.threshold, int((spec.error_scale(stretch) > 1).sum())
 
 
 def replay(config, recording, sensors: int) -> None:

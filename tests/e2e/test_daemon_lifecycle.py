@@ -47,11 +47,11 @@ def test_bad_payloads_are_counted_and_the_daemon_keeps_scoring(broker, daemon_fa
         "wrong_channels": b'{"samples": [[1, 2], [3, 4]]}',
         "non_finite": b'{"samples": [1e39, 1]}',  # beyond float32
         "bad_seq": b'{"samples": [1, 2], "seq": -5}',
-        "bad_ts": b'{"samples": [1, 2], "ts": "yesterday"}',
         "too_large": json.dumps({"samples": [0.5] * 2000}).encode(),
     }
     for payload in bad.values():
         publish(client, "sensors/bad-1/ecg", payload)
+    publish(client, "sensors/bad-1/ecg", b'{"samples": [1, 2], "ts": "yesterday"}')  # the ts ignored, samples kept
     publish(client, "sensors//ecg", b'{"samples": [1]}')  # empty sensor id
     stream = beats(2)
     for start in range(0, len(stream), 35):
@@ -64,6 +64,7 @@ def test_bad_payloads_are_counted_and_the_daemon_keeps_scoring(broker, daemon_fa
         assert metric(samples, "monitor_messages_received_total", outcome=reason) == 1, reason
     assert metric(samples, "monitor_messages_received_total", outcome="bad_topic") == 1
     assert metric(samples, "monitor_messages_received_total", outcome="internal_error") == 0
+    assert metric(samples, "monitor_ts_ignored_total", reason="not_a_number") == 1
     dropped = daemon.events("message_dropped")
     assert {event["reason"] for event in dropped} >= set(bad)
     client.loop_stop()

@@ -116,6 +116,28 @@ def test_cooldown_holds_back_a_new_episode_then_lets_it_open():
     assert events[0]["anomalous_windows"] == 2  # the window of the last n decisions, not the whole cooldown
 
 
+@pytest.mark.parametrize("cooldown", [0.0, 5.0])
+def test_a_step_of_the_wall_clock_changes_no_decision(cooldown):
+    """An NTP step of the wall clock one hour back, right after an episode resolved: with durations on the monotonic
+    tick, the next anomalous run opens an episode exactly as without the step (the wall clock still dates it)."""
+    decisions: dict[bool, list[tuple[str, int]]] = {}
+    for stepped in (False, True):
+        ticks = itertools.count(0.0, 1.0)  # the monotonic clock: one second a decision, whatever the wall clock does
+        tracker = EpisodeTracker(
+            EpisodePolicy(open_anomalous=2, open_window=2, resolve_normal=2, cooldown_seconds=cooldown),
+            new_id=counter_ids(),
+            tick=lambda ticks=ticks: next(ticks),
+        )
+        script = Script(tracker)
+        events = script.feed("AA NN")
+        if stepped:
+            script.now -= 3600.0
+        events += script.feed("N" * 10 + "AAAA")
+        decisions[stepped] = kinds(events)
+        assert events[-1]["opened_at"] == script.now - 3  # decision 15 of 0..17: people read the wall clock
+    assert decisions[True] == decisions[False] == [("opened", 1), ("resolved", 3), ("opened", 15)]
+
+
 def test_flapping_replaces_open_resolve_churn_with_one_state():
     script = Script(
         tracker(open_anomalous=1, open_window=1, resolve_normal=1, flapping_transitions=4, flapping_window=20)

@@ -4,6 +4,7 @@ are trimmed, and a snapshot carries every sensor across a restart."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import orjson
@@ -15,12 +16,13 @@ from monitor.errors import PayloadError
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.beat_windowing import BeatAssembler
-from monitor.ingest.journal import Journal, decode_windows, encode_windows
+from monitor.ingest.journal import Journal, Replayed, decode_windows, encode_windows
 from monitor.ingest.payload import Message, PayloadDecoder
 from monitor.ingest.stage import Ingest
 from monitor.telemetry.metrics import Metrics
 from monitor.training.beat_data import read_recording
 from tests.support import REPO, wait_until
+from tests.unit.ecg.test_qrs import synthetic_ecg
 
 RECORD = REPO / "data" / "mitdb-dev" / "test" / "208_excerpt.npy"
 FS = 360.0
@@ -46,7 +48,7 @@ def stream(assembler: BeatAssembler, sensor: str, signal: np.ndarray, chunk: int
 
 
 def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
-    spec = BeatSpec(stretch_limit=0.3)
+    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0)
     offline = cut_beats(signal.astype(np.float32).astype(np.float64), FS, spec)  # the payload carries float32 samples
     assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
     windows, found, unscorable = stream(assembler, "s1", signal, chunk=35, start=1000)
@@ -61,10 +63,12 @@ def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
         assert window.beat.rr_seconds == beat.rr_seconds
         assert np.array_equal(window.samples, beat.window)
         assert window.error_scale == spec.error_scale(beat.stretch) == max(1.0, beat.stretch / 0.3)
+        assert window.timing_score == 2.0 * beat.prematurity
     assert any(window.error_scale > 1 for window in windows) and any(window.error_scale == 1 for window in windows)
     assert np.all(BeatSpec().error_scale([0.1, 5.0]) == 1.0)  # no limit: scores as they are
     restored = decode_windows(encode_windows(windows), 0.0)  # the journal's records
     assert [w.error_scale for w in restored] == [w.error_scale for w in windows]
+    assert [w.timing_score for w in restored] == [w.timing_score for w in windows]
 
 
 def test_a_seq_gap_resets_the_detector_and_duplicates_are_trimmed(signal):
@@ -102,7 +106,7 @@ def test_one_message_far_ahead_cannot_silence_a_sensor_and_a_reboot_to_zero_is_f
 
 
 def test_state_survives_a_restart_exactly(signal):
-    spec = BeatSpec(stretch_limit=0.3)
+    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0)
     reference = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
     expected = stream(reference, "a", signal, chunk=100)[0]
     assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
@@ -115,6 +119,11 @@ def test_state_survives_a_restart_exactly(signal):
     assert [w.beat.beat_seq for w in before + after] == [w.beat.beat_seq for w in expected]
     assert all(np.array_equal(a.samples, b.samples) for a, b in zip(before + after, expected, strict=True))
     assert [w.error_scale for w in before + after] == [w.error_scale for w in expected]  # the stretch history too
+    assert [w.timing_score for w in before + after] == [w.timing_score for w in expected]  # the RR reference too
+    assert any(w.timing_score > 0 for w in expected)
+    old = {**state, "version": 1}  # a state file from before the dominant rhythm
+    with pytest.raises(ValueError, match="not a monitor-beat-state of version 2"):
+        restarted.restore(old, 0.0)
     other_rate = BeatAssembler(spec, 250.0, max_sensors=10, idle_seconds=60)
     with pytest.raises(ValueError, match="saved for 360.0 Hz"):
         other_rate.restore(state, 0.0)
@@ -164,6 +173,15 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     released += [receipt.mid for receipt in acks.ready()]
     journal.close(ingest.snapshot())
     assert released == received and len(pending) == 0
+    old = {**ingest.snapshot()["windowing"], "version": 1}  # a checkpoint from before the dominant rhythm
+    messages = [
+        ("sensors/b/ecg", orjson.dumps({"seq": offset, "samples": signal[offset : offset + chunk, None].tolist()}))
+        for offset in range(0, 20 * chunk, chunk)
+    ]
+    fresh = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
+    replaying = Ingest(PayloadDecoder(1, 4096), fresh, WindowQueue(10_000), Metrics(CollectorRegistry(), 4, 1.0), 1)
+    replaying.replay(Replayed(old, [], messages, Counter(), False), 0.0)  # the old state is discarded, not fatal
+    assert list(fresh.sensor_ids()) == ["b"] and replaying.windows.depth() > 10
 
 
 def test_the_fast_median_gives_numpys_values_exactly():
@@ -173,3 +191,16 @@ def test_the_fast_median_gives_numpys_values_exactly():
     for shape in ((16, 64), (15, 64), (1, 64), (471,), (470,)):
         values = rng.normal(size=shape)
         assert np.array_equal(_median(values), np.median(values, axis=0)), shape
+
+
+def test_a_relearn_is_counted_in_the_daemons_metrics():
+    fs = 250.0
+    signal, _ = synthetic_ecg(fs, 120, seed=4)
+    signal[int(40 * fs) :] *= -1  # the lead's beats change shape for good
+    spec = BeatSpec(dominant=True, relearn_beats=32, relearn_share=0.1)
+    metrics = Metrics(CollectorRegistry(), 4, 1.0)
+    ingest = Ingest(PayloadDecoder(1, 4096), BeatAssembler(spec, fs, 10, 60), WindowQueue(10_000), metrics, 1)
+    for offset in range(0, len(signal), 250):
+        payload = orjson.dumps({"seq": offset, "samples": signal[offset : offset + 250].tolist()})
+        ingest.handle("sensors/a/ecg", payload, 0.0)
+    assert metrics.beat_relearns._value.get() == 1

@@ -249,3 +249,56 @@ def test_detrending_removes_a_baseline_slope_from_the_beat_window():
             assert difference < bound
         else:
             assert difference > 0.6  # without: a tilted, rescaled beat (4 times further from the clean one)
+
+
+def test_the_dominant_rhythm_learns_the_normal_beats_of_a_bigeminy():
+    """Half the beats ectopic from the first one: the dominant-rhythm template is the normal beat, so normal beats
+    sit close to it and every ectopic beat far; a template of every clean beat sits between the two."""
+    fs = 250.0
+    signal, truth = synthetic_ecg(fs, 90, seed=3, wide_every=2)
+    wide = np.zeros(len(truth), bool)
+    wide[1::2] = True
+    distance = {}
+    for dominant in (False, True):
+        beats = cut_beats(signal, fs, BeatSpec(dominant=dominant))
+        match, _ = match_beats(np.asarray([beat.r_seq for beat in beats]), truth, int(0.15 * fs))
+        scored = [(beat, wide[index]) for beat, index in zip(beats, match, strict=True) if index >= 0 and beat.scorable]
+        assert len(scored) > 80
+        rms = np.asarray([np.sqrt(np.mean(beat.window[:, 1] ** 2)) for beat, _ in scored])
+        ectopic = np.asarray([is_wide for _, is_wide in scored])
+        distance[dominant] = rms[~ectopic].mean()
+        if dominant:
+            assert all(beat.normal != is_wide for beat, is_wide in scored)  # judged: normal beats and only they
+            assert rms[ectopic].min() > 3 * rms[~ectopic].max()
+            premature = np.asarray([beat.prematurity for beat, _ in scored])
+            assert premature[ectopic].min() > 0.15 > premature[~ectopic].max()  # RR reference: before normal beats
+            assert beats[0].stretch == 0 and max(beat.stretch for beat, _ in scored) < 0.2  # ectopy is no stretch
+    assert distance[True] < distance[False] / 3
+
+
+def test_the_dominant_rhythm_is_learned_again_when_the_morphology_really_changes():
+    """A lead whose beats change shape for good (here: inverted) is judged abnormal until fewer than
+    `relearn_share` of the last `relearn_beats` clean beats were normal; then the new shape is learned."""
+    fs = 250.0
+    signal, truth = synthetic_ecg(fs, 180, seed=4)
+    change = int(60 * fs)
+    signal[change:] = -signal[change:]
+    spec = BeatSpec(dominant=True, relearn_beats=32, relearn_share=0.1)
+    stream = BeatStream(fs, spec)
+    beats = stream.feed(signal)
+    assert stream.relearns == 1
+    after = [beat for beat in beats if beat.r_seq > change + 2 * fs]
+    relearned = next(index for index, beat in enumerate(after) if beat.reason == "warmup")
+    assert 24 <= relearned <= 32 and not any(beat.normal for beat in after[:relearned])
+    assert all(beat.normal for beat in after[relearned + 10 :] if beat.scorable)
+    state = json.loads(json.dumps(stream.snapshot()))
+    assert BeatStream.restore(state, spec).relearns == 1
+
+
+def test_timing_scores_a_premature_beat_at_least_by_its_prematurity():
+    spec = BeatSpec(stretch_limit=0.5, timing_gain=2.0)
+    scores = spec.beat_scores(np.array([1.0, 1.0, 1.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.8]))
+    assert scores.tolist() == [1.0, 0.5, 1.6]
+    assert BeatSpec().beat_scores(np.array([1.0]), np.array([0.0]), np.array([0.9])).tolist() == [1.0]
+    old = BeatSpec.from_dict({key: value for key, value in spec.to_dict().items() if key != "dominant"})
+    assert not old.dominant and old.timing_gain == 2.0  # an artifact from before the dominant rhythm

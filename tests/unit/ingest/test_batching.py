@@ -87,3 +87,12 @@ def test_stop_returns_what_is_queued_then_nothing():
     batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=3600.0, clock=Clock(100.0))
     assert [item.name for item in batcher.next_batch(stop)] == [1]  # stopping: no waiting for the deadline
     assert batcher.next_batch(stop, poll_seconds=0.01) == []
+
+
+def test_queue_counts_windows_by_key_and_waits_for_room():
+    queue: WindowQueue[Item] = WindowQueue(2, key=lambda item: f"s{item.name % 2}")
+    assert queue.offer(Item(0.0, 0)) and queue.offer(Item(0.0, 2)) and not queue.offer(Item(0.0, 1))
+    assert (queue.queued_for("s0"), queue.queued_for("s1")) == (2, 0)  # the refused one is not counted
+    threading.Timer(0.2, lambda: queue.get(0.0)).start()  # the scorer takes one while the input waits
+    assert queue.offer(Item(0.0, 1), wait_seconds=5.0)
+    assert (queue.queued_for("s0"), queue.queued_for("s1"), queue.depth()) == (1, 1, 2)

@@ -83,13 +83,22 @@ def header(**fields: object) -> bytes:
         (header(kind=INT16, scale=3e38) + struct.pack("<h", 2), "non_finite"),
         (header() + struct.pack("<f", 2e6), "value_out_of_range"),
         (header(seq=MAX_SEQ) + b"\0" * 4, "bad_seq"),
-        (header(ts=-1.0) + b"\0" * 4, "bad_ts"),
-        (header(ts=math.inf) + b"\0" * 4, "bad_ts"),
         (b"\0" * 100, "bad_frame"),
     ],
 )
 def test_reject_reasons(payload: bytes, reason: str) -> None:
     assert reason_of(FrameDecoder(1, max_samples=4, max_abs_value=1e6), payload) == reason
+
+
+@pytest.mark.parametrize("ts", [-1.0, math.inf, 0.0, 1.8e12])
+def test_an_implausible_ts_is_ignored_and_the_samples_kept(ts: float) -> None:
+    message = FrameDecoder(1).decode(encode_frame(np.array([0.5, 1.5]), seq=3, ts=ts))
+    assert (message.ts, message.ts_ignored, message.seq, message.samples[:, 0].tolist()) == (
+        None,
+        "out_of_range",
+        3,
+        [0.5, 1.5],
+    )
 
 
 def test_too_large_is_checked_before_the_header() -> None:

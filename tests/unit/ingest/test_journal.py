@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from monitor.ingest.acks import InOrderAcks, PendingWindows
 from monitor.ingest.journal import Journal, encode_windows, read_journal
+from monitor.telemetry.metrics import Metrics
 from monitor.window import Window
 from tests.support import wait_until
 
@@ -37,7 +40,7 @@ def test_records_are_durable_in_order_and_read_back(tmp_path):
     assert done.wait(5)
     assert durable == list(range(50)) and journal.syncs >= 1
     replayed = read_journal(tmp_path / "j", now=7.0)
-    assert replayed.windowing == {"sensors": ["state"]} and not replayed.truncated
+    assert replayed.windowing == {"sensors": ["state"]} and (replayed.torn_bytes, replayed.damaged_spans) == (0, 0)
     assert [(w.sensor_id, w.start_seq, w.start_ts, w.completed_at) for w in replayed.pending] == [
         ("a", 0, pending[0].start_ts, 7.0),
         ("b", 140, pending[1].start_ts, 7.0),
@@ -57,9 +60,10 @@ def test_a_record_cut_off_by_a_crash_ends_the_replay(tmp_path):
     data = (tmp_path / "j").read_bytes()
     (tmp_path / "j").write_bytes(data[:-3])
     replayed = read_journal(tmp_path / "j", now=0.0)
-    assert replayed.truncated and [payload for _, payload in replayed.messages] == [b"payload 0", b"payload 1"]
+    assert replayed.torn_bytes > 0 and replayed.damaged_spans == 0
+    assert [payload for _, payload in replayed.messages] == [b"payload 0", b"payload 1"]
     (tmp_path / "j").write_bytes(data[:5])
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(ValueError, match="no readable record"):
         read_journal(tmp_path / "j", now=0.0)
 
 
@@ -142,23 +146,90 @@ def test_decided_windows_are_recorded_for_the_replay(tmp_path):
     assert replayed.decided == {("a", 0): 2, ("a", 140): 1} and len(replayed.messages) == 1
 
 
-def test_a_failing_disk_never_holds_acknowledgements_back(tmp_path):
-    """A write that fails (here: the descriptor is gone, as after an I/O error) is logged once and the records
-    released with their batch, so the broker's input is not held back forever; a checkpoint brings the journal
-    back."""
+def test_a_failing_disk_holds_acknowledgements_until_a_checkpoint_is_written(tmp_path):
+    """A write that fails (here: the descriptor is gone, as after an I/O error) releases nothing: the tokens wait,
+    later appends wait too, and only a checkpoint written afterwards (which covers them all) releases them."""
     durable: list[str] = []
-    journal = Journal(tmp_path / "j", durable.append, sync_interval_seconds=0.01)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, 8, 1.0)
+    journal = Journal(tmp_path / "j", durable.append, sync_interval_seconds=0.01, metrics=metrics)
     journal.start({"windowing": None, "pending": []})
     os.close(journal._fd)
     with capture_logs() as logs:
         journal.append("sensors/a/ecg", b"{}", "first")
+        wait_until(lambda: journal.failing, 10, what="the failed write")
         journal.append("sensors/a/ecg", b"{}", "second")
-        wait_until(lambda: len(durable) == 2, 10, what="the failed batch released")
-        journal.append("sensors/a/ecg", b"{}", "third")
-        wait_until(lambda: len(durable) == 3, 10, what="the next failed batch released")
-    assert durable == ["first", "second", "third"] and journal.failing
-    assert [entry["event"] for entry in logs] == ["journal_write_failed"]
-    journal._fd = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)  # what the failed file leaves to close
-    journal.checkpoint({"windowing": {"v": 1}, "pending": []})
-    assert not journal.failing and read_journal(tmp_path / "j", now=0.0).windowing == {"v": 1}
+        time.sleep(0.1)  # several sync intervals: nothing is retried into the failed file, nothing released
+        assert durable == [] and journal.checkpoint_due(now=0.0)
+        journal._fd = os.open(tmp_path / "other", os.O_WRONLY | os.O_CREAT)  # what the failed file leaves to close
+        assert journal.checkpoint({"windowing": {"v": 1}, "pending": []})
+    assert durable == ["first", "second"] and not journal.failing
+    assert [entry["event"] for entry in logs] == ["journal_write_failed", "journal_recovered"]
+    assert registry.get_sample_value("monitor_journal_errors_total", {"operation": "write"}) == 1
+    assert registry.get_sample_value("monitor_journal_failing") == 0
+    assert read_journal(tmp_path / "j", now=0.0).windowing == {"v": 1}
     journal.close()
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_journal_and_leaks_no_descriptor(tmp_path):
+    """The temporary file cannot be renamed over the journal (here: the journal's name is a non-empty directory's,
+    the stand-in for any failure after the temporary file was opened): the old file goes on, nothing leaks."""
+    durable: list[str] = []
+    journal = Journal(tmp_path / "j", durable.append, sync_interval_seconds=60)
+    journal.start({"windowing": {"v": 1}, "pending": []})
+    journal.append("sensors/a/ecg", b"{}", "first")
+    os.rename(tmp_path / "j", tmp_path / "moved")
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "x").write_bytes(b"")
+    descriptors = len(os.listdir("/proc/self/fd"))
+    with capture_logs() as logs:
+        for _ in range(20):
+            assert not journal.checkpoint({"windowing": {"v": 2}, "pending": []})
+    assert len(os.listdir("/proc/self/fd")) == descriptors and not (tmp_path / ".j.tmp").exists()
+    assert durable == ["first"]  # its record was written and fsynced before the checkpoint was tried
+    assert [entry["event"] for entry in logs] == ["journal_checkpoint_failed"]  # once, not per retry
+    journal.append("sensors/a/ecg", b"{}", "second")
+    assert not journal.close({"windowing": {"v": 3}, "pending": []})  # the stop's checkpoint fails too
+    assert durable == ["first", "second"]  # appended to the old file, which stays
+    assert [payload for _, payload in read_journal(tmp_path / "moved", now=0.0).messages] == [b"{}", b"{}"]
+
+
+def journal_with_messages(path, count: int) -> bytes:
+    journal = Journal(path, lambda token: None, sync_interval_seconds=60)
+    journal.start({"windowing": {"v": 1}, "pending": []})
+    for index in range(count):
+        journal.append(f"sensors/s{index}/ecg", b"payload %03d" % index, index)
+    journal.close()
+    return path.read_bytes()
+
+
+def test_damage_in_the_middle_is_told_apart_from_a_torn_tail_and_skips_only_the_damaged_records(tmp_path):
+    path = tmp_path / "j"
+    data = journal_with_messages(path, 10)
+    starts = [data.index(b"sensors/s%d/" % index) - 11 for index in range(10)]  # header (9) + topic length (2)
+    record = starts[1] - starts[0]  # every message record has the same size
+    damaged = bytearray(data)
+    damaged[starts[3] + 4 : starts[3] + 4 + 64] = np.random.default_rng(0).bytes(64)
+    path.write_bytes(bytes(damaged))
+    replayed = read_journal(path, now=0.0)
+    payloads = [payload for _, payload in replayed.messages]
+    lost = {b"payload %03d" % index for index in range(10)} - set(payloads)
+    assert replayed.windowing == {"v": 1} and replayed.damaged_spans == 1 and replayed.torn_bytes == 0
+    assert lost == {b"payload 003", b"payload 004"}  # the 64 bytes reach into the second
+    assert replayed.damaged_bytes == record * len(lost)
+    path.write_bytes(data[:-5])  # cut off by a crash: a torn tail, not damage
+    replayed = read_journal(path, now=0.0)
+    assert (replayed.damaged_spans, replayed.torn_bytes, len(replayed.messages)) == (0, record - 5, 9)
+
+
+def test_a_damaged_checkpoint_still_replays_the_messages_after_it(tmp_path):
+    path = tmp_path / "j"
+    data = bytearray(journal_with_messages(path, 4))
+    data[12] ^= 0xFF  # a flipped bit in the checkpoint's body
+    path.write_bytes(bytes(data))
+    replayed = read_journal(path, now=0.0)
+    assert replayed.checkpoint_lost and replayed.windowing is None and len(replayed.messages) == 4
+    for content, reason in ((b"", "empty"), (b"\x00" * 100, "no readable record")):
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=reason):
+            read_journal(path, now=0.0)

@@ -480,3 +480,21 @@ def test_a_redelivered_message_far_behind_is_a_duplicate_not_a_jump() -> None:
     result = target.feed("s", message(signal(35), seq=385), now=1.0, redelivered=True)  # 3,780 behind: the broker's
     assert (result.duplicate, result.restarted) == (True, False)
     assert target.feed("s", message(signal(35), seq=385), now=1.0).restarted  # the same from a sensor: a reboot
+
+
+def test_a_ts_going_back_is_ignored_and_no_window_time_is_extrapolated_from_it() -> None:
+    """A sensor's clock stepped back an hour for one message: its ts is ignored (counted by the caller), the samples
+    kept, and the next window, which starts inside the message after it, keeps the time its good neighbours give
+    (taken from the stepped ts, the period would have been 72 s a sample)."""
+    stream = signal(140 * 5)
+    feeder = WindowAssembler(140, 140, 1, 10, 60.0, ts_tolerance_seconds=1.0)
+    results = []
+    for index, start in enumerate(range(0, len(stream), 50)):
+        ts = 1.7e9 + start / 250 - (3600.0 if index == 7 else 0.0)
+        results.append(feeder.feed("s", message(stream[start : start + 50], seq=start, ts=ts), 0.0))
+    assert [index for index, result in enumerate(results) if result.ts_backwards] == [7]
+    windows = [window for result in results for window in result.windows]
+    assert [window.start_seq for window in windows] == [0, 140, 280, 420, 560]
+    assert [window.start_ts for window in windows] == pytest.approx(
+        [1.7e9 + start / 250 for start in range(0, 700, 140)]
+    )

@@ -57,6 +57,7 @@ def test_the_artifact_records_how_beats_were_cut(beat_model):
     assert (segmentation["before_seconds"], segmentation["after_seconds"], segmentation["window"]) == (0.25, 0.45, 64)
     assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
     assert segmentation["align_seconds"] == 0.05
+    assert segmentation["dominant"] is True and segmentation["timing_gain"] > 0  # set from the fit beats' timing
     assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
     assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
 
@@ -94,10 +95,21 @@ def test_evaluate_prints_detector_and_beat_figures(beat_model):
     assert figures["scored_by_class"]["V"] > 100 and figures["n_anomalies"] == sum(
         figures["scored_by_class"][c] for c in "SVF"
     )
+    aami = figures["aami"]
+    assert len(aami["records"]) == 2
+    for row in (*aami["records"].values(), aami["gross"]):
+        assert row["V_se"] == row["V_flagged"] / row["V_beats"]
+        assert row["normal_flagged"] == row["N_flagged"] / row["N_beats"]
+        assert row["alert_ppv"] == sum(row[f"{c}_flagged"] for c in "SVF") / row["flagged"]
+        assert row["qrs_se"] == row["qrs_detected"] / row["qrs_annotated"]
+    assert aami["gross"]["V_beats"] == sum(row["V_beats"] for row in aami["records"].values()) > 100
+    assert aami["gross"]["qrs_se"] == figures["detector_sensitivity"] and aami["gross"]["F_se"] is not None
     text = run_cli(
         "evaluate", "--model", str(beat_model), "--data", str(TEST / "123.npy"), "--annotations", str(TEST / "123.csv")
     )
     assert text.returncode == 0 and "detector: sensitivity" in text.stdout and "confusion matrix" in text.stdout
+    assert "record | beats | QRS Se | QRS +P | V Se | S Se | F Se | N flagged | alert +P" in text.stdout
+    assert "\n123.npy | " in text.stdout and "\ngross | " in text.stdout
 
 
 @pytest.mark.parametrize(
@@ -188,10 +200,12 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
         recording = read_recording(TRAIN / f"{name}.npy", 360, TRAIN / f"{name}.csv")
         labelled.append((recording, label_beats(recording, cut_recording(recording, spec))))
     split = split_training_beats(labelled, ["N"], 0.15, 0.15)
-    expected: dict[str, list[np.ndarray]] = {name: [] for name in ("fit", "validation", "calibration", "fs", "cs")}
+    expected: dict[str, list[np.ndarray]] = {
+        name: [] for name in ("fit", "validation", "calibration", "fs", "cs", "fp", "cp")
+    }
     for _, beats in labelled:
         keep = beats.scorable & (beats.symbols == "N")
-        windows, stretch = beats.windows[keep], beats.stretch[keep]
+        windows, stretch, prematurity = beats.windows[keep], beats.stretch[keep], beats.prematurity[keep]
         n = len(windows)
         n_cal, n_val = round(0.15 * n), round(0.15 * n)
         expected["fit"].append(windows[: n - n_val - n_cal])
@@ -199,12 +213,16 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
         expected["calibration"].append(windows[n - n_cal :])
         expected["fs"].append(stretch[: n - n_val - n_cal])
         expected["cs"].append(stretch[n - n_cal :])
+        expected["fp"].append(prematurity[: n - n_val - n_cal])
+        expected["cp"].append(prematurity[n - n_cal :])
     for name, got in (
         ("fit", split.fit),
         ("validation", split.validation),
         ("calibration", split.calibration),
         ("fs", split.fit_stretch),
         ("cs", split.calibration_stretch),
+        ("fp", split.fit_prematurity),
+        ("cp", split.calibration_prematurity),
     ):
         assert np.array_equal(got, np.concatenate(expected[name])), name
     assert len(split.calibration) > 100
