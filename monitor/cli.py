@@ -1,4 +1,4 @@
-"""The `monitor` command line (contract section 1). A `MonitorError` is one line on stderr, exit 2."""
+"""The `monitor` command line (docs/user-guide.md). A `MonitorError` is one line on stderr, exit 2."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def _speed(text: str) -> float:
 
 
 def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) -> None:
-    """`--baseline` and `--baseline-windows` (contract section 9), their help ending with the given defaults."""
+    """`--baseline` and `--baseline-windows` (per-sensor baselines), their help ending with the given defaults."""
     parser.add_argument(
         "--baseline",
         choices=["model", "sensor"],
@@ -80,7 +80,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add(
         "--segmentation",
         choices=["fixed", "beats"],
-        help="fixed windows, or one window per detected beat of a raw ECG lead (contract section 8) (default: fixed)",
+        help="fixed windows, or one window per detected beat of a raw ECG lead (default: fixed)",
     )
     add("--sample-rate", type=float, help="beat mode: the recordings' sampling rate in Hz (required in beat mode)")
     add(

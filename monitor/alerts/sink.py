@@ -1,4 +1,4 @@
-"""The alert stage: decide (score above the threshold), build the payload (contract section 4), publish, count, log.
+"""The alert stage: decide (score above the threshold), build the payload (docs/interface.md), publish, count, log.
 
 `AlertSink.handle` takes one scored window. It publishes through a `Publisher`, which either queues the
 message or raises `PublishRefused` with one of `DROP_REASONS`; any other exception counts as

@@ -1,6 +1,6 @@
 """Sensor payloads: bytes -> validated samples, or a `PayloadError` whose reason is one of `REJECT_REASONS`.
 
-The default input format is a UTF-8 JSON object (contract section 3; the binary frame and Sparkplug B are read by
+The default input format is a UTF-8 JSON object (docs/interface.md; the binary frame and Sparkplug B are read by
 monitor.ingest.frame and monitor.ingest.sparkplug, which share the reasons and the value checks here):
 `{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,

@@ -1,4 +1,4 @@
-"""Training and evaluation in beat mode (contract section 8): recordings in, one window per detected beat.
+"""Training and evaluation in beat mode: recordings in, one window per detected beat.
 
 `monitor train --segmentation beats` cuts every recording with the daemon's own code path (`beats.BeatStream`),
 keeps the scorable beats (with annotations: only those matched to a normal symbol), splits each recording's

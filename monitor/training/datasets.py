@@ -1,4 +1,4 @@
-"""Readers for the data files the trainer, evaluator and replayer take (contract section 2).
+"""Readers for the data files the trainer, evaluator and replayer take (docs/user-guide.md, "Training your own").
 
 - UCR text (`.txt`, `.tsv`): one window a line, the class label first, then W values.
 - Unlabelled windows (`.npy` of shape `[N, W]` or `[N, W, C]`), all taken as normal.

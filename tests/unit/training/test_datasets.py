@@ -1,4 +1,4 @@
-"""Data readers (contract section 2): good files give exact windows, bad files one `DataError` naming the problem."""
+"""Data readers: good files give exact windows, bad files one `DataError` naming the problem."""
 
 from __future__ import annotations
 
