@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from monitor.config.schema import PLAUSIBLE_TS
 from monitor.errors import PayloadError
 
 # Closed set: these are Prometheus label values of the drop metric, so never add one casually.
@@ -47,7 +48,6 @@ REJECT_REASONS: tuple[str, ...] = (
 )
 
 TS_IGNORED_REASONS = ("not_a_number", "out_of_range", "backwards")  # the last one is the windowing's
-PLAUSIBLE_TS = (946684800.0, 4102444800.0)  # 2000-01-01 and 2100-01-01 UTC, in seconds since the epoch
 MAX_SEQ = 2**53  # exclusive: above this a float64 (JSON consumers, alerts) no longer holds every integer
 MAX_SENSOR_ID_CHARS = 128
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
