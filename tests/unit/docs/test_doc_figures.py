@@ -370,6 +370,15 @@ def fast_suite() -> str:
     )
 
 
+def beat_loro_table() -> str:
+    """The leave-one-record-out table as `bench.beat_loro` renders it, from `bench/beat_loro.json`."""
+    from monitor.training.beat_trainer import aami_table
+
+    run = load("bench/beat_loro.json")
+    lines = aami_table(run["records"], run["gross"]).splitlines()
+    return "\n".join([row(lines[0]), "|" + "---|" * len(lines[0].split(" | ")), *(row(line) for line in lines[1:])])
+
+
 QUALITY = "docs/quality-and-speed.md"
 FIGURES: dict[str, tuple[str, Callable[[], str | list[str]]]] = {
     "demo summary": ("README.md", demo_summary),
@@ -391,6 +400,7 @@ FIGURES: dict[str, tuple[str, Callable[[], str | list[str]]]] = {
     "scaleout table": (QUALITY, scaleout_table),
     "scaleout summary": (QUALITY, scaleout_summary),
     "fast suite": (QUALITY, fast_suite),
+    "beat leave-one-record-out": ("docs/user-guide.md", beat_loro_table),
 }
 
 
