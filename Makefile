@@ -11,8 +11,8 @@ setup:
 test:  ## install everything (Mosquitto, Prometheus, the venv) and run the whole test suite
 	scripts/test.sh
 
-test-fast:  ## the suite without the end-to-end tests against real processes
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+test-fast:  ## the in-process tests: no broker, daemon, nats-server or Prometheus (tests/conftest.py refuses them)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests/unit
 
 demo:  ## run the daemon with the bundled model on a replayed ECG5000 stream, on a real Mosquitto
 	scripts/demo.sh
@@ -26,5 +26,5 @@ bench:  ## the benchmark suite; writes bench/RESULTS.md and bench/results.json
 lint:
 	$(VENV)/bin/ruff check monitor tests bench
 
-install-service:  ## install as a systemd service (see README, "Running it as a service")
+install-service:  ## install as a systemd service (see docs/operations.md)
 	systemd/install.sh

@@ -49,7 +49,13 @@ import torch  # noqa: E402
 from monitor.ecg.beats import BeatSpec, beat_spec  # noqa: E402
 from monitor.model.artifact import Normalisation, load_artifact  # noqa: E402
 from monitor.model.scoring import Scorer  # noqa: E402
-from monitor.training.beat_data import LabelledBeats, Recording, cut_recording, label_beats, read_recording  # noqa: E402
+from monitor.training.beat_data import (  # noqa: E402
+    LabelledBeats,
+    Recording,
+    cut_recording,
+    label_beats,
+    read_recording,
+)
 from monitor.training.beat_trainer import split_training_beats  # noqa: E402
 from monitor.training.evaluation import roc_auc  # noqa: E402
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian machine: installs Mosquitto, Prometheus, nats-server and the
+# The whole test suite, from a fresh Debian machine: installs Mosquitto, Prometheus, nats-server, systemd (for
+# `systemd-analyze security --offline`, which the unit tests run; no running systemd needed) and the
 # virtualenv (scripts/setup.sh), then mypy on monitor/ and pytest. `.ci/run` calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRA_APT_PACKAGES="prometheus openssl nats-server ${EXTRA_APT_PACKAGES:-}" scripts/setup.sh
+EXTRA_APT_PACKAGES="prometheus openssl nats-server systemd ${EXTRA_APT_PACKAGES:-}" scripts/setup.sh
 "${VENV:-.venv}/bin/python" -m mypy  # monitor/, as configured in pyproject.toml; must be clean
 exec "${VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the monitor as a systemd service: a venv in /opt/monitor, config in /etc/monitor, the unit.
 #
-# The installer owns /opt/monitor (venv, bundled models, README) and replaces it on every run. Your own
+# The installer owns /opt/monitor (venv, bundled models, README and docs) and replaces it on every run. Your own
 # models belong in /etc/monitor/models (point model.path at /etc/monitor/models/NAME): the installer
 # creates that directory and never changes what is in it, nor an existing /etc/monitor/monitor.yaml.
 #
@@ -40,9 +40,11 @@ install -d -m 0755 "$PREFIX"
 # torch first and pinned, so the package's looser torch requirement cannot pick another build.
 # shellcheck disable=SC2086  # TORCH_PIP_ARGS is a list of arguments
 "$PREFIX/.venv/bin/pip" install --no-input "torch==$TORCH_VERSION" ${TORCH_PIP_ARGS:-}
-# The onnx extra: the README documents model.backend: onnx for the service.
+# The onnx extra: docs/user-guide.md documents model.backend: onnx for the service.
 "$PREFIX/.venv/bin/pip" install --no-input --upgrade "$REPO[onnx]"
-install -m 0644 "$REPO/README.md" "$PREFIX/README.md"   # the unit's Documentation=
+install -m 0644 "$REPO/README.md" "$PREFIX/README.md"
+install -d -m 0755 "$PREFIX/docs"
+install -m 0644 "$REPO"/docs/*.md "$PREFIX/docs/"   # the unit's Documentation= is docs/operations.md
 
 step "models: bundled in $PREFIX/models, yours in $USER_MODELS"
 install -d -m 0755 "$CONFDIR" "$USER_MODELS"
@@ -87,7 +89,7 @@ install -m 0644 "$REPO/systemd/monitor.env.example" "$CONFDIR/monitor.env.exampl
 
 step "unit in $UNITDIR"
 install -m 0644 "$REPO/systemd/monitor.service" "$UNITDIR/monitor.service"
-# Several instances on one host (README, "Several instances"): monitor@<i> reads $CONFDIR/monitor-<i>.yaml.
+# Several instances on one host (docs/operations.md): monitor@<i> reads $CONFDIR/monitor-<i>.yaml.
 install -m 0644 "$REPO/systemd/monitor@.service" "$UNITDIR/monitor@.service"
 
 next_steps=(

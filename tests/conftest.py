@@ -1,5 +1,8 @@
 """Shared fixtures over the helpers in `tests/support.py`: a broker, brokers of a test's own, MQTT captures,
-daemons as real processes. Every fixture stops what it started in a `finally`, escalating TERM -> KILL."""
+daemons as real processes. Every fixture stops what it started in a `finally`, escalating TERM -> KILL.
+
+A test not marked slow may not start a broker, daemon, nats-server or Prometheus (nor use a fixture that does):
+`tests.support.spawn` raises `ProcessNotAllowed` for it, so `pytest -m "not slow"` starts none."""
 
 from __future__ import annotations
 
@@ -11,9 +14,16 @@ from typing import TypeVar
 
 import pytest
 
-from tests.support import Broker, Capture, DaemonProcess, stop_all
+from tests.support import Broker, Capture, DaemonProcess, forbid_processes, stop_all
 
 T = TypeVar("T")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before the test's fixtures are set up: processes are allowed only to tests marked slow."""
+    slow = item.get_closest_marker("slow") is not None
+    forbid_processes(None if slow else f"{item.nodeid} is not marked slow (@pytest.mark.slow)")
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.support import REPO, free_port, port_open, terminate, wait_until
+from tests.support import REPO, free_port, missing_tool, port_open, spawn, terminate, wait_until
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 DEPLOYED_CONFIG = REPO / "deploy" / "nats" / "nats-server.conf"
@@ -20,7 +18,7 @@ DEPLOYED_CONFIG = REPO / "deploy" / "nats" / "nats-server.conf"
 
 def require_nats_server() -> str:
     if not Path(NATS_SERVER).is_file():
-        pytest.skip("nats-server is not installed (Debian package nats-server; scripts/test.sh installs it)")
+        missing_tool("nats-server", "nats-server")
     return NATS_SERVER
 
 
@@ -58,7 +56,7 @@ class NatsServer:
         if not Path(NATS_SERVER).is_file():
             raise RuntimeError(f"{NATS_SERVER} not found: install the Debian package nats-server")
         command = [NATS_SERVER, "-c", str(self.write_config()), "-l", str(self.directory / "nats.log")]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = spawn("nats-server", command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 20, what="nats-server's MQTT port")
         if self.process.poll() is not None:
             raise RuntimeError(f"nats-server failed: {self.process.stderr.read().decode()}")

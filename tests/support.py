@@ -1,6 +1,7 @@
 """Test helpers that tests and bench/ share: a real Mosquitto on a free loopback port, an MQTT capture,
 sensors publishing in order, the daemon as a real process, metrics scraped over HTTP, the committed default model,
-process teardown that escalates TERM -> wait -> KILL, and the kill -9 scenario run behind Mosquitto and nats-server."""
+process teardown that escalates TERM -> wait -> KILL, the kill -9 scenario run behind Mosquitto and nats-server, and
+the guard that keeps tests not marked slow from starting a broker, daemon, nats-server or Prometheus."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import orjson
@@ -36,6 +37,42 @@ DATA = REPO / "data" / "ecg5000"
 SPLITS = DATA / "splits"
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+class ProcessNotAllowed(RuntimeError):
+    """A test not marked slow tried to start a broker, daemon, nats-server or Prometheus."""
+
+
+_forbidden_because: str | None = None  # set by tests/conftest.py for the test running now; None outside pytest
+
+
+def forbid_processes(reason: str | None) -> None:
+    """From now on `spawn` refuses with `reason` (None: allowed again)."""
+    global _forbidden_because
+    _forbidden_because = reason
+
+
+def missing_tool(tool: str, package: str) -> NoReturn:
+    """A tool a test needs is not installed: skip the test, but fail it where the environment variable CI is set
+    (.ci/run sets it), because scripts/test.sh installs every such tool and a skip there would hide a check."""
+    import pytest  # here, not at the top: bench/ imports this module without pytest's test extras in mind
+
+    reason = f"{tool} is not installed (Debian package {package}; scripts/test.sh installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}, and CI is set", pytrace=False)
+    pytest.skip(reason)
+
+
+def spawn(what: str, command: list[str], **options: Any) -> subprocess.Popen:
+    """Start a long-running service process (`what`: "mosquitto", "the daemon", ...) unless the current test may
+    not: `pytest -m "not slow"` is promised to start none, and this is where that promise is kept."""
+    refuse_if_forbidden(what)
+    return subprocess.Popen(command, **options)
+
+
+def refuse_if_forbidden(what: str) -> None:
+    if _forbidden_because is not None:
+        raise ProcessNotAllowed(f"{what} not started: {_forbidden_because}")
 
 
 def terminate(process: subprocess.Popen, timeout: float = 10.0, first: int = signal.SIGTERM) -> int | None:
@@ -146,8 +183,8 @@ class Broker:
 
     def start(self) -> Broker:
         config = self.write_config()
-        self.process = subprocess.Popen(
-            [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        self.process = spawn(
+            "mosquitto", [MOSQUITTO, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         wait_until(lambda: port_open(self.port) or self.process.poll() is not None, 10, what="mosquitto to listen")
         if self.process.poll() is not None:
@@ -255,7 +292,8 @@ class DaemonProcess:
         self.lines: list[str] = []
         self.wait_ready = True  # daemon_factory: wait for the `ready` event after starting
         self.lock = threading.Lock()
-        self.process = subprocess.Popen(
+        self.process = spawn(
+            "the daemon",
             [sys.executable, "-m", "monitor", "run", "--config", str(config)],
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -334,7 +372,10 @@ def replay_args(config: Path, data: Path, sensors: int, *options: str, speed: st
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m monitor ARGS` from the repository root and capture its output."""
+    """Run `python -m monitor ARGS` from the repository root and capture its output (`run`, the daemon, only where
+    `spawn` may start one)."""
+    if args[:1] == ("run",):
+        refuse_if_forbidden("the daemon")
     return subprocess.run(
         [sys.executable, "-m", "monitor", *args],
         cwd=REPO,
@@ -376,7 +417,7 @@ WINDOW = 140  # the window of the tests' models (tests/e2e/test_faults.py, make_
 
 
 class Sensors:
-    """Sensors as the contract has them: QoS 1 with seq, sent in order, kept while the broker is away.
+    """Sensors as docs/interface.md has them: QoS 1 with seq, sent in order, kept while the broker is away.
 
     While the client is disconnected, messages wait here, and they are handed to paho only once everything paho held
     at the disconnect has been re-sent and acknowledged: paho sends a message published during the reconnect

@@ -1,6 +1,6 @@
 """Alert episodes per sensor: a run of anomalous windows becomes one episode with a lifecycle.
 
-Per-window alerts (contract section 4) stay the default. With `alerts.lifecycle` every decision also goes
+Per-window alerts (docs/interface.md) stay the default. With `alerts.lifecycle` every decision also goes
 through an `EpisodeTracker`, which behaves like the alert nodes operators know (Kapacitor, Alertmanager):
 
 - an episode opens when at least k of the last n decisions are anomalous (`open_anomalous` of `open_window`,

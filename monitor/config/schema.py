@@ -29,9 +29,9 @@ from monitor.config.loading import (
     validate,
 )
 from monitor.errors import ConfigError
-from monitor.ingest.payload import PLAUSIBLE_TS
 
 CREDENTIAL_PASSWORD = "mqtt_password"
+PLAUSIBLE_TS = (946684800.0, 4102444800.0)  # 2000-01-01 and 2100-01-01 UTC, in seconds since the epoch
 
 
 def topic_template(template: str, need_sensor_id: bool = False) -> str:

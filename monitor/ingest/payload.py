@@ -1,6 +1,6 @@
 """Sensor payloads: bytes -> validated samples, or a `PayloadError` whose reason is one of `REJECT_REASONS`.
 
-The default input format is a UTF-8 JSON object (contract section 3; the binary frame and Sparkplug B are read by
+The default input format is a UTF-8 JSON object (docs/interface.md; the binary frame and Sparkplug B are read by
 monitor.ingest.frame and monitor.ingest.sparkplug, which share the reasons and the value checks here):
 `{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>, "sample_rate_hz": <optional>}`; other
 keys are ignored. `sample_rate_hz` is not checked here: the input stage compares it with the configured rate.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from monitor.config.schema import PLAUSIBLE_TS
 from monitor.errors import PayloadError
 
 # Closed set: these are Prometheus label values of the drop metric, so never add one casually.
@@ -48,7 +49,6 @@ REJECT_REASONS: tuple[str, ...] = (
 )
 
 TS_IGNORED_REASONS = ("not_a_number", "out_of_range", "backwards")  # the last one is the windowing's
-PLAUSIBLE_TS = (946684800.0, 4102444800.0)  # 2000-01-01 and 2100-01-01 UTC, in seconds since the epoch
 MAX_SEQ = 2**53  # exclusive: above this a float64 (JSON consumers, alerts) no longer holds every integer
 MAX_SENSOR_ID_CHARS = 128
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -1,6 +1,6 @@
 """Per-sensor window assembly: absolute seq alignment, stride, gaps, duplicates, idle eviction.
 
-Window k of a sensor covers the absolute samples [k*S, k*S + W) of its stream (contract section 3), so a
+Window k of a sensor covers the absolute samples [k*S, k*S + W) of its stream (docs/interface.md), so a
 replay always yields the same windows. The rules, per message with n samples starting at q (its `seq`, or the
 sensor's next expected index E when it has none; a new sensor without seq starts at 0):
 

@@ -1,4 +1,4 @@
-"""Per-sensor baselines (contract section 9): each sensor's own per-channel normalisation.
+"""Per-sensor baselines: each sensor's own per-channel normalisation.
 
 A sensor's first N windows (its warm-up) fit a `SensorBaseline`; every later window is normalised with
 it before the model sees it. Training, `monitor evaluate` and the daemon fit and apply it through this

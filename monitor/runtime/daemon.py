@@ -11,7 +11,7 @@ Input acknowledgements (monitor.ingest.acks) are sent by the main loop, in arriv
 Reload (SIGHUP): re-read the config and the model and apply what can change live (`LIVE_SETTINGS`); every other
 changed setting is logged by key as needing a restart. A broken config or model is logged and the running one kept.
 With `windowing.state_file`, the drain saves the sensors' partial windows and the next start takes them back,
-with the per-sensor baselines and warm-ups when `windowing.baseline` is `sensor` (contract section 9).
+with the per-sensor baselines and warm-ups when `windowing.baseline` is `sensor`.
 The systemd watchdog is fed only while the scoring thread makes progress (see `ScoringWorker.progress_at`).
 """
 

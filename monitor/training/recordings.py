@@ -2,7 +2,7 @@
 
 Each recording is one sensor's stream. Window k covers samples [k*S, k*S + W), as in the daemon with
 `seq` starting at 0. With a per-sensor baseline the first N windows are the sensor's warm-up: they fit
-its baseline and are not scored, exactly as the daemon does (contract section 9). Window figures count
+its baseline and are not scored, exactly as the daemon does. Window figures count
 the scored windows only; a window is anomalous when any of its samples is labelled anomalous.
 
 Segments are maximal runs of anomalous samples. A segment is caught when a flagged window overlaps it;

@@ -1,4 +1,4 @@
-"""Per-sensor baselines in the daemon (contract section 9), end to end: a real Mosquitto, the daemon process, a
+"""Per-sensor baselines in the daemon, end to end: a real Mosquitto, the daemon process, a
 model trained with `--baseline sensor` on the SMD excerpt, and `monitor evaluate` on the same test recordings."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SENSORS = 20
 CHUNK = 35
-CONTRACT_METRICS = [
+DOCUMENTED_METRICS = [
     "monitor_messages_received_total",
     "monitor_samples_received_total",
     "monitor_windows_scored_total",
@@ -100,11 +100,11 @@ def test_replayed_test_split_alerts_exactly_what_evaluate_flags(broker, capture_
     assert stopped and stopped[0]["drain_seconds"] < 5
 
 
-def test_metrics_endpoint_has_the_contract_names(broker, daemon_factory, tmp_path):
+def test_metrics_endpoint_has_the_documented_names(broker, daemon_factory, tmp_path):
     daemon = daemon_factory(daemon_config(tmp_path / "monitor.yaml", broker.port))
     samples = daemon.scrape()
     names = {name for name, _ in samples}
-    missing = [name for name in CONTRACT_METRICS if name not in names]
+    missing = [name for name in DOCUMENTED_METRICS if name not in names]
     assert not missing, f"metrics missing from /metrics: {missing}"
     assert metric(samples, "monitor_broker_connected") == 1
     assert metric(samples, "monitor_threshold") == pytest.approx(load_artifact(DEFAULT_MODEL).threshold)

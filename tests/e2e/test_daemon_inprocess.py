@@ -1,6 +1,6 @@
-"""The daemon's lifecycle pieces in-process: the watchdog fed only while the scorer makes progress (against a real
-broker and a real notify socket), and SIGHUP's reload, one test for each kind of change: applied live, or
-logged by key as needing a restart."""
+"""The daemon's lifecycle pieces run in the test's own process, against a real broker (so marked slow): the
+watchdog fed only while the scorer makes progress (with a real notify socket), and SIGHUP's reload, one test for
+each kind of change: applied live, or logged by key as needing a restart."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ from monitor.runtime.daemon import Daemon
 from monitor.telemetry.metrics import ERROR_BUCKET_FACTORS
 from monitor.training.datasets import read_ucr
 from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, daemon_config, wait_until
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

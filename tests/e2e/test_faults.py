@@ -471,7 +471,7 @@ def test_daemon_restart_mid_stream_processes_what_arrived_while_it_was_down(
     received = alert_keys(sink.payloads("alerts/"))
     lost = windows - set(received)
     if mode == "sigkill":
-        # In-order acknowledgement (issue 14): input after a window still waiting for its alert's PUBACK is not yet
+        # In-order acknowledgement: input after a window still waiting for its alert's PUBACK is not yet
         # acknowledged at the kill, so the broker may redeliver a straddling window's first part:
         # lost or not, by sensor.
         assert expected <= set(received) <= windows

@@ -210,7 +210,10 @@ def test_a_damaged_journal_replays_around_the_damage_and_is_kept(tmp_path):
         stream.running.clear()
         time.sleep(0.2)  # the round being sent
         sent = stream.sent // CHUNK * len(stream.ids)
-        accepted = lambda: metric(daemons[0].scrape(), "monitor_messages_received_total", outcome="accepted")  # noqa: E731
+
+        def accepted() -> float:
+            return metric(daemons[0].scrape(), "monitor_messages_received_total", outcome="accepted")
+
         wait_until(lambda: accepted() >= sent, START_SECONDS, what="every message journaled")
         time.sleep(0.2)  # ten fsync intervals
         daemons[0].kill()

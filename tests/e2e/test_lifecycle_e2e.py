@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from monitor.alerts.episode_sink import read_retained
 from monitor.alerts.episodes import Decision, EpisodeTracker
 from monitor.config.schema import EpisodePolicy, ModelSettings
 from monitor.model.engine import Engine, load_engine
@@ -260,3 +261,22 @@ def test_shadow_model_counts_disagreements_and_a_sighup_promotes_it(
     assert math.isnan(metric(samples, "monitor_shadow_threshold"))
     assert not [labels for name, labels in samples if name == "monitor_shadow_model_info"]
     assert daemon.stop() == 0
+
+
+def test_the_retained_states_are_read_once_from_a_real_broker(broker_factory):
+    broker = broker_factory().start()
+    settings = mqtt_settings(broker.port)
+    writer = make_client(settings, "state-writer")
+    writer.connect("127.0.0.1", broker.port)
+    writer.loop_start()
+    try:
+        for sensor in ("a", "b"):
+            writer.publish(
+                f"alerts/{sensor}/state", b'{"sensor_id": "%s"}' % sensor.encode(), qos=1, retain=True
+            ).wait_for_publish(10)
+        writer.publish("alerts/c/events", b"{}", qos=1).wait_for_publish(10)  # neither retained nor a state
+    finally:
+        writer.disconnect()
+        writer.loop_stop()
+    payloads = read_retained(settings, "alerts/+/state", timeout_seconds=10, quiet_seconds=0.3)
+    assert sorted(orjson.loads(payload)["sensor_id"] for payload in payloads) == ["a", "b"]

@@ -7,7 +7,6 @@ import itertools
 import json
 import re
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,29 +17,27 @@ import pytest
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from monitor.config.schema import load_config, partition_of
-from monitor.errors import ConfigError
+from monitor.config.schema import partition_of
 from monitor.tools.replay import ReplayPlan, messages, plan_ucr, sensor_names
 from monitor.training.datasets import read_ucr
 from tests.e2e.test_daemon_e2e import expected_alerts
 from tests.e2e.test_faults import figure, make_model
 from tests.nats import DEPLOYED_CONFIG, NatsServer, require_nats_server
 from tests.support import (
-    DEFAULT_MODEL,
     REPO,
     SPLITS,
     daemon_config,
     kill_9_mid_stream,
     metric,
     restart_config,
-    run_cli,
     wait_until,
 )
+from tests.unit.config.test_partitions import deployed_config
+
+pytestmark = pytest.mark.slow
 
 PARTITIONS = 4
 INSTANCES = ("a", "b")  # deploy/nats/monitor-0.yaml and -1.yaml: one partition each (nats-server.conf says why)
-DEPLOY = REPO / "deploy" / "nats"
-UNIT = REPO / "systemd" / "monitor.service"
 TEMPLATE_UNIT = REPO / "systemd" / "monitor@.service"
 SENSORS = 50
 CHUNK = 35
@@ -109,10 +106,6 @@ def test_the_mapping_splits_sensors_into_disjoint_partitions(nats_factory, captu
     for partition, got in enumerate(seen):
         assert got == {sensor_id for sensor_id in sensor_ids if partition_of(sensor_id, PARTITIONS) == partition}
         assert 5 <= len(got) <= 15, [len(s) for s in seen]  # roughly even: a hash, not a round robin
-
-
-def deployed_config(index: int) -> dict:
-    return yaml.safe_load((DEPLOY / f"monitor-{index}.yaml").read_text())
 
 
 def instance_config(directory: Path, port: int, index: int, client_id: str | None = None) -> Path:
@@ -259,106 +252,3 @@ def test_kill_9_behind_nats_loses_no_acknowledged_window(nats_factory, tmp_path,
     outcome = kill_9_mid_stream(nats, config, load, sensor_ids, restart_delay)
     figure(f"kill_9_nats_{load}", *outcome.figure())
     assert outcome.lost == 0
-
-
-# --- configuration ---
-
-
-def test_a_config_with_the_removed_shard_section_says_what_to_use_instead(tmp_path):
-    path = tmp_path / "old.yaml"
-    path.write_text("shard: {index: 1, count: 2}\nmqtt: {prot: 5}\n")
-    result = run_cli("check-config", str(path))
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2, lines  # one line per problem, the other problems still reported
-    assert lines[0].startswith(f"monitor: error: {path}: shard: removed")
-    assert "partitions:" in lines[0] and "hash_topic" in lines[0]
-    assert "mqtt.prot" in lines[1]
-
-
-def test_partitions_give_the_subscriptions_and_the_sensor_id_level(tmp_path):
-    path = tmp_path / "instance.yaml"
-    path.write_text(yaml.safe_dump({"mqtt": {"client_id": "monitor-1"}, "partitions": {"count": 4, "consume": [3, 1]}}))
-    config = load_config(path)
-    assert config.mqtt.subscribe == ["shard/3/sensors/+/ecg", "shard/1/sensors/+/ecg"]
-    assert config.mqtt.sensor_id_level == 3
-    assert (config.instance_name, config.consumed_partitions) == ("monitor-1", [1, 3])
-    sensors = [f"sensor-{index:04d}" for index in range(40)]
-    assert [s for s in sensors if config.partitions.owns(s)] == [s for s in sensors if partition_of(s, 4) in (1, 3)]
-    assert load_config(None).consumed_partitions == []
-
-
-@pytest.mark.parametrize(
-    ("section", "expected"),
-    [
-        ({"partitions": {"count": 2, "consume": [2]}}, "partitions.consume: [2] not in 0..1"),
-        ({"partitions": {"count": 2, "consume": [0, 0]}}, "names a partition twice"),
-        ({"partitions": {"count": 2, "consume": []}}, "partitions.consume"),
-        ({"partitions": {"count": 2, "consume": [0], "topic": "shard/{partition}/ecg"}}, "partitions.topic"),
-        (
-            {"partitions": {"count": 2, "consume": [0]}, "mqtt": {"subscribe": ["sensors/+/ecg"]}},
-            "mqtt.subscribe: leave it out with partitions",
-        ),
-        (
-            {"partitions": {"count": 2, "consume": [0]}, "mqtt": {"sensor_id_level": 1}},
-            "mqtt.sensor_id_level: leave it out",
-        ),
-    ],
-)
-def test_bad_partitions_are_config_errors(tmp_path, section, expected):
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(section))
-    with pytest.raises(ConfigError) as error:
-        load_config(path)
-    assert expected in str(error.value)
-    assert all(line.startswith(f"{path}: ") for line in str(error.value).splitlines())
-
-
-# --- the recipe's files: instance configs, the template unit ---
-
-
-def test_deployed_instance_configs_cover_the_partitions_once_each():
-    """One config per partition of the shipped mapping, each valid for `monitor run` (model path aside)."""
-    count = int(re.search(r"partition\((\d+),1\)", DEPLOYED_CONFIG.read_text()).group(1))
-    configs = sorted(DEPLOY.glob("monitor-*.yaml"))
-    assert len(configs) == count
-    seen = {"client_id": set(), "port": set(), "partition": set()}
-    for index, path in enumerate(configs):
-        result = run_cli("check-config", str(path), env={"MONITOR_MODEL__PATH": str(DEFAULT_MODEL)})
-        assert result.returncode == 0, result.stderr
-        config = deployed_config(index)
-        assert config["mqtt"]["protocol"] == "3.1.1" and config["mqtt"]["persistent_session"] is True
-        assert config["partitions"] == {"count": count, "consume": [index]}
-        seen["client_id"].add(config["mqtt"]["client_id"])
-        seen["port"].add(config["metrics"]["port"])
-        seen["partition"].add(index)
-    assert all(len(values) == count for values in seen.values()), seen
-
-
-def unit_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
-def test_template_unit_is_monitor_service_per_instance():
-    """monitor@.service differs from monitor.service only where the instance name must go, so the sandbox,
-    watchdog and drain settings stay in step."""
-    plain, template = unit_lines(UNIT), unit_lines(TEMPLATE_UNIT)
-    assert len(plain) == len(template)
-    differing = [(a, b) for a, b in zip(plain, template, strict=True) if a != b]
-    assert differing and all("%i" in b or "nats-server" in b for _, b in differing), differing
-    assert "ExecStart=/opt/monitor/.venv/bin/monitor run --config /etc/monitor/monitor-%i.yaml" in template
-    assert "StateDirectory=monitor-%i" in template
-
-
-def test_template_unit_exposure(tmp_path):
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
-    instance = tmp_path / "monitor@0.service"
-    instance.write_text(TEMPLATE_UNIT.read_text())
-    result = subprocess.run(
-        [analyze, "security", "--offline=true", "--no-pager", str(instance)], capture_output=True, text=True, timeout=60
-    )
-    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
-    assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= 2.0, result.stdout

@@ -91,7 +91,7 @@ def test_a_seq_gap_resets_the_detector_and_duplicates_are_trimmed(signal):
 
 
 def test_one_message_far_ahead_cannot_silence_a_sensor_and_a_reboot_to_zero_is_followed(signal):
-    """Issue 14 item 1 in beat mode: the seq policy is fixed mode's (`SensorStreams`), so a poisoned seq near 2**53
+    """The seq jump policy in beat mode: the seq policy is fixed mode's (`SensorStreams`), so a poisoned seq near 2**53
     costs the sensor nothing (its beats are exactly those of an untouched stream) and a reboot is scored at once."""
     spec, half = BeatSpec(), int(60 * FS)
     untouched = stream(BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60), "s1", signal, chunk=360)[0]

@@ -100,7 +100,7 @@ junk_lists = st.lists(json_junk, min_size=1, max_size=4)
 
 
 class StreamModel:
-    """Independent model of one sensor's stream (contract section 3), kept short rather than fast."""
+    """Independent model of one sensor's stream (docs/interface.md), kept short rather than fast."""
 
     def __init__(self, first_seq: int, config: Config, now: float) -> None:
         self.config = config

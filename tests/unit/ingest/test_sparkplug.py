@@ -34,7 +34,8 @@ def mapping(device: str = "pump1", sensor_id: str = "pump-1") -> DeviceMapping:
 
 
 def reader(**options: object) -> SparkplugReader:
-    return SparkplugReader([mapping(), mapping("pump2", "pump-2")], 2, 4096, 262144, 1e6, **options)  # type: ignore[arg-type]
+    mappings = [mapping(), mapping("pump2", "pump-2")]
+    return SparkplugReader(mappings, 2, 4096, 262144, 1e6, **options)  # type: ignore[arg-type]
 
 
 def rows(n: int, start: float = 0.0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The model artifact (contract section 6): a faithful round trip, and one clear refusal for every broken directory."""
+"""The model artifact: a faithful round trip, and one clear refusal for every broken directory."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_round_trip_scores_and_metadata(trained, beats):
     assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
-def test_metadata_holds_the_contract_fields(trained):
+def test_metadata_holds_the_documented_fields(trained):
     result, directory = trained
     metadata = json.loads((directory / METADATA_FILE).read_text())
     assert metadata == read_metadata(directory)

@@ -1,4 +1,4 @@
-"""Per-sensor baselines and labelled recordings (contract section 9): the estimator, window labels, segments,
+"""Per-sensor baselines and labelled recordings: the estimator, window labels, segments,
 training on several labelled recordings and `monitor evaluate --labels` against figures computed by hand."""
 
 from __future__ import annotations
