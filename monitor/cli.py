@@ -12,6 +12,7 @@ from monitor import __version__
 from monitor.errors import MonitorError
 
 if TYPE_CHECKING:
+    from monitor.training.settings import TrainSettings
     from monitor.training.trainer import TrainingResult
 
 EXIT_USER_ERROR = 2
@@ -46,19 +47,21 @@ def _baseline_flags(parser: argparse.ArgumentParser, defaults: tuple[str, str]) 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     """`monitor train`: every flag's help ends with its default, taken from the settings themselves."""
     from monitor.model.calibration import DEFAULT_PARAMS
-    from monitor.training.settings import TrainSettings
+    from monitor.training.settings import BEAT_DEFAULTS, TrainSettings
 
     fields = TrainSettings.model_fields
     defaults = {name: field.get_default(call_default_factory=True) for name, field in fields.items()}
 
     def default(key: str, note: str = "") -> str:
-        return f" (default: {defaults[key]}{note})"
+        beats = f"; with --segmentation beats: {BEAT_DEFAULTS[key]}" if key in BEAT_DEFAULTS else ""
+        return f" (default: {defaults[key]}{beats}{note})"
 
     train = commands.add_parser(
         "train",
         help="train a model, calibrate its threshold, write an artifact",
         description="Train on normal windows; flags override the YAML config key by key. The defaults are the "
-        "bundled model's recipe (configs/train-ecg5000.yaml) except --threads, which the recipe sets to 1.",
+        "bundled models' recipes: configs/train-ecg5000.yaml in fixed mode, configs/train-mitdb-beats.yaml with "
+        "--segmentation beats (its epochs, batch size and patience), one torch thread in both.",
     )
     add = train.add_argument
     add("--config", type=Path, help="YAML training config, e.g. configs/train-ecg5000.yaml (default: none)")
@@ -99,7 +102,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--evaluate-data", type=Path, help="labelled data to evaluate after training, never trained on (default: none)")
     add("--output", type=Path, help="artifact directory to write" + default("output"))
     add("--force", action="store_true", help="replace a model already in --output (default: refuse)")
-    add("--name", help="model name recorded in the artifact" + default("name"))
+    add("--name", help="model name recorded in the artifact (default: the --output directory's name)")
     add("--version", dest="model_version", help="model version recorded in the artifact (default: today's date)")
     add("--normal-label", type=int, help="class label of normal windows in UCR files" + default("normal_label"))
     add(
@@ -121,7 +124,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--patience", type=int, help="epochs without validation improvement before stopping" + default("patience"))
     add("--noise-std", type=float, help="std of the Gaussian training noise, normalised units" + default("noise_std"))
     add("--seed", type=int, help="random seed (training is deterministic given the seed)" + default("seed"))
-    add("--threads", type=int, help="torch threads, 0 = torch's default" + default("threads", "; the recipe: 1"))
+    add("--threads", type=int, help="torch threads, 0 = one per core" + default("threads"))
     add(
         "--threshold-method",
         choices=["quantile", "mean_std", "pot"],
@@ -137,7 +140,11 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     _baseline_flags(train, ("model", "none; required with --baseline sensor"))
     flags = {action.dest for action in train._actions} | {"version", "threshold"}
-    yaml_only = ", ".join(f"{key} {value}" for key, value in defaults.items() if key not in flags)
+    yaml_only = ", ".join(
+        f"{key} {value}" + (f" (beats: {BEAT_DEFAULTS[key]})" if key in BEAT_DEFAULTS else "")
+        for key, value in defaults.items()
+        if key not in flags
+    )
     train.epilog = f"Keys of the YAML config without a flag, and their defaults: {yaml_only}."
 
 
@@ -151,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser(
         "run",
         help="run the daemon in the foreground",
-        description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model.",
+        description="Run the daemon until SIGTERM/SIGINT; SIGHUP reloads config and model. A bad config or model is "
+        "one line and exit 2; an unreachable broker is not: the daemon logs it and retries with backoff until the "
+        "broker answers (it queues alerts meanwhile), as a service should.",
     )
     run.add_argument("--config", required=True, type=Path, help="YAML config file (see configs/monitor.yaml)")
 
@@ -177,17 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    evaluate.add_argument("--threads", type=int, default=1, help="torch threads, 0 = one per core (default 1)")
 
     replay = commands.add_parser(
         "replay",
         help="publish a recorded stream to the broker as sensors would",
-        description="Publish a UCR file (beats dealt to N sensors) or a continuous recording.",
+        description="Publish a UCR file (beats dealt to N sensors) or a continuous recording. An unreachable broker "
+        "is one line and exit 2.",
     )
     replay.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and topics)")
     replay.add_argument("--data", required=True, type=Path, help="UCR text file, or .npy/.csv continuous recording")
     replay.add_argument("--sensors", type=int, default=20, help="number of simulated sensors (default 20)")
     replay.add_argument("--chunk", type=int, default=35, help="samples per message (default 35)")
-    replay.add_argument("--sample-rate-hz", type=float, default=250.0, help="each sensor's sample rate (default 250)")
+    replay.add_argument(
+        "--sample-rate-hz",
+        type=float,
+        help="the recording's sample rate, sent with every message; one the config's windowing.sample_rate_hz "
+        "differs from is refused (default: windowing.sample_rate_hz, else 250)",
+    )
     replay.add_argument("--speed", type=_speed, default=1.0, help="realtime (default), a factor such as 10, or max")
     replay.add_argument("--qos", type=int, choices=[0, 1, 2], default=1, help="publish QoS (default 1)")
     replay.add_argument(
@@ -196,29 +212,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="payload format (default: the config's input.format); frame: on the first input.formats filter for "
         "frames; sparkplug_b: the sensors are input.sparkplug.devices (--sensors is ignored)",
     )
-    replay.add_argument("--labels-out", type=Path, help="write the label of every replayed window here (JSON lines)")
+    replay.add_argument(
+        "--annotations",
+        type=Path,
+        help="the recording's beat annotations (sample,symbol CSV, WFDB codes): with --labels-out, `monitor watch "
+        "--labels` scores the alerts by beat (default: none)",
+    )
+    replay.add_argument(
+        "--labels-out",
+        type=Path,
+        help="write the ground truth here (JSON lines): the label of every UCR window, or with --annotations every "
+        "annotated beat (default: none)",
+    )
 
     watch = commands.add_parser(
         "watch",
         help="print alerts as they arrive; with --labels, precision and recall at the end",
         description="Subscribe to the alert topic and print each alert. "
         "With --labels (from `monitor replay --labels-out`) "
-        "it stops once every labelled window is scored and alerts went quiet, and prints a summary.",
+        "it stops once every labelled window is scored and alerts went quiet, and prints a summary. An unreachable "
+        "broker is one line and exit 2.",
     )
     watch.add_argument("--config", required=True, type=Path, help="the daemon's YAML config (broker and alert topic)")
     watch.add_argument("--labels", type=Path, help="labels of the replayed windows (JSON lines)")
     watch.add_argument("--metrics-url", help="the daemon's /metrics URL, for its counts and latency in the summary")
     watch.add_argument(
-        "--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored"
+        "--idle-seconds", type=float, default=3.0, help="quiet time that ends the watch once all is scored (default 3)"
     )
     watch.add_argument("--quiet", action="store_true", help="print only the summary")
 
     check = commands.add_parser(
         "check-config",
         help="validate a config file; one line per problem",
-        description="Validate a daemon config exactly as `monitor run` does, model included.",
+        description="Validate a daemon config exactly as `monitor run` does, model included. The broker is not "
+        "contacted unless --connect asks for it.",
     )
     check.add_argument("file", type=Path, help="YAML config file")
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also connect to the broker with the configured protocol, credentials and TLS, once (default: not)",
+    )
     return parser
 
 
@@ -231,13 +265,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The settings `monitor train` runs with: the YAML config's keys, each flag given overriding its key, and the
+    defaults of the mode (`BeatTrainSettings` with --segmentation beats) for the rest."""
     from monitor.config.loading import read_yaml, validate
-    from monitor.telemetry.log import configure_logging
-    from monitor.training.beat_trainer import BeatTrainSettings, train_beats
-    from monitor.training.trainer import TrainSettings, refuse_overwrite, train
+    from monitor.training.beat_trainer import BeatTrainSettings
+    from monitor.training.settings import TrainSettings
 
-    configure_logging("info", "auto")
     data: dict[str, Any] = read_yaml(args.config) if args.config else {}
     beats = (args.segmentation or data.get("segmentation")) == "beats"
     flags = {
@@ -280,6 +314,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if data.pop("segmentation", "fixed") != "fixed" or any(key in data for key in beat_keys):
             raise MonitorError(f"{source}: sample_rate, annotations and normal_symbols belong to --segmentation beats")
         settings = validate(TrainSettings, data, source)
+    return settings
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from monitor.telemetry.log import configure_logging
+    from monitor.training.beat_trainer import BeatTrainSettings, train_beats
+    from monitor.training.trainer import refuse_overwrite, train
+
+    configure_logging("info", "auto")
+    settings = train_settings(args)
     if not args.force:
         refuse_overwrite(settings.output)
     beat_evaluation = None
@@ -338,29 +382,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from monitor.config.schema import load_config
     from monitor.telemetry.log import configure_logging
-    from monitor.tools.replay import Replayer, load_plan, write_labels
+    from monitor.tools.replay import Replayer, load_plan, model_channel_names, write_labels
 
     config = load_config(args.config)
     configure_logging(config.logging.level, config.logging.format)
-    if args.chunk < 1 or args.sample_rate_hz <= 0:
+    expected = config.windowing.sample_rate_hz
+    rate = args.sample_rate_hz or expected or 250.0
+    if args.chunk < 1 or rate <= 0:
         raise MonitorError("--chunk must be >= 1 and --sample-rate-hz > 0")
+    if expected is not None and rate != expected:
+        raise MonitorError(
+            f"--sample-rate-hz {rate:g}: the daemon's windowing.sample_rate_hz is {expected:g} "
+            f"(from {config.origin('windowing.sample_rate_hz')}); replay at the rate the daemon expects, or configure "
+            "the daemon for this recording's rate"
+        )
     input_format = args.format or config.input.format
     devices = config.input.sparkplug.devices if input_format == "sparkplug_b" else []
     if input_format == "sparkplug_b" and not devices:
         raise MonitorError("--format sparkplug_b needs input.sparkplug.devices in the config")
     sensor_ids = [device.sensor for device in devices]
-    plan = load_plan(args.data, len(sensor_ids) or args.sensors, sensor_ids or None)
+    names = model_channel_names(config.model.path)
+    plan = load_plan(args.data, len(sensor_ids) or args.sensors, sensor_ids or None, args.annotations, names)
     if args.labels_out:
-        write_labels(plan, args.labels_out)
+        write_labels(plan, args.labels_out, rate)
     filters = [rule.filter for rule in config.input.formats if rule.format == input_format]
     topic_filter = filters[0] if filters and input_format == "frame" else config.mqtt.subscribe[0]
     replayer = Replayer(config.mqtt, topic_filter, config.mqtt.sensor_id_level, args.qos, input_format, devices)
     replayer.connect()
     try:
-        count = replayer.publish(plan, args.chunk, args.sample_rate_hz, args.speed)
+        count = replayer.publish(plan, args.chunk, rate, args.speed)
     finally:
         replayer.close()
-    print(f"published {count} messages from {len(plan.sensor_ids)} sensors")
+    print(f"published {count} messages from {len(plan.sensor_ids)} sensors at {rate:g} Hz")
     return 0
 
 
@@ -393,9 +446,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except MonitorError as error:  # already named: model.shadow_path
         raise type(error)(f"{args.file}: {error}") from None
     warm_up_windows(live, config.windowing, str(args.file))
-    check_mode(config.windowing, live, config.model.path)
+    check_mode(config.windowing, live, config.model.path, config.origin)
     config.mqtt.resolve_password()
-    print(f"{args.file}: ok (model {config.model.path}, broker {config.mqtt.host}:{config.mqtt.port})")
+    broker = f"{config.mqtt.host}:{config.mqtt.port}"
+    if args.connect:
+        from monitor.mqtt.client import check_broker
+
+        check_broker(config.mqtt)
+        reached = f"broker {broker} connected to and accepted the client"
+    else:
+        reached = f"broker {broker} not contacted (--connect tries it)"
+    mode = "beats" if live.segmentation is not None else f"{live.window}-sample windows"
+    print(
+        f"{args.file}: ok: keys, values and MONITOR_ variables valid; model {config.model.path} loaded ({mode}, "
+        f"matches windowing.mode); {reached}"
+    )
     return 0
 
 

@@ -5,13 +5,13 @@
 # Run as root on a fresh Debian machine: it installs what it needs first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+echo "== setting up (Mosquitto and the Python environment; the first run takes a few minutes)"
 scripts/setup.sh
 VENV=${VENV:-.venv}
 MONITOR="$VENV/bin/monitor"
 DATA=${DATA:-data/ecg5000/splits/test.txt.xz}
 SPEED=${DEMO_SPEED:-10}
 SENSORS=${DEMO_SENSORS:-20}
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/monitor-demo.XXXXXX")
 [[ -f $DATA ]] || { echo "demo: $DATA not found (set DATA=path/to/labelled-ucr-file)" >&2; exit 1; }
 
 free_port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -33,9 +33,16 @@ PY
 BROKER_PORT=$(free_port)
 METRICS_PORT=$(free_port)
 PIDS=()
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/monitor-demo.XXXXXX")
 cleanup() {
+  local code=$?
   for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if ((code == 0)); then
+    rm -rf "$WORK"
+  else
+    echo "demo: failed; the logs are kept in $WORK" >&2
+  fi
 }
 trap cleanup EXIT
 
@@ -67,6 +74,8 @@ wait_for 60 "b'watching' in open('$WORK/watch.log', 'rb').read()"
 echo "== replaying $DATA as $SENSORS sensors at 250 Hz x $SPEED"
 "$MONITOR" replay --config "$CONFIG" --data "$DATA" --sensors "$SENSORS" --chunk 35 --speed "$SPEED" --labels-out "$WORK/labels.jsonl"
 wait "$WATCH"
+read -r load1 load5 _ < /proc/loadavg
+echo "  load average $load1 (1 min), $load5 (5 min) on $(nproc) cores: the latency above grows with the machine's load"
 
 echo "== stopping the daemon (SIGTERM: drain, then exit 0)"
 kill -TERM "$DAEMON"

@@ -30,8 +30,15 @@ if ((${#missing[@]})); then
 fi
 
 if [[ ! -x $VENV/bin/python ]]; then
+  echo "setup: creating the virtualenv $VENV"
   python3 -m venv "$VENV"
 fi
 # torch first, pinned: this version is the local CPU build; a bare `torch` would pull a CUDA build.
-"$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
+# Not quiet when it is missing: the download is the long part of a first run, and pip shows its progress.
+if ! "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null; then
+  echo "setup: installing torch 2.13.0 (CPU build) into $VENV: the first run's long step, a few minutes"
+  "$VENV/bin/pip" install --disable-pip-version-check --progress-bar on "torch==2.13.0"
+fi
+echo "setup: installing monitor and its Python dependencies into $VENV (nothing new after the first run)"
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[report,onnx,test]"
+echo "setup: done"

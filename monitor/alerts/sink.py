@@ -109,9 +109,13 @@ class AlertSink:
         metrics: Metrics,
         observers: Sequence[DecisionObserver] = (),
         sources: Mapping[str, Mapping[str, Any]] | None = None,
+        instance: str | None = None,
     ) -> None:
         """`sources`: fields added to the alerts of some sensors, saying where their data comes from (a Sparkplug B
-        device's group, node, device and metric names)."""
+        device's group, node, device and metric names). `instance` (the daemon's MQTT client id) goes into every
+        alert, so that a subscriber can tell the alerts of several instances apart (`monitor watch` counts
+        duplicates by it)."""
+        self.instance = instance
         self.publisher = publisher
         self.sources = dict(sources or {})
         self.topic_template = topic_template
@@ -156,6 +160,8 @@ class AlertSink:
             channels=channels_of(scores, index, self.settings.top_channels, engine),
         )
         alert.update(self.sources.get(window.sensor_id, {}))
+        if self.instance is not None:
+            alert["instance"] = self.instance
         topic = self.topic_template.format(sensor_id=window.sensor_id)
         reason: DropReason
         try:

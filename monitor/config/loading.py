@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -92,22 +93,92 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _worded(message: str) -> str:
+    """pydantic's message in the config's words: `must be ...` rather than `Input should be ...`."""
+    for prefix, replacement in (("Value error, ", ""), ("Assertion failed, ", ""), ("Input should be ", "must be ")):
+        if message.startswith(prefix):
+            message = replacement + message[len(prefix) :]
+    return "required, not given" if message == "Field required" else message
+
+
+def _section_check(
+    keys: tuple[str, ...], message: str, value: Any, fields: set[str]
+) -> tuple[tuple[str, ...], str, Any]:
+    """A check over a whole section names the key it is about first (`sample_rate_hz is required ...`): the problem is
+    then that key's, shown with that key's value, never the whole section (which may hold a password)."""
+    match = re.match(r"([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(: | is | )(.*)", message, re.DOTALL)
+    if match is None or not isinstance(value, dict) or match[1] not in fields:
+        return keys, message, None
+    rest = match[3] if match[2] != " " else f"{match[1]} {match[3]}"
+    return (*keys, match[1]), rest, value.get(match[1])
+
+
+def field_names(model: type[BaseModel]) -> set[str]:
+    """Every key of `model` and of the settings models below it."""
+    found: set[str] = set()
+    seen: set[type] = set()
+    pending: list[Any] = [model]
+    while pending:
+        annotation = pending.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation not in seen:
+                seen.add(annotation)
+                found.update(annotation.model_fields)
+                pending.extend(field.annotation for field in annotation.model_fields.values())
+        else:
+            pending.extend(get_args(annotation))
+    return found
+
+
 def format_validation_error(
-    error: ValidationError, source: str, names: dict[tuple[str, ...], str] | None = None
+    error: ValidationError,
+    source: str,
+    names: dict[tuple[str, ...], str] | None = None,
+    fields: set[str] | None = None,
 ) -> str:
     """One line per problem: `source: key.path: message (got value)`; with `names` (from `environment_names`)
-    a value set by a `MONITOR_` variable is blamed on the variable rather than on `source`."""
+    a value set by a `MONITOR_` variable is blamed on the variable rather than on `source`; a check across the keys
+    of a section that names one of `fields` first is that key's problem."""
     lines = []
     for problem in error.errors():
         keys = tuple(str(part) for part in problem["loc"])
+        message, value = _worded(problem["msg"]), problem.get("input")
+        section = keys
+        if problem["type"] == "value_error":
+            keys, message, value = _section_check(keys, message, value, fields or set())
         path = ".".join(keys) or "(top level)"
-        where = source_of(keys, source, names) if names and keys else source
-        message = problem["msg"]
+        where = source_of(keys, source, names or {}) if keys else source
+        related = source_of(section, source, names or {}) if section != keys else where
+        if related != where:  # a check across keys, some of them set by the environment
+            where = f"{where} with {related}"
         if problem["type"] == "extra_forbidden":
             message = "unknown key (misspelt?)"
-        shown = "" if problem["type"] in ("missing", "extra_forbidden") else f" (got {problem.get('input')!r})"
-        lines.append(f"{where}: {path}: {message}{shown}")
+        hidden = problem["type"] in ("missing", "extra_forbidden") or value is None or isinstance(value, dict)
+        lines.append(f"{where}: {path}: {message}{'' if hidden else f' (got {value!r})'}")
     return "\n".join(lines)
+
+
+def unknown_variables(environ: Mapping[str, str] | None, sections: Sequence[str]) -> list[str]:
+    """`MONITOR_` variables that cannot name a key (no `__` between section and key): one line each, with the
+    spelling that was probably meant. Variables with `__` are checked by the schema like any key."""
+    variables = os.environ if environ is None else environ
+    problems = []
+    for name in sorted(variables):
+        if not name.startswith(ENV_PREFIX) or ENV_SEPARATOR in name:
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        meant = [f"{ENV_PREFIX}{section.upper()}{ENV_SEPARATOR}{rest[len(section) + 1 :]}" for section in sections]
+        guess = [
+            spelling
+            for spelling, section in zip(meant, sections, strict=True)
+            if rest.lower().startswith(section + "_")
+        ]
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        problems.append(
+            f"environment variable {name}: names no config key: a key is {ENV_PREFIX}<SECTION>{ENV_SEPARATOR}<KEY>, "
+            f"with two underscores{hint}"
+        )
+    return problems
 
 
 def validate(
@@ -117,4 +188,4 @@ def validate(
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, source, names)) from None
+        raise ConfigError(format_validation_error(error, source, names, field_names(model))) from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationInfo, field_validator, model_validator
 
 from monitor.config.loading import (
     Strict,
@@ -25,6 +25,7 @@ from monitor.config.loading import (
     environment_overrides,
     read_yaml,
     source_of,
+    unknown_variables,
     validate,
 )
 from monitor.errors import ConfigError
@@ -592,6 +593,12 @@ class Config(Strict):
     journal: JournalSettings = Field(default_factory=JournalSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     partitions: PartitionSettings | None = None
+    # where the values came from: the file's name and the `MONITOR_` variables by key path (`load_config` sets it)
+    _sources: tuple[str, dict[tuple[str, ...], str]] = PrivateAttr(default=("config", {}))
+
+    def origin(self, key: str) -> str:
+        """Where `key` (`model.path`) came from: the `MONITOR_` variable that set it, else the file."""
+        return source_of(tuple(key.split(".")), *self._sources)
 
     @model_validator(mode="after")
     def _sparkplug_fits(self) -> Config:
@@ -649,7 +656,7 @@ def load_config(
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     names = environment_names(environ)
     data = deep_merge(data, environment_overrides(environ))
-    problems = removed_and_conflicting(data, source)
+    problems = unknown_variables(environ, list(Config.model_fields)) + removed_and_conflicting(data, source)
     config = None
     try:
         config = validate(Config, {key: value for key, value in data.items() if key != "shard"}, source, names)
@@ -665,6 +672,7 @@ def load_config(
     if problems:
         raise ConfigError("\n".join(problems))
     assert config is not None and model_path is not None  # a valid config always has a model path
+    config._sources = (source, names)
     config.model.path = model_path
     if path is not None and config.model.shadow_path is not None:
         config.model.shadow_path = _beside(config.model.shadow_path, path)

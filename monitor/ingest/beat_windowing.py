@@ -177,12 +177,20 @@ class BeatAssembler(SensorStreams[_Sensor]):
         return len(sensors)
 
 
-def check_mode(windowing: WindowingSettings, engine: Engine, model_path: object) -> None:
-    """Refuses, with one line, a beat-mode model in fixed mode or a fixed-window model in beat mode."""
+def check_mode(
+    windowing: WindowingSettings, engine: Engine, model_path: object, origin: Callable[[str], str] | None = None
+) -> None:
+    """Refuses, with one line, a beat-mode model in fixed mode or a fixed-window model in beat mode; `origin` says
+    where a key's value came from (`Config.origin`: the file or a `MONITOR_` variable)."""
+
+    def given(key: str, value: object) -> str:
+        return f"{key} {value}" + (f" (from {origin(key)})" if origin else "")
+
     if windowing.mode == "beats" and engine.segmentation is None:
         raise ConfigError(
-            f"windowing.mode is beats, but model.path {model_path} is a fixed-window model "
-            f"({engine.window}-sample windows): use a beat-mode model (models/mitdb-beats) or windowing.mode: fixed"
+            f"{given('windowing.mode', 'beats')} does not fit {given('model.path', model_path)}, a fixed-window "
+            f"model ({engine.window}-sample windows): use a beat-mode model (models/mitdb-beats) or windowing.mode: "
+            "fixed"
         )
     if windowing.mode == "beats" and windowing.baseline == "sensor":
         raise ConfigError(
@@ -190,8 +198,9 @@ def check_mode(windowing: WindowingSettings, engine: Engine, model_path: object)
         )
     if windowing.mode == "fixed" and engine.segmentation is not None:
         raise ConfigError(
-            f"windowing.mode is fixed, but model.path {model_path} is a beat-mode model: "
-            "set windowing.mode: beats and windowing.sample_rate_hz"
+            f"{given('windowing.mode', 'fixed')} does not fit {given('model.path', model_path)}, a beat-mode model: "
+            "set windowing.mode: beats and windowing.sample_rate_hz (configs/monitor-beats.yaml), or use a "
+            "fixed-window model"
         )
 
 

@@ -2,7 +2,8 @@
 
 The default input format is a UTF-8 JSON object (docs/interface.md; the binary frame and Sparkplug B are read by
 monitor.ingest.frame and monitor.ingest.sparkplug, which share the reasons and the value checks here):
-`{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>}`; other keys are ignored.
+`{"samples": [...], "seq": <int, optional>, "ts": <Unix seconds, optional>, "sample_rate_hz": <optional>}`; other
+keys are ignored. `sample_rate_hz` is not checked here: the input stage compares it with the configured rate.
 Checks run in this order, and the first failing one names the reason: too_large, invalid_utf8,
 invalid_json, not_object, missing_samples, bad_samples (not a list / empty), too_many_samples,
 bad_samples (content), wrong_channels, non_finite, value_out_of_range, bad_seq.
@@ -63,6 +64,7 @@ class Message:
     seq: int | None  # index of samples[0] in the sensor's stream, 0 <= seq < 2**53
     ts: float | None  # Unix seconds of samples[0], within the decoder's plausible range
     ts_ignored: str | None = None  # why a ts the message carried was ignored (one of TS_IGNORED_REASONS)
+    sample_rate_hz: float | None = None  # the rate the sensor says it samples at; NaN when given but not a number
 
 
 class PayloadDecoder:
@@ -109,9 +111,9 @@ class PayloadDecoder:
         if "samples" not in document:
             raise PayloadError("missing_samples")
         samples = self._samples(document["samples"], payload)
-        seq = document.get("seq")
+        seq, rate = document.get("seq"), document.get("sample_rate_hz")
         ts, ts_ignored = check_ts(document.get("ts"), self.ts_range)
-        return Message(samples, None if seq is None else check_seq(seq), ts, ts_ignored)
+        return Message(samples, None if seq is None else check_seq(seq), ts, ts_ignored, _rate(rate))
 
     def _samples(self, raw: object, payload: bytes) -> np.ndarray:
         if type(raw) is not list or not raw:
@@ -181,6 +183,13 @@ def check_ts(raw: object, plausible: tuple[float, float]) -> tuple[float | None,
     if not plausible[0] <= ts <= plausible[1]:  # also false for NaN
         return None, "out_of_range"
     return ts, None
+
+
+def _rate(raw: object) -> float | None:
+    """`null` counts as absent; anything else that is not a number is NaN, which matches no configured rate."""
+    if raw is None:
+        return None
+    return float(raw) if type(raw) is int or type(raw) is float else float("nan")
 
 
 def sensor_id_from_topic(topic: str, level: int, pattern: re.Pattern[str] | None = None) -> str:

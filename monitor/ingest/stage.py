@@ -27,7 +27,7 @@ from monitor.ingest.batching import WindowQueue
 from monitor.ingest.beat_windowing import BeatAssembler, BeatFeedResult
 from monitor.ingest.formats import InputFormats
 from monitor.ingest.journal import Journal, Replayed, encode_windows
-from monitor.ingest.payload import REJECT_REASONS, TS_IGNORED_REASONS, PayloadDecoder, sensor_id_from_topic
+from monitor.ingest.payload import REJECT_REASONS, TS_IGNORED_REASONS, Message, PayloadDecoder, sensor_id_from_topic
 from monitor.ingest.windowing import FeedResult, WindowAssembler
 from monitor.model.baseline import SensorBaselines
 from monitor.telemetry.log import RateLimiter
@@ -35,6 +35,8 @@ from monitor.telemetry.metrics import Metrics
 from monitor.window import Window
 
 log = structlog.get_logger("monitor.ingest")
+RATE_TOLERANCE = 0.005  # a message's sample_rate_hz within 0.5 % of the configured rate is the same rate
+WRONG_RATE = "wrong_sample_rate"  # this stage's outcome for a message of another rate than windowing.sample_rate_hz
 
 
 class Ingest:
@@ -55,14 +57,17 @@ class Ingest:
         formats: InputFormats | None = None,
         max_queued_per_sensor: int | None = None,
         admission_wait_seconds: float = 0.0,
+        sample_rate_hz: float | None = None,
     ) -> None:
         """`pending` tracks the windows cut until they are decided, `journal` keeps the input on disk (both
         optional: without them a crash loses the windows in memory, see RELIABILITY.md); `formats` chooses the
         format of each topic (without it every message is JSON, read by `decoder`). A sensor may hold at most
         `max_queued_per_sensor` windows in `windows` (which must count them by sensor id), and a window waits up to
-        `admission_wait_seconds` for room before it is dropped."""
+        `admission_wait_seconds` for room before it is dropped. With `sample_rate_hz` (`windowing.sample_rate_hz`)
+        a message that gives another rate is dropped as `wrong_sample_rate`."""
         self.decoder = decoder
         self.formats = formats
+        self.sample_rate_hz = sample_rate_hz
         self.ended_streams: list[str] = []  # sensors a Sparkplug DEATH ended, until the housekeeping takes them
         self.assembler = assembler
         self.windows = windows
@@ -79,7 +84,9 @@ class Ingest:
         self._share_drops: Counter[str] = Counter()  # by sensor, since its last `sensor_over_share` line
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
         self._evicted_counted = 0
-        metrics.declare(metrics.messages, (*REJECT_REASONS, "control"))  # control: Sparkplug B without samples
+        metrics.declare(
+            metrics.messages, (*REJECT_REASONS, "control", WRONG_RATE)
+        )  # control: Sparkplug B without samples
         metrics.declare(metrics.windows_dropped, ("stream_ended",))  # partial windows a Sparkplug B DEATH ended
         metrics.declare(metrics.ts_ignored, TS_IGNORED_REASONS)
         metrics.declare(metrics.beats_unscorable, UNSCORABLE_REASONS)
@@ -109,6 +116,7 @@ class Ingest:
                     raise PayloadError("sensor_share", "the sensor's windows fill its share of the scoring queue")
                 decoder = self.decoder if self.formats is None or input_format == "json" else self.formats.frame
                 message = decoder.decode(payload)
+            self._check_rate(message)
             with self.lock:  # the journal's checkpoint takes it too: records, windows and state stay in step
                 result: FeedResult | BeatFeedResult = self.assembler.feed(sensor_id, message, now, redelivered)
                 windows = result.windows if self.baselines is None else self._after_warm_up(result.windows)
@@ -210,6 +218,15 @@ class Ingest:
                 windows_dropped=self._share_drops.pop(sensor_id),
                 max_queued_per_sensor=self.max_queued_per_sensor,
             )
+
+    def _check_rate(self, message: Message) -> None:
+        """A stream sampled at another rate than the configured one would be cut and scored wrongly (beats too long
+        or too short), without a sign: refused instead, counted and logged."""
+        given, expected = message.sample_rate_hz, self.sample_rate_hz
+        if given is None or expected is None:
+            return
+        if not abs(given - expected) <= RATE_TOLERANCE * expected:  # NaN too
+            raise PayloadError(WRONG_RATE, f"{given:g} Hz, windowing.sample_rate_hz is {expected:g}")
 
     def _control(self, ended: list[str], now: float) -> None:
         """A message without samples (a Sparkplug BIRTH, DEATH, command or host state); a DEATH ends the streams of

@@ -102,11 +102,17 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"model.device: {name!r} is not a device ({error})") from None
 
 
+def use_threads(threads: int) -> None:
+    """Torch's intra-op threads for this process; 0 leaves torch's default (one per core). Training, evaluation and
+    the daemon default to one: on a small or busy machine more threads spin against each other."""
+    if threads and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
 def load_engine(settings: ModelSettings) -> Engine:
     """Load the artifact onto the resolved device and build the configured backend; raises a MonitorError."""
     device = resolve_device(settings.device)
-    if settings.threads and settings.threads != torch.get_num_threads():
-        torch.set_num_threads(settings.threads)
+    use_threads(settings.threads)
     artifact = load_artifact(settings.path, device)
     scorer: WindowScorer
     if settings.backend == "onnx":

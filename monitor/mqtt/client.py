@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 import time
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from monitor.config.schema import MqttSettings
-from monitor.errors import ConfigError
+from monitor.errors import ConfigError, MonitorError
 
 
 class _QuietReconnectLoop(logging.Filter):
@@ -112,3 +113,39 @@ def apply_credentials(client: mqtt.Client, settings: MqttSettings) -> None:
         except (ssl.SSLError, OSError) as error:
             raise ConfigError(f"mqtt.tls: cannot load the certificates ({error})") from None
         client.tls_insecure_set(settings.tls.insecure_skip_hostname_check)
+
+
+def connect_side_client(
+    client: mqtt.Client, settings: MqttSettings, ready: threading.Event, timeout_seconds: float = 10.0
+) -> None:
+    """Connect a side client (replay, watch, `check-config --connect`) once, and wait for `ready`, which its own
+    callback sets (on CONNACK, or on SUBACK). Unlike the daemon it does not retry: an unreachable or refusing broker
+    is one `MonitorError` line."""
+    where = f"{settings.host}:{settings.port}"
+    try:
+        client.connect(settings.host, settings.port, keepalive=30)
+    except (OSError, ValueError) as error:
+        raise MonitorError(f"cannot reach the broker at {where} ({error})") from None
+    client.loop_start()
+    if not ready.wait(timeout_seconds):
+        client.loop_stop()
+        raise MonitorError(f"the broker at {where} did not accept the connection within {timeout_seconds:g} s")
+
+
+def check_broker(settings: MqttSettings, timeout_seconds: float = 10.0) -> None:
+    """Connect with the configured protocol, credentials and TLS, and disconnect; a refusal is one line with the
+    broker's reason."""
+    client = make_client(settings, client_id_for(settings, "check"))
+    ready = threading.Event()
+    answers: list[str] = []
+
+    def on_connect(client: mqtt.Client, userdata: object, flags: object, code: object, properties: object) -> None:
+        answers.append(str(code) if getattr(code, "is_failure", False) else "")
+        ready.set()
+
+    client.on_connect = on_connect
+    connect_side_client(client, settings, ready, timeout_seconds)
+    client.disconnect()
+    client.loop_stop()
+    if answers and answers[0]:
+        raise MonitorError(f"the broker at {settings.host}:{settings.port} refused the connection ({answers[0]})")

@@ -161,7 +161,7 @@ class Daemon:
 
     def init_model(self) -> None:
         self.engine = self.load_engine(self.config.model)
-        check_mode(self.config.windowing, self.engine, self.config.model.path)
+        check_mode(self.config.windowing, self.engine, self.config.model.path, self.config.origin)
         self.warm_up = warm_up_windows(self.engine, self.config.windowing, str(self.config_path or "config"))
         log.info("model_loaded", path=str(self.config.model.path), **self.engine.describe())
         self.shadow = load_shadow_engine(self.config.model, self.engine, self.load_engine)
@@ -237,6 +237,7 @@ class Daemon:
             None if config.input.json_only else InputFormats(config.input, decoder),
             max_queued_per_sensor=config.batching.max_queued_per_sensor,
             admission_wait_seconds=config.batching.admission_wait_seconds,
+            sample_rate_hz=windowing.sample_rate_hz,
         )
         self.ingest.watch_gauges()
         if self.journal is None:  # the journal's checkpoint holds the partial windows, and more
@@ -383,7 +384,14 @@ class Daemon:
         observers = [stage for stage in (self.episodes, self.drift, shadow) if stage is not None]
         sources = config.input.sparkplug.alert_sources() if config.input.uses("sparkplug_b") else {}
         return AlertSink(
-            self.connection, mqtt.alert_topic, mqtt.alert_qos, config.alerts, self.metrics, observers, sources
+            self.connection,
+            mqtt.alert_topic,
+            mqtt.alert_qos,
+            config.alerts,
+            self.metrics,
+            observers,
+            sources,
+            instance=config.instance_name,
         )
 
     def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
@@ -513,7 +521,7 @@ class Daemon:
         try:
             config = load_config(self.config_path, check_model=artifact_problem) if self.config_path else self.config
             engine = self.load_engine(config.model)
-            check_mode(self.started_config.windowing, engine, config.model.path)
+            check_mode(self.started_config.windowing, engine, config.model.path, config.origin)
             if engine.segmentation != self.engine.segmentation:
                 raise ConfigError("the new model cuts beats differently from the running one: restart the daemon")
             if (engine.window, engine.channels) != (self.engine.window, self.engine.channels):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from monitor.ecg.beats import Beat, BeatSpec, BeatStream
 from monitor.ecg.qrs import match_beats
 from monitor.errors import DataError
-from monitor.training.datasets import file_sha256, read_samples
+from monitor.training.datasets import file_sha256, read_named_samples
 
 AAMI_CLASSES = {"N": "NLRej", "S": "AaJS", "V": "VE", "F": "F", "Q": "/fQ?"}
 BEAT_SYMBOLS = frozenset("NLRBAaJSVrFejnE/fQ?")  # every WFDB beat code; the rest (+ ~ | x ...) are not beats
@@ -88,6 +88,7 @@ class Recording:
     sha256: str
     ann_samples: np.ndarray | None = None
     ann_symbols: np.ndarray | None = None
+    channel_names: tuple[str, ...] | None = None  # the lead's name, from a CSV recording's header
 
     def reference_beats(self) -> tuple[np.ndarray, np.ndarray]:
         """(sample indices, symbols) of the annotated beats (every beat code)."""
@@ -97,9 +98,12 @@ class Recording:
         return self.ann_samples[beats], self.ann_symbols[beats]
 
 
-def read_recording(path: str | Path, fs: float, annotations: str | Path | None = None) -> Recording:
-    """A `.npy`/`.csv` recording of shape `[T]` (or `[T, 1]`) and, optionally, its annotation file."""
-    values = read_samples(path)
+def read_recording(
+    path: str | Path, fs: float, annotations: str | Path | None = None, channel_names: Sequence[str] | None = None
+) -> Recording:
+    """A `.npy`/`.csv` recording of shape `[T]` (or `[T, 1]`) and, optionally, its annotation file; a CSV header
+    must name `channel_names` (the model's lead, when it recorded one)."""
+    values, names = read_named_samples(path, channel_names)
     if values.shape[1] != 1:
         raise DataError(f"{path}: beat mode takes one lead, shape [T]; got {values.shape[1]} channels")
     ann_samples = ann_symbols = None
@@ -109,9 +113,8 @@ def read_recording(path: str | Path, fs: float, annotations: str | Path | None =
             raise DataError(
                 f"{annotations}: sample {int(ann_samples[-1])} is beyond the recording's {len(values)} samples"
             )
-    return Recording(
-        values[:, 0].astype(np.float64), float(fs), str(path), file_sha256(Path(path)), ann_samples, ann_symbols
-    )
+    signal = values[:, 0].astype(np.float64)
+    return Recording(signal, float(fs), str(path), file_sha256(Path(path)), ann_samples, ann_symbols, names)
 
 
 def pair_files(recordings: Sequence[Path], annotations: Sequence[Path] | None) -> list[tuple[Path, Path | None]]:
@@ -185,10 +188,14 @@ def label_beats(recording: Recording, beats: list[Beat]) -> LabelledBeats:
 
 
 def load_labelled(
-    files: Sequence[tuple[Path, Path | None]], fs: float, spec: BeatSpec, description: str = "cutting beats"
+    files: Sequence[tuple[Path, Path | None]],
+    fs: float,
+    spec: BeatSpec,
+    description: str = "cutting beats",
+    channel_names: Sequence[str] | None = None,
 ) -> list[tuple[Recording, LabelledBeats | list[Beat]]]:
     """Reads and cuts every recording with a progress bar; labels the beats of those with annotations."""
-    recordings = [read_recording(path, fs, annotations) for path, annotations in files]
+    recordings = [read_recording(path, fs, annotations, channel_names) for path, annotations in files]
     out: list[tuple[Recording, LabelledBeats | list[Beat]]] = []
     with tqdm(
         total=sum(len(r.signal) for r in recordings),

@@ -10,6 +10,7 @@ them the same way (and refuse a model of the other mode).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,10 @@ from monitor.training.beat_data import (
     load_labelled,
     pair_files,
 )
-from monitor.training.datasets import WindowSet
+from monitor.training.datasets import INPUT_CHANNEL_NAMES, WindowSet, same_channel_names
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record
+from monitor.training.settings import BEAT_DEFAULTS
+from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record, warn_small_calibration
 
 log = structlog.get_logger("monitor.beattraining")
 
@@ -104,8 +106,10 @@ class BeatTrainSettings(TrainSettings):
     sample_rate: float = Field(gt=0)
     normal_symbols: list[str] = Field(default_factory=lambda: list(DEFAULT_NORMAL_SYMBOLS), min_length=1)
     beats: BeatSettings = Field(default_factory=BeatSettings)
-    embedding_dim: int = Field(default=32, ge=1, le=1024)
-    batch_size: int = Field(default=32, ge=1)
+    epochs: int = Field(default=BEAT_DEFAULTS["epochs"], ge=1)
+    batch_size: int = Field(default=BEAT_DEFAULTS["batch_size"], ge=1)
+    patience: int = Field(default=BEAT_DEFAULTS["patience"], ge=1)
+    lr_patience: int = Field(default=BEAT_DEFAULTS["lr_patience"], ge=1)
 
     @property
     def from_recordings(self) -> bool:
@@ -255,24 +259,25 @@ def fit_beats(settings: BeatTrainSettings, labelled: list, spec: BeatSpec) -> Fi
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
     """Cut, split, train, calibrate, evaluate (with evaluation recordings) and write the artifact."""
-    import torch
+    from monitor.model.engine import use_threads
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    use_threads(settings.threads)
     started = time.perf_counter()
     spec = settings.beats.spec()
     labelled = load_labelled(pair_files(settings.train_data, settings.annotations), settings.sample_rate, spec)
+    lead = same_channel_names([(recording.source, recording.channel_names) for recording, _ in labelled])
     fitted = fit_beats(settings, labelled, spec)
     seconds = time.perf_counter() - started
     spec, calibration, beats = fitted.spec, fitted.calibration, fitted.beats
     fit, n_val, n_cal = beats.fit, len(beats.validation), len(beats.calibration)
+    warn_small_calibration(calibration, fitted.uncertainty, "beats")
     evaluation, evaluation_data = None, None
     if settings.evaluate_data:
         files = pair_files(settings.evaluate_data, settings.evaluate_annotations)
         if settings.evaluate_annotations is None:
             raise DataError("evaluate_data in beat mode needs evaluate_annotations, one file per recording")
         evaluation, evaluation_data = evaluate_beats(
-            fitted.scorer, calibration.threshold, files, settings.sample_rate, spec
+            fitted.scorer, calibration.threshold, files, settings.sample_rate, spec, lead
         )
     sources = [str(path) for path in settings.train_data]
     split = {
@@ -286,6 +291,8 @@ def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvalua
         fitted.train_losses, fitted.val_losses, fitted.best_epoch, seconds,
     )  # fmt: skip
     metadata["segmentation"] = {**spec.to_dict(), "trained_at_sample_rate_hz": settings.sample_rate}
+    if lead is not None:
+        metadata["architecture"][INPUT_CHANNEL_NAMES] = list(lead)
     metadata["training"].update(
         data=sources,
         data_sha256=[recording.sha256 for recording, _ in labelled],
@@ -325,13 +332,19 @@ def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np
 
 
 def evaluate_beats(
-    scorer: BatchScorer, threshold: float, files: list[tuple[Path, Path | None]], fs: float, spec: BeatSpec
+    scorer: BatchScorer,
+    threshold: float,
+    files: list[tuple[Path, Path | None]],
+    fs: float,
+    spec: BeatSpec,
+    lead: Sequence[str] | None = None,
 ) -> tuple[BeatEvaluation, WindowSet]:
-    """Detector figures and beat-level figures of recordings with annotations, per recording and pooled.
+    """Detector figures and beat-level figures of recordings with annotations, per recording and pooled; a CSV
+    recording's header must name the model's `lead` when it recorded one.
 
     Returns the figures and the scored beats as a labelled WindowSet (label 1 normal, 0 anomalous).
     """
-    labelled = load_labelled(files, fs, spec, "cutting beats")
+    labelled = load_labelled(files, fs, spec, "cutting beats", lead)
     records: dict[str, dict[str, Any]] = {}
     counts, windows, classes, scores, found = [], [], [], [], 0
     for recording, beats in labelled:

@@ -2,7 +2,8 @@
 
 - UCR text (`.txt`, `.tsv`): one window a line, the class label first, then W values.
 - Unlabelled windows (`.npy` of shape `[N, W]` or `[N, W, C]`), all taken as normal.
-- Continuous recordings (`.npy` or `.csv` of shape `[T]` or `[T, C]`), cut with a window and stride.
+- Continuous recordings (`.npy` or `.csv` of shape `[T]` or `[T, C]`), cut with a window and stride; a CSV may
+  begin with a header line naming its channels.
 
 Any of them may be compressed (`.gz` or `.xz` after the format's suffix, e.g. `test.txt.xz`); the
 file is read as it is, and its fingerprint is the SHA-256 of the uncompressed content.
@@ -16,8 +17,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,6 +32,9 @@ DECOMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".xz": lzma.op
 # A `.npy` of shape [N, W] with W below this is a [T, C] recording (no model has 3-sample windows):
 # refused without --window rather than trained on as windows.
 MIN_NPY_WINDOW = 4
+# The key of a beat model's `architecture` that names its input lead, when the training CSVs had a header (its
+# `channel_names` would be the derived channels'); a fixed-window model records its names as `channel_names`.
+INPUT_CHANNEL_NAMES = "input_channel_names"
 # What a damaged or mislabelled compressed file raises while it is read.
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
 
@@ -42,6 +47,7 @@ class WindowSet:
     labels: np.ndarray | None
     source: str
     sha256: str
+    channel_names: tuple[str, ...] | None = None  # from a CSV recording's header
 
     @property
     def window(self) -> int:
@@ -65,7 +71,7 @@ class WindowSet:
         if not keep.any():
             found = sorted(set(self.labels.tolist()))
             raise DataError(f"{self.source}: no rows of the normal class {normal_label} (labels found: {found})")
-        return WindowSet(self.windows[keep], self.labels[keep], self.source, self.sha256)
+        return replace(self, windows=self.windows[keep], labels=self.labels[keep])
 
 
 def data_suffix(path: str | Path) -> str:
@@ -167,22 +173,76 @@ def _as_recording(values: np.ndarray, source: str) -> np.ndarray:
     return values
 
 
-def read_samples(path: str | Path) -> np.ndarray:
-    """Read a continuous `.npy` or `.csv` recording as float32 `[T, C]`."""
+def read_samples(path: str | Path, channel_names: Sequence[str] | None = None) -> np.ndarray:
+    """Read a continuous `.npy` or `.csv` recording as float32 `[T, C]`; a CSV header, when there is one, must name
+    `channel_names` (those of the model, when it recorded them)."""
+    return read_named_samples(path, channel_names)[0]
+
+
+def read_named_samples(
+    path: str | Path, channel_names: Sequence[str] | None = None
+) -> tuple[np.ndarray, tuple[str, ...] | None]:
+    """A recording `[T, C]` and the channel names its CSV header gives (None without a header, or for `.npy`).
+
+    A CSV may start with one header line naming the channels (`time` columns are not special: every column is a
+    channel); a header that names other channels than `channel_names` is refused with one line.
+    """
     path = _existing(path)
+    names = None
     if data_suffix(path) == ".npy":
         values = _load_npy(path)
     else:
         try:
             with open_data(path, "rt", encoding="utf-8") as handle:
-                values = np.loadtxt(handle, delimiter=",", ndmin=1, dtype=np.float64)
+                first = handle.readline()
+                names = csv_header(first, path)
+                rows = handle if names else chain([first], handle)
+                values = np.loadtxt(rows, delimiter=",", ndmin=1, dtype=np.float64)
         except (ValueError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: not a numeric CSV recording ({error})") from None
         except READ_ERRORS as error:
             raise DataError(f"{path}: cannot be read ({error})") from None
     values = _as_recording(values, str(path))
     _check_finite(values, str(path))
-    return values.astype(np.float32)
+    if names is not None and len(names) != values.shape[1]:
+        raise DataError(f"{path}: the header names {len(names)} channels, the rows have {values.shape[1]} values")
+    if names is not None and channel_names is not None and names != tuple(channel_names):
+        raise DataError(
+            f"{path}: the header names the channels {','.join(names)}, the model's are {','.join(channel_names)}"
+        )
+    return values.astype(np.float32), names
+
+
+def csv_header(line: str, path: Path) -> tuple[str, ...] | None:
+    """The channel names of a CSV's first line, or None when it is a row of numbers."""
+    fields = [field.strip().strip('"').strip() for field in line.split(",")]
+    try:
+        [float(field) for field in fields]
+    except ValueError:
+        if not all(fields) or len(set(fields)) != len(fields):
+            raise DataError(f"{path}: line 1: a header needs a different, non-empty name for every column") from None
+        return tuple(fields)
+    return None
+
+
+def input_channel_names(metadata: dict[str, Any]) -> tuple[str, ...] | None:
+    """The input channel names a model recorded (`--channel-names`, or its training CSVs' header), or None."""
+    architecture = metadata.get("architecture", {})
+    names = architecture.get(INPUT_CHANNEL_NAMES, architecture.get("channel_names"))
+    return None if names is None else tuple(str(name) for name in names)
+
+
+def same_channel_names(named: Sequence[tuple[str, tuple[str, ...] | None]]) -> tuple[str, ...] | None:
+    """The channel names that the headers of several recordings `(source, names)` agree on (None without headers);
+    recordings whose headers differ are refused with one line."""
+    given = [(source, names) for source, names in named if names is not None]
+    for source, names in given[1:]:
+        if names != given[0][1]:
+            raise DataError(
+                f"{source}: the header names the channels {','.join(names)}, {given[0][0]}'s names "
+                f"{','.join(given[0][1] or ())}: one model takes one set of channels"
+            )
+    return given[0][1] if given else None
 
 
 def read_labels(path: str | Path, length: int) -> np.ndarray:
@@ -204,12 +264,14 @@ def read_labels(path: str | Path, length: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Recording:
-    """A continuous recording `[T, C]`, one sensor's stream, with optional per-sample anomaly labels `[T]`."""
+    """A continuous recording `[T, C]`, one sensor's stream, with optional per-sample anomaly labels `[T]` and the
+    channel names of its CSV header."""
 
     samples: np.ndarray
     labels: np.ndarray | None
     source: str
     sha256: str
+    channel_names: tuple[str, ...] | None = None
 
     def window_starts(self, window: int, stride: int) -> np.ndarray:
         return np.arange(0, len(self.samples) - window + 1, stride)
@@ -226,17 +288,20 @@ class Recording:
         return ends[starts + window] - ends[starts] > 0
 
 
-def read_labelled_recording(path: str | Path, labels: str | Path | None = None) -> Recording:
-    """A `.npy`/`.csv` recording and, when given, its per-sample labels."""
-    samples = read_samples(path)
+def read_labelled_recording(
+    path: str | Path, labels: str | Path | None = None, channel_names: Sequence[str] | None = None
+) -> Recording:
+    """A `.npy`/`.csv` recording and, when given, its per-sample labels; a CSV header must name `channel_names`."""
+    samples, names = read_named_samples(path, channel_names)
     per_sample = None if labels is None else read_labels(labels, len(samples))
-    return Recording(samples, per_sample, str(path), file_sha256(Path(path)))
+    return Recording(samples, per_sample, str(path), file_sha256(Path(path)), names)
 
 
-def read_recording(path: str | Path, window: int, stride: int) -> WindowSet:
+def read_recording(path: str | Path, window: int, stride: int, channel_names: Sequence[str] | None = None) -> WindowSet:
     """Read a continuous `.npy` or `.csv` recording and cut it into windows."""
-    samples = read_samples(path)
-    return WindowSet(cut_windows(samples, window, stride, str(path)), None, str(path), file_sha256(Path(path)))
+    samples, names = read_named_samples(path, channel_names)
+    windows = cut_windows(samples, window, stride, str(path))
+    return WindowSet(windows, None, str(path), file_sha256(Path(path)), names)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -271,8 +336,11 @@ def read_npy_windows(path: str | Path) -> WindowSet:
     return WindowSet(values.astype(np.float32), None, str(path), file_sha256(path))
 
 
-def read_windows(path: str | Path, window: int | None = None, stride: int | None = None) -> WindowSet:
-    """Read any supported file; with `window` set, `.npy`/`.csv` files are continuous recordings."""
+def read_windows(
+    path: str | Path, window: int | None = None, stride: int | None = None, channel_names: Sequence[str] | None = None
+) -> WindowSet:
+    """Read any supported file; with `window` set, `.npy`/`.csv` files are continuous recordings (a CSV header must
+    then name `channel_names`, when given)."""
     path = Path(path)
     suffix = data_suffix(path)
     if suffix in UCR_SUFFIXES:
@@ -280,7 +348,7 @@ def read_windows(path: str | Path, window: int | None = None, stride: int | None
     if suffix == ".csv" or (suffix == ".npy" and window is not None):
         if window is None:
             raise DataError(f"{path}: a continuous recording needs --window (and --stride)")
-        return read_recording(path, window, stride or window)
+        return read_recording(path, window, stride or window, channel_names)
     if suffix == ".npy":
         return read_npy_windows(path)
     raise DataError(f"{path}: unknown data format (expected .txt/.tsv UCR text, .npy or .csv, optionally .gz or .xz)")

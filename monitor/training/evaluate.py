@@ -16,13 +16,13 @@ from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import MonitorError
 from monitor.model.artifact import ModelArtifact, channel_names, load_artifact
 from monitor.model.baseline import follow_rate, resolve_baseline, trained_baseline
-from monitor.model.engine import resolve_device
+from monitor.model.engine import resolve_device, use_threads
 from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
 from monitor.model.pca import PcaModel
 from monitor.model.scoring import BatchScorer, Scorer
 from monitor.training.beat_data import pair_files
 from monitor.training.beat_trainer import evaluate_beats, format_beat_evaluation
-from monitor.training.datasets import read_labelled_recording, read_ucr, require_window
+from monitor.training.datasets import input_channel_names, read_labelled_recording, read_ucr, require_window
 from monitor.training.evaluation import evaluate_scores, format_evaluation, format_side_by_side
 from monitor.training.recordings import evaluate_recording, pooled_evaluation, score_recording
 
@@ -42,6 +42,7 @@ class EvaluateRequest:
     sample_rate: float | None = None  # beat mode
     normal_label: int = 1
     device: str = "cpu"
+    threads: int = 1  # torch threads; 0 = one per core
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Report:
 
 def evaluate(request: EvaluateRequest) -> Report:
     """Loads the artifact and evaluates the data the request names; a `MonitorError` for a mismatch."""
+    if request.threads < 0:
+        raise MonitorError("--threads must be >= 0")
+    use_threads(request.threads)
     device = resolve_device(request.device)
     artifact = load_artifact(request.model, device)
     spec = beat_spec(artifact.metadata, request.model)
@@ -109,8 +113,9 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
     if pca is not None:
         models["pca"] = (pca, float(artifact.metadata[PCA_METADATA_KEY]["threshold"]["value"]))
     recordings = []
+    expected = input_channel_names(artifact.metadata)
     for data, label_file in zip(request.data, labels, strict=True):
-        recording = read_labelled_recording(data, label_file)
+        recording = read_labelled_recording(data, label_file, expected)
         if recording.samples.shape[1] != artifact.channels:
             raise MonitorError(f"{data}: {recording.samples.shape[1]} channels, the model takes {artifact.channels}")
         recordings.append(recording)
@@ -199,7 +204,8 @@ def evaluate_beat_recordings(
     if not fs or fs <= 0:
         raise MonitorError("--sample-rate: give the recordings' sampling rate in Hz")
     pairs = pair_files(request.data, request.annotations)
-    result, _ = evaluate_beats(scorer, artifact.threshold, pairs, float(fs), spec)
+    lead = input_channel_names(artifact.metadata)
+    result, _ = evaluate_beats(scorer, artifact.threshold, pairs, float(fs), spec, lead)
     lines = [
         f"model {artifact.name} {artifact.version} on {len(request.data)} recording(s) at {fs:g} Hz",
         format_beat_evaluation(result),

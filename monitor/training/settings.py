@@ -17,11 +17,17 @@ class ThresholdSettings(Strict):
     params: dict[str, float] = Field(default_factory=dict)
 
 
+# Where beat mode's recipe (configs/train-mitdb-beats.yaml) differs from the fixed-mode one: `monitor train
+# --segmentation beats` with only data arguments trains as the bundled beat model was trained.
+BEAT_DEFAULTS: dict[str, int] = {"epochs": 30, "batch_size": 32, "patience": 10, "lr_patience": 4}
+
+
 class TrainSettings(Strict):
     """Everything `monitor train` takes; flags override the YAML file key by key.
 
-    The defaults are the bundled model's recipe (configs/train-ecg5000.yaml) except `threads`, which
-    the recipe pins to 1 for repeatable runs.
+    The defaults are the bundled model's recipe (configs/train-ecg5000.yaml), one torch thread included: on a
+    small or busy machine more threads spin against each other and an epoch takes many times longer. Without a
+    `name` the model is named after its output directory.
     """
 
     train_data: list[Path] = Field(min_length=1)
@@ -36,7 +42,7 @@ class TrainSettings(Strict):
     window: int | None = Field(default=None, ge=2)
     stride: int | None = Field(default=None, ge=1)
     output: Path = Path("models/model")
-    name: str = "model"
+    name: str = ""
     version: str | None = None
     embedding_dim: int = Field(default=32, ge=1, le=1024)
     epochs: int = Field(default=150, ge=1)
@@ -50,9 +56,17 @@ class TrainSettings(Strict):
     validation_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     calibration_fraction: float = Field(default=0.15, gt=0, lt=0.5)
     seed: int = 0
-    threads: int = Field(default=0, ge=0)
+    threads: int = Field(default=1, ge=0)
     threshold: ThresholdSettings = Field(default_factory=ThresholdSettings)
     report: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_from_output(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("name"):
+            output = Path(data.get("output") or cls.model_fields["output"].default)
+            data = {**data, "name": output.name or "model"}
+        return data
 
     @field_validator("train_data", "train_labels", mode="before")
     @classmethod

@@ -37,10 +37,17 @@ from monitor.model.calibration import (
     calibrate,
     threshold_uncertainty,
 )
+from monitor.model.engine import use_threads
 from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
 from monitor.model.pca import PCA_FILE, VARIANCE, PcaModel
 from monitor.model.scoring import BatchScorer, Scorer
-from monitor.training.datasets import WindowSet, read_labelled_recording, read_windows, require_window
+from monitor.training.datasets import (
+    WindowSet,
+    read_labelled_recording,
+    read_windows,
+    require_window,
+    same_channel_names,
+)
 from monitor.training.evaluation import Evaluation, evaluate_scores
 from monitor.training.recordings import recording_windows
 from monitor.training.settings import TrainSettings
@@ -70,8 +77,8 @@ class TrainingResult:
     pca_evaluation: Evaluation | None = None
 
 
-def _read(path: Path, settings: TrainSettings) -> WindowSet:
-    return read_windows(path, settings.window, settings.stride)
+def _read(path: Path, settings: TrainSettings, channel_names: tuple[str, ...] | None = None) -> WindowSet:
+    return read_windows(path, settings.window, settings.stride, channel_names)
 
 
 def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -88,8 +95,10 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     described: list[dict[str, Any]] = []
     validation_start = 0
+    named: list[tuple[str, tuple[str, ...] | None]] = []
     for path, label_path in zip(settings.train_data, labels, strict=True):
         recording = read_labelled_recording(path, label_path)
+        named.append((recording.source, recording.channel_names))
         windows, _, clipped = recording_windows(
             recording, settings.window, stride, settings.baseline_windows, settings.baseline_follow_rate
         )
@@ -127,7 +136,7 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
         "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
-    return WindowSet(fit, None, sources, digest), validation, calibration, split
+    return WindowSet(fit, None, sources, digest, same_channel_names(named)), validation, calibration, split
 
 
 def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -140,7 +149,7 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
         return split_recordings(settings)
     train = _read(settings.train_data[0], settings).normal(settings.normal_label)
     if settings.calibration_data is not None:
-        held_out = _read(settings.calibration_data, settings).normal(settings.normal_label)
+        held_out = _read(settings.calibration_data, settings, train.channel_names).normal(settings.normal_label)
         require_window(held_out, train.window, train.channels)
         split = {
             "validation": "calibration file",
@@ -156,7 +165,7 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
             f"{train.source}: {len(order)} normal windows are too few to split train/validation/calibration"
         )
     val_idx, cal_idx, fit_idx = order[:n_val], order[n_val : n_val + n_cal], order[n_val + n_cal :]
-    fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256)
+    fit = WindowSet(train.windows[fit_idx], None, train.source, train.sha256, train.channel_names)
     split = {
         "validation": f"{n_val} windows split off the training data",
         "calibration": f"{n_cal} windows split off (seed {settings.seed})",
@@ -223,14 +232,26 @@ def fit_model(
     return model.eval(), train_losses, val_losses, best_epoch
 
 
+def warn_small_calibration(calibration: Calibration, uncertainty: ThresholdUncertainty, unit: str) -> None:
+    """Below `SMALL_CALIBRATION` calibration windows (or beats) the threshold's false-alarm rate is uncertain: say
+    how much, in both modes."""
+    if calibration.n_windows < SMALL_CALIBRATION:
+        log.warning(
+            "calibration_set_small",
+            **{unit: calibration.n_windows},
+            below=SMALL_CALIBRATION,
+            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
+        )
+
+
 def train(settings: TrainSettings) -> TrainingResult:
     """Train, calibrate, evaluate (when labelled data is given) and write the artifact directory."""
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    use_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split = split_normal(settings)
     if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
         raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
+    recorded_channel_names(settings, fit)  # refused before training, not after
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
     sensor = settings.baseline == "sensor"
     normalisation = Normalisation.identity(fit.channels) if sensor else Normalisation.fit(fit.windows)
@@ -251,19 +272,13 @@ def train(settings: TrainSettings) -> TrainingResult:
     calibration_errors = scorer.score_all(calibration_windows).errors
     calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
     uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
-    if calibration.n_windows < SMALL_CALIBRATION:
-        log.warning(
-            "calibration_set_small",
-            windows=calibration.n_windows,
-            below=SMALL_CALIBRATION,
-            message=f"{uncertainty.describe(calibration.threshold)}; give more held-out normal data",
-        )
+    warn_small_calibration(calibration, uncertainty, "windows")
     pca = PcaModel.fit(fit.windows, normalisation)
     pca_errors = pca.score_all(calibration_windows).errors
     pca_calibration = calibrate(pca_errors, settings.threshold.method, settings.threshold.params)
     evaluation, evaluation_data, pca_evaluation = None, None, None
     if settings.evaluate_data is not None:
-        evaluation_data = read_windows(settings.evaluate_data, settings.window, settings.stride)
+        evaluation_data = _read(settings.evaluate_data, settings, fit.channel_names)
         require_window(evaluation_data, fit.window, fit.channels)
         anomalous = evaluation_data.is_anomaly(settings.normal_label)
         scores = scorer.score_all(evaluation_data.windows).errors
@@ -358,6 +373,17 @@ def held_out_false_alarms(
     return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
 
 
+def recorded_channel_names(settings: TrainSettings, fit: WindowSet) -> list[str] | None:
+    """The channel names the model records: `--channel-names`, else the training CSVs' header; both must agree."""
+    given = tuple(settings.channel_names) if settings.channel_names else None
+    if given and fit.channel_names and given != fit.channel_names:
+        raise DataError(
+            f"--channel-names {','.join(given)}: the training CSVs' header names {','.join(fit.channel_names)}"
+        )
+    chosen = given or fit.channel_names
+    return list(chosen) if chosen else None
+
+
 def model_record(
     settings: TrainSettings,
     fit: WindowSet,
@@ -386,6 +412,7 @@ def model_record(
         "report",
     }
     hyper = settings.model_dump(mode="json", exclude=excluded)
+    names = recorded_channel_names(settings, fit)
     return {
         "name": settings.name,
         "version": settings.version or now.strftime("%Y.%m.%d"),
@@ -396,7 +423,7 @@ def model_record(
             "window": fit.window,
             "channels": fit.channels,
             "embedding_dim": settings.embedding_dim,
-            **({"channel_names": settings.channel_names} if settings.channel_names else {}),
+            **({"channel_names": names} if names else {}),
         },
         "normalisation": normalisation.to_dict(),
         "baseline": describe_baseline(settings.baseline_windows, settings.baseline_follow_rate)

@@ -129,8 +129,12 @@ def test_detector_state_survives_a_sigterm_restart(broker, capture_factory, daem
             {"mode": "beats", "sample_rate_hz": 10},
             ("windowing.sample_rate_hz: ", "between 50 and 10000 Hz"),
         ),
-        (DEFAULT_MODEL, {"mode": "beats", "sample_rate_hz": 250}, ("windowing.mode is beats", "fixed-window model")),
-        (BEAT_MODEL, {}, ("windowing.mode is fixed", "beat-mode model")),
+        (
+            DEFAULT_MODEL,
+            {"mode": "beats", "sample_rate_hz": 250},
+            ("windowing.mode beats (from ", "monitor.yaml) does not fit", "fixed-window model"),
+        ),
+        (BEAT_MODEL, {}, ("windowing.mode fixed (from ", "monitor.yaml) does not fit", "beat-mode model")),
     ],
 )
 def test_bad_sample_rate_and_model_of_the_other_mode_are_one_line(broker, tmp_path, model, windowing, fragments):

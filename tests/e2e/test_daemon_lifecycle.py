@@ -145,8 +145,8 @@ def test_sighup_reloads_a_good_model_and_keeps_the_old_one_when_broken(broker, d
     ("yaml_text", "expected"),
     [
         ("mqtt:\n  prot: 1883\n", "mqtt.prot: unknown key"),
-        ("mqtt:\n  port: 99999\n", "mqtt.port: Input should be less than or equal to 65535"),
-        ("batching:\n  max_batch: zero\n", "batching.max_batch: Input should be a valid integer"),
+        ("mqtt:\n  port: 99999\n", "mqtt.port: must be less than or equal to 65535"),
+        ("batching:\n  max_batch: zero\n", "batching.max_batch: must be a valid integer"),
         ("mqtt:\n  subscribe: ['sensors/#/ecg']\n", "mqtt.subscribe"),
         ("mqtt:\n  alert_topic: 'alerts/{sensor}'\n", "mqtt.alert_topic"),
         ("model:\n  path: /nonexistent/model\n", "bad.yaml: model.path: '/nonexistent/model': no such model directory"),

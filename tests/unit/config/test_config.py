@@ -1,16 +1,21 @@
 """Config errors: every problem one line naming its key and where the value came from (the file or the
-`MONITOR_` variable), all of them in one run, `model.path` included."""
+`MONITOR_` variable), in words, all of them in one run, `model.path` included; a `MONITOR_` variable that names no
+key is one of them; `check-config` says what it checked, and contacts the broker only with --connect."""
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 
+from monitor.cli import main
 from monitor.config.schema import load_config
 from monitor.errors import ConfigError
 from monitor.model.artifact import artifact_problem
-from tests.support import DEFAULT_MODEL, run_cli
+from tests.support import DEFAULT_MODEL, REPO, free_port, run_cli
+
+BEAT_MODEL = REPO / "models" / "mitdb-beats"
 
 
 def problems(path, environ=None) -> list[str]:
@@ -32,14 +37,14 @@ def config_file(tmp_path):
 def test_an_override_error_is_blamed_on_its_variable_not_the_file(config_file):
     path = config_file(f"model:\n  path: {DEFAULT_MODEL}\nmqtt:\n  port: 1883\n")
     assert problems(path, {"MONITOR_MQTT__PORT": "99999"}) == [
-        "environment variable MONITOR_MQTT__PORT: mqtt.port: Input should be less than or equal to 65535 (got 99999)"
+        "environment variable MONITOR_MQTT__PORT: mqtt.port: must be less than or equal to 65535 (got 99999)"
     ]
 
 
 def test_a_file_error_is_blamed_on_the_file_next_to_a_valid_override(config_file):
     path = config_file(f"model:\n  path: {DEFAULT_MODEL}\nbatching:\n  max_batch: 0\n")
     assert problems(path, {"MONITOR_MQTT__PORT": "1884"}) == [
-        f"{path}: batching.max_batch: Input should be greater than or equal to 1 (got 0)"
+        f"{path}: batching.max_batch: must be greater than or equal to 1 (got 0)"
     ]
 
 
@@ -49,7 +54,7 @@ def test_field_errors_and_a_missing_model_are_reported_in_one_run(config_file, t
     assert problems(path, {"MONITOR_LOGGING__LEVEL": "loud"}) == [
         f"{path}: mqtt.prot: unknown key (misspelt?)",
         "environment variable MONITOR_LOGGING__LEVEL: logging.level: "
-        "Input should be 'debug', 'info', 'warning' or 'error' (got 'loud')",
+        "must be 'debug', 'info', 'warning' or 'error' (got 'loud')",
         f"{path}: model.path: '{missing}': no such model directory",
     ]
 
@@ -86,6 +91,53 @@ def test_replay_and_watch_do_not_need_the_model(config_file, tmp_path):
     assert load_config(path, environ={}).model.path == tmp_path / "absent"
 
 
+def test_a_check_across_keys_names_the_key_in_words_and_every_source(config_file):
+    path = config_file(f"model:\n  path: {BEAT_MODEL}\nwindowing:\n  mode: beats\n")
+    assert problems(path) == [f"{path}: windowing.sample_rate_hz: required with mode: beats"]
+    path = config_file(f"model:\n  path: {BEAT_MODEL}\n")
+    assert problems(path, {"MONITOR_WINDOWING__MODE": "beats"}) == [
+        f"{path} with environment variable MONITOR_WINDOWING__MODE: windowing.sample_rate_hz: required with mode: beats"
+    ]
+
+
+def test_a_monitor_variable_that_names_no_key_is_one_line(config_file):
+    path = config_file(f"model:\n  path: {DEFAULT_MODEL}\n")
+    assert problems(path, {"MONITOR_MQTT_PORT": "1", "MONITORING": "x", "MONITOR_MQTT__PORT": "1884"}) == [
+        "environment variable MONITOR_MQTT_PORT: names no config key: a key is MONITOR_<SECTION>__<KEY>, "
+        "with two underscores (did you mean MONITOR_MQTT__PORT?)"
+    ]
+    assert problems(path, {"MONITOR_VERBOSE": "1"}) == [
+        "environment variable MONITOR_VERBOSE: names no config key: a key is MONITOR_<SECTION>__<KEY>, "
+        "with two underscores"
+    ]
+
+
+def test_check_config_names_the_sources_of_a_mode_mismatch_and_says_what_it_checked(monkeypatch, capsys):
+    config = REPO / "configs" / "monitor.yaml"
+    for name in [name for name in os.environ if name.startswith("MONITOR_")]:
+        monkeypatch.delenv(name)
+    assert main(["check-config", str(config)]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"{config}: ok: keys, values and MONITOR_ variables valid; model ")
+    assert out.endswith("broker 127.0.0.1:1883 not contacted (--connect tries it)")
+    closed = free_port()
+    monkeypatch.setenv("MONITOR_MQTT__PORT", str(closed))
+    assert main(["check-config", str(config), "--connect"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"monitor: error: cannot reach the broker at 127.0.0.1:{closed} ([Errno 111] Connection refused)"
+    ]
+    monkeypatch.setenv("MONITOR_MODEL__PATH", str(BEAT_MODEL))
+    assert main(["check-config", str(config)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"monitor: error: windowing.mode fixed (from {config}) does not fit model.path {BEAT_MODEL} (from environment "
+        "variable MONITOR_MODEL__PATH), a beat-mode model: set windowing.mode: beats and windowing.sample_rate_hz "
+        "(configs/monitor-beats.yaml), or use a fixed-window model"
+    ]
+    monkeypatch.delenv("MONITOR_MODEL__PATH")
+    assert main(["check-config", str(REPO / "configs" / "monitor-beats.yaml")]) == 0  # the beat recipe is valid
+    assert "(beats, matches windowing.mode)" in capsys.readouterr().out
+
+
 SPARKPLUG_DEVICE = "{group: plant, node: edge1, device: pump1, channels: [X], sample_rate_hz: 250}"
 
 
@@ -94,7 +146,7 @@ SPARKPLUG_DEVICE = "{group: plant, node: edge1, device: pump1, channels: [X], sa
     [
         ("input:\n  format: sparkplug_b\n", "sparkplug_b input needs sparkplug.devices"),
         ("input:\n  formats: [{filter: 'a/+/#/b', format: frame}]\n", "'#' must be the last level"),
-        ("input:\n  format: protobuf\n", "Input should be 'json', 'frame' or 'sparkplug_b'"),
+        ("input:\n  format: protobuf\n", "must be 'json', 'frame' or 'sparkplug_b'"),
         (
             f"input:\n  format: sparkplug_b\n  sparkplug:\n    devices: [{SPARKPLUG_DEVICE}, {SPARKPLUG_DEVICE}]\n",
             "each mapped device needs its own sensor id",

@@ -47,7 +47,7 @@ def test_partitions_give_the_subscriptions_and_the_sensor_id_level(tmp_path):
 @pytest.mark.parametrize(
     ("section", "expected"),
     [
-        ({"partitions": {"count": 2, "consume": [2]}}, "partitions: Value error, consume: [2] not in 0..1"),
+        ({"partitions": {"count": 2, "consume": [2]}}, "partitions.consume: [2] not in 0..1"),
         ({"partitions": {"count": 2, "consume": [0, 0]}}, "names a partition twice"),
         ({"partitions": {"count": 2, "consume": []}}, "partitions.consume"),
         ({"partitions": {"count": 2, "consume": [0], "topic": "shard/{partition}/ecg"}}, "partitions.topic"),

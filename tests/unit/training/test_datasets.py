@@ -17,12 +17,15 @@ from monitor.errors import DataError
 from monitor.training.datasets import (
     WindowSet,
     cut_windows,
+    read_labelled_recording,
+    read_named_samples,
     read_npy_windows,
     read_recording,
     read_samples,
     read_ucr,
     read_windows,
     require_window,
+    same_channel_names,
 )
 from tests.support import DATA, SPLITS
 
@@ -201,10 +204,48 @@ def test_non_numeric_field(tmp_path):
     with pytest.raises(DataError, match=r"line 2: not a number.*abc") as error:
         read_ucr(path)
     assert_one_line(error)
-    csv = tmp_path / "header.csv"
-    csv.write_text("ecg\n1.0\n2.0\n3.0\n")
+    csv = tmp_path / "text-row.csv"
+    csv.write_text("1.0\nabc\n3.0\n")  # a word after the first line is no header
     with pytest.raises(DataError, match="not a numeric CSV recording"):
         read_recording(csv, 2, 1)
+
+
+def test_a_csv_header_names_the_channels(tmp_path):
+    plain, headed = tmp_path / "plain.csv", tmp_path / "headed.csv.gz"
+    rows = "".join(f"{t},{10 * t}\n" for t in range(6))
+    plain.write_text(rows)
+    headed.write_bytes(gzip.compress(f' ch1 , "ch2"\n{rows}'.encode()))
+    samples, names = read_named_samples(headed)
+    assert names == ("ch1", "ch2")
+    np.testing.assert_array_equal(samples, read_samples(plain))  # no row lost or gained
+    assert read_named_samples(plain)[1] is None
+    assert read_windows(headed, window=4, stride=1).channel_names == ("ch1", "ch2")
+    assert read_labelled_recording(headed, channel_names=("ch1", "ch2")).channel_names == ("ch1", "ch2")
+    assert read_samples(plain, channel_names=("x", "y")).shape == (6, 2)  # no header: nothing to compare
+
+
+@pytest.mark.parametrize(
+    ("header", "expected", "message"),
+    [
+        ("a,b", ("ch1", "ch2"), "the header names the channels a,b, the model's are ch1,ch2"),
+        ("a,b,c", None, "the header names 3 channels, the rows have 2 values"),
+        ("a,a", None, "line 1: a header needs a different, non-empty name for every column"),
+        ("a,", None, "line 1: a header needs a different, non-empty name for every column"),
+    ],
+)
+def test_a_header_that_does_not_fit_is_one_line(tmp_path, header, expected, message):
+    path = tmp_path / "headed.csv"
+    path.write_text(f"{header}\n1,2\n3,4\n")
+    with pytest.raises(DataError) as error:
+        read_samples(path, channel_names=expected)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_recordings_with_different_headers_make_no_model():
+    assert same_channel_names([("a.csv", ("x",)), ("b.npy", None), ("c.csv", ("x",))]) == ("x",)
+    assert same_channel_names([("b.npy", None)]) is None
+    with pytest.raises(DataError, match=r"^c.csv: the header names the channels y, a.csv's names x: one model"):
+        same_channel_names([("a.csv", ("x",)), ("c.csv", ("y",))])
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])

@@ -347,14 +347,18 @@ def test_train_help_shows_every_default():
         if action.option_strings and action.dest != "help":
             assert "(default" in action.help or "(required" in action.help, action.option_strings
     text = " ".join(train_parser.format_help().split())
-    assert "(default: 32)" in text and "(default: 150)" in text and "(default: 0.002)" in text
+    assert (
+        "(default: 32)" in text
+        and "(default: 150; with --segmentation beats: 30)" in text
+        and "(default: 0.002)" in text
+    )
     assert "grad_clip 1.0" in text  # keys without a flag are listed with their defaults
-    # The defaults are the bundled recipe's (configs/train-ecg5000.yaml) but for threads, and --help says that one.
+    # The defaults are the bundled recipe's (configs/train-ecg5000.yaml), its one thread included.
     recipe = yaml.safe_load((REPO / "configs" / "train-ecg5000.yaml").read_text())
     defaults = TrainSettings(train_data="x")
     paths_and_names = {"train_data", "calibration_data", "evaluate_data", "output", "name", "version"}
-    for key in recipe.keys() - paths_and_names - {"threads", "threshold"}:
+    for key in recipe.keys() - paths_and_names - {"threshold"}:
         assert getattr(defaults, key) == recipe[key], key
-    assert recipe["threads"] == 1 and defaults.threads == 0 and "(default: 0; the recipe: 1)" in text
+    assert defaults.threads == 1 and "0 = one per core (default: 1)" in text
     assert defaults.threshold.method == recipe["threshold"]["method"]
     assert DEFAULT_PARAMS[defaults.threshold.method] == recipe["threshold"]["params"]
