@@ -365,7 +365,7 @@ def fast_suite() -> str:
     return (
         f"`{run['command']}` took {run['seconds'] / 60:.1f} minutes ({run['cpu_seconds'] / 60:.1f} minutes of CPU) on "
         f"the project's {run['cores']}-core machine "
-        f"while other work kept its load average at {run['load_average_1m']:.0f} to {run['load_average_1m_end']:.0f} "
+        f"at a load average of {run['load_average_1m']:.1f} to {run['load_average_1m_end']:.1f} "
         f"({run['summary']}{failures}; `bench/test-suite.json`, {day(run['measured_at'])})"
     )
 
