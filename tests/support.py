@@ -54,7 +54,7 @@ def forbid_processes(reason: str | None) -> None:
 
 def missing_tool(tool: str, package: str) -> NoReturn:
     """A tool a test needs is not installed: skip the test, but fail it where the environment variable CI is set
-    (.ci/run sets it), because scripts/test.sh installs every such tool and a skip there would hide a check."""
+    (scripts/test.sh sets it), because that script installs every such tool and a skip there would hide a check."""
     import pytest  # here, not at the top: bench/ imports this module without pytest's test extras in mind
 
     reason = f"{tool} is not installed (Debian package {package}; scripts/test.sh installs it)"
