@@ -75,3 +75,18 @@ def test_a_level_path_that_does_not_fit_the_channels_is_refused(trained, tmp_pat
     assert done.returncode != 0
     assert "level_dim 38" in done.stderr and "38 channel" in done.stderr
     assert not (tmp_path / "x" / METADATA_FILE).exists()
+
+
+def test_the_onnx_backend_scores_a_level_path_model_as_torch_does(trained):
+    pytest.importorskip("onnxruntime")
+    from monitor.model.onnx_backend import OnnxScorer
+
+    result, output = trained
+    artifact = load_artifact(output)
+    windows = result.calibration_windows
+    np.testing.assert_allclose(
+        OnnxScorer(artifact).score_all(windows).errors,
+        Scorer.from_artifact(artifact).score_all(windows).errors,
+        rtol=1e-5,
+        atol=1e-5,
+    )
