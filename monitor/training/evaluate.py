@@ -164,7 +164,8 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
         segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
         numbers = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
         clipped = f"  at the clip {item['clipped_share']:.2%}" if "clipped_share" in item else ""
-        lines.append(f"  {item['data']}: {numbers}  {segments}{clipped}")
+        scale = f"  score scale {item['score_scale']:.4g}" if "score_scale" in item else ""
+        lines.append(f"  {item['data']}: {numbers}  {segments}{clipped}{scale}")
     if pca is not None:
         pca_pooled, pca_recordings = figures["pca"]
         summary["pca"] = {
