@@ -106,6 +106,9 @@ def run(job: Job) -> dict[str, Any]:
             "machines": {
                 Path(item["data"]).name.removesuffix("_train.npy"): item["realised"] for item in held_out["recordings"]
             },
+            "machines_nominal": {
+                Path(item["data"]).name.removesuffix("_train.npy"): item["nominal"] for item in held_out["recordings"]
+            },
         },
         "lstm": figures(summary),
         "pca": {"components": summary["pca"]["components"], **figures(summary["pca"])},
@@ -162,9 +165,10 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def false_alarm_table(runs: list[dict[str, Any]], level_dim: int) -> list[str]:
-    """Per machine, false alarms on the test halves and realised on the validation windows (nominal in the header),
-    for the first seed of `level_dim` without and with the score scale, and the PCA yardstick beside each."""
-    header = ["model", "nominal", *(f"{m.removeprefix('machine-')}: test / validation" for m in MACHINES)]
+    """Per machine, false alarms on the test halves, nominal (its calibration windows) and realised on its validation
+    windows, for the first seed of `level_dim` without and with the score scale, and the PCA yardstick beside each."""
+    header = ["model", "nominal, pooled"]
+    header += [f"{m.removeprefix('machine-')}: test, nominal -> realised" for m in MACHINES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for flag in (False, True):
         item = next((i for i in runs if i["level_dim"] == level_dim and scaled(i) == flag), None)
@@ -172,7 +176,11 @@ def false_alarm_table(runs: list[dict[str, Any]], level_dim: int) -> list[str]:
             continue
         held = item["false_alarms_validation"]
         for model, name in (("lstm", name_of(item)), ("pca", f"PCA yardstick{', score scale' if flag else ''}")):
-            rates = [f"{item[model]['machines'][m]['fpr']:.2%} / {held['machines'][m][model]:.2%}" for m in MACHINES]
+            rates = [
+                f"{item[model]['machines'][m]['fpr']:.2%}, "
+                f"{held['machines_nominal'][m][model]:.2%} -> {held['machines'][m][model]:.2%}"
+                for m in MACHINES
+            ]
             lines.append("| " + " | ".join([name, f"{held['nominal'][model]:.2%}", *rates]) + " |")
     return lines
 
@@ -210,6 +218,7 @@ def main() -> None:
     command = (
         f"python -m bench.smd_multichannel --level-dims {' '.join(map(str, args.level_dims))} "
         f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}"
+        + ("" if args.reuse is None else f" --reuse {args.reuse}")
     )
     markdown = [f"`{command}`", "", *table(runs), "", *false_alarm_table(runs, chosen)]
     args.markdown.write_text("\n".join(markdown) + "\n")

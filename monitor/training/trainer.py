@@ -405,7 +405,7 @@ def held_out_false_alarms(
 ) -> dict[str, Any]:
     """Each model's nominal false-alarm rate (the share of calibration windows above its threshold) beside the
     realised one on held-out normal windows: each recording's validation windows, which no threshold saw (their
-    scores divided by `validation_divisors`, each recording's score scale with one)."""
+    scores divided by `validation_divisors`, each recording's score scale with one); per recording both."""
     scores = {
         name: scorer.score_all(validation).errors / validation_divisors[name] for name, (scorer, _, _) in models.items()
     }
@@ -415,7 +415,11 @@ def held_out_false_alarms(
         start, end = item["validation_windows"]
         if end > start:
             realised = {name: float((scores[name][start:end] > models[name][2]).mean()) for name in models}
-            recordings.append({"data": item["data"], "windows": end - start, "realised": realised})
+            first, last = item["calibration_windows"]
+            nominal = {
+                name: float((errors[first:last] > threshold).mean()) for name, (_, errors, threshold) in models.items()
+            }
+            recordings.append({"data": item["data"], "windows": end - start, "nominal": nominal, "realised": realised})
     pooled = {name: float((scores[name] > models[name][2]).mean()) for name in models}
     return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
 
