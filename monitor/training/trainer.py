@@ -416,10 +416,8 @@ def held_out_false_alarms(
         if end > start:
             realised = {name: float((scores[name][start:end] > models[name][2]).mean()) for name in models}
             first, last = item["calibration_windows"]
-            nominal = {
-                name: float((errors[first:last] > threshold).mean()) for name, (_, errors, threshold) in models.items()
-            }
-            recordings.append({"data": item["data"], "windows": end - start, "nominal": nominal, "realised": realised})
+            own = {name: float((errors[first:last] > limit).mean()) for name, (_, errors, limit) in models.items()}
+            recordings.append({"data": item["data"], "windows": end - start, "nominal": own, "realised": realised})
     pooled = {name: float((scores[name] > models[name][2]).mean()) for name in models}
     return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
 

@@ -134,8 +134,14 @@ def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(t
     }
     threshold = float(np.quantile(np.concatenate(scaled["calibration"]), 0.99))
     assert meta["yardstick"]["threshold"]["value"] == pytest.approx(threshold, rel=1e-5)
+    held_out = meta["held_out_false_alarms"]
     realised = [float((part > threshold).mean()) for part in scaled["validation"]]
-    assert [item["realised"]["pca"] for item in meta["held_out_false_alarms"]["recordings"]] == pytest.approx(realised)
+    assert [item["realised"]["pca"] for item in held_out["recordings"]] == pytest.approx(realised)
+    nominal = [float((part > threshold).mean()) for part in scaled["calibration"]]
+    assert [item["nominal"]["pca"] for item in held_out["recordings"]] == pytest.approx(nominal)
+    assert held_out["nominal"]["pca"] == pytest.approx(
+        float((np.concatenate(scaled["calibration"]) > threshold).mean())
+    )
 
     data = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
     labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
