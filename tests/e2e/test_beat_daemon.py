@@ -32,7 +32,8 @@ def offline(signal: np.ndarray) -> tuple[int, int, set[int], float, int]:
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
     stretch = np.array([beat.stretch for beat in scorable])
-    scores = spec.beat_scores(errors, stretch, np.array([beat.prematurity for beat in scorable]))
+    prematurity = np.array([beat.prematurity for beat in scorable])
+    scores = spec.beat_scores(errors, stretch, prematurity, np.array([beat.rr_spread for beat in scorable]))
     flagged = {beat.r_seq for beat, score in zip(scorable, scores, strict=True) if score > artifact.threshold}
     assert flagged != {beat.r_seq for beat, error in zip(scorable, errors, strict=True) if error > artifact.threshold}
     return len(beats), len(scorable), flagged, artifact.threshold, int((spec.error_scale(stretch) > 1).sum())
