@@ -51,10 +51,10 @@ that is 15-25 % early scores little more than a normal one. A beat's score is th
 (`rr_spread`): the median of |RR / reference RR - 1| over the last `rr_spread_beats` beats whose RR fed the
 reference (the warm-up group's to start with), at least `rr_spread_floor`. A sensor with sinus arrhythmia, whose
 normal beats come up to a fifth early with each breath, thus needs a larger departure to score by timing than a
-sensor whose rhythm is regular, where a beat 10 % early already stands out. Training sets the gain so that the
-normal training beats' timing at `timing_quantile` scores as much as their reconstruction error at the threshold's
-quantile, then calibrates the threshold on the combined scores (`BeatSpec.beat_scores`). Without a floor (models
-from before the spread) the timing is the prematurity itself.
+sensor whose rhythm is regular, where a beat 10 % early already stands out. Training calibrates the threshold on
+the normal calibration beats' reconstruction errors (divided by their error scale, below) and sets the gain so that
+the normal fit beats' timing at `timing_quantile` scores as much as that threshold (`BeatSpec.beat_scores`
+combines the two). Without a floor (models from before the spread) the timing is the prematurity itself.
 
 Signal quality: a beat is scored only if it is judged scorable:
 

@@ -4,6 +4,8 @@ errors of bad input: an annotation file with bad rows, a bad sampling rate, a mo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,13 @@ import pytest
 from monitor.ecg.beats import BeatSpec
 from monitor.model.artifact import read_metadata
 from monitor.training.beat_data import cut_recording, label_beats, read_recording
-from monitor.training.beat_trainer import BeatSettings, split_training_beats
+from monitor.training.beat_trainer import (
+    BeatSettings,
+    BeatTrainSettings,
+    TrainingBeats,
+    calibrate_beats,
+    split_training_beats,
+)
 from tests.support import DEFAULT_MODEL, REPO, run_cli
 
 TRAIN = REPO / "data" / "mitdb-dev" / "train"
@@ -58,7 +66,7 @@ def test_the_artifact_records_how_beats_were_cut(beat_model):
     assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
     assert segmentation["align_seconds"] == 0.05
     assert segmentation["dominant"] is True and segmentation["timing_gain"] > 0  # set from the fit beats' timing
-    assert (segmentation["rr_spread_beats"], segmentation["rr_spread_floor"]) == (32, 0.03)
+    assert (segmentation["rr_spread_beats"], segmentation["rr_spread_floor"]) == (32, 0.02)
     assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
     assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
 
@@ -244,3 +252,29 @@ def test_the_timing_gain_is_set_from_the_fit_beats_prematurity_over_their_rr_spr
     assert swinging.timing_gain == pytest.approx(1.0)
     unscaled = BeatSettings(timing_quantile=0.5, rr_spread_floor=None)
     assert unscaled.with_timing_gain(unscaled.spec(), 1.0, np.array([0.04, 0.1, 0.2]), np.zeros(3)).timing_gain == 10
+
+
+def test_the_threshold_is_the_reconstruction_scores_quantile_and_timing_has_its_own_share():
+    """The threshold is the calibration beats' reconstruction score (error / error scale) at its quantile; the gain
+    scores the fit beats' timing at `timing_quantile` as that threshold, so each cue flags about its own share."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    windows = np.zeros((n, 4, 3), np.float32)
+    early, spread = (lambda: rng.uniform(0, 0.3, n)), (lambda: rng.uniform(0, 0.1, n))
+    beats = TrainingBeats(
+        windows, windows, windows, np.zeros(n), rng.uniform(0, 2, n), early(), early(), spread(), spread()
+    )
+    settings = BeatTrainSettings(
+        train_data=[Path("unused.npy")], sample_rate=360, output=Path("unused"),
+        threshold={"method": "quantile", "params": {"q": 0.995}},
+    )  # fmt: skip
+    errors = rng.gamma(2.0, 0.2, n)
+    spec, calibration, _ = calibrate_beats(settings, replace(settings.beats.spec(), stretch_limit=1.0), beats, errors)
+    assert calibration.threshold == np.quantile(errors / np.maximum(1.0, beats.calibration_stretch), 0.995)
+    timing = beats.fit_prematurity / np.maximum(0.02, beats.fit_rr_spread)
+    assert spec.timing_gain is not None
+    assert spec.timing_gain * np.quantile(timing, 0.995) == pytest.approx(calibration.threshold)
+    scores = spec.beat_scores(
+        errors, beats.calibration_stretch, beats.calibration_prematurity, beats.calibration_rr_spread
+    )
+    assert 0.007 < (scores > calibration.threshold).mean() < 0.013  # about 0.5 % by shape, 0.5 % by timing
