@@ -37,7 +37,7 @@ from monitor.training.beat_data import (
 )
 from monitor.training.datasets import INPUT_CHANNEL_NAMES, WindowSet, same_channel_names
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.settings import BEAT_DEFAULTS
+from monitor.training.settings import BEAT_DEFAULTS, BEAT_THRESHOLD_QUANTILE
 from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record, warn_small_calibration
 
 log = structlog.get_logger("monitor.beattraining")
@@ -130,6 +130,8 @@ class BeatTrainSettings(TrainSettings):
             raise ValueError(
                 "baseline/train_labels: not in beat mode (beats are normalised one by one, annotations label them)"
             )
+        if self.threshold.method == "quantile" and "q" not in self.threshold.params:
+            self.threshold.params = {**self.threshold.params, "q": BEAT_THRESHOLD_QUANTILE}
         return self
 
     @field_validator("sample_rate")
