@@ -114,6 +114,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     add("--stride", type=int, help="samples between window starts in a recording (default: the window)")
     add("--embedding-dim", type=int, help="embedding size E (LSTMs of E and 2E units)" + default("embedding_dim"))
     add(
+        "--level-dim",
+        type=int,
+        help="width K of the linear path each window's per-channel mean takes, fewer than the channels; for "
+        "machines with many channels (0: none)" + default("level_dim"),
+    )
+    add(
         "--channel-names",
         help="comma-separated names of the channels, in order, recorded in the artifact: alerts name their top "
         "channels with them (default: none; channels are named by index only)",
@@ -288,6 +294,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         "window": args.window,
         "stride": args.stride,
         "embedding_dim": args.embedding_dim,
+        "level_dim": args.level_dim,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,

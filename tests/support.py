@@ -519,13 +519,36 @@ def lost_windows(capture: Capture, expected: set[tuple[str, int]]) -> tuple[int,
     return len(expected - set(keys)), len(keys) - len(set(keys))
 
 
+class NotifySocket:
+    """A bound datagram socket standing in for systemd's NOTIFY_SOCKET; `received()` returns what came since."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+
+    def received(self) -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @contextmanager
-def crash_rig(broker: BrokerProcess, config: Path) -> Iterator[tuple[Capture, Sensors, list[DaemonProcess]]]:
-    """An alert capture, sensors and a ready daemon; on exit every daemon started (the list) is killed, and the
-    sensors, the capture and the broker are closed."""
+def crash_rig(
+    broker: BrokerProcess, config: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[Capture, Sensors, list[DaemonProcess]]]:
+    """An alert capture, sensors and a ready daemon (with `env`); on exit every daemon started (the list) is killed,
+    and the sensors, the capture and the broker are closed."""
     capture = Capture(broker.port, ["alerts/#"])
     sensors = Sensors(broker.port, inflight=1000)
-    started = [DaemonProcess(config)]
+    started = [DaemonProcess(config, env)]
     try:
         started[0].wait_for_event("ready", timeout=60)
         yield capture, sensors, started

@@ -2,14 +2,16 @@
 
 `AlertSink.handle` takes one scored window. It publishes through a `Publisher`, which either queues the
 message or raises `PublishRefused` with one of `DROP_REASONS`; any other exception counts as
-`publish_error`, so the `reason` label set stays closed whatever the transport raises.
+`publish_error`, so the `reason` label set stays closed whatever the transport raises. A sensor flooding the
+alert queue (`over_share`) loses its own further alerts as `sensor_share`, so every other sensor's still fit.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import orjson
@@ -19,10 +21,13 @@ from monitor.config.schema import AlertSettings
 from monitor.model.engine import Engine, ModelIdentity
 from monitor.model.scoring import Scores, top_channels
 from monitor.mqtt.publisher import DropReason, Publisher, PublishRefused
+from monitor.telemetry.log import RateLimiter
 from monitor.telemetry.metrics import Metrics
 from monitor.window import BeatMark, Window
 
 log = structlog.get_logger("monitor.alerts")
+
+AlertDropReason = DropReason | Literal["sensor_share"]
 
 
 class DecisionObserver(Protocol):
@@ -110,11 +115,14 @@ class AlertSink:
         observers: Sequence[DecisionObserver] = (),
         sources: Mapping[str, Mapping[str, Any]] | None = None,
         instance: str | None = None,
+        over_share: Callable[[str], bool] | None = None,
+        warnings: RateLimiter | None = None,
     ) -> None:
         """`sources`: fields added to the alerts of some sensors, saying where their data comes from (a Sparkplug B
         device's group, node, device and metric names). `instance` (the daemon's MQTT client id) goes into every
         alert, so that a subscriber can tell the alerts of several instances apart (`monitor watch` counts
-        duplicates by it)."""
+        duplicates by it). `over_share(sensor_id)` says a sensor holds more than its share of the alerts waiting for
+        the broker; its alerts are then dropped, logged once per sensor and `warnings` interval."""
         self.instance = instance
         self.publisher = publisher
         self.sources = dict(sources or {})
@@ -123,6 +131,9 @@ class AlertSink:
         self.settings = settings
         self.metrics = metrics
         self.observers = tuple(observers)
+        self.over_share = over_share
+        self._warnings = warnings or RateLimiter(60.0)
+        self._share_drops: Counter[str] = Counter()  # by sensor, since its last `alerts_over_share` line
 
     def handle(self, batch: Sequence[Window], scores: Scores, engine: Engine) -> dict[int, int]:
         """Publish an alert for each anomalous window; returns {index in the batch: packet id} of those queued.
@@ -144,6 +155,9 @@ class AlertSink:
         return queued
 
     def _alert(self, window: Window, score: float, scores: Scores, index: int, engine: Engine) -> int | None:
+        if self.over_share is not None and self.over_share(window.sensor_id):
+            self._drop_over_share(window.sensor_id)
+            return None
         alert = build_alert(
             window.sensor_id,
             window.start_seq,
@@ -163,7 +177,7 @@ class AlertSink:
         if self.instance is not None:
             alert["instance"] = self.instance
         topic = self.topic_template.format(sensor_id=window.sensor_id)
-        reason: DropReason
+        reason: AlertDropReason
         try:
             mid = self.publisher.publish(topic, orjson.dumps(alert), self.qos)
         except PublishRefused as error:
@@ -190,3 +204,9 @@ class AlertSink:
             error=detail[:300],
         )
         return None
+
+    def _drop_over_share(self, sensor_id: str) -> None:
+        self.metrics.alerts_dropped.labels("sensor_share").inc()
+        self._share_drops[sensor_id] += 1
+        if self._warnings.allow((sensor_id, "alerts_over_share")):
+            log.warning("alerts_over_share", sensor_id=sensor_id, alerts_dropped=self._share_drops.pop(sensor_id))

@@ -117,6 +117,13 @@ class MqttSettings(Strict):
     reconnect_min_seconds: float = Field(default=1.0, gt=0)
     reconnect_max_seconds: float = Field(default=30.0, gt=0)
     max_queued_alerts: int = Field(default=10000, ge=1)
+    max_pending_alerts_per_sensor: int = Field(
+        default=1000,
+        ge=1,
+        description="a sensor with this many alerts waiting for the broker's acknowledgement, and more than twice the "
+        "average of the sensors with any, floods the alert queue: its further alerts are dropped (sensor_share), so "
+        "the queue keeps room for every other sensor's",
+    )
     max_inflight: int = Field(
         default=0,
         ge=0,

@@ -486,6 +486,10 @@ class BeatStream:
             "relearns": self.relearns,
         }
 
+    def max_abs_sample(self) -> float:
+        """The largest |sample| the stream holds (NaN if one is not a number): a restored state is checked by it."""
+        return float(np.max(np.abs(self._raw), initial=0.0))
+
     @classmethod
     def restore(cls, state: dict[str, Any], spec: BeatSpec) -> BeatStream:
         """Rebuilds a stream from `snapshot()`; raises ValueError, KeyError or TypeError for one that does not fit."""

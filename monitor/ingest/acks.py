@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from monitor.ingest.batching import KeyShares
 from monitor.window import Window
 
 EARLY_ACK_SECONDS = 5.0  # an acknowledgement may precede `alert_sent` by microseconds; never by this long
@@ -105,6 +106,7 @@ class PendingWindows:
         self._lock = threading.Lock()
         self._windows: dict[int, tuple[Window, Receipt | None]] = {}  # by id(window): the window is kept alive here
         self._alerts: dict[int, Window] = {}  # alert mid -> its window, until the broker acknowledges the alert
+        self._alert_shares = KeyShares()  # those alerts, counted by sensor
         # Alert mids acknowledged before `alert_sent` could record them, with when: acknowledgements of other messages
         # (episode events) land here too, so entries expire long before paho could reuse their mid.
         self._early_acks: dict[int, float] = {}
@@ -132,6 +134,7 @@ class PendingWindows:
             early = time.monotonic() - self._early_acks.pop(mid, float("-inf")) < EARLY_ACK_SECONDS
             if not early:
                 self._alerts[mid] = window
+                self._alert_shares.add(window.sensor_id)
         if early:
             self.decided(window)
 
@@ -139,13 +142,20 @@ class PendingWindows:
         """Called from paho's network thread (under paho's lock): only our own bookkeeping here."""
         with self._lock:
             window = self._alerts.pop(mid, None)
-            if window is None:  # its `alert_sent` comes right after, or it was not an alert
+            if window is not None:
+                self._alert_shares.remove(window.sensor_id)
+            else:  # its `alert_sent` comes right after, or it was not an alert
                 now = time.monotonic()
                 if len(self._early_acks) > 1024:
                     self._early_acks = {m: t for m, t in self._early_acks.items() if now - t < EARLY_ACK_SECONDS}
                 self._early_acks[mid] = now
         if window is not None:
             self.decided(window)
+
+    def alerts_over_share(self, sensor_id: str, floor: int) -> bool:
+        """The sensor has at least `floor` alerts waiting for the broker's acknowledgement, and more than twice the
+        average of the sensors with any: a flood of anomalous windows that would fill the alert queue for all."""
+        return self._alert_shares.over_share(sensor_id, floor)
 
     def windows(self) -> list[Window]:
         with self._lock:

@@ -27,6 +27,40 @@ class Timed(Protocol):
 ItemT = TypeVar("ItemT", bound=Timed)
 
 
+class KeyShares:
+    """Counts of items by key (a sensor id), and whether one key holds more than its share of them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_key: Counter[str] = Counter()
+        self._counted = 0  # the sum of `_by_key`
+
+    def add(self, key: str) -> None:
+        with self._lock:
+            self._by_key[key] += 1
+            self._counted += 1
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._counted -= 1
+            left = self._by_key[key] - 1
+            if left:
+                self._by_key[key] = left
+            else:
+                del self._by_key[key]
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            return self._by_key.get(key, 0)
+
+    def over_share(self, key: str, floor: int) -> bool:
+        """`key` holds at least `floor` items and more than twice the average of the keys holding any: a flood, where
+        a burst of many keys (a backlog) holds about as many each."""
+        with self._lock:
+            count = self._by_key.get(key, 0)
+            return count >= floor and count * len(self._by_key) > 2 * self._counted
+
+
 class WindowQueue(Generic[ItemT]):
     """A bounded FIFO of ready windows, counted by `key` when one is given."""
 
@@ -34,35 +68,28 @@ class WindowQueue(Generic[ItemT]):
         self.capacity = capacity
         self._queue: queue.Queue[ItemT] = queue.Queue(maxsize=capacity)
         self._key = key
-        self._lock = threading.Lock()
-        self._by_key: Counter[str] = Counter()
-        self._counted = 0  # the sum of `_by_key`
+        self._shares = KeyShares()
 
     def offer(self, item: ItemT, wait_seconds: float = 0.0) -> bool:
         """Put, waiting up to `wait_seconds` for room; False when the queue stayed full."""
         key = None if self._key is None else self._key(item)
-        if key is not None:
-            with self._lock:  # counted before it can be taken, so a count is never below what is queued
-                self._by_key[key] += 1
-                self._counted += 1
+        if key is not None:  # counted before it can be taken, so a count is never below what is queued
+            self._shares.add(key)
         try:
             self._queue.put(item, timeout=wait_seconds) if wait_seconds > 0 else self._queue.put_nowait(item)
         except queue.Full:
-            self._taken(key)
+            if key is not None:
+                self._shares.remove(key)
             return False
         return True
 
     def queued_for(self, key: str) -> int:
         """Windows of `key` queued (or being put)."""
-        with self._lock:
-            return self._by_key.get(key, 0)
+        return self._shares.count(key)
 
     def over_share(self, key: str, floor: int) -> bool:
-        """`key` holds at least `floor` windows and more than twice the average of the keys with windows queued: a
-        flood, where a burst of many keys (a backlog) fills the queue about evenly."""
-        with self._lock:
-            count = self._by_key.get(key, 0)
-            return count >= floor and count * len(self._by_key) > 2 * self._counted
+        """`key` holds at least `floor` windows and more than twice the average of the keys with windows queued."""
+        return self._shares.over_share(key, floor)
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -75,19 +102,8 @@ class WindowQueue(Generic[ItemT]):
         except queue.Empty:
             return None
         if self._key is not None:
-            self._taken(self._key(item))
+            self._shares.remove(self._key(item))
         return item
-
-    def _taken(self, key: str | None) -> None:
-        if key is None:
-            return
-        with self._lock:
-            self._counted -= 1
-            left = self._by_key[key] - 1
-            if left:
-                self._by_key[key] = left
-            else:
-                del self._by_key[key]
 
 
 class MicroBatcher(Generic[ItemT]):

@@ -19,7 +19,7 @@ configured sampling rate to the span's first sample.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,27 +154,29 @@ class BeatAssembler(SensorStreams[_Sensor]):
             "sensors": sensors,
         }
 
-    def restore(self, state: Any, now: float) -> int:
-        """Takes every sensor's state from a `snapshot()` of the same spec and rate; else ValueError (no change)."""
+    def restore(self, state: Any, now: float, max_abs_value: float = math.inf) -> int:
+        """Replaces all sensors' state with a `snapshot()` of the same spec and rate; returns how many it holds.
+
+        Raises ValueError, and changes nothing, for a snapshot of another version, spec or rate. A sensor entry that
+        is not consistent (or holds a sample beyond `max_abs_value`) is left out: its id goes into `refused`, the
+        others are taken."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
             raise ValueError(f"not a {STATE_FORMAT} of version {STATE_VERSION}")
         if state.get("sample_rate_hz") != self.fs or state.get("spec") != self.spec.to_dict():
             raise ValueError(
                 f"saved for {state.get('sample_rate_hz')} Hz and another beat spec, not {self.fs} Hz and the model's"
             )
-        sensors: OrderedDict[str, _Sensor] = OrderedDict()
-        try:
-            for item in state["sensors"][-self.max_sensors :]:
-                stream = BeatStream.restore(item["stream"], self.spec)
-                if stream.fs != self.fs or int(item["next_seq"]) != stream.origin + stream.received:
-                    raise ValueError(f"sensor {item['id']!r}: position {item['next_seq']} does not fit its stream")
-                sensor = _Sensor(stream, int(item["next_seq"]), now)
-                sensor.anchor = None if item["anchor"] is None else (int(item["anchor"][0]), float(item["anchor"][1]))
-                sensors[str(item["id"])] = sensor
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise ValueError(f"inconsistent sensor state ({type(error).__name__}: {error})") from None
-        self._streams = sensors
-        return len(sensors)
+        return self._take_entries(state, lambda item: self._restored_sensor(item, now, max_abs_value))
+
+    def _restored_sensor(self, item: dict[str, Any], now: float, max_abs_value: float) -> _Sensor:
+        stream = BeatStream.restore(item["stream"], self.spec)
+        if stream.fs != self.fs or int(item["next_seq"]) != stream.origin + stream.received:
+            raise ValueError(f"sensor {item['id']!r}: position {item['next_seq']} does not fit its stream")
+        if not stream.max_abs_sample() <= max_abs_value:  # NaN fails it too
+            raise ValueError(f"sensor {item['id']!r}: a sample beyond {max_abs_value}")
+        sensor = _Sensor(stream, int(item["next_seq"]), now)
+        sensor.anchor = None if item["anchor"] is None else (int(item["anchor"][0]), float(item["anchor"][1]))
+        return sensor
 
 
 def check_mode(

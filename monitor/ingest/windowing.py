@@ -142,7 +142,24 @@ class SensorStreams(Generic[SensorState]):
         self.on_evict = on_evict
         self.seq_tolerance = seq_tolerance
         self._streams: OrderedDict[str, SensorState] = OrderedDict()  # least recently seen first
+        self.refused: list[str] = []  # ids of the sensor entries the last `restore` left out
         self.evicted_total = 0  # every eviction, including those a new sensor triggers inside feed()
+
+    def _take_entries(self, state: dict[str, Any], restored: Callable[[Any], SensorState]) -> int:
+        """Replaces every sensor's state with `restored(entry)` of each entry of a snapshot's `sensors` (the last
+        `max_sensors`); an entry it refuses (an inconsistent one) is left out and its id goes into `refused`."""
+        items = state.get("sensors")
+        if not isinstance(items, list):
+            raise ValueError("the snapshot has no list of sensors")
+        streams: OrderedDict[str, SensorState] = OrderedDict()
+        self.refused = []
+        for item in items[-self.max_sensors :]:
+            try:
+                streams[str(item["id"])] = restored(item)
+            except (KeyError, TypeError, ValueError, IndexError, OverflowError):  # binascii.Error is a ValueError
+                self.refused.append(str(item.get("id"))[:128] if isinstance(item, dict) else "?")
+        self._streams = streams
+        return len(streams)
 
     @property
     def active_sensors(self) -> int:
@@ -280,7 +297,6 @@ class WindowAssembler(SensorStreams[_Stream]):
         self.stride = stride
         self.channels = channels
         self.ts_tolerance_seconds = ts_tolerance_seconds
-        self.refused: list[str] = []  # ids of the sensor entries the last `restore` left out
         # Room for a partial window plus a typical message, so most messages append in place.
         self._buffer_rows = 2 * window
 
@@ -321,18 +337,7 @@ class WindowAssembler(SensorStreams[_Stream]):
                 f"saved for window, stride, channels {state.get('window')}, {state.get('stride')}, "
                 f"{state.get('channels')}, not {shape}"
             )
-        items = state.get("sensors")
-        if not isinstance(items, list):
-            raise ValueError("the snapshot has no list of sensors")
-        streams: OrderedDict[str, _Stream] = OrderedDict()
-        self.refused = []
-        for item in items[-self.max_sensors :]:
-            try:
-                streams[str(item["id"])] = self._restored_stream(item, now, max_abs_value)
-            except (KeyError, TypeError, ValueError, IndexError, OverflowError):  # binascii.Error is a ValueError
-                self.refused.append(str(item.get("id"))[:128] if isinstance(item, dict) else "?")
-        self._streams = streams
-        return len(streams)
+        return self._take_entries(state, lambda item: self._restored_stream(item, now, max_abs_value))
 
     def _restored_stream(self, item: dict[str, Any], now: float, max_abs_value: float) -> _Stream:
         samples = decode_array(item["samples"]).reshape(-1, self.channels)

@@ -144,6 +144,9 @@ def load_artifact(directory: str | Path, device: torch.device | str = "cpu") -> 
     window = _require(metadata, "architecture.window", int, directory)
     channels = _require(metadata, "architecture.channels", int, directory)
     embedding_dim = _require(metadata, "architecture.embedding_dim", int, directory)
+    level_dim = metadata["architecture"].get("level_dim", 0)
+    if not isinstance(level_dim, int) or not (level_dim == 0 or 0 < level_dim < channels):
+        raise ArtifactError(f"{directory}: architecture.level_dim {level_dim!r} does not fit {channels} channel(s)")
     threshold = float(_require(metadata, "threshold.value", (int, float), directory))
     mean = np.asarray(_require(metadata, "normalisation.mean", list, directory), dtype=np.float32)
     std = np.asarray(_require(metadata, "normalisation.std", list, directory), dtype=np.float32)
@@ -162,7 +165,7 @@ def load_artifact(directory: str | Path, device: torch.device | str = "cpu") -> 
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as error:
         raise ArtifactError(f"{weights_path}: unreadable weights ({error})") from None
-    model = LSTMAutoencoder(channels, embedding_dim)
+    model = LSTMAutoencoder(channels, embedding_dim, level_dim)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

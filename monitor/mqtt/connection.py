@@ -1,7 +1,12 @@
-"""The daemon's broker connection (paho-mqtt 2.x): input subscriptions, alert publishing
-(the alert sink's `Publisher`), status topic.
+"""The daemon's broker connections (paho-mqtt 2.x): input subscriptions and the status topic on one, alert
+publishing (the alert sink's `Publisher`) on another.
 
-paho runs its own network thread. Subscriptions are made in `on_connect`, so every reconnect
+Two clients, because one TCP connection delivers in order: the broker's PUBACKs for the alerts would queue behind
+every input message it has for the daemon, so a sensor flooding the input (or any backlog) would hold back the
+acknowledgement of every alert, fill the alert queue and cost every sensor its alerts. The alert client's id is
+the daemon's with `-alerts` appended; it keeps no session (paho itself resends what was not acknowledged).
+
+paho runs a network thread per client. Subscriptions are made in `on_connect`, so every reconnect
 resubscribes; a persistent session (MQTT v5 session expiry, or clean_session=False on 3.1.1)
 lets the broker keep QoS 1 input while the daemon is away. Alerts are published at QoS 1 whether
 or not the connection is up: paho keeps them (bounded by `max_queued_alerts`) and sends them on
@@ -42,7 +47,8 @@ MessageHandler = Callable[[str, bytes, float, Receipt, bool], None]  # topic, pa
 
 
 class MqttConnection:
-    """One paho client: subscribes to sensor topics, publishes alerts and the retained status."""
+    """Two paho clients: `client` subscribes to sensor topics and publishes the retained status, `output` publishes
+    alerts (and episode events, device commands)."""
 
     def __init__(
         self,
@@ -62,33 +68,45 @@ class MqttConnection:
         self.status_topic = settings.status_topic.format(client_id=settings.client_id)
         self.subscribed = threading.Event()
         self._accepting = True
-        self._closing = False
         self._input_lock = threading.Lock()  # a message is handled and acknowledged whole, or left to the broker
         self._count_lock = threading.Lock()
         self._published = 0
         self._acknowledged = 0
-        self._status_mids: set[int] = set()
         # MQTT 5: the broker must not send a QoS 1/2 message while this many wait for their PUBACK (3.1.1: unknown).
         self._receive_maximum = settings.receive_maximum if settings.protocol == "5" else None
         self._beyond_logged = False  # one warning a connection when the broker sends beyond it
-        self.client = self._make_client()
+        self.client = self._make_input_client()
+        self.output = self._make_output_client()
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_input_client(self) -> mqtt.Client:
         settings = self.settings
         client = make_client(settings, persistent_session=settings.persistent_session, manual_ack=True)
-        client.reconnect_delay_set(
-            max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds))
-        )
-        client.max_queued_messages_set(settings.max_queued_alerts)
-        client.max_inflight_messages_set(settings.max_inflight)
+        self._reconnect_delays(client)
         client.will_set(self.status_topic, self.status("offline"), qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        return client
+
+    def _make_output_client(self) -> mqtt.Client:
+        settings = self.settings
+        client = make_client(settings, client_id=f"{settings.client_id}-alerts")
+        self._reconnect_delays(client)
+        client.max_queued_messages_set(settings.max_queued_alerts)
+        client.max_inflight_messages_set(settings.max_inflight)
+        client.on_connect = self._on_output_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_output_disconnect
         client.on_publish = self._on_publish
         return client
+
+    def _reconnect_delays(self, client: mqtt.Client) -> None:
+        settings = self.settings
+        client.reconnect_delay_set(
+            max(1, int(settings.reconnect_min_seconds)), max(1, int(settings.reconnect_max_seconds))
+        )
 
     def start(self) -> None:
         """Connect in the background; paho retries with backoff until the broker answers."""
@@ -103,9 +121,17 @@ class MqttConnection:
         self.client.connect_async(
             settings.host, settings.port, settings.keepalive_seconds, clean_start=clean_start, properties=properties
         )
-        self.client.loop_start()
-        if self.client._thread is not None:
-            self.client._thread.name = "mqtt-network"  # paho's thread; named so thread dumps say what it is
+        output_properties = None
+        if settings.protocol == "5":
+            output_properties = Properties(PacketTypes.CONNECT)
+            output_properties.SessionExpiryInterval = 0
+        self.output.connect_async(
+            settings.host, settings.port, settings.keepalive_seconds, clean_start=True, properties=output_properties
+        )
+        for client, name in ((self.client, "mqtt-network"), (self.output, "mqtt-alerts")):
+            client.loop_start()
+            if client._thread is not None:
+                client._thread.name = name  # paho's thread; named so thread dumps say what it is
         log.info(
             "broker_connecting",
             host=settings.host,
@@ -147,10 +173,7 @@ class MqttConnection:
             port=self.settings.port,
             session_present=bool(getattr(flags, "session_present", False)),
         )
-        # Runs on the network thread, so its PUBACK cannot be handled before the mid is recorded.
-        status = client.publish(self.status_topic, self.status("online"), qos=1, retain=True)
-        if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:  # a refused one (queue full of alerts) never gets a PUBACK
-            self._status_mids.add(status.mid)
+        client.publish(self.status_topic, self.status("online"), qos=1, retain=True)
         if self._accepting:
             self._release_other_partitions(client, bool(getattr(flags, "session_present", False)))
             client.subscribe([(topic, self._subscribe_options()) for topic in self.settings.subscribe])
@@ -173,6 +196,7 @@ class MqttConnection:
             "broker_connect_failed",
             host=self.settings.host,
             port=self.settings.port,
+            client="alerts" if client is self.output else "input",
             error=f"{type(error).__name__}: {error}" if error is not None else "unknown",
             retry_within_seconds=self.settings.reconnect_max_seconds,
         )
@@ -184,6 +208,18 @@ class MqttConnection:
         self.metrics.set_consuming(False)
         level = log.warning if reason_code.is_failure else log.info
         level("broker_disconnected", reason=str(reason_code), pending_alerts=self.pending_alerts())
+
+    def _on_output_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker_refused_connection", reason=str(reason_code), host=self.settings.host, client="alerts")
+            return
+        self.metrics.alert_connection_up.set(1)
+        log.info("alert_connection_up", host=self.settings.host, port=self.settings.port)
+
+    def _on_output_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.metrics.alert_connection_up.set(0)
+        level = log.warning if reason_code.is_failure else log.info
+        level("alert_connection_down", reason=str(reason_code), pending_alerts=self.pending_alerts())
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         failed = [str(code) for code in reason_codes if code.is_failure]
@@ -242,14 +278,15 @@ class MqttConnection:
             self.client.ack(receipt.mid, receipt.qos)
         return len(ready)
 
+    def connected(self) -> tuple[bool, bool]:
+        """Whether the input and the alert connection are up."""
+        return self.client.is_connected(), self.output.is_connected()
+
     def network_thread_alive(self) -> bool:
-        thread = self.client._thread
-        return thread is not None and thread.is_alive()
+        threads = (self.client._thread, self.output._thread)
+        return all(thread is not None and thread.is_alive() for thread in threads)
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if mid in self._status_mids or self._closing:  # status messages are not alerts
-            self._status_mids.discard(mid)
-            return
         # paho holds its own message lock here: take ours only briefly and call nothing of paho's.
         self.pending.alert_acknowledged(mid)
         with self._count_lock:
@@ -267,7 +304,7 @@ class MqttConnection:
         returns), and never under our lock while inside paho (paho's lock is held in `_on_publish`).
         """
         self._add_published(1)
-        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        info = self.output.publish(topic, payload, qos=qos, retain=retain)
         # While disconnected paho keeps a QoS 1/2 message for the reconnect, but discards a QoS 0 one.
         if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and qos > 0):
             return info.mid
@@ -278,7 +315,7 @@ class MqttConnection:
     def send_command(self, topic: str, payload: bytes) -> None:
         """Publish a command to a device (a Sparkplug rebirth request) at QoS 0: not an alert, never counted as one;
         a command lost with the connection is asked again by the next message that needs it."""
-        self.client.publish(topic, payload, qos=0)
+        self.output.publish(topic, payload, qos=0)
 
     def _add_published(self, count: int) -> None:
         with self._count_lock:
@@ -307,14 +344,15 @@ class MqttConnection:
         return self.pending_alerts() == 0
 
     def close(self) -> None:
-        """Say offline on the status topic (when connected), disconnect and stop paho's thread; never raises
+        """Say offline on the status topic (when connected), disconnect and stop paho's threads; never raises
         for a broker that is down or a full alert queue."""
-        self._closing = True  # the offline status' PUBACK may come before its mid could be recorded
         status = self.client.publish(self.status_topic, self.status("offline"), qos=1, retain=True)
         if status.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
             status.wait_for_publish(timeout=1.0)
         else:
             log.warning("status_not_published", status="offline", reason=mqtt.error_string(status.rc))
-        self.client.disconnect()
-        self.client.loop_stop()
+        for client in (self.client, self.output):
+            client.disconnect()
+            client.loop_stop()
         self.metrics.broker_connected.set(0)
+        self.metrics.alert_connection_up.set(0)

@@ -46,7 +46,6 @@ from monitor.ingest.journal import Journal
 from monitor.ingest.payload import PayloadDecoder
 from monitor.ingest.stage import Ingest
 from monitor.ingest.state_file import read_state, write_state
-from monitor.ingest.windowing import WindowAssembler
 from monitor.model.artifact import artifact_problem
 from monitor.model.baseline import SensorBaselines, resolve_baseline
 from monitor.model.engine import Engine, load_engine, load_shadow_engine
@@ -123,6 +122,7 @@ class Daemon:
         self.signals = signals.received
         self.stall_seconds = config.health.stall_seconds
         self.stalled = False
+        self.health_status = ""  # the last STATUS= sent to systemd
         self.exit_code = 0
         self.acks = InOrderAcks()
         journal = config.journal
@@ -138,6 +138,10 @@ class Daemon:
             )
         )
         self.pending = PendingWindows(self.acks, self.journal.mark_decided if self.journal is not None else None)
+        log_settings = config.logging  # one limiter for the input's and the alerts' rate-limited lines
+        self.warnings = RateLimiter(
+            log_settings.warning_interval_seconds, log_settings.max_warning_keys, log_settings.max_warnings_per_interval
+        )
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT, then drain; returns the exit code."""
@@ -225,11 +229,7 @@ class Daemon:
             self.queue,
             self.metrics,
             config.mqtt.sensor_id_level,
-            RateLimiter(
-                config.logging.warning_interval_seconds,
-                config.logging.max_warning_keys,
-                config.logging.max_warnings_per_interval,
-            ),
+            self.warnings,
             config.mqtt.sensor_id_pattern,
             self.pending,
             self.journal,
@@ -328,11 +328,8 @@ class Daemon:
         assembler, baselines = self.ingest.assembler, self.ingest.baselines
         try:
             state, damaged = read_state(path)
-            if isinstance(assembler, WindowAssembler):
-                sensors = assembler.restore(state, time.monotonic(), self.config.windowing.max_abs_value)
-                refused = assembler.refused
-            else:
-                sensors, refused = assembler.restore(state, time.monotonic()), []
+            sensors = assembler.restore(state, time.monotonic(), self.config.windowing.max_abs_value)
+            refused = assembler.refused
             log.info("window_state_restored", path=str(path), sensors=sensors, samples=assembler.buffered_samples())
             if damaged or refused:
                 log.warning(
@@ -392,6 +389,8 @@ class Daemon:
             observers,
             sources,
             instance=config.instance_name,
+            over_share=lambda sensor_id: self.pending.alerts_over_share(sensor_id, mqtt.max_pending_alerts_per_sensor),
+            warnings=self.warnings,
         )
 
     def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
@@ -509,6 +508,21 @@ class Daemon:
                 "scoring_stalled_exit", seconds=round(now - self.worker.progress_at, 1), queued=self.queue.depth()
             )
             self.fail()
+        status = self.health()
+        if status != self.health_status:
+            self.health_status = status
+            systemd.status(status)
+
+    def health(self) -> str:
+        """What is wrong, for `systemctl status` ("healthy" when nothing is); each part has its metric and log line."""
+        input_up, alerts_up = self.connection.connected()
+        problems = (
+            (not input_up, "input connection down"),
+            (not alerts_up, "alert connection down"),
+            (self.journal is not None and self.journal.failing, "journal failing: input not acknowledged"),
+            (self.stalled, "scoring stalled"),
+        )
+        return "; ".join(text for wrong, text in problems if wrong) or "healthy"
 
     def fail(self) -> None:
         """Stop as after SIGTERM, but with exit code 1, so systemd restarts the daemon."""

@@ -45,3 +45,8 @@ def reloading() -> bool:
 
 def watchdog_ping() -> bool:
     return notify("WATCHDOG=1")
+
+
+def status(text: str) -> bool:
+    """STATUS=: the one line `systemctl status` shows under the unit."""
+    return notify(f"STATUS={text}")

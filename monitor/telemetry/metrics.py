@@ -24,7 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 # found unscorable, episode events, ignored ts) with `declare`, so every label is exported from the start at 0.
 MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "sensor_share", "internal_error")
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "sensor_share", "scoring_error", "non_finite_score")
-ALERT_DROP_REASONS = ("queue_full", "publish_error")
+PUBLISH_DROP_REASONS = ("queue_full", "publish_error")  # the transport refused the message
+ALERT_DROP_REASONS = (*PUBLISH_DROP_REASONS, "sensor_share")  # or its sensor holds more than its share of the queue
 RELOAD_OUTCOMES = ("success", "failure")
 JOURNAL_OPERATIONS = ("write", "fsync", "checkpoint")
 JOURNAL_DISCARD_REASONS = ("torn", "damaged", "unreadable")
@@ -196,6 +197,11 @@ class Metrics:
         self.broker_connected = Gauge(
             "monitor_broker_connected", "1 while connected to the MQTT broker", registry=registry
         )
+        self.alert_connection_up = Gauge(
+            "monitor_alert_connection_up",
+            "1 while the connection that publishes alerts is up (input has its own: monitor_broker_connected)",
+            registry=registry,
+        )
         self.broker_connects = Counter(
             "monitor_broker_connections_total", "Successful connections to the broker", registry=registry
         )
@@ -297,7 +303,7 @@ class Metrics:
         self.episodes_open = Gauge(
             "monitor_episodes_open", "Sensors with an episode, by state", ["state"], registry=registry
         )
-        for reason in ALERT_DROP_REASONS:
+        for reason in PUBLISH_DROP_REASONS:
             self.episode_messages_dropped.labels(reason)
         for state in EPISODE_STATES:
             self.episodes_open.labels(state)

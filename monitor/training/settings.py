@@ -47,6 +47,7 @@ class TrainSettings(Strict):
     name: str = ""
     version: str | None = None
     embedding_dim: int = Field(default=32, ge=1, le=1024)
+    level_dim: int = Field(default=0, ge=0)  # the model's level path (LSTMAutoencoder); 0: none
     epochs: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=0.002, gt=0)

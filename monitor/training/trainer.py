@@ -189,7 +189,7 @@ def fit_model(
     """Mini-batch Adam on L1 loss with input noise; early stopping restores the best weights."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    model = LSTMAutoencoder(train.shape[2], settings.embedding_dim)
+    model = LSTMAutoencoder(train.shape[2], settings.embedding_dim, settings.level_dim)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=settings.lr_factor, patience=settings.lr_patience
@@ -251,6 +251,11 @@ def train(settings: TrainSettings) -> TrainingResult:
     fit, validation, calibration_windows, split = split_normal(settings)
     if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
         raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
+    if settings.level_dim >= fit.channels:
+        raise DataError(
+            f"level_dim {settings.level_dim}: a level path needs fewer dimensions than the {fit.channels} "
+            "channel(s) (0: none)"
+        )
     recorded_channel_names(settings, fit)  # refused before training, not after
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
     sensor = settings.baseline == "sensor"
@@ -423,6 +428,7 @@ def model_record(
             "window": fit.window,
             "channels": fit.channels,
             "embedding_dim": settings.embedding_dim,
+            **({"level_dim": settings.level_dim} if settings.level_dim else {}),
             **({"channel_names": names} if names else {}),
         },
         "normalisation": normalisation.to_dict(),

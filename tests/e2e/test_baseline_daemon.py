@@ -22,7 +22,8 @@ WINDOW, STRIDE, WARM_UP, CHUNK = 30, 10, 20, 50
 
 @pytest.fixture(scope="module")
 def sensor_model(tmp_path_factory):
-    """A small model trained on both machines' train excerpts; what `monitor evaluate` flags on their test excerpts."""
+    """A small model with a level path trained on both machines' train excerpts; what `monitor evaluate` flags on
+    their test excerpts."""
     root = tmp_path_factory.mktemp("baseline-daemon")
     report = train_and_evaluate(
         root / "model",
@@ -31,7 +32,7 @@ def sensor_model(tmp_path_factory):
         [EXCERPT / f"{m}_test_labels.npy" for m in MACHINES],
         WINDOW,
         STRIDE,
-        *("--baseline", "sensor", "--baseline-windows", str(WARM_UP)),
+        *("--baseline", "sensor", "--baseline-windows", str(WARM_UP), "--level-dim", "8"),
     )
     flagged = {
         (m, start)

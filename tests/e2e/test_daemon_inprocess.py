@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -22,29 +21,18 @@ from monitor.model.engine import load_engine
 from monitor.runtime.daemon import Daemon
 from monitor.telemetry.metrics import ERROR_BUCKET_FACTORS
 from monitor.training.datasets import read_ucr
-from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, daemon_config, wait_until
+from tests.support import DEFAULT_MODEL, SPLITS, BlockingScorer, NotifySocket, daemon_config, wait_until
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def notify(tmp_path, monkeypatch):
-    """A datagram socket standing in for systemd; yields a function returning the datagrams received so far."""
-    path = tmp_path / "notify"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind(str(path))
-        sock.setblocking(False)
-        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-
-        def received() -> list[str]:
-            out = []
-            while True:
-                try:
-                    out.append(sock.recv(4096).decode())
-                except BlockingIOError:
-                    return out
-
-        yield received
+    """A datagram socket standing in for systemd; yields a function returning the datagrams received since."""
+    notify_socket = NotifySocket(tmp_path / "notify")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_socket.path))
+    yield notify_socket.received
+    notify_socket.close()
 
 
 def started(daemon: Daemon, mqtt: bool = False) -> Daemon:
@@ -58,7 +46,9 @@ def started(daemon: Daemon, mqtt: bool = False) -> Daemon:
     return daemon
 
 
-def test_the_watchdog_is_fed_only_while_the_scorer_makes_progress(broker, notify, tmp_path):
+def test_the_watchdog_is_fed_only_while_the_scorer_makes_progress_and_the_status_says_what_is_wrong(
+    broker, notify, tmp_path
+):
     real = load_engine(ModelSettings(path=DEFAULT_MODEL, device="cpu", threads=1))
     blocking = BlockingScorer(real)
     path = daemon_config(tmp_path / "monitor.yaml", broker.port, metrics={"enabled": False})
@@ -70,8 +60,9 @@ def test_the_watchdog_is_fed_only_while_the_scorer_makes_progress(broker, notify
         started(daemon, mqtt=True)
         wait_until(daemon.connection.subscribed.is_set, 20, what="the subscription")
         wait_until(lambda: daemon.worker.progressing(time.monotonic(), 0.5), 10, what="the idle scorer's beat")
+        wait_until(lambda: daemon.connection.connected() == (True, True), 20, what="both connections")
         daemon.housekeeping(time.monotonic())
-        assert "WATCHDOG=1" in notify()  # idle, queue empty: alive
+        assert notify() == ["WATCHDOG=1", "STATUS=healthy"]  # idle, queue empty: alive
         beat = read_ucr(SPLITS / "test.txt.xz").windows[0, :, 0]
         body = orjson.dumps({"seq": 0, "samples": beat.tolist()})
         daemon.connection.client.publish("sensors/stalled/ecg", body, qos=1)
@@ -80,12 +71,18 @@ def test_the_watchdog_is_fed_only_while_the_scorer_makes_progress(broker, notify
         with capture_logs() as logs:
             daemon.housekeeping(time.monotonic())
             daemon.housekeeping(time.monotonic())
-        assert notify() == []  # hung inside a forward pass: no ping, systemd's watchdog will act
+        # hung inside a forward pass: no ping, systemd's watchdog will act; `systemctl status` says why
+        assert notify() == ["STATUS=scoring stalled"]
         assert [entry["event"] for entry in logs].count("scoring_stalled") == 1
         blocking.release.set()
         wait_until(lambda: daemon.worker.progressing(time.monotonic(), 0.5), 10, what="the scorer to resume")
         daemon.housekeeping(time.monotonic())
-        assert notify() == ["WATCHDOG=1"]
+        assert notify() == ["WATCHDOG=1", "STATUS=healthy"]
+        daemon.connection.output.disconnect()
+        wait_until(lambda: daemon.connection.connected() == (True, False), 20, what="the alert connection closed")
+        daemon.housekeeping(time.monotonic())
+        daemon.housekeeping(time.monotonic())
+        assert notify() == ["WATCHDOG=1", "STATUS=alert connection down", "WATCHDOG=1"]  # sent when it changes
     finally:
         blocking.release.set()
         daemon.drain()

@@ -286,12 +286,14 @@ class RawBroker(threading.Thread):
     """A minimal MQTT 5 broker on a socket, for what Mosquitto never sends: a PUBLISH whose topic is not UTF-8
     (Mosquitto validates topics; a broker or bridge that does not would pass such a message on).
 
-    It accepts one client, grants its subscription, sends the given (topic bytes, payload) PUBLISHes at QoS 1 and
-    records the client's PUBACKs and PUBLISHes (alerts, status). With `then_die`, it ends the connection right after
-    the PUBLISHes with a reset, as a broker SIGKILLed just after writing them does."""
+    It accepts `clients` connections (the daemon makes two: input and alerts), grants a subscription, sends the given
+    (topic bytes, payload) PUBLISHes at QoS 1 to the client that subscribed and records the PUBACKs and PUBLISHes
+    (alerts, status) of all. With `then_die`, it ends the connection right after the PUBLISHes with a reset, as a
+    broker SIGKILLed just after writing them does."""
 
-    def __init__(self, messages: list[tuple[bytes, bytes]], then_die: bool = False) -> None:
+    def __init__(self, messages: list[tuple[bytes, bytes]], then_die: bool = False, clients: int = 1) -> None:
         super().__init__(name="raw-broker", daemon=True)
+        self.clients = clients
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.messages = messages
@@ -330,8 +332,19 @@ class RawBroker(threading.Thread):
                 return bytes([first]) + encoded + body
 
     def run(self) -> None:
+        served = []
+        for _ in range(self.clients):
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                break
+            served.append(threading.Thread(target=self._serve_until_closed, args=(conn,), daemon=True))
+            served[-1].start()
+        for thread in served:
+            thread.join()
+
+    def _serve_until_closed(self, conn: socket.socket) -> None:
         try:
-            conn, _ = self.server.accept()
             with conn:
                 self._serve(conn)
         except (EOFError, OSError):
@@ -372,7 +385,7 @@ def test_a_topic_that_is_not_utf8_is_counted_and_the_network_thread_lives_on(tmp
     """Item 5: a broker that does not validate topics passes on one that is not UTF-8; the next message must still
     be taken, scored and acknowledged."""
     window = orjson.dumps({"seq": 0, "samples": signal_samples(WINDOW).tolist()})
-    raw = RawBroker([(b"sensors/\xff\xfe/ecg", window), (b"sensors/after/ecg", window)])
+    raw = RawBroker([(b"sensors/\xff\xfe/ecg", window), (b"sensors/after/ecg", window)], clients=2)
     raw.start()
     model = make_model(tmp_path / "alert_all", 4, 0.0)
     daemon = DaemonProcess(daemon_config(tmp_path / "m.yaml", raw.port, model=model))

@@ -24,6 +24,7 @@ from tests.support import (
     WINDOW,
     Broker,
     DaemonProcess,
+    NotifySocket,
     Sensors,
     crash_rig,
     lost_windows,
@@ -138,13 +139,20 @@ def test_a_full_disk_holds_acknowledgements_and_loses_nothing_through_kill_9(tmp
     broker = Broker(tmp_path / "broker").start()
     journal = {"path": str(small_disk / "journal"), "max_bytes": 2**16, "checkpoint_seconds": 1}
     config = restart_config(tmp_path, broker.port, make_model(tmp_path / "alert_all", 4, 0.0), journal=journal)
-    with crash_rig(broker, config) as (capture, sensors, daemons), PacedSensors(sensors, 20) as stream:
+    notify = NotifySocket(tmp_path / "notify")
+    with (
+        crash_rig(broker, config, {"NOTIFY_SOCKET": str(notify.path)}) as (capture, sensors, daemons),
+        PacedSensors(sensors, 20) as stream,
+    ):
         first = daemons[0]
         stream.start()
         stream.stream_for(2)
         fill(small_disk, leave=8192)
         first.wait_for_event("journal_write_failed", timeout=30)
         stream.stream_for(1)
+        wait_until(  # what `systemctl status` shows
+            lambda: "STATUS=journal failing: input not acknowledged" in notify.received(), 10, what="the status"
+        )
         held = metric(first.scrape(), "monitor_input_unacknowledged")
         fds = [descriptors(first)]
         for _ in range(4):  # a checkpoint is retried every second
@@ -161,6 +169,7 @@ def test_a_full_disk_holds_acknowledgements_and_loses_nothing_through_kill_9(tmp
         first.wait_for_event("journal_recovered", timeout=30)
         wait_until(lambda: metric(first.scrape(), "monitor_input_unacknowledged") < 100, 30, what="the input acked")
         assert metric(first.scrape(), "monitor_journal_failing") == 0
+        wait_until(lambda: "STATUS=healthy" in notify.received(), 10, what="the status back to healthy")
         stream.stream_for(1)
         fill(small_disk)
         first.wait_for_event("journal_write_failed", timeout=30, count=2)
@@ -189,6 +198,7 @@ def test_a_full_disk_holds_acknowledgements_and_loses_nothing_through_kill_9(tmp
         lost, twice = lost_windows(capture, expected)
         assert lost == 0 and no_traceback(daemons[-1])
         figure("full_disk", "windows / lost / alerted twice", f"{len(expected)} / {lost} / {twice}")
+    notify.close()
 
 
 def damage(path: Path, offset: int, size: int) -> None:

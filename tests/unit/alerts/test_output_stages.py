@@ -8,12 +8,14 @@ import dataclasses
 import ssl
 import threading
 import time
+from collections import Counter
 from typing import get_args
 
 import numpy as np
 import orjson
 import pytest
 from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from monitor.alerts.sink import AlertSink
 from monitor.config.schema import AlertSettings, ModelSettings, load_config
@@ -24,7 +26,7 @@ from monitor.model.engine import Engine, load_engine
 from monitor.mqtt.publisher import DROP_REASONS, DropReason, PublishRefused
 from monitor.runtime.worker import ScoringWorker
 from monitor.telemetry.log import RateLimiter
-from monitor.telemetry.metrics import ALERT_DROP_REASONS, Metrics
+from monitor.telemetry.metrics import ALERT_DROP_REASONS, PUBLISH_DROP_REASONS, Metrics
 from monitor.telemetry.scrape import histogram_quantile
 from monitor.training.datasets import read_ucr
 from monitor.window import Window
@@ -117,11 +119,44 @@ def test_a_refused_alert_is_counted_under_a_closed_reason(engine, beats, error, 
         for sample in sample.samples
         if sample.name == "monitor_alerts_dropped_total"
     }
-    assert labels == set(DROP_REASONS)
+    assert labels == set(ALERT_DROP_REASONS)
 
 
 def test_the_drop_reasons_are_the_metric_labels():
-    assert DROP_REASONS == get_args(DropReason) == ALERT_DROP_REASONS
+    assert DROP_REASONS == get_args(DropReason) == PUBLISH_DROP_REASONS
+    assert (*DROP_REASONS, "sensor_share") == ALERT_DROP_REASONS
+
+
+def test_a_sensor_holding_more_than_its_share_of_unacknowledged_alerts_loses_only_its_own(engine, beats):
+    """The broker acknowledges nothing (offline, or slow): one sensor's anomalous windows stop at its share of the
+    alerts waiting, logged once by its name, while another sensor's alerts still go out."""
+    registry, publisher = CollectorRegistry(), FakePublisher()
+    metrics = Metrics(registry, 64, engine.threshold)
+    pending = PendingWindows(InOrderAcks())
+    sink = AlertSink(
+        publisher,
+        "alerts/{sensor_id}",
+        1,
+        AlertSettings(),
+        metrics,
+        over_share=lambda sensor_id: pending.alerts_over_share(sensor_id, 5),
+    )
+    worker = ScoringWorker(MicroBatcher(WindowQueue(100), 64, 0.0), engine, sink, metrics, threading.Event(), pending)
+    flood = [Window("flood", 140 * i, beats[1][i % 8], None, time.monotonic()) for i in range(40)]
+    calm = [Window(f"calm{i}", 0, beats[1][i], None, time.monotonic()) for i in range(5)]
+    with capture_logs() as logs:
+        for batch in (calm[:4], flood[:8], flood[8:], calm[4:]):
+            worker.process(batch)
+    lines = [(entry["sensor_id"], entry["alerts_dropped"]) for entry in logs if entry["event"] == "alerts_over_share"]
+    assert lines == [("flood", 1)]  # then rate-limited
+    by_sensor = Counter(alert["sensor_id"] for _, alert, _ in publisher.sent)
+    # the flooder's first batch went out before any of it was counted
+    assert by_sensor == {"flood": 8, **{f"calm{i}": 1 for i in range(5)}}
+    assert value(registry, "monitor_alerts_dropped_total", reason="sensor_share") == 32
+    for mid in range(5, 13):  # the broker acknowledges the flooder's alerts: it gets its share back
+        pending.alert_acknowledged(mid)
+    worker.process(flood[:1])
+    assert Counter(alert["sensor_id"] for _, alert, _ in publisher.sent)["flood"] == 9
 
 
 def make_worker(engine: Engine, publisher: FakePublisher, registry: CollectorRegistry):

@@ -3,6 +3,7 @@ are trimmed, and a snapshot carries every sensor across a restart."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
 
@@ -127,6 +128,27 @@ def test_state_survives_a_restart_exactly(signal):
     other_rate = BeatAssembler(spec, 250.0, max_sensors=10, idle_seconds=60)
     with pytest.raises(ValueError, match="saved for 360.0 Hz"):
         other_rate.restore(state, 0.0)
+
+
+@pytest.mark.parametrize("fault", ["huge_sample", "next_seq_not_a_number", "template_cut_short"])
+def test_one_bad_sensor_entry_costs_that_sensor_only(signal, fault):
+    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0)
+    assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
+    for index in range(3):
+        stream(assembler, f"s{index}", signal[: 20 * int(FS)], chunk=100)
+    state = json.loads(json.dumps(assembler.snapshot()))
+    entry = state["sensors"][1]
+    if fault == "huge_sample":
+        raw = np.frombuffer(base64.b64decode(entry["stream"]["raw"]), dtype="<f8").copy()
+        raw[-3] = 1e30  # restored, it would be scored: out of range as in a message
+        entry["stream"]["raw"] = base64.b64encode(raw.tobytes()).decode()
+    if fault == "next_seq_not_a_number":
+        entry["next_seq"] = "seventy"
+    if fault == "template_cut_short":
+        entry["stream"]["templates"][0] = entry["stream"]["templates"][0][:12]
+    restarted = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
+    assert restarted.restore(state, 0.0, max_abs_value=1e6) == 2
+    assert restarted.refused == ["s1"]
 
 
 def test_timestamps_sensor_limit_and_a_bad_rate():

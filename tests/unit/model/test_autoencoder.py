@@ -211,3 +211,46 @@ def test_scorers_of_one_shape_share_a_trace_but_score_with_their_own_weights():
     np.testing.assert_allclose(scores[0], eager[0], rtol=1e-6)
     np.testing.assert_allclose(scores[1], eager[1], rtol=1e-6)
     assert not np.allclose(scores[0], scores[1])
+
+
+def test_the_level_path_reconstructs_each_windows_level_linearly_through_its_bottleneck():
+    """With a level path the LSTMs see the window minus its per-channel mean, so a window shifted by a constant per
+    channel is reconstructed shifted by exactly the bottleneck's linear map of that shift: a drifted level
+    extrapolates instead of saturating the LSTMs, and a shift outside the bottleneck's K directions stays in the
+    error."""
+    torch.manual_seed(8)
+    model = LSTMAutoencoder(channels=6, embedding_dim=4, level_dim=2).eval()
+    assert (model.level_down.in_features, model.level_down.out_features) == (6, 2)
+    assert (model.level_up.in_features, model.level_up.out_features) == (2, 6)
+    windows = torch.randn(3, 20, 6)
+    shift = torch.tensor([5.0, -3.0, 0.0, 40.0, 1.0, -7.0])
+    with torch.inference_mode():
+        moved = model(windows + shift) - model(windows)
+        linear = model.level_up.weight @ model.level_down.weight @ shift
+    torch.testing.assert_close(moved, linear.expand_as(moved), rtol=1e-4, atol=1e-4)
+    # The map has rank K < C: it cannot give back every shift, so a shift leaves some of itself in the error.
+    assert float((linear - shift).abs().max()) > 1.0
+
+
+def test_no_level_path_keeps_the_model_as_it_was_and_a_path_must_be_narrower_than_the_channels():
+    assert not any(name.startswith("level_") for name in LSTMAutoencoder(6, 4).state_dict())
+    assert LSTMAutoencoder(6, 4).level_dim == 0
+    for level_dim in (6, 7, -1):
+        with pytest.raises(ValueError, match="level_dim"):
+            LSTMAutoencoder(6, 4, level_dim)
+    with pytest.raises(ValueError, match="level_dim"):
+        LSTMAutoencoder(1, 4, 1)  # one channel: no level path
+
+
+def test_a_level_path_model_scores_the_same_traced_and_eager():
+    torch.manual_seed(9)
+    model = LSTMAutoencoder(channels=5, embedding_dim=4, level_dim=3)
+    normalisation = Normalisation(np.zeros(5, np.float32), np.ones(5, np.float32))
+    scorer = Scorer(model, normalisation)
+    eager = ScoringGraph(model, normalisation.mean, normalisation.std).eval()
+    windows = np.random.default_rng(10).normal(2.0, 3.0, size=(17, 25, 5)).astype(np.float32)
+    with torch.inference_mode():
+        errors, profiles, channels = eager(torch.from_numpy(windows))
+    traced = scorer.score(windows)
+    np.testing.assert_array_equal(traced.errors, errors.numpy())
+    np.testing.assert_array_equal(traced.channels, channels.numpy())

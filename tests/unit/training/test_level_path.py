@@ -1,0 +1,92 @@
+"""The model's level path for machines with many channels: `monitor train --level-dim` records it, the artifact
+loads it back and scores as the trained model did, and a path as wide as the channels is refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.errors import ArtifactError
+from monitor.model.artifact import METADATA_FILE, load_artifact
+from monitor.model.scoring import Scorer
+from monitor.training.trainer import TrainSettings, train
+from tests.support import REPO, run_cli
+
+EXCERPT = REPO / "data" / "smd-excerpt"
+MACHINES = ("machine-1-3", "machine-2-4")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    output = tmp_path_factory.mktemp("level-path") / "model"
+    settings = TrainSettings(
+        train_data=[EXCERPT / f"{m}_train.npy" for m in MACHINES],
+        window=30,
+        stride=10,
+        baseline="sensor",
+        baseline_windows=20,
+        output=output,
+        embedding_dim=4,
+        level_dim=8,
+        epochs=1,
+        threads=1,
+        report=False,
+    )
+    yield train(settings), output
+    torch.set_num_threads(previous)
+
+
+def test_the_artifact_records_the_level_path_and_scores_as_trained(trained):
+    result, output = trained
+    metadata = json.loads((output / METADATA_FILE).read_text())
+    assert metadata["architecture"]["level_dim"] == 8
+    assert metadata["training"]["hyperparameters"]["level_dim"] == 8
+    loaded = load_artifact(output)
+    assert loaded.model.level_dim == 8
+    windows = result.calibration_windows
+    trained_scores = Scorer(result.artifact.model, result.artifact.normalisation).score_all(windows).errors
+    np.testing.assert_array_equal(Scorer.from_artifact(loaded).score_all(windows).errors, trained_scores)
+    assert float(np.quantile(trained_scores, 0.99)) == pytest.approx(loaded.threshold)
+
+
+def test_a_level_path_that_does_not_fit_the_channels_is_refused(trained, tmp_path):
+    _, output = trained
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for item in output.iterdir():
+        if item.is_file():
+            (copy / item.name).write_bytes(item.read_bytes())
+    metadata = json.loads((copy / METADATA_FILE).read_text())
+    metadata["architecture"]["level_dim"] = 38
+    (copy / METADATA_FILE).write_text(json.dumps(metadata))
+    with pytest.raises(ArtifactError, match="level_dim 38 does not fit 38 channel"):
+        load_artifact(copy)
+
+    data = [str(EXCERPT / f"{m}_train.npy") for m in MACHINES]
+    shape = ("--window", "30", "--stride", "10", "--baseline", "sensor", "--baseline-windows", "20")
+    done = run_cli(
+        "train", "--train-data", *data, *shape, "--level-dim", "38", "--epochs", "1", "--output", str(tmp_path / "x")
+    )
+    assert done.returncode != 0
+    assert "level_dim 38" in done.stderr and "38 channel" in done.stderr
+    assert not (tmp_path / "x" / METADATA_FILE).exists()
+
+
+def test_the_onnx_backend_scores_a_level_path_model_as_torch_does(trained):
+    pytest.importorskip("onnxruntime")
+    from monitor.model.onnx_backend import OnnxScorer
+
+    result, output = trained
+    artifact = load_artifact(output)
+    windows = result.calibration_windows
+    np.testing.assert_allclose(
+        OnnxScorer(artifact).score_all(windows).errors,
+        Scorer.from_artifact(artifact).score_all(windows).errors,
+        rtol=1e-5,
+        atol=1e-5,
+    )
