@@ -120,9 +120,9 @@ class MqttSettings(Strict):
     max_pending_alerts_per_sensor: int = Field(
         default=1000,
         ge=1,
-        description="a sensor with this many alerts waiting for the broker's acknowledgement, and more than twice the "
-        "average of the sensors with any, floods the alert queue: its further alerts are dropped (sensor_share), so "
-        "the queue keeps room for every other sensor's",
+        description="a sensor with this many alerts waiting for the broker's acknowledgement, and more than twice its "
+        "fair share of the alert queue (max_queued_alerts / active sensors), floods it: its further alerts are "
+        "dropped (sensor_share), so the queue keeps room for every other sensor's",
     )
     max_inflight: int = Field(
         default=0,
@@ -351,9 +351,9 @@ class BatchingSettings(Strict):
     max_queued_per_sensor: int = Field(
         default=64,
         ge=1,
-        description="a sensor holding this many queued windows, and more than twice the average of the sensors "
-        "queued, floods: its further windows are dropped (sensor_share) and no other sensor waits for them; at least "
-        "the windows one message can complete",
+        description="a sensor holding this many queued windows, and more than twice its fair share of the queue "
+        "(queue_capacity / active sensors), floods: its further messages and windows are dropped (sensor_share) and "
+        "no other sensor waits for them; at least the windows one message can complete",
     )
     admission_wait_seconds: float = Field(
         default=10.0,

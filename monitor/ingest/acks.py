@@ -152,10 +152,10 @@ class PendingWindows:
         if window is not None:
             self.decided(window)
 
-    def alerts_over_share(self, sensor_id: str, floor: int) -> bool:
-        """The sensor has at least `floor` alerts waiting for the broker's acknowledgement, and more than twice the
-        average of the sensors with any: a flood of anomalous windows that would fill the alert queue for all."""
-        return self._alert_shares.over_share(sensor_id, floor)
+    def alerts_over_share(self, sensor_id: str, floor: int, fair_share: float) -> bool:
+        """The sensor has at least `floor` alerts waiting for the broker's acknowledgement, and more than twice
+        `fair_share`: a flood of anomalous windows that would fill the alert queue for all."""
+        return self._alert_shares.over_share(sensor_id, floor, fair_share)
 
     def windows(self) -> list[Window]:
         with self._lock:

@@ -53,12 +53,12 @@ class KeyShares:
         with self._lock:
             return self._by_key.get(key, 0)
 
-    def over_share(self, key: str, floor: int) -> bool:
-        """`key` holds at least `floor` items and more than twice the average of the keys holding any: a flood, where
-        a burst of many keys (a backlog) holds about as many each."""
+    def over_share(self, key: str, floor: int, fair_share: float) -> bool:
+        """`key` holds at least `floor` items and more than twice `fair_share` (room / the keys that may use it): a
+        flood, where a burst of many keys (a backlog) holds at most about a fair share each."""
         with self._lock:
             count = self._by_key.get(key, 0)
-            return count >= floor and count * len(self._by_key) > 2 * self._counted
+        return count >= floor and count > 2 * fair_share
 
 
 class WindowQueue(Generic[ItemT]):
@@ -87,9 +87,10 @@ class WindowQueue(Generic[ItemT]):
         """Windows of `key` queued (or being put)."""
         return self._shares.count(key)
 
-    def over_share(self, key: str, floor: int) -> bool:
-        """`key` holds at least `floor` windows and more than twice the average of the keys with windows queued."""
-        return self._shares.over_share(key, floor)
+    def over_share(self, key: str, floor: int, keys: int) -> bool:
+        """`key` holds at least `floor` windows and more than twice its fair share of the queue, the capacity divided
+        by the `keys` (sensors) that may use it."""
+        return self._shares.over_share(key, floor, self.capacity / max(keys, 1))
 
     def depth(self) -> int:
         return self._queue.qsize()

@@ -112,7 +112,7 @@ class Ingest:
                 sensor_id, message = outcome.sensor_id, outcome.message
             else:
                 sensor_id = sensor_id_from_topic(topic, self.sensor_id_level, self.sensor_id_pattern)
-                if self.windows.over_share(sensor_id, self.max_queued_per_sensor):  # before the cost of decoding it
+                if self._over_share(sensor_id):  # before the cost of decoding it
                     raise PayloadError("sensor_share", "the sensor's windows fill its share of the scoring queue")
                 decoder = self.decoder if self.formats is None or input_format == "json" else self.formats.frame
                 message = decoder.decode(payload)
@@ -181,12 +181,11 @@ class Ingest:
                 self._log_drop(reason, sensor_id, now)
 
     def _admit(self, window: Window) -> str | None:
-        """Queue the window, or say why not: its sensor floods the queue (at least `max_queued_per_sensor` windows and
-        more than twice the average of the sensors queued: dropped at once, so that no other sensor waits for it), or
-        the queue stayed full for `admission_wait_seconds` (meanwhile paho's thread reads nothing: the input waits at
-        the broker)."""
+        """Queue the window, or say why not: its sensor floods the queue (`_over_share`: dropped at once, so that no
+        other sensor waits for it), or the queue stayed full for `admission_wait_seconds` (meanwhile paho's thread
+        reads nothing: the input waits at the broker)."""
         windows = self.windows
-        if windows.over_share(window.sensor_id, self.max_queued_per_sensor):
+        if self._over_share(window.sensor_id):
             return "sensor_share"
         if windows.offer(window):
             return None
@@ -197,6 +196,12 @@ class Ingest:
         self.metrics.input_waits.inc()
         self.metrics.input_wait_seconds.inc(time.monotonic() - started)
         return None if queued else "queue_full"
+
+    def _over_share(self, sensor_id: str) -> bool:
+        """The sensor holds at least `max_queued_per_sensor` queued windows and more than twice its fair share of the
+        queue (capacity / active sensors). A backlog of many sensors fills the queue about evenly and waits instead;
+        one sensor sending far more than the others loses its excess even while they have nothing queued."""
+        return self.windows.over_share(sensor_id, self.max_queued_per_sensor, self.assembler.active_sensors)
 
     def _log_drop(self, reason: str, sensor_id: str, now: float) -> None:
         """Rate-limited: the queue being full once per interval, a sensor over its share once per sensor and interval

@@ -389,9 +389,16 @@ class Daemon:
             observers,
             sources,
             instance=config.instance_name,
-            over_share=lambda sensor_id: self.pending.alerts_over_share(sensor_id, mqtt.max_pending_alerts_per_sensor),
+            over_share=self.alerts_over_share,
             warnings=self.warnings,
         )
+
+    def alerts_over_share(self, sensor_id: str) -> bool:
+        """A sensor holding `mqtt.max_pending_alerts_per_sensor` unacknowledged alerts and more than twice its fair
+        share of the alert queue (capacity / active sensors) loses its further alerts."""
+        mqtt = self.config.mqtt
+        fair_share = mqtt.max_queued_alerts / max(self.ingest.assembler.active_sensors, 1)
+        return self.pending.alerts_over_share(sensor_id, mqtt.max_pending_alerts_per_sensor, fair_share)
 
     def make_drift(self, config: Config, engine: Engine) -> DriftWatch | None:
         """The drift stage for this engine, or None when off or when the artifact records no calibration scores."""

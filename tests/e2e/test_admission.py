@@ -149,8 +149,10 @@ def p99(sent: dict[tuple[str, int], float], alerts: AlertTimes) -> tuple[float, 
 def test_a_flooding_sensor_loses_only_its_own_excess(broker_factory, daemon_factory, tmp_path):
     """100 sensors at 250 Hz (35-sample messages), then the same with one more sensor sending 4,096-sample messages
     at broker speed: the 100 lose no window and every one of their alerts arrives; the flooder's excess is dropped
-    as `sensor_share`, logged by its name. (Its alerts once filled the alert queue while their acknowledgements
-    waited behind its input on the one connection: alerts have a connection of their own now.)"""
+    as `sensor_share`, logged by its name, and their latency stays near its baseline. (Its alerts once filled the
+    alert queue while their acknowledgements waited behind its input on the one connection: alerts have a connection
+    of their own now. Its windows once filled the scoring queue whenever the others had nothing queued, and the input
+    waited for room: its share is now of the queue's room, not of what the others have queued.)"""
     broker = broker_factory().start()
     model = alert_all_model(tmp_path)
     daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port, model=model), ready=False)
@@ -160,10 +162,12 @@ def test_a_flooding_sensor_loses_only_its_own_excess(broker_factory, daemon_fact
     ids = [f"calm{index:03d}" for index in range(100)]
     flooder = Flooder(broker.port, "flood")
     try:
-        baseline_sent = stream_calm(sensors, ids, 8, 0)
+        warm_up = stream_calm(sensors, ids, 2, 0)  # the daemon's first batches (tracing, first alerts) not measured
+        wait_until(lambda: p99(warm_up, alerts)[1] == 0, 60, what="the warm-up's alerts")
+        baseline_sent = stream_calm(sensors, ids, 8, len(warm_up) // len(ids) * WINDOW)
         wait_until(lambda: p99(baseline_sent, alerts)[1] == 0, 60, what="the baseline's alerts")
         flooder.start()
-        flood_sent = stream_calm(sensors, ids, 16, len(baseline_sent) // len(ids) * WINDOW)
+        flood_sent = stream_calm(sensors, ids, 16, (len(warm_up) + len(baseline_sent)) // len(ids) * WINDOW)
         flooder.stop()
         with suppress(AssertionError):  # asserted below, with the figures
             wait_until(lambda: p99(flood_sent, alerts)[1] == 0, 120, what="the calm sensors' alerts during the flood")
@@ -187,8 +191,9 @@ def test_a_flooding_sensor_loses_only_its_own_excess(broker_factory, daemon_fact
     )
     assert lost == 0 and drops["queue_full"] == 0 and messages_dropped > 0, drops
     assert named and {event["sensor_id"] for event in named} == {"flood"}
-    # Not asserted: their latency (RELIABILITY.md, "Flooding sensor": the flooder's bytes are read in order on the one
-    # connection, and on this shared machine the daemon reads them more slowly than the broker takes them)
+    # The aim is 2x; the second alone on this shared machine (broker, flooder and sensors on its 2 cores). Before
+    # the flooder was cut at its share of the queue while the others had nothing queued, it was 20-30 s.
+    assert flooded <= 2 * baseline + 1.0, (baseline, flooded)
 
 
 def test_a_daemon_down_for_a_minute_while_100_sensors_stream_misses_no_window(broker_factory, daemon_factory, tmp_path):

@@ -6,6 +6,10 @@ import json
 import math
 import shutil
 import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -19,7 +23,17 @@ from monitor.config.schema import EpisodePolicy, ModelSettings
 from monitor.model.engine import Engine, load_engine
 from monitor.mqtt.client import make_client
 from monitor.training.datasets import read_ucr
-from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, mqtt_settings, replay_args, run_cli, wait_until
+from tests.support import (
+    DEFAULT_MODEL,
+    SPLITS,
+    daemon_config,
+    metric,
+    missing_tool,
+    mqtt_settings,
+    replay_args,
+    run_cli,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -280,3 +294,50 @@ def test_the_retained_states_are_read_once_from_a_real_broker(broker_factory):
         writer.loop_stop()
     payloads = read_retained(settings, "alerts/+/state", timeout_seconds=10, quiet_seconds=0.3)
     assert sorted(orjson.loads(payload)["sensor_id"] for payload in payloads) == ["a", "b"]
+
+
+@pytest.fixture
+def wall_clock(tmp_path) -> tuple[dict[str, str], Callable[[int], None]]:
+    """(the environment that gives a daemon a wall clock of its own, a function that steps it by whole seconds): a
+    small preloaded library (tests/e2e/wallclock.c) adds the offset in a file to CLOCK_REALTIME only, as an NTP step
+    moves the wall clock and not the monotonic one."""
+    gcc = shutil.which("gcc") or missing_tool("gcc", "gcc, libc6-dev")
+    library = tmp_path / "wallclock.so"
+    source = Path(__file__).with_name("wallclock.c")
+    built = subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O2", "-o", str(library), str(source), "-ldl"], capture_output=True
+    )
+    assert built.returncode == 0, built.stderr.decode()
+    offset = tmp_path / "wall_clock_offset"
+    offset.write_text("0")
+    return {"LD_PRELOAD": str(library), "WALL_CLOCK_OFFSET_FILE": str(offset)}, lambda seconds: offset.write_text(
+        str(seconds)
+    )
+
+
+@pytest.mark.parametrize("cooldown", [0, 5])
+def test_a_one_hour_step_back_of_the_daemons_wall_clock_changes_no_episode_decision(
+    broker_factory, capture_factory, daemon_factory, beats_factory, wall_clock, tmp_path, test_split, engine, cooldown
+):
+    """The daemon's wall clock steps back an hour right after an episode resolved: once the cooldown has passed, the
+    next anomalous run opens an episode as it would have without the step (durations are on the monotonic clock);
+    the events' times, which people read, are the stepped wall clock's."""
+    data, errors = test_split
+    anomalous, normal = data.windows[errors > 1.5 * engine.threshold], data.windows[errors < 0.5 * engine.threshold]
+    broker = broker_factory().start()
+    lifecycle = {**LIFECYCLE, "per_window_alerts": False, "cooldown_seconds": cooldown}
+    config = daemon_config(tmp_path / "monitor.yaml", broker.port, alerts={"lifecycle": lifecycle})
+    capture = capture_factory(broker.port, ["alerts/#"])
+    beats = beats_factory(broker.port)
+    env, step = wall_clock
+    daemon = daemon_factory(config, env=env)
+    events = lambda: [payload for _, payload in messages(capture, "step/events")]  # noqa: E731
+    beats.send("step", np.concatenate([anomalous[:3], normal[:3]]))
+    capture.wait_for(lambda c: [e["event"] for e in events()] == ["opened", "resolved"], 30, what="open, resolve")
+    step(-3600)
+    time.sleep(cooldown + 1)
+    beats.send("step", anomalous[3:6])
+    capture.wait_for(lambda c: [e["event"] for e in events()][2:] == ["opened"], 30, what="the next episode opened")
+    resolved, reopened = events()[1], events()[2]
+    assert reopened["at"] < resolved["at"] - 3000  # the daemon's wall clock did step back
+    assert daemon.stop() == 0

@@ -139,7 +139,7 @@ def test_a_sensor_holding_more_than_its_share_of_unacknowledged_alerts_loses_onl
         1,
         AlertSettings(),
         metrics,
-        over_share=lambda sensor_id: pending.alerts_over_share(sensor_id, 5),
+        over_share=lambda sensor_id: pending.alerts_over_share(sensor_id, 5, fair_share=1.0),
     )
     worker = ScoringWorker(MicroBatcher(WindowQueue(100), 64, 0.0), engine, sink, metrics, threading.Event(), pending)
     flood = [Window("flood", 140 * i, beats[1][i % 8], None, time.monotonic()) for i in range(40)]

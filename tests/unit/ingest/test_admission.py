@@ -44,16 +44,18 @@ def dropped(registry: CollectorRegistry, reason: str) -> float | None:
 
 
 def test_a_flooding_sensor_loses_its_own_excess_and_is_named():
-    ingest, queue, registry = make_ingest(capacity=64, share=4, wait=0.0)
+    """Eleven sensors share a queue of 32: a fair share is 2.9 windows; at least 4 (the floor) and more than twice
+    the fair share (5.8) is a flood."""
+    ingest, queue, registry = make_ingest(capacity=32, share=4, wait=0.0)
     with capture_logs() as logs:
         for index in range(10):
             send(ingest, f"calm{index}", 0, 1)
-        send(ingest, "flood", 0, 7)  # one message, seven windows: three beyond its share
+        send(ingest, "flood", 0, 7)  # one message, seven windows: one beyond its share
         send(ingest, "flood", 7 * W, 7)
         for index in range(10):
             send(ingest, f"calm{index}", W, 1)
-    assert queue.queued_for("flood") == 4 and all(queue.queued_for(f"calm{i}") == 2 for i in range(10))
-    assert dropped(registry, "sensor_share") == 3 and dropped(registry, "queue_full") == 0
+    assert queue.queued_for("flood") == 6 and all(queue.queued_for(f"calm{i}") == 2 for i in range(10))
+    assert dropped(registry, "sensor_share") == 1 and dropped(registry, "queue_full") == 0
     # the second message is dropped before it is decoded: the flooder has its share queued
     assert registry.get_sample_value("monitor_messages_received_total", {"outcome": "sensor_share"}) == 1
     lines = [entry for entry in logs if entry["event"] == "sensor_over_share"]
@@ -69,6 +71,20 @@ def test_a_backlog_of_many_sensors_fills_the_queue_evenly_and_nobody_is_dropped(
         for index in range(10):
             send(ingest, f"s{index}", round_ * W, 1)
     assert queue.depth() == 40 and dropped(registry, "sensor_share") == 0
+
+
+def test_a_sensor_flooding_while_the_others_have_nothing_queued_is_cut_at_its_share():
+    """The others' windows are scored as they come, so the flooder is alone in the queue: still over its share of it
+    (the queue's room divided by the active sensors), so the input never waits for it."""
+    ingest, queue, registry = make_ingest(capacity=64, share=4, wait=5.0)
+    for index in range(15):
+        send(ingest, f"calm{index}", 0, 1)
+        queue.get(0.0)
+    for message in range(3):
+        send(ingest, "flood", message * 7 * W, 7)
+    assert queue.queued_for("flood") == 9  # 64 / 16 sensors = 4 a fair share; more than twice that is a flood
+    assert dropped(registry, "sensor_share") == 5 and registry.get_sample_value("monitor_input_waits_total") == 0
+    assert registry.get_sample_value("monitor_messages_received_total", {"outcome": "sensor_share"}) == 1
 
 
 def test_a_full_queue_makes_the_input_wait_for_room_instead_of_dropping():
