@@ -47,9 +47,14 @@ Without `dominant` (models from before it) the template and the RR history take 
 
 Timing (`timing_gain`): the autoencoder reconstructs a constant prematurity channel well at small values, so a beat
 that is 15-25 % early scores little more than a normal one. A beat's score is therefore at least
-`timing_gain` * prematurity: training sets the gain so that the normal training beats' prematurity at
-`timing_quantile` scores as much as their reconstruction error at the threshold's quantile, then calibrates the
-threshold on the combined scores (`BeatSpec.beat_scores`).
+`timing_gain` * its timing, the timing being its prematurity divided by the sensor's own normal RR spread
+(`rr_spread`): the median of |RR / reference RR - 1| over the last `rr_spread_beats` beats whose RR fed the
+reference (the warm-up group's to start with), at least `rr_spread_floor`. A sensor with sinus arrhythmia, whose
+normal beats come up to a fifth early with each breath, thus needs a larger departure to score by timing than a
+sensor whose rhythm is regular, where a beat 10 % early already stands out. Training calibrates the threshold on
+the normal calibration beats' reconstruction errors (divided by their error scale, below) and sets the gain so that
+the normal fit beats' timing at `timing_quantile` scores as much as that threshold (`BeatSpec.beat_scores`
+combines the two). Without a floor (models from before the spread) the timing is the prematurity itself.
 
 Signal quality: a beat is scored only if it is judged scorable:
 
@@ -123,7 +128,9 @@ class BeatSpec:
     normal_distance: float = 0.5  # a beat at most this far from the template (RMS) is judged normal
     relearn_beats: int = 64  # the relearn looks at this many last clean beats ...
     relearn_share: float = 0.1  # ... and starts again when fewer than this share of them were judged normal
-    timing_gain: float | None = None  # set by training; a beat scores at least timing_gain * prematurity
+    timing_gain: float | None = None  # set by training; a beat scores at least timing_gain * its timing (module doc)
+    rr_spread_beats: int = 32  # the sensor's normal RR spread is measured over this many last normal beats ...
+    rr_spread_floor: float | None = None  # ... and taken as at least this; None: prematurity is not divided by it
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -146,11 +153,14 @@ class BeatSpec:
             or self.relearn_beats < 1
             or not 0 <= self.relearn_share <= 1
             or not (self.timing_gain is None or self.timing_gain >= 0)
+            or self.rr_spread_beats < 1
+            or not (self.rr_spread_floor is None or self.rr_spread_floor > 0)
         ):
             raise ValueError(
                 "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
-                "0 <= relearn_share <= 1 and timing_gain >= 0 (or none) are required"
+                "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1 and "
+                "rr_spread_floor > 0 (or none) are required"
             )
 
     def error_scale(self, stretch: np.ndarray | float) -> np.ndarray:
@@ -159,14 +169,21 @@ class BeatSpec:
         stretch = np.asarray(stretch, dtype=np.float64)
         return np.ones_like(stretch) if self.stretch_limit is None else np.maximum(1.0, stretch / self.stretch_limit)
 
-    def timing_score(self, prematurity: np.ndarray | float) -> np.ndarray:
-        """The least score a beat gets from its timing alone: timing_gain * prematurity (0 without a gain)."""
+    def timing_score(self, prematurity: np.ndarray | float, rr_spread: np.ndarray | float) -> np.ndarray:
+        """The least score a beat gets from its timing alone: timing_gain * prematurity, the prematurity divided by
+        the sensor's normal RR spread (at least `rr_spread_floor`; not divided without a floor); 0 without a gain."""
         prematurity = np.asarray(prematurity, dtype=np.float64)
-        return np.zeros_like(prematurity) if self.timing_gain is None else self.timing_gain * prematurity
+        if self.timing_gain is None:
+            return np.zeros_like(prematurity)
+        if self.rr_spread_floor is None:
+            return self.timing_gain * prematurity
+        return self.timing_gain * prematurity / np.maximum(self.rr_spread_floor, rr_spread)
 
-    def beat_scores(self, errors: np.ndarray, stretch: np.ndarray, prematurity: np.ndarray) -> np.ndarray:
+    def beat_scores(
+        self, errors: np.ndarray, stretch: np.ndarray, prematurity: np.ndarray, rr_spread: np.ndarray
+    ) -> np.ndarray:
         """Beats' scores: reconstruction error / error scale, at least the timing score (module doc)."""
-        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(prematurity))
+        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(prematurity, rr_spread))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -192,6 +209,8 @@ class BeatSpec:
             "relearn_beats",
             "relearn_share",
             "timing_gain",
+            "rr_spread_beats",
+            "rr_spread_floor",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -216,6 +235,7 @@ class Beat:
     stretch: float  # distance from the template of the STRETCH_BEATS beats before this one (module doc)
     prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
+    rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
 
     @property
     def scorable(self) -> bool:
@@ -257,6 +277,8 @@ class BeatStream:
         self._pending: deque[int] = deque()  # R peaks (stream indices) waiting for their span to arrive
         self._templates: deque[np.ndarray] = deque(maxlen=self.spec.template_beats)
         self._rr: deque[int] = deque(maxlen=RR_HISTORY)
+        # |RR / reference - 1| of the last beats whose RR fed the reference: the sensor's normal RR spread
+        self._rr_deviation: deque[float] = deque(maxlen=self.spec.rr_spread_beats)
         self._peaks: deque[float] = deque(maxlen=PEAK_HISTORY)  # QRS-band peaks of the last beats
         self._noise: deque[float] = deque(maxlen=NOISE_HISTORY)  # noise ratios of the last beats
         self._distances: deque[float] = deque(maxlen=STRETCH_BEATS)  # the last beats' distances from the template
@@ -309,6 +331,7 @@ class BeatStream:
         diff = shape - (shape if template is None else template)
         distance = float(np.sqrt(np.mean(diff**2)))
         relative_rr = 0.0 if rr is None or not self._rr else rr / statistics.median(self._rr) - 1.0
+        rr_spread = statistics.median(self._rr_deviation) if self._rr_deviation else 0.0
         channels = {
             "beat": shape,
             "template_diff": diff,
@@ -323,19 +346,25 @@ class BeatStream:
             if clean:
                 self._templates.append(at_fiducial)
             if rr is not None:
-                self._rr.append(rr)
+                self._learn_rr(rr, relative_rr)
         elif clean and template is None:
             self._warm_up(at_fiducial, rr)
         elif clean:
-            normal = self._judge(distance <= self.spec.normal_distance, at_fiducial, rr)
+            normal = self._judge(distance <= self.spec.normal_distance, at_fiducial, rr, relative_rr)
         index, self.beats = self.beats, self.beats + 1
         start = self.origin + r + shift - int(round(self.spec.before_seconds * self.fs))
         end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(
             index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch,
-            max(0.0, -relative_rr), normal,
+            max(0.0, -relative_rr), normal, rr_spread,
         )  # fmt: skip
+
+    def _learn_rr(self, rr: int, relative_rr: float) -> None:
+        """Adds a normal beat's RR to the reference and, when there was a reference, its deviation to the spread."""
+        if self._rr:
+            self._rr_deviation.append(abs(relative_rr))
+        self._rr.append(rr)
 
     def _stretch(self) -> float:
         """The stretch of the beat being cut (module doc): the smallest (dominant) or the median distance from the
@@ -359,22 +388,27 @@ class BeatStream:
         lateness = np.array([np.median(before[members]) for members in close])
         group = close[max(range(len(close)), key=lambda i: (sizes[i], lateness[i]))]
         self._templates.extend(shapes[group])
-        self._rr.extend(rr for (_, rr), member in zip(self._warm, group, strict=True) if member and rr is not None)
+        intervals = [rr for (_, rr), member in zip(self._warm, group, strict=True) if member and rr is not None]
+        self._rr.extend(intervals)
+        if intervals:  # the spread starts as that of the group's intervals
+            reference = statistics.median(self._rr)
+            self._rr_deviation.extend(abs(rr / reference - 1.0) for rr in intervals)
         self._warm.clear()
 
-    def _judge(self, normal: bool, shape: np.ndarray, rr: int | None) -> bool:
+    def _judge(self, normal: bool, shape: np.ndarray, rr: int | None, relative_rr: float) -> bool:
         """Learns from a clean beat judged normal; forgets the dominant rhythm when too few recent ones were."""
         self._judged.append(normal)
         if normal:
             self._templates.append(shape)
             if rr is not None:
-                self._rr.append(rr)
+                self._learn_rr(rr, relative_rr)
         elif len(self._judged) == self.spec.relearn_beats and sum(self._judged) < self.spec.relearn_share * len(
             self._judged
         ):
             self.relearns += 1
             self._templates.clear()
             self._rr.clear()
+            self._rr_deviation.clear()
             self._judged.clear()
         return normal
 
@@ -441,6 +475,7 @@ class BeatStream:
             "pending": list(self._pending),
             "templates": [encode(template) for template in self._templates],
             "rr": list(self._rr),
+            "rr_deviation": list(self._rr_deviation),
             "peaks": list(self._peaks),
             "noise": list(self._noise),
             "distances": list(self._distances),
@@ -468,6 +503,7 @@ class BeatStream:
             raise ValueError(f"beat templates do not have {spec.window} points")
         stream._templates.extend(templates)
         stream._rr.extend(int(rr) for rr in state["rr"])
+        stream._rr_deviation.extend(float(value) for value in state["rr_deviation"])
         stream._peaks.extend(float(value) for value in state["peaks"])
         stream._noise.extend(float(value) for value in state["noise"])
         stream._distances.extend(float(value) for value in state.get("distances", ()))  # absent before stretch scaling

@@ -175,6 +175,10 @@ class LabelledBeats:
     def stretch(self) -> np.ndarray:
         return np.asarray([beat.stretch for beat in self.beats], dtype=np.float64)
 
+    @property
+    def rr_spread(self) -> np.ndarray:
+        return np.asarray([beat.rr_spread for beat in self.beats], dtype=np.float64)
+
 
 def label_beats(recording: Recording, beats: list[Beat]) -> LabelledBeats:
     """Matches found beats to annotated ones (150 ms) and labels each found beat with its annotation."""

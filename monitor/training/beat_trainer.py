@@ -37,7 +37,7 @@ from monitor.training.beat_data import (
 )
 from monitor.training.datasets import INPUT_CHANNEL_NAMES, WindowSet, same_channel_names
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.settings import BEAT_DEFAULTS
+from monitor.training.settings import BEAT_DEFAULTS, BEAT_THRESHOLD_QUANTILE
 from monitor.training.trainer import TrainingResult, TrainSettings, fit_model, model_record, warn_small_calibration
 
 log = structlog.get_logger("monitor.beattraining")
@@ -64,9 +64,13 @@ class BeatSettings(Strict):
     normal_distance: float = Field(default=0.5, gt=0)
     relearn_beats: int = Field(default=64, ge=1)
     relearn_share: float = Field(default=0.1, ge=0, le=1)
-    # the timing gain (beats.py) scores the fit beats' prematurity at this quantile as the threshold's error;
+    # the timing gain (beats.py) scores the fit beats' timing at this quantile as the threshold's error;
     # null: no timing score
-    timing_quantile: float | None = Field(default=0.99, gt=0, lt=1)
+    timing_quantile: float | None = Field(default=0.995, gt=0, lt=1)
+    # prematurity is divided by the sensor's normal RR spread over its last rr_spread_beats normal beats, at least
+    # rr_spread_floor (beats.py); null: not divided
+    rr_spread_beats: int = Field(default=32, ge=1)
+    rr_spread_floor: float | None = Field(default=0.02, gt=0)
 
     def spec(self) -> BeatSpec:
         """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""
@@ -84,14 +88,18 @@ class BeatSettings(Strict):
             raise DataError(f"beats: the fit beats' stretch at quantile {self.stretch_quantile} is {limit}, not > 0")
         return replace(spec, stretch_limit=limit)
 
-    def with_timing_gain(self, spec: BeatSpec, threshold: float, fit_prematurity: np.ndarray) -> BeatSpec:
-        """The spec with its timing gain: the reconstruction errors' threshold over the fit beats' prematurity at
-        `timing_quantile`, so that prematurity scores as much as that error (unchanged without a quantile)."""
+    def with_timing_gain(
+        self, spec: BeatSpec, threshold: float, fit_prematurity: np.ndarray, fit_rr_spread: np.ndarray
+    ) -> BeatSpec:
+        """The spec with its timing gain: the reconstruction errors' threshold over the fit beats' timing (the timing
+        score at gain 1) at `timing_quantile`, so that timing scores as much as that error (unchanged without a
+        quantile)."""
         if self.timing_quantile is None:
             return spec
-        early = float(np.quantile(fit_prematurity, self.timing_quantile))
+        timing = replace(spec, timing_gain=1.0).timing_score(fit_prematurity, fit_rr_spread)
+        early = float(np.quantile(timing, self.timing_quantile))
         if not early > 0:
-            raise DataError(f"beats: the fit beats' prematurity at quantile {self.timing_quantile} is {early}, not > 0")
+            raise DataError(f"beats: the fit beats' timing at quantile {self.timing_quantile} is {early}, not > 0")
         return replace(spec, timing_gain=threshold / early)
 
 
@@ -122,6 +130,8 @@ class BeatTrainSettings(TrainSettings):
             raise ValueError(
                 "baseline/train_labels: not in beat mode (beats are normalised one by one, annotations label them)"
             )
+        if self.threshold.method == "quantile" and "q" not in self.threshold.params:
+            self.threshold.params = {**self.threshold.params, "q": BEAT_THRESHOLD_QUANTILE}
         return self
 
     @field_validator("sample_rate")
@@ -164,7 +174,7 @@ class BeatEvaluation:
 @dataclass(frozen=True)
 class TrainingBeats:
     """Scorable training windows split in time order within each recording, with the fit and calibration beats'
-    stretch (`beats.Beat.stretch`)."""
+    stretch, prematurity and RR spread (`beats.Beat`)."""
 
     fit: np.ndarray
     validation: np.ndarray
@@ -173,6 +183,8 @@ class TrainingBeats:
     calibration_stretch: np.ndarray
     fit_prematurity: np.ndarray
     calibration_prematurity: np.ndarray
+    fit_rr_spread: np.ndarray
+    calibration_rr_spread: np.ndarray
 
 
 def split_training_beats(
@@ -210,6 +222,7 @@ def split_training_beats(
         *(np.stack([beat.window for beat in part]) for part in (fit, validation, calibration)),
         *(np.array([beat.stretch for beat in part]) for part in (fit, calibration)),
         *(np.array([beat.prematurity for beat in part]) for part in (fit, calibration)),
+        *(np.array([beat.rr_spread for beat in part]) for part in (fit, calibration)),
     )
 
 
@@ -247,14 +260,26 @@ def fit_beats(settings: BeatTrainSettings, labelled: list, spec: BeatSpec) -> Fi
         settings, normalisation.apply(beats.fit), normalisation.apply(beats.validation)
     )
     scorer = Scorer(model, normalisation)
-    errors = scorer.score_all(beats.calibration).errors
-    method, params = settings.threshold.method, settings.threshold.params
-    morphology = calibrate(errors / spec.error_scale(beats.calibration_stretch), method, params)
-    spec = settings.beats.with_timing_gain(spec, morphology.threshold, beats.fit_prematurity)
-    scores = spec.beat_scores(errors, beats.calibration_stretch, beats.calibration_prematurity)
-    calibration = calibrate(scores, method, params)
-    uncertainty = threshold_uncertainty(scores, calibration.threshold, calibration.params.get("q"))
+    spec, calibration, uncertainty = calibrate_beats(settings, spec, beats, scorer.score_all(beats.calibration).errors)
     return FittedBeats(scorer, spec, calibration, uncertainty, beats, train_losses, val_losses, best_epoch)
+
+
+def calibrate_beats(
+    settings: BeatTrainSettings, spec: BeatSpec, beats: TrainingBeats, errors: np.ndarray
+) -> tuple[BeatSpec, Calibration, ThresholdUncertainty]:
+    """The threshold, calibrated on the calibration beats' reconstruction `errors` (each divided by its error scale),
+    and the spec with its timing gain, which scores the fit beats' timing at `timing_quantile` as that threshold.
+
+    Each cue has its own share of the false alarms: with both quantiles at 0.995, about 0.5 % of normal training
+    beats score above the threshold by their shape and about as many by their timing. A threshold calibrated on
+    the combined scores instead depends on how far the training population's early normal beats and its odd
+    shapes coincide: the more early normal beats, the higher it comes out for shapes too."""
+    method, params = settings.threshold.method, settings.threshold.params
+    morphology = errors / spec.error_scale(beats.calibration_stretch)
+    calibration = calibrate(morphology, method, params)
+    spec = settings.beats.with_timing_gain(spec, calibration.threshold, beats.fit_prematurity, beats.fit_rr_spread)
+    uncertainty = threshold_uncertainty(morphology, calibration.threshold, calibration.params.get("q"))
+    return spec, calibration, uncertainty
 
 
 def train_beats(settings: BeatTrainSettings) -> tuple[TrainingResult, BeatEvaluation | None]:
@@ -327,7 +352,7 @@ def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np
     use = beats.scorable
     if use.any():
         errors = scorer.score_all(beats.windows[use]).errors
-        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.prematurity[use])
+        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.prematurity[use], beats.rr_spread[use])
     return scores
 
 

@@ -22,9 +22,9 @@ SENSORS = 2
 CHUNK = 90
 
 
-def offline(signal: np.ndarray) -> tuple[int, int, set[int], float, int]:
-    """(beats found, beats scored, R peaks flagged, threshold, beats scored in a noisy stretch) as `monitor evaluate`
-    cuts and scores them."""
+def offline(signal: np.ndarray) -> tuple[int, int, dict[int, float], float, int]:
+    """(beats found, beats scored, the flagged beats' scores by R peak, threshold, beats scored in a noisy stretch)
+    as `monitor evaluate` cuts and scores them."""
     artifact = load_artifact(BEAT_MODEL)
     spec = beat_spec(artifact.metadata, BEAT_MODEL)
     assert spec is not None and spec.stretch_limit is not None  # the bundled model scales scores in noisy stretches
@@ -32,9 +32,14 @@ def offline(signal: np.ndarray) -> tuple[int, int, set[int], float, int]:
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
     stretch = np.array([beat.stretch for beat in scorable])
-    scores = spec.beat_scores(errors, stretch, np.array([beat.prematurity for beat in scorable]))
-    flagged = {beat.r_seq for beat, score in zip(scorable, scores, strict=True) if score > artifact.threshold}
-    assert flagged != {beat.r_seq for beat, error in zip(scorable, errors, strict=True) if error > artifact.threshold}
+    prematurity = np.array([beat.prematurity for beat in scorable])
+    rr_spread = np.array([beat.rr_spread for beat in scorable])
+    scores = spec.beat_scores(errors, stretch, prematurity, rr_spread)
+    flagged = {
+        beat.r_seq: float(score) for beat, score in zip(scorable, scores, strict=True) if score > artifact.threshold
+    }
+    by_timing = spec.timing_score(prematurity, rr_spread) > errors / spec.error_scale(stretch)
+    assert (by_timing & (scores > artifact.threshold)).any()  # some alerts' scores are their timing scores
     return len(beats), len(scorable), flagged, artifact.threshold, int((spec.error_scale(stretch) > 1).sum())
 
 
@@ -81,6 +86,7 @@ def test_replayed_recording_alerts_exactly_the_beats_offline_scoring_flags(
     assert len(got) == len(payloads), "a beat was alerted twice"
     assert got == {(f"sensor-{index:04d}", r) for index in range(SENSORS) for r in flagged}
     for alert in payloads:
+        assert alert["score"] == pytest.approx(flagged[alert["beat_seq"]], rel=1e-5)  # timing counted as offline
         assert alert["window_start_seq"] < alert["beat_seq"] < alert["window_end_seq"]
         assert alert["rr_seconds"] is None or alert["rr_seconds"] > 0.2
         assert alert["score"] > alert["threshold"] == pytest.approx(threshold)
@@ -117,7 +123,7 @@ def test_detector_state_survives_a_sigterm_restart(broker, capture_factory, daem
     assert first + metric(daemon.scrape(), "monitor_beats_found_total") == found
     assert metric(daemon.scrape(), "monitor_detector_resets_total") == 0
     alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= len(flagged), 60, what="every alert")
-    assert {alert["beat_seq"] for alert in alerts.payloads("alerts/")} == flagged
+    assert {alert["beat_seq"] for alert in alerts.payloads("alerts/")} == set(flagged)
     assert daemon.stop() == 0
 
 

@@ -16,10 +16,13 @@ from tests.support import REPO
 VENDORED = REPO / "data" / "mitdb-dev"
 
 
-def synthetic_ecg(fs: float, seconds: float, seed: int = 0, wide_every: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_ecg(
+    fs: float, seconds: float, seed: int = 0, wide_every: int = 0, swing: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """A lead of sums of Gaussian waves (P, Q, R, S, T) with a varying RR interval; returns (signal, R indices).
 
-    With `wide_every`, every such beat is a wide, premature, inverted-T "ventricular" beat.
+    With `wide_every`, every such beat is a wide, premature, inverted-T "ventricular" beat. With `swing`, the RR
+    interval also rises and falls by that share over a 4 s breath (sinus arrhythmia).
     """
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * fs)) / fs
@@ -35,7 +38,8 @@ def synthetic_ecg(fs: float, seconds: float, seed: int = 0, wide_every: int = 0)
         for amplitude, offset, width in waves:
             signal += amplitude * np.exp(-0.5 * ((t - beat_time - offset) / width) ** 2)
         peaks.append(int(round(beat_time * fs)))
-        beat_time += rng.uniform(0.8, 1.0) * (0.7 if wide_every and (number + 1) % wide_every == 0 else 1.0)
+        breath = 1.0 + swing * np.sin(2 * np.pi * beat_time / 4.0)
+        beat_time += breath * rng.uniform(0.8, 1.0) * (0.7 if wide_every and (number + 1) % wide_every == 0 else 1.0)
     return signal, np.asarray(peaks)
 
 
@@ -168,6 +172,7 @@ def test_beat_windows_do_not_depend_on_chunking_or_a_restart():
             b.end_seq,
             b.reason,
         )
+        assert (a.prematurity, a.rr_spread, a.stretch, a.normal) == (b.prematurity, b.rr_spread, b.stretch, b.normal)
         assert np.array_equal(a.window, b.window)
 
 
@@ -295,10 +300,35 @@ def test_the_dominant_rhythm_is_learned_again_when_the_morphology_really_changes
     assert BeatStream.restore(state, spec).relearns == 1
 
 
-def test_timing_scores_a_premature_beat_at_least_by_its_prematurity():
-    spec = BeatSpec(stretch_limit=0.5, timing_gain=2.0)
-    scores = spec.beat_scores(np.array([1.0, 1.0, 1.0]), np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, 0.8]))
-    assert scores.tolist() == [1.0, 0.5, 1.6]
-    assert BeatSpec().beat_scores(np.array([1.0]), np.array([0.0]), np.array([0.9])).tolist() == [1.0]
+def test_timing_scores_a_premature_beat_at_least_by_its_prematurity_over_the_sensors_rr_spread():
+    spec = BeatSpec(stretch_limit=0.5, timing_gain=2.0, rr_spread_floor=0.05)
+    errors, stretch = np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])
+    scores = spec.beat_scores(errors, stretch, np.array([0.0, 0.0, 0.4, 0.4]), np.array([0.01, 0.01, 0.01, 0.2]))
+    assert scores.tolist() == [1.0, 0.5, 16.0, 4.0]  # the spread below its floor counts as the floor
+    assert BeatSpec().beat_scores(np.array([1.0]), np.array([0.0]), np.array([0.9]), np.array([0.0])).tolist() == [1.0]
     old = BeatSpec.from_dict({key: value for key, value in spec.to_dict().items() if key != "dominant"})
     assert not old.dominant and old.timing_gain == 2.0  # an artifact from before the dominant rhythm
+    older = BeatSpec.from_dict({key: value for key, value in spec.to_dict().items() if key != "rr_spread_floor"})
+    assert older.timing_score(0.4, 0.2) == 0.8  # ... and from before the RR spread: prematurity as it is
+
+
+def test_a_sensor_with_sinus_arrhythmia_needs_a_larger_departure_to_score_by_timing():
+    """The RR spread is the sensor's own: with an RR that swings by 25 % over each breath, normal beats come up to
+    a quarter early, and their timing (prematurity over the spread) stays at that of a regular sensor's normal
+    beats instead of over twice it (as prematurity over a fixed spread would be); on the regular sensor, ectopic
+    beats 30 % early stand far out."""
+    fs, spec = 250.0, BeatSpec(dominant=True, timing_gain=1.0, rr_spread_floor=0.02)
+    timing, spread, premature = {}, {}, {}
+    for swing in (0.0, 0.25):
+        signal, _ = synthetic_ecg(fs, 240, seed=5, wide_every=6, swing=swing)
+        beats = [beat for beat in cut_beats(signal, fs, spec) if beat.scorable]
+        normal = np.array([beat.normal for beat in beats])
+        early = np.array([beat.prematurity for beat in beats])
+        spread[swing] = float(np.median([beat.rr_spread for beat in beats]))
+        score = spec.timing_score(early, np.array([beat.rr_spread for beat in beats]))
+        timing[swing], premature[swing] = np.quantile(score[normal], 0.95), np.quantile(early[normal], 0.95)
+        if not swing:
+            assert np.quantile(score[~normal], 0.1) > 2 * timing[swing]
+    assert spread[0.25] > 2 * spread[0.0] > 2 * spec.rr_spread_floor
+    assert premature[0.25] > 2 * premature[0.0]  # normal beats come much earlier with the swing ...
+    assert timing[0.25] < 1.2 * timing[0.0]  # ... but their timing does not grow

@@ -4,6 +4,8 @@ errors of bad input: an annotation file with bad rows, a bad sampling rate, a mo
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,13 @@ import pytest
 from monitor.ecg.beats import BeatSpec
 from monitor.model.artifact import read_metadata
 from monitor.training.beat_data import cut_recording, label_beats, read_recording
-from monitor.training.beat_trainer import split_training_beats
+from monitor.training.beat_trainer import (
+    BeatSettings,
+    BeatTrainSettings,
+    TrainingBeats,
+    calibrate_beats,
+    split_training_beats,
+)
 from tests.support import DEFAULT_MODEL, REPO, run_cli
 
 TRAIN = REPO / "data" / "mitdb-dev" / "train"
@@ -58,6 +66,7 @@ def test_the_artifact_records_how_beats_were_cut(beat_model):
     assert segmentation["channels"] == ["beat", "template_diff", "prematurity"]
     assert segmentation["align_seconds"] == 0.05
     assert segmentation["dominant"] is True and segmentation["timing_gain"] > 0  # set from the fit beats' timing
+    assert (segmentation["rr_spread_beats"], segmentation["rr_spread_floor"]) == (32, 0.02)
     assert metadata["architecture"]["window"] == 64 and metadata["architecture"]["channels"] == 3
     assert metadata["training"]["normal_symbols"] == ["N", "L", "R", "e", "j"] and metadata["training"]["beats"] > 700
 
@@ -201,7 +210,7 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
         labelled.append((recording, label_beats(recording, cut_recording(recording, spec))))
     split = split_training_beats(labelled, ["N"], 0.15, 0.15)
     expected: dict[str, list[np.ndarray]] = {
-        name: [] for name in ("fit", "validation", "calibration", "fs", "cs", "fp", "cp")
+        name: [] for name in ("fit", "validation", "calibration", "fs", "cs", "fp", "cp", "fr", "cr")
     }
     for _, beats in labelled:
         keep = beats.scorable & (beats.symbols == "N")
@@ -215,6 +224,8 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
         expected["cs"].append(stretch[n - n_cal :])
         expected["fp"].append(prematurity[: n - n_val - n_cal])
         expected["cp"].append(prematurity[n - n_cal :])
+        expected["fr"].append(beats.rr_spread[keep][: n - n_val - n_cal])
+        expected["cr"].append(beats.rr_spread[keep][n - n_cal :])
     for name, got in (
         ("fit", split.fit),
         ("validation", split.validation),
@@ -223,6 +234,47 @@ def test_training_beats_are_split_in_time_order_within_each_recording():
         ("cs", split.calibration_stretch),
         ("fp", split.fit_prematurity),
         ("cp", split.calibration_prematurity),
+        ("fr", split.fit_rr_spread),
+        ("cr", split.calibration_rr_spread),
     ):
         assert np.array_equal(got, np.concatenate(expected[name])), name
     assert len(split.calibration) > 100
+
+
+def test_the_timing_gain_is_set_from_the_fit_beats_prematurity_over_their_rr_spread():
+    """The gain scores the fit beats' timing at `timing_quantile` as much as the threshold: a population whose
+    normal beats come early only where their sensor's RR spreads widely gets the gain of a regular one."""
+    settings = BeatSettings(timing_quantile=0.5, rr_spread_floor=0.05)
+    spec = settings.spec()
+    regular = settings.with_timing_gain(spec, 1.0, np.array([0.02, 0.05, 0.1]), np.array([0.01, 0.05, 0.1]))
+    assert regular.timing_gain == pytest.approx(1.0)  # median of 0.02/0.05, 0.05/0.05, 0.1/0.1
+    swinging = settings.with_timing_gain(spec, 1.0, np.array([0.04, 0.1, 0.2]), np.array([0.02, 0.1, 0.2]))
+    assert swinging.timing_gain == pytest.approx(1.0)
+    unscaled = BeatSettings(timing_quantile=0.5, rr_spread_floor=None)
+    assert unscaled.with_timing_gain(unscaled.spec(), 1.0, np.array([0.04, 0.1, 0.2]), np.zeros(3)).timing_gain == 10
+
+
+def test_the_threshold_is_the_reconstruction_scores_quantile_and_timing_has_its_own_share():
+    """The threshold is the calibration beats' reconstruction score (error / error scale) at its quantile; the gain
+    scores the fit beats' timing at `timing_quantile` as that threshold, so each cue flags about its own share."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    windows = np.zeros((n, 4, 3), np.float32)
+    early, spread = (lambda: rng.uniform(0, 0.3, n)), (lambda: rng.uniform(0, 0.1, n))
+    beats = TrainingBeats(
+        windows, windows, windows, np.zeros(n), rng.uniform(0, 2, n), early(), early(), spread(), spread()
+    )
+    settings = BeatTrainSettings(
+        train_data=[Path("unused.npy")], sample_rate=360, output=Path("unused"),
+        threshold={"method": "quantile", "params": {"q": 0.995}},
+    )  # fmt: skip
+    errors = rng.gamma(2.0, 0.2, n)
+    spec, calibration, _ = calibrate_beats(settings, replace(settings.beats.spec(), stretch_limit=1.0), beats, errors)
+    assert calibration.threshold == np.quantile(errors / np.maximum(1.0, beats.calibration_stretch), 0.995)
+    timing = beats.fit_prematurity / np.maximum(0.02, beats.fit_rr_spread)
+    assert spec.timing_gain is not None
+    assert spec.timing_gain * np.quantile(timing, 0.995) == pytest.approx(calibration.threshold)
+    scores = spec.beat_scores(
+        errors, beats.calibration_stretch, beats.calibration_prematurity, beats.calibration_rr_spread
+    )
+    assert 0.007 < (scores > calibration.threshold).mean() < 0.013  # about 0.5 % by shape, 0.5 % by timing

@@ -15,7 +15,6 @@ from structlog.testing import LogCapture
 
 from monitor.cli import build_parser, train_settings
 from monitor.model.artifact import read_metadata
-from monitor.model.calibration import DEFAULT_PARAMS
 from monitor.training import trainer
 from monitor.training.beat_trainer import BeatTrainSettings, train_beats
 from monitor.training.trainer import TrainSettings, train
@@ -51,12 +50,11 @@ def test_beat_mode_with_only_data_arguments_trains_as_the_bundled_beat_recipe():
         assert getattr(settings, key) == recipe[key], key
     assert settings.beats.model_dump() == recipe["beats"]
     assert settings.threshold.method == recipe["threshold"]["method"]
-    assert DEFAULT_PARAMS[settings.threshold.method] == recipe["threshold"]["params"]
+    assert settings.threshold.params == recipe["threshold"]["params"] == {"q": 0.995}  # not fixed mode's 0.99
     assert (settings.epochs, settings.patience, settings.batch_size, settings.noise_std) == (30, 10, 32, 0.15)
     # the recipe with the data overridden on the command line gives the same settings
     overridden = settings_of("--config", str(BEAT_RECIPE), "--train-data", "a.npy", "--annotations", "a.csv")
-    same = DATA_AND_IDENTITY | {"threshold"}  # {} and the recipe's {q: 0.99} are the same quantile
-    assert overridden.model_dump(exclude=same) == settings.model_dump(exclude=same)
+    assert overridden.model_dump(exclude=DATA_AND_IDENTITY) == settings.model_dump(exclude=DATA_AND_IDENTITY)
 
 
 def test_fixed_mode_defaults_one_thread_and_names_the_model_after_its_directory():
