@@ -336,7 +336,7 @@ def epoch_seconds(settings: Any, epochs: int) -> Record:
     """Seconds per epoch of `fit_model` (training pass + validation pass) with the recipe's threads."""
     from monitor.training.trainer import fit_model, split_normal
 
-    fit, validation, _, _ = split_normal(settings)
+    fit, validation, _, _, _ = split_normal(settings)
     normalisation = Normalisation.fit(fit.windows)
     train_x, val_x = normalisation.apply(fit.windows), normalisation.apply(validation)
     threads = settings.threads or torch.get_num_threads()

@@ -2,17 +2,21 @@
 
     .venv/bin/python -m bench.smd_multichannel --data-dir ../shared/data/smd-dev [--level-dims 0 16 24 32]
         [--seeds 0 1 2] [--epochs 30] [--jobs N] [--out bench/smd_multichannel.json]
-        [--markdown bench/smd_multichannel.md]
+        [--markdown bench/smd_multichannel.md] [--reuse bench/smd_multichannel.json]
 
 Each run is `monitor train` (the library's `train`, as the command runs it) with one model on the four machines'
 train halves: windows 30 / stride 10, `--baseline sensor --baseline-windows 100`, embedding 32, batch 64, learning
 rate 0.003, one thread, the level path of width K (`--level-dims`; 0: none). Then `monitor evaluate --stride 10`
 (the library's `evaluate`) on the four test halves, which gives the LSTM's and the PCA yardstick's figures on the
 same windows. Every K is trained with the first seed; the K with the lowest validation loss (the last windows
-before each train half's calibration part: normal data, no test labels) is trained again with the other seeds.
+before each train half's calibration part: normal data, no test labels) is trained again with the other seeds,
+then with every seed and `--score-scale sensor` (each machine's scores divided by the median score of its warm-up;
+the PCA yardstick's by its own, so it stays like for like). `--reuse` takes the runs an earlier results file holds
+for the same K, seed, score scale and epochs instead of training them again (training is deterministic per seed).
 
 Results: every run's validation loss, realised false alarms on the validation windows against the nominal rate,
-and per machine and pooled ROC AUC and false-positive rate on the test halves, as JSON and a Markdown table.
+and per machine and pooled ROC AUC and false-positive rate on the test halves, as JSON and two Markdown tables
+(the figures; per machine false alarms of the chosen K's first seed and its yardstick, with and without the scale).
 """
 
 from __future__ import annotations
@@ -61,9 +65,12 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(job: tuple[Path, int, int, int]) -> dict[str, Any]:
+Job = tuple[Path, int, int, int, str]
+
+
+def run(job: Job) -> dict[str, Any]:
     """Train one model and evaluate it with its yardstick on the test halves."""
-    data_dir, level_dim, seed, epochs = job
+    data_dir, level_dim, seed, epochs, score_scale = job
     torch.set_num_threads(1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as directory:
@@ -71,6 +78,7 @@ def run(job: tuple[Path, int, int, int]) -> dict[str, Any]:
             train_data=[data_dir / f"{m}_train.npy" for m in MACHINES],
             output=Path(directory) / "model",
             level_dim=level_dim,
+            score_scale=score_scale,
             seed=seed,
             epochs=epochs,
             **RECIPE,
@@ -87,6 +95,8 @@ def run(job: tuple[Path, int, int, int]) -> dict[str, Any]:
     return {
         "level_dim": level_dim,
         "seed": seed,
+        "score_scale": score_scale,
+        "epochs": epochs,
         "epochs_run": metadata["training"]["epochs_run"],
         "best_epoch": metadata["training"]["best_epoch"],
         "validation_loss": metadata["training"]["best_validation_loss"],
@@ -96,6 +106,9 @@ def run(job: tuple[Path, int, int, int]) -> dict[str, Any]:
             "machines": {
                 Path(item["data"]).name.removesuffix("_train.npy"): item["realised"] for item in held_out["recordings"]
             },
+            "machines_nominal": {
+                Path(item["data"]).name.removesuffix("_train.npy"): item["nominal"] for item in held_out["recordings"]
+            },
         },
         "lstm": figures(summary),
         "pca": {"components": summary["pca"]["components"], **figures(summary["pca"])},
@@ -103,8 +116,30 @@ def run(job: tuple[Path, int, int, int]) -> dict[str, Any]:
     }
 
 
+def scaled(item: dict[str, Any]) -> bool:
+    return item.get("score_scale", "none") == "sensor"
+
+
+def name_of(item: dict[str, Any]) -> str:
+    return f"LSTM, level path K {item['level_dim']}{', score scale' if scaled(item) else ''}, seed {item['seed']}"
+
+
+def yardsticks(runs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """PCA (the same windows in every run), without and with the score scale: (name, figures, validation alarms)."""
+    chosen = [next((item for item in runs if scaled(item) == flag), None) for flag in (False, True)]
+    return [
+        (
+            f"PCA yardstick ({item['pca']['components']} components){', score scale' if scaled(item) else ''}",
+            item["pca"],
+            item["false_alarms_validation"],
+        )
+        for item in chosen
+        if item is not None
+    ]
+
+
 def table(runs: list[dict[str, Any]]) -> list[str]:
-    """One row per run (the LSTM), then the PCA yardstick (the same windows in every run)."""
+    """One row per run (the LSTM), then the PCA yardstick without and with the score scale."""
     header = ["model", "validation loss", "pooled ROC AUC", *(m.removeprefix("machine-") for m in MACHINES)]
     header += ["false alarms, test halves: pooled (most on a machine)", "nominal -> realised, validation"]
 
@@ -120,13 +155,33 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for item in runs:
-        name = f"LSTM, level path K {item['level_dim']}, seed {item['seed']}"
         held = item["false_alarms_validation"]
         rates = cells(item["lstm"], held["nominal"]["lstm"], held["realised"]["lstm"])
-        lines.append("| " + " | ".join([name, f"{item['validation_loss']:.4f}", *rates]) + " |")
-    pca, held = runs[0]["pca"], runs[0]["false_alarms_validation"]
-    rates = cells(pca, held["nominal"]["pca"], held["realised"]["pca"])
-    lines.append("| " + " | ".join([f"PCA yardstick ({pca['components']} components)", "", *rates]) + " |")
+        lines.append("| " + " | ".join([name_of(item), f"{item['validation_loss']:.4f}", *rates]) + " |")
+    for name, pca, held in yardsticks(runs):
+        rates = cells(pca, held["nominal"]["pca"], held["realised"]["pca"])
+        lines.append("| " + " | ".join([name, "", *rates]) + " |")
+    return lines
+
+
+def false_alarm_table(runs: list[dict[str, Any]], level_dim: int) -> list[str]:
+    """Per machine, false alarms on the test halves, nominal (its calibration windows) and realised on its validation
+    windows, for the first seed of `level_dim` without and with the score scale, and the PCA yardstick beside each."""
+    header = ["model", "nominal, pooled"]
+    header += [f"{m.removeprefix('machine-')}: test, nominal -> realised" for m in MACHINES]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for flag in (False, True):
+        item = next((i for i in runs if i["level_dim"] == level_dim and scaled(i) == flag), None)
+        if item is None:
+            continue
+        held = item["false_alarms_validation"]
+        for model, name in (("lstm", name_of(item)), ("pca", f"PCA yardstick{', score scale' if flag else ''}")):
+            rates = [
+                f"{item[model]['machines'][m]['fpr']:.2%}, "
+                f"{held['machines_nominal'][m][model]:.2%} -> {held['machines'][m][model]:.2%}"
+                for m in MACHINES
+            ]
+            lines.append("| " + " | ".join([name, f"{held['nominal'][model]:.2%}", *rates]) + " |")
     return lines
 
 
@@ -137,24 +192,48 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=1, help="models trained at once (default: 1)")
+    parser.add_argument("--reuse", type=Path, help="an earlier results file whose matching runs are taken as they are")
     parser.add_argument("--out", type=Path, default=Path("bench/smd_multichannel.json"))
     parser.add_argument("--markdown", type=Path, default=Path("bench/smd_multichannel.md"))
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    previous = (
+        {"recipe": {"epochs": args.epochs}, "runs": []} if args.reuse is None else json.loads(args.reuse.read_text())
+    )
+    reused = {key(item, previous["recipe"]["epochs"]): item for item in previous["runs"]}
     first, *others = args.seeds
     with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
-        runs = pool.map(run, [(args.data_dir, k, first, args.epochs) for k in args.level_dims], chunksize=1)
+
+        def runs_of(jobs: list[Job]) -> list[dict[str, Any]]:
+            todo = [job for job in jobs if job_key(job) not in reused]
+            done = dict(zip(map(job_key, todo), pool.map(run, todo, chunksize=1), strict=True))
+            return [reused.get(job_key(job)) or done[job_key(job)] for job in jobs]
+
+        runs = runs_of([(args.data_dir, k, first, args.epochs, "none") for k in args.level_dims])
         chosen = min(runs, key=lambda item: item["validation_loss"])["level_dim"]
-        runs += pool.map(run, [(args.data_dir, chosen, seed, args.epochs) for seed in others], chunksize=1)
+        runs += runs_of([(args.data_dir, chosen, seed, args.epochs, "none") for seed in others])
+        runs += runs_of([(args.data_dir, chosen, seed, args.epochs, "sensor") for seed in args.seeds])
     results = {"recipe": {**RECIPE, "epochs": args.epochs}, "chosen_level_dim": chosen, "runs": runs}
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     command = (
         f"python -m bench.smd_multichannel --level-dims {' '.join(map(str, args.level_dims))} "
         f"--seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}"
+        + ("" if args.reuse is None else f" --reuse {args.reuse}")
     )
-    markdown = [f"`{command}`", "", *table(runs)]
+    markdown = [f"`{command}`", "", *table(runs), "", *false_alarm_table(runs, chosen)]
     args.markdown.write_text("\n".join(markdown) + "\n")
     print("\n".join(markdown))
+
+
+def key(item: dict[str, Any], epochs: int) -> tuple[int, int, int, str]:
+    """A run's identity: K, seed, epochs, score scale (runs recorded before these two were recorded: the file's
+    epochs, no scale)."""
+    return item["level_dim"], item["seed"], item.get("epochs", epochs), item.get("score_scale", "none")
+
+
+def job_key(job: Job) -> tuple[int, int, int, str]:
+    _, level_dim, seed, epochs, score_scale = job
+    return level_dim, seed, epochs, score_scale
 
 
 if __name__ == "__main__":

@@ -120,6 +120,12 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "machines with many channels (0: none)" + default("level_dim"),
     )
     add(
+        "--score-scale",
+        choices=("none", "sensor"),
+        help="sensor: divide each sensor's scores by the median score of its warm-up windows, and calibrate the "
+        "threshold on scores divided so; needs --baseline sensor" + default("score_scale"),
+    )
+    add(
         "--channel-names",
         help="comma-separated names of the channels, in order, recorded in the artifact: alerts name their top "
         "channels with them (default: none; channels are named by index only)",
@@ -295,6 +301,7 @@ def train_settings(args: argparse.Namespace) -> TrainSettings:
         "stride": args.stride,
         "embedding_dim": args.embedding_dim,
         "level_dim": args.level_dim,
+        "score_scale": args.score_scale,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.learning_rate,

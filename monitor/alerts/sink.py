@@ -61,8 +61,11 @@ def build_alert(
     baseline: str = "model",
     beat: BeatMark | None = None,
     channels: list[dict[str, Any]] | None = None,
+    score_scale: float | None = None,
 ) -> dict[str, Any]:
-    """The JSON alert for one anomalous window; for a beat (beat mode) with its span, `beat_seq` and `rr_seconds`.
+    """The JSON alert for one anomalous window; for a beat (beat mode) with its span, `beat_seq` and `rr_seconds`;
+    with a model that scales its sensors' scores, `score` is the scaled one (compared with the threshold), and
+    `raw_score` and `score_scale` say what it was divided by.
 
     `top_timesteps` lists the offsets within the window with the largest error (highest first),
     so a subscriber can see where in the window the anomaly lies; `channels` (`top_channels`) which of its
@@ -78,6 +81,9 @@ def build_alert(
         "model": model.to_dict(),
         "detected_at": time.time() if detected_at is None else detected_at,
     }
+    if score_scale is not None:
+        alert["raw_score"] = float(score) * score_scale
+        alert["score_scale"] = score_scale
     if beat is not None:
         alert["beat_seq"] = beat.beat_seq
         alert["rr_seconds"] = beat.rr_seconds
@@ -172,6 +178,7 @@ class AlertSink:
             baseline=engine.baseline[0],
             beat=window.beat,
             channels=channels_of(scores, index, self.settings.top_channels, engine),
+            score_scale=window.error_scale if engine.score_scale else None,
         )
         alert.update(self.sources.get(window.sensor_id, {}))
         if self.instance is not None:

@@ -84,12 +84,14 @@ class Replayed:
 
 def encode_windows(windows: Sequence[Window]) -> list[list[Any]]:
     """Windows as JSON-ready lists; a beat window adds its span's end, its R peak, its RR interval, its error
-    scale and its timing score."""
+    scale and its timing score; a fixed window with an error scale (its sensor's score scale) adds that scale."""
     items = []
     for w in windows:
         item = [w.sensor_id, w.start_seq, w.start_ts, list(w.samples.shape), encode_array(w.samples)]
         if w.beat is not None:
             item += [w.beat.end_seq, w.beat.beat_seq, w.beat.rr_seconds, w.error_scale, w.timing_score]
+        elif w.error_scale != 1.0:
+            item.append(w.error_scale)
         items.append(item)
     return items
 
@@ -99,7 +101,9 @@ def decode_windows(items: list[list[Any]], now: float) -> list[Window]:
     for sensor_id, start_seq, start_ts, shape, samples, *beat in items:
         array = decode_array(samples).reshape(shape)
         ts = None if start_ts is None else float(start_ts)
-        if beat:
+        if len(beat) == 1:  # a fixed window's error scale
+            windows.append(Window(str(sensor_id), int(start_seq), array, ts, now, float(beat[0])))
+        elif beat:
             # no scale in records written before stretch scaling, no timing score before timing scores
             end_seq, beat_seq, rr_seconds, *scored = beat
             rr = None if rr_seconds is None else float(rr_seconds)

@@ -256,7 +256,8 @@ class Ingest:
             self.pending.decided(window)
 
     def _after_warm_up(self, windows: Sequence[Window]) -> list[Window]:
-        """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline."""
+        """Warm-up windows are counted and held back; the others come normalised by their sensor's baseline, with
+        its score scale as their error scale (1 for a model without one)."""
         assert self.baselines is not None
         ready: list[Window] = []
         for window in windows:
@@ -265,7 +266,8 @@ class Ingest:
                 self.metrics.windows_warming_up.inc()
             else:
                 self.metrics.baseline_clipped_share.observe(float(admitted[1].mean()))
-                ready.append(dataclasses.replace(window, samples=admitted[0]))
+                scale = self.baselines.scale_of(window.sensor_id)
+                ready.append(dataclasses.replace(window, samples=admitted[0], error_scale=scale))
         return ready
 
     def _count_beats(self, sensor_id: str, result: BeatFeedResult, now: float) -> None:

@@ -34,13 +34,20 @@ towards its own level and spread, with the fitted warm-up as the anchor:
 - anchored: the scale never goes below the warm-up's, so a quiet stretch cannot make every later move huge.
 The same window sequence gives the same numbers in training, `monitor evaluate` and the daemon (one class, float64
 state, windows in order). A model trained with rate 0 (or before following existed) keeps the fixed baseline.
+
+Score scale (a model trained with `--score-scale sensor`): sensors differ in how well a model reconstructs even their
+normal windows (a noisy machine scores higher throughout), so one threshold on raw scores flags the noisy ones and
+misses faults on the quiet ones. A sensor's score scale is the median score of its warm-up windows (normalised by the
+baseline they fit, scored by the model): the baseline's own estimator, robust to a few odd warm-up windows. Every
+later score of the sensor is divided by it, and the threshold is calibrated on scores divided the same way (each
+training recording's by its own warm-up's scale). The daemon scores a sensor's warm-up once, when it completes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +64,8 @@ ESTIMATOR = "median, max(1.4826 MAD, spread_floor x std winsorised)"
 FOLLOW_RATE = 0.02  # the training default (TrainSettings.baseline_follow_rate)
 FOLLOW_STEP = 3.0
 JUDGED_NORMAL_CLIPPED = 0.25
+SCORE_SCALE_KEY = "score_scale"
+SCORE_SCALE_FLOOR = 1e-9  # a warm-up the model reconstructs perfectly still divides by a finite number
 STATE_FORMAT = "monitor-sensor-baselines"
 STATE_VERSION = 1
 
@@ -194,6 +203,27 @@ def follow_rate(metadata: dict[str, Any]) -> float:
     return float(rate) if isinstance(rate, int | float) and not isinstance(rate, bool) and 0 <= rate <= 1 else 0.0
 
 
+def score_scale(warm_up_scores: np.ndarray) -> float:
+    """A sensor's score scale: the median of its warm-up windows' scores, at least `SCORE_SCALE_FLOOR`."""
+    return max(float(np.median(np.asarray(warm_up_scores, dtype=np.float64))), SCORE_SCALE_FLOOR)
+
+
+def describe_score_scale() -> dict[str, Any]:
+    """How a model's sensors' score scales are measured, as recorded in the model artifact (`score_scale`)."""
+    return {
+        "type": "sensor",
+        "estimator": "median score of the sensor's warm-up windows, normalised by the baseline they fit",
+        "floor": SCORE_SCALE_FLOOR,
+        "decision": "anomaly when score / scale > threshold; the threshold is calibrated on scores divided so",
+    }
+
+
+def scaled_scores(metadata: dict[str, Any]) -> bool:
+    """Whether a model divides each sensor's scores by its score scale (False for models trained before it)."""
+    recorded = metadata.get(SCORE_SCALE_KEY)
+    return isinstance(recorded, dict) and recorded.get("type") == "sensor"
+
+
 def resolve_baseline(trained: tuple[str, int | None], asked: str | None, windows: int | None, where: str) -> int | None:
     """The warm-up length to use with a model (None for `baseline: model`), checked against how it was trained.
 
@@ -213,6 +243,15 @@ def resolve_baseline(trained: tuple[str, int | None], asked: str | None, windows
     return chosen
 
 
+class ScaleScorer(Protocol):
+    """What measures the daemon's score scales: the live model's scores, and its identity (saved with the scales)."""
+
+    @property
+    def identity(self) -> dict[str, Any]: ...
+
+    def scores(self, windows: np.ndarray) -> np.ndarray: ...
+
+
 class SensorBaselines:
     """The daemon's per-sensor baseline state: the warm-up windows still being collected, and fitted baselines.
 
@@ -222,15 +261,22 @@ class SensorBaselines:
     up to `warm_up` x W x C float32 values. Not thread-safe: the caller serialises access (the ingest lock).
     """
 
-    def __init__(self, warm_up: int, window: int, channels: int, follow_rate: float = 0.0) -> None:
+    def __init__(
+        self, warm_up: int, window: int, channels: int, follow_rate: float = 0.0, scorer: ScaleScorer | None = None
+    ) -> None:
+        """With `scorer` (a model with a score scale: windows `[N, W, C]` -> their scores `[N]`, and the identity of
+        the model, which a saved state must match), a warm-up that completes is scored once to give its sensor's
+        score scale."""
         if warm_up < 1:
             raise ValueError(f"warm_up must be >= 1, got {warm_up}")
         self.warm_up = warm_up
         self.window = window
         self.channels = channels
         self.follow_rate = follow_rate
+        self.scorer = scorer
         self._warming: dict[str, list[np.ndarray]] = {}
         self._fitted: dict[str, FollowingBaseline] = {}
+        self._scales: dict[str, float] = {}
         self._off_baseline: set[str] = set()
 
     @property
@@ -256,13 +302,28 @@ class SensorBaselines:
         collected = self._warming.setdefault(sensor_id, [])
         collected.append(samples)
         if len(collected) >= self.warm_up:
-            self._fitted[sensor_id] = FollowingBaseline(SensorBaseline.fit(np.stack(collected)), self.follow_rate)
+            self._fitted[sensor_id], scale = self._fit(collected)
+            if scale is not None:
+                self._scales[sensor_id] = scale
             del self._warming[sensor_id]
         return None
+
+    def _fit(self, collected: list[np.ndarray]) -> tuple[FollowingBaseline, float | None]:
+        """A completed warm-up's baseline and, with a scorer, its score scale: one scoring pass over the warm-up's
+        windows (on the caller's thread, once per warm-up)."""
+        windows = np.stack(collected)
+        anchor = SensorBaseline.fit(windows)
+        scale = None if self.scorer is None else score_scale(self.scorer.scores(anchor.apply(windows)))
+        return FollowingBaseline(anchor, self.follow_rate), scale
+
+    def scale_of(self, sensor_id: str) -> float:
+        """What the sensor's scores are divided by: its score scale, 1 without one."""
+        return self._scales.get(sensor_id, 1.0)
 
     def forget(self, sensor_id: str) -> None:
         self._warming.pop(sensor_id, None)
         self._fitted.pop(sensor_id, None)
+        self._scales.pop(sensor_id, None)
         self._off_baseline.discard(sensor_id)
 
     def snapshot(self) -> dict[str, Any]:
@@ -276,6 +337,7 @@ class SensorBaselines:
             "channels": self.channels,
             "fitted": fitted,
             "warming": warming,
+            **({} if self.scorer is None else {"score_scales": dict(self._scales), "scored_by": self.scorer.identity}),
         }
 
     def restore(self, state: Any, sensors: Iterable[str]) -> int:
@@ -294,10 +356,13 @@ class SensorBaselines:
         keep = set(sensors)
         warming: dict[str, list[np.ndarray]] = {}
         fitted: dict[str, FollowingBaseline] = {}
+        scales = self._restored_scales(state, keep)
         try:
             for sid, data in state["fitted"].items():
                 if sid in keep:
                     fitted[sid] = FollowingBaseline.from_dict(data, self.channels, self.follow_rate)
+                    if self.scorer is not None and sid not in scales:
+                        raise ValueError(f"sensor {sid!r}: a fitted baseline without a score scale")
             for sid, encoded in state["warming"].items():
                 if sid in keep:
                     raw = decode_array(encoded)
@@ -309,7 +374,27 @@ class SensorBaselines:
             raise ValueError(f"inconsistent baseline state ({type(error).__name__}: {error})") from None
         for sid, collected in list(warming.items()):
             if len(collected) >= self.warm_up:
-                fitted[sid] = FollowingBaseline(SensorBaseline.fit(np.stack(collected)), self.follow_rate)
+                fitted[sid], scale = self._fit(collected)
+                if scale is not None:
+                    scales[sid] = scale
                 del warming[sid]
-        self._warming, self._fitted = warming, fitted
+        self._warming, self._fitted, self._scales = warming, fitted, scales
         return len(warming) + len(fitted)
+
+    def _restored_scales(self, state: dict[str, Any], keep: set[str]) -> dict[str, float]:
+        """The saved score scales of the sensors kept; ValueError when they were measured by another model (its
+        sensors then start new warm-ups) or are not finite positive numbers."""
+        if self.scorer is None:
+            return {}
+        if state.get("scored_by") != self.scorer.identity:
+            raise ValueError(f"score scales measured by model {state.get('scored_by')}, not {self.scorer.identity}")
+        saved = state.get("score_scales")
+        if not isinstance(saved, dict):
+            raise ValueError("score_scales: missing")
+        scales = {}
+        for sid, value in saved.items():
+            if sid in keep:
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+                    raise ValueError(f"sensor {sid!r}: score scale {value!r} is not a finite number > 0")
+                scales[sid] = float(value)
+        return scales

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from monitor.config.schema import ModelSettings
 from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import ArtifactError, ConfigError, MonitorError
 from monitor.model.artifact import channel_names, load_artifact
-from monitor.model.baseline import follow_rate, trained_baseline
+from monitor.model.baseline import follow_rate, scaled_scores, trained_baseline
 from monitor.model.calibration import CalibrationScores
 from monitor.model.scoring import Scorer, Scores
 from monitor.window import Window
@@ -59,6 +59,7 @@ class Engine:
     baseline_follow_rate: float = 0.0  # how fast its sensor baselines follow drift (0: fixed)
     channel_names: tuple[str, ...] | None = None  # the channels' names, when the model was trained with them
     segmentation: BeatSpec | None = None  # how the model's beats are cut; None for a fixed-window model
+    score_scale: bool = False  # each sensor's scores divided by its score scale (`monitor.model.baseline`)
 
     def score(self, windows: np.ndarray) -> Scores:
         return self.scorer.score(windows)
@@ -72,6 +73,11 @@ class Engine:
         if (scales == 1.0).all() and (floors == 0.0).all():
             return scores
         return Scores(np.maximum(scores.errors / scales, floors), scores.profiles, scores.channels)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What a sensor's score scale depends on: the model (by name, version and threshold)."""
+        return {**self.model.to_dict(), "threshold": self.threshold}
 
     def describe(self) -> dict[str, str | int | float]:
         """The engine as log fields."""
@@ -140,7 +146,23 @@ def load_engine(settings: ModelSettings) -> Engine:
         baseline_follow_rate=follow_rate(artifact.metadata),
         channel_names=channel_names(artifact.metadata, artifact.channels),
         segmentation=beat_spec(artifact.metadata, settings.path),
+        score_scale=scaled_scores(artifact.metadata),
     )
+
+
+class EngineScales:
+    """The daemon's score-scale scorer (`baseline.ScaleScorer`): a completed warm-up scored in one pass by the engine
+    running at that moment (a reload may swap it; one whose scales would differ is refused)."""
+
+    def __init__(self, engine: Callable[[], Engine]) -> None:
+        self.engine = engine
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return self.engine().identity
+
+    def scores(self, windows: np.ndarray) -> np.ndarray:
+        return self.engine().score(windows).errors
 
 
 def load_shadow_engine(
@@ -157,6 +179,11 @@ def load_shadow_engine(
         raise ConfigError(
             f"model.shadow_path: the shadow model takes windows of {shadow.window}x{shadow.channels}, "
             f"the live one {live.window}x{live.channels}"
+        )
+    if shadow.score_scale or live.score_scale:
+        raise ConfigError(
+            "model.shadow_path: not with a model that scales its sensors' scores (--score-scale sensor): the "
+            "sensors' score scales are the live model's"
         )
     if shadow.baseline[0] != live.baseline[0]:
         raise ConfigError(

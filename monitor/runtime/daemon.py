@@ -48,7 +48,7 @@ from monitor.ingest.stage import Ingest
 from monitor.ingest.state_file import read_state, write_state
 from monitor.model.artifact import artifact_problem
 from monitor.model.baseline import SensorBaselines, resolve_baseline
-from monitor.model.engine import Engine, load_engine, load_shadow_engine
+from monitor.model.engine import Engine, EngineScales, load_engine, load_shadow_engine
 from monitor.mqtt.connection import MqttConnection
 from monitor.runtime import signals, systemd
 from monitor.runtime.worker import ScoringWorker
@@ -212,7 +212,13 @@ class Daemon:
         baselines = (
             None
             if self.warm_up is None
-            else SensorBaselines(self.warm_up, engine.window, engine.channels, engine.baseline_follow_rate)
+            else SensorBaselines(
+                self.warm_up,
+                engine.window,
+                engine.channels,
+                engine.baseline_follow_rate,
+                EngineScales(lambda: self.engine) if engine.score_scale else None,
+            )
         )
         self.queue: WindowQueue = WindowQueue(config.batching.queue_capacity, key=lambda window: window.sensor_id)
         assembler = make_assembler(windowing, self.engine, on_evict=None if baselines is None else baselines.forget)
@@ -559,6 +565,14 @@ class Daemon:
                 raise ConfigError(
                     f"the new model's sensor baselines follow drift at rate {engine.baseline_follow_rate}, the running "
                     f"one's at {self.engine.baseline_follow_rate}: restart the daemon to change it"
+                )
+            if (engine.score_scale, engine.score_scale and engine.identity) != (
+                self.engine.score_scale,
+                self.engine.score_scale and self.engine.identity,
+            ):
+                raise ConfigError(
+                    "the sensors' score scales were measured by the running model: restart the daemon to change the "
+                    "model (its sensors then start new warm-ups)"
                 )
             shadow = load_shadow_engine(config.model, engine, self.load_engine)
         except MonitorError as error:

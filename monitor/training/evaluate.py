@@ -15,7 +15,7 @@ from typing import Any
 from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import MonitorError
 from monitor.model.artifact import ModelArtifact, channel_names, load_artifact
-from monitor.model.baseline import follow_rate, resolve_baseline, trained_baseline
+from monitor.model.baseline import follow_rate, resolve_baseline, scaled_scores, trained_baseline
 from monitor.model.engine import resolve_device, use_threads
 from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
 from monitor.model.pca import PcaModel
@@ -107,6 +107,7 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
     baseline = trained_baseline(artifact.metadata)
     warm_up = resolve_baseline(baseline, request.baseline, request.baseline_windows, "--baseline")
     rate = follow_rate(artifact.metadata)
+    scaled = scaled_scores(artifact.metadata)
     stride = request.stride or artifact.window
     models: dict[str, tuple[BatchScorer, float]] = {"lstm": (scorer, artifact.threshold)}
     pca = PcaModel.load(artifact)
@@ -122,7 +123,7 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
     names = channel_names(artifact.metadata, artifact.channels)
     figures = {}
     for name, (model, threshold) in models.items():
-        scored = [score_recording(model, item, artifact.window, stride, warm_up, rate) for item in recordings]
+        scored = [score_recording(model, item, artifact.window, stride, warm_up, rate, scaled) for item in recordings]
         figures[name] = (
             pooled_evaluation(scored, threshold),
             [evaluate_recording(item, threshold, names) for item in scored],
@@ -138,6 +139,7 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
         "baseline": "model" if warm_up is None else "sensor",
         "baseline_windows": warm_up,
         "baseline_follow_rate": None if warm_up is None else rate,
+        "score_scale": "sensor" if scaled else "none",
         "nominal_false_alarm_rate": nominal_false_alarms(artifact.metadata, "lstm"),
         **pooled.to_dict(),
         "segments": counted,
@@ -162,14 +164,15 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
         segments = f"segments {item['segments_caught']}/{item['segments']}{delay_note}"
         numbers = f"ROC AUC {item['auc']:.4f}  F1 {item['f1']:.4f}  false-positive rate {item['fpr']:.4f}"
         clipped = f"  at the clip {item['clipped_share']:.2%}" if "clipped_share" in item else ""
-        lines.append(f"  {item['data']}: {numbers}  {segments}{clipped}")
+        scale = f"  score scale {item['score_scale']:.4g}" if "score_scale" in item else ""
+        lines.append(f"  {item['data']}: {numbers}  {segments}{clipped}{scale}")
     if pca is not None:
         pca_pooled, pca_recordings = figures["pca"]
         summary["pca"] = {
             "components": len(pca.components),
             "nominal_false_alarm_rate": nominal_false_alarms(artifact.metadata, "pca"),
             **pca_pooled.to_dict(),
-            "recordings": [{key: item[key] for key in RECORDING_FIGURES} for item in pca_recordings],
+            "recordings": [{key: item[key] for key in RECORDING_FIGURES if key in item} for item in pca_recordings],
         }
         lines += [
             f"\nbeside the PCA yardstick ({len(pca.components)} components), on the same windows:",
@@ -183,7 +186,18 @@ def evaluate_recordings(request: EvaluateRequest, artifact: ModelArtifact, score
     return Report(summary, lines)
 
 
-RECORDING_FIGURES = ("data", "auc", "pr_auc", "f1", "precision", "recall", "fpr", "segments", "segments_caught")
+RECORDING_FIGURES = (
+    "data",
+    "auc",
+    "pr_auc",
+    "f1",
+    "precision",
+    "recall",
+    "fpr",
+    "segments",
+    "segments_caught",
+    "score_scale",
+)
 
 
 def nominal_false_alarms(metadata: dict[str, Any], model: str) -> float | None:

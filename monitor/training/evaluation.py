@@ -132,6 +132,6 @@ def format_false_alarms(held_out: dict[str, Any]) -> str:
         "  pooled: " + ", ".join(f"{n} {held_out['nominal'][n]:.2%} -> {held_out['realised'][n]:.2%}" for n in names)
     )
     for item in held_out["recordings"]:
-        realised = ", ".join(f"{n} {item['realised'][n]:.2%}" for n in names)
+        realised = ", ".join(f"{n} {item['nominal'][n]:.2%} -> {item['realised'][n]:.2%}" for n in names)
         lines.append(f"  {item['data']} ({item['windows']} windows): {realised}")
     return "\n".join(lines)

@@ -5,6 +5,9 @@ Each recording is one sensor's stream. Window k covers samples [k*S, k*S + W), a
 its baseline and are not scored, exactly as the daemon does. Window figures count
 the scored windows only; a window is anomalous when any of its samples is labelled anomalous.
 
+With a score scale (a model trained with `--score-scale sensor`) the warm-up windows are scored too, once, and the
+recording's scores are divided by the median of theirs (`baseline.score_scale`), as the daemon divides a sensor's.
+
 Segments are maximal runs of anomalous samples. A segment is caught when a flagged window overlaps it;
 its detection delay is the number of samples from the segment's first sample to the last sample of the
 first flagged window that overlaps it, inclusive (the daemon decides only once that window is complete),
@@ -21,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from monitor.errors import DataError
-from monitor.model.baseline import normalise_recording
+from monitor.model.baseline import normalise_recording, score_scale
 from monitor.model.scoring import BatchScorer, top_channels
 from monitor.training.datasets import Recording
 from monitor.training.evaluation import Evaluation, evaluate_scores
@@ -61,6 +64,7 @@ class ScoredRecording:
     warm_up: int  # windows not scored at the start
     channel_errors: np.ndarray | None  # [N, C] each channel's mean absolute error over the window
     clipped: np.ndarray | None  # [N, C] share of each channel's values at the baseline's clip (baseline: sensor)
+    score_scale: float | None = None  # what `scores` were divided by (a model with a score scale)
 
     def anomalous(self) -> np.ndarray:
         return self.recording.window_anomalous(self.window, self.stride)[self.warm_up :]
@@ -73,21 +77,32 @@ def score_recording(
     stride: int,
     baseline_windows: int | None,
     follow_rate: float = 0.0,
+    scaled: bool = False,
 ) -> ScoredRecording:
-    """Score the recording's windows after its warm-up, as the daemon would see them."""
+    """Score the recording's windows after its warm-up, as the daemon would see them; `scaled`: divided by the
+    recording's score scale (needs a warm-up)."""
     windows, warm_up, clipped = recording_windows(recording, window, stride, baseline_windows, follow_rate)
     starts = recording.window_starts(window, stride)[warm_up:]
     scored = scorer.score_all(windows[warm_up:])
+    scale = warm_up_scale(scorer, windows[:warm_up]) if scaled else None
     return ScoredRecording(
         recording,
         window,
         stride,
         starts,
-        scored.errors.astype(np.float64),
+        scored.errors.astype(np.float64) / (scale or 1.0),
         warm_up,
         scored.channels,
         None if clipped is None else clipped[warm_up:],
+        scale,
     )
+
+
+def warm_up_scale(scorer: BatchScorer, warm_up: np.ndarray) -> float:
+    """A recording's score scale from its warm-up windows, normalised as the model sees them."""
+    if not len(warm_up):
+        raise DataError("a score scale needs a warm-up (baseline: sensor)")
+    return score_scale(scorer.score_all(warm_up).errors)
 
 
 def segments(labels: np.ndarray) -> list[tuple[int, int]]:
@@ -133,6 +148,8 @@ def evaluate_recording(
         by_channel = scored.clipped.mean(axis=0) if len(scored.clipped) else np.zeros(scored.clipped.shape[1])
         extra["clipped_share"] = float(by_channel.mean())
         extra["clipped_share_by_channel"] = by_channel.round(6).tolist()
+    if scored.score_scale is not None:
+        extra["score_scale"] = scored.score_scale
     return {
         "data": scored.recording.source,
         "warm_up_windows": scored.warm_up,

@@ -48,6 +48,7 @@ class TrainSettings(Strict):
     version: str | None = None
     embedding_dim: int = Field(default=32, ge=1, le=1024)
     level_dim: int = Field(default=0, ge=0)  # the model's level path (LSTMAutoencoder); 0: none
+    score_scale: Literal["none", "sensor"] = "none"  # sensor: scores divided by the sensor's warm-up median score
     epochs: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=0.002, gt=0)
@@ -87,6 +88,8 @@ class TrainSettings(Strict):
             raise ValueError("baseline_windows: required with baseline: sensor")
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows: only with baseline: sensor")
+        if self.score_scale == "sensor" and self.baseline != "sensor":
+            raise ValueError("score_scale: sensor needs baseline: sensor (the scale is measured on the warm-up)")
         if self.from_recordings and (self.calibration_data is not None or self.evaluate_data is not None):
             raise ValueError(
                 "calibration_data/evaluate_data: not with recordings (each recording's end calibrates; "

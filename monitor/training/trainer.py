@@ -27,6 +27,7 @@ from monitor.model.artifact import (
     save_artifact,
 )
 from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors, window_scores
+from monitor.model.baseline import SCORE_SCALE_KEY, describe_score_scale
 from monitor.model.baseline import describe as describe_baseline
 from monitor.model.calibration import (
     CALIBRATION_KEY,
@@ -49,7 +50,7 @@ from monitor.training.datasets import (
     same_channel_names,
 )
 from monitor.training.evaluation import Evaluation, evaluate_scores
-from monitor.training.recordings import recording_windows
+from monitor.training.recordings import recording_windows, warm_up_scale
 from monitor.training.settings import TrainSettings
 
 log = structlog.get_logger("monitor.training")
@@ -81,12 +82,16 @@ def _read(path: Path, settings: TrainSettings, channel_names: tuple[str, ...] | 
     return read_windows(path, settings.window, settings.stride, channel_names)
 
 
-def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
+Split = tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any], list[np.ndarray]]
+
+
+def split_recordings(settings: TrainSettings) -> Split:
     """Split every recording in time: the first windows train, the next validate, the last calibrate.
 
     With `baseline: sensor` each recording is first normalised by its own first N windows (as the
     daemon will); windows with a labelled anomalous sample are left out everywhere. Calibrating on the
     end of every recording (not a random sample of overlapping windows) keeps the threshold honest.
+    The last item is each recording's warm-up windows, normalised (none without a sensor baseline).
     """
     if settings.window is None:
         raise DataError("training on recordings needs --window (and --stride)")
@@ -94,14 +99,16 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     labels: list[Path | None] = [*settings.train_labels] if settings.train_labels else [None] * len(settings.train_data)
     parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     described: list[dict[str, Any]] = []
-    validation_start = 0
+    validation_start = calibration_start = 0
+    warm_ups: list[np.ndarray] = []
     named: list[tuple[str, tuple[str, ...] | None]] = []
     for path, label_path in zip(settings.train_data, labels, strict=True):
         recording = read_labelled_recording(path, label_path)
         named.append((recording.source, recording.channel_names))
-        windows, _, clipped = recording_windows(
+        windows, warm_up, clipped = recording_windows(
             recording, settings.window, stride, settings.baseline_windows, settings.baseline_follow_rate
         )
+        warm_ups.append(windows[:warm_up])
         n = len(windows)
         keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
         n_cal = int(round(n * settings.calibration_fraction))
@@ -111,6 +118,7 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
         for part, (start, end) in bounds.items():
             parts[part].append(windows[start:end][keep[start:end]])
         validation_end = validation_start + len(parts["validation"][-1])
+        calibration_end = calibration_start + len(parts["calibration"][-1])
         described.append(
             {
                 "data": str(path),
@@ -119,10 +127,11 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
                 "windows": n,
                 "anomalous_windows_left_out": int((~keep).sum()),
                 "validation_windows": [validation_start, validation_end],
+                "calibration_windows": [calibration_start, calibration_end],
                 **({} if clipped is None else {"calibration_clipped_share": float(clipped[n - n_cal :].mean())}),
             }
         )
-        validation_start = validation_end
+        validation_start, calibration_start = validation_end, calibration_end
     fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
     if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
         raise DataError(
@@ -132,15 +141,15 @@ def split_recordings(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np
     split = {
         "recordings": described,
         "validation": "the windows before each recording's calibration part (validation_windows: [start, end) of "
-        "each recording's in the validation set)",
+        "each recording's in the validation set; calibration_windows likewise)",
         "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
-    return WindowSet(fit, None, sources, digest, same_channel_names(named)), validation, calibration, split
+    return WindowSet(fit, None, sources, digest, same_channel_names(named)), validation, calibration, split, warm_ups
 
 
-def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any]]:
-    """Return (train data, validation windows, calibration windows, a description of the split).
+def split_normal(settings: TrainSettings) -> Split:
+    """Return (train data, validation windows, calibration windows, a description of the split, warm-ups).
 
     With a separate calibration file, it serves both early stopping and calibration (the model
     never trains on it). Without one, the normal training windows are split with the seed.
@@ -156,7 +165,7 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
             "calibration_file": str(held_out.source),
             "calibration_sha256": held_out.sha256,
         }
-        return train, held_out.windows, held_out.windows, split
+        return train, held_out.windows, held_out.windows, split, []
     order = np.random.default_rng(settings.seed).permutation(len(train.windows))
     n_val = int(round(len(order) * settings.validation_fraction))
     n_cal = int(round(len(order) * settings.calibration_fraction))
@@ -170,7 +179,7 @@ def split_normal(settings: TrainSettings) -> tuple[WindowSet, np.ndarray, np.nda
         "validation": f"{n_val} windows split off the training data",
         "calibration": f"{n_cal} windows split off (seed {settings.seed})",
     }
-    return fit, train.windows[val_idx], train.windows[cal_idx], split
+    return fit, train.windows[val_idx], train.windows[cal_idx], split, []
 
 
 def _mean_error(model: LSTMAutoencoder, windows: torch.Tensor, batch_size: int = 512) -> float:
@@ -248,7 +257,7 @@ def train(settings: TrainSettings) -> TrainingResult:
     """Train, calibrate, evaluate (when labelled data is given) and write the artifact directory."""
     use_threads(settings.threads)
     started = time.perf_counter()
-    fit, validation, calibration_windows, split = split_normal(settings)
+    fit, validation, calibration_windows, split, warm_ups = split_normal(settings)
     if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
         raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
     if settings.level_dim >= fit.channels:
@@ -274,12 +283,16 @@ def train(settings: TrainSettings) -> TrainingResult:
     )
     seconds = time.perf_counter() - started
     scorer = Scorer(model, normalisation)
-    calibration_errors = scorer.score_all(calibration_windows).errors
+    pca = PcaModel.fit(fit.windows, normalisation)
+    scales = {
+        name: recording_scales(model_scorer, warm_ups, split) if settings.score_scale == "sensor" else None
+        for name, model_scorer in (("lstm", scorer), ("pca", pca))
+    }
+    calibration_errors = scorer.score_all(calibration_windows).errors / divisors(scales["lstm"], "calibration")
     calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
     uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
     warn_small_calibration(calibration, uncertainty, "windows")
-    pca = PcaModel.fit(fit.windows, normalisation)
-    pca_errors = pca.score_all(calibration_windows).errors
+    pca_errors = pca.score_all(calibration_windows).errors / divisors(scales["pca"], "calibration")
     pca_calibration = calibrate(pca_errors, settings.threshold.method, settings.threshold.params)
     evaluation, evaluation_data, pca_evaluation = None, None, None
     if settings.evaluate_data is not None:
@@ -298,6 +311,7 @@ def train(settings: TrainSettings) -> TrainingResult:
             "pca": (pca, pca_errors, pca_calibration.threshold),
         },
         validation,
+        {name: divisors(scale, "validation") for name, scale in scales.items()},
     )
     metadata = model_record(
         settings,
@@ -315,6 +329,9 @@ def train(settings: TrainSettings) -> TrainingResult:
     )
     metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
     metadata["held_out_false_alarms"] = held_out
+    if settings.score_scale == "sensor":
+        recorded = {name: [item["scale"] for item in scale or []] for name, scale in scales.items()}
+        metadata[SCORE_SCALE_KEY] = {**describe_score_scale(), "training_recordings": recorded}
     metadata[PCA_METADATA_KEY] = {
         "type": "pca",
         "file": PCA_FILE,
@@ -361,19 +378,46 @@ def train(settings: TrainSettings) -> TrainingResult:
     )
 
 
+def recording_scales(scorer: BatchScorer, warm_ups: list[np.ndarray], split: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each training recording's score scale (from its own warm-up) and its validation and calibration windows'
+    ranges: what those windows' scores are divided by."""
+    return [
+        {"scale": warm_up_scale(scorer, warm_up), **{part: item[f"{part}_windows"] for part in PARTS}}
+        for warm_up, item in zip(warm_ups, split["recordings"], strict=True)
+    ]
+
+
+PARTS = ("validation", "calibration")
+
+
+def divisors(scales: list[dict[str, Any]] | None, part: str) -> np.ndarray | float:
+    """Per window of `part` (validation or calibration, in split order), its recording's score scale; 1 without."""
+    if scales is None:
+        return 1.0
+    return np.concatenate([np.full(item[part][1] - item[part][0], item["scale"]) for item in scales])
+
+
 def held_out_false_alarms(
-    split: dict[str, Any], models: dict[str, tuple[BatchScorer, np.ndarray, float]], validation: np.ndarray
+    split: dict[str, Any],
+    models: dict[str, tuple[BatchScorer, np.ndarray, float]],
+    validation: np.ndarray,
+    validation_divisors: dict[str, np.ndarray | float],
 ) -> dict[str, Any]:
     """Each model's nominal false-alarm rate (the share of calibration windows above its threshold) beside the
-    realised one on held-out normal windows: each recording's validation windows, which no threshold saw."""
-    scores = {name: scorer.score_all(validation).errors for name, (scorer, _, _) in models.items()}
+    realised one on held-out normal windows: each recording's validation windows, which no threshold saw (their
+    scores divided by `validation_divisors`, each recording's score scale with one); per recording both."""
+    scores = {
+        name: scorer.score_all(validation).errors / validation_divisors[name] for name, (scorer, _, _) in models.items()
+    }
     nominal = {name: float((errors > threshold).mean()) for name, (_, errors, threshold) in models.items()}
     recordings = []
     for item in split.get("recordings", []):
         start, end = item["validation_windows"]
         if end > start:
             realised = {name: float((scores[name][start:end] > models[name][2]).mean()) for name in models}
-            recordings.append({"data": item["data"], "windows": end - start, "realised": realised})
+            first, last = item["calibration_windows"]
+            own = {name: float((errors[first:last] > limit).mean()) for name, (_, errors, limit) in models.items()}
+            recordings.append({"data": item["data"], "windows": end - start, "nominal": own, "realised": realised})
     pooled = {name: float((scores[name] > models[name][2]).mean()) for name in models}
     return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
 

@@ -22,8 +22,8 @@ WINDOW, STRIDE, WARM_UP, CHUNK = 30, 10, 20, 50
 
 @pytest.fixture(scope="module")
 def sensor_model(tmp_path_factory):
-    """A small model with a level path trained on both machines' train excerpts; what `monitor evaluate` flags on
-    their test excerpts."""
+    """A small model with a level path and per-sensor score scales trained on both machines' train excerpts; what
+    `monitor evaluate` flags on their test excerpts."""
     root = tmp_path_factory.mktemp("baseline-daemon")
     report = train_and_evaluate(
         root / "model",
@@ -32,7 +32,8 @@ def sensor_model(tmp_path_factory):
         [EXCERPT / f"{m}_test_labels.npy" for m in MACHINES],
         WINDOW,
         STRIDE,
-        *("--baseline", "sensor", "--baseline-windows", str(WARM_UP), "--level-dim", "8"),
+        *("--baseline", "sensor", "--baseline-windows", str(WARM_UP), "--level-dim", "8", "--score-scale", "sensor"),
+        *("--threshold-method", "mean_std"),  # the 0.99 quantile of this two-epoch model flags no test window
     )
     flagged = {
         (m, start)
@@ -65,7 +66,9 @@ def test_daemon_flags_what_evaluate_flags_across_a_restart(
     sensor_model, broker, capture_factory, daemon_factory, tmp_path
 ):
     """Warm-up windows are not alerted but counted; constant channels (8 and 10 here) do no harm; the baselines
-    and warm-ups survive a restart half way; every alert is a window `monitor evaluate` flags, and the reverse."""
+    and warm-ups survive a restart half way through the warm-up, the baselines and score scales one after it; every
+    alert is a window `monitor evaluate` flags, and the reverse, with the sensor's score scale `monitor evaluate`
+    measured."""
     model, report, expected = sensor_model
     assert expected, "the test needs flagged windows"
     rows = {m: np.load(EXCERPT / f"{m}_test.npy") for m in MACHINES}
@@ -93,27 +96,37 @@ def test_daemon_flags_what_evaluate_flags_across_a_restart(
     assert daemon.stop() == 0
     assert state.is_file()
 
+    # Second part: the warm-ups end (their score scales measured) and some windows are scored; another restart.
     daemon = daemon_factory(config)
-    publish(broker.port, rows, 150, 1500)
-    scored = 2 * (per_sensor - WARM_UP)
+    publish(broker.port, rows, 150, 600)
+    first = 2 * ((600 - WINDOW) // STRIDE + 1 - WARM_UP)
+    wait_until(lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= first, 60, what="windows scored")
+    assert daemon.stop() == 0
+
+    daemon = daemon_factory(config)
+    publish(broker.port, rows, 600, 1500)
+    scored = 2 * (per_sensor - WARM_UP) - first
     wait_until(
         lambda: metric(daemon.scrape(), "monitor_windows_scored_total") >= scored, 120, what="all windows scored"
     )
     alerts.wait_for(lambda c: len(c.payloads("alerts/")) >= len(expected), 60, what="all alerts")
-    wait_until(lambda: metric(daemon.scrape(), "monitor_sensors_warming_up") == 0, 10, what="warm-ups over")
     samples = daemon.scrape()
-    assert metric(samples, "monitor_windows_scored_total") == scored  # the restart resumed the warm-ups: 7 more each
-    assert metric(samples, "monitor_windows_warming_up_total") == 2 * (WARM_UP - 13)
+    assert metric(samples, "monitor_windows_scored_total") == scored  # no new warm-up after the second restart
+    assert metric(samples, "monitor_windows_warming_up_total") == 0
     time.sleep(1.0)  # an extra alert would arrive now
     payloads = alerts.payloads("alerts/")
     got = {(alert["sensor_id"], alert["window_start_seq"]) for alert in payloads}
     assert len(payloads) == len(got)
     assert got == expected
     assert min(start for _, start in got) >= WARM_UP * STRIDE
+    scales = {m: item["score_scale"] for m, item in zip(MACHINES, report["recordings"], strict=True)}
+    assert report["score_scale"] == "sensor" and scales[MACHINES[0]] != scales[MACHINES[1]]
     for alert in payloads:
         assert alert["baseline"] == "sensor"
         assert alert["threshold"] == pytest.approx(report["threshold"])
         assert alert["score"] > alert["threshold"]
+        assert alert["score_scale"] == pytest.approx(scales[alert["sensor_id"]], rel=1e-5)
+        assert alert["raw_score"] == pytest.approx(alert["score"] * alert["score_scale"])
     assert daemon.stop() == 0
 
 

@@ -4,12 +4,14 @@ against a direct computation (an eigendecomposition of the covariance, not the t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from monitor.model.baseline import normalise_recording
-from monitor.training.trainer import TrainSettings, train
+from monitor.training.trainer import TrainingResult, TrainSettings, train
 from tests.support import REPO, run_cli
 
 EXCERPT = REPO / "data" / "smd-excerpt"
@@ -27,9 +29,7 @@ def auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float(((pos > neg) + 0.5 * (pos == neg)).mean())
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    output = tmp_path_factory.mktemp("yardstick") / "model"
+def train_small(output: Path, score_scale: str = "none") -> TrainingResult:
     settings = TrainSettings(
         train_data=[EXCERPT / f"{m}_train.npy" for m in MACHINES],
         window=WINDOW,
@@ -42,20 +42,33 @@ def trained(tmp_path_factory):
         epochs=1,
         threads=1,
         report=False,
+        score_scale=score_scale,
     )
-    return train(settings), output
+    return train(settings)
 
 
-def test_pca_figures_match_a_direct_computation(trained):
-    result, output = trained
-    fit, calibration, validation = [], [], []
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("yardstick") / "model"
+    return train_small(output), output
+
+
+def training_parts() -> dict[str, list[np.ndarray]]:
+    """Each machine's train half as the trainer splits it: warm-up, fit, validation and calibration windows."""
+    parts: dict[str, list[np.ndarray]] = {"warm_up": [], "fit": [], "validation": [], "calibration": []}
     for machine in MACHINES:
         windows, _ = normalise_recording(cut(np.load(EXCERPT / f"{machine}_train.npy")), WARM_UP, RATE)
         n = len(windows)
         n_cal = n_val = int(round(n * 0.15))
-        fit.append(windows[: n - n_val - n_cal])
-        validation.append(windows[n - n_val - n_cal : n - n_cal])
-        calibration.append(windows[n - n_cal :])
+        parts["warm_up"].append(windows[:WARM_UP])
+        parts["fit"].append(windows[: n - n_val - n_cal])
+        parts["validation"].append(windows[n - n_val - n_cal : n - n_cal])
+        parts["calibration"].append(windows[n - n_cal :])
+    return parts
+
+
+def direct_pca(fit: list[np.ndarray]) -> tuple[int, Callable[[np.ndarray], np.ndarray]]:
+    """PCA by an eigendecomposition of the fit windows' covariance: its components and its window scores."""
     flat = np.concatenate(fit).reshape(-1, WINDOW * 38).astype(np.float64)
     mean = flat.mean(axis=0)
     values, vectors = np.linalg.eigh((flat - mean).T @ (flat - mean))
@@ -67,6 +80,14 @@ def test_pca_figures_match_a_direct_computation(trained):
         centred = windows.reshape(len(windows), -1).astype(np.float64) - mean
         return np.abs(centred - centred @ basis @ basis.T).mean(axis=1)
 
+    return components, score
+
+
+def test_pca_figures_match_a_direct_computation(trained):
+    result, output = trained
+    parts = training_parts()
+    calibration, validation = parts["calibration"], parts["validation"]
+    components, score = direct_pca(parts["fit"])
     threshold = float(np.quantile(score(np.concatenate(calibration)), 0.99))
     meta = result.artifact.metadata
     assert meta["yardstick"]["components"] == components
@@ -95,3 +116,50 @@ def test_pca_figures_match_a_direct_computation(trained):
         assert recording["fpr"] == pytest.approx(float((scores[-1][normal] > threshold).mean()))
     assert report["pca"]["auc"] == pytest.approx(auc(np.concatenate(scores), np.concatenate(anomalous)), abs=1e-9)
     assert report["pca"]["components"] == components and "auc" in report  # the LSTM's figures beside it
+
+
+def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(tmp_path):
+    """`--score-scale sensor`: the yardstick's threshold is the 0.99 quantile of the calibration scores, each
+    machine's divided by the median score of its own warm-up; the realised false alarms are on validation scores
+    divided so, and `monitor evaluate` divides each test recording's scores by its own warm-up's median."""
+    result = train_small(tmp_path / "model", "sensor")
+    parts = training_parts()
+    _, score = direct_pca(parts["fit"])
+    scales = [float(np.median(score(warm_up))) for warm_up in parts["warm_up"]]
+    meta = result.artifact.metadata
+    assert meta["score_scale"]["training_recordings"]["pca"] == pytest.approx(scales, rel=1e-5)
+    scaled = {
+        part: [score(windows) / scale for windows, scale in zip(parts[part], scales, strict=True)]
+        for part in ("calibration", "validation")
+    }
+    threshold = float(np.quantile(np.concatenate(scaled["calibration"]), 0.99))
+    assert meta["yardstick"]["threshold"]["value"] == pytest.approx(threshold, rel=1e-5)
+    held_out = meta["held_out_false_alarms"]
+    realised = [float((part > threshold).mean()) for part in scaled["validation"]]
+    assert [item["realised"]["pca"] for item in held_out["recordings"]] == pytest.approx(realised)
+    nominal = [float((part > threshold).mean()) for part in scaled["calibration"]]
+    assert [item["nominal"]["pca"] for item in held_out["recordings"]] == pytest.approx(nominal)
+    assert held_out["nominal"]["pca"] == pytest.approx(
+        float((np.concatenate(scaled["calibration"]) > threshold).mean())
+    )
+
+    data = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
+    labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
+    done = run_cli(
+        "evaluate",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        *data,
+        "--labels",
+        *labels,
+        "--stride",
+        str(STRIDE),
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["score_scale"] == "sensor"
+    for machine, recording in zip(MACHINES, report["pca"]["recordings"], strict=True):
+        windows, _ = normalise_recording(cut(np.load(EXCERPT / f"{machine}_test.npy")), WARM_UP, RATE)
+        assert recording["score_scale"] == pytest.approx(float(np.median(score(windows[:WARM_UP]))), rel=1e-5)
