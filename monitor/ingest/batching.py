@@ -3,7 +3,8 @@
 The MQTT thread puts ready windows; a full queue makes it wait, up to the caller's bound (the daemon is behind:
 while the MQTT thread waits it reads no input, which waits at the broker), then refuses the window (the caller
 counts the drop). With a `key` (the sensor id), the queue counts each key's windows, so the caller can bound one
-sensor's share of it. The scoring thread takes batches: it waits for a first window, then
+sensor's share of it, and put the windows of a sensor holding more than its fair share behind the others'. The
+scoring thread takes batches: it waits for a first window, then
 gathers more until the batch is full or the first window has waited `max_wait_seconds` since its
 last sample arrived, whichever comes first. Under a backlog the deadline has already passed, so
 batches are filled straight from the queue and no time is spent waiting.
@@ -11,10 +12,9 @@ batches are filled straight from the queue and no time is spent waiting.
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -62,25 +62,41 @@ class KeyShares:
 
 
 class WindowQueue(Generic[ItemT]):
-    """A bounded FIFO of ready windows, counted by `key` when one is given."""
+    """A bounded queue of ready windows in two lanes, counted by `key` when one is given.
+
+    `offer(..., behind=True)` puts a window in the second lane (its sensor holds more than its fair share); `get`
+    takes from the first lane first, so the other sensors' windows are not scored behind a flood. A key with windows
+    in the second lane keeps its later ones there too, so each sensor's windows stay in order."""
 
     def __init__(self, capacity: int, key: Callable[[ItemT], str] | None = None) -> None:
         self.capacity = capacity
-        self._queue: queue.Queue[ItemT] = queue.Queue(maxsize=capacity)
         self._key = key
         self._shares = KeyShares()
+        self._lanes: tuple[deque[ItemT], deque[ItemT]] = (deque(), deque())
+        self._behind: Counter[str] = Counter()  # each key's windows in the second lane
+        self._size = 0
+        lock = threading.Lock()
+        self._not_full = threading.Condition(lock)
+        self._not_empty = threading.Condition(lock)
 
-    def offer(self, item: ItemT, wait_seconds: float = 0.0) -> bool:
+    def offer(self, item: ItemT, wait_seconds: float = 0.0, behind: bool = False) -> bool:
         """Put, waiting up to `wait_seconds` for room; False when the queue stayed full."""
         key = None if self._key is None else self._key(item)
         if key is not None:  # counted before it can be taken, so a count is never below what is queued
             self._shares.add(key)
-        try:
-            self._queue.put(item, timeout=wait_seconds) if wait_seconds > 0 else self._queue.put_nowait(item)
-        except queue.Full:
-            if key is not None:
-                self._shares.remove(key)
-            return False
+        with self._not_full:
+            if self._size >= self.capacity and wait_seconds > 0:
+                self._not_full.wait_for(lambda: self._size < self.capacity, wait_seconds)
+            if self._size >= self.capacity:
+                if key is not None:
+                    self._shares.remove(key)
+                return False
+            lane = int(key is not None and (behind or self._behind[key] > 0))
+            if lane and key is not None:
+                self._behind[key] += 1
+            self._lanes[lane].append(item)
+            self._size += 1
+            self._not_empty.notify()
         return True
 
     def queued_for(self, key: str) -> int:
@@ -93,15 +109,24 @@ class WindowQueue(Generic[ItemT]):
         return self._shares.over_share(key, floor, self.capacity / max(keys, 1))
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        with self._not_empty:
+            return self._size
 
     def get(self, timeout_seconds: float) -> ItemT | None:
-        try:
-            item = (
-                self._queue.get(timeout=max(timeout_seconds, 0.0)) if timeout_seconds > 0 else self._queue.get_nowait()
-            )
-        except queue.Empty:
-            return None
+        with self._not_empty:
+            if not self._size and timeout_seconds > 0:
+                self._not_empty.wait_for(lambda: self._size > 0, timeout_seconds)
+            if not self._size:
+                return None
+            lane = 0 if self._lanes[0] else 1
+            item = self._lanes[lane].popleft()
+            self._size -= 1
+            if lane and self._key is not None:
+                key = self._key(item)
+                self._behind[key] -= 1
+                if not self._behind[key]:
+                    del self._behind[key]
+            self._not_full.notify()
         if self._key is not None:
             self._shares.remove(self._key(item))
         return item

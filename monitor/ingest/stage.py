@@ -187,12 +187,14 @@ class Ingest:
         windows = self.windows
         if self._over_share(window.sensor_id):
             return "sensor_share"
-        if windows.offer(window):
+        # More than its fair share queued: behind the other sensors' windows (`WindowQueue`), not dropped yet.
+        behind = windows.queued_for(window.sensor_id) > windows.capacity / max(self.assembler.active_sensors, 1)
+        if windows.offer(window, behind=behind):
             return None
         if self.admission_wait_seconds <= 0:
             return "queue_full"
         started = time.monotonic()
-        queued = windows.offer(window, self.admission_wait_seconds)
+        queued = windows.offer(window, self.admission_wait_seconds, behind)
         self.metrics.input_waits.inc()
         self.metrics.input_wait_seconds.inc(time.monotonic() - started)
         return None if queued else "queue_full"

@@ -96,3 +96,14 @@ def test_queue_counts_windows_by_key_and_waits_for_room():
     threading.Timer(0.2, lambda: queue.get(0.0)).start()  # the scorer takes one while the input waits
     assert queue.offer(Item(0.0, 1), wait_seconds=5.0)
     assert (queue.queued_for("s0"), queue.queued_for("s1"), queue.depth()) == (1, 1, 2)
+
+
+def test_windows_put_behind_wait_for_the_others_and_each_key_stays_in_order():
+    queue: WindowQueue[Item] = WindowQueue(10, key=lambda item: "flood" if item.name < 100 else "calm")
+    assert queue.offer(Item(0.0, 0))  # the flooder's first window, within its share
+    assert queue.offer(Item(0.0, 1), behind=True) and queue.offer(Item(0.0, 2), behind=True)
+    assert queue.offer(Item(0.0, 3))  # not asked to wait, but its earlier windows are behind: it follows them
+    assert queue.offer(Item(0.0, 100)) and queue.offer(Item(0.0, 101))
+    taken = [item.name for item in iter(lambda: queue.get(0.0), None)]
+    assert taken == [0, 100, 101, 1, 2, 3]
+    assert queue.offer(Item(0.0, 4)) and queue.get(0.0).name == 4  # nothing behind any more: the first lane again
