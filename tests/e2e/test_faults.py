@@ -747,9 +747,9 @@ class CountingQueue(WindowQueue):
         super().__init__(capacity)
         self.offered = 0
 
-    def offer(self, item: Window, wait_seconds: float = 0.0) -> bool:
+    def offer(self, item: Window, wait_seconds: float = 0.0, behind: bool = False) -> bool:
         self.offered += 1
-        return super().offer(item, wait_seconds)
+        return super().offer(item, wait_seconds, behind)
 
 
 FUZZ_WINDOW = 8
