@@ -113,10 +113,17 @@ class WindowQueue(Generic[ItemT]):
             return self._size
 
     def get(self, timeout_seconds: float) -> ItemT | None:
+        taken = self.take(timeout_seconds)
+        return None if taken is None else taken[0]
+
+    def take(self, timeout_seconds: float, first_lane_only: bool = False) -> tuple[ItemT, int] | None:
+        """The next window and its lane (0 first, 1 behind), waiting up to `timeout_seconds`; with
+        `first_lane_only`, only a window of the first lane."""
         with self._not_empty:
-            if not self._size and timeout_seconds > 0:
-                self._not_empty.wait_for(lambda: self._size > 0, timeout_seconds)
-            if not self._size:
+            ready = (lambda: bool(self._lanes[0])) if first_lane_only else (lambda: self._size > 0)
+            if not ready() and timeout_seconds > 0:
+                self._not_empty.wait_for(ready, timeout_seconds)
+            if not ready():
                 return None
             lane = 0 if self._lanes[0] else 1
             item = self._lanes[lane].popleft()
@@ -129,7 +136,7 @@ class WindowQueue(Generic[ItemT]):
             self._not_full.notify()
         if self._key is not None:
             self._shares.remove(self._key(item))
-        return item
+        return item, lane
 
 
 class MicroBatcher(Generic[ItemT]):
@@ -148,20 +155,22 @@ class MicroBatcher(Generic[ItemT]):
         self.clock = clock
 
     def next_batch(self, stop: threading.Event, poll_seconds: float = 0.1) -> list[ItemT]:
-        """The next batch; empty when `stop` is set and nothing is queued, or after `poll_seconds` idle."""
-        first = self.source.get(poll_seconds)
-        if first is None:
+        """The next batch; empty when `stop` is set and nothing is queued, or after `poll_seconds` idle. A batch that
+        starts in the queue's first lane takes only from it, so the windows put behind do not slow it down."""
+        taken = self.source.take(poll_seconds)
+        if taken is None:
             return []
+        first, lane = taken
         batch = [first]
         deadline = first.completed_at + self.max_wait_seconds
         while len(batch) < self.max_batch:
-            item = self.source.get(0.0)
-            if item is None:
+            taken = self.source.take(0.0, first_lane_only=lane == 0)
+            if taken is None:
                 remaining = deadline - self.clock()
                 if remaining <= 0 or stop.is_set():
                     break
-                item = self.source.get(remaining)
-                if item is None:
+                taken = self.source.take(remaining, first_lane_only=lane == 0)
+                if taken is None:
                     break
-            batch.append(item)
+            batch.append(taken[0])
         return batch

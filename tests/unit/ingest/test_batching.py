@@ -107,3 +107,13 @@ def test_windows_put_behind_wait_for_the_others_and_each_key_stays_in_order():
     taken = [item.name for item in iter(lambda: queue.get(0.0), None)]
     assert taken == [0, 100, 101, 1, 2, 3]
     assert queue.offer(Item(0.0, 4)) and queue.get(0.0).name == 4  # nothing behind any more: the first lane again
+
+
+def test_a_batch_that_starts_in_the_first_lane_leaves_the_windows_put_behind_for_the_next():
+    queue: WindowQueue[Item] = WindowQueue(10, key=lambda item: "flood" if item.name < 100 else "calm")
+    for name in range(3):
+        assert queue.offer(Item(0.0, name), behind=True)
+    assert queue.offer(Item(0.0, 100)) and queue.offer(Item(0.0, 101))
+    batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=0.0)
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [100, 101]
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [0, 1, 2]
