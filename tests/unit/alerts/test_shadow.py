@@ -43,6 +43,17 @@ def test_a_missing_or_misshapen_shadow_is_refused_by_its_key(live, tmp_path):
         load_shadow_engine(settings.model_copy(update={"shadow_path": other}), live, load_engine)
 
 
+def test_a_shadow_is_refused_next_to_a_model_that_scales_its_sensors_scores(live):
+    """The sensors' score scales are measured by the live model: a shadow's scores could not be compared."""
+    settings = ModelSettings(path=DEFAULT_MODEL, device="cpu", shadow_path=DEFAULT_MODEL)
+    scaled = dataclasses.replace(live, score_scale=True)
+    with pytest.raises(ConfigError, match="model.shadow_path: not with a model that scales its sensors' scores"):
+        load_shadow_engine(settings, scaled, load_engine)
+    with pytest.raises(ConfigError, match="model.shadow_path: not with a model that scales"):
+        load_shadow_engine(settings, live, lambda model: dataclasses.replace(load_engine(model), score_scale=True))
+    assert load_shadow_engine(settings, live, load_engine) is not None  # neither scaled: a shadow as before
+
+
 class FailingScorer:
     def score(self, windows: np.ndarray) -> Scores:
         raise RuntimeError("out of memory")
