@@ -1,22 +1,13 @@
 """Machines with many channels: the LSTM and its PCA yardstick on four Server Machine Dataset machines (38 channels).
 
-    .venv/bin/python -m bench.smd_multichannel --data-dir ../shared/data/smd-dev [--level-dims 0 16 24 32]
-        [--seeds 0 1 2] [--epochs 30] [--jobs N] [--out bench/smd_multichannel.json]
-        [--markdown bench/smd_multichannel.md] [--reuse bench/smd_multichannel.json]
+    .venv/bin/python -m bench.smd_multichannel --data-dir DIR [--level-dims 0 16 24 32] [--seeds 0 1 2]
+        [--epochs 30] [--jobs N] [--out FILE.json] [--markdown FILE.md] [--reuse FILE.json]
 
-Each run is `monitor train` (the library's `train`, as the command runs it) with one model on the four machines'
-train halves: windows 30 / stride 10, `--baseline sensor --baseline-windows 100`, embedding 32, batch 64, learning
-rate 0.003, one thread, the level path of width K (`--level-dims`; 0: none). Then `monitor evaluate --stride 10`
-(the library's `evaluate`) on the four test halves, which gives the LSTM's and the PCA yardstick's figures on the
-same windows. Every K is trained with the first seed; the K with the lowest validation loss (the last windows
-before each train half's calibration part: normal data, no test labels) is trained again with the other seeds,
-then with every seed and `--score-scale sensor` (each machine's scores divided by the median score of its warm-up;
-the PCA yardstick's by its own, so it stays like for like). `--reuse` takes the runs an earlier results file holds
-for the same K, seed, score scale and epochs instead of training them again (training is deterministic per seed).
-
-Results: every run's validation loss, realised false alarms on the validation windows against the nominal rate,
-and per machine and pooled ROC AUC and false-positive rate on the test halves, as JSON and two Markdown tables
-(the figures; per machine false alarms of the chosen K's first seed and its yardstick, with and without the scale).
+Each run is `monitor train` (RECIPE, one model on the four train halves, level path of width K; 0: none), then
+`monitor evaluate --stride 10` on the four test halves, which scores the LSTM and the PCA yardstick on the same
+windows. Every K is trained with the first seed; the K with the lowest validation loss (normal data, no test labels)
+is trained again with the other seeds, then with every seed and `--score-scale sensor`. `--reuse` takes the matching
+runs of an earlier results file (training is deterministic per seed). Results: JSON and two Markdown tables.
 """
 
 from __future__ import annotations
@@ -65,6 +56,14 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def by_machine(recordings: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    return {Path(item["data"]).name.removesuffix("_train.npy"): item[key] for item in recordings}
+
+
+def row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 Job = tuple[Path, int, int, int, str]
 
 
@@ -103,12 +102,8 @@ def run(job: Job) -> dict[str, Any]:
         "false_alarms_validation": {
             "nominal": held_out["nominal"],
             "realised": held_out["realised"],
-            "machines": {
-                Path(item["data"]).name.removesuffix("_train.npy"): item["realised"] for item in held_out["recordings"]
-            },
-            "machines_nominal": {
-                Path(item["data"]).name.removesuffix("_train.npy"): item["nominal"] for item in held_out["recordings"]
-            },
+            "machines": by_machine(held_out["recordings"], "realised"),
+            "machines_nominal": by_machine(held_out["recordings"], "nominal"),
         },
         "lstm": figures(summary),
         "pca": {"components": summary["pca"]["components"], **figures(summary["pca"])},
@@ -153,14 +148,14 @@ def table(runs: list[dict[str, Any]]) -> list[str]:
             f"{nominal:.2%} -> {realised:.2%}",
         ]
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [row(header), "|" + "---|" * len(header)]
     for item in runs:
         held = item["false_alarms_validation"]
         rates = cells(item["lstm"], held["nominal"]["lstm"], held["realised"]["lstm"])
-        lines.append("| " + " | ".join([name_of(item), f"{item['validation_loss']:.4f}", *rates]) + " |")
+        lines.append(row([name_of(item), f"{item['validation_loss']:.4f}", *rates]))
     for name, pca, held in yardsticks(runs):
         rates = cells(pca, held["nominal"]["pca"], held["realised"]["pca"])
-        lines.append("| " + " | ".join([name, "", *rates]) + " |")
+        lines.append(row([name, "", *rates]))
     return lines
 
 
@@ -169,7 +164,7 @@ def false_alarm_table(runs: list[dict[str, Any]], level_dim: int) -> list[str]:
     windows, for the first seed of `level_dim` without and with the score scale, and the PCA yardstick beside each."""
     header = ["model", "nominal, pooled"]
     header += [f"{m.removeprefix('machine-')}: test, nominal -> realised" for m in MACHINES]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [row(header), "|" + "---|" * len(header)]
     for flag in (False, True):
         item = next((i for i in runs if i["level_dim"] == level_dim and scaled(i) == flag), None)
         if item is None:
@@ -181,7 +176,7 @@ def false_alarm_table(runs: list[dict[str, Any]], level_dim: int) -> list[str]:
                 f"{held['machines_nominal'][m][model]:.2%} -> {held['machines'][m][model]:.2%}"
                 for m in MACHINES
             ]
-            lines.append("| " + " | ".join([name, f"{held['nominal'][model]:.2%}", *rates]) + " |")
+            lines.append(row([name, f"{held['nominal'][model]:.2%}", *rates]))
     return lines
 
 

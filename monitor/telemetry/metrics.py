@@ -235,8 +235,7 @@ class Metrics:
             self.messages.labels(outcome)
         for reason in WINDOW_DROP_REASONS:
             self.windows_dropped.labels(reason)
-        for reason in ALERT_DROP_REASONS:
-            self.alerts_dropped.labels(reason)
+        self.declare(self.alerts_dropped, ALERT_DROP_REASONS)
         for outcome in RELOAD_OUTCOMES:
             self.model_reloads.labels(outcome)
         self.threshold.set(threshold)
@@ -303,10 +302,8 @@ class Metrics:
         self.episodes_open = Gauge(
             "monitor_episodes_open", "Sensors with an episode, by state", ["state"], registry=registry
         )
-        for reason in PUBLISH_DROP_REASONS:
-            self.episode_messages_dropped.labels(reason)
-        for state in EPISODE_STATES:
-            self.episodes_open.labels(state)
+        self.declare(self.episode_messages_dropped, PUBLISH_DROP_REASONS)
+        self.declare(self.episodes_open, EPISODE_STATES)
 
     def _drift_metrics(self, registry: CollectorRegistry) -> None:
         self.drift_psi = Gauge(
