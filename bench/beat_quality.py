@@ -228,7 +228,7 @@ def main() -> None:
         for name, labelled in test_parts.items():
             score = score_fn(labelled.windows) / spec.error_scale(labelled.stretch)
             if kind == "model":  # the model's score as the daemon's: at least its timing score
-                score = np.maximum(score, spec.timing_score(labelled.prematurity, labelled.rr_spread))
+                score = np.maximum(score, spec.timing_score(labelled.earliness, labelled.rr_spread))
             scorable = labelled.scorable
             if args.context_gate is not None:
                 scorable = scorable & (labelled.stretch <= args.context_gate)

@@ -56,6 +56,16 @@ the normal calibration beats' reconstruction errors (divided by their error scal
 the normal fit beats' timing at `timing_quantile` scores as much as that threshold (`BeatSpec.beat_scores`
 combines the two). Without a floor (models from before the spread) the timing is the prematurity itself.
 
+The interval after the beat (`next_beat_seconds`): a premature beat is followed by a pause (a full compensatory
+one after a V beat), whereas a rhythm that sped up (sinus arrhythmia) goes on at its new pace, and an extra
+detection (noise, a tall T wave) splits one normal interval in two. With `next_beat_seconds` a beat is cut only
+once the next beat is detected, or once that long has passed without one (the decision waits at most that long
+plus the detector's look-ahead), and the timing uses its `earliness` instead of its prematurity: at most how
+much shorter its interval is than the next one (1 - RR / next RR), and, when its interval and the one before
+together come within INTERPOSED_TOLERANCE of the reference RR (the beat before was interposed: an extra detection
+or an interpolated beat), at most the prematurity of the two together. The model's channels do not change. Without
+it (models from before it) a beat is cut as soon as its span is complete and its earliness is its prematurity.
+
 Signal quality: a beat is scored only if it is judged scorable:
 
 - `warmup`: the sensor has no template yet (`dominant`: its warm-up is not complete after a start, a reset or a
@@ -107,6 +117,7 @@ RR_HISTORY = 8
 STRETCH_BEATS = 4
 MAX_ALIGN_STEPS = 32  # shifts tried on each side at most (every sample up to 32 samples, coarser beyond)
 UNSCORABLE_REASONS = ("warmup", "flat", "noise")
+INTERPOSED_TOLERANCE = 0.15  # two intervals within this of the reference RR together: the beat between was interposed
 
 
 @dataclass(frozen=True)
@@ -131,6 +142,7 @@ class BeatSpec:
     timing_gain: float | None = None  # set by training; a beat scores at least timing_gain * its timing (module doc)
     rr_spread_beats: int = 32  # the sensor's normal RR spread is measured over this many last normal beats ...
     rr_spread_floor: float | None = None  # ... and taken as at least this; None: prematurity is not divided by it
+    next_beat_seconds: float | None = None  # a beat waits up to this long for the next (module doc); None: no wait
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -155,12 +167,13 @@ class BeatSpec:
             or not (self.timing_gain is None or self.timing_gain >= 0)
             or self.rr_spread_beats < 1
             or not (self.rr_spread_floor is None or self.rr_spread_floor > 0)
+            or not (self.next_beat_seconds is None or 0 < self.next_beat_seconds <= 5)
         ):
             raise ValueError(
                 "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
-                "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1 and "
-                "rr_spread_floor > 0 (or none) are required"
+                "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1, "
+                "rr_spread_floor > 0 (or none) and 0 < next_beat_seconds <= 5 (or none) are required"
             )
 
     def error_scale(self, stretch: np.ndarray | float) -> np.ndarray:
@@ -169,21 +182,22 @@ class BeatSpec:
         stretch = np.asarray(stretch, dtype=np.float64)
         return np.ones_like(stretch) if self.stretch_limit is None else np.maximum(1.0, stretch / self.stretch_limit)
 
-    def timing_score(self, prematurity: np.ndarray | float, rr_spread: np.ndarray | float) -> np.ndarray:
-        """The least score a beat gets from its timing alone: timing_gain * prematurity, the prematurity divided by
-        the sensor's normal RR spread (at least `rr_spread_floor`; not divided without a floor); 0 without a gain."""
-        prematurity = np.asarray(prematurity, dtype=np.float64)
+    def timing_score(self, earliness: np.ndarray | float, rr_spread: np.ndarray | float) -> np.ndarray:
+        """The least score a beat gets from its timing alone: timing_gain * its earliness (`Beat.earliness`) divided
+        by the sensor's normal RR spread (at least `rr_spread_floor`; not divided without a floor); 0 without a
+        gain."""
+        earliness = np.asarray(earliness, dtype=np.float64)
         if self.timing_gain is None:
-            return np.zeros_like(prematurity)
+            return np.zeros_like(earliness)
         if self.rr_spread_floor is None:
-            return self.timing_gain * prematurity
-        return self.timing_gain * prematurity / np.maximum(self.rr_spread_floor, rr_spread)
+            return self.timing_gain * earliness
+        return self.timing_gain * earliness / np.maximum(self.rr_spread_floor, rr_spread)
 
     def beat_scores(
-        self, errors: np.ndarray, stretch: np.ndarray, prematurity: np.ndarray, rr_spread: np.ndarray
+        self, errors: np.ndarray, stretch: np.ndarray, earliness: np.ndarray, rr_spread: np.ndarray
     ) -> np.ndarray:
         """Beats' scores: reconstruction error / error scale, at least the timing score (module doc)."""
-        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(prematurity, rr_spread))
+        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(earliness, rr_spread))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -211,6 +225,7 @@ class BeatSpec:
             "timing_gain",
             "rr_spread_beats",
             "rr_spread_floor",
+            "next_beat_seconds",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -236,6 +251,7 @@ class Beat:
     prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
     rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
+    earliness: float  # what the timing scores: the prematurity, at most 1 - RR / next RR and ... (module doc)
 
     @property
     def scorable(self) -> bool:
@@ -271,6 +287,8 @@ class BeatStream:
         self.noise_before = int(round(NOISE_BEFORE_SECONDS * self.fs))
         self.noise_after = int(round(NOISE_AFTER_SECONDS * self.fs))
         self.lookahead = int(np.ceil(self.detector.lookahead_seconds * self.fs)) + 1
+        seconds = self.spec.next_beat_seconds
+        self.wait = None if seconds is None else int(round(seconds * self.fs))  # samples a beat waits for the next
         self._raw = np.zeros(0)  # raw samples from stream index self._raw_start on
         self._raw_start = 0
         self._band = np.zeros(0)  # QRS-band signal, delay removed: _band[i] belongs to raw index _raw_start + i
@@ -283,6 +301,7 @@ class BeatStream:
         self._noise: deque[float] = deque(maxlen=NOISE_HISTORY)  # noise ratios of the last beats
         self._distances: deque[float] = deque(maxlen=STRETCH_BEATS)  # the last beats' distances from the template
         self._last_r: int | None = None
+        self._last_rr: int | None = None  # the interval before the last beat cut
         self.beats = 0
         self._warm: list[tuple[np.ndarray, int | None]] = []  # dominant: clean warm-up beats (shape, RR before it)
         self._judged: deque[bool] = deque(maxlen=self.spec.relearn_beats)  # dominant: the last clean beats, normal?
@@ -294,7 +313,8 @@ class BeatStream:
 
     @property
     def buffered_samples(self) -> int:
-        """Raw samples held (about 1.5 s: the noise measure's look-back, the span and the detector's look-ahead)."""
+        """Raw samples held (about 1.5 s: the noise measure's look-back, the span and the detector's look-ahead;
+        up to `next_beat_seconds` more while a beat waits for the next)."""
         return len(self._raw)
 
     def feed(self, samples: np.ndarray) -> list[Beat]:
@@ -307,12 +327,37 @@ class BeatStream:
         self._band = np.concatenate((self._band, self.detector.last_band[skip:]))
         self._pending.extend(peaks)
         out: list[Beat] = []
-        while self._pending and self._pending[0] + self.after <= self.received:
-            out.append(self._cut(self._pending.popleft()))
+        while self._pending and self._decidable(self._pending[0]):
+            r = self._pending.popleft()
+            out.append(self._cut(r, self._pending[0] - r if self._pending else None))
         self._trim()
         return out
 
-    def _cut(self, r: int) -> Beat:
+    def _decidable(self, r: int) -> bool:
+        """Whether the beat at r can be cut: its span is complete and, with `next_beat_seconds`, the next beat is
+        detected or cannot come within that long any more. A beat the detector has not reported yet lies at most its
+        look-ahead plus its fiducial search before the samples received, so the answer does not depend on how the
+        stream was cut into messages."""
+        if r + self.after > self.received:
+            return False
+        settled = r + self.wait + self.lookahead + self.detector.fiducial if self.wait is not None else r
+        return len(self._pending) > 1 or self.received > settled
+
+    def _earliness(self, rr: int | None, next_rr: int | None, reference: float | None, prematurity: float) -> float:
+        """The beat's earliness (module doc): its prematurity, at most how much shorter its interval is than the
+        next, and after an interposed beat at most the prematurity of its interval and the one before together."""
+        if self.wait is None or rr is None or reference is None:
+            return prematurity
+        earliness = prematurity
+        if next_rr is not None and next_rr <= self.wait:
+            earliness = min(earliness, max(0.0, 1.0 - rr / next_rr))
+        if self._last_rr is not None:
+            together = (self._last_rr + rr) / reference
+            if abs(together - 1.0) <= INTERPOSED_TOLERANCE:
+                earliness = min(earliness, max(0.0, 1.0 - together))
+        return earliness
+
+    def _cut(self, r: int, next_rr: int | None = None) -> Beat:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
         template = _median(np.stack(self._templates)) if self._templates else None
@@ -330,7 +375,10 @@ class BeatStream:
             reason = None
         diff = shape - (shape if template is None else template)
         distance = float(np.sqrt(np.mean(diff**2)))
-        relative_rr = 0.0 if rr is None or not self._rr else rr / statistics.median(self._rr) - 1.0
+        reference = statistics.median(self._rr) if self._rr else None
+        relative_rr = 0.0 if rr is None or reference is None else rr / reference - 1.0
+        earliness = self._earliness(rr, next_rr, reference, max(0.0, -relative_rr))
+        self._last_rr = rr
         rr_spread = statistics.median(self._rr_deviation) if self._rr_deviation else 0.0
         channels = {
             "beat": shape,
@@ -357,7 +405,7 @@ class BeatStream:
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(
             index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch,
-            max(0.0, -relative_rr), normal, rr_spread,
+            max(0.0, -relative_rr), normal, rr_spread, earliness,
         )  # fmt: skip
 
     def _learn_rr(self, rr: int, relative_rr: float) -> None:
@@ -480,6 +528,7 @@ class BeatStream:
             "noise": list(self._noise),
             "distances": list(self._distances),
             "last_r": self._last_r,
+            "last_rr": self._last_rr,
             "beats": self.beats,
             "warm": [[encode(shape), rr] for shape, rr in self._warm],
             "judged": [int(normal) for normal in self._judged],
@@ -508,6 +557,7 @@ class BeatStream:
         stream._noise.extend(float(value) for value in state["noise"])
         stream._distances.extend(float(value) for value in state.get("distances", ()))  # absent before stretch scaling
         stream._last_r = None if state["last_r"] is None else int(state["last_r"])
+        stream._last_rr = None if state["last_rr"] is None else int(state["last_rr"])
         stream.beats = int(state["beats"])
         stream._warm = [(decode_array(shape, "<f8"), None if rr is None else int(rr)) for shape, rr in state["warm"]]
         stream._judged.extend(bool(normal) for normal in state["judged"])

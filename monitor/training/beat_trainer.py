@@ -71,6 +71,9 @@ class BeatSettings(Strict):
     # rr_spread_floor (beats.py); null: not divided
     rr_spread_beats: int = Field(default=32, ge=1)
     rr_spread_floor: float | None = Field(default=0.02, gt=0)
+    # the timing looks at the interval after the beat, waiting for the next beat up to this long (beats.py); null:
+    # no wait, the timing is the prematurity
+    next_beat_seconds: float | None = Field(default=2.0, gt=0, le=5)
 
     def spec(self) -> BeatSpec:
         """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""
@@ -352,7 +355,7 @@ def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np
     use = beats.scorable
     if use.any():
         errors = scorer.score_all(beats.windows[use]).errors
-        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.prematurity[use], beats.rr_spread[use])
+        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.earliness[use], beats.rr_spread[use])
     return scores
 
 
