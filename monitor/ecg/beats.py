@@ -79,6 +79,12 @@ Signal quality: a beat is scored only if it is judged scorable:
   dividing by the sensor's usual QRS peak (not this beat's) keeps a wide ectopic beat, whose own band peak is
   low, from being taken for noise. The absolute limit catches a sensor noisy from its start, the relative one
   a noisy stretch of a sensor whose usual floor is higher (lead V5, small QRS).
+  Learning is stricter than scoring (`learn_max_noise_ratio`, `learn_relative_noise`): a beat above those limits
+  but within the scoring ones is scored (`Beat.noisy`), but feeds neither the template, the RR reference nor the
+  judgement of the dominant rhythm, and training leaves it out. A wide ectopic beat's own QRS band and that of the
+  beat before it fill more of the 1.3 s than a narrow beat's (MIT-BIH 208: about twice the noise ratio of its
+  normal beats), so the limits that keep the template clean would leave such a beat unscored. Without them (models
+  from before) both are the scoring limits.
 
 Noisy stretches (`stretch_limit`): a beat's `stretch` is the smallest distance from the template (RMS of
 `template_diff`) among the STRETCH_BEATS beats before it (with `dominant`; the median without). One odd beat among
@@ -132,6 +138,8 @@ class BeatSpec:
     warmup_beats: int = 8
     max_noise_ratio: float = 0.25
     relative_noise: float = 2.0
+    learn_max_noise_ratio: float | None = None  # a beat noisier than these is scored but not learned from (module
+    learn_relative_noise: float | None = None  # doc); None: the scoring limits above
     align_seconds: float = 0.05  # template alignment search, +-; 0 = the detector's fiducial point as it is
     detrend: bool = True  # subtract the span's least-squares line before the z-score (baseline wander)
     stretch_limit: float | None = None  # set by training; None: scores are not scaled by the stretch (module doc)
@@ -159,6 +167,8 @@ class BeatSpec:
             or not 0 <= self.warmup_beats <= self.template_beats
             or not self.max_noise_ratio > 0
             or not self.relative_noise > 0
+            or not (self.learn_max_noise_ratio is None or 0 < self.learn_max_noise_ratio <= self.max_noise_ratio)
+            or not (self.learn_relative_noise is None or 0 < self.learn_relative_noise <= self.relative_noise)
             or not 0 <= self.align_seconds <= 0.2
             or not (self.stretch_limit is None or self.stretch_limit > 0)
             or not self.normal_distance > 0
@@ -170,7 +180,8 @@ class BeatSpec:
             or not (self.next_beat_seconds is None or 0 < self.next_beat_seconds <= 5)
         ):
             raise ValueError(
-                "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
+                "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 (the learning ones at "
+                "most the scoring ones), "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
                 "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1, "
                 "rr_spread_floor > 0 (or none) and 0 < next_beat_seconds <= 5 (or none) are required"
@@ -215,6 +226,8 @@ class BeatSpec:
             "warmup_beats",
             "max_noise_ratio",
             "relative_noise",
+            "learn_max_noise_ratio",
+            "learn_relative_noise",
             "align_seconds",
             "detrend",
             "stretch_limit",
@@ -247,6 +260,7 @@ class Beat:
     window: np.ndarray
     reason: str | None
     noise_ratio: float
+    noisy: bool  # above the learning noise limits (scored if within the scoring ones): not learned from
     stretch: float  # distance from the template of the STRETCH_BEATS beats before this one (module doc)
     prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
@@ -362,14 +376,14 @@ class BeatStream:
         self._last_r = r
         template = _median(np.stack(self._templates)) if self._templates else None
         shift, shape, std, at_fiducial = self._aligned(r, template)
-        noise, noisy = self._noise_ratio(r)
+        noise, noisy, unscorable = self._noise_ratio(r)
         clean = std > 1e-9 and not noisy
         warming = template is None if self.spec.dominant else len(self._templates) < self.spec.warmup_beats
         if warming:
             reason = "warmup"
         elif std <= 1e-9:
             reason = "flat"
-        elif noisy:
+        elif unscorable:
             reason = "noise"
         else:
             reason = None
@@ -404,7 +418,7 @@ class BeatStream:
         end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(
-            index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch,
+            index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, noisy, stretch,
             max(0.0, -relative_rr), normal, rr_spread, earliness,
         )  # fmt: skip
 
@@ -486,8 +500,9 @@ class BeatStream:
         best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
         return int(shifts[best]), shapes[best], float(stds[best]), shapes[0]
 
-    def _noise_ratio(self, r: int) -> tuple[float, bool]:
-        """(noise ratio, too noisy) of the beat at r; updates the sensor's peak and noise history."""
+    def _noise_ratio(self, r: int) -> tuple[float, bool, bool]:
+        """(noise ratio, too noisy to learn from, too noisy to score) of the beat at r; updates the sensor's peak and
+        noise history."""
         local = r - self._raw_start
         band = self._band
         qrs = np.abs(band[max(0, local - self.qrs_half) : local + self.qrs_half + 1])
@@ -496,8 +511,12 @@ class BeatStream:
         floor = np.abs(band[max(0, local - self.noise_before) : local + self.noise_after + 1])
         ratio = float(_median(floor)) / usual_peak if usual_peak > 0 and floor.size else float("inf")
         self._noise.append(ratio)
-        noisy = ratio > self.spec.max_noise_ratio or ratio > self.spec.relative_noise * statistics.median(self._noise)
-        return ratio, noisy
+        usual = statistics.median(self._noise)
+        spec = self.spec
+        unscorable = ratio > spec.max_noise_ratio or ratio > spec.relative_noise * usual
+        learn_max = spec.max_noise_ratio if spec.learn_max_noise_ratio is None else spec.learn_max_noise_ratio
+        learn_relative = spec.relative_noise if spec.learn_relative_noise is None else spec.learn_relative_noise
+        return ratio, unscorable or ratio > learn_max or ratio > learn_relative * usual, unscorable
 
     def _trim(self) -> None:
         if not self.detector.learned:  # beats of the learning phase are reported when it ends: keep all of it

@@ -390,3 +390,25 @@ def test_a_beat_waits_for_the_next_at_most_next_beat_seconds_plus_the_detectors_
     before_pause = max(r for r, _ in delays if r < pause)
     assert dict(delays)[before_pause] > 2.0 * fs  # it waited, then was cut without the next beat
     assert np.median([delay for _, delay in delays]) < 1.5 * fs  # the others: once the next beat is detected
+
+
+def test_a_beat_too_noisy_to_learn_from_is_still_scored_and_a_wide_ectopic_beat_no_longer_goes_unscored():
+    """MIT-BIH 208 (frequent PVCs): with learning limits stricter than the scoring ones, the template, RR reference
+    and judgements are exactly those of the strict limits alone; the beats between the two are scored and marked
+    noisy, and fewer V beats go unscored than with the strict limits."""
+    recording = read_recording(VENDORED / "test" / "208_excerpt.npy", 360, VENDORED / "test" / "208_excerpt.csv")
+    strict = BeatSpec(dominant=True, max_noise_ratio=0.25, relative_noise=2.0)
+    lenient = BeatSpec(
+        dominant=True, max_noise_ratio=0.3, relative_noise=3.0, learn_max_noise_ratio=0.25, learn_relative_noise=2.0
+    )
+    before, after = (label_beats(recording, cut_beats(recording.signal, 360, spec)) for spec in (strict, lenient))
+    assert np.array_equal(before.windows, after.windows)
+    assert [b.normal for b in before.beats] == [b.normal for b in after.beats]
+    assert np.array_equal(before.earliness, after.earliness) and np.array_equal(before.stretch, after.stretch)
+    newly = np.array([a.reason == "noise" and b.reason is None for a, b in zip(before.beats, after.beats, strict=True)])
+    assert newly.sum() >= 5 and all(after.beats[i].noisy for i in np.flatnonzero(newly))
+    assert not any(b.noisy for a, b in zip(before.beats, after.beats, strict=True) if a.reason is None)
+    unscored_v = [int(((labelled.classes == "V") & ~labelled.scorable).sum()) for labelled in (before, after)]
+    assert unscored_v[1] < unscored_v[0]
+    with pytest.raises(ValueError, match="learning ones at most the scoring ones"):
+        BeatSpec(max_noise_ratio=0.25, learn_max_noise_ratio=0.3)

@@ -295,3 +295,17 @@ def test_a_found_beat_matching_no_annotation_counts_as_flagged_but_not_as_a_norm
     counts, reference = aami_counts(extra, flagged), aami_counts(full, flagged)
     assert counts["N_beats"] == counts["N_flagged"] == reference["N_beats"] - 1
     assert counts["flagged"] == reference["flagged"] == len(beats)
+
+
+def test_training_leaves_out_the_beats_too_noisy_to_learn_from():
+    """Beats scored though above the learning noise limits (`beats.Beat.noisy`) are never fitted or calibrated on."""
+    spec = BeatSpec(
+        dominant=True, max_noise_ratio=0.3, relative_noise=3.0, learn_max_noise_ratio=0.25, learn_relative_noise=2.0
+    )
+    recording = read_recording(TEST / "208_excerpt.npy", 360, TEST / "208_excerpt.csv")
+    beats = label_beats(recording, cut_recording(recording, spec))
+    noisy = np.array([beat.noisy for beat in beats.beats])
+    normal = beats.scorable & (beats.symbols == "N")
+    assert (normal & noisy).any()
+    split = split_training_beats([(recording, beats)], ["N"], 0.15, 0.15)
+    assert len(split.fit) + len(split.validation) + len(split.calibration) == (normal & ~noisy).sum()
