@@ -198,10 +198,11 @@ def split_training_beats(
 ) -> TrainingBeats:
     """(fit, validation, calibration) scorable training windows, split in time order within each recording.
 
-    With annotations only beats matched to a normal symbol; never a beat too noisy to learn from (`beats.Beat.noisy`). As for fixed-mode recordings, each recording's
-    validation beats come after its fit beats and its calibration beats last: a model scores beats of the
-    minutes it was fitted on lower than later ones, and the daemon only ever scores later ones, so a threshold
-    from beats drawn at random among the fit beats' neighbours flags more than its share of later normal beats.
+    With annotations only beats matched to a normal symbol; never a beat too noisy to learn from (`beats.Beat.noisy`).
+    As for fixed-mode recordings, each recording's validation beats come after its fit beats and its calibration
+    beats last: a model scores beats of the minutes it was fitted on lower than later ones, and the daemon only ever
+    scores later ones, so a threshold from beats drawn at random among the fit beats' neighbours flags more than its
+    share of later normal beats.
     """
     parts: dict[str, list[Beat]] = {"fit": [], "validation": [], "calibration": []}
     for _, beats in labelled:
