@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.alerts.drift import DriftWatch
 from monitor.alerts.episode_sink import EpisodeSink, read_retained, state_filter
-from monitor.alerts.episodes import EVENT_KINDS, EpisodeTracker
+from monitor.alerts.episodes import EpisodeTracker
 from monitor.alerts.shadow import ShadowComparison
 from monitor.alerts.sink import AlertSink
 from monitor.config.schema import Config, ModelSettings, WindowingSettings, load_config
@@ -176,7 +176,6 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         if self.journal is not None:
             self.journal.metrics = self.metrics
-        self.metrics.declare(self.metrics.episode_events, EVENT_KINDS)  # exported at 0 with episodes off too
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
         count = self.config.partitions.count if self.config.partitions else None
@@ -449,7 +448,9 @@ class Daemon:
 
     def start_scoring(self) -> None:
         batching = self.config.batching
-        self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
+        self.batcher = MicroBatcher(
+            self.queue, batching.max_batch, batching.max_wait_seconds, behind_share=batching.behind_share
+        )
         self.connection = MqttConnection(
             self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending, self.config.partitions
         )
