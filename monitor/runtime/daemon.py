@@ -69,6 +69,7 @@ LIVE_SETTINGS = (
     "mqtt.alert_topic",
     "mqtt.alert_qos",
     "batching.max_wait_seconds",
+    "batching.behind_share",
     "logging.level",
 )
 RESTART_SETTINGS = ("alerts.lifecycle.",)  # within the live sections: the episode tracker keeps its start settings
@@ -595,6 +596,7 @@ class Daemon:
             self.drift = self.make_drift(config, engine)
         self.worker.swap(engine, self.make_sink(config))
         self.batcher.max_wait_seconds = config.batching.max_wait_seconds
+        self.batcher.behind_share = config.batching.behind_share
         logging.getLogger().setLevel(config.logging.level.upper())
         if engine.threshold != previous.threshold:
             self.metrics.rebuild_error_buckets(engine.threshold)
