@@ -9,7 +9,8 @@ from here.
 File layout: a sequence of records, each `<length u32><crc32 u32><kind u8><body>` (the CRC covers kind and body):
 - `C` checkpoint (first record of every file): JSON with the windowing's `snapshot()` (every sensor's position
   and partial window, or in beat mode its detector) and the windows cut but not yet decided (`pending`, samples as
-  base64 float32; beat windows with their span's end, R peak and RR interval);
+  base64 float32; beat windows with their span's end, R peak and RR interval), and with per-sensor baselines their
+  `snapshot()` (`baselines`: fitted baselines, warm-ups, score scales);
 - `M` message: `<topic length u16><topic utf-8><payload>`, the raw payload as received, re-decoded on replay;
 - `D` decided: `<window start seq u64><sensor id utf-8>`, a window that needs nothing more (its alert was
   acknowledged, or it needed none): a replay does not score it again.
@@ -73,6 +74,7 @@ class Replayed:
 
     windowing: dict[str, Any] | None
     pending: list[Window]
+    baselines: dict[str, Any] | None = None  # the per-sensor baselines' snapshot, when the daemon has them
     messages: list[tuple[str, bytes]] = field(default_factory=list)
     # (sensor_id, window_start_seq) of windows decided after the checkpoint
     decided: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -168,6 +170,7 @@ def read_journal(path: Path, now: float) -> Replayed:
         try:
             state = orjson.loads(body)
             replayed.windowing, replayed.pending = state["windowing"], decode_windows(state["pending"], now)
+            replayed.baselines = state.get("baselines")
         except (KeyError, TypeError) as error:
             raise ValueError(f"the journal's checkpoint is not a checkpoint ({error!r})") from None
     while offset < len(data):

@@ -331,7 +331,7 @@ class Daemon:
         path = self.config.windowing.state_file
         if path is None or not path.exists():
             return
-        assembler, baselines = self.ingest.assembler, self.ingest.baselines
+        assembler = self.ingest.assembler
         try:
             state, damaged = read_state(path)
             sensors = assembler.restore(state, time.monotonic(), self.config.windowing.max_abs_value)
@@ -348,22 +348,11 @@ class Daemon:
         except (OSError, ValueError) as error:
             log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
         else:
-            if baselines is not None:
-                self.restore_baselines(baselines, state.get("baselines"), path)
+            self.ingest.restore_baselines(state.get("baselines"), str(path))
         try:
             path.unlink()  # taken once: after a crash the sensors' positions in it would be stale
         except OSError as error:
             log.warning("window_state_not_removed", path=str(path), error=str(error))
-
-    def restore_baselines(self, baselines: SensorBaselines, state: Any, path: Path) -> None:
-        """Take back the baselines and warm-ups of the restored sensors; without them, each starts a new warm-up."""
-        try:
-            restored = baselines.restore(state, self.ingest.assembler.sensor_ids())
-        except ValueError as error:
-            log.warning("baseline_state_discarded", path=str(path), error=str(error)[:300])
-        else:
-            warming = baselines.sensors_warming_up
-            log.info("baseline_state_restored", path=str(path), sensors=restored, warming_up=warming)
 
     def save_windows(self) -> None:
         """Write the partial windows for the next start (atomically); called once no message can arrive."""
