@@ -502,7 +502,11 @@ class JournalSettings(Strict):
     sync_interval_seconds: float = Field(
         default=0.02, gt=0, le=1, description="fsync batches: input is acknowledged after its fsync"
     )
-    max_bytes: int = Field(default=16 * 2**20, ge=2**16, description="a checkpoint rewrites the file beyond this size")
+    max_bytes: int = Field(
+        default=16 * 2**20,
+        ge=2**16,
+        description="a checkpoint rewrites the file when the records after its last one exceed this size",
+    )
     checkpoint_seconds: float = Field(
         default=30.0, gt=0, description="... or after this long, bounding a replay's duplicates"
     )
