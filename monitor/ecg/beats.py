@@ -265,7 +265,7 @@ class Beat:
     prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
     rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
-    earliness: float  # what the timing scores: the prematurity, at most 1 - RR / next RR and ... (module doc)
+    earliness: float  # what the timing scores: the prematurity, less when no pause follows (module doc)
 
     @property
     def scorable(self) -> bool:
