@@ -356,7 +356,7 @@ class BatchingSettings(Strict):
         "no other sensor waits for them; at least the windows one message can complete",
     )
     behind_share: float = Field(
-        default=0.5,
+        default=0.25,
         gt=0,
         le=1,
         description="the most of the scoring thread's time given to the windows of sensors holding more than their "

@@ -173,10 +173,7 @@ def test_a_flooding_sensor_loses_only_its_own_excess(broker_factory, daemon_fact
     waited for room: its share is now of the queue's room, not of what the others have queued.)"""
     broker = broker_factory().start()
     model = alert_all_model(tmp_path)
-    share = float(os.environ.get("BEHIND_SHARE", "0.5"))
-    daemon = daemon_factory(
-        daemon_config(tmp_path / "m.yaml", broker.port, model=model, batching={"behind_share": share}), ready=False
-    )
+    daemon = daemon_factory(daemon_config(tmp_path / "m.yaml", broker.port, model=model), ready=False)
     daemon.wait_for_event("ready", timeout=START_SECONDS)
     alerts = AlertTimes(broker.port)
     sensors = OrderedSensors(broker.port, inflight=1000)
