@@ -203,7 +203,7 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     ]
     fresh = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
     replaying = Ingest(PayloadDecoder(1, 4096), fresh, WindowQueue(10_000), Metrics(CollectorRegistry(), 4, 1.0), 1)
-    replaying.replay(Replayed(old, [], messages, Counter(), False), 0.0)  # the old state is discarded, not fatal
+    replaying.replay(Replayed(old, [], messages=messages, decided=Counter()), 0.0)  # old state discarded, not fatal
     assert list(fresh.sensor_ids()) == ["b"] and replaying.windows.depth() > 10
 
 
