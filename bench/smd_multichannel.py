@@ -104,6 +104,7 @@ def run(job: Job) -> dict[str, Any]:
             "realised": held_out["realised"],
             "machines": by_machine(held_out["recordings"], "realised"),
             "machines_nominal": by_machine(held_out["recordings"], "nominal"),
+            "calibration_share": held_out["calibration_share"],
         },
         "lstm": figures(summary),
         "pca": {"components": summary["pca"]["components"], **figures(summary["pca"])},
