@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitor.errors import DataError
 from monitor.model.baseline import normalise_recording
 from monitor.training.trainer import TrainingResult, TrainSettings, train
 from tests.support import REPO, run_cli
@@ -168,3 +169,24 @@ def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(t
     for machine, recording in zip(MACHINES, report["pca"]["recordings"], strict=True):
         windows, _ = normalise_recording(cut(np.load(EXCERPT / f"{machine}_test.npy")), WARM_UP, RATE)
         assert recording["score_scale"] == pytest.approx(float(np.median(score(windows[:WARM_UP]))), rel=1e-5)
+
+
+def test_a_recording_too_short_for_its_own_threshold_is_refused_by_name(tmp_path):
+    """Each recording's calibration part gives a threshold of its own, so each needs 10 normal windows in it."""
+    short = tmp_path / "short_train.npy"
+    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:600])  # 58 windows: 9 in its last 15 %
+    settings = TrainSettings(
+        train_data=[EXCERPT / f"{MACHINES[1]}_train.npy", short],
+        window=WINDOW,
+        stride=STRIDE,
+        baseline="sensor",
+        baseline_windows=WARM_UP,
+        output=tmp_path / "model",
+        embedding_dim=4,
+        epochs=1,
+        threads=1,
+        report=False,
+    )
+    with pytest.raises(DataError, match=r"short_train\.npy: 9 normal windows in its calibration part .* at least 10"):
+        train(settings)
+    assert not (tmp_path / "model").exists()
