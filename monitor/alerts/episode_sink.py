@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 import structlog
 
-from monitor.alerts.episodes import EVENT_KINDS, Decision, EpisodeEvent, EpisodeTracker
+from monitor.alerts.episodes import Decision, EpisodeEvent, EpisodeTracker
 from monitor.alerts.sink import channels_of
 from monitor.config.schema import LifecycleSettings, MqttSettings
 from monitor.model.engine import Engine
@@ -50,7 +50,6 @@ class EpisodeSink:
         self.publisher = publisher
         self.settings = settings
         self.metrics = metrics
-        metrics.declare(metrics.episode_events, EVENT_KINDS)
         self.engine = engine  # the model named in events; the latest one that decided
         self.clock = clock
         self.lock = threading.Lock()

@@ -355,6 +355,13 @@ class BatchingSettings(Strict):
         "(queue_capacity / active sensors), floods: its further messages and windows are dropped (sensor_share) and "
         "no other sensor waits for them; at least the windows one message can complete",
     )
+    behind_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="the most of the scoring thread's time given to the windows of sensors holding more than their "
+        "fair share of the queue: a flooding sensor leaves it idle time for the others' input (1: no limit)",
+    )
     admission_wait_seconds: float = Field(
         default=10.0,
         ge=0,
@@ -495,7 +502,11 @@ class JournalSettings(Strict):
     sync_interval_seconds: float = Field(
         default=0.02, gt=0, le=1, description="fsync batches: input is acknowledged after its fsync"
     )
-    max_bytes: int = Field(default=16 * 2**20, ge=2**16, description="a checkpoint rewrites the file beyond this size")
+    max_bytes: int = Field(
+        default=16 * 2**20,
+        ge=2**16,
+        description="a checkpoint rewrites the file when the records after its last one exceed this size",
+    )
     checkpoint_seconds: float = Field(
         default=30.0, gt=0, description="... or after this long, bounding a replay's duplicates"
     )

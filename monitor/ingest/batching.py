@@ -140,7 +140,11 @@ class WindowQueue(Generic[ItemT]):
 
 
 class MicroBatcher(Generic[ItemT]):
-    """Gathers windows from a `WindowQueue` into batches bounded by size and by waiting time."""
+    """Gathers windows from a `WindowQueue` into batches bounded by size and by waiting time.
+
+    Windows put behind (their sensor holds more than its fair share) get at most `behind_share` of the scoring
+    thread's time: after a batch of them, the next is taken only from the first lane for as long as that share asks.
+    A flood then leaves the thread idle time, and the CPU and GIL it would take go to the other sensors' input."""
 
     def __init__(
         self,
@@ -148,16 +152,31 @@ class MicroBatcher(Generic[ItemT]):
         max_batch: int,
         max_wait_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        behind_share: float = 1.0,
     ) -> None:
         self.source = source
         self.max_batch = max_batch
         self.max_wait_seconds = max_wait_seconds
         self.clock = clock
+        self.behind_share = behind_share
+        self._behind_since: float | None = None  # when the last batch of windows put behind was handed out
+        self._first_lane_until = 0.0
 
     def next_batch(self, stop: threading.Event, poll_seconds: float = 0.1) -> list[ItemT]:
         """The next batch; empty when `stop` is set and nothing is queued, or after `poll_seconds` idle. A batch that
         starts in the queue's first lane takes only from it, so the windows put behind do not slow it down."""
-        taken = self.source.take(poll_seconds)
+        wait, resting = poll_seconds, False
+        if self._behind_since is not None or self._first_lane_until:
+            now = self.clock()
+            if self._behind_since is not None:  # that batch has been scored: rest from the second lane in proportion
+                self._first_lane_until = now + (now - self._behind_since) * (1 / self.behind_share - 1)
+                self._behind_since = None
+            resting = now < self._first_lane_until and not stop.is_set()
+            if resting:
+                wait = min(poll_seconds, self._first_lane_until - now)
+            else:
+                self._first_lane_until = 0.0
+        taken = self.source.take(wait, first_lane_only=resting)
         if taken is None:
             return []
         first, lane = taken
@@ -173,4 +192,6 @@ class MicroBatcher(Generic[ItemT]):
                 if taken is None:
                     break
             batch.append(taken[0])
+        if lane:
+            self._behind_since = self.clock()
         return batch

@@ -9,7 +9,8 @@ from here.
 File layout: a sequence of records, each `<length u32><crc32 u32><kind u8><body>` (the CRC covers kind and body):
 - `C` checkpoint (first record of every file): JSON with the windowing's `snapshot()` (every sensor's position
   and partial window, or in beat mode its detector) and the windows cut but not yet decided (`pending`, samples as
-  base64 float32; beat windows with their span's end, R peak and RR interval);
+  base64 float32; beat windows with their span's end, R peak and RR interval), and with per-sensor baselines their
+  `snapshot()` (`baselines`: fitted baselines, warm-ups, score scales);
 - `M` message: `<topic length u16><topic utf-8><payload>`, the raw payload as received, re-decoded on replay;
 - `D` decided: `<window start seq u64><sensor id utf-8>`, a window that needs nothing more (its alert was
   acknowledged, or it needed none): a replay does not score it again.
@@ -26,8 +27,10 @@ good records after it, the file is damaged: the reader skips to the next good re
 only the damaged records are lost, and says how many bytes it skipped (`Replayed.damaged_bytes`).
 
 A checkpoint is written to a temporary file, fsynced and renamed over the journal (then the directory fsynced):
-the file is always a whole checkpoint followed by records. It is rewritten when it exceeds `max_bytes` or is
-older than `checkpoint_seconds`, which bounds both the disk used and the work (and duplicate alerts) of a replay.
+the file is always a whole checkpoint followed by records. It is rewritten when the records after the checkpoint
+exceed `max_bytes` or it is older than `checkpoint_seconds`, which bounds both the disk used (the checkpoint and
+`max_bytes`) and the work (and duplicate alerts) of a replay. A checkpoint larger than `max_bytes` (many sensors'
+baseline warm-ups) is therefore not rewritten again at once.
 
 A write or fsync that fails (disk full, I/O error) stops the acknowledgements: the records waiting for it stay
 unreleased, `failing` is set (logged once, `journal_write_failed`), nothing more is written to that file (it may
@@ -73,6 +76,7 @@ class Replayed:
 
     windowing: dict[str, Any] | None
     pending: list[Window]
+    baselines: dict[str, Any] | None = None  # the per-sensor baselines' snapshot, when the daemon has them
     messages: list[tuple[str, bytes]] = field(default_factory=list)
     # (sensor_id, window_start_seq) of windows decided after the checkpoint
     decided: Counter[tuple[str, int]] = field(default_factory=Counter)
@@ -168,6 +172,7 @@ def read_journal(path: Path, now: float) -> Replayed:
         try:
             state = orjson.loads(body)
             replayed.windowing, replayed.pending = state["windowing"], decode_windows(state["pending"], now)
+            replayed.baselines = state.get("baselines")
         except (KeyError, TypeError) as error:
             raise ValueError(f"the journal's checkpoint is not a checkpoint ({error!r})") from None
     while offset < len(data):
@@ -227,6 +232,7 @@ class Journal:
         self._sync_lock = threading.Lock()  # one fsync at a time; a checkpoint waits for the one running
         self._fd = -1
         self._written = 0  # bytes appended to the current file, the unwritten buffer included
+        self._checkpoint_bytes = 0  # of which the checkpoint that starts it
         self._buffer = bytearray()  # records appended since the last write
         self._buffered_records = 0
         self._waiting: deque[tuple[int, object]] = deque()  # (end offset, token) of records not yet fsynced
@@ -267,8 +273,12 @@ class Journal:
                 self._written += len(record)
 
     def checkpoint_due(self, now: float) -> bool:
-        """Time for a checkpoint: the file is too large or too old, or the journal is failing (a retry)."""
-        return self.failing or self._written > self.max_bytes or now - self._started_at > self.checkpoint_seconds
+        """Time for a checkpoint: too many records after it or too old, or the journal is failing (a retry)."""
+        return (
+            self.failing
+            or self._written - self._checkpoint_bytes > self.max_bytes
+            or now - self._started_at > self.checkpoint_seconds
+        )
 
     def checkpoint(self, state: dict[str, Any]) -> bool:
         """Replace the file by one starting with `state` (the caller holds the windowing's lock: no appends); False
@@ -330,6 +340,7 @@ class Journal:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._written, self._started_at = fd, len(record), time.monotonic()
+        self._checkpoint_bytes = len(record)
         self._count_written(len(record), 0)
         if self.metrics is not None:
             self.metrics.journal_checkpoints.inc()

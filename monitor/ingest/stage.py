@@ -307,7 +307,10 @@ class Ingest:
     def snapshot(self) -> dict[str, Any]:
         """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""
         pending = self.pending.windows() if self.pending is not None else []
-        return {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
+        state = {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
+        if self.baselines is not None:
+            state["baselines"] = self.baselines.snapshot()
+        return state
 
     def checkpoint_if_due(self, now: float) -> None:
         if self.journal is not None and self.journal.checkpoint_due(now):
@@ -323,6 +326,8 @@ class Ingest:
                     self.assembler.restore(replayed.windowing, now)
                 except ValueError as error:  # another model's or an older format's: its sensors start afresh
                     log.warning("journal_checkpoint_state_discarded", error=str(error)[:300])
+                else:
+                    self.restore_baselines(replayed.baselines, "journal")
         self._replay_decided = replayed.decided
         for window in replayed.pending:
             if self._replay_decided[(window.sensor_id, window.start_seq)] > 0:
@@ -337,6 +342,20 @@ class Ingest:
                 time.sleep(0.01)
             self.handle(topic, payload, now)
         self._replay_decided = Counter()
+
+    def restore_baselines(self, state: Any, source: str) -> None:
+        """Take back the baselines, warm-ups and score scales of the restored sensors (the caller holds `lock`);
+        without them, or from another model, each sensor starts a new warm-up."""
+        if self.baselines is None:
+            return
+        try:
+            restored = self.baselines.restore(state, self.assembler.sensor_ids())
+        except ValueError as error:
+            log.warning("baseline_state_discarded", source=source, error=str(error)[:300])
+        else:
+            log.info(
+                "baseline_state_restored", source=source, sensors=restored, warming_up=self.baselines.sensors_warming_up
+            )
 
     def watch_gauges(self) -> None:
         """Queue depth, active sensors, buffered samples, unacknowledged input and undecided windows are read when

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry
 
 from monitor.alerts.drift import DriftWatch
 from monitor.alerts.episode_sink import EpisodeSink, read_retained, state_filter
-from monitor.alerts.episodes import EVENT_KINDS, EpisodeTracker
+from monitor.alerts.episodes import EpisodeTracker
 from monitor.alerts.shadow import ShadowComparison
 from monitor.alerts.sink import AlertSink
 from monitor.config.schema import Config, ModelSettings, WindowingSettings, load_config
@@ -69,6 +69,7 @@ LIVE_SETTINGS = (
     "mqtt.alert_topic",
     "mqtt.alert_qos",
     "batching.max_wait_seconds",
+    "batching.behind_share",
     "logging.level",
 )
 RESTART_SETTINGS = ("alerts.lifecycle.",)  # within the live sections: the episode tracker keeps its start settings
@@ -176,7 +177,6 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.config.batching.max_batch, self.engine.threshold)
         if self.journal is not None:
             self.journal.metrics = self.metrics
-        self.metrics.declare(self.metrics.episode_events, EVENT_KINDS)  # exported at 0 with episodes off too
         self._set_model_metrics()
         self.metrics.queue_capacity.set(self.config.batching.queue_capacity)
         count = self.config.partitions.count if self.config.partitions else None
@@ -331,7 +331,7 @@ class Daemon:
         path = self.config.windowing.state_file
         if path is None or not path.exists():
             return
-        assembler, baselines = self.ingest.assembler, self.ingest.baselines
+        assembler = self.ingest.assembler
         try:
             state, damaged = read_state(path)
             sensors = assembler.restore(state, time.monotonic(), self.config.windowing.max_abs_value)
@@ -348,22 +348,11 @@ class Daemon:
         except (OSError, ValueError) as error:
             log.warning("window_state_discarded", path=str(path), error=str(error)[:300])
         else:
-            if baselines is not None:
-                self.restore_baselines(baselines, state.get("baselines"), path)
+            self.ingest.restore_baselines(state.get("baselines"), str(path))
         try:
             path.unlink()  # taken once: after a crash the sensors' positions in it would be stale
         except OSError as error:
             log.warning("window_state_not_removed", path=str(path), error=str(error))
-
-    def restore_baselines(self, baselines: SensorBaselines, state: Any, path: Path) -> None:
-        """Take back the baselines and warm-ups of the restored sensors; without them, each starts a new warm-up."""
-        try:
-            restored = baselines.restore(state, self.ingest.assembler.sensor_ids())
-        except ValueError as error:
-            log.warning("baseline_state_discarded", path=str(path), error=str(error)[:300])
-        else:
-            warming = baselines.sensors_warming_up
-            log.info("baseline_state_restored", path=str(path), sensors=restored, warming_up=warming)
 
     def save_windows(self) -> None:
         """Write the partial windows for the next start (atomically); called once no message can arrive."""
@@ -449,7 +438,9 @@ class Daemon:
 
     def start_scoring(self) -> None:
         batching = self.config.batching
-        self.batcher = MicroBatcher(self.queue, batching.max_batch, batching.max_wait_seconds)
+        self.batcher = MicroBatcher(
+            self.queue, batching.max_batch, batching.max_wait_seconds, behind_share=batching.behind_share
+        )
         self.connection = MqttConnection(
             self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending, self.config.partitions
         )
@@ -594,6 +585,7 @@ class Daemon:
             self.drift = self.make_drift(config, engine)
         self.worker.swap(engine, self.make_sink(config))
         self.batcher.max_wait_seconds = config.batching.max_wait_seconds
+        self.batcher.behind_share = config.batching.behind_share
         logging.getLogger().setLevel(config.logging.level.upper())
         if engine.threshold != previous.threshold:
             self.metrics.rebuild_error_buckets(engine.threshold)

@@ -20,8 +20,10 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
+from monitor.alerts.episodes import EVENT_KINDS
+
 # Outcomes the daemon itself gives a message; the stages add their own label values (payload rejections, beats
-# found unscorable, episode events, ignored ts) with `declare`, so every label is exported from the start at 0.
+# found unscorable, ignored ts) with `declare`, so every label is exported from the start at 0.
 MESSAGE_OUTCOMES = ("accepted", "duplicate", "retained", "sensor_limit", "sensor_share", "internal_error")
 WINDOW_DROP_REASONS = ("seq_gap", "seq_restart", "queue_full", "sensor_share", "scoring_error", "non_finite_score")
 PUBLISH_DROP_REASONS = ("queue_full", "publish_error")  # the transport refused the message
@@ -304,6 +306,7 @@ class Metrics:
         )
         self.declare(self.episode_messages_dropped, PUBLISH_DROP_REASONS)
         self.declare(self.episodes_open, EPISODE_STATES)
+        self.declare(self.episode_events, EVENT_KINDS)  # exported at 0 with episodes off too
 
     def _drift_metrics(self, registry: CollectorRegistry) -> None:
         self.drift_psi = Gauge(

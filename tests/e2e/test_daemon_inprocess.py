@@ -146,6 +146,17 @@ def test_reload_swaps_the_model_and_rebuilds_the_error_buckets_around_its_thresh
     assert not [entry for entry in logs if entry["event"] == "reload_needs_restart"]
 
 
+def test_reload_to_a_model_that_scales_its_sensors_scores_is_refused_and_the_old_model_kept(daemon):
+    """The running model measured no score scales: a model that divides by them could not be served."""
+    old_engine = daemon.worker.engine
+    daemon.load_engine = lambda model: dataclasses.replace(load_engine(model), score_scale=True)
+    logs = reload_with(daemon, daemon.config_path)
+    assert daemon.worker.engine is old_engine
+    assert daemon.registry.get_sample_value("monitor_model_reloads_total", {"outcome": "failure"}) == 1
+    failed = [entry for entry in logs if entry["event"] == "reload_failed"]
+    assert failed and "score scales were measured by the running model" in failed[0]["error"]
+
+
 def test_reload_applies_alert_settings_and_topic_live(daemon):
     logs = reload_with(
         daemon,
@@ -163,8 +174,13 @@ def test_reload_applies_the_batching_wait_and_the_log_level_live(daemon):
     root = logging.getLogger()
     level = root.level
     try:
-        logs = reload_with(daemon, daemon.config_path, batching={"max_wait_seconds": 0.2}, logging={"level": "error"})
-        assert daemon.batcher.max_wait_seconds == 0.2
+        logs = reload_with(
+            daemon,
+            daemon.config_path,
+            batching={"max_wait_seconds": 0.2, "behind_share": 0.25},
+            logging={"level": "error"},
+        )
+        assert daemon.batcher.max_wait_seconds == 0.2 and daemon.batcher.behind_share == 0.25
         assert root.level == logging.ERROR
     finally:
         root.setLevel(level)

@@ -117,3 +117,33 @@ def test_a_batch_that_starts_in_the_first_lane_leaves_the_windows_put_behind_for
     batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=0.0)
     assert [item.name for item in batcher.next_batch(threading.Event())] == [100, 101]
     assert [item.name for item in batcher.next_batch(threading.Event())] == [0, 1, 2]
+
+
+def test_windows_put_behind_get_at_most_their_share_of_the_scoring_time():
+    """After a batch of windows put behind took 2 s to score, a share of 0.25 keeps the next 6 s for the first lane:
+    a window put behind waits (an empty batch), a first-lane window is taken at once, then the second lane again."""
+    now = [0.0]
+    queue: WindowQueue[Item] = WindowQueue(10, key=lambda item: "flood" if item.name < 100 else "calm")
+    batcher = MicroBatcher(queue, max_batch=2, max_wait_seconds=0.0, clock=lambda: now[0], behind_share=0.25)
+    for name in range(4):
+        assert queue.offer(Item(0.0, name), behind=True)
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [0, 1]
+    now[0] = 2.0  # scored in 2 s
+    assert batcher.next_batch(threading.Event(), poll_seconds=0.01) == []
+    assert queue.offer(Item(0.0, 100))
+    assert [item.name for item in batcher.next_batch(threading.Event(), poll_seconds=0.01)] == [100]
+    now[0] = 7.9
+    assert batcher.next_batch(threading.Event(), poll_seconds=0.01) == []
+    now[0] = 8.0
+    assert [item.name for item in batcher.next_batch(threading.Event(), poll_seconds=0.01)] == [2, 3]
+
+
+def test_without_a_share_the_windows_put_behind_are_scored_whenever_the_first_lane_is_empty():
+    now = [0.0]
+    queue: WindowQueue[Item] = WindowQueue(10, key=lambda item: "flood")
+    batcher = MicroBatcher(queue, max_batch=1, max_wait_seconds=0.0, clock=lambda: now[0])
+    for name in range(2):
+        assert queue.offer(Item(0.0, name), behind=True)
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [0]
+    now[0] = 5.0
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [1]

@@ -81,6 +81,17 @@ def test_checkpoint_releases_every_record_and_starts_a_new_file(tmp_path):
     assert read_journal(tmp_path / "j", now=0.0).windowing == {"v": 3}
 
 
+def test_a_checkpoint_larger_than_max_bytes_is_not_due_again_until_records_follow_it(tmp_path):
+    """Many sensors' baseline warm-ups make a checkpoint larger than `max_bytes`: only what is appended after it
+    counts, or every housekeeping tick would rewrite it."""
+    journal = Journal(tmp_path / "j", lambda token: None, sync_interval_seconds=60, max_bytes=100)
+    journal.start({"windowing": None, "pending": [], "baselines": {"warming": "x" * 500}})
+    assert not journal.checkpoint_due(now=time.monotonic())
+    journal.append("t/x/y", b"x" * 200, "first")
+    assert journal.checkpoint_due(now=time.monotonic())
+    journal.close()
+
+
 def test_acknowledgements_leave_in_arrival_order_once_nothing_holds_them():
     acks = InOrderAcks()
     pending = PendingWindows(acks)
