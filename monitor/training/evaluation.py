@@ -128,8 +128,8 @@ def format_false_alarms(held_out: dict[str, Any]) -> str:
     """Nominal against realised false-alarm rates per model, pooled and per recording (`held_out_false_alarms`)."""
     names = list(held_out["nominal"])
     lines = [
-        f"false alarms on held-out normal windows ({held_out['data']}), nominal (its calibration windows above the "
-        "threshold; pooled: the recordings' median) -> realised:"
+        f"false alarms on held-out normal windows ({held_out['data']}), nominal (the share of a recording's "
+        "calibration windows above the threshold; pooled: the recordings' median) -> realised:"
     ]
     lines.append(
         "  pooled: " + ", ".join(f"{n} {held_out['nominal'][n]:.2%} -> {held_out['realised'][n]:.2%}" for n in names)
