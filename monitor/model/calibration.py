@@ -6,6 +6,11 @@ Methods:
 - `pot`: peaks over threshold: a generalised Pareto distribution fitted to the excesses over the
   `tail_quantile` quantile, solved for the error exceeded with probability `false_alarm_rate`
   (Siffer et al., "Anomaly detection in streams with extreme value theory", KDD 2017).
+
+With several recordings (`calibrate_recordings`) each recording's calibration errors give a threshold of their own
+by the method, and the model's one threshold is their median: a recording whose calibration part holds anomalies
+or drift (unlabelled training data often does) raises only its own threshold, not everyone's. One recording gives
+the method's threshold unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from monitor.errors import ConfigError
 METHODS = ("quantile", "mean_std", "pot")
 # Below this many calibration windows the trainer warns with the threshold's uncertainty.
 SMALL_CALIBRATION = 200
+MIN_ERRORS = 10  # fewer calibration errors (of a recording, with several) are refused
 DEFAULT_PARAMS: dict[str, dict[str, float]] = {
     "quantile": {"q": 0.99},
     "mean_std": {"k": 3.0},
@@ -37,9 +43,16 @@ class Calibration:
     n_windows: int
     threshold: float
     fit: dict[str, float] = field(default_factory=dict)
+    recording_thresholds: tuple[float, ...] = ()  # each recording's own, when the threshold is their median
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        record = asdict(self)
+        if not self.recording_thresholds:
+            del record["recording_thresholds"]
+        else:
+            record["recording_thresholds"] = list(self.recording_thresholds)
+            record["combined"] = "median of the recordings' own thresholds"
+        return record
 
 
 def _params(method: str, params: dict[str, float] | None) -> dict[str, float]:
@@ -62,8 +75,8 @@ def _params(method: str, params: dict[str, float] | None) -> dict[str, float]:
 def calibrate(errors: np.ndarray, method: str = "quantile", params: dict[str, float] | None = None) -> Calibration:
     """Calibrate a threshold on the errors of normal windows the model never trained on."""
     errors = np.asarray(errors, dtype=np.float64)
-    if errors.ndim != 1 or errors.size < 10 or not np.isfinite(errors).all():
-        raise ConfigError(f"calibration needs at least 10 finite errors, got {errors.size}")
+    if errors.ndim != 1 or errors.size < MIN_ERRORS or not np.isfinite(errors).all():
+        raise ConfigError(f"calibration needs at least {MIN_ERRORS} finite errors, got {errors.size}")
     chosen = _params(method, params)
     fit: dict[str, float] = {}
     if method == "quantile":
@@ -75,6 +88,21 @@ def calibrate(errors: np.ndarray, method: str = "quantile", params: dict[str, fl
     else:
         threshold, fit = _peaks_over_threshold(errors, chosen["tail_quantile"], chosen["false_alarm_rate"])
     return Calibration(method, chosen, int(errors.size), threshold, fit)
+
+
+def calibrate_recordings(
+    recordings: list[np.ndarray], method: str = "quantile", params: dict[str, float] | None = None
+) -> Calibration:
+    """One threshold for several recordings: the median of the thresholds `method` gives each recording's errors
+    alone (the plain `calibrate` for one recording). `fit` is left out: each recording has its own."""
+    if not recordings:
+        raise ConfigError("calibration needs the errors of at least one recording")
+    if len(recordings) == 1:
+        return calibrate(recordings[0], method, params)
+    each = [calibrate(errors, method, params) for errors in recordings]
+    thresholds = tuple(item.threshold for item in each)
+    n_windows = sum(item.n_windows for item in each)
+    return Calibration(method, each[0].params, n_windows, float(np.median(thresholds)), {}, thresholds)
 
 
 def _peaks_over_threshold(

@@ -127,7 +127,10 @@ def format_side_by_side(results: dict[str, Evaluation]) -> str:
 def format_false_alarms(held_out: dict[str, Any]) -> str:
     """Nominal against realised false-alarm rates per model, pooled and per recording (`held_out_false_alarms`)."""
     names = list(held_out["nominal"])
-    lines = [f"false alarms on held-out normal windows ({held_out['data']}), nominal -> realised:"]
+    lines = [
+        f"false alarms on held-out normal windows ({held_out['data']}), nominal (the share of a recording's "
+        "calibration windows above the threshold; pooled: the recordings' median) -> realised:"
+    ]
     lines.append(
         "  pooled: " + ", ".join(f"{n} {held_out['nominal'][n]:.2%} -> {held_out['realised'][n]:.2%}" for n in names)
     )

@@ -31,11 +31,12 @@ from monitor.model.baseline import SCORE_SCALE_KEY, describe_score_scale
 from monitor.model.baseline import describe as describe_baseline
 from monitor.model.calibration import (
     CALIBRATION_KEY,
+    MIN_ERRORS,
     SMALL_CALIBRATION,
     Calibration,
     CalibrationScores,
     ThresholdUncertainty,
-    calibrate,
+    calibrate_recordings,
     threshold_uncertainty,
 )
 from monitor.model.engine import use_threads
@@ -86,7 +87,8 @@ Split = tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any], list[np.ndarray
 
 
 def split_recordings(settings: TrainSettings) -> Split:
-    """Split every recording in time: the first windows train, the next validate, the last calibrate.
+    """Split every recording in time: the first windows train, the next validate, the last calibrate (each
+    recording's own threshold, the model's their median).
 
     With `baseline: sensor` each recording is first normalised by its own first N windows (as the
     daemon will); windows with a labelled anomalous sample are left out everywhere. Calibrating on the
@@ -117,6 +119,11 @@ def split_recordings(settings: TrainSettings) -> Split:
         bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
         for part, (start, end) in bounds.items():
             parts[part].append(windows[start:end][keep[start:end]])
+        if len(parts["calibration"][-1]) < MIN_ERRORS:
+            raise DataError(
+                f"{path}: {len(parts['calibration'][-1])} normal windows in its calibration part (the last "
+                f"{settings.calibration_fraction:.0%}); each recording's own threshold needs at least {MIN_ERRORS}"
+            )
         validation_end = validation_start + len(parts["validation"][-1])
         calibration_end = calibration_start + len(parts["calibration"][-1])
         described.append(
@@ -133,16 +140,15 @@ def split_recordings(settings: TrainSettings) -> Split:
         )
         validation_start, calibration_start = validation_end, calibration_end
     fit, validation, calibration = (np.concatenate(parts[part]) for part in ("fit", "validation", "calibration"))
-    if len(fit) < 2 or len(validation) < 1 or len(calibration) < 10:
-        raise DataError(
-            f"{len(fit)}/{len(validation)}/{len(calibration)} normal windows are too few to train/validate/calibrate"
-        )
+    if len(fit) < 2 or len(validation) < 1:
+        raise DataError(f"{len(fit)}/{len(validation)} normal windows are too few to train/validate")
     digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
     split = {
         "recordings": described,
         "validation": "the windows before each recording's calibration part (validation_windows: [start, end) of "
         "each recording's in the validation set; calibration_windows likewise)",
-        "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows",
+        "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows; the threshold is "
+        "the median of the thresholds each recording's calibration windows give alone",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
     return WindowSet(fit, None, sources, digest, same_channel_names(named)), validation, calibration, split, warm_ups
@@ -289,11 +295,18 @@ def train(settings: TrainSettings) -> TrainingResult:
         for name, model_scorer in (("lstm", scorer), ("pca", pca))
     }
     calibration_errors = scorer.score_all(calibration_windows).errors / divisors(scales["lstm"], "calibration")
-    calibration = calibrate(calibration_errors, settings.threshold.method, settings.threshold.params)
-    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, calibration.params.get("q"))
+    calibration = calibrate_recordings(
+        by_recording(calibration_errors, split), settings.threshold.method, settings.threshold.params
+    )
+    # With several recordings the threshold is no quantile of the pooled errors: its uncertainty is that of the
+    # share of them it passes.
+    level = None if calibration.recording_thresholds else calibration.params.get("q")
+    uncertainty = threshold_uncertainty(calibration_errors, calibration.threshold, level)
     warn_small_calibration(calibration, uncertainty, "windows")
     pca_errors = pca.score_all(calibration_windows).errors / divisors(scales["pca"], "calibration")
-    pca_calibration = calibrate(pca_errors, settings.threshold.method, settings.threshold.params)
+    pca_calibration = calibrate_recordings(
+        by_recording(pca_errors, split), settings.threshold.method, settings.threshold.params
+    )
     evaluation, evaluation_data, pca_evaluation = None, None, None
     if settings.evaluate_data is not None:
         evaluation_data = _read(settings.evaluate_data, settings, fit.channel_names)
@@ -397,29 +410,48 @@ def divisors(scales: list[dict[str, Any]] | None, part: str) -> np.ndarray | flo
     return np.concatenate([np.full(item[part][1] - item[part][0], item["scale"]) for item in scales])
 
 
+def by_recording(errors: np.ndarray, split: dict[str, Any], part: str = "calibration") -> list[np.ndarray]:
+    """`errors` of `part`'s windows (validation or calibration, in split order) cut into each training recording's;
+    one piece when the windows do not come from recordings."""
+    recordings = split.get("recordings")
+    if not recordings:
+        return [errors]
+    return [errors[start:end] for start, end in (item[f"{part}_windows"] for item in recordings)]
+
+
 def held_out_false_alarms(
     split: dict[str, Any],
     models: dict[str, tuple[BatchScorer, np.ndarray, float]],
     validation: np.ndarray,
     validation_divisors: dict[str, np.ndarray | float],
 ) -> dict[str, Any]:
-    """Each model's nominal false-alarm rate (the share of calibration windows above its threshold) beside the
-    realised one on held-out normal windows: each recording's validation windows, which no threshold saw (their
-    scores divided by `validation_divisors`, each recording's score scale with one); per recording both."""
-    scores = {
-        name: scorer.score_all(validation).errors / validation_divisors[name] for name, (scorer, _, _) in models.items()
+    """Each model's nominal false-alarm rate beside the realised one on held-out normal windows (each recording's
+    validation windows, which no threshold saw, their scores divided by `validation_divisors`), pooled and per
+    recording. A recording's nominal rate is the share of its calibration windows above the threshold; the pooled
+    one is the median of the recordings' (as the threshold is the median of their own); `calibration_share` is the
+    share of all calibration windows above it."""
+    realised = {
+        name: by_recording(scorer.score_all(validation).errors / validation_divisors[name], split, "validation")
+        for name, (scorer, _, _) in models.items()
     }
-    nominal = {name: float((errors > threshold).mean()) for name, (_, errors, threshold) in models.items()}
+    nominal = {
+        name: [float((part > limit).mean()) for part in by_recording(errors, split)]
+        for name, (_, errors, limit) in models.items()
+    }
     recordings = []
-    for item in split.get("recordings", []):
+    for index, item in enumerate(split.get("recordings", [])):
         start, end = item["validation_windows"]
         if end > start:
-            realised = {name: float((scores[name][start:end] > models[name][2]).mean()) for name in models}
-            first, last = item["calibration_windows"]
-            own = {name: float((errors[first:last] > limit).mean()) for name, (_, errors, limit) in models.items()}
-            recordings.append({"data": item["data"], "windows": end - start, "nominal": own, "realised": realised})
-    pooled = {name: float((scores[name] > models[name][2]).mean()) for name in models}
-    return {"data": "validation windows", "nominal": nominal, "realised": pooled, "recordings": recordings}
+            shares = {name: float((realised[name][index] > models[name][2]).mean()) for name in models}
+            own = {name: nominal[name][index] for name in models}
+            recordings.append({"data": item["data"], "windows": end - start, "nominal": own, "realised": shares})
+    return {
+        "data": "validation windows",
+        "nominal": {name: float(np.median(values)) for name, values in nominal.items()},
+        "realised": {name: float((np.concatenate(realised[name]) > models[name][2]).mean()) for name in models},
+        "calibration_share": {name: float((errors > limit).mean()) for name, (_, errors, limit) in models.items()},
+        "recordings": recordings,
+    }
 
 
 def recorded_channel_names(settings: TrainSettings, fit: WindowSet) -> list[str] | None:

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 
 from monitor.errors import ConfigError
-from monitor.model.calibration import DEFAULT_PARAMS, calibrate
+from monitor.model.calibration import DEFAULT_PARAMS, calibrate, calibrate_recordings
 
 N = 200_000
 
@@ -87,7 +87,7 @@ def test_recorded_method_params_and_count(exponential):
     assert result.n_windows == 5000
     assert result.params == {"tail_quantile": 0.9, "false_alarm_rate": 0.005}
     recorded = result.to_dict()
-    assert set(recorded) == {"method", "params", "n_windows", "threshold", "fit"}
+    assert set(recorded) == {"method", "params", "n_windows", "threshold", "fit"}  # one recording: no more
     assert recorded["threshold"] == result.threshold and isinstance(recorded["threshold"], float)
     assert set(recorded["fit"]) == {"initial_threshold", "n_peaks", "shape", "scale"}
     quantile = calibrate(list(range(100)), "quantile", {"q": 0.5})
@@ -134,3 +134,49 @@ def test_bad_errors_raise_config_error():
     # Too few peaks over the tail quantile for a fit.
     with pytest.raises(ConfigError, match="pot found only"):
         calibrate(np.r_[np.zeros(95), np.arange(1.0, 6.0)], "pot", {"tail_quantile": 0.98, "false_alarm_rate": 0.01})
+
+
+def recordings_with_an_anomalous_end(seed: int = 3) -> list[np.ndarray]:
+    """Four recordings' calibration errors from one distribution, the first with its last fifth far above it."""
+    rng = np.random.default_rng(seed)
+    recordings = [rng.exponential(1.0, 2000) for _ in range(4)]
+    recordings[0][-400:] += 6.0
+    return recordings
+
+
+@pytest.mark.parametrize(("method", "params"), [("quantile", None), ("mean_std", None), ("pot", None)])
+def test_one_recording_with_an_anomalous_end_does_not_set_everyones_threshold(method, params):
+    """The median of the recordings' own thresholds stays with the clean ones, where pooling the errors is pulled up
+    by the one anomalous end (to about the anomalies' level: a threshold that passes most normal windows' faults)."""
+    recordings = recordings_with_an_anomalous_end()
+    clean = [calibrate(errors, method, params).threshold for errors in recordings[1:]]
+    result = calibrate_recordings(recordings, method, params)
+    assert min(clean) <= result.threshold <= max(clean)
+    assert result.recording_thresholds[1:] == pytest.approx(clean)
+    assert result.recording_thresholds[0] > 1.5 * max(clean)
+    assert calibrate(np.concatenate(recordings), method, params).threshold > 1.3 * max(clean)
+    assert result.n_windows == 8000 and result.fit == {}
+    recorded = result.to_dict()
+    assert recorded["recording_thresholds"] == list(result.recording_thresholds)
+    assert recorded["combined"] == "median of the recordings' own thresholds"
+
+
+def test_on_the_clean_recordings_the_nominal_rate_holds():
+    """At the combined 0.99 threshold the clean recordings pass about 99 % of fresh normal errors."""
+    result = calibrate_recordings(recordings_with_an_anomalous_end())
+    fresh = np.random.default_rng(11).exponential(1.0, 200_000)
+    assert np.mean(fresh > result.threshold) == pytest.approx(0.01, abs=0.003)
+
+
+def test_one_recording_gives_the_plain_calibration(exponential):
+    for method in ("quantile", "mean_std", "pot"):
+        alone = calibrate_recordings([exponential[:5000]], method)
+        assert alone == calibrate(exponential[:5000], method)
+        assert "recording_thresholds" not in alone.to_dict() and alone.recording_thresholds == ()
+
+
+def test_each_recording_needs_enough_errors():
+    with pytest.raises(ConfigError, match="at least 10 finite errors, got 9"):
+        calibrate_recordings([np.ones(50), np.ones(9)])
+    with pytest.raises(ConfigError, match="at least one recording"):
+        calibrate_recordings([])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from monitor.errors import DataError
 from monitor.model.baseline import normalise_recording
 from monitor.training.trainer import TrainingResult, TrainSettings, train
 from tests.support import REPO, run_cli
@@ -88,12 +89,19 @@ def test_pca_figures_match_a_direct_computation(trained):
     parts = training_parts()
     calibration, validation = parts["calibration"], parts["validation"]
     components, score = direct_pca(parts["fit"])
-    threshold = float(np.quantile(score(np.concatenate(calibration)), 0.99))
+    threshold = float(np.median([np.quantile(score(part), 0.99) for part in calibration]))
     meta = result.artifact.metadata
     assert meta["yardstick"]["components"] == components
+    lstm = meta["threshold"]  # the LSTM's by the same rule: the median of the machines' own
+    assert len(lstm["recording_thresholds"]) == len(MACHINES)
+    assert lstm["value"] == pytest.approx(float(np.median(lstm["recording_thresholds"])))
     assert meta["yardstick"]["threshold"]["value"] == pytest.approx(threshold, rel=1e-6)
     held_out = meta["held_out_false_alarms"]
-    assert held_out["nominal"]["pca"] == pytest.approx(float((score(np.concatenate(calibration)) > threshold).mean()))
+    nominal = [float((score(part) > threshold).mean()) for part in calibration]
+    assert [item["nominal"]["pca"] for item in held_out["recordings"]] == pytest.approx(nominal)
+    assert held_out["nominal"]["pca"] == pytest.approx(float(np.median(nominal)))
+    pooled = float((score(np.concatenate(calibration)) > threshold).mean())
+    assert held_out["calibration_share"]["pca"] == pytest.approx(pooled)
     realised = [float((score(part) > threshold).mean()) for part in validation]
     assert [item["realised"]["pca"] for item in held_out["recordings"]] == pytest.approx(realised)
 
@@ -119,9 +127,9 @@ def test_pca_figures_match_a_direct_computation(trained):
 
 
 def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(tmp_path):
-    """`--score-scale sensor`: the yardstick's threshold is the 0.99 quantile of the calibration scores, each
-    machine's divided by the median score of its own warm-up; the realised false alarms are on validation scores
-    divided so, and `monitor evaluate` divides each test recording's scores by its own warm-up's median."""
+    """`--score-scale sensor`: the yardstick's threshold is the median of each machine's 0.99 quantile of its
+    calibration scores, divided by the median score of its own warm-up; the realised false alarms are on validation
+    scores divided so, and `monitor evaluate` divides each test recording's scores by its own warm-up's median."""
     result = train_small(tmp_path / "model", "sensor")
     parts = training_parts()
     _, score = direct_pca(parts["fit"])
@@ -132,16 +140,14 @@ def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(t
         part: [score(windows) / scale for windows, scale in zip(parts[part], scales, strict=True)]
         for part in ("calibration", "validation")
     }
-    threshold = float(np.quantile(np.concatenate(scaled["calibration"]), 0.99))
+    threshold = float(np.median([np.quantile(part, 0.99) for part in scaled["calibration"]]))
     assert meta["yardstick"]["threshold"]["value"] == pytest.approx(threshold, rel=1e-5)
     held_out = meta["held_out_false_alarms"]
     realised = [float((part > threshold).mean()) for part in scaled["validation"]]
     assert [item["realised"]["pca"] for item in held_out["recordings"]] == pytest.approx(realised)
     nominal = [float((part > threshold).mean()) for part in scaled["calibration"]]
     assert [item["nominal"]["pca"] for item in held_out["recordings"]] == pytest.approx(nominal)
-    assert held_out["nominal"]["pca"] == pytest.approx(
-        float((np.concatenate(scaled["calibration"]) > threshold).mean())
-    )
+    assert held_out["nominal"]["pca"] == pytest.approx(float(np.median(nominal)))
 
     data = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
     labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
@@ -163,3 +169,24 @@ def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(t
     for machine, recording in zip(MACHINES, report["pca"]["recordings"], strict=True):
         windows, _ = normalise_recording(cut(np.load(EXCERPT / f"{machine}_test.npy")), WARM_UP, RATE)
         assert recording["score_scale"] == pytest.approx(float(np.median(score(windows[:WARM_UP]))), rel=1e-5)
+
+
+def test_a_recording_too_short_for_its_own_threshold_is_refused_by_name(tmp_path):
+    """Each recording's calibration part gives a threshold of its own, so each needs 10 normal windows in it."""
+    short = tmp_path / "short_train.npy"
+    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:600])  # 58 windows: 9 in its last 15 %
+    settings = TrainSettings(
+        train_data=[EXCERPT / f"{MACHINES[1]}_train.npy", short],
+        window=WINDOW,
+        stride=STRIDE,
+        baseline="sensor",
+        baseline_windows=WARM_UP,
+        output=tmp_path / "model",
+        embedding_dim=4,
+        epochs=1,
+        threads=1,
+        report=False,
+    )
+    with pytest.raises(DataError, match=r"short_train\.npy: 9 normal windows in its calibration part .* at least 10"):
+        train(settings)
+    assert not (tmp_path / "model").exists()
