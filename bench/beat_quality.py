@@ -25,7 +25,8 @@ segmentation; the train and test parts are separate streams, as `monitor train` 
   the model's score is then at least the beat's timing score, as the daemon's (`beats.BeatSpec.beat_scores`).
 - Where the model's false alarms come from (normal beats flagged, test parts): in a noisy stretch (the beat's
   `stretch`, the distance from the template of the 4 beats before, is above 0.5: its neighbours differ from
-  the template too, so the stretch rather than the beat is odd), else early (prematurity above 0.15), else other.
+  the template too, so the stretch rather than the beat is odd), else early (the earliness its timing scores,
+  `beats.Beat.earliness`, above 0.15), else other.
 - `--context-gate TAU` (an experiment, not the product's rule): beats in a stretch whose distance is above TAU count
   as unscorable, for the model and the anchors alike; shows what such a signal-quality rule would cost.
 
@@ -128,11 +129,11 @@ def pca_scorer(train: np.ndarray, components: int = PCA_COMPONENTS) -> Score:
     return score
 
 
-def false_alarm_causes(labelled: LabelledBeats, spec: BeatSpec, score: np.ndarray, threshold: float) -> dict[str, int]:
+def false_alarm_causes(labelled: LabelledBeats, score: np.ndarray, threshold: float) -> dict[str, int]:
     """The normal beats flagged, by cause (module docstring): noisy stretch, else early, else other."""
     flagged = (labelled.classes == "N") & labelled.scorable & (score > threshold)
     noisy = flagged & (labelled.stretch > NOISY_STRETCH)
-    early = flagged & ~noisy & (labelled.windows[:, 0, spec.channels.index("prematurity")] > EARLY)
+    early = flagged & ~noisy & (labelled.earliness > EARLY)
     return {
         "noisy_stretch": int(noisy.sum()),
         "early": int(early.sum()),
@@ -228,13 +229,13 @@ def main() -> None:
         for name, labelled in test_parts.items():
             score = score_fn(labelled.windows) / spec.error_scale(labelled.stretch)
             if kind == "model":  # the model's score as the daemon's: at least its timing score
-                score = np.maximum(score, spec.timing_score(labelled.prematurity, labelled.rr_spread))
+                score = np.maximum(score, spec.timing_score(labelled.earliness, labelled.rr_spread))
             scorable = labelled.scorable
             if args.context_gate is not None:
                 scorable = scorable & (labelled.stretch <= args.context_gate)
             per_record[name] = beat_figures(score, labelled.classes, scorable, threshold)
             if kind == "model" and args.context_gate is None:
-                per_record[name]["false_alarm_causes"] = false_alarm_causes(labelled, spec, score, threshold)
+                per_record[name]["false_alarm_causes"] = false_alarm_causes(labelled, score, threshold)
             pooled.append((score, labelled.classes, scorable))
         per_record["pooled"] = beat_figures(
             *(np.concatenate(column) for column in zip(*pooled, strict=True)), threshold

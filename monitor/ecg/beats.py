@@ -56,6 +56,16 @@ the normal calibration beats' reconstruction errors (divided by their error scal
 the normal fit beats' timing at `timing_quantile` scores as much as that threshold (`BeatSpec.beat_scores`
 combines the two). Without a floor (models from before the spread) the timing is the prematurity itself.
 
+The interval after the beat (`next_beat_seconds`): a premature beat is followed by a pause (a full compensatory
+one after a V beat), whereas a rhythm that sped up (sinus arrhythmia) goes on at its new pace, and an extra
+detection (noise, a tall T wave) splits one normal interval in two. With `next_beat_seconds` a beat is cut only
+once the next beat is detected, or once that long has passed without one (the decision waits at most that long
+plus the detector's look-ahead), and the timing uses its `earliness` instead of its prematurity: at most how
+much shorter its interval is than the next one (1 - RR / next RR), and, when its interval and the one before
+together come within INTERPOSED_TOLERANCE of the reference RR (the beat before was interposed: an extra detection
+or an interpolated beat), at most the prematurity of the two together. The model's channels do not change. Without
+it (models from before it) a beat is cut as soon as its span is complete and its earliness is its prematurity.
+
 Signal quality: a beat is scored only if it is judged scorable:
 
 - `warmup`: the sensor has no template yet (`dominant`: its warm-up is not complete after a start, a reset or a
@@ -69,6 +79,12 @@ Signal quality: a beat is scored only if it is judged scorable:
   dividing by the sensor's usual QRS peak (not this beat's) keeps a wide ectopic beat, whose own band peak is
   low, from being taken for noise. The absolute limit catches a sensor noisy from its start, the relative one
   a noisy stretch of a sensor whose usual floor is higher (lead V5, small QRS).
+  Learning is stricter than scoring (`learn_max_noise_ratio`, `learn_relative_noise`): a beat above those limits
+  but within the scoring ones is scored (`Beat.noisy`), but feeds neither the template, the RR reference nor the
+  judgement of the dominant rhythm, and training leaves it out. A wide ectopic beat's own QRS band and that of the
+  beat before it fill more of the 1.3 s than a narrow beat's (MIT-BIH 208: about twice the noise ratio of its
+  normal beats), so the limits that keep the template clean would leave such a beat unscored. Without them (models
+  from before) both are the scoring limits.
 
 Noisy stretches (`stretch_limit`): a beat's `stretch` is the smallest distance from the template (RMS of
 `template_diff`) among the STRETCH_BEATS beats before it (with `dominant`; the median without). One odd beat among
@@ -107,6 +123,7 @@ RR_HISTORY = 8
 STRETCH_BEATS = 4
 MAX_ALIGN_STEPS = 32  # shifts tried on each side at most (every sample up to 32 samples, coarser beyond)
 UNSCORABLE_REASONS = ("warmup", "flat", "noise")
+INTERPOSED_TOLERANCE = 0.15  # two intervals within this of the reference RR together: the beat between was interposed
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,8 @@ class BeatSpec:
     warmup_beats: int = 8
     max_noise_ratio: float = 0.25
     relative_noise: float = 2.0
+    learn_max_noise_ratio: float | None = None  # a beat noisier than these is scored but not learned from (module
+    learn_relative_noise: float | None = None  # doc); None: the scoring limits above
     align_seconds: float = 0.05  # template alignment search, +-; 0 = the detector's fiducial point as it is
     detrend: bool = True  # subtract the span's least-squares line before the z-score (baseline wander)
     stretch_limit: float | None = None  # set by training; None: scores are not scaled by the stretch (module doc)
@@ -131,6 +150,7 @@ class BeatSpec:
     timing_gain: float | None = None  # set by training; a beat scores at least timing_gain * its timing (module doc)
     rr_spread_beats: int = 32  # the sensor's normal RR spread is measured over this many last normal beats ...
     rr_spread_floor: float | None = None  # ... and taken as at least this; None: prematurity is not divided by it
+    next_beat_seconds: float | None = None  # a beat waits up to this long for the next (module doc); None: no wait
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -147,6 +167,8 @@ class BeatSpec:
             or not 0 <= self.warmup_beats <= self.template_beats
             or not self.max_noise_ratio > 0
             or not self.relative_noise > 0
+            or not (self.learn_max_noise_ratio is None or 0 < self.learn_max_noise_ratio <= self.max_noise_ratio)
+            or not (self.learn_relative_noise is None or 0 < self.learn_relative_noise <= self.relative_noise)
             or not 0 <= self.align_seconds <= 0.2
             or not (self.stretch_limit is None or self.stretch_limit > 0)
             or not self.normal_distance > 0
@@ -155,12 +177,14 @@ class BeatSpec:
             or not (self.timing_gain is None or self.timing_gain >= 0)
             or self.rr_spread_beats < 1
             or not (self.rr_spread_floor is None or self.rr_spread_floor > 0)
+            or not (self.next_beat_seconds is None or 0 < self.next_beat_seconds <= 5)
         ):
             raise ValueError(
-                "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 "
+                "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 (the learning ones at "
+                "most the scoring ones), "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
-                "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1 and "
-                "rr_spread_floor > 0 (or none) are required"
+                "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1, "
+                "rr_spread_floor > 0 (or none) and 0 < next_beat_seconds <= 5 (or none) are required"
             )
 
     def error_scale(self, stretch: np.ndarray | float) -> np.ndarray:
@@ -169,21 +193,22 @@ class BeatSpec:
         stretch = np.asarray(stretch, dtype=np.float64)
         return np.ones_like(stretch) if self.stretch_limit is None else np.maximum(1.0, stretch / self.stretch_limit)
 
-    def timing_score(self, prematurity: np.ndarray | float, rr_spread: np.ndarray | float) -> np.ndarray:
-        """The least score a beat gets from its timing alone: timing_gain * prematurity, the prematurity divided by
-        the sensor's normal RR spread (at least `rr_spread_floor`; not divided without a floor); 0 without a gain."""
-        prematurity = np.asarray(prematurity, dtype=np.float64)
+    def timing_score(self, earliness: np.ndarray | float, rr_spread: np.ndarray | float) -> np.ndarray:
+        """The least score a beat gets from its timing alone: timing_gain * its earliness (`Beat.earliness`) divided
+        by the sensor's normal RR spread (at least `rr_spread_floor`; not divided without a floor); 0 without a
+        gain."""
+        earliness = np.asarray(earliness, dtype=np.float64)
         if self.timing_gain is None:
-            return np.zeros_like(prematurity)
+            return np.zeros_like(earliness)
         if self.rr_spread_floor is None:
-            return self.timing_gain * prematurity
-        return self.timing_gain * prematurity / np.maximum(self.rr_spread_floor, rr_spread)
+            return self.timing_gain * earliness
+        return self.timing_gain * earliness / np.maximum(self.rr_spread_floor, rr_spread)
 
     def beat_scores(
-        self, errors: np.ndarray, stretch: np.ndarray, prematurity: np.ndarray, rr_spread: np.ndarray
+        self, errors: np.ndarray, stretch: np.ndarray, earliness: np.ndarray, rr_spread: np.ndarray
     ) -> np.ndarray:
         """Beats' scores: reconstruction error / error scale, at least the timing score (module doc)."""
-        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(prematurity, rr_spread))
+        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(earliness, rr_spread))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -201,6 +226,8 @@ class BeatSpec:
             "warmup_beats",
             "max_noise_ratio",
             "relative_noise",
+            "learn_max_noise_ratio",
+            "learn_relative_noise",
             "align_seconds",
             "detrend",
             "stretch_limit",
@@ -211,6 +238,7 @@ class BeatSpec:
             "timing_gain",
             "rr_spread_beats",
             "rr_spread_floor",
+            "next_beat_seconds",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -232,10 +260,12 @@ class Beat:
     window: np.ndarray
     reason: str | None
     noise_ratio: float
+    noisy: bool  # above the learning noise limits (scored if within the scoring ones): not learned from
     stretch: float  # distance from the template of the STRETCH_BEATS beats before this one (module doc)
     prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
     rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
+    earliness: float  # what the timing scores: the prematurity, less when no pause follows (module doc)
 
     @property
     def scorable(self) -> bool:
@@ -271,6 +301,8 @@ class BeatStream:
         self.noise_before = int(round(NOISE_BEFORE_SECONDS * self.fs))
         self.noise_after = int(round(NOISE_AFTER_SECONDS * self.fs))
         self.lookahead = int(np.ceil(self.detector.lookahead_seconds * self.fs)) + 1
+        seconds = self.spec.next_beat_seconds
+        self.wait = None if seconds is None else int(round(seconds * self.fs))  # samples a beat waits for the next
         self._raw = np.zeros(0)  # raw samples from stream index self._raw_start on
         self._raw_start = 0
         self._band = np.zeros(0)  # QRS-band signal, delay removed: _band[i] belongs to raw index _raw_start + i
@@ -283,6 +315,7 @@ class BeatStream:
         self._noise: deque[float] = deque(maxlen=NOISE_HISTORY)  # noise ratios of the last beats
         self._distances: deque[float] = deque(maxlen=STRETCH_BEATS)  # the last beats' distances from the template
         self._last_r: int | None = None
+        self._last_rr: int | None = None  # the interval before the last beat cut
         self.beats = 0
         self._warm: list[tuple[np.ndarray, int | None]] = []  # dominant: clean warm-up beats (shape, RR before it)
         self._judged: deque[bool] = deque(maxlen=self.spec.relearn_beats)  # dominant: the last clean beats, normal?
@@ -294,7 +327,8 @@ class BeatStream:
 
     @property
     def buffered_samples(self) -> int:
-        """Raw samples held (about 1.5 s: the noise measure's look-back, the span and the detector's look-ahead)."""
+        """Raw samples held (about 1.5 s: the noise measure's look-back, the span and the detector's look-ahead;
+        up to `next_beat_seconds` more while a beat waits for the next)."""
         return len(self._raw)
 
     def feed(self, samples: np.ndarray) -> list[Beat]:
@@ -307,30 +341,58 @@ class BeatStream:
         self._band = np.concatenate((self._band, self.detector.last_band[skip:]))
         self._pending.extend(peaks)
         out: list[Beat] = []
-        while self._pending and self._pending[0] + self.after <= self.received:
-            out.append(self._cut(self._pending.popleft()))
+        while self._pending and self._decidable(self._pending[0]):
+            r = self._pending.popleft()
+            out.append(self._cut(r, self._pending[0] - r if self._pending else None))
         self._trim()
         return out
 
-    def _cut(self, r: int) -> Beat:
+    def _decidable(self, r: int) -> bool:
+        """Whether the beat at r can be cut: its span is complete and, with `next_beat_seconds`, the next beat is
+        detected or cannot come within that long any more. A beat the detector has not reported yet lies at most its
+        look-ahead plus its fiducial search before the samples received, so the answer does not depend on how the
+        stream was cut into messages."""
+        if r + self.after > self.received:
+            return False
+        settled = r + self.wait + self.lookahead + self.detector.fiducial if self.wait is not None else r
+        return len(self._pending) > 1 or self.received > settled
+
+    def _earliness(self, rr: int | None, next_rr: int | None, reference: float | None, prematurity: float) -> float:
+        """The beat's earliness (module doc): its prematurity, at most how much shorter its interval is than the
+        next, and after an interposed beat at most the prematurity of its interval and the one before together."""
+        if self.wait is None or rr is None or reference is None:
+            return prematurity
+        earliness = prematurity
+        if next_rr is not None and next_rr <= self.wait:
+            earliness = min(earliness, max(0.0, 1.0 - rr / next_rr))
+        if self._last_rr is not None:
+            together = (self._last_rr + rr) / reference
+            if abs(together - 1.0) <= INTERPOSED_TOLERANCE:
+                earliness = min(earliness, max(0.0, 1.0 - together))
+        return earliness
+
+    def _cut(self, r: int, next_rr: int | None = None) -> Beat:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
         template = _median(np.stack(self._templates)) if self._templates else None
         shift, shape, std, at_fiducial = self._aligned(r, template)
-        noise, noisy = self._noise_ratio(r)
+        noise, noisy, unscorable = self._noise_ratio(r)
         clean = std > 1e-9 and not noisy
         warming = template is None if self.spec.dominant else len(self._templates) < self.spec.warmup_beats
         if warming:
             reason = "warmup"
         elif std <= 1e-9:
             reason = "flat"
-        elif noisy:
+        elif unscorable:
             reason = "noise"
         else:
             reason = None
         diff = shape - (shape if template is None else template)
         distance = float(np.sqrt(np.mean(diff**2)))
-        relative_rr = 0.0 if rr is None or not self._rr else rr / statistics.median(self._rr) - 1.0
+        reference = statistics.median(self._rr) if self._rr else None
+        relative_rr = 0.0 if rr is None or reference is None else rr / reference - 1.0
+        earliness = self._earliness(rr, next_rr, reference, max(0.0, -relative_rr))
+        self._last_rr = rr
         rr_spread = statistics.median(self._rr_deviation) if self._rr_deviation else 0.0
         channels = {
             "beat": shape,
@@ -356,8 +418,8 @@ class BeatStream:
         end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(
-            index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, stretch,
-            max(0.0, -relative_rr), normal, rr_spread,
+            index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, noisy, stretch,
+            max(0.0, -relative_rr), normal, rr_spread, earliness,
         )  # fmt: skip
 
     def _learn_rr(self, rr: int, relative_rr: float) -> None:
@@ -438,8 +500,9 @@ class BeatStream:
         best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
         return int(shifts[best]), shapes[best], float(stds[best]), shapes[0]
 
-    def _noise_ratio(self, r: int) -> tuple[float, bool]:
-        """(noise ratio, too noisy) of the beat at r; updates the sensor's peak and noise history."""
+    def _noise_ratio(self, r: int) -> tuple[float, bool, bool]:
+        """(noise ratio, too noisy to learn from, too noisy to score) of the beat at r; updates the sensor's peak and
+        noise history."""
         local = r - self._raw_start
         band = self._band
         qrs = np.abs(band[max(0, local - self.qrs_half) : local + self.qrs_half + 1])
@@ -448,8 +511,12 @@ class BeatStream:
         floor = np.abs(band[max(0, local - self.noise_before) : local + self.noise_after + 1])
         ratio = float(_median(floor)) / usual_peak if usual_peak > 0 and floor.size else float("inf")
         self._noise.append(ratio)
-        noisy = ratio > self.spec.max_noise_ratio or ratio > self.spec.relative_noise * statistics.median(self._noise)
-        return ratio, noisy
+        usual = statistics.median(self._noise)
+        spec = self.spec
+        unscorable = ratio > spec.max_noise_ratio or ratio > spec.relative_noise * usual
+        learn_max = spec.max_noise_ratio if spec.learn_max_noise_ratio is None else spec.learn_max_noise_ratio
+        learn_relative = spec.relative_noise if spec.learn_relative_noise is None else spec.learn_relative_noise
+        return ratio, unscorable or ratio > learn_max or ratio > learn_relative * usual, unscorable
 
     def _trim(self) -> None:
         if not self.detector.learned:  # beats of the learning phase are reported when it ends: keep all of it
@@ -480,6 +547,7 @@ class BeatStream:
             "noise": list(self._noise),
             "distances": list(self._distances),
             "last_r": self._last_r,
+            "last_rr": self._last_rr,
             "beats": self.beats,
             "warm": [[encode(shape), rr] for shape, rr in self._warm],
             "judged": [int(normal) for normal in self._judged],
@@ -508,6 +576,7 @@ class BeatStream:
         stream._noise.extend(float(value) for value in state["noise"])
         stream._distances.extend(float(value) for value in state.get("distances", ()))  # absent before stretch scaling
         stream._last_r = None if state["last_r"] is None else int(state["last_r"])
+        stream._last_rr = None if state["last_rr"] is None else int(state["last_rr"])
         stream.beats = int(state["beats"])
         stream._warm = [(decode_array(shape, "<f8"), None if rr is None else int(rr)) for shape, rr in state["warm"]]
         stream._judged.extend(bool(normal) for normal in state["judged"])

@@ -33,7 +33,9 @@ from monitor.model.engine import Engine
 from monitor.window import BeatMark, Window
 
 STATE_FORMAT = "monitor-beat-state"
-STATE_VERSION = 3  # 2: the dominant rhythm's warm-up, judgements and relearns; 3: the normal RR spread
+# 2: the dominant rhythm's warm-up, judgements and relearns; 3: the normal RR spread; 4: the interval before the last
+# beat (earliness after an interposed beat)
+STATE_VERSION = 4
 
 
 @dataclass(slots=True)
@@ -123,7 +125,7 @@ class BeatAssembler(SensorStreams[_Sensor]):
                     start_ts,
                     now,
                     float(self.spec.error_scale(beat.stretch)),
-                    float(self.spec.timing_score(beat.prematurity, beat.rr_spread)),
+                    float(self.spec.timing_score(beat.earliness, beat.rr_spread)),
                     BeatMark(beat.end_seq, beat.r_seq, beat.rr_seconds),
                 )
             )

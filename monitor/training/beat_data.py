@@ -38,7 +38,7 @@ CUT_CHUNK_SECONDS = 60.0  # recordings are fed in chunks of this length, so the 
 def aami_class(symbol: str) -> str:
     """The AAMI class of a WFDB beat code, or '' for a code outside the five classes."""
     for name, codes in AAMI_CLASSES.items():
-        if symbol in codes:
+        if len(symbol) == 1 and symbol in codes:  # '' (a found beat matching no annotation) is in every string
             return name
     return ""
 
@@ -178,6 +178,10 @@ class LabelledBeats:
     @property
     def rr_spread(self) -> np.ndarray:
         return np.asarray([beat.rr_spread for beat in self.beats], dtype=np.float64)
+
+    @property
+    def earliness(self) -> np.ndarray:
+        return np.asarray([beat.earliness for beat in self.beats], dtype=np.float64)
 
 
 def label_beats(recording: Recording, beats: list[Beat]) -> LabelledBeats:

@@ -54,8 +54,11 @@ class BeatSettings(Strict):
     )
     template_beats: int = Field(default=16, ge=1)
     warmup_beats: int = Field(default=8, ge=0)
-    max_noise_ratio: float = Field(default=0.25, gt=0)
-    relative_noise: float = Field(default=2.0, gt=0)
+    max_noise_ratio: float = Field(default=0.3, gt=0)
+    relative_noise: float = Field(default=3.0, gt=0)
+    # a beat noisier than these (but within the two above) is scored, not learned from (beats.py); null: as above
+    learn_max_noise_ratio: float | None = Field(default=0.25, gt=0)
+    learn_relative_noise: float | None = Field(default=2.0, gt=0)
     align_seconds: float = Field(default=0.05, ge=0, le=0.2)
     detrend: bool = True
     # the stretch limit (beats.py) is this quantile of the fit beats' stretch; null: scores are not scaled
@@ -71,6 +74,9 @@ class BeatSettings(Strict):
     # rr_spread_floor (beats.py); null: not divided
     rr_spread_beats: int = Field(default=32, ge=1)
     rr_spread_floor: float | None = Field(default=0.02, gt=0)
+    # the timing looks at the interval after the beat, waiting for the next beat up to this long (beats.py); null:
+    # no wait, the timing is the prematurity
+    next_beat_seconds: float | None = Field(default=2.0, gt=0, le=5)
 
     def spec(self) -> BeatSpec:
         """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""
@@ -192,10 +198,11 @@ def split_training_beats(
 ) -> TrainingBeats:
     """(fit, validation, calibration) scorable training windows, split in time order within each recording.
 
-    With annotations only beats matched to a normal symbol. As for fixed-mode recordings, each recording's
-    validation beats come after its fit beats and its calibration beats last: a model scores beats of the
-    minutes it was fitted on lower than later ones, and the daemon only ever scores later ones, so a threshold
-    from beats drawn at random among the fit beats' neighbours flags more than its share of later normal beats.
+    With annotations only beats matched to a normal symbol; never a beat too noisy to learn from (`beats.Beat.noisy`).
+    As for fixed-mode recordings, each recording's validation beats come after its fit beats and its calibration
+    beats last: a model scores beats of the minutes it was fitted on lower than later ones, and the daemon only ever
+    scores later ones, so a threshold from beats drawn at random among the fit beats' neighbours flags more than its
+    share of later normal beats.
     """
     parts: dict[str, list[Beat]] = {"fit": [], "validation": [], "calibration": []}
     for _, beats in labelled:
@@ -203,7 +210,7 @@ def split_training_beats(
             kept = [beat for beat, symbol in zip(beats.beats, beats.symbols, strict=True) if symbol in normal_symbols]
         else:
             kept = list(beats)
-        kept = [beat for beat in kept if beat.scorable]
+        kept = [beat for beat in kept if beat.scorable and not beat.noisy]
         n = len(kept)
         n_cal, n_val = int(round(n * calibration_fraction)), int(round(n * validation_fraction))
         fit_end = n - n_val - n_cal
@@ -352,7 +359,7 @@ def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np
     use = beats.scorable
     if use.any():
         errors = scorer.score_all(beats.windows[use]).errors
-        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.prematurity[use], beats.rr_spread[use])
+        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.earliness[use], beats.rr_spread[use])
     return scores
 
 

@@ -32,13 +32,14 @@ def offline(signal: np.ndarray) -> tuple[int, int, dict[int, float], float, int]
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
     stretch = np.array([beat.stretch for beat in scorable])
-    prematurity = np.array([beat.prematurity for beat in scorable])
+    earliness = np.array([beat.earliness for beat in scorable])
+    assert (earliness < np.array([beat.prematurity for beat in scorable])).any()  # the timing saw the next beat
     rr_spread = np.array([beat.rr_spread for beat in scorable])
-    scores = spec.beat_scores(errors, stretch, prematurity, rr_spread)
+    scores = spec.beat_scores(errors, stretch, earliness, rr_spread)
     flagged = {
         beat.r_seq: float(score) for beat, score in zip(scorable, scores, strict=True) if score > artifact.threshold
     }
-    by_timing = spec.timing_score(prematurity, rr_spread) > errors / spec.error_scale(stretch)
+    by_timing = spec.timing_score(earliness, rr_spread) > errors / spec.error_scale(stretch)
     assert (by_timing & (scores > artifact.threshold)).any()  # some alerts' scores are their timing scores
     return len(beats), len(scorable), flagged, artifact.threshold, int((spec.error_scale(stretch) > 1).sum())
 

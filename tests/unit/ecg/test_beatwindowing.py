@@ -49,7 +49,7 @@ def stream(assembler: BeatAssembler, sensor: str, signal: np.ndarray, chunk: int
 
 
 def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
-    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0, rr_spread_floor=0.05)
+    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0, rr_spread_floor=0.05, next_beat_seconds=2.0)
     offline = cut_beats(signal.astype(np.float32).astype(np.float64), FS, spec)  # the payload carries float32 samples
     assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
     windows, found, unscorable = stream(assembler, "s1", signal, chunk=35, start=1000)
@@ -64,8 +64,9 @@ def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
         assert window.beat.rr_seconds == beat.rr_seconds
         assert np.array_equal(window.samples, beat.window)
         assert window.error_scale == spec.error_scale(beat.stretch) == max(1.0, beat.stretch / 0.3)
-        assert window.timing_score == 2.0 * beat.prematurity / max(0.05, beat.rr_spread)
+        assert window.timing_score == 2.0 * beat.earliness / max(0.05, beat.rr_spread)
     assert any(window.error_scale > 1 for window in windows) and any(window.error_scale == 1 for window in windows)
+    assert any(beat.earliness < beat.prematurity for beat in scorable)  # the timing looked at the next beat
     assert np.all(BeatSpec().error_scale([0.1, 5.0]) == 1.0)  # no limit: scores as they are
     restored = decode_windows(encode_windows(windows), 0.0)  # the journal's records
     assert [w.error_scale for w in restored] == [w.error_scale for w in windows]
@@ -107,7 +108,7 @@ def test_one_message_far_ahead_cannot_silence_a_sensor_and_a_reboot_to_zero_is_f
 
 
 def test_state_survives_a_restart_exactly(signal):
-    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0, rr_spread_floor=0.01)
+    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0, rr_spread_floor=0.01, next_beat_seconds=2.0)
     reference = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
     expected = stream(reference, "a", signal, chunk=100)[0]
     assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
@@ -122,8 +123,8 @@ def test_state_survives_a_restart_exactly(signal):
     assert [w.error_scale for w in before + after] == [w.error_scale for w in expected]  # the stretch history too
     assert [w.timing_score for w in before + after] == [w.timing_score for w in expected]  # the RR reference too
     assert any(w.timing_score > 0 for w in expected)
-    old = {**state, "version": 2}  # a state file from before the normal RR spread
-    with pytest.raises(ValueError, match="not a monitor-beat-state of version 3"):
+    old = {**state, "version": 3}  # a state file from before the earliness
+    with pytest.raises(ValueError, match="not a monitor-beat-state of version 4"):
         restarted.restore(old, 0.0)
     other_rate = BeatAssembler(spec, 250.0, max_sensors=10, idle_seconds=60)
     with pytest.raises(ValueError, match="saved for 360.0 Hz"):
@@ -202,7 +203,7 @@ def test_beat_mode_with_a_journal_acknowledges_a_message_once_on_disk_and_its_be
     ]
     fresh = BeatAssembler(BeatSpec(), FS, max_sensors=10, idle_seconds=60)
     replaying = Ingest(PayloadDecoder(1, 4096), fresh, WindowQueue(10_000), Metrics(CollectorRegistry(), 4, 1.0), 1)
-    replaying.replay(Replayed(old, [], messages, Counter(), False), 0.0)  # the old state is discarded, not fatal
+    replaying.replay(Replayed(old, [], messages=messages, decided=Counter()), 0.0)  # old state discarded, not fatal
     assert list(fresh.sensor_ids()) == ["b"] and replaying.windows.depth() > 10
 
 

@@ -14,6 +14,15 @@ from monitor.training.beat_data import label_beats, read_recording
 from tests.support import REPO
 
 VENDORED = REPO / "data" / "mitdb-dev"
+NORMAL_WAVES = [(0.15, -0.2, 0.025), (-0.1, -0.03, 0.01), (1.0, 0.0, 0.012), (-0.25, 0.03, 0.01), (0.3, 0.25, 0.05)]
+WIDE_WAVES = [(1.3, 0.0, 0.035), (-0.4, 0.08, 0.03), (-0.45, 0.3, 0.07)]  # a wide, inverted-T "ventricular" beat
+
+
+def draw(signal: np.ndarray, fs: float, beat_time: float, waves: list[tuple[float, float, float]]) -> None:
+    """Adds one beat's Gaussian waves (amplitude, offset s, width s) at `beat_time` to the lead."""
+    t = np.arange(len(signal)) / fs
+    for amplitude, offset, width in waves:
+        signal += amplitude * np.exp(-0.5 * ((t - beat_time - offset) / width) ** 2)
 
 
 def synthetic_ecg(
@@ -25,18 +34,13 @@ def synthetic_ecg(
     interval also rises and falls by that share over a 4 s breath (sinus arrhythmia).
     """
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * fs)) / fs
-    signal = np.zeros_like(t)
+    signal = np.zeros(int(seconds * fs))
     peaks = []
     beat_time, number = 0.5, 0
     while beat_time < seconds - 0.6:
         number += 1
         wide = wide_every and number % wide_every == 0
-        waves = [(0.15, -0.2, 0.025), (-0.1, -0.03, 0.01), (1.0, 0.0, 0.012), (-0.25, 0.03, 0.01), (0.3, 0.25, 0.05)]
-        if wide:
-            waves = [(1.3, 0.0, 0.035), (-0.4, 0.08, 0.03), (-0.45, 0.3, 0.07)]
-        for amplitude, offset, width in waves:
-            signal += amplitude * np.exp(-0.5 * ((t - beat_time - offset) / width) ** 2)
+        draw(signal, fs, beat_time, WIDE_WAVES if wide else NORMAL_WAVES)
         peaks.append(int(round(beat_time * fs)))
         breath = 1.0 + swing * np.sin(2 * np.pi * beat_time / 4.0)
         beat_time += breath * rng.uniform(0.8, 1.0) * (0.7 if wide_every and (number + 1) % wide_every == 0 else 1.0)
@@ -148,11 +152,12 @@ def test_on_a_vendored_mitdb_record_against_its_annotations():
     assert sensitivity >= 0.995 and ppv >= 0.995
 
 
-def test_beat_windows_do_not_depend_on_chunking_or_a_restart():
+@pytest.mark.parametrize("next_beat_seconds", [None, 2.0])
+def test_beat_windows_do_not_depend_on_chunking_or_a_restart(next_beat_seconds):
     fs = 250.0
     signal, _ = synthetic_ecg(fs, 60, seed=7, wide_every=5)
     signal = signal + np.random.default_rng(8).normal(0, 0.02, len(signal))
-    spec = BeatSpec()
+    spec = BeatSpec(next_beat_seconds=next_beat_seconds)
     whole = cut_beats(signal, fs, spec)
     stream, chunked, start = BeatStream(fs, spec), [], 0
     rng = np.random.default_rng(9)
@@ -173,7 +178,12 @@ def test_beat_windows_do_not_depend_on_chunking_or_a_restart():
             b.reason,
         )
         assert (a.prematurity, a.rr_spread, a.stretch, a.normal) == (b.prematurity, b.rr_spread, b.stretch, b.normal)
+        assert a.earliness == b.earliness
         assert np.array_equal(a.window, b.window)
+    if next_beat_seconds is None:
+        assert all(beat.earliness == beat.prematurity for beat in whole)
+    else:
+        assert any(beat.earliness < beat.prematurity for beat in whole)
 
 
 def test_beat_windows_shape_warmup_and_rr():
@@ -332,3 +342,73 @@ def test_a_sensor_with_sinus_arrhythmia_needs_a_larger_departure_to_score_by_tim
     assert spread[0.25] > 2 * spread[0.0] > 2 * spec.rr_spread_floor
     assert premature[0.25] > 2 * premature[0.0]  # normal beats come much earlier with the swing ...
     assert timing[0.25] < 1.2 * timing[0.0]  # ... but their timing does not grow
+
+
+def test_the_timing_counts_a_premature_beat_followed_by_a_pause_not_a_rhythm_that_sped_up_or_an_extra_detection():
+    """With `next_beat_seconds` a beat's earliness is at most 1 - RR / next RR: an ectopic beat followed by its
+    compensatory pause keeps its prematurity; the first beats of a rhythm that sped up (and stays fast) lose it;
+    after an extra detection halfway through an interval, the real beat is early only by the two intervals together."""
+    fs = 250.0
+    times = list(np.arange(0.5, 20.0, 0.8))  # 75/min
+    times += [times[-1] + 0.55, times[-1] + 1.6]  # an ectopic beat 31 % early, then a full compensatory pause
+    times += list(times[-1] + np.arange(0.8, 12.0, 0.8))
+    stepped = times[-1]
+    times += list(stepped + np.arange(0.64, 12.0, 0.64))  # the rate steps up by a quarter and stays
+    signal = np.zeros(int((times[-1] + 2) * fs))
+    ectopic = times.index(times[25])
+    for number, beat_time in enumerate(times):
+        draw(signal, fs, beat_time, WIDE_WAVES if number == ectopic else NORMAL_WAVES)
+    extra_after = 12
+    draw(signal, fs, times[extra_after] + 0.4, NORMAL_WAVES[2:3])  # a lone spike halfway: an extra detection
+    for next_beat_seconds in (2.0, None):
+        spec = BeatSpec(dominant=True, next_beat_seconds=next_beat_seconds)
+        beats = {round(beat.r_seq / fs, 1): beat for beat in cut_beats(signal, fs, spec)}
+        wide, first_fast = beats[round(times[ectopic], 1)], beats[round(stepped + 0.64, 1)]
+        after_extra = beats[round(times[extra_after + 1], 1)]
+        assert wide.prematurity > 0.25 and first_fast.prematurity > 0.15 and after_extra.prematurity > 0.4
+        assert round(times[extra_after] + 0.4, 1) in beats  # the spike is detected
+        if next_beat_seconds is None:  # a model from before: the timing is the prematurity
+            assert all(beat.earliness == beat.prematurity for beat in beats.values())
+        else:
+            assert wide.earliness == wide.prematurity
+            assert first_fast.earliness < 0.02 and after_extra.earliness < 0.02
+
+
+def test_a_beat_waits_for_the_next_at_most_next_beat_seconds_plus_the_detectors_look_ahead():
+    """A beat is cut once the next beat is detected; before a 3 s pause (no next beat) it is cut after at most
+    `next_beat_seconds` plus the detector's look-ahead and fiducial search, not held until the rhythm comes back."""
+    fs = 250.0
+    signal, _ = synthetic_ecg(fs, 30, seed=7)
+    pause = int(15 * fs)
+    signal = np.concatenate([signal[:pause], np.full(int(3 * fs), signal[pause]), signal[pause:]])
+    stream = BeatStream(fs, BeatSpec(next_beat_seconds=2.0))
+    delays = []
+    for index in range(len(signal)):
+        delays += [(beat.r_seq, stream.received - beat.r_seq) for beat in stream.feed(signal[index : index + 1])]
+    bound = 2.0 * fs + stream.lookahead + stream.detector.fiducial + 1
+    assert len(delays) > 30 and max(delay for _, delay in delays) <= bound
+    before_pause = max(r for r, _ in delays if r < pause)
+    assert dict(delays)[before_pause] > 2.0 * fs  # it waited, then was cut without the next beat
+    assert np.median([delay for _, delay in delays]) < 1.5 * fs  # the others: once the next beat is detected
+
+
+def test_a_beat_too_noisy_to_learn_from_is_still_scored_and_a_wide_ectopic_beat_no_longer_goes_unscored():
+    """MIT-BIH 208 (frequent PVCs): with learning limits stricter than the scoring ones, the template, RR reference
+    and judgements are exactly those of the strict limits alone; the beats between the two are scored and marked
+    noisy, and fewer V beats go unscored than with the strict limits."""
+    recording = read_recording(VENDORED / "test" / "208_excerpt.npy", 360, VENDORED / "test" / "208_excerpt.csv")
+    strict = BeatSpec(dominant=True, max_noise_ratio=0.25, relative_noise=2.0)
+    lenient = BeatSpec(
+        dominant=True, max_noise_ratio=0.3, relative_noise=3.0, learn_max_noise_ratio=0.25, learn_relative_noise=2.0
+    )
+    before, after = (label_beats(recording, cut_beats(recording.signal, 360, spec)) for spec in (strict, lenient))
+    assert np.array_equal(before.windows, after.windows)
+    assert [b.normal for b in before.beats] == [b.normal for b in after.beats]
+    assert np.array_equal(before.earliness, after.earliness) and np.array_equal(before.stretch, after.stretch)
+    newly = np.array([a.reason == "noise" and b.reason is None for a, b in zip(before.beats, after.beats, strict=True)])
+    assert newly.sum() >= 5 and all(after.beats[i].noisy for i in np.flatnonzero(newly))
+    assert not any(b.noisy for a, b in zip(before.beats, after.beats, strict=True) if a.reason is None)
+    unscored_v = [int(((labelled.classes == "V") & ~labelled.scorable).sum()) for labelled in (before, after)]
+    assert unscored_v[1] < unscored_v[0]
+    with pytest.raises(ValueError, match="learning ones at most the scoring ones"):
+        BeatSpec(max_noise_ratio=0.25, learn_max_noise_ratio=0.3)

@@ -12,7 +12,7 @@ import pytest
 
 from monitor.ecg.beats import BeatSpec
 from monitor.model.artifact import read_metadata
-from monitor.training.beat_data import cut_recording, label_beats, read_recording
+from monitor.training.beat_data import aami_counts, cut_recording, label_beats, read_recording
 from monitor.training.beat_trainer import (
     BeatSettings,
     BeatTrainSettings,
@@ -278,3 +278,34 @@ def test_the_threshold_is_the_reconstruction_scores_quantile_and_timing_has_its_
         errors, beats.calibration_stretch, beats.calibration_prematurity, beats.calibration_rr_spread
     )
     assert 0.007 < (scores > calibration.threshold).mean() < 0.013  # about 0.5 % by shape, 0.5 % by timing
+
+
+def test_a_found_beat_matching_no_annotation_counts_as_flagged_but_not_as_a_normal_beat():
+    """An extra detection (no annotated beat within 150 ms) has no AAMI class: flagged, it lowers the alerts' +P,
+    not the share of normal beats flagged."""
+    recording = read_recording(TRAIN / "123.npy", 360, TRAIN / "123.csv")
+    beats = cut_recording(recording, BeatSpec())
+    assert recording.ann_samples is not None and recording.ann_symbols is not None
+    dropped = int(np.flatnonzero(recording.ann_symbols == "N")[100])  # as if the annotator had not marked it
+    keep = np.arange(len(recording.ann_samples)) != dropped
+    unannotated = replace(recording, ann_samples=recording.ann_samples[keep], ann_symbols=recording.ann_symbols[keep])
+    full, extra = label_beats(recording, beats), label_beats(unannotated, beats)
+    assert extra.extra == full.extra + 1 and (extra.symbols == "").sum() == (full.symbols == "").sum() + 1
+    flagged = np.ones(len(beats), bool)
+    counts, reference = aami_counts(extra, flagged), aami_counts(full, flagged)
+    assert counts["N_beats"] == counts["N_flagged"] == reference["N_beats"] - 1
+    assert counts["flagged"] == reference["flagged"] == len(beats)
+
+
+def test_training_leaves_out_the_beats_too_noisy_to_learn_from():
+    """Beats scored though above the learning noise limits (`beats.Beat.noisy`) are never fitted or calibrated on."""
+    spec = BeatSpec(
+        dominant=True, max_noise_ratio=0.3, relative_noise=3.0, learn_max_noise_ratio=0.25, learn_relative_noise=2.0
+    )
+    recording = read_recording(TEST / "208_excerpt.npy", 360, TEST / "208_excerpt.csv")
+    beats = label_beats(recording, cut_recording(recording, spec))
+    noisy = np.array([beat.noisy for beat in beats.beats])
+    normal = beats.scorable & (beats.symbols == "N")
+    assert (normal & noisy).any()
+    split = split_training_beats([(recording, beats)], ["N"], 0.15, 0.15)
+    assert len(split.fit) + len(split.validation) + len(split.calibration) == (normal & ~noisy).sum()
