@@ -389,14 +389,14 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
 def train_and_evaluate(
     output: Path, train: list[Path], tests: list[Path], labels: list[Path], window: int, stride: int, *options: str
 ) -> dict:
-    """A small model (E=4, 2 epochs, one thread) trained on `train` into `output` with extra `options`, and the
-    report of `monitor evaluate --json` on the labelled `tests` recordings."""
+    """A small model (E=4, 2 epochs, one thread; `options` may say otherwise) trained on `train` into `output`, and
+    the report of `monitor evaluate --json` on the labelled `tests` recordings."""
     one_thread = {"OMP_NUM_THREADS": "1"}
     shape = ("--window", str(window), "--stride", str(stride))
     small = ("--embedding-dim", "4", "--epochs", "2", "--seed", "0", "--threads", "1", "--no-report")
     train_data = [str(path) for path in train]
     trained = run_cli(
-        "train", "--train-data", *train_data, *shape, *options, *small, "--output", str(output), env=one_thread
+        "train", "--train-data", *train_data, *shape, *small, *options, "--output", str(output), env=one_thread
     )
     assert trained.returncode == 0, trained.stderr
     data = ("--data", *map(str, tests), "--labels", *map(str, labels))

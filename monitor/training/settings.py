@@ -47,8 +47,9 @@ class TrainSettings(Strict):
     name: str = ""
     version: str | None = None
     embedding_dim: int = Field(default=32, ge=1, le=1024)
-    level_dim: int = Field(default=0, ge=0)  # the model's level path (LSTMAutoencoder); 0: none
-    score_scale: Literal["none", "sensor"] = "none"  # sensor: scores divided by the sensor's warm-up median score
+    level_dim: int | None = Field(default=None, ge=0)  # the model's level path (LSTMAutoencoder); 0: none, None: auto
+    # sensor: scores divided by the sensor's warm-up median score; None: sensor with baseline: sensor, else none
+    score_scale: Literal["none", "sensor"] | None = None
     epochs: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)
     learning_rate: float = Field(default=0.002, gt=0)
@@ -88,6 +89,8 @@ class TrainSettings(Strict):
             raise ValueError("baseline_windows: required with baseline: sensor")
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows: only with baseline: sensor")
+        if self.score_scale is None:
+            self.score_scale = "sensor" if self.baseline == "sensor" else "none"
         if self.score_scale == "sensor" and self.baseline != "sensor":
             raise ValueError("score_scale: sensor needs baseline: sensor (the scale is measured on the warm-up)")
         if self.from_recordings and (self.calibration_data is not None or self.evaluate_data is not None):
@@ -96,6 +99,13 @@ class TrainSettings(Strict):
                 "evaluate with `monitor evaluate --data ... --labels ...`)"
             )
         return self
+
+    def level_dim_for(self, channels: int) -> int:
+        """The level path's width: as given, or by default, with per-sensor baselines and several channels, a sixth
+        narrower than the channels (38 channels: 32, the width validation loss chose on machine data); else none."""
+        if self.level_dim is not None:
+            return self.level_dim
+        return channels - max(1, channels // 6) if self.baseline == "sensor" and channels > 1 else 0
 
     @property
     def from_recordings(self) -> bool:

@@ -204,7 +204,7 @@ def fit_model(
     """Mini-batch Adam on L1 loss with input noise; early stopping restores the best weights."""
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    model = LSTMAutoencoder(train.shape[2], settings.embedding_dim, settings.level_dim)
+    model = LSTMAutoencoder(train.shape[2], settings.embedding_dim, settings.level_dim_for(train.shape[2]))
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=settings.lr_factor, patience=settings.lr_patience
@@ -264,12 +264,13 @@ def train(settings: TrainSettings) -> TrainingResult:
     use_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split, warm_ups = split_normal(settings)
+    level_dim = settings.level_dim_for(fit.channels)
+    settings = settings.model_copy(update={"level_dim": level_dim})  # recorded as used
     if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
         raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
-    if settings.level_dim >= fit.channels:
+    if level_dim >= fit.channels:
         raise DataError(
-            f"level_dim {settings.level_dim}: a level path needs fewer dimensions than the {fit.channels} "
-            "channel(s) (0: none)"
+            f"level_dim {level_dim}: a level path needs fewer dimensions than the {fit.channels} channel(s) (0: none)"
         )
     recorded_channel_names(settings, fit)  # refused before training, not after
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.

@@ -33,6 +33,7 @@ def trained(tmp_path_factory):
         output=output,
         embedding_dim=4,
         level_dim=8,
+        score_scale="none",  # the threshold below is on the scores as the model gives them
         epochs=1,
         threads=1,
         report=False,
@@ -92,3 +93,21 @@ def test_the_onnx_backend_scores_a_level_path_model_as_torch_does(trained):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+def test_by_default_a_sensor_baseline_model_of_several_channels_gets_a_level_path_and_score_scales():
+    """38 channels: 32 (a sixth fewer); one channel, or a pooled baseline: none; given values are kept."""
+    sensor = TrainSettings(train_data=[EXCERPT / "x.npy"], window=30, baseline="sensor", baseline_windows=20)
+    assert (sensor.level_dim_for(38), sensor.level_dim_for(8), sensor.level_dim_for(1)) == (32, 7, 0)
+    assert sensor.score_scale == "sensor"
+    pooled = TrainSettings(train_data=[EXCERPT / "x.npy"], window=30)
+    assert (pooled.level_dim_for(38), pooled.score_scale) == (0, "none")
+    given = TrainSettings(
+        train_data=[EXCERPT / "x.npy"],
+        window=30,
+        baseline="sensor",
+        baseline_windows=20,
+        level_dim=0,
+        score_scale="none",
+    )
+    assert (given.level_dim_for(38), given.score_scale) == (0, "none")

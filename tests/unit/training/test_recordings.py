@@ -174,6 +174,8 @@ def two_channel(tmp_path_factory):
             baseline="sensor",
             baseline_windows=20,
             baseline_follow_rate=0.0,  # the fixed baseline, computed by hand below
+            level_dim=0,  # and the plain model's scores, unscaled
+            score_scale="none",
             output=root / "model",
             embedding_dim=4,
             epochs=2,
