@@ -117,14 +117,15 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
         "--level-dim",
         type=int,
         help="width K of the linear path each window's per-channel mean takes, fewer than the channels; for "
-        "machines with many channels, 0: none (default: with --baseline sensor and several channels, a sixth fewer "
-        "than the channels, else none)",
+        "machines with many channels, 0: none (default: with --baseline sensor and 16 channels or more, a sixth "
+        "fewer than the channels, else none)",
     )
     add(
         "--score-scale",
         choices=("none", "sensor"),
         help="sensor: divide each sensor's scores by the median score of its warm-up windows, and calibrate the "
-        "threshold on scores divided so; needs --baseline sensor (default: sensor with --baseline sensor, else none)",
+        "threshold on scores divided so; needs --baseline sensor (default: sensor with --baseline sensor and 16 "
+        "channels or more, else none)",
     )
     add(
         "--channel-names",

@@ -11,6 +11,8 @@ from pydantic import Field, field_validator, model_validator
 from monitor.config.loading import Strict
 from monitor.model.baseline import FOLLOW_RATE
 
+MANY_CHANNELS = 16  # from here a per-sensor-baseline model gets the machine defaults (`TrainSettings.resolved`)
+
 
 class ThresholdSettings(Strict):
     method: Literal["quantile", "mean_std", "pot"] = "quantile"
@@ -48,7 +50,7 @@ class TrainSettings(Strict):
     version: str | None = None
     embedding_dim: int = Field(default=32, ge=1, le=1024)
     level_dim: int | None = Field(default=None, ge=0)  # the model's level path (LSTMAutoencoder); 0: none, None: auto
-    # sensor: scores divided by the sensor's warm-up median score; None: sensor with baseline: sensor, else none
+    # sensor: scores divided by the sensor's warm-up median score; None: as `resolved` says
     score_scale: Literal["none", "sensor"] | None = None
     epochs: int = Field(default=150, ge=1)
     batch_size: int = Field(default=16, ge=1)
@@ -89,8 +91,6 @@ class TrainSettings(Strict):
             raise ValueError("baseline_windows: required with baseline: sensor")
         if self.baseline_windows is not None and self.baseline != "sensor":
             raise ValueError("baseline_windows: only with baseline: sensor")
-        if self.score_scale is None:
-            self.score_scale = "sensor" if self.baseline == "sensor" else "none"
         if self.score_scale == "sensor" and self.baseline != "sensor":
             raise ValueError("score_scale: sensor needs baseline: sensor (the scale is measured on the warm-up)")
         if self.from_recordings and (self.calibration_data is not None or self.evaluate_data is not None):
@@ -100,12 +100,22 @@ class TrainSettings(Strict):
             )
         return self
 
+    def machine_defaults(self, channels: int) -> bool:
+        """Whether a model of `channels` channels gets the defaults for machines: per-sensor baselines and at least
+        MANY_CHANNELS channels (the level path and the score scale helped at 38 channels of machine data, not at 8)."""
+        return self.baseline == "sensor" and channels >= MANY_CHANNELS
+
     def level_dim_for(self, channels: int) -> int:
-        """The level path's width: as given, or by default, with per-sensor baselines and several channels, a sixth
-        narrower than the channels (38 channels: 32, the width validation loss chose on machine data); else none."""
+        """The level path's width: as given, or for machines (`machine_defaults`) a sixth narrower than the channels
+        (38 channels: 32, the width validation loss chose on machine data); else none."""
         if self.level_dim is not None:
             return self.level_dim
-        return channels - max(1, channels // 6) if self.baseline == "sensor" and channels > 1 else 0
+        return channels - channels // 6 if self.machine_defaults(channels) else 0
+
+    def resolved(self, channels: int) -> TrainSettings:
+        """These settings with the defaults that depend on the channels filled in (level path, score scale)."""
+        scale = self.score_scale or ("sensor" if self.machine_defaults(channels) else "none")
+        return self.model_copy(update={"level_dim": self.level_dim_for(channels), "score_scale": scale})
 
     @property
     def from_recordings(self) -> bool:

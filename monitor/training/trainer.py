@@ -265,7 +265,7 @@ def train(settings: TrainSettings) -> TrainingResult:
     started = time.perf_counter()
     fit, validation, calibration_windows, split, warm_ups = split_normal(settings)
     level_dim = settings.level_dim_for(fit.channels)
-    settings = settings.model_copy(update={"level_dim": level_dim})  # recorded as used
+    settings = settings.resolved(fit.channels)  # recorded as used
     if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
         raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
     if level_dim >= fit.channels:

@@ -95,13 +95,14 @@ def test_the_onnx_backend_scores_a_level_path_model_as_torch_does(trained):
     )
 
 
-def test_by_default_a_sensor_baseline_model_of_several_channels_gets_a_level_path_and_score_scales():
-    """38 channels: 32 (a sixth fewer); one channel, or a pooled baseline: none; given values are kept."""
+def test_by_default_a_sensor_baseline_model_of_many_channels_gets_a_level_path_and_score_scales():
+    """38 channels: 32 (a sixth fewer) and scales; 8 channels, or a pooled baseline: neither; given values kept."""
     sensor = TrainSettings(train_data=[EXCERPT / "x.npy"], window=30, baseline="sensor", baseline_windows=20)
-    assert (sensor.level_dim_for(38), sensor.level_dim_for(8), sensor.level_dim_for(1)) == (32, 7, 0)
-    assert sensor.score_scale == "sensor"
-    pooled = TrainSettings(train_data=[EXCERPT / "x.npy"], window=30)
-    assert (pooled.level_dim_for(38), pooled.score_scale) == (0, "none")
+    assert sensor.resolved(38).level_dim == 32 and sensor.resolved(38).score_scale == "sensor"
+    assert sensor.resolved(16).level_dim == 14
+    assert (sensor.resolved(8).level_dim, sensor.resolved(8).score_scale) == (0, "none")
+    pooled = TrainSettings(train_data=[EXCERPT / "x.npy"], window=30).resolved(38)
+    assert (pooled.level_dim, pooled.score_scale) == (0, "none")
     given = TrainSettings(
         train_data=[EXCERPT / "x.npy"],
         window=30,
@@ -109,5 +110,5 @@ def test_by_default_a_sensor_baseline_model_of_several_channels_gets_a_level_pat
         baseline_windows=20,
         level_dim=0,
         score_scale="none",
-    )
-    assert (given.level_dim_for(38), given.score_scale) == (0, "none")
+    ).resolved(38)
+    assert (given.level_dim, given.score_scale) == (0, "none")
