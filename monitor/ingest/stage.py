@@ -307,10 +307,11 @@ class Ingest:
     def snapshot(self) -> dict[str, Any]:
         """What a journal checkpoint holds (the caller holds `lock`): positions, partial windows, undecided windows."""
         pending = self.pending.windows() if self.pending is not None else []
-        state = {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending)}
-        if self.baselines is not None:
-            state["baselines"] = self.baselines.snapshot()
-        return state
+        return {"windowing": self.assembler.snapshot(), "pending": encode_windows(pending), **self.baselines_state()}
+
+    def baselines_state(self) -> dict[str, Any]:
+        """The per-sensor baselines' part of a saved state (journal checkpoint or state file): none without them."""
+        return {} if self.baselines is None else {"baselines": self.baselines.snapshot()}
 
     def checkpoint_if_due(self, now: float) -> None:
         if self.journal is not None and self.journal.checkpoint_due(now):

@@ -364,9 +364,7 @@ class Daemon:
         path = self.started_config.windowing.state_file
         if path is None:
             return
-        state = self.ingest.assembler.snapshot()
-        if self.ingest.baselines is not None:
-            state["baselines"] = self.ingest.baselines.snapshot()
+        state = {**self.ingest.assembler.snapshot(), **self.ingest.baselines_state()}
         try:
             write_state(path, state)
         except OSError as error:
