@@ -191,45 +191,32 @@ def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(t
         assert recording["score_scale"] == pytest.approx(float(np.median(score(windows[:WARM_UP]))), rel=1e-5)
 
 
-def test_a_recording_too_short_for_its_own_threshold_is_refused_by_name(tmp_path):
-    """Each recording's calibration part gives a threshold of its own, so each needs 10 normal windows in it."""
+@pytest.mark.parametrize(
+    ("rows", "calibration_fraction", "message"),
+    [
+        # each recording's calibration part gives a threshold of its own, so each needs 10 normal windows in it
+        (600, 0.15, r"short_train\.npy: 9 normal windows in its calibration part .* at least 10"),  # 58 windows
+        # its calibration part is normalised by a baseline fitted on the warm-up's worth of windows before it: fewer
+        # are refused, not used as a shorter warm-up
+        (320, 0.45, r"short_train\.npy: 16 windows before its calibration part .* needs 20"),  # 30 windows, 14 last
+    ],
+)
+def test_a_recording_too_short_for_its_calibration_is_refused_by_name(tmp_path, rows, calibration_fraction, message):
     short = tmp_path / "short_train.npy"
-    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:600])  # 58 windows: 9 in its last 15 %
+    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:rows])
     settings = TrainSettings(
         train_data=[EXCERPT / f"{MACHINES[1]}_train.npy", short],
         window=WINDOW,
         stride=STRIDE,
         baseline="sensor",
         baseline_windows=WARM_UP,
+        calibration_fraction=calibration_fraction,
         output=tmp_path / "model",
         embedding_dim=4,
         epochs=1,
         threads=1,
         report=False,
     )
-    with pytest.raises(DataError, match=r"short_train\.npy: 9 normal windows in its calibration part .* at least 10"):
-        train(settings)
-    assert not (tmp_path / "model").exists()
-
-
-def test_a_recording_without_room_for_its_calibration_warm_up_is_refused_by_name(tmp_path):
-    """The calibration part is normalised by a baseline fitted on the warm-up's worth of windows before it: a
-    recording with fewer windows before its calibration part is refused, not calibrated on a shorter warm-up."""
-    short = tmp_path / "short_train.npy"
-    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:320])  # 30 windows: 14 calibrate, 16 before
-    settings = TrainSettings(
-        train_data=[EXCERPT / f"{MACHINES[1]}_train.npy", short],
-        window=WINDOW,
-        stride=STRIDE,
-        baseline="sensor",
-        baseline_windows=WARM_UP,
-        calibration_fraction=0.45,
-        output=tmp_path / "model",
-        embedding_dim=4,
-        epochs=1,
-        threads=1,
-        report=False,
-    )
-    with pytest.raises(DataError, match=r"short_train\.npy: 16 windows before its calibration part .* needs 20"):
+    with pytest.raises(DataError, match=message):
         train(settings)
     assert not (tmp_path / "model").exists()
