@@ -122,7 +122,7 @@ def split_recordings(settings: TrainSettings) -> Split:
         calibration_warm_up: dict[str, Any] = {}
         if warm_up:
             warm_ups["validation"].append(windows[:warm_up])
-        if warm_up and n_cal:
+        if warm_up and n_cal:  # the calibration part as a daemon starting `warm_up` windows before it sees it
             if n - n_cal < warm_up:
                 raise DataError(
                     f"{path}: {n - n_cal} windows before its calibration part (the last "
@@ -162,8 +162,8 @@ def split_recordings(settings: TrainSettings) -> Split:
         raise DataError(f"{len(fit)}/{len(validation)} normal windows are too few to train/validate")
     digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
     normalised = (
-        f", normalised as by a daemon starting {settings.baseline_windows} windows before it (its baseline and score "
-        "scale fitted on those: calibration_warm_up_windows, [start, end) in the recording's windows)"
+        f", normalised as by a daemon starting {settings.baseline_windows} windows before it (its baseline, and its "
+        "score scale with one, fitted on those: calibration_warm_up_windows, [start, end) in the recording's windows)"
         if settings.baseline_windows
         else ""
     )
