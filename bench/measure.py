@@ -24,12 +24,11 @@ from monitor.config.loading import read_yaml, validate
 from monitor.model.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.model.autoencoder import LSTMAutoencoder
 from monitor.model.onnx_backend import OnnxScorer, export_onnx, session_options
-from monitor.model.scoring import Scorer, ScoringGraph
+from monitor.model.scoring import Scorer, ScoringGraph, SlicedScorer
 from monitor.training.evaluation import evaluate_scores
 
 DEFAULT_MODEL = REPO / "models" / "ecg5000"
 TRAIN_CONFIG = REPO / "configs" / "train-ecg5000.yaml"
-MIN_SHARD = 16  # torch-shards splits a batch only into slices of at least this many windows
 Record = dict[str, Any]
 SLOW_CALL_SECONDS = 5.0  # a configuration whose batch takes longer is not tried at larger batches
 FLOPS_FORMULA = (
@@ -199,33 +198,14 @@ def tutorial_rates(
     return rates
 
 
-def sharded(score: Callable[[np.ndarray], object], workers: int) -> Callable[[np.ndarray], object]:
-    """`score` over `workers` slices of each batch at once, in Python threads (the backends release the GIL).
-
-    With torch on one intra-op thread, each slice runs on its own core without the per-time-step
-    barrier that torch's own 2-thread LSTM has; that barrier is what collapses when another process
-    takes one of the cores. The scores are the same as scoring the slices one after the other."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="bench-shard")
-
-    def run(windows: np.ndarray) -> list[object]:
-        if len(windows) < workers * MIN_SHARD:
-            return [score(windows)]  # small batches: splitting costs more than it gains (the workers contend)
-        bounds = np.linspace(0, len(windows), workers + 1).astype(int)
-        futures = [pool.submit(score, windows[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-        return [future.result() for future in futures]
-
-    return run
-
-
 def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable[[np.ndarray], object]:
     """The engine's `score` for a backend: torch, onnx (fp32), onnx-int8 (dynamic quantisation), or
-    torch-shards (`threads` single-thread torch workers, each scoring a slice of the batch)."""
+    torch-shards (the daemon's `model.workers`: `threads` single-thread torch workers, each scoring a slice of the
+    batch)."""
     if backend == "torch":
         return Scorer.from_artifact(artifact).score
     if backend == "torch-shards":
-        return sharded(Scorer.from_artifact(artifact).score, threads)
+        return SlicedScorer(Scorer.from_artifact(artifact), threads).score
     if backend == "onnx-int8":
         return int8_scorer(artifact, threads).score
     return OnnxScorer(artifact, threads=threads).score

@@ -349,16 +349,16 @@ def beat_e2e(ctx: Context) -> Record:
     )
 
 
-FORMATS_E2E = ("torch:1:c140", "torch:1:c140:frame", "torch:1:c140:beats:frame")
+FORMATS_E2E = ("torch:1:c140", "torch:1:c140:frame", "torch:1:c140:frame:s2", "torch:1:c140:beats:frame")
 
 
 @part("formats-e2e", e2e_rows, default=False)
 def formats_e2e(ctx: Context) -> Record:
     """Payload formats end to end (140 samples a message)
 
-    The e2e measurement for 140-sample messages as JSON, as binary frames (float32, docs/payload-formats.md) and as
-    binary frames in beat mode, each after beat mode's warm-up; each format's CPU per message is in the transport
-    part."""
+    The e2e measurement for 140-sample messages as JSON, as binary frames (float32, docs/payload-formats.md), as
+    binary frames with `model.workers: 2` and as binary frames in beat mode, each after beat mode's warm-up; each
+    format's CPU per message is in the transport part."""
     configs = [RunConfig.parse(text, ctx.args.e2e_qos) for text in FORMATS_E2E]
     return end_to_end(ctx, configs, BEAT_WARMUP_SECONDS)
 

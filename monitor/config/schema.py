@@ -276,6 +276,13 @@ class ModelSettings(Strict):
     threads: int = Field(
         default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)"
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="a batch of at least 16 windows a worker is scored in this many slices at once, each on `threads` "
+        "intra-op threads (the scoring pass releases the GIL, so they run on as many cores); 1: one pass a batch",
+    )
     shadow_path: Path | None = Field(
         default=None, description="a second artifact that scores the same batches, never alerts, and is compared"
     )
@@ -360,7 +367,8 @@ class BatchingSettings(Strict):
         gt=0,
         le=1,
         description="the most of the scoring thread's time given to the windows of sensors holding more than their "
-        "fair share of the queue: a flooding sensor leaves it idle time for the others' input (1: no limit)",
+        "fair share of the queue and at least a quarter of max_queued_per_sensor: a flooding sensor leaves it idle "
+        "time for the others' input (1: no limit)",
     )
     admission_wait_seconds: float = Field(
         default=10.0,

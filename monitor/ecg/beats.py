@@ -87,7 +87,10 @@ Signal quality: a beat is scored only if it is judged scorable:
   from before) both are the scoring limits.
 
 Noisy stretches (`stretch_limit`): a beat's `stretch` is the smallest distance from the template (RMS of
-`template_diff`) among the STRETCH_BEATS beats before it (with `dominant`; the median without). One odd beat among
+`template_diff`) among the STRETCH_BEATS beats before it that had a template (with `dominant`; the median without).
+A beat cut without a template (warm-up) has no distance from one: after a relearn the first beats are measured
+against the beats that made the sensor relearn, which differed from its template, not against a distance of 0
+(with it, the beats right after a relearn were never scored leniently). One odd beat among
 usual ones has a small stretch, and so has a beat in bigeminy or in couplets, since one of the beats before it is
 normal; a beat in a stretch where every beat differs from the template (electrode motion slower than the QRS band,
 which the noise ratio does not see) has a large one, and its reconstruction error is then mostly that disturbance.
@@ -261,7 +264,7 @@ class Beat:
     reason: str | None
     noise_ratio: float
     noisy: bool  # above the learning noise limits (scored if within the scoring ones): not learned from
-    stretch: float  # distance from the template of the STRETCH_BEATS beats before this one (module doc)
+    stretch: float  # distance from the template of the STRETCH_BEATS beats with one before this (module doc)
     prematurity: float  # max(0, 1 - RR / the sensor's reference RR); 0 for its first beat
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
     rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
@@ -402,7 +405,8 @@ class BeatStream:
         }
         window = np.stack([channels[name] for name in self.spec.channels], axis=1).astype(np.float32)
         stretch = self._stretch()
-        self._distances.append(distance)
+        if template is not None:
+            self._distances.append(distance)
         normal = False
         if not self.spec.dominant:
             if clean:

@@ -36,6 +36,9 @@ from monitor.window import Window
 
 log = structlog.get_logger("monitor.ingest")
 RATE_TOLERANCE = 0.005  # a message's sample_rate_hz within 0.5 % of the configured rate is the same rate
+# A sensor is put behind the others only from a quarter of `max_queued_per_sensor` windows on: a backlog spread over
+# thousands of sensors holds fewer than that each, so it is scored at full speed.
+BEHIND_FLOOR_DIVISOR = 4
 WRONG_RATE = "wrong_sample_rate"  # this stage's outcome for a message of another rate than windowing.sample_rate_hz
 
 
@@ -80,6 +83,7 @@ class Ingest:
         self.pending = pending
         self.journal = journal
         self.max_queued_per_sensor = max_queued_per_sensor or windows.capacity
+        self.behind_floor = max(1, self.max_queued_per_sensor // BEHIND_FLOOR_DIVISOR)
         self.admission_wait_seconds = admission_wait_seconds
         self._share_drops: Counter[str] = Counter()  # by sensor, since its last `sensor_over_share` line
         self._replay_decided: Counter[tuple[str, int]] = Counter()  # during a replay: windows not to score again
@@ -187,8 +191,11 @@ class Ingest:
         windows = self.windows
         if self._over_share(window.sensor_id):
             return "sensor_share"
-        # More than its fair share queued: behind the other sensors' windows (`WindowQueue`), not dropped yet.
-        behind = windows.queued_for(window.sensor_id) > windows.capacity / max(self.assembler.active_sensors, 1)
+        # More than its fair share queued, and more than a few: behind the other sensors' windows (`WindowQueue`),
+        # not dropped yet. Without the floor, a backlog of thousands of sensors (fair shares of 2-3 windows) would put
+        # them all behind, and the scoring thread would rest from its whole backlog (`MicroBatcher.behind_share`).
+        queued = windows.queued_for(window.sensor_id)
+        behind = queued >= self.behind_floor and queued > windows.capacity / max(self.assembler.active_sensors, 1)
         if windows.offer(window, behind=behind):
             return None
         if self.admission_wait_seconds <= 0:

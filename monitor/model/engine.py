@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,16 +20,10 @@ from monitor.errors import ArtifactError, ConfigError, MonitorError
 from monitor.model.artifact import channel_names, load_artifact
 from monitor.model.baseline import follow_rate, scaled_scores, trained_baseline
 from monitor.model.calibration import CalibrationScores
-from monitor.model.scoring import Scorer, Scores
+from monitor.model.scoring import Scorer, Scores, SlicedScorer, WindowScorer
 from monitor.window import Window
 
 Backend = Literal["torch", "onnx"]
-
-
-class WindowScorer(Protocol):
-    """A backend: scores one `[B, W, C]` batch in one pass."""
-
-    def score(self, windows: np.ndarray) -> Scores: ...
 
 
 @dataclass(frozen=True)
@@ -129,6 +123,8 @@ def load_engine(settings: ModelSettings) -> Engine:
         scorer = OnnxScorer(artifact, threads=settings.threads)
     else:
         scorer = Scorer.from_artifact(artifact, device)
+    if settings.workers > 1:
+        scorer = SlicedScorer(scorer, settings.workers)
     try:
         calibration = CalibrationScores.from_metadata(artifact.metadata)
     except ValueError as error:

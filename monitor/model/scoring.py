@@ -19,8 +19,9 @@ import warnings
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -42,6 +43,18 @@ class Scores:
     def select(self, keep: np.ndarray) -> Scores:
         """The scores of the windows `keep` selects (a mask or indices)."""
         return Scores(self.errors[keep], self.profiles[keep], None if self.channels is None else self.channels[keep])
+
+
+class WindowScorer(Protocol):
+    """A backend: scores one `[B, W, C]` batch in one pass."""
+
+    def score(self, windows: np.ndarray) -> Scores: ...
+
+
+def joined(parts: Sequence[Scores]) -> Scores:
+    """The scores of consecutive slices of a batch as one (`parts` not empty)."""
+    channels = None if any(p.channels is None for p in parts) else np.concatenate([p.channels for p in parts])
+    return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]), channels)
 
 
 def top_channels(errors: np.ndarray, count: int, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -69,8 +82,31 @@ class BatchScorer(ABC):
             return Scores(
                 np.zeros(0, np.float32), np.zeros((0, shape[1]), np.float32), np.zeros((0, shape[2]), np.float32)
             )
-        channels = None if any(p.channels is None for p in parts) else np.concatenate([p.channels for p in parts])
-        return Scores(np.concatenate([p.errors for p in parts]), np.concatenate([p.profiles for p in parts]), channels)
+        return joined(parts)
+
+
+MIN_SLICE = 16  # a batch is split only into slices of at least this many windows: smaller ones cost more than they save
+
+
+class SlicedScorer(BatchScorer):
+    """Scores each batch as up to `workers` slices at once: one in the calling thread, the others in a pool. The
+    scoring pass releases the GIL (a traced torch pass, an ONNX Runtime session), so with one intra-op thread each
+    the slices run on as many cores, without the per-time-step barrier of one LSTM on several threads. A window's
+    score is its own: each slice gives it as its whole batch would (tests/unit/model/test_autoencoder.py)."""
+
+    def __init__(self, inner: WindowScorer, workers: int) -> None:
+        self.inner = inner
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers - 1, thread_name_prefix="scoring-slice")
+
+    def score(self, windows: np.ndarray) -> Scores:
+        slices = min(self.workers, len(windows) // MIN_SLICE)
+        if slices < 2:
+            return self.inner.score(windows)
+        bounds = [len(windows) * index // slices for index in range(slices + 1)]  # np.linspace costs more here
+        ends = zip(bounds[1:-1], bounds[2:], strict=True)
+        others = [self._pool.submit(self.inner.score, windows[start:end]) for start, end in ends]
+        return joined([self.inner.score(windows[: bounds[1]]), *(other.result() for other in others)])
 
 
 class ScoringGraph(nn.Module):

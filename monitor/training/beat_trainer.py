@@ -64,7 +64,7 @@ class BeatSettings(Strict):
     # the stretch limit (beats.py) is this quantile of the fit beats' stretch; null: scores are not scaled
     stretch_quantile: float | None = Field(default=0.95, gt=0, lt=1)
     dominant: bool = True  # template and RR reference from the beats judged normal (beats.py)
-    normal_distance: float = Field(default=0.5, gt=0)
+    normal_distance: float = Field(default=0.6, gt=0)
     relearn_beats: int = Field(default=64, ge=1)
     relearn_share: float = Field(default=0.1, ge=0, le=1)
     # the timing gain (beats.py) scores the fit beats' timing at this quantile as the threshold's error;

@@ -293,7 +293,8 @@ def test_the_dominant_rhythm_learns_the_normal_beats_of_a_bigeminy():
 
 def test_the_dominant_rhythm_is_learned_again_when_the_morphology_really_changes():
     """A lead whose beats change shape for good (here: inverted) is judged abnormal until fewer than
-    `relearn_share` of the last `relearn_beats` clean beats were normal; then the new shape is learned."""
+    `relearn_share` of the last `relearn_beats` clean beats were normal; then the new shape is learned, its first
+    beat scored as in a noisy stretch."""
     fs = 250.0
     signal, truth = synthetic_ecg(fs, 180, seed=4)
     change = int(60 * fs)
@@ -306,6 +307,10 @@ def test_the_dominant_rhythm_is_learned_again_when_the_morphology_really_changes
     relearned = next(index for index, beat in enumerate(after) if beat.reason == "warmup")
     assert 24 <= relearned <= 32 and not any(beat.normal for beat in after[:relearned])
     assert all(beat.normal for beat in after[relearned + 10 :] if beat.scorable)
+    # the warm-up beats have no distance from a template: the first beat after it is in the stretch of the beats that
+    # made the sensor relearn (far from the old template); the next ones are measured against the new one
+    first = next(index for index in range(relearned, len(after)) if after[index].scorable)
+    assert after[first].stretch > 1.0 and max(beat.stretch for beat in after[first + 1 : first + 20]) < 0.2
     state = json.loads(json.dumps(stream.snapshot()))
     assert BeatStream.restore(state, spec).relearns == 1
 

@@ -73,6 +73,26 @@ def test_a_backlog_of_many_sensors_fills_the_queue_evenly_and_nobody_is_dropped(
     assert queue.depth() == 40 and dropped(registry, "sensor_share") == 0
 
 
+def lanes(queue: WindowQueue[Window]) -> dict[str, list[int]]:
+    """Take every queued window: each sensor's lanes in the order taken (0 first, 1 put behind)."""
+    taken: dict[str, list[int]] = {}
+    while (item := queue.take(0.0)) is not None:
+        taken.setdefault(item[0].sensor_id, []).append(item[1])
+    return taken
+
+
+def test_a_sensor_is_put_behind_only_over_its_fair_share_and_the_floor():
+    """20 sensors share a queue of 40 (a fair share of 2): a sensor with three windows queued is over it. With
+    max_queued_per_sensor 64 (a floor of 16) a backlog of a few windows a sensor stays in the first lane, so the
+    scoring thread never rests from it; with 8 (a floor of 2) its fourth window is put behind."""
+    for share, fourth_lane in ((64, 0), (8, 1)):
+        ingest, queue, _ = make_ingest(capacity=40, share=share, wait=0.0)
+        for index in range(20):
+            send(ingest, f"s{index:02d}", 0, 1)
+        send(ingest, "s00", W, 3)
+        assert lanes(queue) == {"s00": [0, 0, 0, fourth_lane], **{f"s{index:02d}": [0] for index in range(1, 20)}}
+
+
 def test_a_sensor_flooding_while_the_others_have_nothing_queued_is_cut_at_its_share():
     """The others' windows are scored as they come, so the flooder is alone in the queue: still over its share of it
     (the queue's room divided by the active sensors), so the input never waits for it."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from monitor.model.artifact import Normalisation, load_artifact
 from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors
 from monitor.model.engine import resolve_device
-from monitor.model.scoring import Scorer, ScoringGraph
+from monitor.model.scoring import Scorer, Scores, ScoringGraph, SlicedScorer
 from monitor.training.datasets import read_ucr
 from tests.support import DEFAULT_MODEL, SPLITS
 
@@ -168,6 +170,37 @@ def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
         np.testing.assert_array_equal(traced.channels, channels.numpy())
         flagged = int((traced.errors > artifact.threshold).sum())
     assert flagged == 2021  # the shipped model's decisions on the whole test split (model.json: tp 2007 + fp 14)
+
+
+def test_a_sliced_scorer_scores_slices_at_once_as_the_whole_batch_would():
+    """`model.workers`: a batch of at least 16 windows a worker is cut into slices, scored in the calling thread and
+    the pool's at once; each window gets the score of the unsliced pass (as in any batch), the model's decisions on
+    the whole test split are its own, and a smaller batch is one pass."""
+    artifact = load_artifact(DEFAULT_MODEL)
+    plain = Scorer.from_artifact(artifact)
+    calls: list[tuple[str, int]] = []
+
+    class Recorded:
+        def score(self, windows: np.ndarray) -> Scores:
+            calls.append((threading.current_thread().name, len(windows)))
+            return plain.score(windows)
+
+    windows = read_ucr(SPLITS / "test.txt.xz").windows
+    for workers in (2, 3):
+        sliced = SlicedScorer(Recorded(), workers)
+        calls.clear()
+        scores = sliced.score(windows[:100])
+        assert sorted(size for _, size in calls) == ([50, 50] if workers == 2 else [33, 33, 34])
+        assert {name.startswith("scoring-slice") for name, _ in calls} == {True, False}
+        whole = plain.score(windows[:100])
+        np.testing.assert_allclose(scores.errors, whole.errors, rtol=1e-6)
+        np.testing.assert_allclose(scores.profiles, whole.profiles, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(scores.channels, whole.channels, rtol=1e-6)
+        calls.clear()
+        sliced.score(windows[: 16 * 2 - 1])
+        assert [size for _, size in calls] == [31]
+        flagged = int((sliced.score_all(windows).errors > artifact.threshold).sum())
+        assert flagged == 2021
 
 
 def test_score_all_matches_score_across_batch_boundaries():
