@@ -40,7 +40,8 @@ normal windows (a noisy machine scores higher throughout), so one threshold on r
 misses faults on the quiet ones. A sensor's score scale is the median score of its warm-up windows (normalised by the
 baseline they fit, scored by the model): the baseline's own estimator, robust to a few odd warm-up windows. Every
 later score of the sensor is divided by it, and the threshold is calibrated on scores divided the same way (each
-training recording's by its own warm-up's scale). The daemon scores a sensor's warm-up once, when it completes.
+training recording's calibration windows by the scale of a warm-up just before them, as a daemon starting there).
+The daemon scores a sensor's warm-up once, when it completes.
 """
 
 from __future__ import annotations

@@ -33,19 +33,25 @@ TOP_CHANNELS = 3  # as many as an alert lists by default (alerts.top_channels)
 
 
 def recording_windows(
-    recording: Recording, window: int, stride: int, baseline_windows: int | None, follow_rate: float = 0.0
+    recording: Recording,
+    window: int,
+    stride: int,
+    baseline_windows: int | None,
+    follow_rate: float = 0.0,
+    start: int = 0,
 ) -> tuple[np.ndarray, int, np.ndarray | None]:
     """The recording's windows as the model sees them, how many leading ones are warm-up, and with a sensor
     baseline each window's per-channel share of values at the clip (`[N, C]`).
 
     `baseline_windows` None: raw windows (the model's own normalisation applies), no warm-up, no clip.
+    `start`: only the windows from that one on, as a sensor first seen there sees them (its warm-up begins there).
     """
-    windows = recording.windows(window, stride)
+    windows = recording.windows(window, stride)[start:]
     if baseline_windows is None:
         return windows, 0, None
     if len(windows) <= baseline_windows:
         raise DataError(
-            f"{recording.source}: {len(windows)} windows, "
+            f"{recording.source}: {len(windows)} windows{f' from window {start} on' if start else ''}, "
             f"not more than the {baseline_windows} baseline (warm-up) windows"
         )
     normalised, clipped = normalise_recording(windows, baseline_windows, follow_rate)

@@ -83,17 +83,22 @@ def _read(path: Path, settings: TrainSettings, channel_names: tuple[str, ...] | 
     return read_windows(path, settings.window, settings.stride, channel_names)
 
 
-Split = tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any], list[np.ndarray]]
+Split = tuple[WindowSet, np.ndarray, np.ndarray, dict[str, Any], dict[str, list[np.ndarray]]]
+PARTS = ("validation", "calibration")
 
 
 def split_recordings(settings: TrainSettings) -> Split:
     """Split every recording in time: the first windows train, the next validate, the last calibrate (each
     recording's own threshold, the model's their median).
 
-    With `baseline: sensor` each recording is first normalised by its own first N windows (as the
-    daemon will); windows with a labelled anomalous sample are left out everywhere. Calibrating on the
-    end of every recording (not a random sample of overlapping windows) keeps the threshold honest.
-    The last item is each recording's warm-up windows, normalised (none without a sensor baseline).
+    With `baseline: sensor` each recording is normalised by its own first N windows (as the daemon will), and its
+    calibration part once more as a sensor first seen N windows before it: a baseline (and score scale) fitted on
+    those N windows, following from there, as a daemon starting there would normalise it. Fitted at the recording's
+    start, the baseline and score scale of the calibration part would be a whole recording old, and the threshold
+    would hold for scores that far from their warm-up only. Windows with a labelled anomalous sample are left out
+    everywhere. Calibrating on the end of every recording (not a random sample of overlapping windows) keeps the
+    threshold honest. The last item holds each recording's warm-up windows, normalised, for each of `PARTS`: the
+    validation windows' (the recording's start) and the calibration part's (none without a sensor baseline).
     """
     if settings.window is None:
         raise DataError("training on recordings needs --window (and --stride)")
@@ -102,20 +107,32 @@ def split_recordings(settings: TrainSettings) -> Split:
     parts: dict[str, list[np.ndarray]] = {"fit": [], "validation": [], "calibration": []}
     described: list[dict[str, Any]] = []
     validation_start = calibration_start = 0
-    warm_ups: list[np.ndarray] = []
+    warm_ups: dict[str, list[np.ndarray]] = {part: [] for part in PARTS}
     named: list[tuple[str, tuple[str, ...] | None]] = []
     for path, label_path in zip(settings.train_data, labels, strict=True):
         recording = read_labelled_recording(path, label_path)
         named.append((recording.source, recording.channel_names))
-        windows, warm_up, clipped = recording_windows(
-            recording, settings.window, stride, settings.baseline_windows, settings.baseline_follow_rate
-        )
-        warm_ups.append(windows[:warm_up])
+        cut = (settings.window, stride, settings.baseline_windows, settings.baseline_follow_rate)
+        windows, warm_up, clipped = recording_windows(recording, *cut)
         n = len(windows)
         keep = np.ones(n, bool) if recording.labels is None else ~recording.window_anomalous(settings.window, stride)
         n_cal = int(round(n * settings.calibration_fraction))
         n_val = int(round(n * settings.validation_fraction))
         fit_end = n - n_val - n_cal
+        calibration_warm_up: dict[str, Any] = {}
+        if warm_up:
+            warm_ups["validation"].append(windows[:warm_up])
+        if warm_up and n_cal:  # the calibration part as a daemon starting `warm_up` windows before it sees it
+            if n - n_cal < warm_up:
+                raise DataError(
+                    f"{path}: {n - n_cal} windows before its calibration part (the last "
+                    f"{settings.calibration_fraction:.0%}); its calibration baseline needs {warm_up}"
+                )
+            restart = n - n_cal - warm_up
+            restarted, _, clipped = recording_windows(recording, *cut, start=restart)
+            windows = np.concatenate([windows[: n - n_cal], restarted[warm_up:]])
+            warm_ups["calibration"].append(restarted[:warm_up])
+            calibration_warm_up = {"calibration_warm_up_windows": [restart, restart + warm_up]}
         bounds = {"fit": (0, fit_end), "validation": (fit_end, n - n_cal), "calibration": (n - n_cal, n)}
         for part, (start, end) in bounds.items():
             parts[part].append(windows[start:end][keep[start:end]])
@@ -135,7 +152,8 @@ def split_recordings(settings: TrainSettings) -> Split:
                 "anomalous_windows_left_out": int((~keep).sum()),
                 "validation_windows": [validation_start, validation_end],
                 "calibration_windows": [calibration_start, calibration_end],
-                **({} if clipped is None else {"calibration_clipped_share": float(clipped[n - n_cal :].mean())}),
+                **calibration_warm_up,
+                **({} if clipped is None else {"calibration_clipped_share": float(clipped[-n_cal:].mean())}),
             }
         )
         validation_start, calibration_start = validation_end, calibration_end
@@ -143,12 +161,18 @@ def split_recordings(settings: TrainSettings) -> Split:
     if len(fit) < 2 or len(validation) < 1:
         raise DataError(f"{len(fit)}/{len(validation)} normal windows are too few to train/validate")
     digest = hashlib.sha256("".join(str(item["sha256"]) for item in described).encode()).hexdigest()
+    normalised = (
+        f", normalised as by a daemon starting {settings.baseline_windows} windows before it (its baseline, and its "
+        "score scale with one, fitted on those: calibration_warm_up_windows, [start, end) in the recording's windows)"
+        if settings.baseline_windows
+        else ""
+    )
     split = {
         "recordings": described,
         "validation": "the windows before each recording's calibration part (validation_windows: [start, end) of "
         "each recording's in the validation set; calibration_windows likewise)",
-        "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows; the threshold is "
-        "the median of the thresholds each recording's calibration windows give alone",
+        "calibration": f"the last {settings.calibration_fraction:.0%} of each recording's windows{normalised}; the "
+        "threshold is the median of the thresholds each recording's calibration windows give alone",
     }
     sources = ", ".join(str(path) for path in settings.train_data)
     return WindowSet(fit, None, sources, digest, same_channel_names(named)), validation, calibration, split, warm_ups
@@ -171,7 +195,7 @@ def split_normal(settings: TrainSettings) -> Split:
             "calibration_file": str(held_out.source),
             "calibration_sha256": held_out.sha256,
         }
-        return train, held_out.windows, held_out.windows, split, []
+        return train, held_out.windows, held_out.windows, split, {part: [] for part in PARTS}
     order = np.random.default_rng(settings.seed).permutation(len(train.windows))
     n_val = int(round(len(order) * settings.validation_fraction))
     n_cal = int(round(len(order) * settings.calibration_fraction))
@@ -185,7 +209,7 @@ def split_normal(settings: TrainSettings) -> Split:
         "validation": f"{n_val} windows split off the training data",
         "calibration": f"{n_cal} windows split off (seed {settings.seed})",
     }
-    return fit, train.windows[val_idx], train.windows[cal_idx], split, []
+    return fit, train.windows[val_idx], train.windows[cal_idx], split, {part: [] for part in PARTS}
 
 
 def _mean_error(model: LSTMAutoencoder, windows: torch.Tensor, batch_size: int = 512) -> float:
@@ -344,8 +368,11 @@ def train(settings: TrainSettings) -> TrainingResult:
     metadata[CALIBRATION_KEY] = CalibrationScores.from_errors(calibration_errors, calibration.threshold).to_dict()
     metadata["held_out_false_alarms"] = held_out
     if settings.score_scale == "sensor":
-        recorded = {name: [item["scale"] for item in scale or []] for name, scale in scales.items()}
-        metadata[SCORE_SCALE_KEY] = {**describe_score_scale(), "training_recordings": recorded}
+        recorded = {
+            key: {name: [item[part][1] for item in scale or []] for name, scale in scales.items()}
+            for key, part in (("training_recordings", "validation"), ("calibration_warm_ups", "calibration"))
+        }
+        metadata[SCORE_SCALE_KEY] = {**describe_score_scale(), **recorded}
     metadata[PCA_METADATA_KEY] = {
         "type": "pca",
         "file": PCA_FILE,
@@ -392,23 +419,26 @@ def train(settings: TrainSettings) -> TrainingResult:
     )
 
 
-def recording_scales(scorer: BatchScorer, warm_ups: list[np.ndarray], split: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each training recording's score scale (from its own warm-up) and its validation and calibration windows'
-    ranges: what those windows' scores are divided by."""
+def recording_scales(
+    scorer: BatchScorer, warm_ups: dict[str, list[np.ndarray]], split: dict[str, Any]
+) -> list[dict[str, tuple[list[int], float]]]:
+    """Per training recording and part (validation, calibration): the part's window range and the score scale its
+    scores are divided by (the validation windows': the warm-up at the recording's start; the calibration part's: the
+    warm-up just before it)."""
     return [
-        {"scale": warm_up_scale(scorer, warm_up), **{part: item[f"{part}_windows"] for part in PARTS}}
-        for warm_up, item in zip(warm_ups, split["recordings"], strict=True)
+        {
+            part: (item[f"{part}_windows"], warm_up_scale(scorer, warm_up))
+            for part, warm_up in zip(PARTS, ups, strict=True)
+        }
+        for item, *ups in zip(split["recordings"], *(warm_ups[part] for part in PARTS), strict=True)
     ]
 
 
-PARTS = ("validation", "calibration")
-
-
-def divisors(scales: list[dict[str, Any]] | None, part: str) -> np.ndarray | float:
-    """Per window of `part` (validation or calibration, in split order), its recording's score scale; 1 without."""
+def divisors(scales: list[dict[str, tuple[list[int], float]]] | None, part: str) -> np.ndarray | float:
+    """Per window of `part` (validation or calibration, in split order), its score scale; 1 without."""
     if scales is None:
         return 1.0
-    return np.concatenate([np.full(item[part][1] - item[part][0], item["scale"]) for item in scales])
+    return np.concatenate([np.full(end - start, scale) for (start, end), scale in (item[part] for item in scales)])
 
 
 def by_recording(errors: np.ndarray, split: dict[str, Any], part: str = "calibration") -> list[np.ndarray]:
@@ -448,6 +478,14 @@ def held_out_false_alarms(
             recordings.append({"data": item["data"], "windows": end - start, "nominal": own, "realised": shares})
     return {
         "data": "validation windows",
+        "means": {
+            "nominal": "per recording, the share of its calibration windows above the threshold (normalised as "
+            "training.calibration says); pooled, the median of the recordings' shares, as the threshold is the median "
+            "of their own thresholds",
+            "realised": "the share of the validation windows above the threshold, normalised from each recording's "
+            "start (as by a daemon running since then); pooled, all recordings' windows together",
+            "calibration_share": "the share of all recordings' calibration windows together above the threshold",
+        },
         "nominal": {name: float(np.median(values)) for name, values in nominal.items()},
         "realised": {name: float((np.concatenate(realised[name]) > models[name][2]).mean()) for name in models},
         "calibration_share": {name: float((errors > limit).mean()) for name, (_, errors, limit) in models.items()},

@@ -55,16 +55,26 @@ def trained(tmp_path_factory):
 
 
 def training_parts() -> dict[str, list[np.ndarray]]:
-    """Each machine's train half as the trainer splits it: warm-up, fit, validation and calibration windows."""
-    parts: dict[str, list[np.ndarray]] = {"warm_up": [], "fit": [], "validation": [], "calibration": []}
+    """Each machine's train half as the trainer splits it: warm-up, fit, validation and calibration windows, the
+    calibration part normalised as by a daemon starting WARM_UP windows before it, and that warm-up."""
+    parts: dict[str, list[np.ndarray]] = {
+        "warm_up": [],
+        "fit": [],
+        "validation": [],
+        "calibration_warm_up": [],
+        "calibration": [],
+    }
     for machine in MACHINES:
-        windows, _ = normalise_recording(cut(np.load(EXCERPT / f"{machine}_train.npy")), WARM_UP, RATE)
+        raw = cut(np.load(EXCERPT / f"{machine}_train.npy"))
+        windows, _ = normalise_recording(raw, WARM_UP, RATE)
         n = len(windows)
         n_cal = n_val = int(round(n * 0.15))
+        restarted, _ = normalise_recording(raw[n - n_cal - WARM_UP :], WARM_UP, RATE)
         parts["warm_up"].append(windows[:WARM_UP])
         parts["fit"].append(windows[: n - n_val - n_cal])
         parts["validation"].append(windows[n - n_val - n_cal : n - n_cal])
-        parts["calibration"].append(windows[n - n_cal :])
+        parts["calibration_warm_up"].append(restarted[:WARM_UP])
+        parts["calibration"].append(restarted[WARM_UP:])
     return parts
 
 
@@ -104,6 +114,10 @@ def test_pca_figures_match_a_direct_computation(trained):
     assert held_out["calibration_share"]["pca"] == pytest.approx(pooled)
     realised = [float((score(part) > threshold).mean()) for part in validation]
     assert [item["realised"]["pca"] for item in held_out["recordings"]] == pytest.approx(realised)
+    assert set(held_out["means"]) == {"nominal", "realised", "calibration_share"}
+    for item, windows in zip(meta["training"]["recordings"], parts["calibration"], strict=True):
+        end = item["windows"] - len(windows)
+        assert item["calibration_warm_up_windows"] == [end - WARM_UP, end]
 
     data = [str(EXCERPT / f"{m}_test.npy") for m in MACHINES]
     labels = [str(EXCERPT / f"{m}_test_labels.npy") for m in MACHINES]
@@ -128,16 +142,22 @@ def test_pca_figures_match_a_direct_computation(trained):
 
 def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(tmp_path):
     """`--score-scale sensor`: the yardstick's threshold is the median of each machine's 0.99 quantile of its
-    calibration scores, divided by the median score of its own warm-up; the realised false alarms are on validation
-    scores divided so, and `monitor evaluate` divides each test recording's scores by its own warm-up's median."""
+    calibration scores, divided by the median score of the warm-up just before them; the realised false alarms are on
+    validation scores divided by the median score of the recording's first warm-up, and `monitor evaluate` divides
+    each test recording's scores by its own warm-up's median."""
     result = train_small(tmp_path / "model", "sensor")
     parts = training_parts()
     _, score = direct_pca(parts["fit"])
-    scales = [float(np.median(score(warm_up))) for warm_up in parts["warm_up"]]
+    scales = {
+        part: [float(np.median(score(warm_up))) for warm_up in parts[warm_ups]]
+        for part, warm_ups in (("validation", "warm_up"), ("calibration", "calibration_warm_up"))
+    }
     meta = result.artifact.metadata
-    assert meta["score_scale"]["training_recordings"]["pca"] == pytest.approx(scales, rel=1e-5)
+    assert meta["score_scale"]["training_recordings"]["pca"] == pytest.approx(scales["validation"], rel=1e-5)
+    assert meta["score_scale"]["calibration_warm_ups"]["pca"] == pytest.approx(scales["calibration"], rel=1e-5)
+    assert scales["calibration"] != pytest.approx(scales["validation"], rel=1e-3)  # two warm-ups, two scales
     scaled = {
-        part: [score(windows) / scale for windows, scale in zip(parts[part], scales, strict=True)]
+        part: [score(windows) / scale for windows, scale in zip(parts[part], scales[part], strict=True)]
         for part in ("calibration", "validation")
     }
     threshold = float(np.median([np.quantile(part, 0.99) for part in scaled["calibration"]]))
@@ -171,22 +191,32 @@ def test_with_the_score_scale_each_recording_is_divided_by_its_warm_ups_median(t
         assert recording["score_scale"] == pytest.approx(float(np.median(score(windows[:WARM_UP]))), rel=1e-5)
 
 
-def test_a_recording_too_short_for_its_own_threshold_is_refused_by_name(tmp_path):
-    """Each recording's calibration part gives a threshold of its own, so each needs 10 normal windows in it."""
+@pytest.mark.parametrize(
+    ("rows", "calibration_fraction", "message"),
+    [
+        # each recording's calibration part gives a threshold of its own, so each needs 10 normal windows in it
+        (600, 0.15, r"short_train\.npy: 9 normal windows in its calibration part .* at least 10"),  # 58 windows
+        # its calibration part is normalised by a baseline fitted on the warm-up's worth of windows before it: fewer
+        # are refused, not used as a shorter warm-up
+        (320, 0.45, r"short_train\.npy: 16 windows before its calibration part .* needs 20"),  # 30 windows, 14 last
+    ],
+)
+def test_a_recording_too_short_for_its_calibration_is_refused_by_name(tmp_path, rows, calibration_fraction, message):
     short = tmp_path / "short_train.npy"
-    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:600])  # 58 windows: 9 in its last 15 %
+    np.save(short, np.load(EXCERPT / f"{MACHINES[0]}_train.npy")[:rows])
     settings = TrainSettings(
         train_data=[EXCERPT / f"{MACHINES[1]}_train.npy", short],
         window=WINDOW,
         stride=STRIDE,
         baseline="sensor",
         baseline_windows=WARM_UP,
+        calibration_fraction=calibration_fraction,
         output=tmp_path / "model",
         embedding_dim=4,
         epochs=1,
         threads=1,
         report=False,
     )
-    with pytest.raises(DataError, match=r"short_train\.npy: 9 normal windows in its calibration part .* at least 10"):
+    with pytest.raises(DataError, match=message):
         train(settings)
     assert not (tmp_path / "model").exists()
