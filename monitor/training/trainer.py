@@ -288,13 +288,13 @@ def train(settings: TrainSettings) -> TrainingResult:
     use_threads(settings.threads)
     started = time.perf_counter()
     fit, validation, calibration_windows, split, warm_ups = split_normal(settings)
-    level_dim = settings.level_dim_for(fit.channels)
     settings = settings.resolved(fit.channels)  # recorded as used
     if settings.channel_names is not None and len(settings.channel_names) != fit.channels:
         raise DataError(f"channel_names: {len(settings.channel_names)} names for {fit.channels} channels")
-    if level_dim >= fit.channels:
+    if settings.level_dim and settings.level_dim >= fit.channels:
         raise DataError(
-            f"level_dim {level_dim}: a level path needs fewer dimensions than the {fit.channels} channel(s) (0: none)"
+            f"level_dim {settings.level_dim}: a level path needs fewer dimensions than the {fit.channels} channel(s) "
+            "(0: none)"
         )
     recorded_channel_names(settings, fit)  # refused before training, not after
     # With a per-sensor baseline the windows are already normalised: the model's own stage is the identity.
