@@ -46,13 +46,15 @@ PARTITIONS = 2
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One daemon configuration to step through; `backend:threads[:qosN][:bN][:wN][:cN][:sN][:p311][:beats][:frame]`.
+    """One daemon configuration to step through;
+    `backend:threads[:qosN][:bN][:wN][:cN][:sN][:p311][:beats][:frame][:bf16]`.
 
     e.g. `torch:1` (the daemon's defaults), `torch:1:qos0` (sensors publish at QoS 0),
     `torch:1:b32` (max_batch 32), `onnx:1:w25` (max_wait 25 ms), `torch:1:c140` (140 samples a message),
     `torch:1:s2` (model.workers 2: each batch scored in two slices at once),
     `torch:1:p311` (the daemon speaks MQTT 3.1.1 instead of its default 5), `torch:1:beats` (beat mode: the beat
-    model, sensors stream a raw MIT-BIH lead), `torch:1:c140:frame` (sensors send binary frames instead of JSON).
+    model, sensors stream a raw MIT-BIH lead), `torch:1:c140:frame` (sensors send binary frames instead of JSON),
+    `torch:1:bf16` (model.dtype bfloat16).
     """
 
     backend: str = "torch"
@@ -65,12 +67,16 @@ class RunConfig:
     mode: str = "fixed"
     input_format: str = "json"  # `frame`: sensors send binary frames (float32)
     workers: int = 1  # model.workers
+    dtype: str = "float32"  # model.dtype
 
     @classmethod
     def parse(cls, text: str, qos: int = 1) -> RunConfig:
         fields = text.strip().split(":")
         if len(fields) < 2 or fields[0] not in ("torch", "onnx"):
-            raise ValueError(f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:sN][:p311], torch or onnx")
+            raise ValueError(
+                f"{text!r}: expected backend:threads[:qosN][:bN][:wMS][:cN][:sN][:p311][:beats][:frame][:bf16], "
+                "torch or onnx"
+            )
         values: dict[str, Any] = {"backend": fields[0], "threads": int(fields[1]), "qos": qos}
         numbers = {"qos": "qos", "b": "max_batch", "w": "max_wait", "c": "chunk", "s": "workers"}  # prefix -> field
         for token in fields[2:]:
@@ -81,6 +87,8 @@ class RunConfig:
                 values["protocol"] = "3.1.1"
             elif token == "frame":
                 values["input_format"] = "frame"
+            elif token == "bf16":
+                values["dtype"] = "bfloat16"
             elif prefix is not None:
                 number = int(token[len(prefix) :])
                 values[numbers[prefix]] = number / 1000 if prefix == "w" else number
@@ -97,6 +105,7 @@ class RunConfig:
             + (f", {self.workers} scoring workers" if self.workers != 1 else "")
             + (", beat mode" if self.mode == "beats" else "")
             + (", binary frames" if self.input_format == "frame" else "")
+            + (f", {self.dtype}" if self.dtype != "float32" else "")
         )
 
     @property
@@ -109,7 +118,7 @@ class RunConfig:
             f"s{self.workers}" if self.workers != 1 else "",
         ]
         options += ["p311" if self.protocol == "3.1.1" else "", "beats" if self.mode == "beats" else ""]
-        options += ["frame" if self.input_format == "frame" else ""]
+        options += ["frame" if self.input_format == "frame" else "", "bf16" if self.dtype == "bfloat16" else ""]
         return ":".join([self.backend, str(self.threads), *filter(None, options)])
 
     @property
@@ -152,7 +161,7 @@ def sweep(model: Path, normal_data: Path, run: RunConfig, steps: list[int], warm
             input={"format": run.input_format},  # the generator's sensor topics carry this one format
         )
         settings = yaml.safe_load(config.read_text())
-        settings["model"].update(backend=run.backend, threads=run.threads, workers=run.workers)
+        settings["model"].update(backend=run.backend, threads=run.threads, workers=run.workers, dtype=run.dtype)
         config.write_text(yaml.safe_dump(settings))
         try:
             rows = stepped(broker, [config], run, BEAT_RECORDING if beats else normal_data, steps, warmup, measure)

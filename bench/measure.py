@@ -199,11 +199,13 @@ def tutorial_rates(
 
 
 def make_scorer(artifact: ModelArtifact, backend: str, threads: int) -> Callable[[np.ndarray], object]:
-    """The engine's `score` for a backend: torch, onnx (fp32), onnx-int8 (dynamic quantisation), or
-    torch-shards (the daemon's `model.workers`: `threads` single-thread torch workers, each scoring a slice of the
-    batch)."""
+    """The engine's `score` for a backend: torch, torch-bf16 (the daemon's `model.dtype: bfloat16`), onnx (fp32),
+    onnx-int8 (dynamic quantisation), or torch-shards (the daemon's `model.workers`: `threads` single-thread torch
+    workers, each scoring a slice of the batch)."""
     if backend == "torch":
         return Scorer.from_artifact(artifact).score
+    if backend == "torch-bf16":
+        return Scorer.from_artifact(artifact, dtype=torch.bfloat16).score
     if backend == "torch-shards":
         return SlicedScorer(Scorer.from_artifact(artifact), threads).score
     if backend == "onnx-int8":
@@ -238,6 +240,9 @@ def engine_sweep(reference: ModelArtifact, e: int, windows: np.ndarray, options:
     rows: list[Record] = []
     artifact, seconds, repeats = random_artifact(reference, e), options.seconds, options.repeats
     for backend in options.backends:
+        if backend == "torch-bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            print("    torch-bf16 skipped: this CPU has no native bfloat16", flush=True)
+            continue
         for threads in options.threads:
             if backend == "torch-shards" and threads < 2:
                 continue  # one shard is plain torch on one thread
@@ -386,7 +391,8 @@ def quality(evaluation: Any, keys: tuple[str, ...] = ("auc", "recall", "fpr")) -
 
 
 def accuracy(artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous: np.ndarray, int8: bool) -> Record:
-    """ONNX Runtime (fp32, and dynamic int8) against the torch Scorer on every test window."""
+    """ONNX Runtime (fp32, and dynamic int8) and torch in bfloat16 (where the CPU has it natively) against the
+    torch Scorer in float32 on every test window."""
     threshold = artifact.threshold
     reference = Scorer.from_artifact(artifact).score_all(windows)
     ref_eval = evaluate_scores(reference.errors, anomalous, threshold)
@@ -399,6 +405,11 @@ def accuracy(artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous
         onnx=compare_scores(reference, OnnxScorer(artifact, threads=1).score_all(windows), threshold, anomalous),
         onnx_int8=compare_scores(reference, int8_scorer(artifact, 1).score_all(windows), threshold, anomalous)
         if int8
+        else None,
+        torch_bfloat16=compare_scores(
+            reference, Scorer.from_artifact(artifact, dtype=torch.bfloat16).score_all(windows), threshold, anomalous
+        )
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported()
         else None,
     )
 

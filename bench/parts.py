@@ -180,14 +180,15 @@ def gil(ctx: Context) -> Record:
     "accuracy",
     lambda record: [
         {"backend": "torch", **record["torch"]},
-        *({"backend": name, **record[name]} for name in ("onnx", "onnx_int8") if record.get(name)),
+        *({"backend": name, **record[name]} for name in ("onnx", "onnx_int8", "torch_bfloat16") if record.get(name)),
     ],
 )
 def accuracy(ctx: Context) -> Record:
-    """ONNX Runtime against torch: scores and decisions
+    """ONNX Runtime and bfloat16 against torch in float32: scores and decisions
 
-    ONNX Runtime's scores (fp32, and dynamic int8 when that backend is asked for) against torch's on every test
-    window, and the windows flagged at the default model's threshold."""
+    ONNX Runtime's scores (fp32, and dynamic int8 when that backend is asked for) and torch's in bfloat16
+    (`model.dtype`, where the CPU has it natively) against torch's in float32 on every test window, and the windows
+    flagged at the default model's threshold."""
     int8 = "onnx-int8" in ctx.args.backends
     return measure.accuracy(ctx.artifact, ctx.test_data, ctx.windows, ctx.anomalous, int8)
 
@@ -349,7 +350,14 @@ def beat_e2e(ctx: Context) -> Record:
     )
 
 
-FORMATS_E2E = ("torch:1:c140", "torch:1:c140:frame", "torch:1:c140:frame:s2", "torch:1:c140:beats:frame")
+FORMATS_E2E = (
+    "torch:1:c140",
+    "torch:1:c140:frame",
+    "torch:1:c140:frame:s2",
+    "torch:1:c140:frame:bf16",
+    "torch:1:c140:frame:s2:bf16",
+    "torch:1:c140:beats:frame",
+)
 
 
 @part("formats-e2e", e2e_rows, default=False)
@@ -357,8 +365,8 @@ def formats_e2e(ctx: Context) -> Record:
     """Payload formats end to end (140 samples a message)
 
     The e2e measurement for 140-sample messages as JSON, as binary frames (float32, docs/payload-formats.md), as
-    binary frames with `model.workers: 2` and as binary frames in beat mode, each after beat mode's warm-up; each
-    format's CPU per message is in the transport part."""
+    binary frames with `model.workers: 2`, with `model.dtype: bfloat16`, with both, and as binary frames in beat
+    mode, each after beat mode's warm-up; each format's CPU per message is in the transport part."""
     configs = [RunConfig.parse(text, ctx.args.e2e_qos) for text in FORMATS_E2E]
     return end_to_end(ctx, configs, BEAT_WARMUP_SECONDS)
 

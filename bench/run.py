@@ -71,7 +71,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-dir", type=Path, default=DATA_DIR, help="the ECG5000 data, splits/*.txt[.xz|.gz] (default data/ecg5000)"
     )
     add("--model", type=Path, default=measure.DEFAULT_MODEL, help="the default model (default models/ecg5000)")
-    add("--backends", default="torch,torch-shards,onnx,onnx-int8", help="engine backends (default %(default)s)")
+    add(
+        "--backends",
+        default="torch,torch-bf16,torch-shards,onnx,onnx-int8",
+        help="engine backends (default %(default)s)",
+    )
     add("--threads", type=ints, default=(1, 2), help="thread counts of the limit, tutorial and engine (default 1,2)")
     add("--e2e-qos", type=int, default=1, choices=(0, 1), help="the sensors' QoS unless a config says (default 1)")
     add("--table-budget", type=float, default=300.0, help="model-table training seconds per model (default 300)")

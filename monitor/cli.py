@@ -200,6 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--normal-label", type=int, default=1, help="class label of normal windows (default 1)")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     evaluate.add_argument("--device", default="cpu", help="auto, cpu or cuda (default cpu)")
+    evaluate.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="what the autoencoder computes in, as the daemon's model.dtype (default float32)",
+    )
     evaluate.add_argument("--threads", type=int, default=1, help="torch threads, 0 = one per core (default 1)")
 
     replay = commands.add_parser(

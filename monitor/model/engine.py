@@ -48,6 +48,7 @@ class Engine:
     model: ModelIdentity
     backend: Backend
     device: str
+    dtype: str = "float32"  # what the autoencoder computes in (`model.dtype`)
     calibration: CalibrationScores | None = None  # None for an artifact made before it was recorded
     baseline: tuple[str, int | None] = ("model", None)  # how the model was trained: (model | sensor, warm-up windows)
     baseline_follow_rate: float = 0.0  # how fast its sensor baselines follow drift (0: fixed)
@@ -80,6 +81,7 @@ class Engine:
             "version": self.model.version,
             "backend": self.backend,
             "device": self.device,
+            "dtype": self.dtype,
             "window": self.window,
             "channels": self.channels,
             "threshold": self.threshold,
@@ -109,6 +111,22 @@ def use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def resolve_dtype(name: str, device: torch.device, option: str = "model.dtype") -> torch.dtype:
+    """The torch dtype of `model.dtype`. bfloat16 only where the hardware computes it natively: elsewhere torch
+    emulates it, many times slower than float32, the opposite of what it is asked for."""
+    if name == "float32":
+        return torch.float32
+    if name != "bfloat16":
+        raise ConfigError(f"{option}: {name!r} is not one of float32, bfloat16")
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not native:
+        raise ConfigError(
+            f"{option}: bfloat16 needs hardware that computes it natively (a CPU with AVX512-BF16 or AMX, or a GPU "
+            f"with bfloat16), and {device} does not: it would be emulated, far slower than float32"
+        )
+    return torch.bfloat16
+
+
 def load_engine(settings: ModelSettings) -> Engine:
     """Load the artifact onto the resolved device and build the configured backend; raises a MonitorError."""
     device = resolve_device(settings.device)
@@ -118,11 +136,13 @@ def load_engine(settings: ModelSettings) -> Engine:
     if settings.backend == "onnx":
         if device.type != "cpu":
             raise ConfigError(f"model.backend: onnx runs on the CPU, but model.device resolved to {device}")
+        if settings.dtype != "float32":
+            raise ConfigError(f"model.dtype: {settings.dtype} is for the torch backend; onnx computes in float32")
         from monitor.model.onnx_backend import OnnxScorer
 
         scorer = OnnxScorer(artifact, threads=settings.threads)
     else:
-        scorer = Scorer.from_artifact(artifact, device)
+        scorer = Scorer.from_artifact(artifact, device, resolve_dtype(settings.dtype, device))
     if settings.workers > 1:
         scorer = SlicedScorer(scorer, settings.workers)
     try:
@@ -137,6 +157,7 @@ def load_engine(settings: ModelSettings) -> Engine:
         model=ModelIdentity(artifact.name, artifact.version),
         backend=settings.backend,
         device=str(device),
+        dtype=settings.dtype,
         calibration=calibration,
         baseline=trained_baseline(artifact.metadata),
         baseline_follow_rate=follow_rate(artifact.metadata),

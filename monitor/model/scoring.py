@@ -110,7 +110,10 @@ class SlicedScorer(BatchScorer):
 
 
 class ScoringGraph(nn.Module):
-    """The whole scoring pass as one module: raw windows in, (mean error, per-timestep error profile) out."""
+    """The whole scoring pass as one module: raw windows in, (mean error, per-timestep error profile) out.
+
+    The autoencoder computes in its own parameters' dtype (float32, or bfloat16: `model.dtype`); normalisation and
+    errors stay in float32, so only the reconstruction is rounded."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -118,26 +121,42 @@ class ScoringGraph(nn.Module):
     def __init__(self, model: LSTMAutoencoder, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
         self.model = model
+        self.dtype = next(model.parameters()).dtype
         self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
         self.register_buffer("std", torch.as_tensor(np.asarray(std, dtype=np.float32)))
 
     def normalise(self, windows: torch.Tensor) -> torch.Tensor:
         return (windows - self.mean) / self.std
 
+    def reconstruct(self, batch: torch.Tensor) -> torch.Tensor:
+        """The reconstruction of normalised windows, in float32 (a float32 model's pass has no casts at all)."""
+        if self.dtype == batch.dtype:
+            return self.model(batch)
+        return self.model(batch.to(self.dtype)).to(batch.dtype)
+
     def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch = self.normalise(windows)
-        reconstruction = self.model(batch)
+        reconstruction = self.reconstruct(batch)
         profiles = reconstruction_errors(batch, reconstruction)
         return window_scores(profiles), profiles, channel_errors(batch, reconstruction)
 
 
 class Scorer(BatchScorer):
-    """Scores `[B, W, C]` float windows with a model and its normalisation on one device, any batch size."""
+    """Scores `[B, W, C]` float windows with a model and its normalisation on one device, any batch size.
+
+    With `dtype` bfloat16 the autoencoder computes on a bfloat16 copy of the model (`model.dtype`): fewer bits per
+    number, so the same windows score slightly differently from float32, but alike everywhere that uses it."""
 
     def __init__(
-        self, model: LSTMAutoencoder, normalisation: Normalisation, device: torch.device | str = "cpu"
+        self,
+        model: LSTMAutoencoder,
+        normalisation: Normalisation,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         self.device = torch.device(device)
+        if dtype != torch.float32:
+            model = copy.deepcopy(model).to(dtype)  # never the caller's model, cast in place
         # Frozen as `load_artifact` leaves a model: with parameters that require grad, the traced pass can pick
         # other kernels and differ in the last bit, so a freshly trained model would not score as its saved copy.
         self.model = model.to(self.device).eval().requires_grad_(False)
@@ -146,9 +165,11 @@ class Scorer(BatchScorer):
         self._traced: dict[int, torch.jit.ScriptModule] = {}
 
     @classmethod
-    def from_artifact(cls, artifact: ModelArtifact, device: torch.device | str = "cpu") -> Scorer:
+    def from_artifact(
+        cls, artifact: ModelArtifact, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> Scorer:
         """A scorer for a loaded artifact, traced for its window length up front."""
-        scorer = cls(artifact.model, artifact.normalisation, device)
+        scorer = cls(artifact.model, artifact.normalisation, device, dtype)
         scorer._traced_for(artifact.window)
         return scorer
 
@@ -160,7 +181,10 @@ class Scorer(BatchScorer):
         return traced
 
     def score(self, windows: np.ndarray) -> Scores:
-        """Score one batch in a single forward pass."""
+        """Score one batch in a single forward pass. A lone window is scored as a pair: the kernels for one row
+        round differently from those for several, and a window's score must not depend on its batch."""
+        if len(windows) == 1:
+            return self.score(np.concatenate([windows, windows])).select(np.arange(1))
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
             errors, profiles, channels = self._traced_for(batch.shape[1])(batch)
@@ -171,7 +195,7 @@ class Scorer(BatchScorer):
         with torch.inference_mode():
             batch = torch.as_tensor(np.ascontiguousarray(windows, dtype=np.float32), device=self.device)
             normalised = self._graph.normalise(batch)
-            return normalised.cpu().numpy(), self.model(normalised).cpu().numpy()
+            return normalised.cpu().numpy(), self._graph.reconstruct(normalised).cpu().numpy()
 
 
 # Traced passes by shape, each used only as a template to copy. Every `torch.jit.trace` registers a new class in

@@ -16,7 +16,7 @@ from monitor.ecg.beats import BeatSpec, beat_spec
 from monitor.errors import MonitorError
 from monitor.model.artifact import ModelArtifact, channel_names, load_artifact
 from monitor.model.baseline import follow_rate, resolve_baseline, scaled_scores, trained_baseline
-from monitor.model.engine import resolve_device, use_threads
+from monitor.model.engine import resolve_device, resolve_dtype, use_threads
 from monitor.model.pca import METADATA_KEY as PCA_METADATA_KEY
 from monitor.model.pca import PcaModel
 from monitor.model.scoring import BatchScorer, Scorer
@@ -42,6 +42,7 @@ class EvaluateRequest:
     sample_rate: float | None = None  # beat mode
     normal_label: int = 1
     device: str = "cpu"
+    dtype: str = "float32"  # what the autoencoder computes in, as the daemon's `model.dtype`
     threads: int = 1  # torch threads; 0 = one per core
 
 
@@ -64,7 +65,7 @@ def evaluate(request: EvaluateRequest) -> Report:
     device = resolve_device(request.device)
     artifact = load_artifact(request.model, device)
     spec = beat_spec(artifact.metadata, request.model)
-    scorer = Scorer.from_artifact(artifact, device)
+    scorer = Scorer.from_artifact(artifact, device, resolve_dtype(request.dtype, device, "--dtype"))
     if spec is not None:
         return evaluate_beat_recordings(request, artifact, spec, scorer)
     if request.annotations or request.sample_rate:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
 from monitor.model.artifact import load_artifact
 from monitor.model.scoring import Scorer
@@ -36,27 +39,43 @@ DOCUMENTED_METRICS = [
 
 
 @functools.cache
-def flagged_beats(path: Path) -> tuple[np.ndarray, float, int]:
+def flagged_beats(path: Path, dtype: str = "float32") -> tuple[np.ndarray, float, int]:
     """The beats the default model flags, its threshold and window; scored once a session (tests/e2e/test_partitions.py
     replays the same split over another number of sensors)."""
     artifact = load_artifact(DEFAULT_MODEL)
-    errors = Scorer.from_artifact(artifact).score_all(read_ucr(path).windows).errors
+    scorer = Scorer.from_artifact(artifact, dtype=getattr(torch, dtype))
+    errors = scorer.score_all(read_ucr(path).windows).errors
     return np.flatnonzero(errors > artifact.threshold), artifact.threshold, artifact.window
 
 
-def expected_alerts(path: Path, sensors: int) -> tuple[set[tuple[str, int]], float, int]:
+def expected_alerts(path: Path, sensors: int, dtype: str = "float32") -> tuple[set[tuple[str, int]], float, int]:
     """What `monitor evaluate` flags on the same beats, as (sensor id, window start seq) pairs."""
-    flagged, threshold, window = flagged_beats(path)
+    flagged, threshold, window = flagged_beats(path, dtype)
     pairs = {(f"sensor-{index % sensors:04d}", (index // sensors) * window) for index in flagged}
     return pairs, threshold, window
 
 
-def test_replayed_test_split_alerts_exactly_what_evaluate_flags(broker, capture_factory, daemon_factory, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replayed_test_split_alerts_exactly_what_evaluate_flags(
+    broker, capture_factory, daemon_factory, tmp_path, dtype
+):
+    """With either `model.dtype`, the daemon alerts on exactly the windows `monitor evaluate --dtype` flags."""
+    if dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bfloat16")
     config = daemon_config(tmp_path / "monitor.yaml", broker.port, batching={"max_batch": 64, "max_wait_seconds": 0.05})
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["dtype"] = dtype
+    config.write_text(yaml.safe_dump(settings))
     daemon = daemon_factory(config)
     alerts = capture_factory(broker.port, ["alerts/#"])
-    expected, threshold, window = expected_alerts(SPLITS / "test.txt.xz", SENSORS)
+    expected, threshold, window = expected_alerts(SPLITS / "test.txt.xz", SENSORS, dtype)
     total_windows = 3103
+    evaluated = run_cli(
+        "evaluate", "--model", str(DEFAULT_MODEL), "--data", str(SPLITS / "test.txt.xz"), "--dtype", dtype, "--json"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    assert report["tp"] + report["fp"] == len(expected)
 
     result = run_cli(
         *replay_args(

@@ -26,12 +26,18 @@ def one_thread():
 
 
 def make_scorer(
-    window: int = 140, channels: int = 1, embedding_dim: int = 16, seed: int = 0, mean: float = 0.0, std: float = 1.0
+    window: int = 140,
+    channels: int = 1,
+    embedding_dim: int = 16,
+    seed: int = 0,
+    mean: float = 0.0,
+    std: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> Scorer:
     torch.manual_seed(seed)
     model = LSTMAutoencoder(channels, embedding_dim).eval()
     normalisation = Normalisation(np.full(channels, mean, np.float32), np.full(channels, std, np.float32))
-    return Scorer(model, normalisation, "cpu")
+    return Scorer(model, normalisation, "cpu", dtype)
 
 
 @pytest.mark.parametrize(
@@ -131,8 +137,12 @@ def test_scorer_normalises_then_takes_the_mean_absolute_error():
     assert not np.allclose(other.score(windows).errors, manual, rtol=1e-3)
 
 
-def test_a_window_scores_the_same_alone_and_in_any_batch():
-    scorer = make_scorer(window=140, channels=1, embedding_dim=16, seed=4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_window_scores_the_same_alone_and_in_any_batch(dtype):
+    """Exactly the same: the daemon's batches are whatever arrived together, `monitor evaluate`'s are not."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bfloat16")
+    scorer = make_scorer(window=140, channels=1, embedding_dim=16, seed=4, dtype=dtype)
     rng = np.random.default_rng(5)
     target = rng.normal(size=(1, 140, 1)).astype(np.float32)
     others = (rng.normal(size=(64, 140, 1)) * rng.uniform(0.1, 5.0, size=(64, 1, 1))).astype(np.float32)
@@ -142,19 +152,20 @@ def test_a_window_scores_the_same_alone_and_in_any_batch():
         batch = np.concatenate([others[:position], target, others[position:]])
         assert len(batch) == 65
         scored = scorer.score(batch)
-        assert abs(float(scored.errors[position]) - float(alone.errors[0])) <= 1e-5, position
-        np.testing.assert_allclose(scored.profiles[position], alone.profiles[0], atol=1e-5)
+        assert scored.errors[position] == alone.errors[0], position
+        np.testing.assert_array_equal(scored.profiles[position], alone.profiles[0])
     # The other windows are scored independently too: batched equals one at a time.
     batched = scorer.score(others).errors
     singles = np.array([scorer.score(others[i : i + 1]).errors[0] for i in range(0, 64, 9)])
-    np.testing.assert_allclose(batched[::9], singles, atol=1e-5)
+    np.testing.assert_array_equal(batched[::9], singles)
     # And the score is not constant: different windows get different scores.
     assert np.ptp(batched) > 1e-3
 
 
 def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
     """Scorer runs a TorchScript trace of ScoringGraph (one GIL release per batch); its scores must be the
-    eager module's exactly, at every batch size (the trace was made with a batch of 2), on real data."""
+    eager module's exactly, at every batch size (the trace was made with a batch of 2), on real data. A lone window
+    is scored as a pair, so its eager reference is the pair's first row."""
     artifact = load_artifact(DEFAULT_MODEL)
     scorer = Scorer.from_artifact(artifact)
     eager = ScoringGraph(artifact.model, artifact.normalisation.mean, artifact.normalisation.std).eval()
@@ -163,7 +174,7 @@ def test_the_traced_scorer_gives_the_eager_scores_bit_for_bit():
     for size in (1, 2, 13, 64, 256, len(windows)):
         batch = windows[:size]
         with torch.inference_mode():
-            errors, profiles, channels = eager(torch.from_numpy(batch))
+            errors, profiles, channels = (part[:size] for part in eager(torch.from_numpy(windows[: max(size, 2)])))
         traced = scorer.score(batch)
         np.testing.assert_array_equal(traced.errors, errors.numpy())
         np.testing.assert_array_equal(traced.profiles, profiles.numpy())
@@ -224,6 +235,23 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_model_dtype_is_checked_where_it_cannot_run():
+    """bfloat16 is refused with the key named for the onnx backend, and where the hardware would only emulate it."""
+    from monitor.config.schema import ModelSettings
+    from monitor.errors import ConfigError
+    from monitor.model.engine import load_engine, resolve_dtype
+
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    with pytest.raises(ConfigError, match="model.dtype"):
+        load_engine(ModelSettings(path=DEFAULT_MODEL, device="cpu", backend="onnx", dtype="bfloat16", threads=1))
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        engine = load_engine(ModelSettings(path=DEFAULT_MODEL, device="cpu", dtype="bfloat16", threads=1))
+        assert engine.dtype == "bfloat16" and engine.describe()["dtype"] == "bfloat16"
+    else:
+        with pytest.raises(ConfigError, match="natively"):
+            resolve_dtype("bfloat16", torch.device("cpu"))
 
 
 def test_scorers_of_one_shape_share_a_trace_but_score_with_their_own_weights():
@@ -287,3 +315,20 @@ def test_a_level_path_model_scores_the_same_traced_and_eager():
     traced = scorer.score(windows)
     np.testing.assert_array_equal(traced.errors, errors.numpy())
     np.testing.assert_array_equal(traced.channels, channels.numpy())
+
+
+def test_a_bfloat16_scorer_keeps_the_models_scores_and_decisions_close_and_leaves_the_model_alone():
+    """`model.dtype: bfloat16` computes the autoencoder on a bfloat16 copy: on the shipped model's test split each
+    score stays close to float32's and the decisions nearly all agree; the caller's model stays float32."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("this CPU has no native bfloat16")
+    artifact = load_artifact(DEFAULT_MODEL)
+    windows = read_ucr(SPLITS / "test.txt.xz").windows
+    single = Scorer.from_artifact(artifact).score_all(windows).errors
+    half = Scorer.from_artifact(artifact, dtype=torch.bfloat16).score_all(windows).errors
+    assert next(artifact.model.parameters()).dtype == torch.float32
+    assert not np.array_equal(half, single)  # it really computes in bfloat16
+    relative = np.abs(half - single) / single
+    assert np.median(relative) < 0.01
+    differ = int(((half > artifact.threshold) != (single > artifact.threshold)).sum())
+    assert differ <= 10, differ  # of 3,103 windows, all within rounding of the threshold
