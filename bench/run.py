@@ -47,7 +47,7 @@ BY_MODE = {  # option -> (type, default, default with --quick, help)
         str,
         FULL_E2E,
         "torch:1",
-        "daemon runs as backend:threads[:qosN][:bN][:wMS][:cN][:p311][:beats][:frame]",
+        "daemon runs as backend:threads[:qosN][:bN][:wMS][:cN][:sN][:p311][:beats][:frame][:bf16]",
     ),
     "--e2e-steps": (ints, "100,200,400,600,800,1000,1200,1600,2000,2400,3200", "100,400", "sensor counts to step"),
     "--e2e-warmup": (float, "4", "3", "seconds of load before measuring each step"),

@@ -276,7 +276,8 @@ class ModelSettings(Strict):
     dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="the number type the autoencoder computes in; bfloat16 (torch backend, hardware with native "
-        "bfloat16 only) scores faster, each score within a fraction of a percent of float32's",
+        "bfloat16 only) scores faster, with scores rounded a little differently (bench/RESULTS.md: a few windows at "
+        "the threshold decided otherwise)",
     )
     threads: int = Field(
         default=1, ge=0, description="intra-op threads for inference; 0 = the library's default (all cores)"
