@@ -204,8 +204,8 @@ class BeatSpec:
                 "most the scoring ones), "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
                 "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1, "
-                "rr_spread_floor > 0 (or none), 0 < next_beat_seconds <= 5 (or none) and -1 < qrs_correlation < 1 (or none) "
-                "are required"
+                "rr_spread_floor > 0 (or none), 0 < next_beat_seconds <= 5 (or none) and -1 < qrs_correlation < 1 "
+                "(or none) are required"
             )
 
     def stretch_scale(self, stretch: np.ndarray | float) -> np.ndarray:
@@ -250,6 +250,8 @@ class BeatSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["channels"] = list(self.channels)
+        if self.qrs_correlation is None:  # as a spec from before it wrote itself (a saved state's spec compares equal)
+            del data["qrs_correlation"]
         return {"mode": "beats", **data, "resampling": "linear", "normalisation": "per-beat z-score"}
 
     @classmethod
@@ -332,8 +334,8 @@ class BeatStream:
             np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
         )
         self.qrs_half = int(round(QRS_HALF_SECONDS * self.fs))
-        seconds = self.offsets / self.fs
-        self._qrs_part = (seconds >= QRS_SECONDS[0]) & (seconds < QRS_SECONDS[1])
+        offset_seconds = self.offsets / self.fs
+        self._qrs_part = (offset_seconds >= QRS_SECONDS[0]) & (offset_seconds < QRS_SECONDS[1])
         self._offset_floor = np.floor(self.offsets).astype(np.int64)
         self._offset_fraction = self.offsets - self._offset_floor
         ramp = np.linspace(-1.0, 1.0, self.spec.window)

@@ -448,3 +448,5 @@ def test_a_normal_qrs_in_electrode_motion_is_scored_leniently_and_a_wide_one_is_
     distance = np.array([np.sqrt(np.mean(beat.window[:, 1] ** 2)) for beat in beats])
     assert np.median(distance[swung]) > 3 * np.median(distance[~wide & ~swung])  # its shape differs all the same
     assert np.all(BeatSpec(dominant=True).error_scale(np.zeros(3), [1.0, 0.5, 0.0]) == 1.0)  # without: as it is
+    assert BeatSpec.from_dict(spec.to_dict()) == spec
+    assert "qrs_correlation" not in BeatSpec().to_dict()  # a spec without one (a saved state's) reads as before
