@@ -34,6 +34,7 @@ def offline(signal: np.ndarray) -> tuple[int, int, dict[int, float], float, int,
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
     stretch = np.array([beat.stretch for beat in scorable])
     correlation = np.array([beat.qrs_correlation for beat in scorable])
+    assert spec.qrs_correlation is not None and (correlation > spec.qrs_correlation).any()  # its QRS scale acts
     earliness = np.array([beat.earliness for beat in scorable])
     assert (earliness < np.array([beat.prematurity for beat in scorable])).any()  # the timing saw the next beat
     rr_spread = np.array([beat.rr_spread for beat in scorable])
