@@ -334,8 +334,9 @@ class BeatStream:
             np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
         )
         self.qrs_half = int(round(QRS_HALF_SECONDS * self.fs))
-        offset_seconds = self.offsets / self.fs
-        self._qrs_part = (offset_seconds >= QRS_SECONDS[0]) & (offset_seconds < QRS_SECONDS[1])
+        inside = np.flatnonzero((self.offsets >= QRS_SECONDS[0] * self.fs) & (self.offsets < QRS_SECONDS[1] * self.fs))
+        # the window's points in QRS_SECONDS (none for a window too coarse to have one there: correlation 0)
+        self._qrs_part = slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
         self._offset_floor = np.floor(self.offsets).astype(np.int64)
         self._offset_fraction = self.offsets - self._offset_floor
         ramp = np.linspace(-1.0, 1.0, self.spec.window)
@@ -644,7 +645,9 @@ def _median(values: np.ndarray) -> np.ndarray:
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson's correlation of two segments (0 when one is flat)."""
+    """Pearson's correlation of two segments (0 when one is flat or they have fewer than two points)."""
+    if a.size < 2:
+        return 0.0
     a, b = a - a.mean(), b - b.mean()
     norms = float(np.sqrt((a @ a) * (b @ b)))
     return float(a @ b) / norms if norms > 1e-12 else 0.0
