@@ -23,7 +23,7 @@ class ThresholdSettings(Strict):
 # --segmentation beats` with only data arguments trains as the bundled beat model was trained.
 BEAT_DEFAULTS: dict[str, int] = {"epochs": 30, "batch_size": 32, "patience": 10, "lr_patience": 4}
 # ... and its quantile threshold: on the reconstruction scores alone, timing having its own share (beat_trainer)
-BEAT_THRESHOLD_QUANTILE = 0.9963
+BEAT_THRESHOLD_QUANTILE = 0.995
 
 
 class TrainSettings(Strict):
