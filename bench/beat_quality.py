@@ -20,8 +20,9 @@ segmentation; the train and test parts are separate streams, as `monitor train` 
   counted as not flagged (what a user sees); unscorable share of the normal and of the anomalous beats (the
   signal-quality measure must not hide the anomalies).
 
-- Every score (model and anchors, test and calibration beats) is divided by the beat's error scale, as the daemon
-  does (`beats.BeatSpec.error_scale`: a model trained with a stretch limit scores beats in noisy stretches leniently);
+- Every score (model and anchors) is divided by the beat's error scale, as the daemon does
+  (`beats.BeatSpec.error_scale`: beats in noisy stretches and beats whose QRS matches the template are scored
+  leniently), the calibration beats' by their stretch scale only, as training does;
   the model's score is then at least the beat's timing score, as the daemon's (`beats.BeatSpec.beat_scores`).
 - Where the model's false alarms come from (normal beats flagged, test parts): in a noisy stretch (the beat's
   `stretch`, the distance from the template of the 4 beats before, is above 0.5: its neighbours differ from
@@ -186,7 +187,7 @@ def scorers(artifact: Any, spec: BeatSpec, train_parts: list[tuple[Recording, La
         def score(x: np.ndarray, pca: Score = pca, channels: list[int] = channels) -> np.ndarray:
             return pca(x[:, :, channels])
 
-        calibration_scores = score(beats.calibration) / spec.error_scale(beats.calibration_stretch)
+        calibration_scores = score(beats.calibration) / spec.stretch_scale(beats.calibration_stretch)
         out[name] = (score, float(np.quantile(calibration_scores, quantile)))
     return out
 
@@ -227,7 +228,7 @@ def main() -> None:
         per_record: dict[str, Any] = {}
         pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         for name, labelled in test_parts.items():
-            score = score_fn(labelled.windows) / spec.error_scale(labelled.stretch)
+            score = score_fn(labelled.windows) / spec.error_scale(labelled.stretch, labelled.qrs_correlation)
             if kind == "model":  # the model's score as the daemon's: at least its timing score
                 score = np.maximum(score, spec.timing_score(labelled.earliness, labelled.rr_spread))
             scorable = labelled.scorable

@@ -52,7 +52,7 @@ that is 15-25 % early scores little more than a normal one. A beat's score is th
 reference (the warm-up group's to start with), at least `rr_spread_floor`. A sensor with sinus arrhythmia, whose
 normal beats come up to a fifth early with each breath, thus needs a larger departure to score by timing than a
 sensor whose rhythm is regular, where a beat 10 % early already stands out. Training calibrates the threshold on
-the normal calibration beats' reconstruction errors (divided by their error scale, below) and sets the gain so that
+the normal calibration beats' reconstruction errors (divided by their stretch scale, below) and sets the gain so that
 the normal fit beats' timing at `timing_quantile` scores as much as that threshold (`BeatSpec.beat_scores`
 combines the two). Without a floor (models from before the spread) the timing is the prematurity itself.
 
@@ -99,6 +99,20 @@ proportion in such a stretch instead of the beat going unscored: an ectopic beat
 out by more. Training sets the limit to a quantile (`stretch_quantile`) of the stretch of its normal beats; the same
 division applies to calibration, `monitor evaluate` and the daemon. The false alarms it removes and the recall it
 costs on MIT-BIH are in bench/beat_quality.py's results.
+
+The QRS part (`qrs_correlation`): electrode motion also moves the baseline within a single beat's span, its
+neighbours clean (MIT-BIH 105), so the stretch does not see it; the span then differs from the template although
+its QRS complex does not. Arrhythmia monitors classify a beat by its QRS complex and leave the rest (ST segment,
+T wave, baseline) out of the comparison; ectopic beats are other QRS complexes (a V beat's is wide, differently
+shaped). A beat's `qrs_correlation` is Pearson's correlation of its span's QRS part (QRS_SECONDS around the
+aligned fiducial point) with the template's (1 without a template), and its error is further divided by its QRS
+scale, (1 - the spec's `qrs_correlation`) / (1 - its own), at least 1: a beat whose QRS matches the template's
+closely needs a much larger reconstruction error to alert by its shape; one whose QRS correlates less than
+`qrs_correlation` is scored as before. Premature beats with a normal QRS (S) alert by their timing, which the
+scale does not touch. `error_scale` is the product of the two scales; the threshold is calibrated on the
+calibration beats' errors divided by their stretch scale only (divided by the QRS scale too, it would fall with
+it, and flag as many normal beats as before). The recipe's value and the false alarms it removes come from
+leave-one-record-out (bench/beat_loro.py). Without it (models from before) the QRS scale is 1.
 """
 
 from __future__ import annotations
@@ -124,6 +138,7 @@ NOISE_HISTORY = 64
 PEAK_HISTORY = 8
 RR_HISTORY = 8
 STRETCH_BEATS = 4
+QRS_SECONDS = (-0.06, 0.08)  # the QRS part of a beat's span (around its R peak) that `Beat.qrs_correlation` compares
 MAX_ALIGN_STEPS = 32  # shifts tried on each side at most (every sample up to 32 samples, coarser beyond)
 UNSCORABLE_REASONS = ("warmup", "flat", "noise")
 INTERPOSED_TOLERANCE = 0.15  # two intervals within this of the reference RR together: the beat between was interposed
@@ -154,6 +169,7 @@ class BeatSpec:
     rr_spread_beats: int = 32  # the sensor's normal RR spread is measured over this many last normal beats ...
     rr_spread_floor: float | None = None  # ... and taken as at least this; None: prematurity is not divided by it
     next_beat_seconds: float | None = None  # a beat waits up to this long for the next (module doc); None: no wait
+    qrs_correlation: float | None = None  # a beat whose QRS correlates more with the template's is scored leniently
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -181,20 +197,32 @@ class BeatSpec:
             or self.rr_spread_beats < 1
             or not (self.rr_spread_floor is None or self.rr_spread_floor > 0)
             or not (self.next_beat_seconds is None or 0 < self.next_beat_seconds <= 5)
+            or not (self.qrs_correlation is None or -1 < self.qrs_correlation < 1)
         ):
             raise ValueError(
                 "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 (the learning ones at "
                 "most the scoring ones), "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
                 "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1, "
-                "rr_spread_floor > 0 (or none) and 0 < next_beat_seconds <= 5 (or none) are required"
+                "rr_spread_floor > 0 (or none), 0 < next_beat_seconds <= 5 (or none) and -1 < qrs_correlation < 1 "
+                "(or none) are required"
             )
 
-    def error_scale(self, stretch: np.ndarray | float) -> np.ndarray:
-        """What a beat's reconstruction error is divided by before the threshold: stretch / stretch_limit, at least 1
-        (always 1 without a limit)."""
+    def stretch_scale(self, stretch: np.ndarray | float) -> np.ndarray:
+        """The noisy stretch's part of the error scale: stretch / stretch_limit, at least 1 (always 1 without a
+        limit)."""
         stretch = np.asarray(stretch, dtype=np.float64)
         return np.ones_like(stretch) if self.stretch_limit is None else np.maximum(1.0, stretch / self.stretch_limit)
+
+    def error_scale(self, stretch: np.ndarray | float, qrs_correlation: np.ndarray | float) -> np.ndarray:
+        """What a beat's reconstruction error is divided by before the threshold: its stretch scale times its QRS
+        scale, (1 - the spec's qrs_correlation) / (1 - the beat's), each at least 1 (module doc; 1 without a stretch
+        limit and a QRS correlation)."""
+        scale = self.stretch_scale(stretch)
+        if self.qrs_correlation is None:
+            return scale
+        apart = np.maximum(1.0 - np.asarray(qrs_correlation, dtype=np.float64), 1e-9)
+        return scale * np.maximum(1.0, (1.0 - self.qrs_correlation) / apart)
 
     def timing_score(self, earliness: np.ndarray | float, rr_spread: np.ndarray | float) -> np.ndarray:
         """The least score a beat gets from its timing alone: timing_gain * its earliness (`Beat.earliness`) divided
@@ -208,14 +236,22 @@ class BeatSpec:
         return self.timing_gain * earliness / np.maximum(self.rr_spread_floor, rr_spread)
 
     def beat_scores(
-        self, errors: np.ndarray, stretch: np.ndarray, earliness: np.ndarray, rr_spread: np.ndarray
+        self,
+        errors: np.ndarray,
+        stretch: np.ndarray,
+        qrs_correlation: np.ndarray,
+        earliness: np.ndarray,
+        rr_spread: np.ndarray,
     ) -> np.ndarray:
         """Beats' scores: reconstruction error / error scale, at least the timing score (module doc)."""
-        return np.maximum(np.asarray(errors) / self.error_scale(stretch), self.timing_score(earliness, rr_spread))
+        shape = np.asarray(errors) / self.error_scale(stretch, qrs_correlation)
+        return np.maximum(shape, self.timing_score(earliness, rr_spread))
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["channels"] = list(self.channels)
+        if self.qrs_correlation is None:  # as a spec from before it wrote itself (a saved state's spec compares equal)
+            del data["qrs_correlation"]
         return {"mode": "beats", **data, "resampling": "linear", "normalisation": "per-beat z-score"}
 
     @classmethod
@@ -242,6 +278,7 @@ class BeatSpec:
             "rr_spread_beats",
             "rr_spread_floor",
             "next_beat_seconds",
+            "qrs_correlation",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -269,6 +306,7 @@ class Beat:
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
     rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
     earliness: float  # what the timing scores: the prematurity, less when no pause follows (module doc)
+    qrs_correlation: float  # of its QRS part with the template's (module doc); 1 without a template
 
     @property
     def scorable(self) -> bool:
@@ -296,6 +334,9 @@ class BeatStream:
             np.linspace(-self.spec.before_seconds, self.spec.after_seconds, self.spec.window, endpoint=False) * self.fs
         )
         self.qrs_half = int(round(QRS_HALF_SECONDS * self.fs))
+        inside = np.flatnonzero((self.offsets >= QRS_SECONDS[0] * self.fs) & (self.offsets < QRS_SECONDS[1] * self.fs))
+        # the window's points in QRS_SECONDS (none for a window too coarse to have one there: correlation 0)
+        self._qrs_part = slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0)
         self._offset_floor = np.floor(self.offsets).astype(np.int64)
         self._offset_fraction = self.offsets - self._offset_floor
         ramp = np.linspace(-1.0, 1.0, self.spec.window)
@@ -392,6 +433,7 @@ class BeatStream:
             reason = None
         diff = shape - (shape if template is None else template)
         distance = float(np.sqrt(np.mean(diff**2)))
+        qrs_correlation = 1.0 if template is None else _correlation(shape[self._qrs_part], template[self._qrs_part])
         reference = statistics.median(self._rr) if self._rr else None
         relative_rr = 0.0 if rr is None or reference is None else rr / reference - 1.0
         earliness = self._earliness(rr, next_rr, reference, max(0.0, -relative_rr))
@@ -423,7 +465,7 @@ class BeatStream:
         rr_seconds = None if rr is None else rr / self.fs
         return Beat(
             index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, noisy, stretch,
-            max(0.0, -relative_rr), normal, rr_spread, earliness,
+            max(0.0, -relative_rr), normal, rr_spread, earliness, qrs_correlation,
         )  # fmt: skip
 
     def _learn_rr(self, rr: int, relative_rr: float) -> None:
@@ -600,6 +642,15 @@ def _median(values: np.ndarray) -> np.ndarray:
         return np.partition(values, half, axis=0)[half]
     middle = np.partition(values, (half - 1, half), axis=0)
     return (middle[half - 1] + middle[half]) / 2
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's correlation of two segments (0 when one is flat or they have fewer than two points)."""
+    if a.size < 2:
+        return 0.0
+    a, b = a - a.mean(), b - b.mean()
+    norms = float(np.sqrt((a @ a) * (b @ b)))
+    return float(a @ b) / norms if norms > 1e-12 else 0.0
 
 
 def cut_beats(recording: np.ndarray, fs: float, spec: BeatSpec) -> list[Beat]:

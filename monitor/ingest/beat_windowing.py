@@ -54,6 +54,7 @@ class BeatFeedResult:
     restarted: bool = False  # the seq jumped beyond the tolerance: a new stream (and detector) started at it
     restart_windows_dropped: int = 0  # always 0: a stream given up loses beats in progress, not windows
     relearns: int = 0  # the sensor's dominant rhythm forgotten and learned again (beats.BeatStream.relearns)
+    noisy_stretch: int = 0  # beats scored in a noisy stretch (their stretch scale above 1, beats.BeatSpec)
 
 
 class _Sensor:
@@ -114,6 +115,7 @@ class BeatAssembler(SensorStreams[_Sensor]):
             if beat.reason is not None:  # unscorable
                 result.unscorable[beat.reason] = result.unscorable.get(beat.reason, 0) + 1
                 continue
+            result.noisy_stretch += bool(self.spec.stretch_scale(beat.stretch) > 1)
             start_ts = (
                 None if sensor.anchor is None else sensor.anchor[1] + (beat.start_seq - sensor.anchor[0]) / self.fs
             )
@@ -124,7 +126,7 @@ class BeatAssembler(SensorStreams[_Sensor]):
                     beat.window,
                     start_ts,
                     now,
-                    float(self.spec.error_scale(beat.stretch)),
+                    float(self.spec.error_scale(beat.stretch, beat.qrs_correlation)),
                     float(self.spec.timing_score(beat.earliness, beat.rr_spread)),
                     BeatMark(beat.end_seq, beat.r_seq, beat.rr_seconds),
                 )

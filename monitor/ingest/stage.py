@@ -288,9 +288,8 @@ class Ingest:
         if result.relearns:
             self.metrics.beat_relearns.inc(result.relearns)
             log.info("beat_rhythm_relearned", sensor_id=sensor_id, relearns=result.relearns)
-        noisy = sum(window.error_scale > 1 for window in result.windows)
-        if noisy:
-            self.metrics.beats_noisy_stretch.inc(noisy)
+        if result.noisy_stretch:
+            self.metrics.beats_noisy_stretch.inc(result.noisy_stretch)
         for reason, count in result.unscorable.items():
             self.metrics.beats_unscorable.labels(reason).inc(count)
             if reason != "warmup" and self._warnings.allow((sensor_id, "unscorable"), now):

@@ -183,6 +183,10 @@ class LabelledBeats:
     def earliness(self) -> np.ndarray:
         return np.asarray([beat.earliness for beat in self.beats], dtype=np.float64)
 
+    @property
+    def qrs_correlation(self) -> np.ndarray:
+        return np.asarray([beat.qrs_correlation for beat in self.beats], dtype=np.float64)
+
 
 def label_beats(recording: Recording, beats: list[Beat]) -> LabelledBeats:
     """Matches found beats to annotated ones (150 ms) and labels each found beat with its annotation."""

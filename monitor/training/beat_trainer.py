@@ -77,6 +77,9 @@ class BeatSettings(Strict):
     # the timing looks at the interval after the beat, waiting for the next beat up to this long (beats.py); null:
     # no wait, the timing is the prematurity
     next_beat_seconds: float | None = Field(default=2.0, gt=0, le=5)
+    # a beat whose QRS correlates with the template's more than this has its shape error divided by
+    # (1 - qrs_correlation) / (1 - its correlation) (beats.py); null: not
+    qrs_correlation: float | None = Field(default=0.77, gt=-1, lt=1)
 
     def spec(self) -> BeatSpec:
         """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""
@@ -282,7 +285,7 @@ def calibrate_beats(
     the combined scores instead depends on how far the training population's early normal beats and its odd
     shapes coincide: the more early normal beats, the higher it comes out for shapes too."""
     method, params = settings.threshold.method, settings.threshold.params
-    morphology = errors / spec.error_scale(beats.calibration_stretch)
+    morphology = errors / spec.stretch_scale(beats.calibration_stretch)
     calibration = calibrate(morphology, method, params)
     spec = settings.beats.with_timing_gain(spec, calibration.threshold, beats.fit_prematurity, beats.fit_rr_spread)
     uncertainty = threshold_uncertainty(morphology, calibration.threshold, calibration.params.get("q"))
@@ -359,7 +362,9 @@ def score_beats(scorer: BatchScorer, spec: BeatSpec, beats: LabelledBeats) -> np
     use = beats.scorable
     if use.any():
         errors = scorer.score_all(beats.windows[use]).errors
-        scores[use] = spec.beat_scores(errors, beats.stretch[use], beats.earliness[use], beats.rr_spread[use])
+        scores[use] = spec.beat_scores(
+            errors, beats.stretch[use], beats.qrs_correlation[use], beats.earliness[use], beats.rr_spread[use]
+        )
     return scores
 
 

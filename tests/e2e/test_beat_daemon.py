@@ -33,16 +33,18 @@ def offline(signal: np.ndarray) -> tuple[int, int, dict[int, float], float, int,
     scorable = [beat for beat in beats if beat.scorable]
     errors = Scorer.from_artifact(artifact).score_all(np.stack([beat.window for beat in scorable])).errors
     stretch = np.array([beat.stretch for beat in scorable])
+    correlation = np.array([beat.qrs_correlation for beat in scorable])
+    assert spec.qrs_correlation is not None and (correlation > spec.qrs_correlation).any()  # its QRS scale acts
     earliness = np.array([beat.earliness for beat in scorable])
     assert (earliness < np.array([beat.prematurity for beat in scorable])).any()  # the timing saw the next beat
     rr_spread = np.array([beat.rr_spread for beat in scorable])
-    scores = spec.beat_scores(errors, stretch, earliness, rr_spread)
+    scores = spec.beat_scores(errors, stretch, correlation, earliness, rr_spread)
     flagged = {
         beat.r_seq: float(score) for beat, score in zip(scorable, scores, strict=True) if score > artifact.threshold
     }
-    by_timing = spec.timing_score(earliness, rr_spread) > errors / spec.error_scale(stretch)
+    by_timing = spec.timing_score(earliness, rr_spread) > errors / spec.error_scale(stretch, correlation)
     return (
-        len(beats), len(scorable), flagged, artifact.threshold, int((spec.error_scale(stretch) > 1).sum()),
+        len(beats), len(scorable), flagged, artifact.threshold, int((spec.stretch_scale(stretch) > 1).sum()),
         int((by_timing & (scores > artifact.threshold)).sum()),
     )  # fmt: skip
 

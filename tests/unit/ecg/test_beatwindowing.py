@@ -49,7 +49,10 @@ def stream(assembler: BeatAssembler, sensor: str, signal: np.ndarray, chunk: int
 
 
 def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
-    spec = BeatSpec(stretch_limit=0.3, dominant=True, timing_gain=2.0, rr_spread_floor=0.05, next_beat_seconds=2.0)
+    spec = BeatSpec(
+        stretch_limit=0.3, dominant=True, timing_gain=2.0, rr_spread_floor=0.05, next_beat_seconds=2.0,
+        qrs_correlation=0.76,
+    )  # fmt: skip
     offline = cut_beats(signal.astype(np.float32).astype(np.float64), FS, spec)  # the payload carries float32 samples
     assembler = BeatAssembler(spec, FS, max_sensors=10, idle_seconds=60)
     windows, found, unscorable = stream(assembler, "s1", signal, chunk=35, start=1000)
@@ -63,11 +66,13 @@ def test_beat_windows_in_the_daemon_are_the_offline_ones(signal):
         )
         assert window.beat.rr_seconds == beat.rr_seconds
         assert np.array_equal(window.samples, beat.window)
-        assert window.error_scale == spec.error_scale(beat.stretch) == max(1.0, beat.stretch / 0.3)
+        qrs_scale = max(1.0, 0.24 / (1.0 - beat.qrs_correlation))
+        assert window.error_scale == spec.error_scale(beat.stretch, beat.qrs_correlation)
+        assert window.error_scale == pytest.approx(max(1.0, beat.stretch / 0.3) * qrs_scale)
         assert window.timing_score == 2.0 * beat.earliness / max(0.05, beat.rr_spread)
     assert any(window.error_scale > 1 for window in windows) and any(window.error_scale == 1 for window in windows)
     assert any(beat.earliness < beat.prematurity for beat in scorable)  # the timing looked at the next beat
-    assert np.all(BeatSpec().error_scale([0.1, 5.0]) == 1.0)  # no limit: scores as they are
+    assert np.all(BeatSpec().error_scale([0.1, 5.0], [0.99, 0.5]) == 1.0)  # no limit: scores as they are
     restored = decode_windows(encode_windows(windows), 0.0)  # the journal's records
     assert [w.error_scale for w in restored] == [w.error_scale for w in windows]
     assert [w.timing_score for w in restored] == [w.timing_score for w in windows]

@@ -318,9 +318,13 @@ def test_the_dominant_rhythm_is_learned_again_when_the_morphology_really_changes
 def test_timing_scores_a_premature_beat_at_least_by_its_prematurity_over_the_sensors_rr_spread():
     spec = BeatSpec(stretch_limit=0.5, timing_gain=2.0, rr_spread_floor=0.05)
     errors, stretch = np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.0, 1.0, 0.0, 0.0])
-    scores = spec.beat_scores(errors, stretch, np.array([0.0, 0.0, 0.4, 0.4]), np.array([0.01, 0.01, 0.01, 0.2]))
+    correlation = np.zeros(4)
+    scores = spec.beat_scores(
+        errors, stretch, correlation, np.array([0.0, 0.0, 0.4, 0.4]), np.array([0.01, 0.01, 0.01, 0.2])
+    )
     assert scores.tolist() == [1.0, 0.5, 16.0, 4.0]  # the spread below its floor counts as the floor
-    assert BeatSpec().beat_scores(np.array([1.0]), np.array([0.0]), np.array([0.9]), np.array([0.0])).tolist() == [1.0]
+    one = np.array([1.0]), np.array([0.0]), np.array([1.0]), np.array([0.9]), np.array([0.0])
+    assert BeatSpec().beat_scores(*one).tolist() == [1.0]
     old = BeatSpec.from_dict({key: value for key, value in spec.to_dict().items() if key != "dominant"})
     assert not old.dominant and old.timing_gain == 2.0  # an artifact from before the dominant rhythm
     older = BeatSpec.from_dict({key: value for key, value in spec.to_dict().items() if key != "rr_spread_floor"})
@@ -417,3 +421,32 @@ def test_a_beat_too_noisy_to_learn_from_is_still_scored_and_a_wide_ectopic_beat_
     assert unscored_v[1] < unscored_v[0]
     with pytest.raises(ValueError, match="learning ones at most the scoring ones"):
         BeatSpec(max_noise_ratio=0.25, learn_max_noise_ratio=0.3)
+
+
+def test_a_normal_qrs_in_electrode_motion_is_scored_leniently_and_a_wide_one_is_not():
+    """The QRS scale looks at the QRS part alone: a normal beat with a slow swing across its ST segment (electrode
+    motion) differs from the template, but its QRS still correlates with the template's, so its error is divided by
+    more; a wide ectopic QRS does not correlate, so its error is scored as it is."""
+    fs = 360.0
+    signal, peaks = synthetic_ecg(fs, 120.0, wide_every=7)
+    moved = peaks[10::7]  # normal beats (the wide ones are every 7th from the 7th on)
+    for r in moved:
+        draw(signal, fs, r / fs, [(0.8, 0.2, 0.06)])
+    spec = BeatSpec(dominant=True, qrs_correlation=0.76)
+    beats = [beat for beat in cut_beats(signal, fs, spec) if beat.scorable]
+    r_seq = np.array([beat.r_seq for beat in beats])
+
+    def near(targets: np.ndarray) -> np.ndarray:
+        return np.abs(r_seq[:, None] - targets[None, :]).min(axis=1) <= 0.05 * fs
+
+    correlation = np.array([beat.qrs_correlation for beat in beats])
+    scale = spec.error_scale(np.zeros(len(beats)), correlation)
+    wide, swung = near(peaks[6::7]), near(moved)
+    assert wide.sum() > 10 and swung.sum() > 10
+    assert np.all(scale[wide] == 1.0) and np.all(correlation[wide] < 0.76)
+    assert np.all(correlation[swung] > 0.9) and np.all(scale[swung] > 2.0)
+    distance = np.array([np.sqrt(np.mean(beat.window[:, 1] ** 2)) for beat in beats])
+    assert np.median(distance[swung]) > 3 * np.median(distance[~wide & ~swung])  # its shape differs all the same
+    assert np.all(BeatSpec(dominant=True).error_scale(np.zeros(3), [1.0, 0.5, 0.0]) == 1.0)  # without: as it is
+    assert BeatSpec.from_dict(spec.to_dict()) == spec
+    assert "qrs_correlation" not in BeatSpec().to_dict()  # a spec without one (a saved state's) reads as before

@@ -274,8 +274,8 @@ def test_the_threshold_is_the_reconstruction_scores_quantile_and_timing_has_its_
     timing = beats.fit_prematurity / np.maximum(0.02, beats.fit_rr_spread)
     assert spec.timing_gain is not None
     assert spec.timing_gain * np.quantile(timing, 0.995) == pytest.approx(calibration.threshold)
-    scores = spec.beat_scores(
-        errors, beats.calibration_stretch, beats.calibration_prematurity, beats.calibration_rr_spread
+    scores = replace(spec, qrs_correlation=None).beat_scores(
+        errors, beats.calibration_stretch, np.ones(n), beats.calibration_prematurity, beats.calibration_rr_spread
     )
     assert 0.007 < (scores > calibration.threshold).mean() < 0.013  # about 0.5 % by shape, 0.5 % by timing
 
