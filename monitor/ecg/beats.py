@@ -101,18 +101,18 @@ division applies to calibration, `monitor evaluate` and the daemon. The false al
 costs on MIT-BIH are in bench/beat_quality.py's results.
 
 The QRS part (`qrs_correlation`): electrode motion also moves the baseline within a single beat's span, its
-neighbours clean (MIT-BIH 105), so the stretch does not see it; the span then differs from the template although
-its QRS complex does not. Arrhythmia monitors classify a beat by its QRS complex and leave the rest (ST segment,
-T wave, baseline) out of the comparison; ectopic beats are other QRS complexes (a V beat's is wide, differently
-shaped). A beat's `qrs_correlation` is Pearson's correlation of its span's QRS part (QRS_SECONDS around the
-aligned fiducial point) with the template's (1 without a template), and its error is further divided by its QRS
-scale, (1 - the spec's `qrs_correlation`) / (1 - its own), at least 1: a beat whose QRS matches the template's
-closely needs a much larger reconstruction error to alert by its shape; one whose QRS correlates less than
-`qrs_correlation` is scored as before. Premature beats with a normal QRS (S) alert by their timing, which the
-scale does not touch. `error_scale` is the product of the two scales; the threshold is calibrated on the
-calibration beats' errors divided by their stretch scale only (divided by the QRS scale too, it would fall with
-it, and flag as many normal beats as before). The recipe's value and the false alarms it removes come from
-leave-one-record-out (bench/beat_loro.py). Without it (models from before) the QRS scale is 1.
+neighbours clean (MIT-BIH 105), so the stretch does not see it; the span then differs from the template although its
+QRS complex does not. Arrhythmia monitors classify a beat by its QRS complex and leave the rest (ST segment, T wave,
+baseline) out of the comparison; ectopic beats are other QRS complexes (a V beat's is wide, differently shaped). A
+beat's `qrs_correlation` is Pearson's correlation of its span's QRS part (QRS_SECONDS around the aligned fiducial
+point) with the template's (0 without a template: nothing to match, no leniency), and its error is further divided
+by its QRS scale, (1 - the spec's `qrs_correlation`) / (1 - its own), at least 1: a beat whose QRS matches the
+template's closely needs a much larger reconstruction error to alert by its shape; one whose QRS correlates less
+than `qrs_correlation` is scored as before. Premature beats with a normal QRS (S) alert by their timing, which the
+scale does not touch. `error_scale` is the product of the two scales; the threshold is calibrated on the calibration
+beats' errors divided by their stretch scale only (divided by the QRS scale too, it would fall with it, and flag as
+many normal beats as before). The recipe's value and the false alarms it removes come from leave-one-record-out
+(bench/beat_loro.py). Without it (models from before) the QRS scale is 1.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ class Beat:
     normal: bool  # judged normal (dominant rhythm): the template and RR reference learned from it
     rr_spread: float  # the sensor's normal RR spread before this beat (module doc); 0 before it has one
     earliness: float  # what the timing scores: the prematurity, less when no pause follows (module doc)
-    qrs_correlation: float  # of its QRS part with the template's (module doc); 1 without a template
+    qrs_correlation: float  # of its QRS part with the template's (module doc); 0 without a template
 
     @property
     def scorable(self) -> bool:
@@ -433,7 +433,7 @@ class BeatStream:
             reason = None
         diff = shape - (shape if template is None else template)
         distance = float(np.sqrt(np.mean(diff**2)))
-        qrs_correlation = 1.0 if template is None else _correlation(shape[self._qrs_part], template[self._qrs_part])
+        qrs_correlation = 0.0 if template is None else _correlation(shape[self._qrs_part], template[self._qrs_part])
         reference = statistics.median(self._rr) if self._rr else None
         relative_rr = 0.0 if rr is None or reference is None else rr / reference - 1.0
         earliness = self._earliness(rr, next_rr, reference, max(0.0, -relative_rr))
