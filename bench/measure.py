@@ -23,6 +23,7 @@ from bench.harness import REPO, repo_relative
 from monitor.config.loading import read_yaml, validate
 from monitor.model.artifact import ModelArtifact, Normalisation, load_artifact
 from monitor.model.autoencoder import LSTMAutoencoder
+from monitor.model.engine import native_bfloat16
 from monitor.model.onnx_backend import OnnxScorer, export_onnx, session_options
 from monitor.model.scoring import Scorer, ScoringGraph, SlicedScorer
 from monitor.training.evaluation import evaluate_scores
@@ -240,7 +241,7 @@ def engine_sweep(reference: ModelArtifact, e: int, windows: np.ndarray, options:
     rows: list[Record] = []
     artifact, seconds, repeats = random_artifact(reference, e), options.seconds, options.repeats
     for backend in options.backends:
-        if backend == "torch-bf16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if backend == "torch-bf16" and not native_bfloat16():
             print("    torch-bf16 skipped: this CPU has no native bfloat16", flush=True)
             continue
         for threads in options.threads:
@@ -409,7 +410,7 @@ def accuracy(artifact: ModelArtifact, data: Path, windows: np.ndarray, anomalous
         torch_bfloat16=compare_scores(
             reference, Scorer.from_artifact(artifact, dtype=torch.bfloat16).score_all(windows), threshold, anomalous
         )
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if native_bfloat16()
         else None,
     )
 

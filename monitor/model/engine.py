@@ -111,6 +111,14 @@ def use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def native_bfloat16(device: torch.device | None = None) -> bool:
+    """Whether `device` (default the CPU) computes bfloat16 natively (AVX512-BF16 or AMX, a GPU with it). The one
+    place that asks torch: for the CPU only a private call answers it."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_dtype(name: str, device: torch.device, option: str = "model.dtype") -> torch.dtype:
     """The torch dtype of `model.dtype`. bfloat16 only where the hardware computes it natively: elsewhere torch
     emulates it, many times slower than float32, the opposite of what it is asked for."""
@@ -118,8 +126,7 @@ def resolve_dtype(name: str, device: torch.device, option: str = "model.dtype") 
         return torch.float32
     if name != "bfloat16":
         raise ConfigError(f"{option}: {name!r} is not one of float32, bfloat16")
-    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if not native:
+    if not native_bfloat16(device):
         raise ConfigError(
             f"{option}: bfloat16 needs hardware that computes it natively (a CPU with AVX512-BF16 or AMX, or a GPU "
             f"with bfloat16), and {device} does not: it would be emulated, far slower than float32"

@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from monitor.model.artifact import load_artifact
+from monitor.model.engine import native_bfloat16
 from monitor.model.scoring import Scorer
 from monitor.training.datasets import read_ucr
 from tests.support import DEFAULT_MODEL, SPLITS, daemon_config, metric, replay_args, run_cli, wait_until
@@ -60,7 +61,7 @@ def test_replayed_test_split_alerts_exactly_what_evaluate_flags(
     broker, capture_factory, daemon_factory, tmp_path, dtype
 ):
     """With either `model.dtype`, the daemon alerts on exactly the windows `monitor evaluate --dtype` flags."""
-    if dtype == "bfloat16" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == "bfloat16" and not native_bfloat16():
         pytest.skip("this CPU has no native bfloat16")
     config = daemon_config(tmp_path / "monitor.yaml", broker.port, batching={"max_batch": 64, "max_wait_seconds": 0.05})
     settings = yaml.safe_load(config.read_text())

@@ -11,7 +11,7 @@ from torch import nn
 
 from monitor.model.artifact import Normalisation, load_artifact
 from monitor.model.autoencoder import LSTMAutoencoder, reconstruction_errors
-from monitor.model.engine import resolve_device
+from monitor.model.engine import native_bfloat16, resolve_device
 from monitor.model.scoring import Scorer, Scores, ScoringGraph, SlicedScorer
 from monitor.training.datasets import read_ucr
 from tests.support import DEFAULT_MODEL, SPLITS
@@ -140,7 +140,7 @@ def test_scorer_normalises_then_takes_the_mean_absolute_error():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_window_scores_the_same_alone_and_in_any_batch(dtype):
     """Exactly the same: the daemon's batches are whatever arrived together, `monitor evaluate`'s are not."""
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not native_bfloat16():
         pytest.skip("this CPU has no native bfloat16")
     scorer = make_scorer(window=140, channels=1, embedding_dim=16, seed=4, dtype=dtype)
     rng = np.random.default_rng(5)
@@ -246,7 +246,7 @@ def test_model_dtype_is_checked_where_it_cannot_run():
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
     with pytest.raises(ConfigError, match="model.dtype"):
         load_engine(ModelSettings(path=DEFAULT_MODEL, device="cpu", backend="onnx", dtype="bfloat16", threads=1))
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if native_bfloat16():
         engine = load_engine(ModelSettings(path=DEFAULT_MODEL, device="cpu", dtype="bfloat16", threads=1))
         assert engine.dtype == "bfloat16" and engine.describe()["dtype"] == "bfloat16"
     else:
@@ -320,7 +320,7 @@ def test_a_level_path_model_scores_the_same_traced_and_eager():
 def test_a_bfloat16_scorer_keeps_the_models_scores_and_decisions_close_and_leaves_the_model_alone():
     """`model.dtype: bfloat16` computes the autoencoder on a bfloat16 copy: on the shipped model's test split each
     score stays close to float32's and the decisions nearly all agree; the caller's model stays float32."""
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not native_bfloat16():
         pytest.skip("this CPU has no native bfloat16")
     artifact = load_artifact(DEFAULT_MODEL)
     windows = read_ucr(SPLITS / "test.txt.xz").windows
