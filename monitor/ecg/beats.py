@@ -131,9 +131,9 @@ dominant rhythm is untouched: its template, the RR reference and spread, the jud
 and the relearn (which forgets the classes too) are as without classes. What must not become a class is an ectopic
 rhythm: a contaminated template hides ectopic beats (the dominant rhythm above). In bigeminy the ectopic beats never
 come in a row; couplets and V beats with a compensatory pause are early or followed by a pause. With `class_run` 2,
-two fusion beats in a row on time formed a class on the 208 excerpt and half its V beats went unflagged
-(docs/user-guide.md, leave-one-record-out); a run of ectopic beats at the sinus rate (an idioventricular rhythm)
-does form one. Without it (models from before) the template is the only class.
+a pair of fusion beats on time formed a class on the 208 excerpt that its V beats then joined (docs/user-guide.md,
+leave-one-record-out); a run of ectopic beats at the sinus rate (an idioventricular rhythm) does form one. Without
+it (models from before) the template is the only class.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ class BeatSpec:
     normal_classes: int = 0  # other normal classes kept besides the template (module doc; with `dominant` and
     # `next_beat_seconds` only)
     class_run: int = 3  # ... each formed by this many similar, normally timed beats in a row off the template
-    class_timing: float = 4.0  # normally timed: early, and the next interval longer, by at most this many RR spreads
+    class_timing: float = 3.0  # normally timed: early, and the next interval longer, by at most this many RR spreads
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):

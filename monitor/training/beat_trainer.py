@@ -85,7 +85,7 @@ class BeatSettings(Strict):
     # RR spreads (beats.py); 0: the template alone
     normal_classes: int = Field(default=3, ge=0)
     class_run: int = Field(default=3, ge=2)
-    class_timing: float = Field(default=4.0, gt=0)
+    class_timing: float = Field(default=3.0, gt=0)
 
     def spec(self) -> BeatSpec:
         """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""

@@ -479,7 +479,7 @@ def test_a_normal_variant_that_persists_on_time_becomes_a_normal_class_and_prema
         kinds.append(kind)
         peaks.append(int(round(beat_time * fs)))
         coupling = 0.65 if ectopic(number + 1) else 1.35 if kind == "wide" else 1.0  # early, then a pause
-        beat_time += rng.uniform(0.8, 0.86) * coupling
+        beat_time += rng.uniform(0.82, 0.85) * coupling
     signal += rng.normal(0, 0.01, len(signal))
     spec = BeatSpec(dominant=True, next_beat_seconds=2.0, rr_spread_floor=0.02, normal_classes=2)
     cut = {classes: cut_beats(signal, fs, replace(spec, normal_classes=classes)) for classes in (0, 2)}
