@@ -400,6 +400,7 @@ class BeatStream:
         self.relearns = 0  # times the dominant rhythm was forgotten and learned again
         self._classes: list[deque[np.ndarray]] = []  # the other normal classes' beats (spans at the fiducial point)
         self._joined: list[int] = []  # the number of the beat that last joined each
+        self._class_templates: list[np.ndarray] = []  # each class's template (median), kept as its members change
         # the last similar, normally timed beats in a row off the template: (span at the fiducial point, aligned span)
         self._run: list[tuple[np.ndarray, np.ndarray]] = []
 
@@ -457,7 +458,7 @@ class BeatStream:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
         template = _median(np.stack(self._templates)) if self._templates else None
-        others = [_median(np.stack(members)) for members in self._classes]
+        others = self._class_templates
         shift, shape, std, at_fiducial, nearest = self._aligned(r, template, others)
         noise, noisy, unscorable = self._noise_ratio(r)
         clean = std > 1e-9 and not noisy
@@ -543,6 +544,7 @@ class BeatStream:
         if near_class is not None and class_distance <= self.spec.normal_distance:
             self._classes[near_class].append(shape)
             self._joined[near_class] = self.beats
+            self._class_templates[near_class] = _median(np.stack(self._classes[near_class]))
             self._run.clear()
             return
         if self._run and np.sqrt(np.mean((aligned - self._run[0][1]) ** 2)) > self.spec.normal_distance:
@@ -552,12 +554,15 @@ class BeatStream:
             return
         members = deque((held for held, _ in self._run), maxlen=self.spec.template_beats)
         self._run.clear()
+        template = _median(np.stack(members))
         if len(self._classes) < self.spec.normal_classes:
             self._classes.append(members)
             self._joined.append(self.beats)
+            self._class_templates.append(template)
         else:
             oldest = int(np.argmin(self._joined))
             self._classes[oldest], self._joined[oldest] = members, self.beats
+            self._class_templates[oldest] = template
 
     def _learn_rr(self, rr: int, relative_rr: float) -> None:
         """Adds a normal beat's RR to the reference and, when there was a reference, its deviation to the spread."""
@@ -608,6 +613,7 @@ class BeatStream:
             self._templates.clear()
             self._classes.clear()
             self._joined.clear()
+            self._class_templates.clear()
             self._run.clear()
             self._rr.clear()
             self._rr_deviation.clear()
@@ -736,6 +742,7 @@ class BeatStream:
             for members in state["classes"]
         ]
         stream._joined = [int(beat) for beat in state["joined"]]
+        stream._class_templates = [_median(np.stack(members)) for members in stream._classes]
         stream._run = [(decode_array(shape, "<f8"), decode_array(aligned, "<f8")) for shape, aligned in state["run"]]
         held = [shape for members in stream._classes for shape in members] + [s for pair in stream._run for s in pair]
         if len(stream._classes) > spec.normal_classes or len(stream._joined) != len(stream._classes):
