@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -39,6 +40,16 @@ class Client(mqtt.Client):
     """
 
     _draining = False
+
+    def acknowledge_all(self, mids: list[int]) -> None:
+        """PUBACK the QoS 1 messages `mids` (with `manual_ack`) as one write: their 4-byte packets joined in one
+        buffer, queued once. paho's `ack` queues each PUBACK on its own, with a wake-up of the network thread and a
+        socket write of its own, each a GIL hand-over between the thread that acknowledges and the one reading the
+        input; at thousands of messages a second that throttled the reading (the broker's in-flight window then
+        filled). The bytes sent are the same."""
+        if mids:
+            packet = b"".join([struct.pack("!BBH", mqtt.PUBACK, 2, mid) for mid in mids])
+            self._packet_queue(mqtt.PUBACK, packet, mids[-1], 1)
 
     def _loop_rc_handle(self, rc: MQTTErrorCode) -> MQTTErrorCode:
         if self._draining:  # a write of a packet handled while draining failed too: the drain closes once it ends
@@ -76,7 +87,7 @@ def make_client(
     client_id: str | None = None,
     persistent_session: bool = False,
     manual_ack: bool = False,
-) -> mqtt.Client:
+) -> Client:
     """A paho client for `settings`: its protocol (3.1.1 or 5), credentials and TLS, and paho's log routed to ours.
 
     `persistent_session` asks for a session the broker keeps while the client is away (3.1.1: clean_session

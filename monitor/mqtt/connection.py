@@ -37,7 +37,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from monitor.config.schema import MqttSettings, PartitionSettings
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
-from monitor.mqtt.client import make_client
+from monitor.mqtt.client import Client, make_client
 from monitor.mqtt.publisher import DropReason, PublishRefused
 from monitor.telemetry.metrics import Metrics
 
@@ -78,7 +78,7 @@ class MqttConnection:
         self.client = self._make_input_client()
         self.output = self._make_output_client()
 
-    def _make_input_client(self) -> mqtt.Client:
+    def _make_input_client(self) -> Client:
         settings = self.settings
         client = make_client(settings, persistent_session=settings.persistent_session, manual_ack=True)
         self._reconnect_delays(client)
@@ -274,8 +274,15 @@ class MqttConnection:
         """Send the PUBACKs of the input messages that nothing holds back any more, in arrival order (one thread
         only: the daemon's main loop). Returns how many."""
         ready = self.acks.ready()
+        run: list[int] = []  # consecutive QoS 1 receipts: one write
         for receipt in ready:
-            self.client.ack(receipt.mid, receipt.qos)
+            if receipt.qos == 1:
+                run.append(receipt.mid)
+            elif receipt.qos == 2:
+                self.client.acknowledge_all(run)
+                run = []
+                self.client.ack(receipt.mid, receipt.qos)
+        self.client.acknowledge_all(run)
         return len(ready)
 
     def connected(self) -> tuple[bool, bool]:

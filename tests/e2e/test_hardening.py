@@ -24,6 +24,8 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from monitor.ecg.beats import beat_spec
 from monitor.ingest.beat_windowing import BeatAssembler
@@ -428,6 +430,55 @@ def test_messages_a_dying_broker_sent_are_handled_not_discarded():
         client.loop_stop()
         raw.server.close()
     figure("dying_broker", "messages written before the reset / handled", f"{len(payloads)} / {len(received)}")
+
+
+def test_acknowledgements_joined_in_one_write_settle_exactly_those_messages(tmp_path):
+    """`Client.acknowledge_all` sends the PUBACKs of many messages as one write. The broker must take each: a
+    persistent session resumed gets none of them again, and gets again exactly the messages left unacknowledged
+    (were the joined packets malformed, Mosquitto would drop the connection and send everything again)."""
+    broker = Broker(tmp_path / "broker").start()
+    settings = mqtt_settings(broker.port, protocol="5")
+    count, held = 300, 10
+    publisher = make_client(settings, "acks-publisher")
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+
+    def session() -> tuple[mqtt.Client, list[tuple[int, bytes]], threading.Event]:
+        client = make_client(settings, "acks-test", manual_ack=True)
+        received: list[tuple[int, bytes]] = []
+        subscribed = threading.Event()
+        client.on_message = lambda c, u, message: received.append((message.mid, message.payload))
+        client.on_subscribe = lambda *args: subscribed.set()
+        expiry = Properties(PacketTypes.CONNECT)
+        expiry.SessionExpiryInterval = 600
+        client.connect("127.0.0.1", broker.port, clean_start=False, properties=expiry)
+        client.loop_start()
+        return client, received, subscribed
+
+    try:
+        client, received, subscribed = session()
+        client.subscribe("acks/#", qos=1)
+        assert subscribed.wait(10)
+        for index in range(count):
+            publisher.publish("acks/s", str(index).encode(), qos=1)
+        wait_until(lambda: len(received) == count, 30, what="every message delivered")
+        settled = received[: count - held]  # the last `held` messages are never acknowledged
+        for start in range(0, len(settled), 97):
+            client.acknowledge_all([mid for mid, _ in settled[start : start + 97]])
+        time.sleep(0.5)
+        client.disconnect()
+        client.loop_stop()
+        client, again, _ = session()  # the same session: the broker sends what it still has in flight
+        wait_until(lambda: len(again) >= held, 10, what="the unacknowledged messages sent again")
+        time.sleep(1.0)  # anything acknowledged would have come again by now
+        client.disconnect()
+        client.loop_stop()
+    finally:
+        publisher.disconnect()
+        publisher.loop_stop()
+        broker.stop()
+    assert [payload for _, payload in received] == [str(index).encode() for index in range(count)]
+    assert sorted(int(payload) for _, payload in again) == list(range(count - held, count))
 
 
 # --- crash safety, health and signals: each with a daemon (and broker) of its own ---

@@ -282,9 +282,10 @@ def speed_summary() -> str:
     )
     return (
         f"the daemon's defaults scored at most {default['max_scored_windows_per_second']:,.0f} windows/s through "
-        f"the broker against the engine's {engine:,.0f} on one thread; receiving a 35-sample message costs the "
-        f"daemon's MQTT thread {daemon['cpu_us_per_message']:.0f} µs of CPU, "
-        f"paho alone {paho['cpu_us_per_message']:.0f} µs"
+        f"the broker (`e2e`, {day(data['e2e']['stamp']['measured_at'])}) against the engine's {engine:,.0f} on one "
+        f"thread; receiving a 35-sample message costs the daemon's MQTT thread {daemon['cpu_us_per_message']:.0f} µs "
+        f"of CPU, paho alone {paho['cpu_us_per_message']:.0f} µs (`transport`, "
+        f"{day(data['transport']['stamp']['measured_at'])})"
     )
 
 
