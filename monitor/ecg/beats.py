@@ -113,6 +113,27 @@ scale does not touch. `error_scale` is the product of the two scales; the thresh
 beats' errors divided by their stretch scale only (divided by the QRS scale too, it would fall with it, and flag as
 many normal beats as before). The recipe's value and the false alarms it removes come from leave-one-record-out
 (bench/beat_loro.py). Without it (models from before) the QRS scale is 1.
+
+Other normal classes (`normal_classes`, with `dominant` and `next_beat_seconds`): a sensor's normal beats need not
+all have one shape. When the lead's axis moves with breathing, a few beats in a row have a taller R wave (MIT-BIH
+114, lead V5): they differ from the template as much as the sensor's ectopic beats do, in their QRS part too, so
+neither the distance nor the QRS scale tells them apart. Holter software keeps several classes of the dominant
+rhythm; the stream keeps up to `normal_classes` besides the template, each formed only by beats that persist and
+come on time: `class_run` clean beats in a row off the template (farther than `normal_distance`), each within
+`normal_distance` of the first of them (as aligned to the template), none of them early, or followed by an interval
+longer than its own, by more than `class_timing` times the sensor's normal RR spread (at least `rr_spread_floor`; a
+beat with no next one within `next_beat_seconds` was followed by a pause). A class's template is the median of its
+last `template_beats` members (spans at the fiducial point, as the template's); a later beat off the template, as
+timed and within `normal_distance` of a class's template, joins that class; a new class takes the place of the one
+joined longest ago. A beat nearer to a class's template than to the dominant one is compared with that class:
+aligned to it, its `template_diff` is its difference from it and its `qrs_correlation` is with its QRS part. The
+dominant rhythm is untouched: its template, the RR reference and spread, the judgement (`Beat.normal`), the stretch
+and the relearn (which forgets the classes too) are as without classes. What must not become a class is an ectopic
+rhythm: a contaminated template hides ectopic beats (the dominant rhythm above). In bigeminy the ectopic beats never
+come in a row; couplets and V beats with a compensatory pause are early or followed by a pause. With `class_run` 2,
+a pair of fusion beats on time formed a class on the 208 excerpt that its V beats then joined (docs/user-guide.md,
+leave-one-record-out); a run of ectopic beats at the sinus rate (an idioventricular rhythm) does form one. Without
+it (models from before) the template is the only class.
 """
 
 from __future__ import annotations
@@ -170,6 +191,10 @@ class BeatSpec:
     rr_spread_floor: float | None = None  # ... and taken as at least this; None: prematurity is not divided by it
     next_beat_seconds: float | None = None  # a beat waits up to this long for the next (module doc); None: no wait
     qrs_correlation: float | None = None  # a beat whose QRS correlates more with the template's is scored leniently
+    normal_classes: int = 0  # other normal classes kept besides the template (module doc; with `dominant` and
+    # `next_beat_seconds` only)
+    class_run: int = 3  # ... each formed by this many similar, normally timed beats in a row off the template
+    class_timing: float = 3.0  # normally timed: early, and the next interval longer, by at most this many RR spreads
 
     def __post_init__(self) -> None:
         if not (0 < self.before_seconds <= 1 and 0 < self.after_seconds <= 1 and self.window >= 8):
@@ -198,14 +223,17 @@ class BeatSpec:
             or not (self.rr_spread_floor is None or self.rr_spread_floor > 0)
             or not (self.next_beat_seconds is None or 0 < self.next_beat_seconds <= 5)
             or not (self.qrs_correlation is None or -1 < self.qrs_correlation < 1)
+            or self.normal_classes < 0
+            or self.class_run < 2
+            or not self.class_timing > 0
         ):
             raise ValueError(
                 "template_beats >= 1, 0 <= warmup_beats <= template_beats, noise limits > 0 (the learning ones at "
                 "most the scoring ones), "
                 "0 <= align_seconds <= 0.2, stretch_limit > 0 (or none), normal_distance > 0, relearn_beats >= 1, "
                 "0 <= relearn_share <= 1, timing_gain >= 0 (or none), rr_spread_beats >= 1, "
-                "rr_spread_floor > 0 (or none), 0 < next_beat_seconds <= 5 (or none) and -1 < qrs_correlation < 1 "
-                "(or none) are required"
+                "rr_spread_floor > 0 (or none), 0 < next_beat_seconds <= 5 (or none), -1 < qrs_correlation < 1 "
+                "(or none), normal_classes >= 0, class_run >= 2 and class_timing > 0 are required"
             )
 
     def stretch_scale(self, stretch: np.ndarray | float) -> np.ndarray:
@@ -252,6 +280,9 @@ class BeatSpec:
         data["channels"] = list(self.channels)
         if self.qrs_correlation is None:  # as a spec from before it wrote itself (a saved state's spec compares equal)
             del data["qrs_correlation"]
+        if self.normal_classes == 0:  # as a spec from before them wrote itself
+            for key in ("normal_classes", "class_run", "class_timing"):
+                del data[key]
         return {"mode": "beats", **data, "resampling": "linear", "normalisation": "per-beat z-score"}
 
     @classmethod
@@ -279,6 +310,9 @@ class BeatSpec:
             "rr_spread_floor",
             "next_beat_seconds",
             "qrs_correlation",
+            "normal_classes",
+            "class_run",
+            "class_timing",
         }
         values = {key: data[key] for key in keys if key in data}
         values.setdefault("align_seconds", 0.0)  # artifacts from before alignment cut beats at the fiducial point
@@ -364,6 +398,11 @@ class BeatStream:
         self._warm: list[tuple[np.ndarray, int | None]] = []  # dominant: clean warm-up beats (shape, RR before it)
         self._judged: deque[bool] = deque(maxlen=self.spec.relearn_beats)  # dominant: the last clean beats, normal?
         self.relearns = 0  # times the dominant rhythm was forgotten and learned again
+        self._classes: list[deque[np.ndarray]] = []  # the other normal classes' beats (spans at the fiducial point)
+        self._joined: list[int] = []  # the number of the beat that last joined each
+        self._class_templates: list[np.ndarray] = []  # each class's template (median), kept as its members change
+        # the last similar, normally timed beats in a row off the template: (span at the fiducial point, aligned span)
+        self._run: list[tuple[np.ndarray, np.ndarray]] = []
 
     @property
     def received(self) -> int:
@@ -419,7 +458,8 @@ class BeatStream:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
         template = _median(np.stack(self._templates)) if self._templates else None
-        shift, shape, std, at_fiducial = self._aligned(r, template)
+        others = self._class_templates
+        shift, shape, std, at_fiducial, nearest = self._aligned(r, template, others)
         noise, noisy, unscorable = self._noise_ratio(r)
         clean = std > 1e-9 and not noisy
         warming = template is None if self.spec.dominant else len(self._templates) < self.spec.warmup_beats
@@ -437,6 +477,16 @@ class BeatStream:
         reference = statistics.median(self._rr) if self._rr else None
         relative_rr = 0.0 if rr is None or reference is None else rr / reference - 1.0
         earliness = self._earliness(rr, next_rr, reference, max(0.0, -relative_rr))
+        aligned = shape  # aligned to the template, for the classes' learning
+        near_class, class_distance = None, np.inf  # the nearest other normal class
+        for k, (other, (other_shift, other_shape)) in enumerate(zip(others, nearest, strict=True)):
+            other_diff = other_shape - other
+            other_distance = float(np.sqrt(np.mean(other_diff**2)))
+            if other_distance < class_distance:
+                near_class, class_distance = k, other_distance
+                if other_distance < distance:  # nearer than the template: the beat is compared with this class
+                    shift, shape, diff = other_shift, other_shape, other_diff
+                    qrs_correlation = _correlation(shape[self._qrs_part], other[self._qrs_part])
         self._last_rr = rr
         rr_spread = statistics.median(self._rr_deviation) if self._rr_deviation else 0.0
         channels = {
@@ -458,7 +508,14 @@ class BeatStream:
         elif clean and template is None:
             self._warm_up(at_fiducial, rr)
         elif clean:
-            normal = self._judge(distance <= self.spec.normal_distance, at_fiducial, rr, relative_rr)
+            normal = distance <= self.spec.normal_distance
+            if self.spec.normal_classes and not normal and self._normally_timed(rr, next_rr, relative_rr):
+                self._learn_class(at_fiducial, aligned, near_class, class_distance)
+            else:
+                self._run.clear()
+            self._judge(normal, at_fiducial, rr, relative_rr)
+        else:
+            self._run.clear()
         index, self.beats = self.beats, self.beats + 1
         start = self.origin + r + shift - int(round(self.spec.before_seconds * self.fs))
         end = self.origin + r + shift + int(round(self.spec.after_seconds * self.fs))
@@ -467,6 +524,45 @@ class BeatStream:
             index, self.origin + r, rr_seconds, max(start, self.origin), end, window, reason, noise, noisy, stretch,
             max(0.0, -relative_rr), normal, rr_spread, earliness, qrs_correlation,
         )  # fmt: skip
+
+    def _normally_timed(self, rr: int | None, next_rr: int | None, relative_rr: float) -> bool:
+        """Whether a beat came on time and no pause followed it: it is early, and the interval after it longer than
+        its own, by at most `class_timing` times the sensor's normal RR spread (at least `rr_spread_floor`). A beat
+        with no next one within `next_beat_seconds` was followed by a pause."""
+        if rr is None or next_rr is None or self.wait is None or next_rr > self.wait:
+            return False
+        spread = statistics.median(self._rr_deviation) if self._rr_deviation else 0.0
+        tolerance = self.spec.class_timing * max(self.spec.rr_spread_floor or 0.0, spread)
+        return -relative_rr <= tolerance and next_rr <= rr * (1.0 + tolerance)
+
+    def _learn_class(
+        self, shape: np.ndarray, aligned: np.ndarray, near_class: int | None, class_distance: float
+    ) -> None:
+        """Learns from a clean, normally timed beat off the template (module doc): it joins the nearest other normal
+        class within `normal_distance`, else the run of such beats; `class_run` similar ones in a row form a class
+        (in place of the class joined longest ago when there are `normal_classes`)."""
+        if near_class is not None and class_distance <= self.spec.normal_distance:
+            self._classes[near_class].append(shape)
+            self._joined[near_class] = self.beats
+            self._class_templates[near_class] = _median(np.stack(self._classes[near_class]))
+            self._run.clear()
+            return
+        if self._run and np.sqrt(np.mean((aligned - self._run[0][1]) ** 2)) > self.spec.normal_distance:
+            self._run.clear()
+        self._run.append((shape, aligned))
+        if len(self._run) < self.spec.class_run:
+            return
+        members = deque((held for held, _ in self._run), maxlen=self.spec.template_beats)
+        self._run.clear()
+        template = _median(np.stack(members))
+        if len(self._classes) < self.spec.normal_classes:
+            self._classes.append(members)
+            self._joined.append(self.beats)
+            self._class_templates.append(template)
+        else:
+            oldest = int(np.argmin(self._joined))
+            self._classes[oldest], self._joined[oldest] = members, self.beats
+            self._class_templates[oldest] = template
 
     def _learn_rr(self, rr: int, relative_rr: float) -> None:
         """Adds a normal beat's RR to the reference and, when there was a reference, its deviation to the spread."""
@@ -515,13 +611,20 @@ class BeatStream:
         ):
             self.relearns += 1
             self._templates.clear()
+            self._classes.clear()
+            self._joined.clear()
+            self._class_templates.clear()
+            self._run.clear()
             self._rr.clear()
             self._rr_deviation.clear()
             self._judged.clear()
         return normal
 
-    def _aligned(self, r: int, template: np.ndarray | None) -> tuple[int, np.ndarray, float, np.ndarray]:
-        """(shift, z-normalised span, its std, the z-normalised span at r itself) of the beat at r, its fiducial
+    def _aligned(
+        self, r: int, template: np.ndarray | None, others: list[np.ndarray] | None = None
+    ) -> tuple[int, np.ndarray, float, np.ndarray, list[tuple[int, np.ndarray]]]:
+        """(shift, z-normalised span, its std, the z-normalised span at r itself, and the shift and span for each of
+        the other classes' templates) of the beat at r, its fiducial
         point moved by the shift that brings the span closest to the sensor's template (squared distance of the
         z-normalised spans, i.e. the highest correlation), within +-align_seconds; without a template, shift 0.
 
@@ -544,7 +647,11 @@ class BeatStream:
         shapes = spans / np.where(flat, 1.0, stds)[:, None]
         shapes[flat] = 0.0
         best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
-        return int(shifts[best]), shapes[best], float(stds[best]), shapes[0]
+        nearest = []
+        for other in (others or []) if template is not None else []:
+            near = int(np.argmin(((shapes - other) ** 2).sum(axis=1)))
+            nearest.append((int(shifts[near]), shapes[near]))
+        return int(shifts[best]), shapes[best], float(stds[best]), shapes[0], nearest
 
     def _noise_ratio(self, r: int) -> tuple[float, bool, bool]:
         """(noise ratio, too noisy to learn from, too noisy to score) of the beat at r; updates the sensor's peak and
@@ -598,6 +705,9 @@ class BeatStream:
             "warm": [[encode(shape), rr] for shape, rr in self._warm],
             "judged": [int(normal) for normal in self._judged],
             "relearns": self.relearns,
+            "classes": [[encode(shape) for shape in members] for members in self._classes],
+            "joined": list(self._joined),
+            "run": [[encode(shape), encode(aligned)] for shape, aligned in self._run],
         }
 
     def max_abs_sample(self) -> float:
@@ -627,6 +737,18 @@ class BeatStream:
         stream._warm = [(decode_array(shape, "<f8"), None if rr is None else int(rr)) for shape, rr in state["warm"]]
         stream._judged.extend(bool(normal) for normal in state["judged"])
         stream.relearns = int(state["relearns"])
+        stream._classes = [
+            deque((decode_array(shape, "<f8") for shape in members), maxlen=spec.template_beats)
+            for members in state["classes"]
+        ]
+        stream._joined = [int(beat) for beat in state["joined"]]
+        stream._class_templates = [_median(np.stack(members)) for members in stream._classes]
+        stream._run = [(decode_array(shape, "<f8"), decode_array(aligned, "<f8")) for shape, aligned in state["run"]]
+        held = [shape for members in stream._classes for shape in members] + [s for pair in stream._run for s in pair]
+        if len(stream._classes) > spec.normal_classes or len(stream._joined) != len(stream._classes):
+            raise ValueError(f"{len(stream._classes)} other normal classes, at most {spec.normal_classes} allowed")
+        if any(shape.shape != (spec.window,) for shape in held):
+            raise ValueError(f"beat class shapes do not have {spec.window} points")
         if any(shape.shape != (spec.window,) for shape, _ in stream._warm):
             raise ValueError(f"beat warm-up shapes do not have {spec.window} points")
         if stream._raw_start + len(stream._raw) != stream.received or len(stream._band) > len(stream._raw):

@@ -34,8 +34,8 @@ from monitor.window import BeatMark, Window
 
 STATE_FORMAT = "monitor-beat-state"
 # 2: the dominant rhythm's warm-up, judgements and relearns; 3: the normal RR spread; 4: the interval before the last
-# beat (earliness after an interposed beat)
-STATE_VERSION = 4
+# beat (earliness after an interposed beat); 5: the other normal classes
+STATE_VERSION = 5
 
 
 @dataclass(slots=True)

@@ -80,6 +80,12 @@ class BeatSettings(Strict):
     # a beat whose QRS correlates with the template's more than this has its shape error divided by
     # (1 - qrs_correlation) / (1 - its correlation) (beats.py); null: not
     qrs_correlation: float | None = Field(default=0.77, gt=-1, lt=1)
+    # besides the dominant rhythm's template, up to normal_classes other normal classes, each formed by class_run
+    # similar beats in a row off the template, each early and followed by a longer interval by at most class_timing
+    # RR spreads (beats.py); 0: the template alone
+    normal_classes: int = Field(default=3, ge=0)
+    class_run: int = Field(default=3, ge=2)
+    class_timing: float = Field(default=3.0, gt=0)
 
     def spec(self) -> BeatSpec:
         """The spec to cut with; its `stretch_limit` and `timing_gain` are set after cutting and fitting."""

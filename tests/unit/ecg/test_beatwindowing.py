@@ -128,8 +128,8 @@ def test_state_survives_a_restart_exactly(signal):
     assert [w.error_scale for w in before + after] == [w.error_scale for w in expected]  # the stretch history too
     assert [w.timing_score for w in before + after] == [w.timing_score for w in expected]  # the RR reference too
     assert any(w.timing_score > 0 for w in expected)
-    old = {**state, "version": 3}  # a state file from before the earliness
-    with pytest.raises(ValueError, match="not a monitor-beat-state of version 4"):
+    old = {**state, "version": 4}  # a state file from before the other normal classes
+    with pytest.raises(ValueError, match="not a monitor-beat-state of version 5"):
         restarted.restore(old, 0.0)
     other_rate = BeatAssembler(spec, 250.0, max_sensors=10, idle_seconds=60)
     with pytest.raises(ValueError, match="saved for 360.0 Hz"):

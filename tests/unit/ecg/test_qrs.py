@@ -4,6 +4,7 @@ chunking and restarts that must not change a single beat, and the signal-quality
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -454,3 +455,58 @@ def test_a_normal_qrs_in_electrode_motion_is_scored_leniently_and_a_wide_one_is_
     assert np.all(BeatSpec(dominant=True).error_scale(np.zeros(3), [1.0, 0.5, 0.0]) == 1.0)  # without: as it is
     assert BeatSpec.from_dict(spec.to_dict()) == spec
     assert "qrs_correlation" not in BeatSpec().to_dict()  # a spec without one (a saved state's) reads as before
+
+
+def test_a_normal_variant_that_persists_on_time_becomes_a_normal_class_and_premature_ectopic_beats_never_do():
+    """Runs of five beats with another QRS (deeper Q and S waves: the lead's axis moving with breathing), on time:
+    with `normal_classes` the first `class_run` of them form a class, and every later one is compared with it (its
+    `template_diff` small, its QRS correlated). The wide beats of a bigeminy and of couplets come early and are
+    followed by a pause: they never form a class and stay far from every template. The dominant rhythm (judgement,
+    stretch, timing) is untouched, and a restart in the middle continues the classes exactly."""
+    fs = 360.0
+    variant = [(0.15, -0.2, 0.025), (-0.7, -0.035, 0.012), (1.6, 0.005, 0.02), (-1.1, 0.045, 0.015), (0.1, 0.25, 0.06)]
+    rng = np.random.default_rng(5)
+    signal, kinds, peaks = np.zeros(int(300 * fs)), [], []
+    beat_time, number = 0.5, 0
+
+    def ectopic(n: int) -> bool:  # a bigeminy, then isolated wide beats and couplets
+        return (150 < n < 170 and n % 2 == 0) or n % 37 in (0, 1)
+
+    while beat_time < 299:
+        number += 1
+        kind = "variant" if number % 25 in range(10, 15) else "wide" if ectopic(number) else "normal"
+        draw(signal, fs, beat_time, {"variant": variant, "wide": WIDE_WAVES, "normal": NORMAL_WAVES}[kind])
+        kinds.append(kind)
+        peaks.append(int(round(beat_time * fs)))
+        coupling = 0.65 if ectopic(number + 1) else 1.35 if kind == "wide" else 1.0  # early, then a pause
+        beat_time += rng.uniform(0.82, 0.85) * coupling
+    signal += rng.normal(0, 0.01, len(signal))
+    spec = BeatSpec(dominant=True, next_beat_seconds=2.0, rr_spread_floor=0.02, normal_classes=2)
+    cut = {classes: cut_beats(signal, fs, replace(spec, normal_classes=classes)) for classes in (0, 2)}
+    beats = cut[2]
+    match, _ = match_beats(np.asarray([beat.r_seq for beat in beats]), np.asarray(peaks), int(0.15 * fs))
+    kind = np.full(len(beats), "", dtype=object)
+    kind[match[match >= 0]] = np.asarray(kinds)[match >= 0]
+    scorable = np.asarray([beat.scorable for beat in beats])
+    distance = {n: np.asarray([np.sqrt(np.mean(beat.window[:, 1] ** 2)) for beat in cut[n]]) for n in cut}
+    correlation = np.asarray([beat.qrs_correlation for beat in beats])
+    variants = np.flatnonzero(scorable & (kind == "variant"))
+    wide = scorable & (kind == "wide")
+    assert len(variants) > 50 and wide.sum() > 10
+    assert distance[0][variants].min() > spec.normal_distance  # off the template: not judged normal
+    formed, later = variants[: spec.class_run], variants[spec.class_run :]
+    assert distance[2][formed].min() > spec.normal_distance
+    assert distance[2][later].max() < 0.3 and correlation[later].min() > 0.95  # compared with their own class
+    assert distance[2][wide].min() > 3 * distance[2][later].max()
+    assert [beat.normal for beat in beats] == [beat.normal for beat in cut[0]]
+    assert [(beat.stretch, beat.earliness) for beat in beats] == [(beat.stretch, beat.earliness) for beat in cut[0]]
+    half, stream = len(signal) // 2, BeatStream(fs, spec)
+    first = stream.feed(signal[:half])
+    assert stream._classes  # the restart below carries a class
+    restarted = BeatStream.restore(json.loads(json.dumps(stream.snapshot())), spec)
+    again = first + restarted.feed(signal[half:])
+    assert len(again) == len(beats)
+    assert all(np.array_equal(a.window, b.window) for a, b in zip(again, beats, strict=True))
+    assert BeatSpec.from_dict(spec.to_dict()) == spec and "normal_classes" not in BeatSpec().to_dict()
+    with pytest.raises(ValueError, match="class_run >= 2"):
+        BeatSpec(normal_classes=1, class_run=1)  # one beat off the template is no class
