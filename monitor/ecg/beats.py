@@ -624,9 +624,9 @@ class BeatStream:
         self, r: int, template: np.ndarray | None, others: list[np.ndarray] | None = None
     ) -> tuple[int, np.ndarray, float, np.ndarray, list[tuple[int, np.ndarray]]]:
         """(shift, z-normalised span, its std, the z-normalised span at r itself, and the shift and span for each of
-        the other classes' templates) of the beat at r, its fiducial
-        point moved by the shift that brings the span closest to the sensor's template (squared distance of the
-        z-normalised spans, i.e. the highest correlation), within +-align_seconds; without a template, shift 0.
+        the other classes' templates) of the beat at r, its fiducial point moved by the shift that brings the span
+        closest to the sensor's template (squared distance of the z-normalised spans, i.e. the highest
+        correlation), within +-align_seconds; without a template, shift 0.
 
         The template is the median of spans cut at the detector's fiducial points, not of aligned spans: the median
         sits where most beats' fiducial points put it, whereas a template of aligned spans could walk, a sample at
