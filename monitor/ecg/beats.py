@@ -458,7 +458,7 @@ class BeatStream:
         rr = None if self._last_r is None else r - self._last_r
         self._last_r = r
         template = _median(np.stack(self._templates)) if self._templates else None
-        others = self._class_templates
+        others = self._class_templates if template is not None else []  # classes only next to a template
         shift, shape, std, at_fiducial, nearest = self._aligned(r, template, others)
         noise, noisy, unscorable = self._noise_ratio(r)
         clean = std > 1e-9 and not noisy
@@ -472,7 +472,7 @@ class BeatStream:
         else:
             reason = None
         diff = shape - (shape if template is None else template)
-        distance = float(np.sqrt(np.mean(diff**2)))
+        distance = _rms(diff)
         qrs_correlation = 0.0 if template is None else _correlation(shape[self._qrs_part], template[self._qrs_part])
         reference = statistics.median(self._rr) if self._rr else None
         relative_rr = 0.0 if rr is None or reference is None else rr / reference - 1.0
@@ -481,7 +481,7 @@ class BeatStream:
         near_class, class_distance = None, np.inf  # the nearest other normal class
         for k, (other, (other_shift, other_shape)) in enumerate(zip(others, nearest, strict=True)):
             other_diff = other_shape - other
-            other_distance = float(np.sqrt(np.mean(other_diff**2)))
+            other_distance = _rms(other_diff)
             if other_distance < class_distance:
                 near_class, class_distance = k, other_distance
                 if other_distance < distance:  # nearer than the template: the beat is compared with this class
@@ -509,7 +509,7 @@ class BeatStream:
             self._warm_up(at_fiducial, rr)
         elif clean:
             normal = distance <= self.spec.normal_distance
-            if self.spec.normal_classes and not normal and self._normally_timed(rr, next_rr, relative_rr):
+            if self.spec.normal_classes and not normal and self._normally_timed(rr, next_rr, relative_rr, rr_spread):
                 self._learn_class(at_fiducial, aligned, near_class, class_distance)
             else:
                 self._run.clear()
@@ -525,14 +525,13 @@ class BeatStream:
             max(0.0, -relative_rr), normal, rr_spread, earliness, qrs_correlation,
         )  # fmt: skip
 
-    def _normally_timed(self, rr: int | None, next_rr: int | None, relative_rr: float) -> bool:
+    def _normally_timed(self, rr: int | None, next_rr: int | None, relative_rr: float, rr_spread: float) -> bool:
         """Whether a beat came on time and no pause followed it: it is early, and the interval after it longer than
         its own, by at most `class_timing` times the sensor's normal RR spread (at least `rr_spread_floor`). A beat
         with no next one within `next_beat_seconds` was followed by a pause."""
         if rr is None or next_rr is None or self.wait is None or next_rr > self.wait:
             return False
-        spread = statistics.median(self._rr_deviation) if self._rr_deviation else 0.0
-        tolerance = self.spec.class_timing * max(self.spec.rr_spread_floor or 0.0, spread)
+        tolerance = self.spec.class_timing * max(self.spec.rr_spread_floor or 0.0, rr_spread)
         return -relative_rr <= tolerance and next_rr <= rr * (1.0 + tolerance)
 
     def _learn_class(
@@ -547,7 +546,7 @@ class BeatStream:
             self._class_templates[near_class] = _median(np.stack(self._classes[near_class]))
             self._run.clear()
             return
-        if self._run and np.sqrt(np.mean((aligned - self._run[0][1]) ** 2)) > self.spec.normal_distance:
+        if self._run and _rms(aligned - self._run[0][1]) > self.spec.normal_distance:
             self._run.clear()
         self._run.append((shape, aligned))
         if len(self._run) < self.spec.class_run:
@@ -646,11 +645,10 @@ class BeatStream:
         flat = stds <= 1e-9
         shapes = spans / np.where(flat, 1.0, stds)[:, None]
         shapes[flat] = 0.0
-        best = 0 if template is None else int(np.argmin(((shapes - template) ** 2).sum(axis=1)))
-        nearest = []
-        for other in (others or []) if template is not None else []:
-            near = int(np.argmin(((shapes - other) ** 2).sum(axis=1)))
-            nearest.append((int(shifts[near]), shapes[near]))
+        references = [] if template is None else [template, *(others or [])]
+        picks = [int(np.argmin(((shapes - reference) ** 2).sum(axis=1))) for reference in references]
+        best = picks[0] if picks else 0
+        nearest = [(int(shifts[pick]), shapes[pick]) for pick in picks[1:]]
         return int(shifts[best]), shapes[best], float(stds[best]), shapes[0], nearest
 
     def _noise_ratio(self, r: int) -> tuple[float, bool, bool]:
@@ -764,6 +762,11 @@ def _median(values: np.ndarray) -> np.ndarray:
         return np.partition(values, half, axis=0)[half]
     middle = np.partition(values, (half - 1, half), axis=0)
     return (middle[half - 1] + middle[half]) / 2
+
+
+def _rms(values: np.ndarray) -> float:
+    """The root mean square: a beat's distance from a template is the RMS of their difference."""
+    return float(np.sqrt(np.mean(values**2)))
 
 
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:

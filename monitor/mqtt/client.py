@@ -45,8 +45,7 @@ class Client(mqtt.Client):
         """PUBACK the QoS 1 messages `mids` (with `manual_ack`) as one write: their 4-byte packets joined in one
         buffer, queued once. paho's `ack` queues each PUBACK on its own, with a wake-up of the network thread and a
         socket write of its own, each a GIL hand-over between the thread that acknowledges and the one reading the
-        input; at thousands of messages a second that throttled the reading (the broker's in-flight window then
-        filled). The bytes sent are the same."""
+        input; at thousands of messages a second they held the reading back. The bytes sent are the same."""
         if mids:
             packet = b"".join([struct.pack("!BBH", mqtt.PUBACK, 2, mid) for mid in mids])
             self._packet_queue(mqtt.PUBACK, packet, mids[-1], 1)
