@@ -481,6 +481,72 @@ def test_acknowledgements_joined_in_one_write_settle_exactly_those_messages(tmp_
     assert sorted(int(payload) for _, payload in again) == list(range(count - held, count))
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_publishes_read_without_paho_decoding_arrive_as_paho_delivers_them(tmp_path, protocol):
+    """`Client._handle_publish` reads a QoS 0/1 PUBLISH without MQTT 5 properties itself and leaves the rest to paho.
+    Every kind of message (each QoS, retained, with properties, empty, a payload of 3 length bytes) reaches our client
+    as it reaches paho's own, and the broker takes our automatic PUBACKs: a persistent session resumed gets nothing
+    again (a packet id read wrongly would leave messages in flight, sent again on resuming)."""
+    broker = Broker(tmp_path / "broker").start()
+    settings = mqtt_settings(broker.port, protocol=protocol)
+    version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+    publisher = make_client(settings, "lean-publisher")
+    publisher.connect("127.0.0.1", broker.port)
+    publisher.loop_start()
+    plain = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="lean-paho", protocol=version)
+
+    def received_by(client: mqtt.Client, clean: bool) -> tuple[list[tuple], threading.Event]:
+        received: list[tuple] = []
+        subscribed = threading.Event()
+        client.on_message = lambda c, u, m: received.append((m.topic, m.payload, m.qos, m.retain, m.properties))
+        client.on_subscribe = lambda *args: subscribed.set()
+        client.on_connect = lambda c, *args: c.subscribe("lean/#", qos=2)
+        if version == mqtt.MQTTv5:
+            expiry = Properties(PacketTypes.CONNECT)
+            expiry.SessionExpiryInterval = 0 if clean else 600
+            client.connect("127.0.0.1", broker.port, clean_start=clean, properties=expiry)
+        else:
+            client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        return received, subscribed
+
+    ours = make_client(settings, "lean-ours", persistent_session=True)
+    sent = [("lean/a", b"x" * 70_000, 1, False), ("lean/b", b"", 0, False), ("lean/c", b"two", 2, False)]
+    sent += [(f"lean/q{qos}/{index}", str(index).encode(), qos, index == 3) for index in range(6) for qos in (0, 1)]
+    try:
+        by_paho, paho_ready = received_by(plain, clean=True)
+        by_ours, ours_ready = received_by(ours, clean=False)
+        assert paho_ready.wait(10) and ours_ready.wait(10)
+        for index, (topic, payload, qos, retain) in enumerate(sent):
+            properties = None
+            if version == mqtt.MQTTv5 and index % 4 == 1:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.UserProperty = ("sensor", "s1")
+            publisher.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        wait_until(lambda: len(by_paho) == len(by_ours) == len(sent), 20, what="every message at both clients")
+        ours.disconnect()
+        ours.loop_stop()
+        ours = make_client(settings, "lean-ours", persistent_session=True)
+        again, resumed = received_by(ours, clean=False)
+        assert resumed.wait(10)
+        time.sleep(1.0)  # anything left in flight comes again on resuming
+    finally:
+        for client in (publisher, plain, ours):
+            client.disconnect()
+            client.loop_stop()
+        broker.stop()
+    fields = lambda messages: [  # noqa: E731
+        (topic, payload, qos, retain, getattr(properties, "UserProperty", None))
+        for topic, payload, qos, retain, properties in messages
+    ]
+    assert fields(by_ours) == fields(by_paho)
+    assert {type(payload) for _, payload, *_ in by_ours} == {bytes}
+    assert sorted((topic, payload) for topic, payload, *_ in by_ours) == sorted((t, p) for t, p, *_ in sent)
+    if version == mqtt.MQTTv5:
+        assert sum(getattr(message[4], "UserProperty", None) == [("sensor", "s1")] for message in by_ours) == 4
+    assert [message for message in again if not message[3]] == []  # a retained one is sent again on subscribing
+
+
 # --- crash safety, health and signals: each with a daemon (and broker) of its own ---
 
 
