@@ -240,10 +240,13 @@ def transport_part(ctx: Context) -> Record:
 
     A backlog of QoS 1 messages (500 sensors) drained as fast as one process can, by bare paho doing nothing but
     acknowledge and by the daemon's own connection and ingest (no scoring) for each payload format (JSON, binary
-    frames, Sparkplug B); the lowest CPU per message of the runs."""
+    frames, Sparkplug B); the lowest CPU per message of the runs. Then a flood (chunk 4,096): one message from each
+    of the 500 sensors and 4,096-sample messages from one more, by bare paho and by the daemon's ingest with its
+    default queue bounds (`daemon-flooded`: the flooding sensor's messages dropped before decoding)."""
     chunks = tuple(sorted({config.chunk for config in ctx.args.e2e_configs}))
     count = 5000 if ctx.args.quick else 20000
-    return {"messages": count, "rows": transport.transport_rates(ctx.normal_data, chunks, count, ctx.args.repeats)}
+    rows = transport.transport_rates(ctx.normal_data, chunks, count, ctx.args.repeats, count // 4)
+    return {"messages": count, "flood_messages": count // 4, "rows": rows}
 
 
 def verdict(step: Record) -> str:

@@ -11,6 +11,11 @@ away; then the client connects and drains it as fast as it can. Two clients are 
 CPU seconds of the process per message is the floor of what one message costs the daemon's MQTT
 thread: in the running daemon it only goes up (the scoring thread's share of the GIL, cold caches
 after every wake-up).
+
+A flood is drained too (`flood_payloads`): after one message from each of the 500 sensors, 4,096-sample messages
+from one more, the largest the daemon takes by default. `daemon-flooded` is the daemon's ingest with its default
+scoring queue and per-sensor bound: the flooding sensor soon holds more than its share of the queue, and its
+further messages are dropped before they are decoded, as in the running daemon. `paho` drains the same messages.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry
 
 from bench.harness import WINDOW_SAMPLES as WINDOW
-from monitor.config.schema import InputSettings, MqttSettings, SparkplugDevice, SparkplugSettings
+from monitor.config.schema import BatchingSettings, InputSettings, MqttSettings, SparkplugDevice, SparkplugSettings
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.formats import InputFormats
@@ -50,6 +55,7 @@ TOPIC = "sensors/{sensor_id}/ecg"
 GROUP, NODE, CHANNELS = "bench", "edge", ("ECG",)
 FILTERS = ("sensors/+/ecg", f"spBv1.0/{GROUP}/#")
 SENSORS = 500
+FLOOD_SAMPLES = 4096  # InputSettings.max_samples_per_message's default: the largest message taken
 
 
 def payloads(normal_data: Path, count: int, chunk: int, input_format: str = "json") -> list[tuple[str, bytes]]:
@@ -73,6 +79,17 @@ def payloads(normal_data: Path, count: int, chunk: int, input_format: str = "jso
             samples = orjson.dumps(values.tolist())
             out.append((topic, b'{"seq":%d,"ts":%.3f,"samples":%b}' % (seq, ts, samples)))
     return out
+
+
+def flood_payloads(normal_data: Path, count: int) -> list[tuple[str, bytes]]:
+    """One 35-sample message from each of SENSORS sensors, then `count` less as many FLOOD_SAMPLES-sample messages
+    from one more sensor."""
+    samples = orjson.dumps(np.round(np.sin(np.arange(FLOOD_SAMPLES) / 20.0), 4).tolist())
+    flood = [
+        (TOPIC.format(sensor_id="flood"), b'{"seq":%d,"samples":%b}' % (index * FLOOD_SAMPLES, samples))
+        for index in range(count - SENSORS)
+    ]
+    return payloads(normal_data, SENSORS, 35) + flood
 
 
 def queue_backlog(port: int, messages: list[tuple[str, bytes]]) -> None:
@@ -112,9 +129,10 @@ class PahoClient:
 
 
 def daemon_ingest(
-    port: int, client_id: str, on_message: Callable[[], None], input_format: str = "json"
+    port: int, client_id: str, on_message: Callable[[], None], input_format: str = "json", shares: bool = False
 ) -> MqttConnection:
-    """The daemon's MQTT connection feeding its `Ingest` (windows are queued, nothing scores them)."""
+    """The daemon's MQTT connection feeding its `Ingest` (windows are queued, nothing scores them). With `shares`,
+    the daemon's default scoring queue and per-sensor bound; without, a queue that never fills."""
     metrics = Metrics(CollectorRegistry(), 64, 1.0)
     assembler = WindowAssembler(WINDOW, WINDOW, 1, 10 * SENSORS, 3600.0)
     decoder = PayloadDecoder(1)
@@ -124,7 +142,12 @@ def daemon_ingest(
     ]
     settings_ = InputSettings(format=input_format, sparkplug=SparkplugSettings(devices=devices))
     formats = None if settings_.json_only else InputFormats(settings_, decoder)
-    ingest = Ingest(decoder, assembler, WindowQueue(10**7), metrics, 1, formats=formats)
+    if shares:
+        batching = BatchingSettings()
+        queue: WindowQueue = WindowQueue(batching.queue_capacity, key=lambda window: window.sensor_id)
+        ingest = Ingest(decoder, assembler, queue, metrics, 1, max_queued_per_sensor=batching.max_queued_per_sensor)
+    else:
+        ingest = Ingest(decoder, assembler, WindowQueue(10**7), metrics, 1, formats=formats)
 
     def handle(topic: str, payload: bytes, now: float, receipt: Receipt, redelivered: bool) -> None:
         ingest.handle(topic, payload, now, receipt, redelivered)
@@ -142,8 +165,10 @@ CLIENTS: dict[str, Callable[[int, str, Callable[[], None]], PahoClient | MqttCon
     "daemon": daemon_ingest,
     "daemon-frame": functools.partial(daemon_ingest, input_format="frame"),
     "daemon-sparkplug_b": functools.partial(daemon_ingest, input_format="sparkplug_b"),
+    "daemon-flooded": functools.partial(daemon_ingest, shares=True),
 }
 FORMATS = {"paho": "json", "daemon": "json", "daemon-frame": "frame", "daemon-sparkplug_b": "sparkplug_b"}
+FLOOD_CLIENTS = ("paho", "daemon-flooded")
 
 
 def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, timeout: float = 120.0) -> dict:
@@ -183,15 +208,24 @@ def drain(kind: str, messages: list[tuple[str, bytes]], chunk: int, work: Path, 
     }
 
 
-def transport_rates(normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int) -> list[dict]:
-    """`drain` for both clients and every message size; the best (lowest-CPU) of `repeats` runs each."""
+def transport_rates(
+    normal_data: Path, chunks: tuple[int, ...], count: int, repeats: int, flood_count: int
+) -> list[dict]:
+    """`drain` for every client and message size, then the flood (`flood_count` messages) for bare paho and the
+    daemon's ingest with its queue bounds; the best (lowest-CPU) of `repeats` runs each."""
     configure_logging("error")  # the daemon's ingest logs its connections; the bench prints its own lines
+    sets = [
+        (kind, chunk, functools.partial(payloads, normal_data, count, chunk, FORMATS[kind]))
+        for chunk in chunks
+        for kind in FORMATS
+    ]
+    flood = functools.partial(flood_payloads, normal_data, flood_count)
+    sets += [(kind, FLOOD_SAMPLES, flood) for kind in FLOOD_CLIENTS]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-transport-") as directory:
-        for chunk in chunks:
-            for kind in CLIENTS:
-                messages = payloads(normal_data, count, chunk, FORMATS[kind])
-                runs = [drain(kind, messages, chunk, Path(directory) / f"run{index}") for index in range(repeats)]
-                rows.append(min(runs, key=lambda run: run["cpu_us_per_message"]))
-                print(f"    {rows[-1]}", flush=True)
+        for kind, chunk, make_messages in sets:
+            messages = make_messages()
+            runs = [drain(kind, messages, chunk, Path(directory) / f"run{index}") for index in range(repeats)]
+            rows.append(min(runs, key=lambda run: run["cpu_us_per_message"]))
+            print(f"    {rows[-1]}", flush=True)
     return rows
