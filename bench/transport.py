@@ -142,12 +142,12 @@ def daemon_ingest(
     ]
     settings_ = InputSettings(format=input_format, sparkplug=SparkplugSettings(devices=devices))
     formats = None if settings_.json_only else InputFormats(settings_, decoder)
-    if shares:
-        batching = BatchingSettings()
-        queue: WindowQueue = WindowQueue(batching.queue_capacity, key=lambda window: window.sensor_id)
-        ingest = Ingest(decoder, assembler, queue, metrics, 1, max_queued_per_sensor=batching.max_queued_per_sensor)
-    else:
-        ingest = Ingest(decoder, assembler, WindowQueue(10**7), metrics, 1, formats=formats)
+    batching = BatchingSettings()
+    queue: WindowQueue = WindowQueue(batching.queue_capacity, key=lambda window: window.sensor_id)
+    bound = batching.max_queued_per_sensor
+    if not shares:
+        queue, bound = WindowQueue(10**7), None
+    ingest = Ingest(decoder, assembler, queue, metrics, 1, formats=formats, max_queued_per_sensor=bound)
 
     def handle(topic: str, payload: bytes, now: float, receipt: Receipt, redelivered: bool) -> None:
         ingest.handle(topic, payload, now, receipt, redelivered)
