@@ -36,7 +36,14 @@ from paho.mqtt.properties import Properties
 from prometheus_client import CollectorRegistry
 
 from bench.harness import WINDOW_SAMPLES as WINDOW
-from monitor.config.schema import BatchingSettings, InputSettings, MqttSettings, SparkplugDevice, SparkplugSettings
+from monitor.config.schema import (
+    BatchingSettings,
+    InputSettings,
+    MqttSettings,
+    SparkplugDevice,
+    SparkplugSettings,
+    WindowingSettings,
+)
 from monitor.ingest.acks import InOrderAcks, PendingWindows, Receipt
 from monitor.ingest.batching import WindowQueue
 from monitor.ingest.formats import InputFormats
@@ -55,7 +62,7 @@ TOPIC = "sensors/{sensor_id}/ecg"
 GROUP, NODE, CHANNELS = "bench", "edge", ("ECG",)
 FILTERS = ("sensors/+/ecg", f"spBv1.0/{GROUP}/#")
 SENSORS = 500
-FLOOD_SAMPLES = 4096  # InputSettings.max_samples_per_message's default: the largest message taken
+FLOOD_SAMPLES = WindowingSettings().max_samples_per_message  # the largest message the daemon takes by default
 
 
 def payloads(normal_data: Path, count: int, chunk: int, input_format: str = "json") -> list[tuple[str, bytes]]:
@@ -142,10 +149,11 @@ def daemon_ingest(
     ]
     settings_ = InputSettings(format=input_format, sparkplug=SparkplugSettings(devices=devices))
     formats = None if settings_.json_only else InputFormats(settings_, decoder)
-    batching = BatchingSettings()
-    queue: WindowQueue = WindowQueue(batching.queue_capacity, key=lambda window: window.sensor_id)
-    bound = batching.max_queued_per_sensor
-    if not shares:
+    if shares:
+        batching = BatchingSettings()
+        queue: WindowQueue = WindowQueue(batching.queue_capacity, key=lambda window: window.sensor_id)
+        bound: int | None = batching.max_queued_per_sensor
+    else:
         queue, bound = WindowQueue(10**7), None
     ingest = Ingest(decoder, assembler, queue, metrics, 1, formats=formats, max_queued_per_sensor=bound)
 
