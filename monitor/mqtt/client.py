@@ -72,11 +72,10 @@ class Client(mqtt.Client):
         message.dup, message.qos, message.retain = bool(header & 0x08), qos, bool(header & 0x01)
         with memoryview(packet) as view:
             message.payload = bytes(view[start:])
-        if self.on_log is not None or (self._logger is not None and self._logger.isEnabledFor(logging.DEBUG)):
-            self._easy_log(
-                mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), %r, ...  (%d bytes)",
-                message.dup, qos, message.retain, mid, message._topic, len(message.payload),
-            )  # fmt: skip
+        self._easy_log(
+            mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), %r, ...  (%d bytes)",
+            message.dup, qos, message.retain, mid, message._topic, len(message.payload),
+        )  # fmt: skip
         message.timestamp = mqtt.time_func()
         self._handle_on_message(message)
         if qos == 1 and not self._manual_ack:
