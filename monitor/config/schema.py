@@ -376,6 +376,13 @@ class BatchingSettings(Strict):
         "fair share of the queue and at least a quarter of max_queued_per_sensor: a flooding sensor leaves it idle "
         "time for the others' input (1: no limit)",
     )
+    behind_batch: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="the most windows in a batch begun with windows put behind (a flooding sensor's): the others' "
+        "windows that arrive while it is scored wait for at most this many, not for max_batch",
+    )
     admission_wait_seconds: float = Field(
         default=10.0,
         ge=0,

@@ -144,7 +144,9 @@ class MicroBatcher(Generic[ItemT]):
 
     Windows put behind (their sensor holds more than its fair share) get at most `behind_share` of the scoring
     thread's time: after a batch of them, the next is taken only from the first lane for as long as that share asks.
-    A flood then leaves the thread idle time, and the CPU and GIL it would take go to the other sensors' input."""
+    A flood then leaves the thread idle time, and the CPU and GIL it would take go to the other sensors' input. A
+    batch begun in the second lane holds at most `behind_batch` windows, so the others' windows that arrive while it
+    is scored wait for a short batch, not a full one."""
 
     def __init__(
         self,
@@ -153,12 +155,14 @@ class MicroBatcher(Generic[ItemT]):
         max_wait_seconds: float,
         clock: Callable[[], float] = time.monotonic,
         behind_share: float = 1.0,
+        behind_batch: int | None = None,
     ) -> None:
         self.source = source
         self.max_batch = max_batch
         self.max_wait_seconds = max_wait_seconds
         self.clock = clock
         self.behind_share = behind_share
+        self.behind_batch = max_batch if behind_batch is None else behind_batch
         self._behind_since: float | None = None  # when the last batch of windows put behind was handed out
         self._first_lane_until = 0.0
 
@@ -182,7 +186,8 @@ class MicroBatcher(Generic[ItemT]):
         first, lane = taken
         batch = [first]
         deadline = first.completed_at + self.max_wait_seconds
-        while len(batch) < self.max_batch:
+        limit = self.max_batch if lane == 0 else min(self.max_batch, self.behind_batch)
+        while len(batch) < limit:
             taken = self.source.take(0.0, first_lane_only=lane == 0)
             if taken is None:
                 remaining = deadline - self.clock()

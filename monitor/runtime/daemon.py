@@ -71,6 +71,7 @@ LIVE_SETTINGS = (
     "mqtt.alert_qos",
     "batching.max_wait_seconds",
     "batching.behind_share",
+    "batching.behind_batch",
     "logging.level",
 )
 RESTART_SETTINGS = ("alerts.lifecycle.",)  # within the live sections: the episode tracker keeps its start settings
@@ -442,7 +443,11 @@ class Daemon:
     def start_scoring(self) -> None:
         batching = self.config.batching
         self.batcher = MicroBatcher(
-            self.queue, batching.max_batch, batching.max_wait_seconds, behind_share=batching.behind_share
+            self.queue,
+            batching.max_batch,
+            batching.max_wait_seconds,
+            behind_share=batching.behind_share,
+            behind_batch=batching.behind_batch,
         )
         self.connection = MqttConnection(
             self.config.mqtt, self.ingest.handle, self.metrics, self.acks, self.pending, self.config.partitions
@@ -589,6 +594,7 @@ class Daemon:
         self.worker.swap(engine, self.make_sink(config))
         self.batcher.max_wait_seconds = config.batching.max_wait_seconds
         self.batcher.behind_share = config.batching.behind_share
+        self.batcher.behind_batch = config.batching.behind_batch
         logging.getLogger().setLevel(config.logging.level.upper())
         if engine.threshold != previous.threshold:
             self.metrics.rebuild_error_buckets(engine.threshold)

@@ -119,6 +119,22 @@ def test_a_batch_that_starts_in_the_first_lane_leaves_the_windows_put_behind_for
     assert [item.name for item in batcher.next_batch(threading.Event())] == [0, 1, 2]
 
 
+def test_a_batch_begun_behind_holds_at_most_behind_batch_windows():
+    """A flooder's 10 windows put behind are scored 3 at a time, not 64: a window of another sensor arriving while one
+    of those batches is scored waits for 3 windows, not for the other 7; the others' batches stay up to max_batch."""
+    queue: WindowQueue[Item] = WindowQueue(20, key=lambda item: "flood" if item.name < 100 else "calm")
+    for name in range(10):
+        assert queue.offer(Item(0.0, name), behind=True)
+    batcher = MicroBatcher(queue, max_batch=64, max_wait_seconds=0.0, behind_batch=3)
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [0, 1, 2]
+    assert queue.offer(Item(0.0, 100))
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [100]
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [3, 4, 5]
+    assert queue.offer(Item(0.0, 101)) and queue.offer(Item(0.0, 102))
+    assert queue.offer(Item(0.0, 103)) and queue.offer(Item(0.0, 104))
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [101, 102, 103, 104]  # a full batch
+
+
 def test_windows_put_behind_get_at_most_their_share_of_the_scoring_time():
     """After a batch of windows put behind took 2 s to score, a share of 0.25 keeps the next 6 s for the first lane:
     a window put behind waits (an empty batch), a first-lane window is taken at once, then the second lane again."""
