@@ -177,10 +177,11 @@ def test_reload_applies_the_batching_wait_and_the_log_level_live(daemon):
         logs = reload_with(
             daemon,
             daemon.config_path,
-            batching={"max_wait_seconds": 0.2, "behind_share": 0.25},
+            batching={"max_wait_seconds": 0.2, "behind_share": 0.5, "behind_batch": 4},
             logging={"level": "error"},
         )
-        assert daemon.batcher.max_wait_seconds == 0.2 and daemon.batcher.behind_share == 0.25
+        batcher = daemon.batcher
+        assert (batcher.max_wait_seconds, batcher.behind_share, batcher.behind_batch) == (0.2, 0.5, 4)
         assert root.level == logging.ERROR
     finally:
         root.setLevel(level)
