@@ -132,7 +132,7 @@ def test_a_batch_begun_behind_holds_at_most_behind_batch_windows():
     assert [item.name for item in batcher.next_batch(threading.Event())] == [3, 4, 5]
     assert queue.offer(Item(0.0, 101)) and queue.offer(Item(0.0, 102))
     assert queue.offer(Item(0.0, 103)) and queue.offer(Item(0.0, 104))
-    assert [item.name for item in batcher.next_batch(threading.Event())] == [101, 102, 103, 104]  # a full batch
+    assert [item.name for item in batcher.next_batch(threading.Event())] == [101, 102, 103, 104]  # more than 3: uncut
 
 
 def test_windows_put_behind_get_at_most_their_share_of_the_scoring_time():
