@@ -89,7 +89,7 @@ def payloads(normal_data: Path, count: int, chunk: int, input_format: str = "jso
 
 
 def flood_payloads(normal_data: Path, count: int) -> list[tuple[str, bytes]]:
-    """One 35-sample message from each of SENSORS sensors, then `count` less as many FLOOD_SAMPLES-sample messages
+    """`count` messages: one of 35 samples from each of SENSORS sensors, then the rest, of FLOOD_SAMPLES samples each,
     from one more sensor."""
     samples = orjson.dumps(np.round(np.sin(np.arange(FLOOD_SAMPLES) / 20.0), 4).tolist())
     flood = [
